@@ -1,0 +1,1 @@
+"""The IPsec vocabulary every service shares: transform IDs, traffic selectors, SA records."""
