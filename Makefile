@@ -1,15 +1,21 @@
-# Esplanade: `make demo` and `make test` are the two commands a new machine needs.
+# Esplanade. On a fresh Debian 12 machine, as root:
+#   make demo   installs what it needs and runs the main job
+#   make test   installs what it needs and runs the whole suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: venv lint test
+.PHONY: demo test bench lint typecheck proto docs venv system-packages clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+system-packages:
+	./scripts/install-system-packages.sh
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	rm -f $(VENV)/.installed-*
 	touch $@
 
 venv: $(STAMP)
@@ -19,5 +25,20 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy lib services
 
-test: lint
+proto: $(STAMP)
+	$(BIN)/python proto/generate.py
+
+docs: $(STAMP)
+	$(BIN)/esplanade config docs > docs/configuration.md
+
+test: system-packages venv lint
 	$(BIN)/pytest
+
+demo: system-packages venv
+	$(BIN)/python -m demo
+
+bench: system-packages venv
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

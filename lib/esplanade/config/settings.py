@@ -1,0 +1,243 @@
+"""Every setting of every service, in one documented place.
+
+Sources, highest priority first: environment variables (``ESPLANADE_`` prefix, ``__`` between
+levels, e.g. ``ESPLANADE_STORE__BACKEND=etcd``), then the YAML config file named by
+``--config`` or ``ESPLANADE_CONFIG``, then the defaults below. Unknown keys, in the file or
+in ``ESPLANADE_*`` variables, are errors: a typo must not silently fall back to a default.
+``docs/configuration.md`` is generated from these models (`esplanade config docs`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "ESPLANADE_"
+ENV_NESTED = "__"
+
+
+def _check_host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not host:port")
+    host = host.strip("[]")
+    if not host.replace("-", "").replace(".", "").isalnum():
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{value!r} has an invalid host") from None
+    return value
+
+
+def _check_ip(value: str) -> str:
+    ipaddress.ip_address(value)
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_check_host_port)]
+IpAddress = Annotated[str, AfterValidator(_check_ip)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSettings(Section):
+    """mTLS between services: every server presents `cert_file` and demands a client
+    certificate signed by `ca_file`; every client does the same."""
+
+    enabled: bool = Field(False, description="Use mTLS for gRPC between services.")
+    ca_file: Path | None = Field(None, description="PEM CA bundle that signs peer certificates.")
+    cert_file: Path | None = Field(None, description="PEM certificate of this service.")
+    key_file: Path | None = Field(None, description="PEM private key of this service.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if self.enabled:
+            for name in ("ca_file", "cert_file", "key_file"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name} is required when TLS is enabled")
+        return self
+
+
+class StoreSettings(Section):
+    backend: Literal["embedded", "etcd"] = Field(
+        "embedded", description="State store: `embedded` (SQLite, single node) or `etcd`."
+    )
+    path: Path = Field(Path("/var/lib/esplanade/store.db"), description="Database file of the embedded store.")
+    etcd_endpoints: list[HostPort] = Field(
+        default_factory=list, description="etcd client endpoints as host:port (backend `etcd`)."
+    )
+    etcd_tls: TlsSettings = Field(default_factory=TlsSettings, description="TLS client certificate for etcd.")
+    timeout_seconds: float = Field(5.0, gt=0, description="Deadline of one store request.")
+
+    @model_validator(mode="after")
+    def _etcd_needs_endpoints(self) -> StoreSettings:
+        if self.backend == "etcd" and not self.etcd_endpoints:
+            raise ValueError("etcd_endpoints is required when backend is etcd")
+        return self
+
+
+class KekSettings(Section):
+    """The key-encryption key ring that seals secrets in the store.
+
+    The ring is text: one `key-id:base64(32 bytes)` per line, the first line being the
+    active key. It comes from `ESPLANADE_KEK` (the ring itself) or from `file` (e.g. a
+    Kubernetes Secret mounted as a file)."""
+
+    file: Path | None = Field(None, description="File holding the KEK ring.")
+    value: SecretStr | None = Field(None, description="The KEK ring itself (prefer `file`).")
+
+
+class GrpcSettings(Section):
+    deadline_seconds: float = Field(10.0, gt=0, description="Default deadline of every gRPC call.")
+    tls: TlsSettings = Field(default_factory=TlsSettings, description="mTLS between services.")
+
+
+class EndpointSettings(Section):
+    """Where each service listens, and where the others find it."""
+
+    keyexchange: HostPort = Field("127.0.0.1:50061", description="keyexchange gRPC address.")
+    dataplane: HostPort = Field("127.0.0.1:50062", description="dataplane gRPC address.")
+    policy: HostPort = Field("127.0.0.1:50063", description="policy gRPC address.")
+    api: HostPort = Field("127.0.0.1:8080", description="REST API (HTTP) address.")
+    metrics_port_offset: int = Field(
+        1000, ge=0, description="Each gRPC service serves /metrics on its gRPC port plus this."
+    )
+
+
+class TelemetrySettings(Section):
+    log_format: Literal["json", "text"] = Field("json", description="Log line format.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/gRPC collector for traces, metrics and logs (off when unset)."
+    )
+    otlp_insecure: bool = Field(True, description="Talk to the OTLP collector without TLS.")
+
+
+class DataplaneSettings(Section):
+    node: str = Field("", description="Node name of this dataplane (default: the host name).")
+    backend: Literal["auto", "userspace", "kernel"] = Field(
+        "auto", description="`auto` picks the kernel when it has ESP and the algorithms."
+    )
+    hot_path: Literal["auto", "compiled", "python"] = Field(
+        "auto", description="Userspace packet loop: the compiled batch loop or pure Python."
+    )
+    tun_name: str = Field("esp0", max_length=15, description="TUN device of the userspace backend.")
+    workers: int = Field(0, ge=0, description="Userspace worker processes (0: one per core).")
+    udp_port: int = Field(4500, gt=0, lt=65536, description="ESP-in-UDP and IKE NAT-T port (RFC 3948).")
+    listen_addresses: list[IpAddress] = Field(
+        default_factory=list, description="Addresses of the UDP 4500 socket (empty: all)."
+    )
+    plain_esp: bool = Field(True, description="Accept and send plain ESP (IP protocol 50).")
+    sequence_block: int = Field(
+        1 << 20, ge=1024, description="Outbound sequence numbers reserved in the store per block."
+    )
+    lease_seconds: int = Field(5, ge=1, description="Membership lease TTL (failover bound).")
+    flow_log_path: Path = Field(
+        Path("/var/lib/esplanade/flows.jsonl"), description="Local flow log (never in the store)."
+    )
+    flow_log_retention_mb: int = Field(256, ge=1, description="Flow log size bound.")
+
+
+class KeyexchangeSettings(Section):
+    instance: str = Field("", description="Instance name (default: the host name).")
+    ike_port: int = Field(500, gt=0, lt=65536, description="UDP port of IKE_SA_INIT.")
+    listen_addresses: list[IpAddress] = Field(
+        default_factory=list, description="Addresses of the IKE sockets (empty: all)."
+    )
+    nat_t_transport: Literal["relay", "socket"] = Field(
+        "relay",
+        description="UDP 4500: `relay` through the dataplane that owns the socket, or `socket` (own it).",
+    )
+    cookie_threshold: int = Field(
+        10, ge=0, description="Half-open IKE SAs before COOKIEs are demanded (RFC 7296 §2.6)."
+    )
+    lease_seconds: int = Field(5, ge=1, description="Membership lease TTL for IKE SA takeover.")
+
+
+class ApiSettings(Section):
+    bootstrap_token_file: Path | None = Field(
+        None, description="Read the bootstrap admin token from here instead of generating one."
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
+    auth_failures_per_minute: int = Field(30, ge=1, description="Failed authentications per client address before 429.")
+    audit_log_path: Path = Field(Path("/var/lib/esplanade/audit.jsonl"), description="Audit log (never in the store).")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED, extra="forbid", frozen=True
+    )
+
+    store: StoreSettings = Field(default_factory=StoreSettings, description="State store.")
+    kek: KekSettings = Field(default_factory=KekSettings, description="Key-encryption key.")
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings, description="gRPC between services.")
+    endpoints: EndpointSettings = Field(default_factory=EndpointSettings, description="Addresses.")
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings, description="Telemetry.")
+    dataplane: DataplaneSettings = Field(default_factory=DataplaneSettings, description="Dataplane.")
+    keyexchange: KeyexchangeSettings = Field(default_factory=KeyexchangeSettings, description="keyexchange.")
+    api: ApiSettings = Field(default_factory=ApiSettings, description="REST API.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives through init kwargs; environment variables override it.
+        return (env_settings, init_settings)
+
+
+CONFIG_ENV = "ESPLANADE_CONFIG"
+# Variables with the prefix that are not settings (read by the launcher itself).
+_NON_SETTING_ENV = {CONFIG_ENV}
+
+
+def unknown_env_settings(environ: dict[str, str]) -> list[str]:
+    """ESPLANADE_* variables that name no setting (pydantic-settings would ignore them)."""
+    unknown = []
+    for name in environ:
+        if not name.startswith(ENV_PREFIX) or name in _NON_SETTING_ENV:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split(ENV_NESTED)
+        model: Any = Settings
+        for i, part in enumerate(path):
+            fields = getattr(model, "model_fields", None)
+            if fields is None or part not in fields:
+                unknown.append(name)
+                break
+            annotation = fields[part].annotation
+            if i + 1 < len(path):
+                model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return unknown
+
+
+def flatten_field_docs(model: type[BaseModel] = Settings, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, description) of every leaf setting, for docs/configuration.md."""
+    rows: list[tuple[str, str, str]] = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        dotted = f"{prefix}{name}"
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(flatten_field_docs(annotation, dotted + "."))
+            continue
+        default = info.get_default(call_default_factory=True)
+        shown = (
+            "" if default is None else str(default.get_secret_value() if isinstance(default, SecretStr) else default)
+        )
+        rows.append((dotted, shown, info.description or ""))
+    return rows
+
+
+def default_config_path(environ: dict[str, str] | None = None) -> Path | None:
+    value = (environ if environ is not None else dict(os.environ)).get(CONFIG_ENV)
+    return Path(value) if value else None

@@ -1,0 +1,1 @@
+"""gRPC plumbing every service shares: server and channel set-up, interceptors, health."""

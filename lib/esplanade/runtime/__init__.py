@@ -1,0 +1,1 @@
+"""Process lifecycle: one service per process (`service_host`), or all four (`supervisor`)."""

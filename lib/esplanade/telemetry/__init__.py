@@ -1,0 +1,1 @@
+"""Telemetry set-up shared by every service: JSON logs, OpenTelemetry traces and metrics."""

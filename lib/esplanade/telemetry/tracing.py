@@ -1,0 +1,48 @@
+"""OpenTelemetry tracing: provider set-up and W3C trace-context carriers.
+
+Export is off unless an OTLP endpoint is configured. Trace context crosses gRPC in metadata
+(`esplanade.rpc.interceptors`) and crosses the store inside records (`inject_context` /
+`link_from`), where the consumer starts its own span linked to the producer's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Link
+
+
+def configure_tracing(
+    service: str, otlp_endpoint: str | None = None, insecure: bool = True, processor: SpanProcessor | None = None
+) -> TracerProvider:
+    provider = TracerProvider(resource=Resource.create({"service.name": f"esplanade-{service}"}))
+    if processor is not None:
+        provider.add_span_processor(processor)
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=insecure)))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def inject_context() -> dict[str, str]:
+    """The current trace context as a small dict to store inside a record."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+def extract_context(carrier: Mapping[str, str]) -> otel_context.Context:
+    return propagate.extract(dict(carrier))
+
+
+def link_from(carrier: Mapping[str, str]) -> list[Link]:
+    """A span link to the producer of a record handed over through the store."""
+    span_context = trace.get_current_span(extract_context(carrier)).get_span_context()
+    return [Link(span_context)] if span_context.is_valid else []

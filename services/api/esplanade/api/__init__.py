@@ -1,0 +1,1 @@
+"""The management REST API (FastAPI): the one front door of the platform."""

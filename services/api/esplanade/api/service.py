@@ -1,0 +1,43 @@
+"""The api service process: FastAPI on uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import uvicorn
+
+from esplanade.api.app import create_app
+from esplanade.config.settings import Settings
+from esplanade.runtime.service_host import setup_telemetry
+from esplanade.store.factory import open_store
+
+log = logging.getLogger(__name__)
+
+
+async def serve(settings: Settings) -> None:
+    setup_telemetry("api", settings)
+    store = open_store(settings.store)
+    await store.connect()
+    host, _, port = settings.endpoints.api.rpartition(":")
+    config = uvicorn.Config(
+        create_app(settings, store),
+        host=host.strip("[]"),
+        port=int(port),
+        log_config=None,
+        access_log=False,
+        limit_concurrency=1024,
+    )
+    server = uvicorn.Server(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    # uvicorn installs its own handlers in serve(); capture_signals is skipped this way.
+    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
+    try:
+        await server.serve()
+    finally:
+        await store.close()
