@@ -131,6 +131,7 @@ class DataplaneSettings(Section):
     tun_name: str = Field("esp0", max_length=15, description="TUN device of the userspace backend.")
     workers: int = Field(0, ge=0, description="Userspace worker processes (0: one per core).")
     udp_port: int = Field(4500, gt=0, lt=65536, description="ESP-in-UDP and IKE NAT-T port (RFC 3948).")
+    ike_port: int = Field(500, gt=0, lt=65536, description="IKE port the dataplane relays to keyexchange.")
     listen_addresses: list[IpAddress] = Field(
         default_factory=list, description="Addresses of the UDP 4500 socket (empty: all)."
     )
@@ -151,9 +152,10 @@ class KeyexchangeSettings(Section):
     listen_addresses: list[IpAddress] = Field(
         default_factory=list, description="Addresses of the IKE sockets (empty: all)."
     )
-    nat_t_transport: Literal["relay", "socket"] = Field(
+    transport: Literal["relay", "socket"] = Field(
         "relay",
-        description="UDP 4500: `relay` through the dataplane that owns the socket, or `socket` (own it).",
+        description="IKE datagrams: `relay` through the dataplane, which owns UDP 500 and 4500, or"
+        " `socket` (keyexchange binds both itself; single host without a dataplane on those ports).",
     )
     cookie_threshold: int = Field(
         10, ge=0, description="Half-open IKE SAs before COOKIEs are demanded (RFC 7296 §2.6)."
