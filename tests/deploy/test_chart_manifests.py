@@ -8,6 +8,7 @@ ServiceMonitor, which it has no schema for, against the vendored prometheus-oper
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import json
@@ -30,7 +31,6 @@ from tests.deploy.chart import (
     VALUE_SETS,
     Rendered,
     component_of,
-    pod_spec,
     render,
     value_set,
 )
@@ -122,7 +122,7 @@ def test_service_monitor_selects_every_metrics_port() -> None:
     assert {c for c, _ in scraped} == {"api", "policy", "keyexchange", "dataplane", "etcd"}
 
 
-def container_environment(container: dict[str, Any], pod: dict[str, Any]) -> dict[str, str]:
+def container_environment(container: dict[str, Any]) -> dict[str, str]:
     env = {}
     for variable in container.get("env", []):
         if "value" in variable:
@@ -146,7 +146,7 @@ def test_every_service_loads_its_configuration(name: str, tmp_path: Path) -> Non
         if component == "etcd":
             continue
         seen.add(component)
-        env = container_environment(container, pod_spec(workload))
+        env = container_environment(container)
         assert env.pop("ESPLANADE_CONFIG") == "/etc/esplanade/config/esplanade.yaml"
         settings = load_settings(config_path, env)
         assert settings.store.backend == "etcd"
@@ -178,8 +178,6 @@ def test_config_points_every_service_at_the_others() -> None:
 
 
 def _certificate(secret: dict[str, Any], key: str) -> x509.Certificate:
-    import base64
-
     return x509.load_pem_x509_certificate(base64.b64decode(secret["data"][key]))
 
 

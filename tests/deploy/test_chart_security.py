@@ -7,6 +7,7 @@ import functools
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.deploy.chart import (
     VALUE_SETS,
@@ -307,8 +308,6 @@ PLANTED_TOKEN = "planted-bootstrap-token-2f1c9e7d4b"
 
 
 def _non_secret_text(result: Rendered) -> str:
-    import yaml
-
     return "\n".join(yaml.safe_dump(d) for d in result.documents if d["kind"] != "Secret") + result.notes
 
 
