@@ -12,6 +12,7 @@ import base64
 import copy
 import functools
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,3 +215,15 @@ def test_generated_etcd_certificates_name_every_member() -> None:
     assert "esp-esplanade-etcd.esplanade.svc.cluster.local" in names
     client = result.named("Secret", "esp-esplanade-etcd-client-tls")
     _certificate(client, "tls.crt").verify_directly_issued_by(_certificate(secret, "ca.crt"))
+
+
+def test_names_fit_kubernetes_limits_with_the_longest_prefix() -> None:
+    """fullnameOverride takes up to 40 characters; every name the chart derives must still fit."""
+    result = render({"fullnameOverride": "a" * 40})
+    label = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    for document in result.documents:
+        name = document["metadata"]["name"]
+        assert len(name) <= 63 and label.match(name), f"{document['kind']}/{name}"
+    statefulset = result.named("StatefulSet", "a" * 40 + "-etcd")
+    # A StatefulSet's pods carry a controller-revision-hash label of <name>-<10 characters>.
+    assert len(statefulset["metadata"]["name"]) + 11 <= 63
