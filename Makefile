@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: demo test bench lint typecheck proto docs venv system-packages clean
+.PHONY: demo test bench lint typecheck proto docs chart-docs venv system-packages clean
 
 system-packages:
 	./scripts/install-system-packages.sh
@@ -28,8 +28,11 @@ lint: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py
 
-docs: $(STAMP)
+docs: $(STAMP) chart-docs
 	$(BIN)/esplanade config docs > docs/configuration.md
+
+chart-docs: $(STAMP)
+	$(BIN)/python scripts/chart_values_table.py
 
 test: system-packages venv lint
 	$(BIN)/pytest

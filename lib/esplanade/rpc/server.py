@@ -15,6 +15,10 @@ from esplanade.rpc.interceptors import ServerTracing, client_interceptors
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# The health name a liveness probe asks for: SERVING while the server runs, whatever the store
+# does. "" and the service names follow the store (readiness), so an etcd outage makes pods
+# unready but never restarts them.
+LIVENESS_SERVICE = "liveness"
 
 
 def _read(path: Path | None) -> bytes:
@@ -64,6 +68,7 @@ class ServiceServer:
 
     async def start(self) -> None:
         await self.set_serving(False)
+        await self.health.set(LIVENESS_SERVICE, SERVING)
         await self.server.start()
 
     async def stop(self, grace: float = 2.0) -> None:
