@@ -17,10 +17,10 @@ Batches return only what passed; every packet left out is counted in its SA's co
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 from esplanade.dataplane.esp.ah import protect_ah, unprotect_ah
-from esplanade.dataplane.esp.counters import DropReason, TrafficCounters
+from esplanade.dataplane.esp.counters import DropReason
 from esplanade.dataplane.esp.esp_codec import (
     decrypt_esp,
     encrypt_esp,
@@ -29,6 +29,7 @@ from esplanade.dataplane.esp.esp_codec import (
     unprotect_esp,
 )
 from esplanade.dataplane.esp.sa_state import InboundSa, OutboundSa
+from esplanade.dataplane.esp.spd import InboundSaTable
 from esplanade.ipsec.transforms import IpProto
 
 
@@ -107,48 +108,10 @@ def unprotect_batch(sa: InboundSa, packets: Iterable[bytes], now: float) -> list
     return out
 
 
-class InboundSaTable:
-    """Inbound ESP/AH SAs by SPI (RFC 4301 §4.1: unicast SAs are found by SPI alone)."""
-
-    __slots__ = ("_by_spi", "counters")
-
-    def __init__(self) -> None:
-        self._by_spi: dict[int, InboundSa] = {}
-        self.counters = TrafficCounters()  # drops that belong to no SA (unknown SPI, runts)
-
-    def add(self, sa: InboundSa) -> None:
-        if sa.spi in self._by_spi:
-            raise ValueError(f"inbound SPI {sa.spi:#x} is already installed")
-        self._by_spi[sa.spi] = sa
-
-    def remove(self, spi: int) -> InboundSa | None:
-        return self._by_spi.pop(spi, None)
-
-    def get(self, spi: int) -> InboundSa | None:
-        return self._by_spi.get(spi)
-
-    def __len__(self) -> int:
-        return len(self._by_spi)
-
-    def __iter__(self) -> Iterator[InboundSa]:
-        return iter(self._by_spi.values())
-
-    def lookup(self, esp: bytes) -> InboundSa | None:
-        """The SA for an ESP payload, or None (counted as unknown SPI or malformed)."""
-        if len(esp) < 8:
-            self.counters.drop(DropReason.MALFORMED)
-            return None
-        sa = self._by_spi.get(int.from_bytes(esp[0:4], "big"))
-        if sa is None or sa.protocol != IpProto.ESP:
-            self.counters.drop(DropReason.UNKNOWN_SPI)
-            return None
-        return sa
-
-
 def decrypt_demux_batch(table: InboundSaTable, payloads: Sequence[bytes], now: float) -> list[tuple[InboundSa, bytes]]:
     """Decrypt ESP payloads of any installed SA; returns (SA, inner packet) for what passed."""
     out: list[tuple[InboundSa, bytes]] = []
-    by_spi = table._by_spi
+    by_spi = table.by_spi
     for esp in payloads:
         sa = by_spi.get(int.from_bytes(esp[0:4], "big")) if len(esp) >= 8 else None
         if sa is None or sa.protocol != IpProto.ESP:
