@@ -99,7 +99,7 @@ def test_successor_resumes_after_the_persisted_block_and_never_reuses_a_nonce() 
 
 
 def test_exhaustion_without_esn_stops_sending_without_wrap() -> None:
-    sender, receiver = _pair(next_seq=(1 << 32) - 2)
+    sender, _ = _pair(next_seq=(1 << 32) - 2)
     sent = [encrypt(sender, PACKET, 0.0) for _ in range(4)]
     assert sent[0] is not None and sent[1] is not None and sent[2] is None and sent[3] is None
     assert int.from_bytes(sent[1][4:8], "big") == (1 << 32) - 1
@@ -204,7 +204,7 @@ def test_tfc_padding_is_added_and_stripped() -> None:
 def test_tfc_padding_is_tunnel_mode_only() -> None:
     from esplanade.ipsec.transforms import Mode
 
-    sender, receiver = _pair(tfc=TfcPolicy(pad_to=600), mode=Mode.TRANSPORT)
+    sender, _ = _pair(tfc=TfcPolicy(pad_to=600), mode=Mode.TRANSPORT)
     esp = encrypt(sender, PACKET, 0.0)
     assert esp is not None and len(esp) < 100
 
