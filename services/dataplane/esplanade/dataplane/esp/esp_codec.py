@@ -111,27 +111,40 @@ def seal_esp(
     accounted: int,
     header_bytes: int,
 ) -> bytes | None:
-    """Build one ESP packet around `body` (an inner packet or a transport payload) for `sa`."""
+    """Build one ESP packet around `body` (an inner packet or a transport payload) for `sa`.
+
+    The per-packet path: `build_esp_packet` inlined, so keep the two in step.
+    """
     cipher = sa.cipher
     if cipher is None:
         raise TypeError("not an ESP SA")
     size = len(body)
-    padded = max(size, pad_to) + 2
-    total = ESP_HEADER_BYTES + cipher.iv_bytes + padded + (-padded % cipher.align) + cipher.icv_bytes
+    tfc = pad_to - size if pad_to > size else 0
+    padlen = -(size + tfc + 2) % cipher.align
+    total = ESP_HEADER_BYTES + cipher.iv_bytes + size + tfc + padlen + 2 + cipher.icv_bytes
     if total > _max_esp_bytes(sa, header_bytes):
         sa.counters.drop(DropReason.MALFORMED)
         return None
     seq = sa.take_sequence()
     if seq < 0:
         return None
+    plaintext = bytearray(body)
+    if tfc:
+        plaintext += bytes(tfc)
+    plaintext += _TRAILERS[padlen][next_header]
     iv = seq.to_bytes(8, "big") if cipher.counter_iv else sa.random_iv(cipher.iv_bytes)
-    out = build_esp_packet(cipher, sa.spi, seq, iv, body, next_header, pad_to=pad_to, esn=sa.esn)
+    header = sa.spi_bytes + (seq & 0xFFFFFFFF).to_bytes(4, "big")
+    out = cipher.seal(header, iv, plaintext, seq >> 32 if sa.esn else None)
     c = sa.counters
     c.packets += 1
     c.bytes += accounted
     if c.packets >= sa.packet_mark or c.bytes >= sa.byte_mark:
         sa.on_volume()
     return out
+
+
+# Padding, pad length and next header for every (pad length, next header): one concatenation per packet.
+_TRAILERS = [[PADDING[:p] + bytes((p, nh)) for nh in range(256)] for p in range(16)]
 
 
 def outbound_gate(sa: OutboundSa, now: float) -> bool:
@@ -153,11 +166,12 @@ def encrypt_esp(sa: OutboundSa, packet: bytes, now: float) -> bytes | None:
     if not outbound_gate(sa, now):
         return None
     if sa.tunnel:
-        nh = _TUNNEL_NEXT_HEADER.get(packet[0] >> 4, 0) if packet else 0
-        if not nh or inner_ip_length(packet, len(packet)) != len(packet):
+        n = len(packet)
+        nh = _TUNNEL_NEXT_HEADER.get(packet[0] >> 4, 0) if n else 0
+        if not nh or inner_ip_length(packet, n) != n:
             sa.counters.drop(DropReason.MALFORMED)
             return None
-        return seal_esp(sa, packet, nh, sa.tfc_pad_to, len(packet), IPV6_HEADER if len(sa.src) == 16 else 20)
+        return seal_esp(sa, packet, nh, sa.tfc_pad_to, n, sa.outer_header_bytes)
     pos = transport_insertion_point(packet)
     if pos is None:
         sa.counters.drop(DropReason.MALFORMED)
@@ -172,7 +186,7 @@ def make_dummy_esp(sa: OutboundSa, now: float, length: int | None = None) -> byt
         return None
     size = sa.tfc_pad_to if length is None else length
     body = sa.random_bytes(size) if size > 0 else b""
-    return seal_esp(sa, body, PROTO_NONE, 0, 0, IPV6_HEADER if len(sa.src) == 16 else 20)
+    return seal_esp(sa, body, PROTO_NONE, 0, 0, sa.outer_header_bytes)
 
 
 def _wrap_outer(sa: OutboundSa, esp: bytes, src: bytes, dst: bytes) -> tuple[int, bytes]:
@@ -236,7 +250,7 @@ def decrypt_esp(
     if body < cipher.align or body % cipher.align:
         c.drop(DropReason.MALFORMED)
         return None
-    if int.from_bytes(esp[0:4], "big") != sa.spi:
+    if esp[0:4] != sa.spi_bytes:
         c.drop(DropReason.UNKNOWN_SPI)
         return None
     replay = sa.replay

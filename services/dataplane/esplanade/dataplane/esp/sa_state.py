@@ -83,6 +83,8 @@ class _SaBase:
     """Lifetimes (RFC 4301 §4.4.2.1), counters and the event queue shared by both directions."""
 
     spi: int
+    spi_bytes: bytes
+    outer_header_bytes: int
     direction: Direction
     protocol: IpProto
     tunnel: bool
@@ -118,6 +120,8 @@ class _SaBase:
         if src.version != dst.version:
             raise ValueError("SA outer addresses mix IPv4 and IPv6")
         self.src, self.dst = src.packed, dst.packed
+        self.spi_bytes = self.spi.to_bytes(4, "big")
+        self.outer_header_bytes = 40 if src.version == 6 else 20
         if association.protocol == IpProto.ESP:
             assert association.encr is not None
             self.cipher = esp_cipher_for(
