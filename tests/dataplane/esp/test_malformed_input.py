@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 from esplanade.dataplane.esp import (
     DropReason,
@@ -26,7 +28,7 @@ from hypothesis import strategies as st
 
 from tests.dataplane.esp.suites import SUITES, sa_pair
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 VARIANTS = [
     ("aes128gcm16", Mode.TUNNEL, 4, False, False),
     ("aes256-sha512", Mode.TUNNEL, 6, True, False),
@@ -52,6 +54,7 @@ def _sas(variant: tuple[str, Mode, int, bool, bool]) -> tuple[OutboundSa, Inboun
     return OutboundSa(out, 0.0, reserved_upto=1 << 40), InboundSa(inb, 0.0)
 
 
+@functools.cache
 def _sample(version: int) -> bytes:
     from scapy.layers.inet import IP, TCP
     from scapy.layers.inet6 import IPv6

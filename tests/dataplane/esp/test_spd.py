@@ -125,7 +125,7 @@ def policies(draw: st.DrawFn) -> list[SpdPolicy]:
     return out
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     ps=policies(),
     flows=st.lists(
