@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from esplanade.dataplane.esp import (
     DropReason,
     InboundSa,
@@ -23,9 +26,6 @@ from esplanade.dataplane.esp.esp_codec import build_esp_packet
 from esplanade.dataplane.esp.ip_headers import find_ipsec_header, transport_insertion_point
 from esplanade.dataplane.esp.packet import upper_layer
 from esplanade.ipsec.transforms import IpProto, Mode
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from tests.dataplane.esp.suites import SUITES, sa_pair
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
+
 from esplanade.dataplane.esp import (
     InboundSa,
     OutboundSa,
@@ -16,9 +19,6 @@ from esplanade.dataplane.esp.ah import icv_input
 from esplanade.dataplane.esp.checksum import checksum, update_checksum
 from esplanade.dataplane.esp.natt import transport_checksum_fixup, udp_header
 from esplanade.ipsec.transforms import Mode
-from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
-
 from tests.dataplane.esp.suites import SUITES, sa_pair
 
 

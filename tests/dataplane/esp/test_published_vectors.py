@@ -13,6 +13,7 @@ which reproduces them; the GCM ciphertexts and tags can only match if every byte
 from __future__ import annotations
 
 import pytest
+
 from esplanade.dataplane.esp.cipher_suites import esp_cipher_for
 from esplanade.dataplane.esp.esp_codec import PADDING, build_esp_packet
 from esplanade.dataplane.esp.ip_headers import ipv4_header, rebuild_transport_packet, transport_insertion_point

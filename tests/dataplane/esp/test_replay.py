@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from esplanade.dataplane.esp import DropReason, InboundSa, OutboundSa, decrypt, encrypt
-from esplanade.dataplane.esp.replay import ReplayWindow
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from esplanade.dataplane.esp import DropReason, InboundSa, OutboundSa, decrypt, encrypt
+from esplanade.dataplane.esp.replay import ReplayWindow
 from tests.dataplane.esp.suites import SUITES, sa_pair
 
 INNER = bytes.fromhex("4500001c000000004011f9c30a0000010a000002") + bytes.fromhex("0001000200080000")

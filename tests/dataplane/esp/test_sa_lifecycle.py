@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from esplanade.dataplane.esp import (
     DropReason,
     ExpiryReason,
@@ -22,7 +23,6 @@ from esplanade.dataplane.esp import (
 from esplanade.ipsec.sa import Lifetime, TfcPolicy
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.transforms import Direction
-
 from tests.dataplane.esp.suites import SUITES, sa_pair
 
 GCM = SUITES["aes128gcm16"]

@@ -29,8 +29,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from esplanade.dataplane.esp import InboundSa, OutboundSa, protect, unprotect
-from esplanade.ipsec.transforms import IpProto, Mode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert, IPOption_RR
@@ -46,6 +44,8 @@ from scapy.layers.ipsec import AH, ESP
 from scapy.layers.ipsec import SecurityAssociation as ScapySa
 from scapy.packet import Packet, Raw
 
+from esplanade.dataplane.esp import InboundSa, OutboundSa, protect, unprotect
+from esplanade.ipsec.transforms import IpProto, Mode
 from tests.dataplane.esp.suites import ADDRESSES, AH_SUITES, ESP_SUITES, Suite, sa_pair
 
 CONFIGS: list[tuple[Suite, Mode, int, bool, bool]] = [

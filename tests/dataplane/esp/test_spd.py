@@ -3,15 +3,15 @@ against a brute-force reference."""
 
 from __future__ import annotations
 
-from esplanade.dataplane.esp import OutboundSa, Spd, parse_flow
-from esplanade.dataplane.esp.selector_match import compile_selector, selector_matches
-from esplanade.ipsec.selectors import TrafficSelector
-from esplanade.ipsec.spd import PolicyAction, PolicyDirection, SpdPolicy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
+from esplanade.dataplane.esp import OutboundSa, Spd, parse_flow
+from esplanade.dataplane.esp.selector_match import compile_selector, selector_matches
+from esplanade.ipsec.selectors import TrafficSelector
+from esplanade.ipsec.spd import PolicyAction, PolicyDirection, SpdPolicy
 from tests.dataplane.esp.suites import SUITES, sa_pair
 
 OUT, IN = PolicyDirection.OUT, PolicyDirection.IN

@@ -21,6 +21,7 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
 from esplanade.ipsec.transforms import EncrAlgorithm, EncrId, IntegAlgorithm
 
 ESP_HEADER_BYTES = 8  # SPI + sequence number
