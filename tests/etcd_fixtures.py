@@ -1,0 +1,35 @@
+"""pytest fixtures for a real etcd (see tests/etcd_server.py).
+
+- `etcd_server`: a fresh etcd for one test (own ports, own data dir), stopped afterwards.
+  Kill it (`etcd_server.kill()`) and `start()` it again on the same ports and data.
+- `etcd_tls_server`: the same, serving TLS and demanding client certificates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.etcd_server import EtcdServer
+
+
+@pytest.fixture
+def etcd_server(tmp_path: Path) -> Iterator[EtcdServer]:
+    server = EtcdServer(tmp_path / "etcd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def etcd_tls_server(tmp_path: Path) -> Iterator[EtcdServer]:
+    server = EtcdServer(tmp_path / "etcd-tls", tls=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
