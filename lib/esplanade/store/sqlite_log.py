@@ -59,7 +59,7 @@ CREATE TABLE IF NOT EXISTS current (
     log_id INTEGER NOT NULL,
     lease INTEGER NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS current_lease ON current (lease) WHERE lease != 0;
+CREATE INDEX IF NOT EXISTS current_lease ON current (lease);
 CREATE TABLE IF NOT EXISTS lease (
     id INTEGER PRIMARY KEY,
     ttl INTEGER NOT NULL,
