@@ -13,7 +13,18 @@ Semantics (identical on etcd and on the embedded SQLite backend):
   been compacted away, it yields one `Resync` holding a consistent snapshot of the prefix
   and continues after it: a consumer never silently misses an event.
 - **Leases.** A key written with a lease disappears (with a delete event) when the lease
-  expires or is revoked. `keepalive` extends it by its TTL.
+  expires or is revoked. `keepalive` extends it by its TTL. Writing with a lease that is
+  gone raises `LeaseNotFound`. A backend may raise a tiny TTL to its minimum (etcd: about
+  1.5x its election timeout, rounded up to seconds): use the TTL `grant_lease` returns.
+  When the store restarts, every lease gets its full TTL again (etcd does this).
+- **Compaction.** `compact(r)` forgets the history below `r`: the state at `r` and every
+  later event stay readable and watchable; a watch starting below `r` gets a `Resync`.
+- **Limits** (etcd's defaults, enforced by both backends so code that works on one works
+  on the other): keys are non-empty; one transaction holds at most `MAX_TXN_OPS` conditions
+  and at most `MAX_TXN_OPS` ops and touches a key at most once; one request is at most
+  `MAX_REQUEST_BYTES`. Breaking a limit raises `ValueError` and writes nothing.
+- **Errors.** Only `StoreError` subclasses (and `ValueError` for a request that breaks a
+  limit) leave a backend: never a gRPC or SQLite exception.
 """
 
 from __future__ import annotations
@@ -22,6 +33,10 @@ import abc
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Self
+
+MAX_TXN_OPS = 128  # etcd --max-txn-ops default
+MAX_REQUEST_BYTES = 1_500_000  # keys + values of one request; etcd --max-request-bytes is 1.5 MiB with framing
 
 
 class StoreError(Exception):
@@ -33,13 +48,19 @@ class StoreUnavailable(StoreError):
 
 
 class CasConflict(StoreError):
-    """A compare-and-swap condition did not hold; nothing was written."""
+    """A compare-and-swap condition did not hold; nothing was written.
 
-    def __init__(self, key: str, expected: int, actual: int) -> None:
+    `current` is the key as it is now (None if absent), read in the same atomic step, so a
+    read-modify-write loop can retry from it without another round trip. The message
+    carries revisions only, never the value.
+    """
+
+    def __init__(self, key: str, expected: int, actual: int, current: KeyValue | None = None) -> None:
         super().__init__(f"{key}: expected mod_revision {expected}, found {actual}")
         self.key = key
         self.expected = expected
         self.actual = actual
+        self.current = current
 
 
 class LeaseNotFound(StoreError):
@@ -156,7 +177,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def watch(self, prefix: str, start_revision: int = 0) -> AsyncIterator[WatchItem]:
-        """Events under `prefix` from `start_revision` (0: from now on)."""
+        """Events under `prefix` from `start_revision` (0: from the revision current when
+        iteration starts; to miss nothing, `range` first and watch from its revision + 1).
+
+        The iterator outlives backend outages (it resumes where it left off) and ends when
+        the store is closed. Break out of it (or `aclose()` it) to stop watching.
+        """
 
     @abc.abstractmethod
     async def grant_lease(self, ttl: int) -> Lease: ...
@@ -166,13 +192,17 @@ class Store(abc.ABC):
         """Extend the lease by its TTL; return the TTL. Raise LeaseNotFound if it is gone."""
 
     @abc.abstractmethod
-    async def revoke_lease(self, lease_id: int) -> None: ...
+    async def revoke_lease(self, lease_id: int) -> None:
+        """Delete the lease and every key attached to it. Raise LeaseNotFound if it is gone."""
 
     @abc.abstractmethod
     async def compact(self, revision: int) -> None:
-        """Forget history at and below `revision`."""
+        """Forget history below `revision` (a no-op if already compacted that far).
 
-    async def __aenter__(self) -> Store:
+        Raises ValueError for a revision newer than the current one.
+        """
+
+    async def __aenter__(self) -> Self:
         await self.connect()
         return self
 

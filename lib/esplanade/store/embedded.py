@@ -1,0 +1,526 @@
+"""EmbeddedStore: the store contract on one SQLite file, as k3s's kine is to etcd.
+
+The single-node default. Several processes may share the file (the four services under
+`esplanade up`): SQLite serializes their writes, every process watches and sweeps leases.
+
+Tables (schema version 1):
+
+    log      one row per change: revision, seq (order within the revision), key, deleted,
+             create_revision, prev_revision (the key's previous live row), version, lease,
+             value. Ordered by its AUTOINCREMENT id, which follows (revision, seq).
+    current  key -> id of its newest live row in `log`, and its lease: the state.
+    lease    id, ttl, deadline (CLOCK_MONOTONIC seconds).
+    meta     revision (store-wide, starts at 1 like etcd), compact_revision, schema.
+
+Writes. Each process has one writer thread. It takes every request queued at that moment
+and applies them in one `BEGIN IMMEDIATE` transaction (group commit), each request in its
+own SAVEPOINT so a failed CAS or a bug in one leaves the others intact; callers hear back
+only after COMMIT. Each request that changes something takes the next revision.
+
+Durability. WAL journal with `synchronous=FULL` by default: COMMIT returns after the WAL is
+fsynced, so an acknowledged write survives kill -9 *and* power loss. NORMAL would survive
+kill -9 but may lose the last commits on power loss, and this store holds things that must
+never go back (outbound ESP sequence-number reservations: reuse means nonce reuse under
+AES-GCM). Group commit pays for the fsync.
+
+Reads run on a small reader thread pool (WAL readers never wait for the writer). Watches
+wake at once on this process's writes and poll `meta.revision` (one indexed row) every
+`poll_interval` for other processes' writes.
+
+Leases. Deadlines are CLOCK_MONOTONIC seconds, a clock every process on the machine
+shares. Every process sweeps expired leases (`lease_sweep_interval`): in one write
+transaction per lease, its keys are deleted at a new revision (delete events) and the lease
+row goes. etcd gives every lease its full TTL again when it restarts; this store does the
+same when it is opened while no process has it open (a lock file tells: each open store
+holds a shared flock on `<path>.lock`; whoever gets it exclusively is the first), which also
+covers a reboot, when old monotonic deadlines mean nothing.
+
+Compaction deletes the rows that a newer row at or below the compact revision supersedes
+(and tombstones below it) and records the compact revision. `auto_compact_retain` keeps the
+log from growing forever (kine does the same): when more than twice that many revisions
+are uncompacted, the sweeper compacts to `revision - auto_compact_retain`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from esplanade.store.base import (
+    Compare,
+    Delete,
+    KeyValue,
+    Lease,
+    LeaseNotFound,
+    Put,
+    Resync,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    TxnResult,
+    WatchBatch,
+    WatchItem,
+)
+from esplanade.store.request_rules import encode_key
+from esplanade.store.sqlite_log import (
+    SCHEMA_SQL,
+    SCHEMA_VERSION,
+    LeaseGone,
+    WriteOp,
+    WriteState,
+    database_error,
+    expired_leases,
+    fetch_events,
+    get_current,
+    op_commit,
+    op_compact,
+    op_delete,
+    op_expire,
+    op_grant,
+    op_keepalive,
+    op_put,
+    op_renew_all,
+    op_revoke,
+    prefix_clause,
+    read_revision,
+    read_revisions,
+    snapshot,
+)
+
+T = TypeVar("T")
+
+_GROUP_COMMIT_MAX = 256
+_WATCH_REVISIONS_PER_FETCH = 1000
+
+
+@dataclass(slots=True)
+class _WriteRequest:
+    apply: WriteOp
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+def _deliver(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _connect(path: Path, busy_timeout: float, synchronous: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute(f"PRAGMA synchronous = {synchronous}")
+    db.execute("PRAGMA foreign_keys = OFF")
+    return db
+
+
+class _Writer(threading.Thread):
+    """The process's one writer: group commit of queued write requests."""
+
+    def __init__(
+        self,
+        path: Path,
+        busy_timeout: float,
+        synchronous: str,
+        on_commit: Callable[[int], None],
+    ) -> None:
+        super().__init__(name=f"esplanade-store-writer:{path.name}", daemon=True)
+        self.path = path
+        self.requests: queue.SimpleQueue[_WriteRequest | None] = queue.SimpleQueue()
+        self._busy_timeout = busy_timeout
+        self._synchronous = synchronous
+        self._on_commit = on_commit
+        self._db: sqlite3.Connection | None = None
+        self.ready = threading.Event()
+        self.open_error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._db = _connect(self.path, self._busy_timeout, self._synchronous)
+        except sqlite3.Error as exc:
+            self.open_error = database_error(self.path, exc)
+            self.ready.set()
+            return
+        self.ready.set()
+        try:
+            stop = False
+            while not stop:
+                first = self.requests.get()
+                if first is None:
+                    break
+                batch = [first]
+                while len(batch) < _GROUP_COMMIT_MAX:
+                    try:
+                        item = self.requests.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    batch.append(item)
+                self._run(batch)
+        finally:
+            self._db.close()
+            # Anything queued after the stop marker fails instead of hanging its caller.
+            while True:
+                try:
+                    item = self.requests.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    self._reply(item, None, StoreUnavailable("the embedded store was closed"))
+
+    def _reply(self, request: _WriteRequest, result: Any, error: BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the caller's loop is gone
+            request.loop.call_soon_threadsafe(_deliver, request.future, result, error)
+
+    def _run(self, batch: list[_WriteRequest]) -> None:
+        db = self._db
+        assert db is not None
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            for request in batch:
+                self._reply(request, None, database_error(self.path, exc))
+            return
+        try:
+            start = db.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0]
+            state = WriteState(revision=start)
+            now = time.monotonic()
+            for request in batch:
+                before = state.revision
+                db.execute("SAVEPOINT op")
+                try:
+                    result = request.apply(db, state, now)
+                except sqlite3.Error:
+                    raise
+                except Exception as exc:  # a failed condition, or a bug: only this request fails
+                    db.execute("ROLLBACK TO op")
+                    db.execute("RELEASE op")
+                    state.revision = before
+                    outcomes.append((None, exc))
+                    continue
+                db.execute("RELEASE op")
+                outcomes.append((result, None))
+            if state.revision != start:
+                db.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (state.revision,))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            for request in batch:
+                self._reply(request, None, database_error(self.path, exc))
+            return
+        for request, (result, error) in zip(batch, outcomes, strict=True):
+            self._reply(request, result, error)
+        if state.revision != start:
+            self._on_commit(state.revision)
+
+
+class EmbeddedStore(Store):
+    backend_name = "embedded"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        poll_interval: float = 0.025,
+        lease_sweep_interval: float = 0.1,
+        synchronous: str = "FULL",
+        busy_timeout: float = 30.0,
+        auto_compact_retain: int = 10_000,
+        reader_threads: int = 2,
+    ) -> None:
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
+        if poll_interval <= 0 or lease_sweep_interval <= 0:
+            raise ValueError("poll and sweep intervals must be positive")
+        self.path = Path(path)
+        self.poll_interval = poll_interval
+        self.lease_sweep_interval = lease_sweep_interval
+        self.auto_compact_retain = auto_compact_retain
+        self._synchronous = synchronous.upper()
+        self._busy_timeout = busy_timeout
+        self._reader_threads = reader_threads
+        self._writer: _Writer | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._reader_local = threading.local()
+        self._reader_dbs: list[sqlite3.Connection] = []
+        self._reader_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock_file: IO[bytes] | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self._known_revision = 0
+        self._revision_changed = asyncio.Event()
+        self._watchers = 0
+
+    def __repr__(self) -> str:
+        return f"EmbeddedStore({str(self.path)!r})"
+
+    # -- life cycle ---------------------------------------------------------------------
+    async def connect(self) -> None:
+        if self._writer is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._closed = asyncio.Event()
+        self._revision_changed = asyncio.Event()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            first_opener = await asyncio.to_thread(self._take_open_lock)
+        except OSError as exc:
+            raise StoreUnavailable(f"embedded store {self.path}: {exc.strerror or exc}") from None
+        self._readers = ThreadPoolExecutor(self._reader_threads, thread_name_prefix="esplanade-store-reader")
+        writer = _Writer(self.path, self._busy_timeout, self._synchronous, self._committed_threadsafe)
+        writer.start()
+        await asyncio.to_thread(writer.ready.wait)
+        if writer.open_error is not None:
+            await self._teardown()
+            raise writer.open_error
+        self._writer = writer
+        try:
+            await self._read(self._create_schema)
+            if first_opener:
+                await self._write(op_renew_all())
+            self._known_revision = await self._read(read_revision)
+        except BaseException:
+            await self.close()
+            raise
+        self._poller = asyncio.create_task(self._poll(), name=f"esplanade-store-poll:{self.path.name}")
+
+    def _take_open_lock(self) -> bool:
+        """Hold a shared flock while open; return True if no other store had the file open."""
+        lock_file = open(self.path.with_name(self.path.name + ".lock"), "ab")  # noqa: SIM115 - held while open
+        try:
+            try:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                first = True
+            except BlockingIOError:
+                first = False
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_SH)
+        except OSError:
+            lock_file.close()
+            raise
+        self._lock_file = lock_file
+        return first
+
+    def _create_schema(self, db: sqlite3.Connection) -> None:
+        try:
+            # executescript commits any open transaction first, so the script holds its own.
+            db.executescript("BEGIN IMMEDIATE;" + SCHEMA_SQL + "COMMIT;")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        schema = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()[0]
+        if schema != SCHEMA_VERSION:
+            raise StoreError(f"embedded store {self.path} has schema {schema}, this version reads {SCHEMA_VERSION}")
+
+    async def close(self) -> None:
+        self._closed.set()
+        self._revision_changed.set()
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._poller
+            self._poller = None
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.requests.put(None)
+            await asyncio.to_thread(writer.join)
+        readers, self._readers = self._readers, None
+        if readers is not None:
+            await asyncio.to_thread(readers.shutdown, True)
+        with self._reader_lock:
+            dbs, self._reader_dbs = self._reader_dbs, []
+        for db in dbs:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+        self._reader_local = threading.local()
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _reader_db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._reader_local, "db", None)
+        if db is None:
+            db = _connect(self.path, self._busy_timeout, self._synchronous)
+            self._reader_local.db = db
+            with self._reader_lock:
+                self._reader_dbs.append(db)
+        return db
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        readers = self._readers
+        if readers is None or self._closed.is_set():
+            raise StoreUnavailable("the embedded store is not open")
+
+        def run() -> T:
+            try:
+                return fn(self._reader_db())
+            except sqlite3.Error as exc:
+                raise database_error(self.path, exc) from None
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(readers, run)
+        except RuntimeError as exc:  # executor shut down under us
+            raise StoreUnavailable("the embedded store is closed") from exc
+
+    async def _write(self, apply: WriteOp) -> Any:
+        writer = self._writer
+        if writer is None or self._closed.is_set():
+            raise StoreUnavailable("the embedded store is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        writer.requests.put(_WriteRequest(apply, future, loop))
+        return await future
+
+    def _committed_threadsafe(self, revision: int) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._revision_seen, revision)
+
+    def _revision_seen(self, revision: int) -> None:
+        if revision > self._known_revision:
+            self._known_revision = revision
+            changed, self._revision_changed = self._revision_changed, asyncio.Event()
+            changed.set()
+
+    async def _poll(self) -> None:
+        """Notice other processes' writes; sweep expired leases; compact automatically."""
+        next_sweep = 0.0
+        while not self._closed.is_set():
+            try:
+                if self._watchers:
+                    self._revision_seen(await self._read(read_revision))
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + self.lease_sweep_interval
+                    expired = await self._read(lambda db: expired_leases(db, time.monotonic()))
+                    if expired:
+                        await self._write(op_expire(expired))
+                    await self._auto_compact()
+            except (StoreError, ValueError):
+                pass  # the file may be briefly locked or gone; the next round retries
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), self.poll_interval)
+
+    async def _auto_compact(self) -> None:
+        if self.auto_compact_retain <= 0:
+            return
+        revision, compacted = await self._read(read_revisions)
+        if revision - compacted > 2 * self.auto_compact_retain:
+            await self._write(op_compact(revision - self.auto_compact_retain))
+
+    # -- reads --------------------------------------------------------------------------
+    async def ping(self) -> int:
+        return await self._read(read_revision)
+
+    async def get(self, key: str) -> KeyValue | None:
+        raw = encode_key(key)
+        return await self._read(lambda db: get_current(db, raw))
+
+    async def range(self, prefix: str, *, limit: int = 0) -> tuple[list[KeyValue], int]:
+        if limit < 0:
+            raise ValueError("limit must be >= 0")
+        return await self._read(lambda db: snapshot(db, prefix, limit))
+
+    # -- writes -------------------------------------------------------------------------
+    async def put(self, key: str, value: bytes, *, lease: int = 0, expect_mod_revision: int | None = None) -> int:
+        result: int = await self._write(op_put(key, value, lease, expect_mod_revision))
+        return result
+
+    async def delete(self, key: str, *, expect_mod_revision: int | None = None) -> bool:
+        result: bool = await self._write(op_delete(key, expect_mod_revision))
+        return result
+
+    async def commit(self, conditions: Sequence[Compare], ops: Sequence[Put | Delete]) -> TxnResult:
+        result: TxnResult = await self._write(op_commit(conditions, ops))
+        return result
+
+    async def compact(self, revision: int) -> None:
+        await self._write(op_compact(revision))
+
+    # -- leases -------------------------------------------------------------------------
+    async def grant_lease(self, ttl: int) -> Lease:
+        lease: Lease = await self._write(op_grant(ttl))
+        return lease
+
+    async def keepalive(self, lease_id: int) -> int:
+        result = await self._write(op_keepalive(lease_id))
+        if isinstance(result, LeaseGone):
+            raise LeaseNotFound(f"lease {lease_id:x} expired")
+        return int(result)
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        await self._write(op_revoke(lease_id))
+
+    # -- watch --------------------------------------------------------------------------
+    def watch(self, prefix: str, start_revision: int = 0) -> AsyncIterator[WatchItem]:
+        if start_revision < 0:
+            raise ValueError("start_revision must be >= 0")
+        clause, params = prefix_clause(prefix)  # validates the prefix now, not at first next()
+        return self._watch(prefix, clause, params, start_revision)
+
+    async def _watch(
+        self, prefix: str, clause: str, params: tuple[bytes, ...], start_revision: int
+    ) -> AsyncIterator[WatchItem]:
+        self._watchers += 1
+        try:
+            last = start_revision - 1 if start_revision else await self._read(read_revision)
+            while not self._closed.is_set():
+                target = self._known_revision
+                if target <= last:
+                    changed = self._revision_changed
+                    await changed.wait()
+                    continue
+                upto = min(target, last + _WATCH_REVISIONS_PER_FETCH)
+                try:
+                    fetched = await self._read(
+                        functools.partial(fetch_events, clause=clause, params=params, after=last, upto=upto)
+                    )
+                except StoreUnavailable:
+                    if self._closed.is_set():
+                        return
+                    await self._sleep(self.poll_interval)
+                    continue
+                if fetched is None:  # compacted past `last`: hand over the whole prefix
+                    kvs, revision = await self._read(lambda db: snapshot(db, prefix, 0))
+                    last = revision
+                    yield Resync(revision=revision, kvs=tuple(kvs))
+                    continue
+                last = upto
+                if fetched:
+                    yield WatchBatch(revision=fetched[-1].kv.mod_revision, events=tuple(fetched))
+        except StoreUnavailable:
+            if not self._closed.is_set():
+                raise
+        finally:
+            self._watchers -= 1
+
+    async def _sleep(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), delay)
+
+
+__all__ = ["EmbeddedStore"]
