@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from esplanade.store.base import Store, WatchBatch
 from esplanade.store.embedded import EmbeddedStore
 from esplanade.store.etcd import EtcdStore
-
 from tests.etcd_server import EtcdServer
 
 CONCURRENCY = 64

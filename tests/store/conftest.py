@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from esplanade.store.base import Store
 from esplanade.store.embedded import EmbeddedStore
 from esplanade.store.etcd import EtcdStore
-
 from tests.etcd_server import EtcdServer
 
 

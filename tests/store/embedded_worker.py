@@ -16,7 +16,6 @@ import itertools
 import sys
 
 from esplanade.store.embedded import EmbeddedStore
-
 from tests.store.counter import increment
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from esplanade.store.base import Store
-
 from tests.store.counter import run_increments
 
 

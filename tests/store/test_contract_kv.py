@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from esplanade.store.base import (
     MAX_REQUEST_BYTES,
     MAX_TXN_OPS,

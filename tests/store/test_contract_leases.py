@@ -6,8 +6,8 @@ import asyncio
 import time
 
 import pytest
-from esplanade.store.base import EventType, LeaseNotFound, Put, Store
 
+from esplanade.store.base import EventType, LeaseNotFound, Put, Store
 from tests.conditions import async_wait_until
 from tests.store.watch_collector import WatchCollector
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from esplanade.store.base import Compare, Delete, EventType, Put, Resync, Store, WatchBatch
-
 from tests.conditions import async_wait_until
 from tests.store.conftest import Backend
 from tests.store.watch_collector import WatchCollector

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from esplanade.store.base import EventType, LeaseNotFound
 from esplanade.store.embedded import EmbeddedStore
-
 from tests.conditions import async_wait_until, wait_until
 from tests.store.watch_collector import WatchCollector
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from esplanade.store.base import StoreError, StoreUnavailable
 from esplanade.store.etcd import EtcdStore, parse_endpoint
-
 from tests.conditions import async_wait_until
 from tests.etcd_server import EtcdServer, free_port
 from tests.store.watch_collector import WatchCollector

@@ -10,6 +10,9 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
+
+from esplanade.config.settings import KekSettings
 from esplanade.ipsec.sa import ChildSaRecord, SecurityAssociation
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.transforms import ENCR_AES_CBC_256, ENCR_AES_GCM_16_256, INTEG_HMAC_SHA2_256_128, Direction
@@ -25,9 +28,9 @@ from esplanade.store.base import (
     WatchItem,
 )
 from esplanade.store.etcd import EtcdStore
+from esplanade.store.factory import KEK_VALUE_SETTING, load_keyring
 from esplanade.store.sealing import (
     KEK_FILE_SETTING,
-    KEK_SETTING,
     Keyring,
     KeyringError,
     SealedDocuments,
@@ -40,7 +43,6 @@ from esplanade.store.sealing import (
     seal_document,
     sealed_kid,
 )
-
 from tests.etcd_server import EtcdServer
 
 SEALED = re.compile(r"^sealed:v1:[A-Za-z0-9_.-]{1,64}:[A-Za-z0-9_-]+$")
@@ -170,13 +172,13 @@ def test_keyring_text_format(tmp_path: Path) -> None:
     keyring = Keyring.parse(text, "test")
     assert keyring.active == "k2" and keyring.kids == ("k2", "k1")
     assert keyring.keys["k1"] == bytes([1]) * 32
-    inline = Keyring.from_env({KEK_SETTING: f"k2:{_key(2)},k1:{_key(1)}"})
+    inline = load_keyring(KekSettings(value=SecretStr(f"k2:{_key(2)},k1:{_key(1)}")))
     assert inline.kids == ("k2", "k1")
     urlsafe = Keyring.parse("k:" + base64.urlsafe_b64encode(b"\xff" * 32).decode().rstrip("="), "test")
     assert urlsafe.keys["k"] == b"\xff" * 32
     path = tmp_path / "kek"
     path.write_text(keyring.to_text())
-    assert Keyring.from_env({KEK_FILE_SETTING: str(path)}).keys == keyring.keys
+    assert load_keyring(KekSettings(file=path)).keys == keyring.keys
     assert Keyring.parse(keyring.to_text(), "round trip").kids == keyring.kids
 
 
@@ -194,9 +196,9 @@ def test_keyring_text_format(tmp_path: Path) -> None:
 )
 def test_malformed_keyrings_name_the_setting_and_hide_the_key(text: str, needle: str) -> None:
     with pytest.raises(KeyringError) as excinfo:
-        Keyring.from_env({KEK_SETTING: text}) if text else Keyring.parse(text, KEK_SETTING)
+        load_keyring(KekSettings(value=SecretStr(text)))
     message = str(excinfo.value)
-    assert needle in message and KEK_SETTING in message
+    assert needle in message and KEK_VALUE_SETTING in message
     for token in re.split(r"[\s:,]+", text):
         if len(token) > 16:
             assert token not in message, "key material in an error message"
@@ -204,11 +206,12 @@ def test_malformed_keyrings_name_the_setting_and_hide_the_key(text: str, needle:
 
 def test_missing_keyring_settings(tmp_path: Path) -> None:
     with pytest.raises(KeyringError) as excinfo:
-        Keyring.from_env({})
-    assert KEK_FILE_SETTING in str(excinfo.value) and KEK_SETTING in str(excinfo.value)
+        load_keyring(KekSettings())
+    assert KEK_FILE_SETTING in str(excinfo.value) and KEK_VALUE_SETTING in str(excinfo.value)
     missing = tmp_path / "absent"
-    with pytest.raises(KeyringError, match=f"{KEK_FILE_SETTING}={missing}: the KEK file does not exist"):
-        Keyring.from_env({KEK_FILE_SETTING: str(missing)})
+    with pytest.raises(KeyringError) as excinfo:
+        load_keyring(KekSettings(file=missing))
+    assert f"{KEK_FILE_SETTING}={missing}: the KEK file does not exist" in str(excinfo.value)
 
 
 def test_reprs_hold_no_key_material(keyring: Keyring) -> None:

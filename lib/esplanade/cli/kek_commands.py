@@ -44,8 +44,8 @@ def rotate(
 ) -> None:
     """Re-seal every secret in the store under the active KEK (the first key of the ring)."""
     from esplanade.cli.main import settings_or_exit
-    from esplanade.store.factory import open_store
-    from esplanade.store.sealing import load_keyring, rotate_kek
+    from esplanade.store.factory import load_keyring, open_store
+    from esplanade.store.sealing import rotate_kek
 
     settings = settings_or_exit(config)
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import grpc
 from aetcd import rpc
+
 from esplanade.store.backoff import Backoff
 from esplanade.store.base import (
     CasConflict,

@@ -14,15 +14,16 @@ that way, `SealedDocuments` seals every `bytes` value under its path, and `rotat
 relies on the convention to re-seal values it finds anywhere under /esplanade/v1/.
 
 Keyring: the active key id plus every key still needed to open old values. Text format
-(the file named by ESPLANADE_KEK_FILE, e.g. a mounted Kubernetes Secret, or the value of
-ESPLANADE_KEK), one key per line (or separated by commas/whitespace), `#` comments::
+(the file named by the setting kek.file, e.g. a mounted Kubernetes Secret, or the text of
+kek.value; see `esplanade.store.factory.load_keyring`), one key per line (or separated by
+commas/whitespace), `#` comments::
 
     # first key = active: new values are sealed under it
     k2:6lJ0...base64 of 32 random bytes...=
     k1:q8Xb...=
 
-Key ids are 1-64 characters of [A-Za-z0-9_.-]. `python -m esplanade.store.sealing
-generate k1` prints a fresh line.
+Key ids are 1-64 characters of [A-Za-z0-9_.-]. `esplanade kek generate` prints a
+fresh line.
 
 Rotation without downtime:
 1. add the new key as a *second* line everywhere (every process can open both);
@@ -40,11 +41,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import re
 import secrets
 import struct
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from esplanade.store import schema
 from esplanade.store.base import CasConflict, KeyValue, LeaseNotFound, Store, StoreError
 
@@ -60,8 +60,7 @@ SEALED_PREFIX = "sealed:v1:"
 KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
-KEK_FILE_SETTING = "ESPLANADE_KEK_FILE"
-KEK_SETTING = "ESPLANADE_KEK"
+KEK_FILE_SETTING = "kek.file (ESPLANADE_KEK__FILE)"
 _KID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _AAD_LABEL = b"esplanade sealed field v1"
 
@@ -157,21 +156,6 @@ class Keyring:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise KeyringError(f"{source}: cannot read the KEK file: {reason}") from None
         return cls.parse(text, source)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Keyring:
-        """From ESPLANADE_KEK_FILE (a path) or else ESPLANADE_KEK (the keyring text)."""
-        env = os.environ if environ is None else environ
-        path = env.get(KEK_FILE_SETTING, "").strip()
-        if path:
-            return cls.from_file(path)
-        text = env.get(KEK_SETTING, "")
-        if text.strip():
-            return cls.parse(text, KEK_SETTING)
-        raise KeyringError(
-            f"no key-encryption key: set {KEK_FILE_SETTING} to a keyring file or {KEK_SETTING} to its text"
-            " (lines kid:base64-of-32-random-bytes, first = active)"
-        )
 
     @classmethod
     def generate(cls, kid: str = "k1") -> Keyring:
@@ -513,16 +497,3 @@ async def rotate_kek(
     return RotationReport(
         usage=usage, resealed_values=resealed_values, rewritten_keys=rewritten, skipped_keys=tuple(skipped)
     )
-
-
-def _main(argv: list[str]) -> int:
-    if len(argv) == 2 and argv[0] == "generate":
-        keyring = Keyring.generate(argv[1])
-        sys.stdout.write(keyring.to_text().splitlines()[1] + "\n")
-        return 0
-    sys.stderr.write("usage: python -m esplanade.store.sealing generate <kid>\n")
-    return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main(sys.argv[1:]))
