@@ -20,11 +20,12 @@ import pytest
 
 from tests.vm.harness import VmResult, ensure_vm_ready, run_in_vm
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow]
+VM_SUITE_TIMEOUT = 480.0
+# the fixture's VM run counts against the first test's pytest-timeout
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(VM_SUITE_TIMEOUT + 120)]
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
-VM_SUITE_TIMEOUT = 480.0
 
 
 def guest_test_names() -> list[str]:
@@ -78,7 +79,9 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
         f"--junitxml={report}",
     ]
     result = run_in_vm(command, timeout=VM_SUITE_TIMEOUT, cwd=ROOT, rw_dir=report_dir)
+    # the guest's own summary (slowest tests) shows with `pytest -s` or `-rP`
     sys.stdout.write(f"\n[vm] guest suite: exit {result.returncode} after {result.seconds:.1f}s\n")
+    sys.stdout.write(result.stdout[-4000:])
     if not report.exists():
         pytest.fail(f"the guest suite produced no report:\n{result.describe()}")
     return GuestRun(result, parse_junit(report))

@@ -3,7 +3,9 @@
 - a soft byte/packet/time lifetime -> XFRM_MSG_EXPIRE (soft) -> SOFT_EXPIRE (rekey now);
   the hard one -> HARD_EXPIRE, and the kernel has removed the SA;
 - a trap policy plus matching traffic -> XFRM_MSG_ACQUIRE -> ACQUIRE naming the policy;
-- an install whose policy collides, or whose second SA fails, is rolled back completely.
+- an install whose policy collides, or whose second SA fails, is rolled back completely;
+- replay thresholds (XFRM_MSG_NEWAE) make the kernel report replay progress on the
+  AEVENTS group, as HA setups use it to sync sequence numbers.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from collections.abc import Iterator
 
 import pytest
 from esplanade.dataplane.backend import AlreadyExists, DataplaneEventKind, NotFound
+from esplanade.dataplane.kernel.xfrm_messages import XfrmAeFlag, XfrmGroup, XfrmMsgType
 from esplanade.dataplane.kernel.xfrm_policy import xfrm_policies_from_spd
-from esplanade.dataplane.kernel.xfrm_sa import XfrmSaId, xfrm_sa_from_association
+from esplanade.dataplane.kernel.xfrm_sa import XfrmReplayState, XfrmSaId, xfrm_sa_from_association
+from esplanade.dataplane.kernel.xfrm_socket import XfrmEventSocket
 from esplanade.ipsec.sa import Lifetime
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.spd import PolicyDirection, SpdPolicy
 from esplanade.ipsec.transforms import IpProto
 
+from tests.conditions import wait_until
 from tests.dataplane.kernel.backend_harness import EventWatcher, started_backend
 from tests.dataplane.kernel.child_sa_builders import TRANSFORMS_BY_LABEL, Peer, child_sa_pair, protect_policies
 from tests.dataplane.kernel.netns_topology import NetnsPair, in_netns, netns, netns_pair
@@ -130,3 +135,30 @@ async def test_policy_with_port_range_expands_and_replaces_in_place() -> None:
             assert len(backend.client.dump_policies()) == 2  # 10.2.0.0/30 + 10.2.0.4/31, one port block
             await backend.install_policy(dataclasses.replace(policy, priority=10))
             assert {p.priority for p in backend.client.dump_policies()} == {10}
+
+
+async def test_replay_thresholds_produce_aevents(pair: NetnsPair) -> None:
+    a, b = peers(pair)
+    record_a, record_b = child_sa_pair("aevents", a, b, GCM)
+    async with started_backend(pair.a.netns) as backend_a, started_backend(pair.b.netns) as backend_b:
+        await backend_a.install_child_sa(record_a, protect_policies(record_a))
+        await backend_b.install_child_sa(record_b, protect_policies(record_b))
+        listener = XfrmEventSocket(pair.b.netns, (XfrmGroup.AEVENTS,))
+        try:
+            inbound = XfrmSaId(b.outer, record_b.inbound.spi, IpProto.ESP)
+            backend_b.client.set_aevent_thresholds(inbound, src=a.outer, reqid=1, replay_packets=2, timer_tenths=100)
+            in_netns(pair.a.netns, "ping", "-c", "4", "-i", "0.1", "-W", "2", "-I", a.inner, b.inner, check=False)
+
+            def replay_updates() -> list[XfrmReplayState]:
+                return [
+                    XfrmReplayState.from_attrs(msg)
+                    for kind, msg in listener.receive()
+                    if kind == XfrmMsgType.NEWAE
+                    and msg["sa_id_spi"] == record_b.inbound.spi
+                    and msg["flags"] & XfrmAeFlag.CR
+                ]
+
+            updates = wait_until(replay_updates, timeout=10, what="NEWAE replay update on the AEVENTS group")
+            assert updates[-1].highest_received >= 2
+        finally:
+            listener.close()

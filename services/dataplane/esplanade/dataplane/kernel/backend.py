@@ -236,6 +236,8 @@ class KernelXfrmBackend:
                 client.add_sa(sa)
                 rollback.done(f"add {sa.id}", partial(client.delete_sa, sa.id, mark=sa.mark))
             for policy in policies:
+                if self._policies.get(policy.id, None) is not None and self._policies[policy.id].policy == policy:
+                    continue  # installed on its own before: it stays when the Child SA goes
                 self._install_policy(policy, rollback, default_reqid=reqid)
                 installed_policies.append(policy.id)
         except DataplaneError as exc:

@@ -30,6 +30,7 @@ from esplanade.dataplane.kernel.xfrm_messages import (
     xfrm_userpolicy_info,
 )
 from esplanade.dataplane.kernel.xfrm_selector import (
+    AF_INET,
     SelectorError,
     XfrmSelector,
     family_of,
@@ -241,7 +242,8 @@ def _template(policy: SpdPolicy, reqid: int, inner_family: int) -> XfrmTemplate:
         for addr in (policy.tunnel_src, policy.tunnel_dst):
             try:
                 if addr and family_of(addr) != family:
-                    raise InvalidArgument(f"policy {policy.id!r}: transport address {addr} is not IPv{family}")
+                    version = 4 if family == AF_INET else 6
+                    raise InvalidArgument(f"policy {policy.id!r}: transport address {addr} is not IPv{version}")
             except ValueError as exc:
                 raise InvalidArgument(f"policy {policy.id!r}: {exc}") from None
     return XfrmTemplate(
