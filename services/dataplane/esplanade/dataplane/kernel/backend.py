@@ -38,6 +38,7 @@ from typing import Any
 from esplanade.dataplane.backend import (
     AlreadyExists,
     BackendStatus,
+    DataplaneBackend,
     DataplaneError,
     DataplaneEvent,
     DataplaneEventKind,
@@ -121,8 +122,11 @@ class KernelXfrmBackend:
         event_groups: Iterable[XfrmGroup] = (XfrmGroup.EXPIRE, XfrmGroup.ACQUIRE),
         keep_on_stop: bool = False,
         wall_clock: Callable[[], float] = time.time,
+        client: XfrmClient | None = None,
     ) -> None:
+        """`client` replaces the netlink client (tests); then no event socket is opened."""
         self.netns = netns
+        self._client_override = client
         self._reason = reason
         self._capabilities = tuple(capabilities)
         self._event_groups = tuple(event_groups)
@@ -145,10 +149,21 @@ class KernelXfrmBackend:
     async def start(self) -> None:
         if self._client is not None:
             return
-        self._sock = XfrmSocket(self.netns)
+        if self._client_override is not None:
+            self._client = self._client_override
+            return
+        where = f"network namespace {self.netns!r}" if self.netns else "this network namespace"
+        try:
+            self._sock = XfrmSocket(self.netns)
+            if self._event_groups:
+                self._events_sock = XfrmEventSocket(self.netns, self._event_groups)
+        except OSError as exc:
+            if self._sock is not None:
+                self._sock.close()
+            self._sock = None
+            raise DataplaneError(f"cannot open NETLINK_XFRM in {where}: {exc}") from exc
         self._client = XfrmClient(self._sock)
-        if self._event_groups:
-            self._events_sock = XfrmEventSocket(self.netns, self._event_groups)
+        if self._events_sock is not None:
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self._events_sock.fileno(), self._read_kernel_events)
 
@@ -348,7 +363,8 @@ class KernelXfrmBackend:
         rollback.done(f"record policy {policy.id!r}", restore)
 
     async def delete_policy(self, policy_id: str) -> None:
-        if policy_id not in self._policies:
+        installed = self._policies.get(policy_id)
+        if installed is None:
             raise NotFound(f"policy {policy_id!r} is not installed")
         rollback = _Rollback()
         try:
@@ -358,6 +374,10 @@ class KernelXfrmBackend:
         for child in self._children.values():
             if policy_id in child.policy_ids:
                 child.policy_ids.remove(policy_id)
+        child_sa = installed.policy.child_sa
+        still_used = child_sa in self._children or any(p.policy.child_sa == child_sa for p in self._policies.values())
+        if child_sa and not still_used:  # drop a reqid reserved for that Child SA alone
+            self._reqids.pop(child_sa, None)
 
     def _delete_policy(self, policy_id: str, rollback: _Rollback) -> None:
         client = self.client
@@ -451,10 +471,14 @@ class KernelXfrmBackend:
             log.error("reading XFRM events failed: %s", exc)
             return
         for msg_type, msg in messages:
-            if msg_type == XfrmMsgType.EXPIRE:
-                self._on_expire(msg)
-            elif msg_type == XfrmMsgType.ACQUIRE:
-                self._on_acquire(msg)
+            self.process_kernel_message(msg_type, msg)
+
+    def process_kernel_message(self, msg_type: int, msg: Any) -> None:
+        """Turn one decoded XFRM notification into events (EXPIRE, ACQUIRE; others ignored)."""
+        if msg_type == XfrmMsgType.EXPIRE:
+            self._on_expire(msg)
+        elif msg_type == XfrmMsgType.ACQUIRE:
+            self._on_acquire(msg)
 
     def _on_expire(self, msg: Any) -> None:
         sa = XfrmSa.from_message(msg, prefix="state_")
@@ -484,3 +508,7 @@ def _expired_limit(msg: Any, hard: bool) -> str:
     if int(msg["state_curlft_packets"]) >= int(msg[f"state_lft_{side}_packet_limit"]):
         return "packet"
     return "time"
+
+
+def _conforms_to_the_protocol(backend: KernelXfrmBackend) -> DataplaneBackend:
+    return backend  # mypy checks that KernelXfrmBackend implements DataplaneBackend
