@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from esplanade.dataplane.backend import (
     AlreadyExists,
+    DataplaneError,
     DataplaneEventKind,
     InvalidArgument,
     NotFound,
@@ -244,3 +245,9 @@ def test_pair_topology_is_reachable_in_the_clear() -> None:
 def check_reachable(pair: NetnsPair) -> None:
     for src, dst in ((pair.a.inner4, pair.b.inner4), (pair.a.inner6, pair.b.inner6)):
         assert in_netns(pair.a.netns, "ping", "-c", "1", "-W", "2", "-I", src, dst, check=False).returncode == 0
+
+
+async def test_a_missing_namespace_is_a_clear_error() -> None:
+    backend = KernelXfrmBackend(netns=f"{PREFIX}does-not-exist")
+    with pytest.raises(DataplaneError, match="cannot open NETLINK_XFRM in network namespace"):
+        await backend.start()
