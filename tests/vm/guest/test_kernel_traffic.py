@@ -34,9 +34,11 @@ def pair() -> Iterator[NetnsPair]:
         yield p
 
 
-def peers(pair: NetnsPair, family: int) -> tuple[Peer, Peer]:
+def peers(pair: NetnsPair, family: int | str) -> tuple[Peer, Peer]:
     if family == 6:
         return Peer(pair.a.outer6, pair.a.inner6), Peer(pair.b.outer6, pair.b.inner6)
+    if family == "6in4":  # IPv6 inside, IPv4 outside: one tunnel SA carries both families
+        return Peer(pair.a.outer4, pair.a.inner6), Peer(pair.b.outer4, pair.b.inner6)
     return Peer(pair.a.outer4, pair.a.inner4), Peer(pair.b.outer4, pair.b.inner4)
 
 
@@ -81,6 +83,7 @@ SCENARIOS = {
     "transport-esp-aes128-sha256": (Mode.TRANSPORT, False, 4, "aes128-sha256", True),
     "transport-espinudp-aes256gcm16": (Mode.TRANSPORT, True, 4, "aes256gcm16", True),
     "tunnel-esp-ipv6-aes256-sha512": (Mode.TUNNEL, False, 6, "aes256-sha512", False),
+    "tunnel-esp-ipv6-in-ipv4-aes256gcm16": (Mode.TUNNEL, False, "6in4", "aes256gcm16", False),
     "tunnel-esp-null-sha256": (Mode.TUNNEL, False, 4, "null-sha256", False),
     "tunnel-ah-sha256": (Mode.TUNNEL, False, 4, "ah-sha256", False),
     "transport-ah-sha384-ipv6": (Mode.TRANSPORT, False, 6, "ah-sha384", False),
