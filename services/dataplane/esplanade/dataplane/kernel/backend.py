@@ -1,0 +1,514 @@
+"""The kernel dataplane backend: Esplanade steers, Linux XFRM carries the packets.
+
+`KernelXfrmBackend` implements `esplanade.dataplane.backend.DataplaneBackend` on NETLINK_XFRM,
+as strongSwan's kernel-netlink does for charon:
+
+- `install_child_sa(record, policies=())` adds the inbound SA, then the outbound SA, then
+  the given policies. All or nothing: if any step fails, the steps already taken are
+  undone (SAs deleted, policies removed or restored) before the error is raised.
+- `install_policy(policy)` adds the kernel policies of one SPD entry (one or several, see
+  `xfrm_selector`); installing an id again with different content replaces it in place
+  (XFRM_MSG_UPDPOLICY), again all or nothing.
+- SAs and policies meet through the reqid. A record's own reqid wins; a record with reqid
+  0 gets one allocated per Child SA (a rekey, `rekey_of`, inherits its predecessor's),
+  and a policy with reqid 0 takes the reqid of the Child SA it names in `child_sa`
+  (reserved ahead if that Child SA is not installed yet).
+- Kernel events: XFRM_MSG_EXPIRE soft -> SOFT_EXPIRE (rekey), hard -> HARD_EXPIRE (the
+  kernel already removed the SA); XFRM_MSG_ACQUIRE on a trap policy -> ACQUIRE naming
+  the policy. The backend's own INSTALLED/DELETED events go to the same stream.
+- `counters()` reads bytes, packets and sequence numbers of the installed SAs from one
+  SA dump.
+
+Everything the backend programs lives in one network namespace (`netns`, None for its
+own). `stop()` removes what this instance installed unless `keep_on_stop` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from esplanade.dataplane.backend import (
+    AlreadyExists,
+    BackendStatus,
+    DataplaneBackend,
+    DataplaneError,
+    DataplaneEvent,
+    DataplaneEventKind,
+    InvalidArgument,
+    NotFound,
+    SaCounters,
+)
+from esplanade.dataplane.kernel.socket_options import bypass_ipsec, enable_esp_in_udp
+from esplanade.dataplane.kernel.xfrm_client import XfrmClient
+from esplanade.dataplane.kernel.xfrm_interface import create_xfrm_interface, delete_xfrm_interface
+from esplanade.dataplane.kernel.xfrm_messages import XfrmGroup, XfrmMsgType
+from esplanade.dataplane.kernel.xfrm_policy import XfrmPolicy, XfrmPolicyKey, xfrm_policies_from_spd
+from esplanade.dataplane.kernel.xfrm_sa import XfrmReplayState, XfrmSa, XfrmSaId, xfrm_sa_from_association
+from esplanade.dataplane.kernel.xfrm_selector import XfrmSelector
+from esplanade.dataplane.kernel.xfrm_socket import XfrmEventSocket, XfrmSocket
+from esplanade.ipsec.sa import ChildSaRecord
+from esplanade.ipsec.spd import SpdPolicy
+
+log = logging.getLogger(__name__)
+
+EVENT_QUEUE_SIZE = 4096
+FIRST_REQID = 1
+Step = Callable[[], None]
+
+
+@dataclass(slots=True)
+class _InstalledChild:
+    record: ChildSaRecord
+    reqid: int
+    inbound: XfrmSa
+    outbound: XfrmSa
+    policy_ids: list[str] = field(default_factory=list)
+    gone: set[XfrmSaId] = field(default_factory=set)  # hard-expired: the kernel removed them
+
+
+@dataclass(slots=True)
+class _InstalledPolicy:
+    policy: SpdPolicy
+    kernel: list[XfrmPolicy]
+
+
+class _Rollback:
+    """Undo steps of a request in progress, run in reverse when a later step fails."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[str, Step]] = []
+
+    def done(self, what: str, undo: Step) -> None:
+        self._undo.append((what, undo))
+
+    def run(self) -> list[str]:
+        failures = []
+        for what, undo in reversed(self._undo):
+            try:
+                undo()
+            except DataplaneError as exc:
+                failures.append(f"{what}: {exc}")
+                log.error("rollback of %s failed: %s", what, exc)
+        self._undo.clear()
+        return failures
+
+
+def _fail(exc: DataplaneError, rollback: _Rollback) -> DataplaneError:
+    failures = rollback.run()
+    if failures:
+        exc.add_note("rollback incomplete: " + "; ".join(failures))
+    return exc
+
+
+class KernelXfrmBackend:
+    """DataplaneBackend on Linux XFRM (see the module docstring)."""
+
+    name = "kernel"
+
+    def __init__(
+        self,
+        *,
+        netns: str | None = None,
+        reason: str = "kernel backend selected by configuration",
+        capabilities: Sequence[str] = (),
+        event_groups: Iterable[XfrmGroup] = (XfrmGroup.EXPIRE, XfrmGroup.ACQUIRE),
+        keep_on_stop: bool = False,
+        wall_clock: Callable[[], float] = time.time,
+        client: XfrmClient | None = None,
+    ) -> None:
+        """`client` replaces the netlink client (tests); then no event socket is opened."""
+        self.netns = netns
+        self._client_override = client
+        self._reason = reason
+        self._capabilities = tuple(capabilities)
+        self._event_groups = tuple(event_groups)
+        self._keep_on_stop = keep_on_stop
+        self._wall_clock = wall_clock
+        self._sock: XfrmSocket | None = None
+        self._client: XfrmClient | None = None
+        self._events_sock: XfrmEventSocket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[DataplaneEvent | None] = asyncio.Queue(EVENT_QUEUE_SIZE)
+        self._children: dict[str, _InstalledChild] = {}
+        self._policies: dict[str, _InstalledPolicy] = {}
+        self._reqids: dict[str, int] = {}  # child SA id -> reqid (also reserved ahead)
+        self._next_reqid = FIRST_REQID
+        self._sa_owner: dict[XfrmSaId, str] = {}
+        self._policy_owner: dict[XfrmPolicyKey, str] = {}
+        self.events_dropped = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        if self._client_override is not None:
+            self._client = self._client_override
+            return
+        where = f"network namespace {self.netns!r}" if self.netns else "this network namespace"
+        try:
+            self._sock = XfrmSocket(self.netns)
+            if self._event_groups:
+                self._events_sock = XfrmEventSocket(self.netns, self._event_groups)
+        except OSError as exc:
+            if self._sock is not None:
+                self._sock.close()
+            self._sock = None
+            raise DataplaneError(f"cannot open NETLINK_XFRM in {where}: {exc}") from exc
+        self._client = XfrmClient(self._sock)
+        if self._events_sock is not None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._events_sock.fileno(), self._read_kernel_events)
+
+    async def stop(self) -> None:
+        if self._client is None:
+            return
+        if not self._keep_on_stop:
+            for child_id in list(self._children):
+                with contextlib.suppress(DataplaneError):
+                    await self.delete_child_sa(child_id)
+            for policy_id in list(self._policies):
+                with contextlib.suppress(DataplaneError):
+                    await self.delete_policy(policy_id)
+        if self._events_sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._events_sock.fileno())
+            self._events_sock.close()
+            self._events_sock = None
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._client = None
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(None)
+
+    @property
+    def client(self) -> XfrmClient:
+        """The netlink client (for diagnostics and tests); raises if not started."""
+        if self._client is None:
+            raise DataplaneError("kernel backend is not started")
+        return self._client
+
+    def status(self) -> BackendStatus:
+        details = {
+            "netns": self.netns or "",
+            "child_sas": str(len(self._children)),
+            "policies": str(len(self._policies)),
+            "events_dropped": str(self.events_dropped),
+            "event_overruns": str(self._events_sock.overruns if self._events_sock else 0),
+        }
+        return BackendStatus(name=self.name, reason=self._reason, capabilities=self._capabilities, details=details)
+
+    # -- Child SAs ----------------------------------------------------------------------
+    def _reqid_for_child(self, record: ChildSaRecord) -> int:
+        explicit = record.inbound.reqid or record.outbound.reqid
+        if explicit:
+            return explicit
+        if record.id in self._reqids:
+            return self._reqids[record.id]
+        if record.rekey_of and record.rekey_of in self._reqids:
+            return self._reqids[record.rekey_of]
+        return self._allocate_reqid()
+
+    def _allocate_reqid(self) -> int:
+        used = set(self._reqids.values())
+        while self._next_reqid in used:
+            self._next_reqid += 1
+        reqid = self._next_reqid
+        self._next_reqid += 1
+        return reqid
+
+    async def install_child_sa(self, record: ChildSaRecord, policies: Sequence[SpdPolicy] = ()) -> None:
+        """Add both SAs of `record`, then `policies`; all or nothing."""
+        client = self.client
+        existing = self._children.get(record.id)
+        if existing is not None:
+            if existing.record == record:
+                return
+            raise AlreadyExists(f"Child SA {record.id!r} is already installed with other content")
+        try:
+            record.validate()
+        except ValueError as exc:
+            raise InvalidArgument(f"Child SA {record.id!r}: {exc}") from None
+        reqid = self._reqid_for_child(record)
+        elapsed = max(0.0, self._wall_clock() - record.created_at) if record.created_at > 0 else 0.0
+        inbound = xfrm_sa_from_association(record.inbound, reqid=reqid, elapsed=elapsed)
+        outbound = xfrm_sa_from_association(record.outbound, reqid=reqid, elapsed=elapsed)
+        for sa in (inbound, outbound):
+            if sa.id in self._sa_owner:
+                raise AlreadyExists(f"{sa.id} already belongs to Child SA {self._sa_owner[sa.id]!r}")
+        rollback = _Rollback()
+        installed_policies: list[str] = []
+        reserved = record.id in self._reqids
+        self._reqids[record.id] = reqid
+        try:
+            for sa in (inbound, outbound):
+                client.add_sa(sa)
+                rollback.done(f"add {sa.id}", partial(client.delete_sa, sa.id, mark=sa.mark))
+            for policy in policies:
+                if self._policies.get(policy.id, None) is not None and self._policies[policy.id].policy == policy:
+                    continue  # installed on its own before: it stays when the Child SA goes
+                self._install_policy(policy, rollback, default_reqid=reqid)
+                installed_policies.append(policy.id)
+        except DataplaneError as exc:
+            if not reserved:
+                self._reqids.pop(record.id, None)
+            raise _fail(exc, rollback) from exc.__cause__
+        self._children[record.id] = _InstalledChild(record, reqid, inbound, outbound, installed_policies)
+        self._sa_owner[inbound.id] = record.id
+        self._sa_owner[outbound.id] = record.id
+        self._emit(DataplaneEvent(DataplaneEventKind.INSTALLED, child_sa=record.id, spi=record.inbound.spi))
+
+    async def delete_child_sa(self, child_sa_id: str) -> None:
+        """Remove both SAs (and the policies installed with them); all or nothing."""
+        client = self.client
+        child = self._children.get(child_sa_id)
+        if child is None:
+            raise NotFound(f"Child SA {child_sa_id!r} is not installed")
+        rollback = _Rollback()
+        try:
+            for policy_id in reversed(child.policy_ids):
+                if policy_id in self._policies:
+                    self._delete_policy(policy_id, rollback)
+            for sa in (child.outbound, child.inbound):
+                if sa.id in child.gone:
+                    continue
+                try:
+                    client.delete_sa(sa.id, mark=sa.mark)
+                except NotFound:
+                    continue  # expired and removed by the kernel meanwhile
+                rollback.done(f"delete {sa.id}", partial(client.add_sa, sa))
+        except DataplaneError as exc:
+            raise _fail(exc, rollback) from exc.__cause__
+        del self._children[child_sa_id]
+        for sa in (child.inbound, child.outbound):
+            self._sa_owner.pop(sa.id, None)
+        if not any(p.policy.child_sa == child_sa_id for p in self._policies.values()):
+            self._reqids.pop(child_sa_id, None)
+        self._emit(DataplaneEvent(DataplaneEventKind.DELETED, child_sa=child_sa_id, spi=child.record.inbound.spi))
+
+    # -- policies -----------------------------------------------------------------------
+    def _reqid_for_policy(self, policy: SpdPolicy, default_reqid: int) -> int:
+        if policy.reqid:
+            return policy.reqid
+        if default_reqid:
+            return default_reqid
+        if not policy.child_sa:
+            return 0
+        if policy.child_sa not in self._reqids:
+            self._reqids[policy.child_sa] = self._allocate_reqid()
+        return self._reqids[policy.child_sa]
+
+    async def install_policy(self, policy: SpdPolicy) -> None:
+        rollback = _Rollback()
+        try:
+            self._install_policy(policy, rollback, default_reqid=0)
+        except DataplaneError as exc:
+            raise _fail(exc, rollback) from exc.__cause__
+
+    def _install_policy(self, policy: SpdPolicy, rollback: _Rollback, *, default_reqid: int) -> None:
+        client = self.client
+        previous = self._policies.get(policy.id)
+        if previous is not None and previous.policy == policy:
+            return
+        if previous is not None and default_reqid:
+            raise AlreadyExists(f"policy {policy.id!r} is already installed")
+        wanted = xfrm_policies_from_spd(policy, reqid=self._reqid_for_policy(policy, default_reqid))
+        old = {p.key: p for p in previous.kernel} if previous else {}
+        for kp in wanted:
+            owner = self._policy_owner.get(kp.key)
+            if owner is not None and owner != policy.id:
+                raise AlreadyExists(f"{kp.key} already belongs to policy {owner!r}")
+        for kp in wanted:
+            if kp.key in old:
+                client.update_policy(kp)
+                rollback.done(f"update {kp}", partial(client.update_policy, old[kp.key]))
+            else:
+                client.add_policy(kp)
+                rollback.done(f"add {kp}", partial(client.delete_policy, kp.key))
+        wanted_keys = {kp.key for kp in wanted}
+        for key, before in old.items():
+            if key not in wanted_keys:
+                with contextlib.suppress(NotFound):
+                    client.delete_policy(key)
+                    rollback.done(f"delete {key}", partial(client.add_policy, before))
+        self._commit_policy(policy, wanted, previous, rollback)
+
+    def _commit_policy(
+        self, policy: SpdPolicy, kernel: list[XfrmPolicy], previous: _InstalledPolicy | None, rollback: _Rollback
+    ) -> None:
+        """Record the new state; the rollback restores the bookkeeping too."""
+        if previous is not None:
+            for kp in previous.kernel:
+                self._policy_owner.pop(kp.key, None)
+        self._policies[policy.id] = _InstalledPolicy(policy, kernel)
+        for kp in kernel:
+            self._policy_owner[kp.key] = policy.id
+
+        def restore() -> None:
+            for kp in kernel:
+                self._policy_owner.pop(kp.key, None)
+            if previous is None:
+                self._policies.pop(policy.id, None)
+            else:
+                self._policies[policy.id] = previous
+                for kp in previous.kernel:
+                    self._policy_owner[kp.key] = policy.id
+
+        rollback.done(f"record policy {policy.id!r}", restore)
+
+    async def delete_policy(self, policy_id: str) -> None:
+        installed = self._policies.get(policy_id)
+        if installed is None:
+            raise NotFound(f"policy {policy_id!r} is not installed")
+        rollback = _Rollback()
+        try:
+            self._delete_policy(policy_id, rollback)
+        except DataplaneError as exc:
+            raise _fail(exc, rollback) from exc.__cause__
+        for child in self._children.values():
+            if policy_id in child.policy_ids:
+                child.policy_ids.remove(policy_id)
+        child_sa = installed.policy.child_sa
+        still_used = child_sa in self._children or any(p.policy.child_sa == child_sa for p in self._policies.values())
+        if child_sa and not still_used:  # drop a reqid reserved for that Child SA alone
+            self._reqids.pop(child_sa, None)
+
+    def _delete_policy(self, policy_id: str, rollback: _Rollback) -> None:
+        client = self.client
+        installed = self._policies[policy_id]
+        for kp in installed.kernel:
+            try:
+                client.delete_policy(kp.key)
+            except NotFound:
+                continue
+            rollback.done(f"delete {kp}", partial(client.add_policy, kp))
+        del self._policies[policy_id]
+        for kp in installed.kernel:
+            self._policy_owner.pop(kp.key, None)
+
+        def restore() -> None:
+            self._policies[policy_id] = installed
+            for kp in installed.kernel:
+                self._policy_owner[kp.key] = policy_id
+
+        rollback.done(f"forget policy {policy_id!r}", restore)
+
+    # -- counters and replay state ------------------------------------------------------
+    def counters(self) -> list[SaCounters]:
+        states = {state.sa.id: state for state in self.client.dump_sas()}
+        out = []
+        for child in self._children.values():
+            for direction, sa in (("in", child.inbound), ("out", child.outbound)):
+                state = states.get(sa.id)
+                if state is None:
+                    continue
+                top = state.replay.highest_received if direction == "in" else state.replay.last_sent
+                out.append(SaCounters(sa.spi, direction, state.packets, state.bytes, top))
+        return out
+
+    def _child_sa(self, child_sa_id: str, direction: str) -> XfrmSa:
+        child = self._children.get(child_sa_id)
+        if child is None:
+            raise NotFound(f"Child SA {child_sa_id!r} is not installed")
+        if direction not in ("in", "out"):
+            raise InvalidArgument(f"direction must be 'in' or 'out', not {direction!r}")
+        return child.inbound if direction == "in" else child.outbound
+
+    def replay_state(self, child_sa_id: str, direction: str) -> XfrmReplayState:
+        """Sequence numbers and replay window of one SA (XFRM_MSG_GETAE)."""
+        sa = self._child_sa(child_sa_id, direction)
+        return self.client.get_replay_state(sa.id, src=sa.src, reqid=sa.reqid)
+
+    def restore_replay_state(self, child_sa_id: str, direction: str, state: XfrmReplayState) -> None:
+        """Set sequence numbers (XFRM_MSG_NEWAE), e.g. to continue after a failover."""
+        sa = self._child_sa(child_sa_id, direction)
+        self.client.set_replay_state(sa.id, state, src=sa.src, reqid=sa.reqid, esn=sa.uses_replay_esn)
+
+    # -- sockets and interfaces ---------------------------------------------------------
+    def bypass_socket(self, sock: socket.socket, *, esp_in_udp: bool = False) -> None:
+        """Exempt an IKE socket from IPsec policies (and decapsulate ESP-in-UDP on it)."""
+        try:
+            bypass_ipsec(sock)
+            if esp_in_udp:
+                enable_esp_in_udp(sock)
+        except OSError as exc:
+            raise DataplaneError(f"cannot set IPsec bypass on socket {sock.getsockname()}: {exc}") from exc
+
+    async def add_xfrm_interface(self, name: str, if_id: int, *, link: str | None = None) -> int:
+        """Create an XFRM interface for route-based VPN; returns its ifindex."""
+        return await create_xfrm_interface(name, if_id, netns=self.netns, link=link)
+
+    async def delete_xfrm_interface(self, name: str) -> None:
+        await delete_xfrm_interface(name, netns=self.netns)
+
+    # -- events -------------------------------------------------------------------------
+    async def events(self) -> AsyncIterator[DataplaneEvent]:
+        while True:
+            event = await self._queue.get()
+            if event is None:
+                return
+            yield event
+
+    def _emit(self, event: DataplaneEvent) -> None:
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.events_dropped += 1
+            log.warning("dataplane event queue full, dropped %s", event.kind.value)
+
+    def _read_kernel_events(self) -> None:
+        if self._events_sock is None:
+            return
+        try:
+            messages = self._events_sock.receive()
+        except OSError as exc:
+            log.error("reading XFRM events failed: %s", exc)
+            return
+        for msg_type, msg in messages:
+            self.process_kernel_message(msg_type, msg)
+
+    def process_kernel_message(self, msg_type: int, msg: Any) -> None:
+        """Turn one decoded XFRM notification into events (EXPIRE, ACQUIRE; others ignored)."""
+        if msg_type == XfrmMsgType.EXPIRE:
+            self._on_expire(msg)
+        elif msg_type == XfrmMsgType.ACQUIRE:
+            self._on_acquire(msg)
+
+    def _on_expire(self, msg: Any) -> None:
+        sa = XfrmSa.from_message(msg, prefix="state_")
+        hard = bool(msg["hard"])
+        child_id = self._sa_owner.get(sa.id, "")
+        if hard and child_id:
+            self._children[child_id].gone.add(sa.id)
+        limit = _expired_limit(msg, hard)
+        kind = DataplaneEventKind.HARD_EXPIRE if hard else DataplaneEventKind.SOFT_EXPIRE
+        reason = f"{'hard' if hard else 'soft'} {limit} lifetime of {sa.id} ran out"
+        self._emit(DataplaneEvent(kind, child_sa=child_id, spi=sa.spi, reason=reason))
+
+    def _on_acquire(self, msg: Any) -> None:
+        policy = XfrmPolicy.from_message(msg, prefix="policy_")
+        flow = XfrmSelector.from_fields(msg, "sel_")
+        policy_id = self._policy_owner.get(policy.key, "")
+        reqid = policy.templates[0].reqid if policy.templates else 0
+        reason = f"acquire for {flow.saddr} -> {flow.daddr} proto {flow.proto} (reqid {reqid})"
+        self._emit(DataplaneEvent(DataplaneEventKind.ACQUIRE, policy=policy_id, reason=reason))
+
+
+def _expired_limit(msg: Any, hard: bool) -> str:
+    """Which limit ran out: bytes, packets or seconds (by comparing current use to the limits)."""
+    side = "hard" if hard else "soft"
+    if int(msg["state_curlft_bytes"]) >= int(msg[f"state_lft_{side}_byte_limit"]):
+        return "byte"
+    if int(msg["state_curlft_packets"]) >= int(msg[f"state_lft_{side}_packet_limit"]):
+        return "packet"
+    return "time"
+
+
+def _conforms_to_the_protocol(backend: KernelXfrmBackend) -> DataplaneBackend:
+    return backend  # mypy checks that KernelXfrmBackend implements DataplaneBackend
