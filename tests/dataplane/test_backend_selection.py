@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from esplanade.dataplane.backend import InvalidArgument, Unsupported
 from esplanade.dataplane.backend_selection import BackendMode, choose_backend
 from esplanade.dataplane.kernel.esp_probe import DEFAULT_REQUIRED, PROBE_NAMES, KernelEspProbe

@@ -7,9 +7,10 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Iterator
 
+from pyroute2.netns import create_socket
+
 from esplanade.dataplane.backend import DataplaneEvent, DataplaneEventKind
 from esplanade.dataplane.kernel.backend import KernelXfrmBackend
-from pyroute2.netns import create_socket
 
 
 @contextlib.asynccontextmanager

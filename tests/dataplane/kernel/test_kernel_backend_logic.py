@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 import pytest
+
 from esplanade.dataplane.backend import (
     AlreadyExists,
     DataplaneError,
@@ -26,7 +27,6 @@ from esplanade.dataplane.kernel.xfrm_sa import XfrmReplayState, XfrmSa, XfrmSaId
 from esplanade.dataplane.kernel.xfrm_selector import XfrmSelector
 from esplanade.dataplane.kernel.xfrm_socket import NetlinkHeader, decode_message
 from esplanade.ipsec.sa import ChildSaRecord, Lifetime
-
 from tests.dataplane.kernel.child_sa_builders import TRANSFORMS_BY_LABEL, Peer, child_sa_pair, protect_policies
 
 A, B = Peer("192.0.2.1", "10.1.0.1"), Peer("192.0.2.2", "10.2.0.1")

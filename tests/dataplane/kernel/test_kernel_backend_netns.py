@@ -13,6 +13,7 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+
 from esplanade.dataplane.backend import (
     AlreadyExists,
     DataplaneError,
@@ -29,7 +30,6 @@ from esplanade.dataplane.kernel.xfrm_policy import xfrm_policies_from_spd
 from esplanade.dataplane.kernel.xfrm_socket import XfrmNetlinkError
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.spd import PolicyAction, PolicyDirection, SpdPolicy
-
 from tests.dataplane.kernel.backend_harness import EventWatcher, started_backend, udp_socket_in
 from tests.dataplane.kernel.child_sa_builders import TRANSFORMS_BY_LABEL, Peer, child_sa_pair, protect_policies
 from tests.dataplane.kernel.netns_topology import PREFIX, NetnsPair, in_netns, netns, netns_pair, run

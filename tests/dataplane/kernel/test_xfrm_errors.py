@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 
 import pytest
+
 from esplanade.dataplane.backend import (
     AlreadyExists,
     DataplaneError,

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from esplanade.dataplane.kernel import xfrm_messages as xm
 from esplanade.dataplane.kernel.xfrm_socket import (
     NLM_F_ACK_TLVS,

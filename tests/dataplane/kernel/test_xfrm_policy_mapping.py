@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
 from esplanade.dataplane.backend import InvalidArgument
 from esplanade.dataplane.kernel.xfrm_messages import XfrmMode, XfrmMsgType, XfrmPolicyAction, XfrmPolicyDir
 from esplanade.dataplane.kernel.xfrm_policy import XfrmPolicy, xfrm_policies_from_spd

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
 from esplanade.dataplane.backend import InvalidArgument, Unsupported
 from esplanade.dataplane.kernel.xfrm_messages import XFRM_INF, XfrmMode, XfrmMsgType, XfrmStateFlag
 from esplanade.dataplane.kernel.xfrm_sa import XfrmEncap, XfrmSa, xfrm_sa_from_association
@@ -12,7 +13,6 @@ from esplanade.dataplane.kernel.xfrm_selector import XfrmSelector
 from esplanade.dataplane.kernel.xfrm_socket import NetlinkHeader, decode_message
 from esplanade.ipsec.sa import Lifetime, TfcPolicy
 from esplanade.ipsec.transforms import Direction, Mode
-
 from tests.dataplane.kernel.child_sa_builders import TRANSFORMS, TRANSFORMS_BY_LABEL, Peer, security_association
 
 A, B = Peer("192.0.2.1", "10.1.0.1"), Peer("192.0.2.2", "10.2.0.1")

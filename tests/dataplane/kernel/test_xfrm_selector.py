@@ -5,6 +5,9 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from esplanade.dataplane.kernel.xfrm_selector import (
     MAX_KERNEL_SELECTORS,
     SelectorError,
@@ -14,8 +17,6 @@ from esplanade.dataplane.kernel.xfrm_selector import (
     selector_matches,
 )
 from esplanade.ipsec.selectors import TrafficSelector
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 @given(st.integers(0, 65535), st.integers(0, 65535))

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Iterator
 
 import pytest
+
 from esplanade.dataplane.backend import AlreadyExists, DataplaneEventKind, NotFound
 from esplanade.dataplane.kernel.xfrm_messages import XfrmAeFlag, XfrmGroup, XfrmMsgType
 from esplanade.dataplane.kernel.xfrm_policy import xfrm_policies_from_spd
@@ -23,7 +24,6 @@ from esplanade.ipsec.sa import Lifetime
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.spd import PolicyDirection, SpdPolicy
 from esplanade.ipsec.transforms import IpProto
-
 from tests.conditions import wait_until
 from tests.dataplane.kernel.backend_harness import EventWatcher, started_backend
 from tests.dataplane.kernel.child_sa_builders import TRANSFORMS_BY_LABEL, Peer, child_sa_pair, protect_policies

@@ -12,13 +12,13 @@ import dataclasses
 from collections.abc import Iterator
 
 import pytest
+
 from esplanade.dataplane.backend import AlreadyExists, InvalidArgument, NotFound, Unsupported
 from esplanade.dataplane.kernel.xfrm_client import XfrmClient
 from esplanade.dataplane.kernel.xfrm_sa import XfrmAlgorithm, XfrmSa, xfrm_sa_from_association
 from esplanade.dataplane.kernel.xfrm_socket import XfrmNetlinkError, XfrmSocket
 from esplanade.ipsec.sa import Lifetime, TfcPolicy
 from esplanade.ipsec.transforms import Direction, Mode
-
 from tests.dataplane.kernel.child_sa_builders import TRANSFORMS, TRANSFORMS_BY_LABEL, Peer, security_association
 from tests.dataplane.kernel.netns_topology import netns
 

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
+
 from esplanade.dataplane.kernel.backend import KernelXfrmBackend
 from esplanade.ipsec.transforms import Mode
-
 from tests.conditions import wait_until
 from tests.dataplane.kernel.backend_harness import started_backend, udp_socket_in
 from tests.dataplane.kernel.child_sa_builders import TRANSFORMS_BY_LABEL, Peer, child_sa_pair, protect_policies

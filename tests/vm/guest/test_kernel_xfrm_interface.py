@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from esplanade.ipsec.selectors import TrafficSelector
 
+from esplanade.ipsec.selectors import TrafficSelector
 from tests.dataplane.kernel.backend_harness import started_backend
 from tests.dataplane.kernel.child_sa_builders import TRANSFORMS_BY_LABEL, Peer, child_sa_pair, protect_policies
 from tests.dataplane.kernel.netns_topology import NetnsPair, in_netns, ip_batch, netns_pair

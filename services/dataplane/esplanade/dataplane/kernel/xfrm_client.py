@@ -6,6 +6,8 @@ or policy, never its keys.
 
 from __future__ import annotations
 
+from pyroute2.netlink import NLM_F_REPLACE
+
 from esplanade.dataplane.backend import DataplaneError
 from esplanade.dataplane.kernel.xfrm_errors import translate
 from esplanade.dataplane.kernel.xfrm_messages import (
@@ -18,7 +20,6 @@ from esplanade.dataplane.kernel.xfrm_messages import (
 from esplanade.dataplane.kernel.xfrm_policy import XfrmPolicy, XfrmPolicyKey
 from esplanade.dataplane.kernel.xfrm_sa import XfrmReplayState, XfrmSa, XfrmSaId, XfrmSaState, aevent_id_message
 from esplanade.dataplane.kernel.xfrm_socket import XfrmNetlinkError, XfrmSocket
-from pyroute2.netlink import NLM_F_REPLACE
 
 
 class XfrmClient:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from esplanade.dataplane.backend import AlreadyExists, DataplaneError, InvalidArgument, NotFound, Unsupported
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from esplanade.dataplane.backend import AlreadyExists, DataplaneError, InvalidArgument, NotFound, Unsupported
 
 
 def _iproute(netns: str | None) -> Any:

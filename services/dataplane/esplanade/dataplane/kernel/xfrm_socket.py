@@ -24,8 +24,9 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from esplanade.dataplane.kernel.xfrm_messages import MESSAGE_CLASSES, XfrmGroup
 from pyroute2.netlink import NETLINK_XFRM, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, nlmsg
+
+from esplanade.dataplane.kernel.xfrm_messages import MESSAGE_CLASSES, XfrmGroup
 
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
