@@ -34,7 +34,10 @@ docs: $(STAMP) chart-docs
 chart-docs: $(STAMP)
 	$(BIN)/python scripts/chart_values_table.py
 
-test: system-packages venv lint
+vm-kernel:
+	./tests/vm/setup_vm.sh
+
+test: system-packages vm-kernel venv lint
 	$(BIN)/pytest
 
 demo: system-packages venv

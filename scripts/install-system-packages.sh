@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
   # build and run
-  python3-venv python3-dev gcc make libssl-dev
+  python3-venv python3-dev gcc make libssl-dev libc6-dev linux-libc-dev procps
   # the state store (tests start their own etcd on free loopback ports)
   etcd-server etcd-client
   # the interop peer: strongSwan 5.9.8 with kernel-libipsec (userspace ESP over TUN)
