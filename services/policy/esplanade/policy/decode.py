@@ -104,12 +104,8 @@ def parse_dns_name(text: str) -> str | None:
 
 def parse_destination(text: str) -> Destination:
     looks_like_address = "/" in text or ":" in text or all(c.isdigit() or c == "." for c in text)
-    if looks_like_address:
-        try:
-            return Destination(network=parse_network(text))
-        except ValueError as exc:
-            if "host bits" in str(exc):
-                raise
+    if looks_like_address:  # not a DNS name either: say what is wrong with the address
+        return Destination(network=parse_network(text))
     name = parse_dns_name(text)
     if name is None:
         raise ValueError(f"destination '{text}' is neither an IP address, a CIDR nor a DNS name")

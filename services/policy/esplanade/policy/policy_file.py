@@ -44,6 +44,7 @@ from esplanade.policy.validation import validate_model
 FORMAT_VERSION = 1
 TOP_LEVEL_FIELDS = ("version", *KINDS)
 MAX_NODES = 2_000_000
+ALIAS_PROBLEM = "anchors and aliases are not supported"
 
 Location = tuple[int, int]
 
@@ -61,7 +62,7 @@ class _Tree:
         mark = node.start_mark
         self.values[path] = (mark.line + 1, mark.column + 1)
         if id(node) in self._seen:
-            self.problems.append(Problem(path, "anchors and aliases are not supported", mark.line + 1, mark.column + 1))
+            self.problems.append(Problem(path, ALIAS_PROBLEM, mark.line + 1, mark.column + 1))
             return None
         self._seen.add(id(node))
         if len(self._seen) > MAX_NODES:
@@ -119,6 +120,9 @@ def load_policy_yaml(text: str) -> Model:
     except _TooLarge as exc:
         raise PolicyError([exc.problem]) from None
     problems = tree.problems
+    if any(p.message == ALIAS_PROBLEM for p in problems):
+        # An alias stands for a whole subtree; without it the rest would only add noise.
+        raise PolicyError(sorted(problems, key=lambda p: (p.line, p.column)))
 
     def report(path: Path, message: str, at_key: bool = False) -> None:
         problems.append(Problem(path, message, *tree.locate(path, at_key)))

@@ -118,20 +118,31 @@ def _fill_smallest_gaps(merged: dict[int, list[tuple[int, int]]], limit: int) ->
 
 
 def routes(selectors: Iterable[TrafficSelector], limit: int = 0) -> list[IPNetwork]:
-    """The CIDR blocks covering every selector's addresses; at most `limit` (0: no limit)."""
+    """The CIDR blocks covering every selector's addresses; at most `limit` (0: no limit).
+
+    Over the limit, each address range becomes its smallest covering block, and then the
+    ranges with the smallest gaps between them are joined, one at a time, until it fits.
+    """
     ranges: dict[int, list[tuple[int, int]]] = {}
     for ts in selectors:
         ranges.setdefault(ts.version, []).append((int(ts.start_addr), int(ts.end_addr)))
     merged = {version: merge_ranges(r) for version, r in ranges.items()}
+    nets = _cidrs(merged)
+    if not limit or len(nets) <= limit:
+        return nets
     while True:
-        nets = _cidrs(merged)
-        if not limit or len(nets) <= limit:
-            return nets
-        if all(len(r) == 1 for r in merged.values()):
-            return _supernets(merged)
-        # Close half of the remaining gaps (at least one) and try again.
-        total = sum(len(r) for r in merged.values())
-        merged = _fill_smallest_gaps(merged, max(len(merged), total - max(1, (total - len(merged) + 1) // 2)))
+        blocks = {version: merge_ranges(_block(version, lo, hi) for lo, hi in r) for version, r in merged.items()}
+        count = sum(len(r) for r in blocks.values())
+        if count <= max(limit, len(blocks)):
+            return _cidrs(blocks)
+        merged = _fill_smallest_gaps(blocks, count - 1)
+
+
+def _block(version: int, lo: int, hi: int) -> tuple[int, int]:
+    """The smallest CIDR block holding [lo, hi], as a range."""
+    host_bits = (lo ^ hi).bit_length()
+    mask = (1 << host_bits) - 1
+    return lo & ~mask, (lo & ~mask) | mask
 
 
 def _cidrs(merged: dict[int, list[tuple[int, int]]]) -> list[IPNetwork]:
@@ -140,13 +151,3 @@ def _cidrs(merged: dict[int, list[tuple[int, int]]]) -> list[IPNetwork]:
         for lo, hi in merged[version]:
             nets.extend(ipaddress.summarize_address_range(make_address(version, lo), make_address(version, hi)))
     return nets
-
-
-def _supernets(merged: dict[int, list[tuple[int, int]]]) -> list[IPNetwork]:
-    out: list[IPNetwork] = []
-    for version in sorted(merged):
-        for lo, hi in merged[version]:
-            bits = 32 if version == 4 else 128
-            prefix = bits - (lo ^ hi).bit_length()
-            out.append(ipaddress.ip_network((make_address(version, lo), prefix), strict=False))
-    return out
