@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from esplanade.ipsec.selectors import TrafficSelector
-from esplanade.policy.selector_sets import coarsen, routes, selectors_from_spans, span_of
+from esplanade.policy.selector_sets import coarsen, routes, selector_of, selector_text, selectors_from_spans, span_of
+from esplanade.policy.spans import Span
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def ts(*texts: str) -> list[TrafficSelector]:
@@ -54,3 +57,25 @@ def test_routes_are_cidrs_and_fit_the_limit() -> None:
     assert [str(n) for n in routes(sel, limit=3)] == ["10.0.0.0/29", "10.0.2.0/24", "fd00::/64"]
     assert [str(n) for n in routes(sel, limit=2)] == ["10.0.0.0/22", "fd00::/64"]
     assert [str(n) for n in routes(sel, limit=1)] == ["10.0.0.0/22", "fd00::/64"]  # one per IP version at least
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from([4, 6]),
+    st.integers(0, 2**128 - 1),
+    st.integers(0, 2**20),
+    st.sampled_from([0, 1, 6, 17, 47, 58, 132]),
+    st.integers(0, 65535),
+    st.integers(0, 65535),
+    st.booleans(),
+)
+def test_selector_text_is_the_selectors_own_text(
+    version: int, start: int, length: int, proto: int, p1: int, p2: int, any_port: bool
+) -> None:
+    bits = 32 if version == 4 else 128
+    lo = start % (1 << bits)
+    hi = min(lo + length, (1 << bits) - 1)
+    plo, phi = (0, 65535) if any_port or proto == 0 else (min(p1, p2), max(p1, p2))
+    span = Span(version, lo, hi, proto, plo, phi)
+    assert selector_text(span) == str(selector_of(span))
+    assert span_of(TrafficSelector.parse(selector_text(span))) == span

@@ -71,9 +71,21 @@ class CompiledPart:
         return doc
 
 
-def parts_digest(parts: Sequence[CompiledPart], unresolved: Sequence[str]) -> str:
-    body = {"parts": [p.to_document() for p in parts], "unresolved": list(unresolved)}
+def parts_digest(part_documents: Sequence[dict[str, Any]], unresolved: Sequence[str]) -> str:
+    body = {"parts": list(part_documents), "unresolved": list(unresolved)}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def compiled_document(
+    identity: str, part_documents: list[dict[str, Any]], unresolved: Sequence[str], digest: str
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "identity": identity,
+        "digest": digest,
+        "parts": part_documents,
+        "unresolved": list(unresolved),
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +97,9 @@ class CompiledPolicy:
 
     # -- the document ---------------------------------------------------------------------
     def to_document(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "identity": self.identity,
-            "digest": self.digest or parts_digest(self.parts, self.unresolved),
-            "parts": [p.to_document() for p in self.parts],
-            "unresolved": list(self.unresolved),
-        }
+        parts = [p.to_document() for p in self.parts]
+        digest = self.digest or parts_digest(parts, self.unresolved)
+        return compiled_document(self.identity, parts, self.unresolved, digest)
 
     @classmethod
     def from_document(cls, doc: Any) -> CompiledPolicy:
@@ -128,8 +136,8 @@ class CompiledPolicy:
         """Split-tunnel routes (INTERNAL_IP4_SUBNET / INTERNAL_IP6_SUBNET): addresses only."""
         return routes((ts for p in self.connect_parts(facts) for ts in p.selectors), limit)
 
-    def packet_filter(self, facts: ConnectFacts) -> PacketFilter:
-        """The dataplane filter for this identity's SAs of one connection."""
+    def packet_filter(self, facts: ConnectFacts, now: float | None = None) -> PacketFilter:
+        """The dataplane filter for this identity's SAs of one connection (`now`: see `PacketFilter`)."""
         static: list[TrafficSelector] = []
         timed: list[TimedPart] = []
         for part in self.connect_parts(facts):
@@ -138,4 +146,4 @@ class CompiledPolicy:
                 static.extend(part.selectors)
             else:
                 timed.append(TimedPart(part.selectors, window.contains))
-        return PacketFilter(static, timed)
+        return PacketFilter(static, timed, now)

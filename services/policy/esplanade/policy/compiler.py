@@ -32,10 +32,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from esplanade.policy.compiled import CompiledPart, CompiledPolicy, parts_digest
+from esplanade.policy.compiled import CompiledPolicy, compiled_document, parts_digest
+from esplanade.policy.decode import conditions_to_document
 from esplanade.policy.evaluator import AccessIndex, CheckContext, Decision, FiveTuple, Grant, deny_unknown_identity
 from esplanade.policy.model import KIND_OF, Conditions, Identity, IPAddress, Model, PolicyObject, Resource, Rule
-from esplanade.policy.selector_sets import selectors_from_spans
+from esplanade.policy.selector_sets import merged_spans, selector_text
 from esplanade.policy.spans import Span, resource_spans
 from esplanade.store import schema
 
@@ -76,7 +77,7 @@ class CompileResult:
 @dataclass(slots=True)
 class _AccessClass:
     index: AccessIndex
-    parts: tuple[CompiledPart, ...]
+    part_documents: list[dict[str, Any]]  # shared by every member's document: read-only
     unresolved: tuple[str, ...]
     digest: str
     members: set[str] = field(default_factory=set)
@@ -299,26 +300,28 @@ class PolicyCompiler:
                 for span in spans:
                     grants.append((span, Grant(rule_id, resource_id, span.proto, span.plo, span.phi, conditions)))
                 part_spans.extend(spans)
-        parts: list[CompiledPart] = []
+        part_documents: list[dict[str, Any]] = []
         for conditions, (part_rules, part_spans) in sorted(
             by_conditions.items(), key=lambda item: (not item[0].empty, item[1][0][0])
         ):
-            parts.append(CompiledPart(tuple(part_rules), conditions, tuple(selectors_from_spans(part_spans))))
+            doc: dict[str, Any] = {"rules": part_rules}
+            if not conditions.empty:
+                doc["when"] = conditions_to_document(conditions)
+            doc["selectors"] = [selector_text(span) for span in merged_spans(part_spans)]
+            part_documents.append(doc)
         unresolved_ids = tuple(sorted(unresolved))
-        return _AccessClass(
-            AccessIndex.build(grants), tuple(parts), unresolved_ids, parts_digest(parts, unresolved_ids)
-        )
+        digest = parts_digest(part_documents, unresolved_ids)
+        return _AccessClass(AccessIndex.build(grants), part_documents, unresolved_ids, digest)
 
     def _document(self, identity_id: str, access: _AccessClass) -> dict[str, Any]:
-        return CompiledPolicy(identity_id, access.parts, access.unresolved, access.digest).to_document()
+        return compiled_document(identity_id, access.part_documents, access.unresolved, access.digest)
 
     # -- reading it ---------------------------------------------------------------------------
     def compiled(self, identity_id: str) -> CompiledPolicy | None:
         key = self._class_of.get(identity_id)
         if key is None:
             return None
-        access = self._classes[key]
-        return CompiledPolicy(identity_id, access.parts, access.unresolved, access.digest)
+        return CompiledPolicy.from_document(self._document(identity_id, self._classes[key]))
 
     def documents(self) -> dict[str, dict[str, Any]]:
         """Every identity's compiled document (for a full resync of the store)."""

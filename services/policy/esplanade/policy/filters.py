@@ -121,12 +121,17 @@ class PacketFilter:
 
     __slots__ = ("_active_key", "_refresh_at", "_static", "_table", "_timed")
 
-    def __init__(self, static: Iterable[TrafficSelector], timed: Sequence[TimedPart] = ()) -> None:
+    def __init__(
+        self, static: Iterable[TrafficSelector], timed: Sequence[TimedPart] = (), now: float | None = None
+    ) -> None:
+        """`now` (wall clock), if given, opens the timed parts due now at once, not at the first packet."""
         self._static = list(static)
         self._timed = list(timed)
         self._active_key: tuple[bool, ...] | None = None
         self._table = SelectorTable(self._static)
         self._refresh_at = -math.inf if self._timed else math.inf
+        if now is not None:
+            self.handle_timer(now)
 
     def allows(self, version: int, dst: int, proto: int, port: int, now: float) -> bool:
         if now >= self._refresh_at:

@@ -48,6 +48,10 @@ ALIAS_PROBLEM = "anchors and aliases are not supported"
 
 Location = tuple[int, int]
 
+# libyaml's composer and emitter when PyYAML was built with it (both keep node marks).
+_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_DUMPER: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
 
 class _Tree:
     """A YAML node tree as plain data (str/None scalars, dicts, lists) plus node locations."""
@@ -105,7 +109,7 @@ class _TooLarge(Exception):
 def load_policy_yaml(text: str) -> Model:
     """Parse and validate a whole policy file; raise `PolicyError` with every problem, by line."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_LOADER)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
@@ -190,5 +194,5 @@ def export_policy_yaml(model: Model) -> str:
     data: dict[str, Any] = {"version": FORMAT_VERSION}
     for kind in KINDS:
         data[kind] = [object_to_document(obj) for obj in model.kind(kind).values()]
-    body = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True, width=120)
+    body = yaml.dump(data, Dumper=_DUMPER, sort_keys=False, default_flow_style=None, allow_unicode=True, width=120)
     return "# Esplanade access policy. Apply with a dry-run first: every change is listed.\n" + body

@@ -38,6 +38,41 @@ def selector_of(span: Span) -> TrafficSelector:
 
 
 def selectors_from_spans(spans: Iterable[Span]) -> list[TrafficSelector]:
+    return [selector_of(s) for s in merged_spans(spans)]
+
+
+_PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp"}  # as TrafficSelector prints them
+
+
+def selector_text(span: Span) -> str:
+    """``str(selector_of(span))``, without building the selector (the compiler writes thousands)."""
+    lo, hi = span.lo, span.hi
+    size = hi - lo + 1
+    if version_is_4 := span.version == 4:
+        start = f"{lo >> 24}.{(lo >> 16) & 255}.{(lo >> 8) & 255}.{lo & 255}"
+    else:
+        start = str(ipaddress.IPv6Address(lo))
+    if size & (size - 1) == 0 and lo & (size - 1) == 0:
+        addr = f"{start}/{(32 if version_is_4 else 128) - size.bit_length() + 1}"
+    elif version_is_4:
+        addr = f"{start}-{hi >> 24}.{(hi >> 16) & 255}.{(hi >> 8) & 255}.{hi & 255}"
+    else:
+        addr = f"{start}-{ipaddress.IPv6Address(hi)}"
+    any_port = span.plo == 0 and span.phi == MAX_PORT
+    if span.proto == ANY_PROTOCOL and any_port:
+        return addr
+    proto = _PROTOCOL_NAMES.get(span.proto, str(span.proto)) if span.proto else ""
+    if any_port:
+        port = ""
+    elif span.plo == span.phi:
+        port = str(span.plo)
+    else:
+        port = f"{span.plo}-{span.phi}"
+    return f"{addr}[{proto}/{port}]"
+
+
+def merged_spans(spans: Iterable[Span]) -> list[Span]:
+    """The exact union of `spans` as few, sorted spans (see the module doc)."""
     by_key: dict[tuple[int, int], list[tuple[int, int, tuple[int, int]]]] = {}
     for s in spans:
         by_key.setdefault((s.version, s.proto), []).append((s.lo, s.hi, (s.plo, s.phi)))
@@ -56,7 +91,7 @@ def selectors_from_spans(spans: Iterable[Span]) -> list[TrafficSelector]:
                     continue  # an any-protocol selector already covers it
             out.extend(Span(version, lo, hi, proto, plo, phi) for plo, phi in ports)
     out.sort()
-    return [selector_of(s) for s in out]
+    return out
 
 
 def compact_segments(
