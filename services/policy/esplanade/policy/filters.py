@@ -136,7 +136,20 @@ class PacketFilter:
     def allows(self, version: int, dst: int, proto: int, port: int, now: float) -> bool:
         if now >= self._refresh_at:
             self.handle_timer(now)
-        return self._table.allows(version, dst, proto, port)
+        # SelectorTable.allows, inlined: this runs once per packet.
+        tables = self._table._tables
+        table = tables.get((version << 8) | proto) or tables.get(version << 8)
+        if table is None:
+            return False
+        starts, segments = table
+        segment = segments[bisect_right(starts, dst) - 1]
+        if segment is None:
+            return False
+        if segment is ANY_PORT or port < 0:
+            return True
+        los, his = segment  # type: ignore[misc]
+        j = bisect_right(los, port) - 1
+        return j >= 0 and port <= his[j]
 
     def allows_packet(self, packet: bytes | bytearray | memoryview, now: float) -> bool:
         """Parse an inner IPv4/IPv6 packet and check it; a malformed packet is not allowed."""
