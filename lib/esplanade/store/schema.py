@@ -19,11 +19,12 @@ config/certs/<id>                       certificate (PEM) and sealed private key
 config/cas/<id>                         CA certificate (PEM)
 config/crls/<id>                        CRL (PEM/DER, base64)
 policy/identities/<id>                  user or device, bound to IKE identities
-policy/groups/<id>                      group and its members
+policy/groups/<id>                      group (members: each identity lists its groups)
 policy/resources/<id>                   host/CIDR/DNS, protocol, ports, fronting site
 policy/sites/<id>                       site or connector
 policy/rules/<id>                       access rule: groups -> resources, conditions
 policy/compiled/<identity>              compiled selectors and dataplane filters
+                                        (format: esplanade.policy.compiled)
 sas/child/<child_sa_id>                 `ChildSaRecord`: inbound + outbound SA, sealed keys
 sas/ike/<ike_sa_id>                     IKE SA state for takeover by another instance
 spd/<policy_id>                         `SpdPolicy`
