@@ -10,6 +10,8 @@ import ipaddress
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from hypothesis import strategies as st
+
 from esplanade.policy.evaluator import CheckContext, FiveTuple
 from esplanade.policy.model import (
     Conditions,
@@ -25,7 +27,6 @@ from esplanade.policy.model import (
     Site,
     TimeWindow,
 )
-from hypothesis import strategies as st
 
 V4_BASE = int(ipaddress.IPv4Address("10.0.0.0"))
 V6_BASE = int(ipaddress.IPv6Address("fd00::"))

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import replace
 
 import pytest
+
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.policy.compiled import CompiledDocumentError, CompiledPolicy
 from esplanade.policy.compiler import PolicyCompiler, Removal

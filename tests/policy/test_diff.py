@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import replace
 
 import pytest
+
 from esplanade.policy.decode import object_from_document
 from esplanade.policy.diff import (
     ChangeAction,

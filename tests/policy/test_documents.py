@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+
 from esplanade.policy.decode import encode_document, object_from_document, object_to_document
 from esplanade.policy.model import KIND_OF
 from esplanade.policy.policy_file import load_policy_yaml
 from esplanade.policy.problems import PolicyError
-
 from tests.policy.test_diff import CURRENT
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from esplanade.policy.compiled import CompiledPolicy
 from esplanade.policy.compiler import PolicyCompiler
 from esplanade.policy.evaluator import CheckContext
 from esplanade.policy.model import Conditions, Model, Rule, TimeWindow
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from tests.policy.reference_evaluator import in_window, reference_check
 from tests.policy.strategies import (
     IDENTITIES,

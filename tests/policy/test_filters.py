@@ -5,11 +5,12 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from esplanade.ipsec.selectors import TrafficSelector
-from esplanade.policy.filters import DENY_ALL, PacketFilter, SelectorTable, TimedPart, parse_inner_packet
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.packet import Raw
+
+from esplanade.ipsec.selectors import TrafficSelector
+from esplanade.policy.filters import DENY_ALL, PacketFilter, SelectorTable, TimedPart, parse_inner_packet
 
 
 def ip(text: str) -> int:

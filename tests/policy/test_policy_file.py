@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+
 from esplanade.policy.model import Model
 from esplanade.policy.policy_file import export_policy_yaml, load_policy_yaml
 from esplanade.policy.problems import PolicyError

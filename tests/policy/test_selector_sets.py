@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.policy.selector_sets import coarsen, routes, selector_of, selector_text, selectors_from_spans, span_of
 from esplanade.policy.spans import Span
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def ts(*texts: str) -> list[TrafficSelector]:

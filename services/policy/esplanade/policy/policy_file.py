@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 import yaml
+
 from esplanade.policy.decode import decode_partial_object, object_to_document, unknown_field_message
 from esplanade.policy.model import KINDS, SINGULAR, Model
 from esplanade.policy.problems import Path, PolicyError, Problem
