@@ -154,6 +154,9 @@ class UserspaceDatapath:
                 self.report.notes.append(f"TUNSETOFFLOAD {features.tun_offload!r} failed: {exc}; offloads off")
                 self.device.set_offload(type(features.tun_offload)(0))
         self.features = features
+        if int(features.tun_offload):
+            for queue in self.device.queues:  # super-packets: up to 64 KiB per read
+                queue.set_read_size(MAX_FRAME)
 
         with LinkConfigurator() as links:
             links.configure_tun(

@@ -87,6 +87,7 @@ class LoopCounters:
     tun_frames_written: int = 0
     handed_off_out: int = 0
     handed_off_in: int = 0
+    super_frames_split: int = 0  # TUN offloads on: super-packets or partial checksums finished here
     errors: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, object]:
@@ -101,6 +102,7 @@ class LoopCounters:
             "tun_frames_written": self.tun_frames_written,
             "handed_off_out": self.handed_off_out,
             "handed_off_in": self.handed_off_in,
+            "super_frames_split": self.super_frames_split,
             "errors": dict(self.errors),
         }
 
@@ -133,6 +135,7 @@ class DatapathLoop:
                     packets.append(frame[VNET_HDR_LEN:])
                 else:
                     packets.extend(split_super_packet(header, frame[VNET_HDR_LEN:]))
+                    self.counters.super_frames_split += 1
             except (VnetHeaderError, SegmentationError):
                 self.counters.errors["tun_frame_malformed"] += 1
         return packets
