@@ -36,8 +36,11 @@ def passthrough_pair_routes(
 
 
 class DatapathProcess:
-    def __init__(self, node: Node, workdir: Path, settings: dict[str, Any], **extra: Any) -> None:
+    def __init__(
+        self, node: Node, workdir: Path, settings: dict[str, Any], *, env: dict[str, str] | None = None, **extra: Any
+    ) -> None:
         self.node = node
+        self.env = env
         self.workdir = workdir
         self.status_path = workdir / f"{node.name}-status.json"
         self.log_path = workdir / f"{node.name}-datapath.log"
@@ -54,7 +57,9 @@ class DatapathProcess:
         self.config_path.write_text(json.dumps(self.config, indent=1))
         self.status_path.unlink(missing_ok=True)
         log = self.log_path.open("w")
-        self.proc = self.node.popen([sys.executable, "-m", RUNNER, str(self.config_path)], stdout=log, stderr=log)
+        self.proc = self.node.popen(
+            [sys.executable, "-m", RUNNER, str(self.config_path)], stdout=log, stderr=log, env=self.env
+        )
         wait_until(self._ready, timeout=timeout, what=f"datapath in {self.node.name} up ({self.log_path})")
         return self
 

@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
             if status_path is not None:
                 _write_status(status_path, datapath.status())
             failed = datapath.failed_workers()
-            if failed:
+            if failed and not stopping:  # during a stop, SIGTERM to the process group ends workers too
                 log.error("workers %s died; stopping every worker (fail closed)", failed)
                 code = 1
                 break

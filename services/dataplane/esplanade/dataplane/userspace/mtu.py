@@ -307,6 +307,8 @@ class MssClamp:
             if len(packet) < 40:
                 continue
             b0 = packet[0]
+            if b0 == 0x45 and (packet[9] != 6 or not packet[33] & 0x02):
+                continue  # the common case first: IPv4 without options, not a TCP SYN
             if b0 >> 4 == 4:
                 if packet[9] != 6 or packet[6] & 0x1F or packet[7]:
                     continue

@@ -76,15 +76,18 @@ class PassThroughTransform:
         self._sas = {r.spi_out: _OutboundSa(r) for r in routes}
         self.routes = [(ipaddress.ip_network(r.network), self._sas[r.spi_out]) for r in routes]
         self.routes.sort(key=lambda item: item[0].prefixlen, reverse=True)
-        self.inbound_spis = {r.spi_in for r in routes}
+        self._inbound: dict[int, list[int]] = {r.spi_in: [0] for r in routes}  # SPI -> [packets]
         self._owner_by_out = {r.spi_out: r.spi_in % self.context.count for r in routes}
         self._cache: dict[bytes, _OutboundSa | None] = {}
-        self.packets_in: Counter[int] = Counter()
         self.drops: Counter[str] = Counter()
 
     @property
     def packets_out(self) -> dict[int, int]:
         return {sa.spi: sa.packets for sa in self._sas.values() if sa.packets}
+
+    @property
+    def packets_in(self) -> dict[int, int]:
+        return {spi: count[0] for spi, count in self._inbound.items() if count[0]}
 
     def _route(self, packet: bytes) -> _OutboundSa | None:
         version = packet[0] >> 4 if packet else 0
@@ -125,15 +128,16 @@ class PassThroughTransform:
 
     def inbound_batch(self, datagrams: Sequence[Datagram], now: float) -> list[bytes]:
         out: list[bytes] = []
-        known = self.inbound_spis
-        counts = self.packets_in
+        append = out.append
+        known = self._inbound
+        unpack = _HEADER.unpack_from
         for _endpoint, payload in datagrams:
-            spi = int.from_bytes(payload[:4], "big")
-            if spi not in known:
+            counter = known.get(unpack(payload)[0]) if len(payload) >= 8 else None
+            if counter is None:
                 self.drops["unknown_spi"] += 1
                 continue
-            counts[spi] += 1
-            out.append(payload[8:])
+            counter[0] += 1
+            append(payload[8:])
         return out
 
     def get_timer(self) -> float | None:

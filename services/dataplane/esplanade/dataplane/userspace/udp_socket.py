@@ -198,10 +198,15 @@ class EspUdpSocket:
                     segment = _INT.unpack_from(data)[0] or nbytes
             if segment >= nbytes:
                 self._classify(endpoint, bytes(view[:nbytes]), out)
-            else:
-                self.counters["gro_batches"] += 1
-                for offset in range(0, nbytes, segment):
-                    self._classify(endpoint, bytes(view[offset : min(offset + segment, nbytes)]), out)
+                continue
+            self.counters["gro_batches"] += 1
+            append = out.append
+            for offset in range(0, nbytes, segment):
+                payload = bytes(view[offset : min(offset + segment, nbytes)])
+                if len(payload) >= MIN_ESP_BYTES and not payload.startswith(NON_ESP_MARKER):
+                    append((endpoint, payload))  # the common case, inline
+                else:
+                    self._classify(endpoint, payload, out)
         return out
 
     def _classify(self, endpoint: Endpoint, payload: bytes, out: list[Datagram]) -> None:

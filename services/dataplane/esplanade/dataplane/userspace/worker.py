@@ -101,13 +101,23 @@ class WorkerHandle:
 PartsBuilder = Callable[[WorkerContext, socket.socket, Mailbox | None], LoopParts]
 
 
+class WorkerStopped(Exception):
+    """SIGTERM reached a worker (its process group or cgroup is being stopped): leave the loop cleanly."""
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise WorkerStopped
+
+
 def _child_main(build: PartsBuilder, context: WorkerContext, control: socket.socket, mailbox: Mailbox | None) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops us in order
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     try:
         parts = build(context, control, mailbox)
         DatapathLoop(parts).run()
+        return 0
+    except WorkerStopped:
         return 0
     except Exception:
         log.exception("worker %d failed", context.index)

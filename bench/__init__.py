@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.throughput` (see its docstring). Results are JSON records."""
