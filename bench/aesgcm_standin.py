@@ -61,7 +61,13 @@ class AesGcmStandInTransform:
         self.packets_out = 0
 
     def _sa_for(self, packet: bytes) -> _Sa | None:
-        dst = packet[16:20] if packet[0] >> 4 == 4 else packet[24:40]
+        version = packet[0] >> 4 if packet else 0
+        if version == 4 and len(packet) >= 20:
+            dst = packet[16:20]
+        elif version == 6 and len(packet) >= 40:
+            dst = packet[24:40]
+        else:
+            return None
         sa = self.cache.get(dst, False)
         if sa is False:
             address = ipaddress.ip_address(dst)
@@ -73,7 +79,7 @@ class AesGcmStandInTransform:
         out: list[Datagram] = []
         pack = _HEADER.pack
         for packet in packets:
-            sa = self._sa_for(packet) if len(packet) >= 40 else None
+            sa = self._sa_for(packet)
             if sa is None:
                 self.drops["no_sa"] += 1
                 continue

@@ -218,3 +218,25 @@ def test_each_sa_stays_on_its_owner_worker(tmp_path: Path) -> None:
                 assert all(w["loop"]["packets_out"] > 0 for w in workers), "both workers carried traffic"
         finally:
             assert (pa.stop(), pb.stop()) == (0, 0)
+
+
+@pytest.mark.parametrize(("outer", "workers"), [("udp", 1), ("raw", 2)])
+def test_ipv6_outer_network(tmp_path: Path, outer: str, workers: int) -> None:
+    """ESP over an IPv6 underlay, inner IPv4: ESP-in-UDP on a dual-stack socket, and plain ESP with SPI filters."""
+    with Topology(PREFIX, 2) as topo:
+        a, b = topo.nodes
+        port = 0 if outer == "raw" else 4500
+        route_a = {"network": b.site_net, "endpoint": [b.underlay_addr6, port], "spi_out": 0x1001, "spi_in": 0x2002}
+        route_b = {"network": a.site_net, "endpoint": [a.underlay_addr6, port], "spi_out": 0x2002, "spi_in": 0x1001}
+        common = {"outer": outer, "workers": workers, "bind_address": "::"}
+        pa = DatapathProcess(a, tmp_path, _settings(a, b, routes=[b.site_net], **common), routes=[route_a])
+        pb = DatapathProcess(b, tmp_path, _settings(b, a, routes=[a.site_net], **common), routes=[route_b])
+        try:
+            pa.start()
+            pb.start()
+            _assert_traffic(topo)
+            status = pa.fresh_status()
+            overhead = 40 + (8 if outer == "udp" else 0) + 8
+            assert status["sizes"]["inner_mtu"] == 1500 - overhead
+        finally:
+            assert (pa.stop(), pb.stop()) == (0, 0)

@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from esplanade.dataplane.userspace.handoff import Mailbox, mailbox_pairs
@@ -80,7 +80,6 @@ class DatapathSettings:
     pin_cpus: bool = False
     icmp_rate: float = 100.0
     diagnostic_transform: bool = False  # must be set to run a test-only transform (pass-through)
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -124,10 +123,12 @@ class UserspaceDatapath:
         if s.workers < 1:
             raise ValueError("at least one worker")
         ipaddress.ip_address(s.bind_address)
+        # one throw-away instance tells the overhead (and whether it is a test-only transform)
         probe = self.transform_factory(WorkerContext(0, s.workers))
         if getattr(probe, "diagnostic_only", False) and not s.diagnostic_transform:
             raise ValueError("a diagnostic transform needs diagnostic_transform=True; it protects nothing")
         overhead = probe.esp_overhead()
+        del probe
         outer_v6 = ipaddress.ip_address(s.bind_address).version == 6
         inner = inner_mtu(s.path_mtu, opaque_overhead(overhead, s.outer is OuterKind.UDP, outer_v6))
         tun_mtu = s.tun_mtu or inner

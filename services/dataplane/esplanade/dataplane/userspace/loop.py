@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 64
 IDLE_WAKEUP = 1.0  # longest epoll sleep; timers are honoured sooner
-CONTROL_MESSAGE_MAX = 1 << 20
+CONTROL_MESSAGE_MAX = 1 << 20  # replies (status) can be large; the parent reads with this size
+CONTROL_REQUEST_MAX = 1 << 16  # requests are small: no 1 MiB allocation on every status poll
 
 
 @dataclass(slots=True)
@@ -336,7 +337,7 @@ class DatapathLoop:
         if control is None:
             return
         try:
-            raw = control.recv(CONTROL_MESSAGE_MAX)
+            raw = control.recv(CONTROL_REQUEST_MAX)
         except BlockingIOError:
             return
         except OSError:

@@ -85,7 +85,7 @@ class EspUdpSocket:
         self._buf = bytearray(65536)
         self._view = memoryview(self._buf)
         v6 = sock.family == socket.AF_INET6
-        self._max_total = MAX_UDP_PAYLOAD - (20 if v6 else 0)
+        self._max_total = MAX_UDP_PAYLOAD + (20 if v6 else 0)  # the IPv6 payload length excludes its header
 
     # -- set-up ---------------------------------------------------------------------------
     @classmethod

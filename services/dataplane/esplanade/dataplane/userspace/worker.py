@@ -37,8 +37,9 @@ needs an eBPF loader and an SPD mirror in a BPF map, so it is left for the compi
 Processes
 ---------
 The parent creates the TUN queues and the sockets in worker order, then forks. Each child
-keeps its own queue, socket, mailbox and control channel, builds its transform (keys exist
-only there), optionally pins itself to a CPU, and runs `loop.DatapathLoop`. The parent keeps
+keeps its own queue, socket, mailbox and control channel, builds its own transform (its SA
+state: sequence counters, replay windows, cipher contexts), optionally pins itself to a CPU,
+and runs `loop.DatapathLoop`. The parent keeps
 the TUN device alive, answers status by asking every worker, and stops them all when one
 dies (fail closed: a dead owner would black-hole its SAs).
 """
