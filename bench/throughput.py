@@ -1,7 +1,7 @@
 """Throughput, small-packet rate and added latency: bare veth vs Esplanade's userspace datapath vs strongSwan.
 
     python -m bench.throughput [--seconds 5] [--only bare,esplanade-aes128gcm16,...] [--output FILE]
-                               [--workers 1] [--parallel 1]
+                               [--workers 1] [--parallel 1] [--realtime PRIO]
 
 Every scenario gets a fresh two-namespace test bed (tests/netns_topology.py: veth underlay,
 site address on lo) and measures, in one run, side by side:
@@ -162,7 +162,7 @@ def _keymat(bits: int, label: str) -> str:
     return seed.hex()
 
 
-def run_esplanade(scenario: str, seconds: int, parallel: int, workers: int, workdir: Path) -> Result:
+def run_esplanade(scenario: str, seconds: int, parallel: int, workers: int, workdir: Path, realtime: int = 0) -> Result:
     result = Result(scenario)
     with Topology(PREFIX, 2) as topo:
         a, b = topo.nodes
@@ -185,7 +185,7 @@ def run_esplanade(scenario: str, seconds: int, parallel: int, workers: int, work
                 "standin_routes": [{**route_b, "keymat_out": k_ba, "keymat_in": k_ab}],
             }
             env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
-        settings = {"tun_name": "esp0", "workers": workers}
+        settings = {"tun_name": "esp0", "workers": workers, "realtime_priority": realtime}
         pa = DatapathProcess(
             a, workdir, {**settings, "routes": [b.site_net], "route_source_v4": a.site_addr}, env=env, **extra_a
         )
@@ -213,7 +213,7 @@ def run_esplanade(scenario: str, seconds: int, parallel: int, workers: int, work
     return result
 
 
-def run_strongswan(scenario: str, seconds: int, parallel: int, workdir: Path) -> Result:
+def run_strongswan(scenario: str, seconds: int, parallel: int, workdir: Path, realtime: int = 0) -> Result:
     result = Result(scenario)
     proposal = scenario.split("-", 1)[1]
     with Topology(PREFIX, 2) as topo:
@@ -221,6 +221,10 @@ def run_strongswan(scenario: str, seconds: int, parallel: int, workdir: Path) ->
         pair = StrongSwanPair(a, b, workdir, proposal)
         pair.start()
         pids = ([pair.charon_pids[a.name]], [pair.charon_pids[b.name]])
+        if realtime:
+            for pid in pids[0] + pids[1]:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    os.sched_setscheduler(int(tid), os.SCHED_FIFO, os.sched_param(realtime))
 
         def packets() -> tuple[int, int]:
             def grab(node: Node, key: str) -> int:
@@ -290,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--output", type=Path)
+    parser.add_argument(
+        "--realtime",
+        type=int,
+        default=0,
+        help="SCHED_FIFO priority for the datapath workers and for every charon thread (0: off)",
+    )
     args = parser.parse_args(argv)
     wanted = [s for s in args.only.split(",") if s]
     unknown = set(wanted) - set(SCENARIOS)
@@ -304,9 +314,11 @@ def main(argv: list[str] | None = None) -> int:
                 if scenario == "bare":
                     results[scenario] = run_bare(args.seconds, args.parallel)
                 elif scenario.startswith("esplanade"):
-                    results[scenario] = run_esplanade(scenario, args.seconds, args.parallel, args.workers, Path(tmp))
+                    results[scenario] = run_esplanade(
+                        scenario, args.seconds, args.parallel, args.workers, Path(tmp), args.realtime
+                    )
                 else:
-                    results[scenario] = run_strongswan(scenario, args.seconds, args.parallel, Path(tmp))
+                    results[scenario] = run_strongswan(scenario, args.seconds, args.parallel, Path(tmp), args.realtime)
             except Exception as exc:  # one broken scenario must not hide the others
                 log(f"scenario {scenario} failed: {exc!r}")
     log(f"load after: {os.getloadavg()}")

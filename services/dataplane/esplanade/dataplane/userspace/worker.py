@@ -138,6 +138,7 @@ class WorkerPool:
         mailboxes: list[Mailbox] | None,
         close_in_parent: Callable[[int], None],
         pin_cpus: bool = False,
+        realtime_priority: int = 0,
     ) -> None:
         """Fork `count` workers. `close_in_parent(k)` releases the parent's copies of worker k's fds."""
         cpus = sorted(os.sched_getaffinity(0))
@@ -151,6 +152,11 @@ class WorkerPool:
                 if pin_cpus and cpus:
                     with contextlib.suppress(OSError):
                         os.sched_setaffinity(0, {cpus[index % len(cpus)]})
+                if realtime_priority:
+                    try:
+                        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(realtime_priority))
+                    except OSError as exc:  # EPERM without CAP_SYS_NICE: run with normal scheduling
+                        log.warning("worker %d stays SCHED_OTHER: %s", index, exc.strerror)
                 mailbox = mailboxes[index] if mailboxes else None
                 if mailboxes:
                     for other in mailboxes:
