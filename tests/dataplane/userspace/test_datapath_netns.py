@@ -240,3 +240,15 @@ def test_ipv6_outer_network(tmp_path: Path, outer: str, workers: int) -> None:
             assert status["sizes"]["inner_mtu"] == 1500 - overhead
         finally:
             assert (pa.stop(), pb.stop()) == (0, 0)
+
+
+def test_deleting_the_tun_stops_the_datapath_instead_of_spinning(tmp_path: Path) -> None:
+    with Topology(PREFIX, 2) as topo:
+        a, b = topo.nodes
+        routes_a, _ = passthrough_pair_routes(a, b)
+        pa = DatapathProcess(a, tmp_path, _settings(a, b, routes=[b.site_net]), routes=routes_a).start()
+        assert a.run(["ip", "link", "del", "esp0"]).returncode == 0
+        assert pa.proc is not None
+        wait_until(lambda: pa.proc is not None and pa.proc.poll() is not None, timeout=15, what="datapath exit")
+        assert pa.proc.returncode == 1, "a dead worker stops the node with a failure code (fail closed)"
+        assert "died" in pa.log()

@@ -49,6 +49,13 @@ from esplanade.dataplane.userspace.vnet_header import VNET_HDR_LEN, VnetHeader, 
 
 log = logging.getLogger(__name__)
 
+_BROKEN = select.EPOLLERR | select.EPOLLHUP
+
+
+class DatapathBroken(RuntimeError):
+    """A room's descriptor failed for good (e.g. the TUN device was deleted under us)."""
+
+
 DEFAULT_BATCH = 64
 IDLE_WAKEUP = 1.0  # longest epoll sleep; timers are honoured sooner
 CONTROL_MESSAGE_MAX = 1 << 20  # replies (status) can be large; the parent reads with this size
@@ -120,6 +127,7 @@ class DatapathLoop:
         self._merge_udp = f.vnet_hdr and f.merge_udp
         self._steer = parts.count > 1 and parts.mailbox is not None
         self._steering = parts.steering
+        self._error_streak: dict[int, int] = {}
 
     # -- outbound -------------------------------------------------------------------------
     def _inner_packets(self, frames: list[bytes]) -> list[bytes]:
@@ -360,6 +368,17 @@ class DatapathLoop:
             self.counters.errors["control_unknown"] += 1
 
     # -- the loop -------------------------------------------------------------------------
+    def _broken(self, fd: int, events: int) -> None:
+        """EPOLLERR/EPOLLHUP that reading cannot clear: the TUN device was deleted, a peer socket closed.
+
+        Spinning on it would burn a core; carrying on without the TUN would black-hole traffic.
+        The worker stops and the parent stops the datapath (fail closed).
+        """
+        self._error_streak[fd] = self._error_streak.get(fd, 0) + 1
+        self.counters.errors["epoll_error_events"] += 1
+        if fd == self.parts.tun.fileno() or self._error_streak[fd] > 1000:
+            raise DatapathBroken(f"descriptor {fd} reports {'EPOLLHUP' if events & select.EPOLLHUP else 'EPOLLERR'}")
+
     def run(self) -> None:
         p = self.parts
         ep = select.epoll()
@@ -386,7 +405,13 @@ class DatapathLoop:
                 except InterruptedError:
                     continue
                 self.counters.wakeups += 1
-                fds = {fd for fd, _ in ready} | pending
+                fds = pending
+                for fd, events in ready:
+                    if events & _BROKEN and fd != control_fd:
+                        self._broken(fd, events)
+                    elif self._error_streak:
+                        self._error_streak.pop(fd, None)
+                    fds.add(fd)
                 pending = set()
                 for fd in fds:
                     if fd == control_fd:
