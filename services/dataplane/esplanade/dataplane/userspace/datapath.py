@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from esplanade.dataplane.userspace.handoff import Mailbox, mailbox_pairs
@@ -39,7 +39,7 @@ from esplanade.dataplane.userspace.offloads import (
 from esplanade.dataplane.userspace.outer_transport import OuterTransport
 from esplanade.dataplane.userspace.raw_esp import RawEspSettings, RawEspSocket
 from esplanade.dataplane.userspace.transform import PacketTransform, WorkerContext
-from esplanade.dataplane.userspace.tun import MAX_FRAME, TunDevice, TunError, TunSettings
+from esplanade.dataplane.userspace.tun import MAX_FRAME, TunDevice, TunError, TunOffload, TunSettings
 from esplanade.dataplane.userspace.udp_socket import NAT_T_PORT, EspUdpSocket, UdpSocketSettings
 from esplanade.dataplane.userspace.vnet_header import VNET_HDR_LEN
 from esplanade.dataplane.userspace.worker import WorkerPool, steering_of
@@ -144,10 +144,9 @@ class UserspaceDatapath:
         features = choose_features(
             self.report, want_offloads=s.offloads, tun_mode=s.tun_offload_mode, workers=s.workers
         )
-        read_size = MAX_FRAME if int(features.tun_offload) else tun_mtu + VNET_HDR_LEN
         self.device = TunDevice.create(
             TunSettings(name=s.tun_name, queues=s.workers, vnet_hdr=features.vnet_hdr, multi_queue=s.workers > 1),
-            read_size=read_size,
+            read_size=tun_mtu + VNET_HDR_LEN,
         )
         if features.vnet_hdr:
             probe_tun_offloads(self.device, self.report)
@@ -159,7 +158,10 @@ class UserspaceDatapath:
                 self.device.set_offload(features.tun_offload)
             except TunError as exc:
                 self.report.notes.append(f"TUNSETOFFLOAD {features.tun_offload!r} failed: {exc}; offloads off")
-                self.device.set_offload(type(features.tun_offload)(0))
+                self.device.set_offload(TunOffload.NONE)
+                features = replace(
+                    features, tun_offload=TunOffload.NONE, reasons=(*features.reasons, "TUNSETOFFLOAD failed")
+                )
         self.features = features
         if int(features.tun_offload):
             for queue in self.device.queues:  # super-packets: up to 64 KiB per read
