@@ -180,6 +180,15 @@ swanctl {{
         self.swanctl_conf.write_text(f"connections {{\n{conn}\n}}\nsecrets {{\n{secrets}\n}}\n")
         self.swanctl("--load-all", "--clear", "--file", str(self.swanctl_conf))
 
+    def clear_sas(self) -> None:
+        for _ in range(10):
+            if "pair:" not in self.swanctl("--list-sas", check=False):
+                return
+            self.swanctl("--terminate", "--ike", "pair", "--force", "--timeout", "2", check=False)
+
+    def sa_count(self) -> int:
+        return self.swanctl("--list-sas", check=False).count("ESTABLISHED")
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 

@@ -232,6 +232,7 @@ class IkeSa:
         self._child_seq = 0
         # exchange bookkeeping shared by tasks
         self.shared_secrets: list[bytes] = []
+        self.skeyseed = b""
         self.rekeying_children: dict[str, Task] = {}
         self.rekey_collisions: dict[str, Any] = {}
         self.ike_rekey_task: Any = None
@@ -280,6 +281,7 @@ class IkeSa:
 
     def derive_keys(self, skeyseed: bytes) -> None:
         assert self.suite is not None
+        self.skeyseed = skeyseed  # kept for the strongSwan key cross-check; never logged
         self.install_keys(
             derive_ike_keys(
                 self.prf, self.suite.encr, self.suite.integ, skeyseed, self.ni, self.nr, self.spi_i, self.spi_r
@@ -521,11 +523,18 @@ class IkeSa:
 
     def _note_authenticated(self, msg: Message, local: Address, remote: Address, now: float) -> None:
         self.last_inbound = now
-        if msg.encrypted and self.established and remote != self.remote and local[1] == NATT_PORT:
+        if not msg.encrypted or local[1] != NATT_PORT:
+            return
+        if local != self.local and self.local[1] != NATT_PORT:
+            # the peer floated to 4500 (§2.23): follow it
+            self.local = local
+            self.remote = remote
+        elif remote != self.remote:
             # §2.23: the peer's NAT mapping changed; follow it (authenticated messages only)
             self.remote = remote
             self.count("nat_mapping_changes")
-            self._refresh_child_endpoints()
+            if self.established:
+                self._refresh_child_endpoints()
 
     def _refresh_child_endpoints(self) -> None:
         wall = self.hooks.wall_time()
