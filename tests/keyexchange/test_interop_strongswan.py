@@ -106,3 +106,166 @@ def test_proposals_and_keys_match_strongswan(
         assert dumps["integrity responder key"] == r2i.integ_key
     peer.call("delete_ike", ike_id)
     wait_until(lambda: charon.sa_count() == 0, timeout=10, what="strongSwan SA gone")
+
+
+class Pinger:
+    """A continuous ping from one namespace; `loss()` after it ends."""
+
+    def __init__(self, ns: str, src: str, dst: str, count: int = 60, interval: float = 0.05) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "ping", "-c", str(count), "-i", str(interval), "-W", "1", "-I", src, dst],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def result(self) -> str:
+        out, _ = self.proc.communicate(timeout=30)
+        return out
+
+    def lost(self) -> int:
+        import re
+
+        out = self.result()
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+        assert m, out
+        return int(m.group(1)) - int(m.group(2))
+
+
+@pytest.mark.parametrize("who", ["esplanade", "strongswan"])
+def test_child_rekey_under_traffic(env: tuple[ix.Charon, ix.EsplanadePeer], who: str) -> None:
+    from esplanade.keyexchange.ikev2.events import ChildSaDeleted, ChildSaRekeyed
+
+    charon, peer = env
+    ike_id = _establish(charon, peer, ix.ss_conn(), ix.es_conn())
+    child_id = peer.of(ChildSaEstablished)[0].child_id
+    assert ping(ix.NS_SS, ix.SS_INNER, ix.ES_INNER, 1)
+    pinger = Pinger(ix.NS_SS, ix.SS_INNER, ix.ES_INNER)
+    import time
+
+    time.sleep(0.5)  # the rekey happens while pings are in flight, not before they start
+    if who == "esplanade":
+        peer.call("rekey_child", ike_id, child_id)
+    else:
+        charon.swanctl("--rekey", "--child", "net")
+    rekeyed = wait_until(lambda: peer.of(ChildSaRekeyed), timeout=10, what="child rekeyed")[0]
+    wait_until(lambda: any(e.child_id == child_id for e in peer.of(ChildSaDeleted)), timeout=10, what="old child deleted")
+    assert pinger.lost() == 0
+    assert rekeyed.old_child_id == child_id
+    out = charon.swanctl("--list-sas")
+    assert out.count("INSTALLED") == 1, out
+    assert f"{rekeyed.record.inbound.spi:08x}" in out and f"{rekeyed.record.outbound.spi:08x}" in out
+
+
+@pytest.mark.parametrize("who", ["esplanade", "strongswan"])
+def test_ike_rekey_under_traffic(env: tuple[ix.Charon, ix.EsplanadePeer], who: str) -> None:
+    from esplanade.keyexchange.ikev2.events import IkeSaDeleted, IkeSaRekeyed
+
+    charon, peer = env
+    ike_id = _establish(charon, peer, ix.ss_conn(), ix.es_conn())
+    pinger = Pinger(ix.NS_ES, ix.ES_INNER, ix.SS_INNER, count=40)
+    import time
+
+    time.sleep(0.5)
+    if who == "esplanade":
+        peer.call("rekey_ike", ike_id)
+    else:
+        charon.swanctl("--rekey", "--ike", "pair")
+    ev = wait_until(lambda: peer.of(IkeSaRekeyed), timeout=10, what="IKE rekeyed")[0]
+    wait_until(lambda: any(e.ike_sa == ike_id for e in peer.of(IkeSaDeleted)), timeout=10, what="old IKE SA deleted")
+    assert pinger.lost() == 0
+    assert charon.sa_count() == 1
+    # the new IKE SA works: a DPD round trip and a child rekey over it
+    new_id = ev.new_ike_sa
+    peer.call("dpd", new_id)
+    wait_until(lambda: peer.run(lambda: peer.engine.sas[new_id].outstanding is None), timeout=5, what="DPD answered")
+    child_id = peer.run(lambda: next(iter(peer.engine.sas[new_id].children)))
+    peer.call("rekey_child", new_id, child_id)
+    from esplanade.keyexchange.ikev2.events import ChildSaRekeyed
+
+    wait_until(lambda: peer.of(ChildSaRekeyed), timeout=10, what="child rekey over the new IKE SA")
+    assert ping(ix.NS_SS, ix.SS_INNER, ix.ES_INNER, 2)
+
+
+@pytest.mark.parametrize("who", ["esplanade", "strongswan"])
+def test_delete_from_either_side(env: tuple[ix.Charon, ix.EsplanadePeer], who: str) -> None:
+    from esplanade.keyexchange.ikev2.events import ChildSaDeleted, IkeSaDeleted
+
+    charon, peer = env
+    ike_id = _establish(charon, peer, ix.ss_conn(), ix.es_conn(), esplanade_initiates=who == "strongswan")
+    if who == "esplanade":
+        peer.call("delete_ike", ike_id)
+    else:
+        charon.swanctl("--terminate", "--ike", "pair")
+    wait_until(lambda: peer.of(IkeSaDeleted), timeout=10, what="IKE SA deleted on Esplanade")
+    assert peer.of(ChildSaDeleted)
+    wait_until(lambda: charon.sa_count() == 0, timeout=10, what="IKE SA deleted on strongSwan")
+    assert not peer.run(lambda: peer.engine.sas)
+    assert not ping(ix.NS_SS, ix.SS_INNER, ix.ES_INNER, 1)
+
+
+def test_child_delete_from_strongswan(env: tuple[ix.Charon, ix.EsplanadePeer]) -> None:
+    from esplanade.keyexchange.ikev2.events import ChildSaDeleted
+
+    charon, peer = env
+    _establish(charon, peer, ix.ss_conn(), ix.es_conn())
+    charon.swanctl("--terminate", "--child", "net")
+    wait_until(lambda: peer.of(ChildSaDeleted), timeout=10, what="child deleted")
+    assert charon.sa_count() == 1  # the IKE SA stays
+
+
+def test_proposal_mismatch(env: tuple[ix.Charon, ix.EsplanadePeer]) -> None:
+    from esplanade.keyexchange.ikev2.constants import NotifyType
+    from esplanade.keyexchange.ikev2.events import NegotiationFailed
+
+    charon, peer = env
+    charon.clear_sas()
+    charon.load(ix.ss_conn(), ix.PSK_SECRETS)
+    peer.configure([ConnectionConfig.from_dict("pair", ix.es_conn(proposals=["aes128-sha256-modp3072"]))])
+    peer.call("initiate", "pair")
+    ev = wait_until(lambda: peer.of(NegotiationFailed), timeout=10, what="negotiation failure")[0]
+    assert ev.notify == NotifyType.NO_PROPOSAL_CHOSEN and "NO_PROPOSAL_CHOSEN" in ev.reason
+    # and as responder: strongSwan's proposal is refused with the configured ones named
+    peer.events.clear()
+    r = charon.swanctl("--initiate", "--ike", "pair", "--child", "net", "--timeout", "10", check=False)
+    assert "NO_PROPOSAL_CHOSEN" in r or "failed" in r
+    ev = wait_until(lambda: peer.of(NegotiationFailed), timeout=10, what="responder failure event")[0]
+    assert ev.notify == NotifyType.NO_PROPOSAL_CHOSEN and "aes128" in ev.reason
+    assert charon.sa_count() == 0
+
+
+@pytest.mark.parametrize("esplanade_initiates", [True, False])
+def test_bad_psk(env: tuple[ix.Charon, ix.EsplanadePeer], esplanade_initiates: bool) -> None:
+    from esplanade.keyexchange.ikev2.constants import NotifyType
+    from esplanade.keyexchange.ikev2.events import NegotiationFailed
+
+    charon, peer = env
+    charon.clear_sas()
+    charon.load(ix.ss_conn(), ix.PSK_SECRETS)
+    peer.configure([ConnectionConfig.from_dict("pair", ix.es_conn(psk="not-the-right-secret-at-all"))])
+    if esplanade_initiates:
+        peer.call("initiate", "pair")
+    else:
+        charon.swanctl("--initiate", "--ike", "pair", "--child", "net", "--timeout", "10", check=False)
+    ev = wait_until(lambda: peer.of(NegotiationFailed), timeout=10, what="auth failure")[0]
+    assert ev.notify == NotifyType.AUTHENTICATION_FAILED
+    assert not peer.of(ChildSaEstablished)
+    assert not peer.run(lambda: peer.engine.sas)
+    wait_until(lambda: charon.sa_count() == 0, timeout=10, what="no SA on strongSwan")
+
+
+def test_dpd_detects_dead_peer(env: tuple[ix.Charon, ix.EsplanadePeer]) -> None:
+    from esplanade.keyexchange.ikev2.events import IkeSaDeleted
+
+    charon, peer = env
+    _establish(
+        charon, peer, ix.ss_conn(), ix.es_conn(dpd_delay="1s", retransmit={"timeout": 0.3, "base": 1.5, "tries": 2})
+    )
+    ix.nsx(ix.NS_SS, "ip", "link", "set", "ikeca0", "down")  # the peer goes silent
+    try:
+        ev = wait_until(lambda: peer.of(IkeSaDeleted), timeout=15, what="dead peer detected")[0]
+        assert "dead peer" in ev.reason
+    finally:
+        ix.nsx(ix.NS_SS, "ip", "link", "set", "ikeca0", "up")

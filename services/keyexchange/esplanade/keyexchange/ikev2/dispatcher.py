@@ -154,15 +154,8 @@ class IkeDispatcher:
         except ParseError:
             self.count("dropped_bad_header")
             return
-        if hdr.from_initiator and not hdr.is_response:
-            our_spi = hdr.spi_r
-        elif hdr.from_initiator:
-            self.count("dropped_bad_flags")
-            return
-        else:
-            our_spi = hdr.spi_i if hdr.is_response or hdr.spi_r else hdr.spi_i
-        if not hdr.from_initiator and not hdr.is_response:
-            our_spi = hdr.spi_i  # request from the original responder: we are the initiator
+        # the I flag says the sender is the original initiator: then our SPI is SPIr
+        our_spi = hdr.spi_r if hdr.from_initiator else hdr.spi_i
         if hdr.exchange == ExchangeType.IKE_SA_INIT and not hdr.is_response:
             self._receive_init_request(data, local, remote, now)
             return
