@@ -269,3 +269,42 @@ def test_dpd_detects_dead_peer(env: tuple[ix.Charon, ix.EsplanadePeer]) -> None:
         assert "dead peer" in ev.reason
     finally:
         ix.nsx(ix.NS_SS, "ip", "link", "set", "ikeca0", "up")
+
+
+@pytest.mark.parametrize("kind", ["ecdsa", "rsa"])
+@pytest.mark.parametrize("esplanade_initiates", [True, False])
+def test_certificate_auth(env: tuple[ix.Charon, ix.EsplanadePeer], kind: str, esplanade_initiates: bool) -> None:
+    from tests.keyexchange import pki
+
+    charon, peer = env
+    ca = pki.make_ca(kind)
+    ss = pki.issue(ca, ix.SS_ID, kind)
+    es = pki.issue(ca, ix.ES_ID, kind)
+    for d in ("x509", "x509ca", "private"):
+        for f in (charon.base / d).iterdir():
+            f.unlink()
+    (charon.base / "x509ca" / "ca.crt").write_bytes(ca.cert_pem())
+    (charon.base / "x509" / "a.crt").write_bytes(ss.cert_pem())
+    (charon.base / "private" / "a.key").write_bytes(ss.key_pem())
+    charon.clear_sas()
+    charon.load(ix.ss_conn(auth="pubkey", cert="a.crt"))
+    cfg = ix.es_conn(
+        local={"auth": "pubkey", "certs": [es.cert], "private_key": es.key},
+        remote={"auth": "pubkey"},
+        cacerts=[ca.cert],
+    )
+    peer.configure([ConnectionConfig.from_dict("pair", cfg)])
+    charon.log.write_text("")
+    if esplanade_initiates:
+        peer.call("initiate", "pair")
+    else:
+        charon.swanctl("--initiate", "--ike", "pair", "--child", "net", "--timeout", "15")
+    wait_until(lambda: peer.of(ChildSaEstablished), timeout=15, what="child SA up")
+    assert ping(ix.NS_ES, ix.ES_INNER, ix.SS_INNER, 2)
+    log = charon.log_text()
+    import re
+
+    scheme = "ECDSA_WITH_SHA256_DER" if kind == "ecdsa" else "RSA_EMSA_PKCS1_SHA2_256"
+    assert re.search(rf"authentication of 'b.ipsec.test' with {scheme} successful", log), log[-3000:]
+    est = peer.of(IkeSaEstablished)[0]
+    assert est.remote_id == ix.SS_ID

@@ -227,7 +227,7 @@ class ConnectionConfig:
         if not 576 <= fragment_size <= 65535:
             raise ConfigError(f"{f}.fragment_size", "must be between 576 and 65535")
         try:
-            cacerts = tuple(_load_certs(c) for c in _list(d.get("cacerts", ())))
+            cacerts = tuple(_load_certs(c) for c in _list_objs(d.get("cacerts", ())))
         except ValueError as exc:
             raise ConfigError(f"{f}.cacerts", str(exc)) from None
         retransmit = RetransmitConfig()
