@@ -308,3 +308,93 @@ def test_certificate_auth(env: tuple[ix.Charon, ix.EsplanadePeer], kind: str, es
     assert re.search(rf"authentication of 'b.ipsec.test' with {scheme} successful", log), log[-3000:]
     est = peer.of(IkeSaEstablished)[0]
     assert est.remote_id == ix.SS_ID
+
+
+def test_strongswan_cookie_challenge_honoured(env: tuple[ix.Charon, ix.EsplanadePeer]) -> None:
+    """charon demands COOKIEs above 3 half-open IKE SAs per IP (its default): we answer them."""
+    import random
+    import socket
+
+    from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
+
+    charon, peer = env
+    charon.clear_sas()
+    charon.load(ix.ss_conn(), ix.PSK_SECRETS)
+    cfg = ConnectionConfig.from_dict("pair", ix.es_conn())
+    peer.configure([cfg])
+    # three half-open IKE SAs from our address (never completed)
+    fake = IkeDispatcher([cfg], rng=random.Random(3))
+    for port in (5001, 5002, 5003):
+        fake.initiate("pair", 0.0, local=(ix.ES_IP, port))
+    datagrams = fake.datagrams_to_send()
+
+    def send_half_open() -> None:
+        for d in datagrams:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(d.local)
+            s.sendto(d.data, d.remote)
+            s.close()
+
+    peer.run(send_half_open)
+    wait_until(lambda: charon.swanctl("--list-sas", check=False).count("CONNECTING") >= 3, timeout=5, what="half-open")
+    peer.call("initiate", "pair")
+    ev = wait_until(lambda: peer.of(ChildSaEstablished), timeout=15, what="child SA up after COOKIE")[0]
+    sa = peer.run(lambda: peer.engine.sas[ev.ike_sa])
+    assert sa.counters.get("cookie_retries", 0) >= 1
+    assert "COOKIE" in charon.log_text()
+    assert ping(ix.NS_ES, ix.ES_INNER, ix.SS_INNER, 2)
+
+
+def test_pq_initiator_falls_back_to_classic(env: tuple[ix.Charon, ix.EsplanadePeer]) -> None:
+    charon, peer = env
+    _establish(charon, peer, ix.ss_conn(), ix.es_conn(proposals=["aes256gcm16-prfsha256-ecp256-ke1_mlkem768"]))
+    est = peer.of(IkeSaEstablished)[0]
+    assert "mlkem" not in est.suite and "ecp256" in est.suite
+    assert ping(ix.NS_SS, ix.SS_INNER, ix.ES_INNER, 2)
+
+
+def test_spoofed_init_flood_triggers_cookies(env: tuple[ix.Charon, ix.EsplanadePeer]) -> None:
+    """IKE_SA_INIT from 300 spoofed sources: Esplanade answers with COOKIEs, strongSwan still connects."""
+    import random
+    import socket
+    import struct
+    import threading
+
+    from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
+
+    charon, peer = env
+    charon.clear_sas()
+    charon.load(ix.ss_conn(), ix.PSK_SECRETS)
+    cfg = ConnectionConfig.from_dict("pair", ix.es_conn(remote_addrs=[]))
+    peer.configure([cfg], cookie_threshold=10, cookie_threshold_ip=0, block_threshold=0)
+    fake = IkeDispatcher([ConnectionConfig.from_dict("pair", ix.es_conn(remote_addrs=[ix.ES_IP]))], rng=random.Random(4))
+    packets = []
+    for i in range(300):
+        fake.initiate("pair", 0.0, local=("198.18.0.3", 500))
+    for i, d in enumerate(fake.datagrams_to_send()):
+        src = f"198.18.{1 + i // 250}.{1 + i % 250}"
+        udp = struct.pack("!HHHH", 500, 500, 8 + len(d.data), 0) + d.data
+        ip = struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i, 0, 64, 17, 0, socket.inet_aton(src), socket.inet_aton(ix.ES_IP)
+        )
+        packets.append(ip + udp)
+    done = threading.Event()
+
+    def flood() -> None:
+        ix.setns(ix.NS_SS)
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        for p in packets:
+            s.sendto(p, (ix.ES_IP, 0))
+        s.close()
+        done.set()
+
+    t = threading.Thread(target=flood)
+    t.start()
+    charon.swanctl("--initiate", "--ike", "pair", "--child", "net", "--timeout", "20")
+    t.join(10)
+    assert done.is_set()
+    wait_until(lambda: peer.of(ChildSaEstablished), timeout=15, what="legitimate peer connected")
+    counters = peer.run(lambda: dict(peer.engine.counters))
+    assert counters.get("cookies_sent", 0) > 0, counters
+    assert peer.run(lambda: peer.engine.half_open_count()) <= 10
+    assert ping(ix.NS_SS, ix.SS_INNER, ix.ES_INNER, 2)
