@@ -348,6 +348,7 @@ class IkeDispatcher:
             self._datagrams.extend(s.datagrams_to_send())
             for new in s.spawned:
                 self._register(new)
+                new.run_queue(now)
                 pending.append(new)
             s.spawned.clear()
             while (ev := s.next_event()) is not None:

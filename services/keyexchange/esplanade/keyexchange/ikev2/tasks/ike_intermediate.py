@@ -53,7 +53,7 @@ class IkeIntermediate(Task):
         return [KePayload(self.method, self.ke.public_value())]
 
     def on_encoded(self, ike: IkeSa, msg: Message, data: bytes) -> None:
-        extend_int_auth(ike, msg, data, from_initiator=ike.initiator if not msg.response else not ike.initiator)
+        extend_int_auth(ike, msg, data, from_initiator=ike.initiator)
 
     def process_response(self, ike: IkeSa, msg: Message, now: float) -> bool:
         extend_int_auth(ike, msg, msg.inner_plain, from_initiator=False)

@@ -154,6 +154,10 @@ class IkeRekey(Task):
                 # ours is redundant: delete it over itself; the peer deletes the old SA
                 ike.count("ike_rekey_collisions_lost")
                 new.queue_task(IkeDelete("redundant after simultaneous rekey"))
+                peer.result.adopt_children(ike)
+                ike.set_state(IkeState.REKEYED)
+                ike.delete_deadline = now + IKE_REKEY_DELETE_TIMEOUT
+                ike.emit(IkeSaRekeyed(ike.id, peer.result.id))
                 return False
             ike.count("ike_rekey_collisions_won")
             new.adopt_children(peer.result)
