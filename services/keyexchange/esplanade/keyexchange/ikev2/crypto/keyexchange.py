@@ -9,6 +9,7 @@ Peer values are validated (§2.12): range for MODP, on-curve for ECP, length for
 
 from __future__ import annotations
 
+import warnings
 from typing import ClassVar
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -63,10 +64,18 @@ class KeyExchange:
 
 
 class _Modp(KeyExchange):
+    """MODP groups (RFC 3526). cryptography deprecates finite-field DH; the groups stay for
+    interoperability (strongSwan's defaults carry them), so its warning is silenced here."""
+
     prime: ClassVar[int]
     _params: ClassVar[dh.DHParameters | None] = None
 
     def __init__(self, private_value: int | None = None) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._init(private_value)
+
+    def _init(self, private_value: int | None) -> None:
         cls = type(self)
         if cls._params is None:
             cls._params = dh.DHParameterNumbers(cls.prime, 2).parameters()
@@ -90,8 +99,10 @@ class _Modp(KeyExchange):
         if not 1 < y < self.prime - 1:
             raise CryptoError(f"{self.method.name} public value out of range (RFC 7296 §2.12)")
         assert self._params is not None
-        peer = dh.DHPublicNumbers(y, self._params.parameter_numbers()).public_key()
-        secret = self._key.exchange(peer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peer = dh.DHPublicNumbers(y, self._params.parameter_numbers()).public_key()
+            secret = self._key.exchange(peer)
         self._secret = secret.rjust(self._size, b"\0")
 
 
