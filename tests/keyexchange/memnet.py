@@ -32,12 +32,20 @@ class MemNet:
         self.drop: Drop | None = None
         self.nat: dict[str, tuple[str, int]] = {}  # node ip -> translated (ip, port) as seen by peers
         self.delivered = 0
+        self.nat_reverse: dict[str, tuple[str, int]] = {}
+        self.received: list[tuple[Datagram, tuple[str, int]]] = []
         self.log: list[Datagram] = []
 
     def add(self, name: str, ip: str, engine: IkeDispatcher) -> Node:
         n = Node(name, ip, engine)
         self.nodes[ip] = n
         return n
+
+    def add_nat(self, inside_ip: str, public_ip: str, port_base: int) -> None:
+        """Source-NAT `inside_ip` to public_ip:port_base (IKE 500) / port_base+1 (4500)."""
+        self.nat[inside_ip] = (public_ip, port_base)
+        self.nat_reverse[public_ip] = (inside_ip, port_base)
+        self.nodes[public_ip] = self.nodes[inside_ip]
 
     def collect(self, node: Node) -> None:
         for d in node.engine.datagrams_to_send():
@@ -70,8 +78,13 @@ class MemNet:
             if sender_ip in self.nat:
                 nat_ip, nat_port = self.nat[sender_ip]
                 src = (nat_ip, nat_port + (0 if d.local[1] == 500 else 1))
+            local = d.remote
+            if local[0] in self.nat_reverse:
+                real_ip, base = self.nat_reverse[local[0]]
+                local = (real_ip, 500 if local[1] == base else 4500)
             self.delivered += 1
-            dst.engine.receive_datagram(d.wire_bytes(), d.remote, src, self.now)
+            self.received.append((d, src))
+            dst.engine.receive_datagram(d.wire_bytes(), local, src, self.now)
             self.collect(dst)
         return True
 

@@ -448,3 +448,39 @@ def test_unauthenticated_message_changes_nothing() -> None:
     assert (sb.state, sb.next_peer_id, sb.next_request_id, dict(sb.children), sb.remote) == snapshot
     assert sb.counters.get("icv_failures") == 1
     assert not b.of(IkeSaDeleted)
+
+
+def test_nat_traversal_float_keepalive_and_mapping_change() -> None:
+    """§2.23: NAT-D detects the NAT, IKE floats to 4500, keepalives flow, a new mapping is followed."""
+    net, a, b = pair(b_over={"remote_addrs": []})  # a road warrior: any address
+    net.add_nat(a.ip, "203.0.113.1", 31000)
+    ike = a.engine.initiate("ab", net.now)
+    net.run()
+    ea, eb = a.of(IkeSaEstablished)[0], b.of(IkeSaEstablished)[0]
+    assert ea.nat_local and not ea.nat_remote and eb.nat_remote and not eb.nat_local
+    sa_a, sa_b = a.engine.sas[ike], next(iter(b.engine.sas.values()))
+    assert sa_a.local[1] == 4500 and sa_a.remote == (b.ip, 4500)
+    assert sa_b.remote == ("203.0.113.1", 31001)
+    rec = b.of(ChildSaEstablished)[0].record
+    assert rec.outbound.encap is not None and rec.outbound.encap.dst_port == 31001
+    auth = [d for d, _ in net.received if d.non_esp_marker]
+    assert auth and all(d.wire_bytes()[:4] == b"\0\0\0\0" for d in auth)
+    net.advance(21)
+    assert any(d.data == b"\xff" and not d.non_esp_marker for d in net.log)
+    # the NAT box reboots: new public port; the next authenticated message moves b's peer endpoint
+    net.add_nat(a.ip, "203.0.113.1", 32000)
+    a.engine.dpd(ike, net.now)
+    net.run()
+    assert sa_b.remote == ("203.0.113.1", 32001)
+    assert sa_b.counters.get("nat_mapping_changes") == 1
+    moved = b.of(ChildSaEstablished)[-1].record
+    assert moved.outbound.encap is not None and moved.outbound.encap.dst_port == 32001
+
+
+def test_forced_encapsulation_without_nat() -> None:
+    net, a, b = pair(a_over={"encap": True})
+    ike = a.engine.initiate("ab", net.now)
+    net.run()
+    assert b.of(IkeSaEstablished)[0].nat_remote  # a faked its NAT-D source hash
+    assert a.engine.sas[ike].local[1] == 4500
+    assert a.of(ChildSaEstablished)[0].record.outbound.encap is not None
