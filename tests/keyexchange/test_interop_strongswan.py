@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
 from esplanade.keyexchange.config import ConnectionConfig
 from esplanade.keyexchange.ikev2.events import ChildSaEstablished, IkeSaEstablished
+
 from tests.conditions import wait_until
 from tests.keyexchange import interop as ix
 
@@ -50,7 +49,9 @@ def test_psk_esplanade_initiator(env: tuple[ix.Charon, ix.EsplanadePeer]) -> Non
     assert "ESTABLISHED" in out and "INSTALLED" in out, out
 
 
-def _establish(charon: ix.Charon, peer: ix.EsplanadePeer, ss: str, es: dict, *, esplanade_initiates: bool = True) -> str:
+def _establish(
+    charon: ix.Charon, peer: ix.EsplanadePeer, ss: str, es: dict, *, esplanade_initiates: bool = True
+) -> str:
     charon.clear_sas()
     charon.load(ss, ix.PSK_SECRETS)
     peer.configure([ConnectionConfig.from_dict("pair", es)])
@@ -151,7 +152,9 @@ def test_child_rekey_under_traffic(env: tuple[ix.Charon, ix.EsplanadePeer], who:
     else:
         charon.swanctl("--rekey", "--child", "net")
     rekeyed = wait_until(lambda: peer.of(ChildSaRekeyed), timeout=10, what="child rekeyed")[0]
-    wait_until(lambda: any(e.child_id == child_id for e in peer.of(ChildSaDeleted)), timeout=10, what="old child deleted")
+    wait_until(
+        lambda: any(e.child_id == child_id for e in peer.of(ChildSaDeleted)), timeout=10, what="old child deleted"
+    )
     assert pinger.lost() == 0
     assert rekeyed.old_child_id == child_id
     out = charon.swanctl("--list-sas")
@@ -367,9 +370,11 @@ def test_spoofed_init_flood_triggers_cookies(env: tuple[ix.Charon, ix.EsplanadeP
     charon.load(ix.ss_conn(), ix.PSK_SECRETS)
     cfg = ConnectionConfig.from_dict("pair", ix.es_conn(remote_addrs=[]))
     peer.configure([cfg], cookie_threshold=10, cookie_threshold_ip=0, block_threshold=0)
-    fake = IkeDispatcher([ConnectionConfig.from_dict("pair", ix.es_conn(remote_addrs=[ix.ES_IP]))], rng=random.Random(4))
+    fake = IkeDispatcher(
+        [ConnectionConfig.from_dict("pair", ix.es_conn(remote_addrs=[ix.ES_IP]))], rng=random.Random(4)
+    )
     packets = []
-    for i in range(300):
+    for _ in range(300):
         fake.initiate("pair", 0.0, local=("198.18.0.3", 500))
     for i, d in enumerate(fake.datagrams_to_send()):
         src = f"198.18.{1 + i // 250}.{1 + i % 250}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-
 from esplanade.keyexchange.config import PoolConfig
 from esplanade.keyexchange.ikev2.constants import ExchangeType, NotifyType
 from esplanade.keyexchange.ikev2.events import (
@@ -20,6 +19,7 @@ from esplanade.keyexchange.ikev2.events import (
 )
 from esplanade.keyexchange.ikev2.ike_sa import IkeState
 from esplanade.keyexchange.ikev2.message import parse_header
+
 from tests.keyexchange.memnet import MemNet, Node
 from tests.keyexchange.peers import pair
 
@@ -46,7 +46,7 @@ def assert_children_paired(a: Node, b: Node, count: int = 1) -> None:
 
 
 def test_establish_and_keys_agree() -> None:
-    net, a, b, ike, _ = established()
+    _net, a, b, ike, _ = established()
     assert_children_paired(a, b)
     sa_a, sa_b = a.engine.sas[ike], next(iter(b.engine.sas.values()))
     assert sa_a.keys == sa_b.keys
@@ -65,8 +65,8 @@ def test_create_child(pfs: bool) -> None:
 
 @pytest.mark.parametrize("side", ["initiator", "responder"])
 def test_child_rekey_make_before_break(side: str) -> None:
-    net, a, b, ike, child = established()
-    x, y = (a, b) if side == "initiator" else (b, a)
+    net, a, b, _ike, _child = established()
+    x, _y = (a, b) if side == "initiator" else (b, a)
     sa = next(iter(x.engine.sas.values()))
     x.engine.rekey_child(sa.id, next(iter(sa.children)), net.now)
     net.run()
@@ -80,7 +80,7 @@ def test_child_rekey_make_before_break(side: str) -> None:
 
 @pytest.mark.parametrize("side", ["initiator", "responder"])
 def test_ike_rekey(side: str) -> None:
-    net, a, b, ike, child = established()
+    net, a, b, _ike, _child = established()
     x = a if side == "initiator" else b
     x.engine.rekey_ike(next(iter(x.engine.sas)), net.now)
     net.run()
@@ -115,7 +115,7 @@ def test_simultaneous_child_rekey() -> None:
 
 def test_simultaneous_ike_rekey() -> None:
     """§2.8.2: both rekey the IKE SA; one new IKE SA survives with the Child SA."""
-    net, a, b, ike, child = established()
+    net, a, b, ike, _child = established()
     a.engine.rekey_ike(ike, net.now)
     b.engine.rekey_ike(next(iter(b.engine.sas)), net.now)
     net.run()
@@ -129,7 +129,7 @@ def test_simultaneous_ike_rekey() -> None:
 
 def test_child_request_during_ike_rekey_gets_temporary_failure() -> None:
     """§2.25.2: a CREATE_CHILD_SA arriving while we rekey the IKE SA is refused with TEMPORARY_FAILURE."""
-    net, a, b, ike, child = established()
+    net, a, b, ike, _child = established()
     sb = next(iter(b.engine.sas.values()))
     a.engine.rekey_ike(ike, net.now)  # request in flight, not delivered yet
     net.collect(a)
@@ -169,7 +169,7 @@ def test_deletes() -> None:
 
 
 def test_dpd_round_trip_and_dead_peer() -> None:
-    net, a, b, ike, child = established(a_over={"dpd_delay": "30s"})
+    net, a, _b, ike, child = established(a_over={"dpd_delay": "30s"})
     net.advance(31)
     assert a.engine.sas[ike].counters.get("dpd_sent") == 1
     assert a.engine.sas[ike].state == IkeState.ESTABLISHED
@@ -181,7 +181,7 @@ def test_dpd_round_trip_and_dead_peer() -> None:
 
 
 def test_retransmission_backoff_schedule() -> None:
-    net, a, b = pair()
+    net, a, _b = pair()
     sent: list[float] = []
 
     def drop(d: object) -> bool:
@@ -221,7 +221,7 @@ def test_lost_request_and_lost_response() -> None:
 
 
 def test_duplicate_request_answered_from_cache() -> None:
-    net, a, b, ike, child = established()
+    net, a, b, ike, _child = established()
     a.engine.dpd(ike, net.now)
     net.collect(a)
     dup = list(net.in_flight)
@@ -236,7 +236,7 @@ def test_duplicate_request_answered_from_cache() -> None:
 
 
 def test_invalid_ke_payload_retry() -> None:
-    net, a, b = pair(
+    net, a, _b = pair(
         a_over={"proposals": ["aes256gcm16-prfsha256-ecp256-x25519"]},
         b_over={"proposals": ["aes256gcm16-prfsha256-x25519"]},
     )
@@ -336,15 +336,15 @@ def test_reauth_make_before_break() -> None:
     assert len(est) == 2 and est[1].reauth_of == ike
     assert any(e.ike_sa == ike for e in a.of(IkeSaDeleted))
     # the new child came up before the old IKE SA (and its child) went away
-    new_child = [e for e in a.of(ChildSaEstablished) if e.ike_sa == est[1].ike_sa][0]
-    old_gone = [e for e in a.of(ChildSaDeleted) if e.child_id == child][0]
+    new_child = next(e for e in a.of(ChildSaEstablished) if e.ike_sa == est[1].ike_sa)
+    old_gone = next(e for e in a.of(ChildSaDeleted) if e.child_id == child)
     assert a.events.index(new_child) < a.events.index(old_gone)
     assert len(a.engine.sas) == 1 and len(b.engine.sas) == 1
     assert_children_paired(a, b)
 
 
 def test_ts_narrowing() -> None:
-    net, a, b, ike, child = established(
+    _net, a, _b, _ike, _child = established(
         a_over={"child_remote_ts": "10.0.0.0/8", "child_local_ts": "10.1.0.0/16,192.168.5.0/24"},
         b_over={"child_local_ts": "10.2.0.0/16", "child_remote_ts": "10.1.0.0/16"},
     )
@@ -388,7 +388,7 @@ def test_cp_virtual_ip_and_split_routes() -> None:
 
 def test_mlkem_via_ike_intermediate() -> None:
     prop = ["aes256gcm16-prfsha256-ecp256-ke1_mlkem768"]
-    net, a, b, ike, child = established(a_over={"proposals": prop}, b_over={"proposals": prop})
+    net, a, b, ike, _child = established(a_over={"proposals": prop}, b_over={"proposals": prop})
     assert "ke1_ml_kem_768" in a.of(IkeSaEstablished)[0].suite
     sa_a, sa_b = a.engine.sas[ike], next(iter(b.engine.sas.values()))
     assert len(sa_a.shared_secrets) == 2 and sa_a.shared_secrets == sa_b.shared_secrets
@@ -430,14 +430,14 @@ def test_responder_holds_response_until_inbound_sa_installed() -> None:
 
 
 def test_unauthenticated_message_changes_nothing() -> None:
-    net, a, b, ike, child = established()
+    net, _a, b, _ike, _child = established()
     sb = next(iter(b.engine.sas.values()))
     snapshot = (sb.state, sb.next_peer_id, sb.next_request_id, dict(sb.children), sb.remote)
     # a forged INFORMATIONAL "Delete IKE" with the right SPIs and message ID but a bad ICV
+    from esplanade.ipsec.transforms import ENCR_AES_GCM_16_256
+    from esplanade.keyexchange.ikev2.crypto.sk import SkCipher
     from esplanade.keyexchange.ikev2.message import Message, encode_encrypted
     from esplanade.keyexchange.ikev2.payloads import DeletePayload
-    from esplanade.keyexchange.ikev2.crypto.sk import SkCipher
-    from esplanade.ipsec.transforms import ENCR_AES_GCM_16_256
 
     forged = Message(sb.spi_i, sb.spi_r, ExchangeType.INFORMATIONAL, sb.next_peer_id, True, False, [DeletePayload(1)])
     raws, _ = encode_encrypted(forged, SkCipher(ENCR_AES_GCM_16_256, bytes(36), None, b""))

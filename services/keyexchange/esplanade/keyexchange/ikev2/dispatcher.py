@@ -64,7 +64,7 @@ class IkeDispatcher:
             new_ike_id=self._new_id,
             allocate_address=self._allocate_address,
             require_install_ack=require_install_ack,
-            rng=rng or random.Random(),
+            rng=rng or random.Random(),  # noqa: S311 - lifetime jitter, not key material
         )
 
     # -- bookkeeping ----------------------------------------------------------------------------
@@ -77,7 +77,7 @@ class IkeDispatcher:
 
     def _allocate_spi(self) -> int:
         while True:
-            spi = struct.unpack("!I", os.urandom(4))[0]
+            spi = int.from_bytes(os.urandom(4), "big")
             if spi >= 0x100 and spi not in self._spis_in_use:
                 self._spis_in_use.add(spi)
                 return spi
@@ -159,10 +159,7 @@ class IkeDispatcher:
         if hdr.exchange == ExchangeType.IKE_SA_INIT and not hdr.is_response:
             self._receive_init_request(data, local, remote, now)
             return
-        if hdr.exchange == ExchangeType.IKE_SA_INIT:
-            sa = self._by_spi.get(hdr.spi_i)
-        else:
-            sa = self._by_spi.get(our_spi)
+        sa = self._by_spi.get(hdr.spi_i) if hdr.exchange == ExchangeType.IKE_SA_INIT else self._by_spi.get(our_spi)
         if sa is None:
             self.count("dropped_unknown_spi")
             return
@@ -381,14 +378,17 @@ class IkeDispatcher:
         if not sa.initiator and sa.initial_contact and sa.config.unique != "never" and sa.peer_id is not None:
             for other in list(self.sas.values()):
                 if (
-                    other is not sa
-                    and not other.initiator
-                    and other.peer_id == sa.peer_id
-                    and other.config is sa.config
+                    (
+                        other is not sa
+                        and not other.initiator
+                        and other.peer_id == sa.peer_id
+                        and other.config is sa.config
+                    )
+                    and other.state != IkeState.DELETED
+                    and not sa.reauth_of
                 ):
-                    if other.state != IkeState.DELETED and not sa.reauth_of:
-                        other.destroy("replaced (INITIAL_CONTACT)")
-                        self._drain(other)
+                    other.destroy("replaced (INITIAL_CONTACT)")
+                    self._drain(other)
 
     def _start_reauth(self, old: IkeSa, now: float) -> None:
         self._reauth_started.add(old.id)

@@ -491,10 +491,10 @@ class IkeSa:
 
     def _on_parse_error(self, msg: Message, exc: ParseError, now: float) -> None:
         # §2.21.2: INVALID_SYNTAX in a response only to an authenticated request
-        if not msg.response and msg.encrypted and msg.payloads is not None and self.in_cipher is not None:
-            if exc.notify is not None and msg.message_id == self.next_peer_id and msg.inner_plain:
-                self.send_response(msg.message_id, msg.exchange, [NotifyPayload(exc.notify)])
-                self.next_peer_id += 1
+        authenticated = msg.encrypted and bool(msg.inner_plain)
+        if not msg.response and authenticated and exc.notify is not None and msg.message_id == self.next_peer_id:
+            self.next_peer_id += 1
+            self.send_response(msg.message_id, msg.exchange, [NotifyPayload(exc.notify)])
 
     def _decrypt(self, msg: Message, now: float) -> bool:
         """Open the SK/SKF payload; False while fragments are missing. Raises on ICV failure."""

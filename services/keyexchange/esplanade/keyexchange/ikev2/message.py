@@ -107,9 +107,11 @@ def decode_message(data: bytes) -> Message:
     """Decode header and cleartext payloads; the SK/SKF payload, if any, stays sealed."""
     hdr = parse_header(data)
     payloads, _ = decode_chain(data[IKE_HEADER_LEN:], hdr.first_payload, outer=True)
-    sealed = None
+    sealed: SkPayload | SkfPayload | None = None
     if payloads and isinstance(payloads[-1], SkPayload | SkfPayload):
-        sealed = payloads.pop()
+        last = payloads.pop()
+        assert isinstance(last, SkPayload | SkfPayload)
+        sealed = last
     return Message(
         spi_i=hdr.spi_i,
         spi_r=hdr.spi_r,
@@ -146,9 +148,9 @@ def open_message(msg: Message, cipher: SkCipher) -> None:
 
 
 def finish_inner(msg: Message, first_inner: int, plain: bytes) -> None:
+    msg.inner_plain = plain  # set first: a parse error below is then known to be authenticated
     inner, _ = decode_chain(plain, first_inner)
     msg.payloads = msg.payloads + inner
-    msg.inner_plain = plain
 
 
 def encode_plain(msg: Message) -> bytes:

@@ -283,9 +283,8 @@ def match_proposal(received: Proposal, spec: ProposalSpec, *, ignore_ke: bool = 
             if found is None:
                 return None
             ke = found
-        elif rx_ke - {KeId.NONE}:
-            if KeId.NONE not in rx_ke:
-                return None
+        elif rx_ke - {KeId.NONE} and KeId.NONE not in rx_ke:
+            return None
         spec_add = dict(spec.additional_ke)
         for ttype in ADDKE_TYPES:
             rx = {t.id for t in by_type.get(ttype, [])}
@@ -297,9 +296,8 @@ def match_proposal(received: Proposal, spec: ProposalSpec, *, ignore_ke: bool = 
                         return None
                     return None
                 additional.append((ttype, found))
-            elif rx - {KeId.NONE}:
-                if KeId.NONE not in rx:
-                    return None
+            elif rx - {KeId.NONE} and KeId.NONE not in rx:
+                return None
     esn = EsnId.NO_ESN
     if spec.protocol != ProtocolId.IKE:
         rx_esn = {t.id for t in by_type.get(TransformType.ESN, [])} or {EsnId.NO_ESN}

@@ -87,9 +87,9 @@ class IkeUdpShell:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.local_ip, port))
             sock.setblocking(False)
-            local = (self.local_ip, port)
-            _, proto = await self._loop.create_datagram_endpoint(lambda local=local: _Endpoint(self, local), sock=sock)
-            self._endpoints[port] = proto
+            endpoint = _Endpoint(self, (self.local_ip, port))
+            await self._loop.create_datagram_endpoint(lambda ep=endpoint: ep, sock=sock)  # type: ignore[misc]
+            self._endpoints[port] = endpoint
         self.transmit()
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from esplanade.keyexchange.ikev2.auth.der import decode_name
 from esplanade.keyexchange.ikev2.constants import IdType
 
 _DN_KEYS = {
@@ -79,10 +80,8 @@ class Identity:
             return self.data.decode("utf-8", "replace")
         if self.id_type == IdType.DER_ASN1_DN:
             try:
-                return x509.Name.from_rfc4514_string(
-                    x509.load_der_x509_name(self.data).rfc4514_string()
-                ).rfc4514_string()
-            except Exception:
+                return ", ".join(reversed(decode_name(self.data).rfc4514_string().split(",")))
+            except ValueError:
                 return "DN:" + self.data.hex()
         if self.is_any:
             return "%any"
@@ -96,7 +95,7 @@ class Identity:
             return False
         if self.id_type == IdType.DER_ASN1_DN:
             try:
-                return x509.load_der_x509_name(self.data) == x509.load_der_x509_name(other.data)
+                return decode_name(self.data) == decode_name(other.data)
             except ValueError:
                 return False
         if self.id_type in (IdType.FQDN, IdType.RFC822_ADDR):
@@ -107,7 +106,7 @@ class Identity:
         """Is this identity the certificate's subject DN or one of its subjectAltNames (RFC 4945 §3)?"""
         if self.id_type == IdType.DER_ASN1_DN:
             try:
-                return x509.load_der_x509_name(self.data) == cert.subject
+                return decode_name(self.data) == cert.subject
             except ValueError:
                 return False
         try:

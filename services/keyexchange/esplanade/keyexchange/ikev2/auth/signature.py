@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from esplanade.keyexchange.ikev2.auth.der import oid as der_oid
+from esplanade.keyexchange.ikev2.auth.der import oid_text, read_tlv, tlv
 from esplanade.keyexchange.ikev2.constants import AuthMethod, HashAlgorithm
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -51,79 +53,29 @@ class SignatureError(Exception):
     pass
 
 
-# -- minimal DER ---------------------------------------------------------------------------
-
-
-def _tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes((tag, n)) + content
-    ln = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(ln))) + ln + content
-
-
-def _oid(dotted: str) -> bytes:
-    parts = [int(p) for p in dotted.split(".")]
-    out = bytearray([40 * parts[0] + parts[1]])
-    for p in parts[2:]:
-        chunk = [p & 0x7F]
-        p >>= 7
-        while p:
-            chunk.append(0x80 | (p & 0x7F))
-            p >>= 7
-        out += bytes(reversed(chunk))
-    return _tlv(0x06, bytes(out))
-
-
-def _oid_text(content: bytes) -> str:
-    if not content:
-        raise SignatureError("empty OID")
-    parts = [content[0] // 40, content[0] % 40]
-    v = 0
-    for b in content[1:]:
-        v = (v << 7) | (b & 0x7F)
-        if not b & 0x80:
-            parts.append(v)
-            v = 0
-    return ".".join(map(str, parts))
-
-
-def _read_tlv(data: bytes, off: int) -> tuple[int, bytes, int]:
-    if off + 2 > len(data):
-        raise SignatureError("DER truncated")
-    tag, ln = data[off], data[off + 1]
-    off += 2
-    if ln & 0x80:
-        n = ln & 0x7F
-        if n == 0 or n > 3 or off + n > len(data):
-            raise SignatureError("bad DER length")
-        ln = int.from_bytes(data[off : off + n], "big")
-        off += n
-    if off + ln > len(data):
-        raise SignatureError("DER value truncated")
-    return tag, data[off : off + ln], off + ln
+# -- AlgorithmIdentifiers (RFC 7427 Appendix A) -------------------------------------------
 
 
 def _hash_algid(h: HashAlgorithm) -> bytes:
-    oid = next(k for k, v in _HASH_OIDS.items() if v == h)
-    return _tlv(0x30, _oid(oid) + b"\x05\x00")
+    dotted = next(k for k, v in _HASH_OIDS.items() if v == h)
+    return tlv(0x30, der_oid(dotted) + b"\x05\x00")
 
 
 def algorithm_identifier(key: PrivateKey, h: HashAlgorithm, pss: bool) -> bytes:
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        oid = next(k for k, v in _ECDSA_OIDS.items() if v == h)
-        return _tlv(0x30, _oid(oid))
+        dotted = next(k for k, v in _ECDSA_OIDS.items() if v == h)
+        return tlv(0x30, der_oid(dotted))
     if pss:
-        salt = _HASHES[h].digest_size
-        params = _tlv(
+        salt = _HASHES[h]().digest_size
+        params = tlv(
             0x30,
-            _tlv(0xA0, _hash_algid(h))
-            + _tlv(0xA1, _tlv(0x30, _oid(_OID_MGF1) + _hash_algid(h)))
-            + _tlv(0xA2, _tlv(0x02, bytes((salt,)))),
+            tlv(0xA0, _hash_algid(h))
+            + tlv(0xA1, tlv(0x30, der_oid(_OID_MGF1) + _hash_algid(h)))
+            + tlv(0xA2, tlv(0x02, bytes((salt,)))),
         )
-        return _tlv(0x30, _oid(_OID_RSA_PSS) + params)
-    oid = next(k for k, v in _RSA_PKCS1_OIDS.items() if v == h)
-    return _tlv(0x30, _oid(oid) + b"\x05\x00")
+        return tlv(0x30, der_oid(_OID_RSA_PSS) + params)
+    dotted = next(k for k, v in _RSA_PKCS1_OIDS.items() if v == h)
+    return tlv(0x30, der_oid(dotted) + b"\x05\x00")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,32 +86,32 @@ class SignatureScheme:
 
 
 def parse_algorithm_identifier(der: bytes) -> SignatureScheme:
-    tag, seq, end = _read_tlv(der, 0)
+    tag, seq, end = read_tlv(der, 0)
     if tag != 0x30 or end != len(der):
         raise SignatureError("AlgorithmIdentifier is not one DER SEQUENCE")
-    tag, oid_c, off = _read_tlv(seq, 0)
+    tag, oid_c, off = read_tlv(seq, 0)
     if tag != 0x06:
         raise SignatureError("AlgorithmIdentifier without OID")
-    oid = _oid_text(oid_c)
-    if oid in _ECDSA_OIDS:
-        return SignatureScheme("ecdsa", _ECDSA_OIDS[oid])
-    if oid in _RSA_PKCS1_OIDS:
-        return SignatureScheme("pkcs1", _RSA_PKCS1_OIDS[oid])
-    if oid == _OID_RSA_PSS:
+    dotted = oid_text(oid_c)
+    if dotted in _ECDSA_OIDS:
+        return SignatureScheme("ecdsa", _ECDSA_OIDS[dotted])
+    if dotted in _RSA_PKCS1_OIDS:
+        return SignatureScheme("pkcs1", _RSA_PKCS1_OIDS[dotted])
+    if dotted == _OID_RSA_PSS:
         h, salt = HashAlgorithm.SHA1, 20
-        tag, params, _ = _read_tlv(seq, off)
+        tag, params, _ = read_tlv(seq, off)
         p = 0
         while p < len(params):
-            t, val, p = _read_tlv(params, p)
+            t, val, p = read_tlv(params, p)
             if t == 0xA0:
-                _, algid, _ = _read_tlv(val, 0)
-                _, hoid, _ = _read_tlv(algid, 0)
-                h = _HASH_OIDS.get(_oid_text(hoid), HashAlgorithm.SHA1)
+                _, algid, _ = read_tlv(val, 0)
+                _, hoid, _ = read_tlv(algid, 0)
+                h = _HASH_OIDS.get(oid_text(hoid), HashAlgorithm.SHA1)
             elif t == 0xA2:
-                _, sv, _ = _read_tlv(val, 0)
+                _, sv, _ = read_tlv(val, 0)
                 salt = int.from_bytes(sv, "big")
         return SignatureScheme("pss", h, salt)
-    raise SignatureError(f"unsupported signature algorithm {oid}")
+    raise SignatureError(f"unsupported signature algorithm {dotted}")
 
 
 # -- sign / verify -------------------------------------------------------------------------
@@ -256,4 +208,4 @@ def verify(pub: object, method: int, auth_data: bytes, octets: bytes) -> None:
         raise SignatureError(f"malformed signature: {type(exc).__name__}") from None
 
 
-__all__ = ["PrivateKey", "PublicKey", "SignatureError", "ed25519", "sign", "verify"]
+__all__ = ["PrivateKey", "PublicKey", "SignatureError", "sign", "verify"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -61,7 +62,7 @@ class TrustStore:
         return chain
 
     def _check_revocation(self, chain: list[x509.Certificate], when: datetime.datetime) -> None:
-        for cert, issuer in zip(chain, chain[1:], strict=False):
+        for cert, issuer in itertools.pairwise(chain):
             for crl in self.crls:
                 if crl.issuer != issuer.subject:
                     continue

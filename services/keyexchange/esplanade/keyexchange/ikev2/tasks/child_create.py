@@ -13,7 +13,16 @@ from esplanade.keyexchange.ikev2.errors import CryptoError, NegotiationError
 from esplanade.keyexchange.ikev2.events import NegotiationFailed
 from esplanade.keyexchange.ikev2.ike_sa import IkeState
 from esplanade.keyexchange.ikev2.message import Message
-from esplanade.keyexchange.ikev2.payloads import KePayload, NoncePayload, NotifyPayload, Payload, Proposal
+from esplanade.keyexchange.ikev2.payloads import (
+    KePayload,
+    NoncePayload,
+    NotifyPayload,
+    Payload,
+    Proposal,
+    SaPayload,
+    TsiPayload,
+    TsrPayload,
+)
 from esplanade.keyexchange.ikev2.tasks import child_negotiation as cn
 from esplanade.keyexchange.ikev2.tasks.base import Task
 
@@ -58,13 +67,13 @@ class ChildCreate(Task):
         payloads: list[Payload] = self.extra_payloads(ike)
         self.offered = cn.offered_proposals(ccfg, self.spi_in, with_ke=True, first_ke=self.ke_method)
         child_payloads, self.tsi, self.tsr = cn.child_request_payloads(ike, ccfg, self.offered)
-        payloads += [p for p in child_payloads if not isinstance(p, cn.SaPayload | cn.TsiPayload | cn.TsrPayload)]
-        payloads.append(next(p for p in child_payloads if isinstance(p, cn.SaPayload)))
+        payloads += [p for p in child_payloads if not isinstance(p, SaPayload | TsiPayload | TsrPayload)]
+        payloads.append(next(p for p in child_payloads if isinstance(p, SaPayload)))
         payloads.append(NoncePayload(self.nonce))
         if self.ke_method:
             self.ke = new_key_exchange(self.ke_method, initiator=True)
             payloads.append(KePayload(self.ke_method, self.ke.public_value()))
-        payloads += [p for p in child_payloads if isinstance(p, cn.TsiPayload | cn.TsrPayload)]
+        payloads += [p for p in child_payloads if isinstance(p, TsiPayload | TsrPayload)]
         return payloads
 
     def process_response(self, ike: IkeSa, msg: Message, now: float) -> bool:
@@ -161,10 +170,10 @@ class ChildCreate(Task):
         sa_tsi_tsr = payloads
         out: list[Payload] = [*self.extra_payloads(ike)]
         out += [p for p in sa_tsi_tsr if isinstance(p, NotifyPayload)]
-        out += [p for p in sa_tsi_tsr if isinstance(p, cn.SaPayload)]
+        out += [p for p in sa_tsi_tsr if isinstance(p, SaPayload)]
         out.append(NoncePayload(self.nonce))
         out += out_ke
-        out += [p for p in sa_tsi_tsr if isinstance(p, cn.TsiPayload | cn.TsrPayload)]
+        out += [p for p in sa_tsi_tsr if isinstance(p, TsiPayload | TsrPayload)]
         ike.request_install(child)
         self.awaiting_install.append(child.id)
 

@@ -38,6 +38,7 @@ from esplanade.keyexchange.ikev2.payloads import (
     NotifyPayload,
     Payload,
     Proposal,
+    SaPayload,
     notify_of,
 )
 from esplanade.keyexchange.ikev2.tasks import child_negotiation as cn
@@ -262,7 +263,7 @@ class IkeAuth(Task):
                 out.append(reply)
         ike.mark_established(now)
         ike.emit(self._established_event(ike, initiator=False))
-        if not any(isinstance(p, cn.SaPayload) for p in msg.payloads):
+        if not any(isinstance(p, SaPayload) for p in msg.payloads):
             return out  # childless (RFC 6023)
         if cp_failed:
             out.append(NotifyPayload(NotifyType.INTERNAL_ADDRESS_FAILURE))
