@@ -90,8 +90,9 @@ def teardown_netns() -> None:
 class Charon:
     """One charon in NS_SS, configured through files + swanctl."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, ns: str = NS_SS) -> None:
         self.base = base
+        self.ns = ns
         self.proc: subprocess.Popen[bytes] | None = None
         for d in ("run", "x509", "x509ca", "x509crl", "private", "pubkey", "rsa", "ecdsa", "pkcs8"):
             (base / d).mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,7 @@ class Charon:
         self.conf = base / "strongswan.conf"
         self.swanctl_conf = base / "swanctl.conf"
 
-    def write_strongswan_conf(self, extra: str = "") -> None:
+    def write_strongswan_conf(self, extra: str = "", log_level: int = 4) -> None:
         self.conf.write_text(f"""
 charon {{
     load_modular = no
@@ -126,12 +127,12 @@ charon {{
             time_format = %H:%M:%S
             ike_name = yes
             default = 1
-            ike = 4
-            chd = 4
-            cfg = 2
-            net = 2
-            enc = 1
-            knl = 1
+            ike = {log_level}
+            chd = {log_level}
+            cfg = {min(log_level, 2)}
+            net = {min(log_level, 2)}
+            enc = {min(log_level, 1)}
+            knl = {min(log_level, 1)}
         }}
     }}
     syslog {{
@@ -146,12 +147,12 @@ swanctl {{
 }}
 """)
 
-    def start(self) -> None:
-        self.write_strongswan_conf()
+    def start(self, extra: str = "", log_level: int = 4) -> None:
+        self.write_strongswan_conf(extra, log_level)
         self.log.write_text("")
         cmd = f"mount --bind '{self.base}/run' /run && exec env STRONGSWAN_CONF='{self.conf}' {CHARON}"
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", NS_SS, "sh", "-c", cmd],
+            ["ip", "netns", "exec", self.ns, "sh", "-c", cmd],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -202,15 +203,20 @@ def ss_conn(
     extra_child: str = "",
     extra: str = "",
     remote_id: str = ES_ID,
+    local_id: str = SS_ID,
+    local_ip: str = SS_IP,
+    remote_ip: str = ES_IP,
+    local_ts: str = SS_NET,
+    remote_ts: str = ES_NET,
 ) -> str:
-    local_auth = f"auth = {auth}\n            id = {SS_ID}"
+    local_auth = f"auth = {auth}\n            id = {local_id}"
     if cert:
         local_auth += f"\n            certs = {cert}"
     return f"""
     pair {{
         version = 2
-        local_addrs = {SS_IP}
-        remote_addrs = {ES_IP}
+        local_addrs = {local_ip}
+        remote_addrs = {remote_ip}
         encap = yes
         unique = never
         proposals = {proposals}
@@ -225,8 +231,8 @@ def ss_conn(
         }}
         children {{
             net {{
-                local_ts = {SS_NET}
-                remote_ts = {ES_NET}
+                local_ts = {local_ts}
+                remote_ts = {remote_ts}
                 esp_proposals = {esp}
                 mode = tunnel
                 rekey_time = 1h

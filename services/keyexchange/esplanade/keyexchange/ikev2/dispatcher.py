@@ -8,6 +8,7 @@ Same sans-IO surface as one IKE SA: `receive_datagram`, `datagrams_to_send`, `ge
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import os
 import random
@@ -57,6 +58,9 @@ class IkeDispatcher:
         self._reauth_started: set[str] = set()
         self._reauth_children: dict[str, list[str]] = {}
         self.cookies = CookieJar(now)
+        self._timer_heap: list[tuple[float, int, str]] = []
+        self._deadlines: dict[str, float] = {}
+        self._timer_seq = 0
         self.counters: dict[str, int] = {}
         self.hooks = EngineHooks(
             allocate_spi=self._allocate_spi,
@@ -117,15 +121,37 @@ class IkeDispatcher:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
-        t = [d for d in (sa.get_timer() for sa in self.sas.values()) if d is not None]
-        return min(t) if t else None
+        """The earliest deadline of any IKE SA: a heap with lazily dropped stale entries, O(log n)."""
+        heap = self._timer_heap
+        while heap:
+            deadline, _, sa_id = heap[0]
+            if self._deadlines.get(sa_id) == deadline:
+                return deadline
+            heapq.heappop(heap)
+        return None
 
     def handle_timer(self, now: float) -> None:
-        for sa in list(self.sas.values()):
-            deadline = sa.get_timer()
-            if deadline is not None and deadline <= now:
-                sa.handle_timer(now)
-                self._collect(sa, now)
+        due: list[IkeSa] = []
+        heap = self._timer_heap
+        while heap and heap[0][0] <= now:
+            deadline, _, sa_id = heapq.heappop(heap)
+            if self._deadlines.get(sa_id) == deadline and sa_id in self.sas:
+                del self._deadlines[sa_id]
+                due.append(self.sas[sa_id])
+        for sa in due:
+            sa.handle_timer(now)
+            self._collect(sa, now)
+
+    def _schedule(self, sa: IkeSa) -> None:
+        deadline = sa.get_timer() if sa.state != IkeState.DELETED else None
+        if deadline == self._deadlines.get(sa.id):
+            return
+        if deadline is None:
+            self._deadlines.pop(sa.id, None)
+            return
+        self._deadlines[sa.id] = deadline
+        self._timer_seq += 1
+        heapq.heappush(self._timer_heap, (deadline, self._timer_seq, sa.id))
 
     def receive_datagram(self, data: bytes, local: Address, remote: Address, now: float) -> None:
         """One UDP payload as received; on port 4500 it still carries the non-ESP marker."""
@@ -356,6 +382,8 @@ class IkeDispatcher:
                 self._start_reauth(s, now)
             if s.state == IkeState.DELETED:
                 self._forget(s)
+            else:
+                self._schedule(s)
 
     def _on_established(self, sa: IkeSa, ev: IkeSaEstablished, now: float) -> None:
         for key, half in list(self._half_open.items()):
@@ -368,7 +396,7 @@ class IkeDispatcher:
             old.queue.clear()
             old.queue_task(IkeDelete("reauthenticated"))
             old.run_queue(now)
-            self._datagrams.extend(old.datagrams_to_send())
+            self._drain(old)
             for name in self._reauth_children.pop(sa.id, [])[1:]:
                 from esplanade.keyexchange.ikev2.tasks.child_create import ChildCreate
 
@@ -409,9 +437,12 @@ class IkeDispatcher:
             self._events.append(ev)
         if sa.state == IkeState.DELETED:
             self._forget(sa)
+        else:
+            self._schedule(sa)
 
     def _forget(self, sa: IkeSa) -> None:
         self.sas.pop(sa.id, None)
+        self._deadlines.pop(sa.id, None)
         for spi in (sa.spi_i, sa.spi_r):
             if self._by_spi.get(spi) is sa:
                 del self._by_spi[spi]

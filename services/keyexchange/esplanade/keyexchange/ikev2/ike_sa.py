@@ -12,7 +12,9 @@ An unauthenticated message (one whose SK payload does not verify) never changes 
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
+import ipaddress
 import os
 import random
 from collections import deque
@@ -296,10 +298,8 @@ class IkeSa:
             self.remote = (self.remote[0], NATT_PORT)
 
     def nat_hash(self, spi_r: bytes, addr: Address) -> bytes:
-        import ipaddress
-
-        packed = ipaddress.ip_address(addr[0]).packed
-        return hashlib.sha1(self.spi_i + spi_r + packed + addr[1].to_bytes(2, "big"), usedforsecurity=False).digest()
+        data = self.spi_i + spi_r + packed_address(addr[0]) + addr[1].to_bytes(2, "big")
+        return hashlib.sha1(data, usedforsecurity=False).digest()
 
     # -- public sans-IO surface -----------------------------------------------------------
     def datagrams_to_send(self) -> list[Datagram]:
@@ -705,6 +705,11 @@ class IkeSa:
             if isinstance(p, NotifyPayload) and p.type < 16384:
                 return p
         return None
+
+
+@functools.lru_cache(maxsize=4096)
+def packed_address(ip: str) -> bytes:
+    return ipaddress.ip_address(ip).packed
 
 
 def notify_name(ntype: int) -> str:

@@ -32,6 +32,8 @@ _HDR = struct.Struct("!8s8sBBBBII")
 _GENERIC = struct.Struct("!BBH")
 _SKF_HDR = struct.Struct("!BBHHH")
 MAX_MESSAGE = 65535
+_FLAG_I = int(HeaderFlag.INITIATOR)
+_FLAG_R = int(HeaderFlag.RESPONSE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +49,11 @@ class Header:
 
     @property
     def is_response(self) -> bool:
-        return bool(self.flags & HeaderFlag.RESPONSE)
+        return bool(self.flags & _FLAG_R)
 
     @property
     def from_initiator(self) -> bool:
-        return bool(self.flags & HeaderFlag.INITIATOR)
+        return bool(self.flags & _FLAG_I)
 
 
 def parse_header(data: bytes) -> Header:
@@ -84,12 +86,7 @@ class Message:
 
     @property
     def flags(self) -> int:
-        f = 0
-        if self.from_initiator:
-            f |= HeaderFlag.INITIATOR
-        if self.response:
-            f |= HeaderFlag.RESPONSE
-        return f
+        return (_FLAG_I if self.from_initiator else 0) | (_FLAG_R if self.response else 0)
 
     def exchange_name(self) -> str:
         try:
