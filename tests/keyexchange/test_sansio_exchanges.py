@@ -484,3 +484,57 @@ def test_forced_encapsulation_without_nat() -> None:
     assert b.of(IkeSaEstablished)[0].nat_remote  # a faked its NAT-D source hash
     assert a.engine.sas[ike].local[1] == 4500
     assert a.of(ChildSaEstablished)[0].record.outbound.encap is not None
+
+
+def test_ike_rekey_with_additional_ke_uses_followup() -> None:
+    """RFC 9370 §2.2.4: an IKE rekey with ke1_mlkem768 runs IKE_FOLLOWUP_KE; both secrets feed SKEYSEED."""
+    prop = ["aes256gcm16-prfsha256-ecp256-ke1_mlkem768"]
+    net, a, b, ike, _child = established(a_over={"proposals": prop}, b_over={"proposals": prop})
+    a.engine.rekey_ike(ike, net.now)
+    net.run()
+    assert a.of(IkeSaRekeyed) and b.of(IkeSaRekeyed)
+    sa_a, sa_b = next(iter(a.engine.sas.values())), next(iter(b.engine.sas.values()))
+    assert sa_a.id != ike and sa_a.keys == sa_b.keys
+    assert len(sa_a.shared_secrets) == 2 and sa_a.shared_secrets == sa_b.shared_secrets
+    assert ExchangeType.IKE_FOLLOWUP_KE in [parse_header(d.data).exchange for d in net.log]
+    assert_children_paired(a, b)
+
+
+def test_child_with_additional_ke_uses_followup() -> None:
+    esp = ["aes256gcm16-ecp256-ke1_mlkem768"]
+    net, a, b, ike, child = established(a_over={"child_esp_proposals": esp}, b_over={"child_esp_proposals": esp})
+    a.engine.rekey_child(ike, child, net.now)
+    net.run()
+    assert a.of(ChildSaRekeyed) and b.of(ChildSaRekeyed)
+    followups = {
+        (h.message_id, h.is_response)
+        for h in (parse_header(d.data) for d in net.log)
+        if h.exchange == ExchangeType.IKE_FOLLOWUP_KE
+    }
+    assert len(followups) == 2  # one exchange: request (fragmented: ML-KEM key) and response
+    assert_children_paired(a, b)
+
+
+def test_followup_with_unknown_link_gets_state_not_found() -> None:
+    from esplanade.keyexchange.ikev2.tasks.ike_followup_ke import FollowupKe
+
+    net, a, _b, ike, _child = established()
+    sa = a.engine.sas[ike]
+
+    class Owner:
+        shared: list[bytes] = []
+        link = b"\x01" * 8
+        remaining = [36]
+        failed: list[int] = []
+
+        def followup_done(self, ike: object, now: float, task: object) -> None:
+            raise AssertionError("must not complete")
+
+        def followup_failed(self, ike: object, notify: int, reason: str, now: float) -> None:
+            self.failed.append(notify)
+
+    owner = Owner()
+    sa.queue_task(FollowupKe(owner, 36, True))  # type: ignore[arg-type]
+    a.engine._run(sa, net.now)
+    net.run()
+    assert owner.failed == [NotifyType.STATE_NOT_FOUND]

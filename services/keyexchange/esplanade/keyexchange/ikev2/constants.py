@@ -103,6 +103,14 @@ def notify_is_error(notify_type: int) -> bool:
     return notify_type < 16384
 
 
+def known_notify(value: int, default: NotifyType = NotifyType.INVALID_SYNTAX) -> NotifyType:
+    """The NotifyType for a received number, or `default` for one we do not know."""
+    try:
+        return NotifyType(value)
+    except ValueError:
+        return default
+
+
 class AuthMethod(IntEnum):
     RSA_SIG = 1
     PSK = 2

@@ -78,8 +78,12 @@ ALLOWED_REQUESTS: dict[IkeState, frozenset[int]] = {
     IkeState.INIT_SENT: frozenset(),
     IkeState.INTERMEDIATE_SENT: frozenset(),
     IkeState.AUTH_SENT: frozenset(),
-    IkeState.ESTABLISHED: frozenset({ExchangeType.CREATE_CHILD_SA, ExchangeType.INFORMATIONAL}),
-    IkeState.REKEYING: frozenset({ExchangeType.CREATE_CHILD_SA, ExchangeType.INFORMATIONAL}),
+    IkeState.ESTABLISHED: frozenset(
+        {ExchangeType.CREATE_CHILD_SA, ExchangeType.INFORMATIONAL, ExchangeType.IKE_FOLLOWUP_KE}
+    ),
+    IkeState.REKEYING: frozenset(
+        {ExchangeType.CREATE_CHILD_SA, ExchangeType.INFORMATIONAL, ExchangeType.IKE_FOLLOWUP_KE}
+    ),
     IkeState.REKEYED: frozenset({ExchangeType.INFORMATIONAL, ExchangeType.CREATE_CHILD_SA}),
     IkeState.DELETING: frozenset({ExchangeType.INFORMATIONAL}),
     IkeState.DELETED: frozenset(),
@@ -240,6 +244,7 @@ class IkeSa:
         self.ike_rekey_task: Any = None
         self.ike_rekey_collision: Any = None
         self.reauth_requested = False
+        self.pending_followups: dict[bytes, Any] = {}  # RFC 9370 link -> responder state
         self.initial_contact = False
         self.candidate_configs: tuple[ConnectionConfig, ...] = (config,)
 

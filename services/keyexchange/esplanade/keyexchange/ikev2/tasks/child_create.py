@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from esplanade.ipsec.transforms import Mode
 from esplanade.keyexchange.ikev2.child_sa import ChildSa, ChildState
-from esplanade.keyexchange.ikev2.constants import ExchangeType, NotifyType
+from esplanade.keyexchange.ikev2.constants import ExchangeType, NotifyType, known_notify
 from esplanade.keyexchange.ikev2.crypto.keyexchange import KeyExchange, new_key_exchange
 from esplanade.keyexchange.ikev2.errors import CryptoError, NegotiationError
 from esplanade.keyexchange.ikev2.events import NegotiationFailed
@@ -22,9 +23,11 @@ from esplanade.keyexchange.ikev2.payloads import (
     SaPayload,
     TsiPayload,
     TsrPayload,
+    notify_of,
 )
 from esplanade.keyexchange.ikev2.tasks import child_negotiation as cn
 from esplanade.keyexchange.ikev2.tasks.base import Task
+from esplanade.keyexchange.ikev2.tasks.ike_followup_ke import new_link, queue_followups
 
 if TYPE_CHECKING:
     from esplanade.ipsec.selectors import TrafficSelector
@@ -51,6 +54,12 @@ class ChildCreate(Task):
         self.retries = 0
         self.result: ChildSa | None = None
         self.peer_nonce = b""
+        # negotiated state kept until the last IKE_FOLLOWUP_KE (RFC 9370)
+        self.negotiated: tuple[Any, int, tuple[Any, ...], tuple[Any, ...], Mode] | None = None
+        self.responder_state: tuple[str, Any, int, int, tuple[Any, ...], tuple[Any, ...], Mode] | None = None
+        self.shared: list[bytes] = []
+        self.link = b""
+        self.remaining: list[int] = []
 
     def can_start(self, ike: IkeSa) -> bool:
         return ike.state == IkeState.ESTABLISHED
@@ -105,18 +114,56 @@ class ChildCreate(Task):
                 except CryptoError as exc:
                     raise NegotiationError(NotifyType.INVALID_SYNTAX, str(exc)) from None
                 shared = [self.ke.shared_secret]
+            link = notify_of(msg.payloads, NotifyType.ADDITIONAL_KEY_EXCHANGE)
+            if suite.additional_ke and (link is None or not shared):
+                raise NegotiationError(NotifyType.INVALID_SYNTAX, "additional key exchanges without KE or link")
         except NegotiationError as exc:
             self.on_failure(ike, exc, now)
             return False
         self.peer_nonce = nonce.data
+        self.negotiated = (suite, spi_out, tsi, tsr, mode)
+        self.shared = shared or []
+        if suite.additional_ke and link is not None:
+            self.link = link.data
+            self.remaining = [int(m) for _, m in suite.additional_ke]
+            queue_followups(ike, self)
+            return False
+        self._finish_initiator(ike, now)
+        return False
+
+    def _finish_initiator(self, ike: IkeSa, now: float) -> None:
+        assert self.negotiated is not None
+        suite, spi_out, tsi, tsr, mode = self.negotiated
         child = cn.make_child(
-            ike, self.child, suite, self.spi_in, spi_out, True, tsi, tsr, mode, self.nonce, nonce.data, now, shared
+            ike,
+            self.child,
+            suite,
+            self.spi_in,
+            spi_out,
+            True,
+            tsi,
+            tsr,
+            mode,
+            self.nonce,
+            self.peer_nonce,
+            now,
+            self.shared or None,
         )
         child.rekey_of = self.rekey_of.id if self.rekey_of else ""
         ike.children[child.id] = child
         self.result = child
         self.on_success(ike, child, now)
-        return False
+
+    # -- RFC 9370 IKE_FOLLOWUP_KE -----------------------------------------------------------------
+    def followup_done(self, ike: IkeSa, now: float, task: Task) -> None:
+        if self.responder_state is None:
+            self._finish_initiator(ike, now)
+        else:
+            self._finish_responder(ike, now, task)
+
+    def followup_failed(self, ike: IkeSa, notify: int, reason: str, now: float) -> None:
+        if self.result is None and notify:
+            self.on_failure(ike, NegotiationError(known_notify(notify), reason), now)
 
     def on_success(self, ike: IkeSa, child: ChildSa, now: float) -> None:
         ike.announce_child(child, now)
@@ -160,29 +207,53 @@ class ChildCreate(Task):
         spi_in = ike.hooks.allocate_spi()
         spi_out = struct.unpack("!I", suite.spi)[0]
         self.peer_nonce = nonce.data
-        child = cn.make_child(
-            ike, ccfg.name, suite, spi_in, spi_out, False, tsr, tsi, mode, nonce.data, self.nonce, now, shared
-        )
-        child.rekey_of = self.rekey_of.id if self.rekey_of else ""
-        ike.children[child.id] = child
-        self.result = child
-        payloads = cn.responder_payloads(suite, spi_in, tsi, tsr, mode)
-        sa_tsi_tsr = payloads
+        self.shared = shared or []
+        self.responder_state = (ccfg.name, suite, spi_in, spi_out, tsr, tsi, mode)
+        sa_tsi_tsr = cn.responder_payloads(suite, spi_in, tsi, tsr, mode)
         out: list[Payload] = [*self.extra_payloads(ike)]
         out += [p for p in sa_tsi_tsr if isinstance(p, NotifyPayload)]
         out += [p for p in sa_tsi_tsr if isinstance(p, SaPayload)]
         out.append(NoncePayload(self.nonce))
         out += out_ke
         out += [p for p in sa_tsi_tsr if isinstance(p, TsiPayload | TsrPayload)]
+        if suite.additional_ke:
+            if not shared:
+                return [NotifyPayload(NotifyType.INVALID_SYNTAX)]
+            self.remaining = [int(m) for _, m in suite.additional_ke]
+            out.append(NotifyPayload(NotifyType.ADDITIONAL_KEY_EXCHANGE, new_link(ike, self)))
+            return out
+        self._finish_responder(ike, now, self)
+        return out
+
+    def _finish_responder(self, ike: IkeSa, now: float, task: Task) -> None:
+        assert self.responder_state is not None
+        name, suite, spi_in, spi_out, local_ts, remote_ts, mode = self.responder_state
+        child = cn.make_child(
+            ike,
+            name,
+            suite,
+            spi_in,
+            spi_out,
+            False,
+            local_ts,
+            remote_ts,
+            mode,
+            self.peer_nonce,
+            self.nonce,
+            now,
+            self.shared or None,
+        )
+        child.rekey_of = self.rekey_of.id if self.rekey_of else ""
+        ike.children[child.id] = child
+        self.result = child
         ike.request_install(child)
-        self.awaiting_install.append(child.id)
+        task.awaiting_install.append(child.id)
 
         def announce(t: float) -> None:
             child.state = ChildState.INSTALLED
             self.responder_done(ike, child, t)
 
-        self.after_send.append(announce)
-        return out
+        task.after_send.append(announce)
 
     def responder_done(self, ike: IkeSa, child: ChildSa, now: float) -> None:
         ike.announce_child(child, now)

@@ -11,7 +11,7 @@ from esplanade.ipsec.selectors import TrafficSelector, narrow
 from esplanade.ipsec.transforms import Mode, ProtocolId
 from esplanade.keyexchange.config import ChildConfig
 from esplanade.keyexchange.ikev2.child_sa import ChildSa
-from esplanade.keyexchange.ikev2.constants import NotifyType
+from esplanade.keyexchange.ikev2.constants import NotifyType, known_notify
 from esplanade.keyexchange.ikev2.crypto.keymat import child_keymat
 from esplanade.keyexchange.ikev2.errors import NegotiationError
 from esplanade.keyexchange.ikev2.message import Message
@@ -151,7 +151,7 @@ def initiator_verify(
             except ValueError:
                 name = str(p.type)
             raise NegotiationError(
-                NotifyType(p.type) if p.type in NotifyType._value2member_map_ else NotifyType.INVALID_SYNTAX,
+                known_notify(p.type),
                 f"peer refused the Child SA: {name}",
             )
     sa = _get(msg, SaPayload)

@@ -49,6 +49,10 @@ def responder_task(ike: IkeSa, msg: Message) -> Task:
         return ike_intermediate.IkeIntermediate()
     if ex == ExchangeType.IKE_AUTH:
         return ike_auth.IkeAuth()
+    if ex == ExchangeType.IKE_FOLLOWUP_KE:
+        from esplanade.keyexchange.ikev2.tasks.ike_followup_ke import FollowupKe
+
+        return FollowupKe()
     if ex == ExchangeType.CREATE_CHILD_SA:
         if ike.state in (IkeState.REKEYED, IkeState.DELETING):
             return Refuse(NotifyType.TEMPORARY_FAILURE)

@@ -18,22 +18,26 @@ from esplanade.keyexchange.ikev2.errors import CryptoError
 from esplanade.keyexchange.ikev2.events import IkeSaRekeyed, NegotiationFailed
 from esplanade.keyexchange.ikev2.ike_sa import IKE_REKEY_DELETE_TIMEOUT, IkeSa, IkeState, notify_name
 from esplanade.keyexchange.ikev2.message import Message
-from esplanade.keyexchange.ikev2.payloads import KePayload, NoncePayload, NotifyPayload, Payload, Proposal, SaPayload
+from esplanade.keyexchange.ikev2.payloads import (
+    KePayload,
+    NoncePayload,
+    NotifyPayload,
+    Payload,
+    Proposal,
+    SaPayload,
+    notify_of,
+)
 from esplanade.keyexchange.ikev2.proposals import ProposalSpec, Suite, select, verify_chosen
 from esplanade.keyexchange.ikev2.tasks.base import Task
 from esplanade.keyexchange.ikev2.tasks.ike_delete import IkeDelete
+from esplanade.keyexchange.ikev2.tasks.ike_followup_ke import new_link, queue_followups
 
 NONCE_LEN = 32
 
 
 def _specs(ike: IkeSa) -> list[ProposalSpec]:
-    # additional key exchanges on rekey need IKE_FOLLOWUP_KE (RFC 9370 §2.2.4): offer classic suites
-    out = []
-    for p in ike.config.proposals:
-        s = ProposalSpec(p.protocol, p.encr, p.integ, p.prf, p.ke, (), p.esn)
-        if s not in out:
-            out.append(s)
-    return out
+    """The configured proposals; ones with additional key exchanges run IKE_FOLLOWUP_KE (RFC 9370)."""
+    return list(ike.config.proposals)
 
 
 def _new_sa(
@@ -44,7 +48,7 @@ def _new_sa(
     suite: Suite,
     ni: bytes,
     nr: bytes,
-    shared: bytes,
+    shared: list[bytes],
     now: float,
 ) -> IkeSa:
     new = IkeSa(old.hooks.new_ike_id(), old.config, initiator, old.local, old.remote, now, old.hooks, spi_i=spi_i)
@@ -53,7 +57,9 @@ def _new_sa(
     assert suite.prf is not None and old.keys is not None
     new.prf = PRFS[suite.prf]
     new.ni, new.nr = ni, nr
-    skeyseed = skeyseed_rekey(old.prf, old.keys.sk_d, [shared], ni, nr)
+    skeyseed = skeyseed_rekey(old.prf, old.keys.sk_d, shared, ni, nr)
+    new.shared_secrets = list(shared)
+    new.skeyseed = skeyseed
     new.install_keys(derive_ike_keys(new.prf, suite.encr, suite.integ, skeyseed, ni, nr, spi_i, spi_r))
     new.rekey_of = old.id
     new.candidate_configs = old.candidate_configs
@@ -76,6 +82,12 @@ class IkeRekey(Task):
         self.peer_nonce = b""
         self.result: IkeSa | None = None
         self.retries = 0
+        # RFC 9370 additional key exchanges (IKE_FOLLOWUP_KE)
+        self.suite: Suite | None = None
+        self.shared: list[bytes] = []
+        self.link = b""
+        self.remaining: list[int] = []
+        self.initiated = False
 
     def can_start(self, ike: IkeSa) -> bool:
         if ike.state != IkeState.ESTABLISHED or ike.rekeying_children:
@@ -84,6 +96,7 @@ class IkeRekey(Task):
             return False
         ike.set_state(IkeState.REKEYING)
         ike.ike_rekey_task = self
+        self.initiated = True
         return True
 
     def build_request(self, ike: IkeSa) -> list[Payload] | None:
@@ -143,7 +156,40 @@ class IkeRekey(Task):
             ike.emit(NegotiationFailed(ike.id, NotifyType.INVALID_SYNTAX, str(exc), self.name))
             return False
         self.peer_nonce = nonce.data
-        new = _new_sa(ike, True, self.spi, suite.spi, suite, self.nonce, nonce.data, self.ke.shared_secret, now)
+        self.suite = suite
+        self.shared = [self.ke.shared_secret]
+        if suite.additional_ke:
+            link = notify_of(msg.payloads, NotifyType.ADDITIONAL_KEY_EXCHANGE)
+            if link is None:
+                self._abort(ike)
+                ike.emit(NegotiationFailed(ike.id, NotifyType.INVALID_SYNTAX, "ADDKE chosen but no link", self.name))
+                return False
+            self.link = link.data
+            self.remaining = [int(m) for _, m in suite.additional_ke]
+            queue_followups(ike, self)
+            return False
+        self._complete(ike, now)
+        return False
+
+    def followup_failed(self, ike: IkeSa, notify: int, reason: str, now: float) -> None:
+        if self.result is not None:
+            return
+        if self.initiated:
+            self._abort(ike)
+            ike.rekey_at = now + 60.0
+        if notify:
+            ike.emit(NegotiationFailed(ike.id, notify, f"IKE rekey: {reason}", self.name))
+
+    def followup_done(self, ike: IkeSa, now: float, task: Task) -> None:
+        if self.initiated:
+            self._complete(ike, now)
+        else:
+            self._responder_complete(ike, now)
+
+    def _complete(self, ike: IkeSa, now: float) -> None:
+        suite = self.suite
+        assert suite is not None
+        new = _new_sa(ike, True, self.spi, suite.spi, suite, self.nonce, self.peer_nonce, self.shared, now)
         self.result = new
         ike.ike_rekey_task = None
         ike.spawned.append(new)
@@ -158,7 +204,7 @@ class IkeRekey(Task):
                 ike.set_state(IkeState.REKEYED)
                 ike.delete_deadline = now + IKE_REKEY_DELETE_TIMEOUT
                 ike.emit(IkeSaRekeyed(ike.id, peer.result.id))
-                return False
+                return
             ike.count("ike_rekey_collisions_won")
             new.adopt_children(peer.result)
         new.adopt_children(ike)
@@ -166,7 +212,6 @@ class IkeRekey(Task):
             ike.set_state(IkeState.REKEYED)
         ike.emit(IkeSaRekeyed(ike.id, new.id))
         ike.queue.appendleft(IkeDelete("rekeyed"))
-        return False
 
     def on_timeout(self, ike: IkeSa) -> None:
         ike.ike_rekey_task = None
@@ -196,12 +241,37 @@ class IkeRekey(Task):
         except CryptoError:
             return [NotifyPayload(NotifyType.INVALID_SYNTAX)]
         self.peer_nonce = nonce.data
-        new = _new_sa(ike, False, suite.spi, self.spi, suite, nonce.data, self.nonce, kex.shared_secret, now)
+        self.suite = suite
+        self.shared = [kex.shared_secret]
+        chosen = Suite(
+            suite.protocol,
+            suite.encr,
+            suite.integ,
+            suite.prf,
+            suite.ke,
+            suite.additional_ke,
+            suite.esn,
+            suite.number,
+            self.spi,
+        )
+        out: list[Payload] = [
+            SaPayload((chosen.to_proposal(),)),
+            NoncePayload(self.nonce),
+            KePayload(suite.ke, kex.public_value()),
+        ]
+        if suite.additional_ke:
+            self.remaining = [int(m) for _, m in suite.additional_ke]
+            out.append(NotifyPayload(NotifyType.ADDITIONAL_KEY_EXCHANGE, new_link(ike, self)))
+            return out
+        self._responder_complete(ike, now)
+        return out
+
+    def _responder_complete(self, ike: IkeSa, now: float) -> None:
+        suite = self.suite
+        assert suite is not None
+        new = _new_sa(ike, False, suite.spi, self.spi, suite, self.peer_nonce, self.nonce, self.shared, now)
         self.result = new
         ike.spawned.append(new)
-        chosen = Suite(
-            suite.protocol, suite.encr, suite.integ, suite.prf, suite.ke, (), suite.esn, suite.number, self.spi
-        )
         if ike.ike_rekey_task is not None:
             ike.ike_rekey_collision = self  # §2.8.2: resolved when our own rekey completes
         else:
@@ -209,4 +279,3 @@ class IkeRekey(Task):
             ike.set_state(IkeState.REKEYED)
             ike.delete_deadline = now + IKE_REKEY_DELETE_TIMEOUT
             ike.emit(IkeSaRekeyed(ike.id, new.id))
-        return [SaPayload((chosen.to_proposal(),)), NoncePayload(self.nonce), KePayload(suite.ke, kex.public_value())]
