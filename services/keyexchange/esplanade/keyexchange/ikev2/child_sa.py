@@ -41,7 +41,12 @@ class ChildSa:
     rekey_of: str = ""
 
     def sas(
-        self, local: tuple[str, int], remote: tuple[str, int], encap: bool, replay_window: int
+        self,
+        local: tuple[str, int],
+        remote: tuple[str, int],
+        encap: bool,
+        replay_window: int,
+        lifetime: Lifetime = Lifetime(),
     ) -> tuple[SecurityAssociation, SecurityAssociation]:
         k = self.keys
         # §2.17: initiator->responder keys first
@@ -63,7 +68,7 @@ class ChildSa:
             esn=esn,
             replay_window=replay_window,
             encap=UdpEncap(remote[1], local[1]) if encap else None,
-            lifetime=Lifetime(),
+            lifetime=lifetime,
             local_ts=self.local_ts,
             remote_ts=self.remote_ts,
         )
@@ -81,6 +86,7 @@ class ChildSa:
             esn=esn,
             replay_window=0,
             encap=UdpEncap(local[1], remote[1]) if encap else None,
+            lifetime=lifetime,
             local_ts=self.local_ts,
             remote_ts=self.remote_ts,
         )
@@ -96,8 +102,9 @@ class ChildSa:
         encap: bool,
         wall_time: float,
         replay_window: int = 32,
+        lifetime: Lifetime = Lifetime(),
     ) -> ChildSaRecord:
-        inbound, outbound = self.sas(local, remote, encap, replay_window)
+        inbound, outbound = self.sas(local, remote, encap, replay_window, lifetime)
         return ChildSaRecord(
             id=self.id,
             connection=connection,

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from esplanade.ipsec.sa import ChildSaRecord, Lifetime
 from esplanade.ipsec.selectors import IPAddress
 from esplanade.ipsec.transforms import IntegAlgorithm
 from esplanade.keyexchange.config import ConnectionConfig, PoolConfig
@@ -153,6 +154,7 @@ class EngineHooks:
 
 
 HALF_OPEN_TIMEOUT = 30.0
+MAX_FRAGMENTS = 64  # RFC 7383 allows more; a bound on reassembly memory per IKE SA
 FRAGMENT_TIMEOUT = 30.0
 IKE_REKEY_DELETE_TIMEOUT = 10.0
 
@@ -509,6 +511,9 @@ class IkeSa:
             raise IntegrityCheckFailed("no keys yet")
         if isinstance(msg.sealed, SkfPayload):
             frag = msg.sealed
+            if frag.total > MAX_FRAGMENTS:
+                self.count("too_many_fragments")
+                return False
             plain = open_fragment(msg, self.in_cipher)
             r = self.reassembly
             if r is None or r.message_id != msg.message_id or r.total != frag.total:
@@ -603,7 +608,8 @@ class IkeSa:
             fn(now)
 
     # -- children -------------------------------------------------------------------------
-    def child_record(self, c: ChildSa, wall: float | None = None) -> Any:
+    def child_record(self, c: ChildSa, wall: float | None = None) -> ChildSaRecord:
+        replay, lifetime = self._child_limits(c)
         return c.record(
             self.config.name,
             self.id,
@@ -612,6 +618,22 @@ class IkeSa:
             self.remote,
             self.encap,
             self.hooks.wall_time() if wall is None else wall,
+            replay,
+            lifetime,
+        )
+
+    def _child_limits(self, c: ChildSa) -> tuple[int, Lifetime]:
+        """Replay window and the lifetimes the dataplane enforces (bytes/packets; hard seconds as a backstop)."""
+        try:
+            cfg = self.config.child(c.name)
+        except KeyError:
+            return 32, Lifetime()
+        return cfg.replay_window, Lifetime(
+            soft_bytes=cfg.rekey_bytes,
+            hard_bytes=cfg.life_bytes,
+            soft_packets=cfg.rekey_packets,
+            hard_packets=cfg.life_packets,
+            hard_seconds=int(cfg.life_time),
         )
 
     def child_schedule(self, c: ChildSa, now: float) -> None:
@@ -634,7 +656,8 @@ class IkeSa:
 
     def request_install(self, c: ChildSa) -> None:
         """Responder: hand the inbound SA to the dataplane before the response goes out."""
-        inbound, _ = c.sas(self.local, self.remote, self.encap, 32)
+        replay, lifetime = self._child_limits(c)
+        inbound, _ = c.sas(self.local, self.remote, self.encap, replay, lifetime)
         c.state = ChildState.INSTALLING
         self.emit(InstallInboundSa(self.id, c.id, inbound))
 
