@@ -233,6 +233,13 @@ def test_duplicate_request_answered_from_cache() -> None:
     net.collect(b)
     assert sb.counters.get("retransmitted_requests") == 1
     assert len(net.log) == before + 1
+    # same message ID, different bytes: not a retransmission, no reflection of the cached response
+    d = dup[0][0]
+    forged = d.data[:-1] + bytes((d.data[-1] ^ 1,))
+    b.engine.receive_datagram(forged, d.remote, d.local, net.now)
+    net.collect(b)
+    assert sb.counters.get("dropped_not_a_retransmission") == 1
+    assert len(net.log) == before + 1
 
 
 def test_invalid_ke_payload_retry() -> None:

@@ -206,6 +206,7 @@ class IkeSa:
         self.peer_fragmentation = False
         self.peer_intermediate = False
         self.peer_sig_hashes: tuple[int, ...] = ()
+        self.peer_certreq = False
         self.peer_id: Identity | None = None
         self.peer_certs: list[Any] = []
         self.virtual_ips: list[str] = []
@@ -221,6 +222,8 @@ class IkeSa:
         self.outstanding: Outstanding | None = None
         self.queue: deque[Task] = deque()
         self.cached_response: tuple[int, list[Datagram]] | None = None
+        self.last_request_digest = b""
+        self._first_fragment_digest = b""
         self.held: HeldResponse | None = None
         self.active_responder_tasks: list[Task] = []
         self.reassembly: Reassembly | None = None
@@ -571,9 +574,12 @@ class IkeSa:
 
     def _receive_request(self, msg: Message, local: Address, remote: Address, now: float) -> None:
         mid = msg.message_id
+        first_fragment = not isinstance(msg.sealed, SkfPayload) or msg.sealed.number == 1
         if self.cached_response is not None and mid == self.cached_response[0] and mid == self.next_peer_id - 1:
-            # retransmitted request: answer from the cache (only the first fragment triggers it)
-            if isinstance(msg.sealed, SkfPayload) and msg.sealed.number != 1:
+            # a retransmitted request - the same bytes as the one we answered (the first fragment
+            # stands for a fragmented one) - gets the cached response; anything else is dropped
+            if not first_fragment or _digest(msg.raw) != self.last_request_digest:
+                self.count("dropped_not_a_retransmission")
                 return
             self.count("retransmitted_requests")
             for d in self.cached_response[1]:
@@ -590,8 +596,12 @@ class IkeSa:
         if msg.exchange != ExchangeType.IKE_SA_INIT and not msg.encrypted:
             self.count("unprotected_requests")
             return
+        digest = _digest(msg.raw) if first_fragment else b""
         if not self._decrypt(msg, now):
+            if first_fragment:
+                self._first_fragment_digest = digest
             return
+        self.last_request_digest = digest if first_fragment else self._first_fragment_digest
         self._note_authenticated(msg, local, remote, now)
         from esplanade.keyexchange.ikev2.tasks.dispatch import responder_task
 
@@ -733,6 +743,10 @@ class IkeSa:
             if isinstance(p, NotifyPayload) and p.type < 16384:
                 return p
         return None
+
+
+def _digest(raw: bytes) -> bytes:
+    return hashlib.sha256(raw).digest()
 
 
 @functools.lru_cache(maxsize=4096)

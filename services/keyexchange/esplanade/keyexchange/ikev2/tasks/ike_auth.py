@@ -151,8 +151,7 @@ class IkeAuth(Task):
         ike.auth_message_id = ike.next_request_id
         idi = IdiPayload(cfg.local.id.id_type, cfg.local.id.data)
         payloads: list[Payload] = [idi]
-        certreq_seen = True  # strongSwan sends its cert when it authenticates with one
-        auth_payloads = local_auth_payloads(ike, idi, True, certreq_seen)
+        auth_payloads = local_auth_payloads(ike, idi, True, ike.peer_certreq)
         payloads += [p for p in auth_payloads if isinstance(p, CertPayload)]
         if not self.reauth_of and cfg.unique != "never":
             payloads.append(NotifyPayload(NotifyType.INITIAL_CONTACT))

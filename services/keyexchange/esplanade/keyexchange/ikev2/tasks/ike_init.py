@@ -67,6 +67,7 @@ def read_peer_features(ike: IkeSa, msg: Message) -> None:
         data = sig.data[: len(sig.data) & ~1]
         ike.peer_sig_hashes = tuple(struct.unpack(f"!{len(data) // 2}H", data))
     ike.peer_intermediate = notify_of(msg.payloads, NotifyType.INTERMEDIATE_EXCHANGE_SUPPORTED) is not None
+    ike.peer_certreq = any(isinstance(p, CertreqPayload) for p in msg.payloads)
 
 
 def feature_payloads(ike: IkeSa) -> list[Payload]:
