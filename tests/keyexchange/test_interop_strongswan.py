@@ -135,12 +135,14 @@ class Pinger:
         return int(m.group(1)) - int(m.group(2))
 
 
+@pytest.mark.parametrize("esp", ["aes256gcm16", "aes256gcm16-ecp256"])
 @pytest.mark.parametrize("who", ["esplanade", "strongswan"])
-def test_child_rekey_under_traffic(env: tuple[ix.Charon, ix.EsplanadePeer], who: str) -> None:
+def test_child_rekey_under_traffic(env: tuple[ix.Charon, ix.EsplanadePeer], who: str, esp: str) -> None:
+    """Make-before-break Child rekey, without and with PFS (a KE in CREATE_CHILD_SA)."""
     from esplanade.keyexchange.ikev2.events import ChildSaDeleted, ChildSaRekeyed
 
     charon, peer = env
-    ike_id = _establish(charon, peer, ix.ss_conn(), ix.es_conn())
+    ike_id = _establish(charon, peer, ix.ss_conn(esp=esp), ix.es_conn(child_esp_proposals=[esp]))
     child_id = peer.of(ChildSaEstablished)[0].child_id
     assert ping(ix.NS_SS, ix.SS_INNER, ix.ES_INNER, 1)
     pinger = Pinger(ix.NS_SS, ix.SS_INNER, ix.ES_INNER)
@@ -402,4 +404,23 @@ def test_spoofed_init_flood_triggers_cookies(env: tuple[ix.Charon, ix.EsplanadeP
     counters = peer.run(lambda: dict(peer.engine.counters))
     assert counters.get("cookies_sent", 0) > 0, counters
     assert peer.run(lambda: peer.engine.half_open_count()) <= 10
+    assert ping(ix.NS_SS, ix.SS_INNER, ix.ES_INNER, 2)
+
+
+@pytest.mark.parametrize("who", ["esplanade", "strongswan"])
+def test_reauthentication(env: tuple[ix.Charon, ix.EsplanadePeer], who: str) -> None:
+    """A new IKE SA (full IKE_SA_INIT + IKE_AUTH) replaces the old one; traffic flows after."""
+    from esplanade.keyexchange.ikev2.events import IkeSaDeleted
+
+    charon, peer = env
+    ike_id = _establish(charon, peer, ix.ss_conn(), ix.es_conn())
+    if who == "esplanade":
+        peer.call("reauth", ike_id)
+    else:
+        charon.swanctl("--rekey", "--ike", "pair", "--reauth")
+    wait_until(lambda: len(peer.of(IkeSaEstablished)) == 2, timeout=15, what="new IKE SA")
+    wait_until(lambda: any(e.ike_sa == ike_id for e in peer.of(IkeSaDeleted)), timeout=15, what="old IKE SA gone")
+    wait_until(lambda: charon.sa_count() == 1, timeout=10, what="one IKE SA left on strongSwan")
+    if who == "esplanade":
+        assert peer.of(IkeSaEstablished)[1].reauth_of == ike_id
     assert ping(ix.NS_SS, ix.SS_INNER, ix.ES_INNER, 2)
