@@ -109,6 +109,15 @@ def test_proposals_and_keys_match_strongswan(
     wait_until(lambda: charon.sa_count() == 0, timeout=10, what="strongSwan SA gone")
 
 
+def _wait_for_esp(peer: ix.EsplanadePeer, packets: int) -> None:
+    def received() -> int:
+        assert peer.tunnel is not None
+        return sum(st.packets for st in list(peer.tunnel.inbound.values()))
+
+    start = received()
+    wait_until(lambda: received() >= start + packets, timeout=10, what="ESP flowing")
+
+
 class Pinger:
     """A continuous ping from one namespace; `loss()` after it ends."""
 
@@ -146,9 +155,7 @@ def test_child_rekey_under_traffic(env: tuple[ix.Charon, ix.EsplanadePeer], who:
     child_id = peer.of(ChildSaEstablished)[0].child_id
     assert ping(ix.NS_SS, ix.SS_INNER, ix.ES_INNER, 1)
     pinger = Pinger(ix.NS_SS, ix.SS_INNER, ix.ES_INNER)
-    import time
-
-    time.sleep(0.5)  # the rekey happens while pings are in flight, not before they start
+    _wait_for_esp(peer, 5)  # the rekey happens while pings are in flight, not before they start
     if who == "esplanade":
         peer.call("rekey_child", ike_id, child_id)
     else:
@@ -171,9 +178,7 @@ def test_ike_rekey_under_traffic(env: tuple[ix.Charon, ix.EsplanadePeer], who: s
     charon, peer = env
     ike_id = _establish(charon, peer, ix.ss_conn(), ix.es_conn())
     pinger = Pinger(ix.NS_ES, ix.ES_INNER, ix.SS_INNER, count=40)
-    import time
-
-    time.sleep(0.5)
+    _wait_for_esp(peer, 5)
     if who == "esplanade":
         peer.call("rekey_ike", ike_id)
     else:
