@@ -545,3 +545,27 @@ def test_followup_with_unknown_link_gets_state_not_found() -> None:
     a.engine._run(sa, net.now)
     net.run()
     assert owner.failed == [NotifyType.STATE_NOT_FOUND]
+
+
+def test_ipv6_peers_and_selectors() -> None:
+    net = MemNet()
+    from esplanade.keyexchange.config import ConnectionConfig
+    from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
+
+    from tests.keyexchange.peers import conn
+
+    def cfg(side: str) -> ConnectionConfig:
+        d = conn(side)
+        d["local_addrs"], d["remote_addrs"] = (["2001:db8::1"], ["2001:db8::2"])[:: 1 if side == "a" else -1]
+        d["children"]["net"]["local_ts"] = "fd00:1::/64" if side == "a" else "fd00:2::/64"
+        d["children"]["net"]["remote_ts"] = "fd00:2::/64" if side == "a" else "fd00:1::/64"
+        return ConnectionConfig.from_dict("ab", d)
+
+    a = net.add("a", "2001:db8::1", IkeDispatcher([cfg("a")], now=net.now))
+    b = net.add("b", "2001:db8::2", IkeDispatcher([cfg("b")], now=net.now))
+    a.engine.initiate("ab", net.now)
+    net.run()
+    rec = a.of(ChildSaEstablished)[0].record
+    rec.validate()
+    assert rec.outbound.dst == "2001:db8::2" and str(rec.outbound.remote_ts[0]) == "fd00:2::/64"
+    assert_children_paired(a, b)

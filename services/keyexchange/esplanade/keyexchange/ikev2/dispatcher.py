@@ -49,6 +49,8 @@ class IkeDispatcher:
         self.sas: dict[str, IkeSa] = {}
         self._by_spi: dict[bytes, IkeSa] = {}  # our own IKE SPI -> SA
         self._half_open: dict[tuple[bytes, str, int], IkeSa] = {}  # (SPIi, peer ip, port) -> responder SA
+        self._half_open_keys: dict[str, tuple[bytes, str, int]] = {}
+        self._half_open_ips: dict[str, int] = {}
         self._spis_in_use: set[int] = set()
         self._leases: dict[str, dict[str, str]] = {}  # pool -> address -> ike id
         self._seq = 0
@@ -105,11 +107,24 @@ class IkeDispatcher:
         self._by_spi[ike.spi_i if ike.initiator else ike.spi_r] = ike
 
     def half_open_count(self, ip: str | None = None) -> int:
-        return sum(
-            1
-            for (_, pip, _), sa in self._half_open.items()
-            if sa.state == IkeState.INIT_DONE and (ip is None or pip == ip)
-        )
+        """Responder IKE SAs that answered IKE_SA_INIT but are not authenticated yet (O(1))."""
+        return len(self._half_open) if ip is None else self._half_open_ips.get(ip, 0)
+
+    def _half_open_add(self, key: tuple[bytes, str, int], sa: IkeSa) -> None:
+        self._half_open[key] = sa
+        self._half_open_keys[sa.id] = key
+        self._half_open_ips[key[1]] = self._half_open_ips.get(key[1], 0) + 1
+
+    def _half_open_remove(self, sa: IkeSa) -> None:
+        key = self._half_open_keys.pop(sa.id, None)
+        if key is None or self._half_open.get(key) is not sa:
+            return
+        del self._half_open[key]
+        left = self._half_open_ips[key[1]] - 1
+        if left:
+            self._half_open_ips[key[1]] = left
+        else:
+            del self._half_open_ips[key[1]]
 
     # -- sans-IO surface ------------------------------------------------------------------------
     def datagrams_to_send(self) -> list[Datagram]:
@@ -247,7 +262,7 @@ class IkeDispatcher:
         sa = IkeSa(self._new_id(), configs[0], False, local, remote, now, self.hooks, spi_i=msg.spi_i)
         sa.candidate_configs = tuple(configs)
         self._register(sa)
-        self._half_open[key] = sa
+        self._half_open_add(key, sa)
         sa.receive_message(msg, local, remote, now)
         self._collect(sa, now)
 
@@ -442,9 +457,7 @@ class IkeDispatcher:
                 self._schedule(s)
 
     def _on_established(self, sa: IkeSa, ev: IkeSaEstablished, now: float) -> None:
-        for key, half in list(self._half_open.items()):
-            if half is sa:
-                del self._half_open[key]
+        self._half_open_remove(sa)
         extra = self._reauth_children.pop(sa.id, [])[1:]
         if extra:
             from esplanade.keyexchange.ikev2.tasks.child_create import ChildCreate
@@ -504,9 +517,7 @@ class IkeDispatcher:
         for spi in (sa.spi_i, sa.spi_r):
             if self._by_spi.get(spi) is sa:
                 del self._by_spi[spi]
-        for key, half in list(self._half_open.items()):
-            if half is sa:
-                del self._half_open[key]
+        self._half_open_remove(sa)
         self._reauth_started.discard(sa.id)
         self._release(sa)
 
