@@ -181,9 +181,8 @@ class IkeSa:
         self.remote = remote
         self.hooks = hooks
         self.spi_i = spi_i if spi_i is not None else os.urandom(8)
-        self.spi_r = spi_r if not initiator or spi_r != bytes(8) else bytes(8)
-        if not initiator:
-            self.spi_r = os.urandom(8)
+        # the responder picks its SPI now; the initiator learns SPIr from the IKE_SA_INIT response
+        self.spi_r = spi_r if initiator else os.urandom(8)
         self.state = IkeState.CREATED
         self.created_at = now
         self.established_at: float | None = None

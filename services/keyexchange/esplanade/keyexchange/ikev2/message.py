@@ -19,7 +19,7 @@ from esplanade.keyexchange.ikev2.constants import (
     PayloadType,
 )
 from esplanade.keyexchange.ikev2.crypto.sk import SkCipher
-from esplanade.keyexchange.ikev2.errors import InvalidMajorVersion, InvalidSyntax, Truncated
+from esplanade.keyexchange.ikev2.errors import InvalidMajorVersion, Truncated
 from esplanade.keyexchange.ikev2.payloads import (
     Payload,
     SkfPayload,
@@ -123,13 +123,6 @@ def decode_message(data: bytes) -> Message:
     )
 
 
-def sealed_header_len(msg: Message) -> int:
-    """Bytes from the start of the message through the SK/SKF payload header (the AEAD's AAD)."""
-    assert msg.sealed is not None
-    extra = 8 if isinstance(msg.sealed, SkfPayload) else 4
-    return len(msg.raw) - len(msg.sealed.data) - (4 if isinstance(msg.sealed, SkfPayload) else 0) - 4 + extra
-
-
 def open_fragment(msg: Message, cipher: SkCipher) -> bytes:
     """Verify and decrypt the SK or SKF payload of `msg`; return the inner plaintext bytes."""
     assert msg.sealed is not None
@@ -196,23 +189,3 @@ def intauth_octets(msg: Message, plain: bytes) -> bytes:
         first_inner, _ = encode_chain(msg.payloads)
     header = msg.header_bytes(PayloadType.SK, IKE_HEADER_LEN + 4 + len(plain))
     return header + _GENERIC.pack(first_inner, 0, 4 + len(plain)) + plain
-
-
-def check_exchange_known(exchange: int) -> bool:
-    try:
-        ExchangeType(exchange)
-    except ValueError:
-        return False
-    return True
-
-
-__all__ = [
-    "Header",
-    "InvalidSyntax",
-    "Message",
-    "decode_message",
-    "encode_encrypted",
-    "encode_plain",
-    "open_message",
-    "parse_header",
-]

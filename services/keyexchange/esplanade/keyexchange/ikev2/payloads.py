@@ -14,14 +14,12 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from esplanade.ipsec.selectors import TrafficSelector, TsType
-from esplanade.ipsec.transforms import ProtocolId, TransformType
+from esplanade.ipsec.transforms import ProtocolId
 from esplanade.keyexchange.ikev2.constants import (
     ATTR_KEY_LENGTH,
-    AuthMethod,
     CertEncoding,
     CfgAttr,
     CfgType,
-    IdType,
     NotifyType,
     PayloadType,
 )
@@ -628,35 +626,3 @@ def notify_of(payloads: Iterable[Payload], ntype: NotifyType) -> NotifyPayload |
         if isinstance(p, NotifyPayload) and p.type == ntype:
             return p
     return None
-
-
-__all__ = [
-    "AuthMethod",
-    "AuthPayload",
-    "CertPayload",
-    "CertreqPayload",
-    "CpAttribute",
-    "CpPayload",
-    "DeletePayload",
-    "IdPayload",
-    "IdType",
-    "IdiPayload",
-    "IdrPayload",
-    "KePayload",
-    "NoncePayload",
-    "NotifyPayload",
-    "Payload",
-    "Proposal",
-    "SaPayload",
-    "SkPayload",
-    "SkfPayload",
-    "Transform",
-    "TransformType",
-    "TsPayload",
-    "TsiPayload",
-    "TsrPayload",
-    "UnknownPayload",
-    "VendorPayload",
-    "decode_chain",
-    "encode_chain",
-]
