@@ -569,3 +569,15 @@ def test_ipv6_peers_and_selectors() -> None:
     rec.validate()
     assert rec.outbound.dst == "2001:db8::2" and str(rec.outbound.remote_ts[0]) == "fd00:2::/64"
     assert_children_paired(a, b)
+
+
+def test_timer_heap_stays_bounded() -> None:
+    net, a, b = pair(require_install_ack=False)
+    for _ in range(60):
+        ike = a.engine.initiate("ab", net.now)
+        net.run()
+        a.engine.delete_ike(ike, net.now)
+        net.run()
+    assert not a.engine.sas and not b.engine.sas
+    assert len(b.engine._timer_heap) <= 64 and len(a.engine._timer_heap) <= 64
+    assert b.engine.half_open_count() == 0

@@ -166,6 +166,10 @@ class IkeDispatcher:
         self._deadlines[sa.id] = deadline
         self._timer_seq += 1
         heapq.heappush(self._timer_heap, (deadline, self._timer_seq, sa.id))
+        if len(self._timer_heap) > 2 * len(self._deadlines) + 64:
+            # drop stale entries (replaced deadlines, forgotten SAs) so the heap stays O(live SAs)
+            self._timer_heap = [e for e in self._timer_heap if self._deadlines.get(e[2]) == e[0]]
+            heapq.heapify(self._timer_heap)
 
     def receive_datagram(self, data: bytes, local: Address, remote: Address, now: float) -> None:
         """One UDP payload as received; on port 4500 it still carries the non-ESP marker."""
