@@ -8,6 +8,7 @@ Same sans-IO surface as one IKE SA: `receive_datagram`, `datagrams_to_send`, `ge
 
 from __future__ import annotations
 
+import functools
 import heapq
 import ipaddress
 import os
@@ -526,6 +527,7 @@ class IkeDispatcher:
         self._release(sa)
 
 
+@functools.lru_cache(maxsize=4096)
 def _addr_ok(allowed: tuple[str, ...], ip: str) -> bool:
     if not allowed:
         return True

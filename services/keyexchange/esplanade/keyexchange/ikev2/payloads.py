@@ -7,6 +7,7 @@ typed `ParseError` for anything malformed; `encode_chain` writes one.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from collections.abc import Iterable, Sequence
@@ -373,6 +374,11 @@ class VendorPayload(Payload):
 # -- Traffic selectors (§3.13) -------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
+def _address(packed: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(packed)
+
+
 @dataclass(frozen=True, slots=True)
 class TsPayload(Payload):
     selectors: tuple[TrafficSelector, ...]
@@ -407,8 +413,8 @@ class TsPayload(Payload):
                 raise InvalidSyntax(f"unsupported traffic selector type {ts_type}")
             if length != 8 + 2 * alen or off + length > len(body):
                 raise InvalidSyntax("bad traffic selector length")
-            start = ipaddress.ip_address(bytes(body[off + 8 : off + 8 + alen]))
-            end = ipaddress.ip_address(bytes(body[off + 8 + alen : off + length]))
+            start = _address(bytes(body[off + 8 : off + 8 + alen]))
+            end = _address(bytes(body[off + 8 + alen : off + length]))
             try:
                 out.append(TrafficSelector(start, end, proto, sport, eport))
             except ValueError as exc:
@@ -552,14 +558,13 @@ def decode_chain(data: bytes, first: int, *, outer: bool = False) -> tuple[list[
     out: list[Payload] = []
     ptype = first
     off = 0
-    view = memoryview(data)
     while ptype != PayloadType.NONE:
         if off + 4 > len(data):
             raise InvalidSyntax("payload header truncated")
         nxt, flags, length = _GENERIC.unpack_from(data, off)
         if length < 4 or off + length > len(data):
             raise InvalidSyntax(f"payload type {ptype} has bad length {length}")
-        body = bytes(view[off + 4 : off + length])
+        body = data[off + 4 : off + length]
         if ptype == PayloadType.SK:
             if not outer:
                 raise InvalidSyntax("SK payload nested in an encrypted payload")

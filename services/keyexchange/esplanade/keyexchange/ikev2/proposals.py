@@ -6,6 +6,7 @@ type); `Suite` is what negotiation picked (one algorithm per type).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -242,77 +243,121 @@ def _received_encr(t: Transform) -> EncrAlgorithm | None:
 _KNOWN_TYPES = {int(t) for t in TransformType}
 
 
-def match_proposal(received: Proposal, spec: ProposalSpec, *, ignore_ke: bool = False) -> Suite | None:
+@dataclass(frozen=True, slots=True)
+class _SpecTable:
+    """A ProposalSpec flattened to plain ints for fast matching (built once per spec)."""
+
+    encr: tuple[tuple[tuple[int, int | None], EncrAlgorithm], ...]
+    integ: tuple[tuple[int, IntegAlgorithm], ...]
+    prf: tuple[int, ...]
+    ke: tuple[int, ...]
+    addke: dict[int, tuple[int, ...]]
+    esn: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=512)
+def _table(spec: ProposalSpec) -> _SpecTable:
+    encr = tuple(((t.id, t.key_length), a) for a in spec.encr for t in (_encr_transform(a),))
+    return _SpecTable(
+        encr,
+        tuple((int(i.integ_id), i) for i in spec.integ),
+        tuple(int(p) for p in spec.prf),
+        tuple(int(k) for k in spec.ke),
+        {int(t): tuple(int(k) for k in ks) for t, ks in spec.additional_ke},
+        tuple(int(e) for e in spec.esn),
+    )
+
+
+RxTable = dict[int, set[tuple[int, int | None]]]
+_T_ENCR, _T_PRF, _T_INTEG, _T_KE, _T_ESN = (int(t) for t in (TransformType.ENCR, TransformType.PRF,
+                                              TransformType.INTEG, TransformType.KE, TransformType.ESN))  # fmt: skip
+_ADDKE = tuple(int(t) for t in ADDKE_TYPES)
+_NO_ESN = {(int(EsnId.NO_ESN), None)}
+
+
+def _rx_table(received: Proposal) -> RxTable | None:
+    """Received transforms by type as (id, key length); None if any is unknown (§3.3.6)."""
+    rx: RxTable = {}
+    for t in received.transforms:
+        if t.type not in _KNOWN_TYPES or t.unknown_attrs:
+            return None
+        rx.setdefault(t.type, set()).add((t.id, t.key_length))
+    return rx
+
+
+def _ids(rx: RxTable, ttype: int) -> set[int]:
+    return {i for i, _ in rx.get(ttype, ())}
+
+
+def match_proposal(
+    received: Proposal, spec: ProposalSpec, *, ignore_ke: bool = False, rx: RxTable | None = None
+) -> Suite | None:
     """The suite both `received` and `spec` allow, preferring `spec`'s order; None if none."""
     if received.protocol != spec.protocol:
         return None
-    if any(t.type not in _KNOWN_TYPES or t.unknown_attrs for t in received.transforms):
-        return None  # §3.3.6: a proposal with an unknown transform type or attribute is not acceptable
-    by_type: dict[int, list[Transform]] = {}
-    for t in received.transforms:
-        by_type.setdefault(t.type, []).append(t)
-
-    encr = None
-    rx_encr = [a for a in (_received_encr(t) for t in by_type.get(TransformType.ENCR, [])) if a is not None]
-    for a in spec.encr:
-        if a in rx_encr:
-            encr = a
-            break
+    if rx is None:
+        rx = _rx_table(received)
+        if rx is None:
+            return None
+    tab = _table(spec)
+    rx_encr = rx.get(_T_ENCR, set())
+    encr = next((a for key, a in tab.encr if key in rx_encr), None)
     if encr is None:
         return None
+    rx_integ = _ids(rx, _T_INTEG) - {0}
     integ = None
-    rx_integ = {t.id for t in by_type.get(TransformType.INTEG, [])} - {0}
-    if spec.integ:
-        integ = next((i for i in spec.integ if i.integ_id in rx_integ), None)
+    if tab.integ:
+        integ = next((a for i, a in tab.integ if i in rx_integ), None)
         if integ is None:
             return None
     elif rx_integ:
         return None
     prf = None
     if spec.protocol == ProtocolId.IKE:
-        rx_prf = {t.id for t in by_type.get(TransformType.PRF, [])}
-        prf = next((p for p in spec.prf if p in rx_prf), None)
-        if prf is None:
+        rx_prf = _ids(rx, _T_PRF)
+        found_prf = next((p for p in tab.prf if p in rx_prf), None)
+        if found_prf is None:
             return None
+        prf = PrfId(found_prf)
     ke = KeId.NONE
     additional: list[tuple[TransformType, KeId]] = []
     if not ignore_ke:
-        rx_ke = {t.id for t in by_type.get(TransformType.KE, [])}
-        if spec.ke:
-            found = next((k for k in spec.ke if k in rx_ke), None)
+        rx_ke = _ids(rx, _T_KE)
+        if tab.ke:
+            found = next((k for k in tab.ke if k in rx_ke), None)
             if found is None:
                 return None
-            ke = found
-        elif rx_ke - {KeId.NONE} and KeId.NONE not in rx_ke:
+            ke = KeId(found)
+        elif rx_ke - {0} and 0 not in rx_ke:
             return None
-        spec_add = dict(spec.additional_ke)
-        for ttype in ADDKE_TYPES:
-            rx = {t.id for t in by_type.get(ttype, [])}
-            mine = spec_add.get(ttype, ())
+        for ttype in _ADDKE:
+            rx_add = _ids(rx, ttype)
+            mine = tab.addke.get(ttype, ())
             if mine:
-                found = next((k for k in mine if k in rx), None)
+                found = next((k for k in mine if k in rx_add), None)
                 if found is None:
-                    if KeId.NONE in rx or not rx:
-                        return None
                     return None
-                additional.append((ttype, found))
-            elif rx - {KeId.NONE} and KeId.NONE not in rx:
+                additional.append((TransformType(ttype), KeId(found)))
+            elif rx_add - {0} and 0 not in rx_add:
                 return None
     esn = EsnId.NO_ESN
     if spec.protocol != ProtocolId.IKE:
-        rx_esn = {t.id for t in by_type.get(TransformType.ESN, [])} or {EsnId.NO_ESN}
-        found_esn = next((e for e in spec.esn if e in rx_esn), None)
+        rx_esn = _ids(rx, _T_ESN) or {int(EsnId.NO_ESN)}
+        found_esn = next((e for e in tab.esn if e in rx_esn), None)
         if found_esn is None:
             return None
-        esn = found_esn
+        esn = EsnId(found_esn)
     return Suite(spec.protocol, encr, integ, prf, ke, tuple(additional), esn, received.number, received.spi)
 
 
 def select(received: Sequence[Proposal], specs: Sequence[ProposalSpec], *, ignore_ke: bool = False) -> Suite | None:
     """Responder selection: configured order first (strongSwan's prefer_configured_proposals)."""
+    tables = [(prop, _rx_table(prop)) for prop in received]
     for spec in specs:
-        for prop in received:
-            suite = match_proposal(prop, spec, ignore_ke=ignore_ke)
+        for prop, rx in tables:
+            if rx is None:
+                continue
+            suite = match_proposal(prop, spec, ignore_ke=ignore_ke, rx=rx)
             if suite is not None:
                 return suite
     return None
