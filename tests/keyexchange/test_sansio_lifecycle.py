@@ -192,3 +192,18 @@ def test_children_survive_ike_rekey_then_delete_cleanly() -> None:
     a.engine.delete_ike(new, net.now)
     net.run()
     assert len(a.of(ChildSaDeleted)) == 2 and len(b.of(ChildSaDeleted)) == 2
+
+
+def test_initiator_rejecting_responder_auth_tells_the_responder() -> None:
+    """§2.21.2: the initiator reports AUTHENTICATION_FAILED in a separate INFORMATIONAL; both sides drop the SA."""
+    import dataclasses
+
+    net, a, b = _cert_pair("ecdsa", "ecdsa")
+    other = pki.make_ca("ecdsa", "Other CA")
+    a.engine.configs["ab"] = dataclasses.replace(a.engine.configs["ab"], cacerts=(other.cert,))
+    a.engine.initiate("ab", net.now)
+    net.run()
+    assert a.of(NegotiationFailed)[0].notify == NotifyType.AUTHENTICATION_FAILED
+    fail_b = b.of(NegotiationFailed)
+    assert fail_b and fail_b[0].notify == NotifyType.AUTHENTICATION_FAILED
+    assert not a.engine.sas and not b.engine.sas

@@ -454,6 +454,20 @@ class IkeSa:
             task.on_encoded(self, msg, plain)
         return [Datagram(r, self.local, self.remote, marker) for r in raws]
 
+    def send_oneshot(self, payloads: list[Payload], now: float) -> None:
+        """An INFORMATIONAL request that is sent once and never waited for (error reports before teardown)."""
+        msg = Message(
+            self.spi_i,
+            self.spi_r,
+            ExchangeType.INFORMATIONAL,
+            self.next_request_id,
+            from_initiator=self.initiator,
+            response=False,
+            payloads=payloads,
+        )
+        self.next_request_id += 1
+        self._datagrams.extend(self.encode(msg))
+
     def _with_endpoints(self, d: Datagram) -> Datagram:
         if d.local == self.local and d.remote == self.remote:
             return d

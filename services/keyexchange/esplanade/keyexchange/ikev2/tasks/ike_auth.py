@@ -185,6 +185,8 @@ class IkeAuth(Task):
             return False
         reason = verify_peer(ike, msg, ike.config, initiator_is_peer=False, now_wall=ike.hooks.wall_time())
         if reason:
+            # §2.21.2: an initiator tells the responder in a separate INFORMATIONAL exchange
+            ike.send_oneshot([NotifyPayload(NotifyType.AUTHENTICATION_FAILED)], now)
             ike.fail(NotifyType.AUTHENTICATION_FAILED, f"responder authentication failed: {reason}", self.name)
             return False
         cp = next((p for p in msg.payloads if isinstance(p, CpPayload) and p.cfg_type == CfgType.REPLY), None)

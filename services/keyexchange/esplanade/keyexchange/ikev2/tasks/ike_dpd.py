@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from esplanade.keyexchange.ikev2.constants import ExchangeType
+from esplanade.keyexchange.ikev2.constants import ExchangeType, NotifyType
 from esplanade.keyexchange.ikev2.message import Message
 from esplanade.keyexchange.ikev2.payloads import NotifyPayload, Payload
 from esplanade.keyexchange.ikev2.tasks.base import Task
@@ -36,4 +36,11 @@ class IkeDpd(Task):
         for p in msg.payloads:
             if isinstance(p, NotifyPayload) and p.type < 16384:
                 ike.count("informational_errors")
+                if p.type == NotifyType.AUTHENTICATION_FAILED:
+                    # §2.21.2: the initiator rejected our IKE_AUTH response; the SA is void
+                    self.after_send.append(
+                        lambda _now: ike.fail(
+                            NotifyType.AUTHENTICATION_FAILED, "the initiator rejected our authentication", "ike_auth"
+                        )
+                    )
         return []
