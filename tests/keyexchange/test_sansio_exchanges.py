@@ -581,3 +581,29 @@ def test_timer_heap_stays_bounded() -> None:
     assert not a.engine.sas and not b.engine.sas
     assert len(b.engine._timer_heap) <= 64 and len(a.engine._timer_heap) <= 64
     assert b.engine.half_open_count() == 0
+
+
+def test_lost_fragment_is_recovered_by_retransmission() -> None:
+    """RFC 7383: a lost fragment makes the whole message retransmit; reassembly completes then."""
+    from esplanade.keyexchange.ikev2.payloads import decode_chain
+
+    esp = ["aes256gcm16-ecp256-ke1_mlkem768"]  # the ML-KEM key forces fragmentation of the rekey
+    net, a, b, ike, child = established(a_over={"child_esp_proposals": esp}, b_over={"child_esp_proposals": esp})
+    dropped: list[int] = []
+
+    def drop_second_fragment(d: object) -> bool:
+        h = parse_header(d.data)  # type: ignore[attr-defined]
+        if h.exchange != ExchangeType.IKE_FOLLOWUP_KE or h.is_response or dropped:
+            return False
+        payloads, _ = decode_chain(d.data[28:], h.first_payload, outer=True)  # type: ignore[attr-defined]
+        if payloads and getattr(payloads[-1], "number", 0) == 2:
+            dropped.append(1)
+            return True
+        return False
+
+    net.drop = drop_second_fragment
+    a.engine.rekey_child(ike, child, net.now)
+    net.advance(10)
+    assert dropped and a.engine.sas[ike].counters.get("retransmits", 0) >= 1
+    assert a.of(ChildSaRekeyed) and b.of(ChildSaRekeyed)
+    assert_children_paired(a, b)

@@ -225,7 +225,7 @@ class IkeSa:
         self._first_fragment_digest = b""
         self.held: HeldResponse | None = None
         self.active_responder_tasks: list[Task] = []
-        self.reassembly: Reassembly | None = None
+        self.reassembly: dict[bool, Reassembly] = {}  # by "is a response"
         # timers
         self.rekey_at: float | None = None
         self.reauth_at: float | None = None
@@ -330,7 +330,9 @@ class IkeSa:
                 self.keepalive_at if self.established and self.nat_local else None,
                 self.delete_deadline,
                 self.created_at + HALF_OPEN_TIMEOUT if self.state == IkeState.INIT_DONE else None,
-                self.reassembly.started + FRAGMENT_TIMEOUT if self.reassembly else None,
+                min((r.started for r in self.reassembly.values()), default=-FRAGMENT_TIMEOUT) + FRAGMENT_TIMEOUT
+                if self.reassembly
+                else None,
             )
             if d is not None
         ]
@@ -352,8 +354,9 @@ class IkeSa:
             self.count("half_open_timeout")
             self.destroy("half-open IKE SA timed out")
             return
-        if self.reassembly and now >= self.reassembly.started + FRAGMENT_TIMEOUT:
-            self.reassembly = None
+        for key, r in list(self.reassembly.items()):
+            if now >= r.started + FRAGMENT_TIMEOUT:
+                del self.reassembly[key]
         if self.delete_deadline is not None and now >= self.delete_deadline:
             self.destroy("rekeyed IKE SA was not deleted by the peer in time")
             return
@@ -531,15 +534,16 @@ class IkeSa:
                 self.count("too_many_fragments")
                 return False
             plain = open_fragment(msg, self.in_cipher)
-            r = self.reassembly
+            # requests and responses reassemble apart: both may be in flight at once
+            r = self.reassembly.get(msg.response)
             if r is None or r.message_id != msg.message_id or r.total != frag.total:
-                r = self.reassembly = Reassembly(msg.message_id, frag.total, started=now)
+                r = self.reassembly[msg.response] = Reassembly(msg.message_id, frag.total, started=now)
             if frag.number == 1:
                 r.first_inner = frag.first_inner
             r.parts[frag.number] = plain
             if len(r.parts) < r.total:
                 return False
-            self.reassembly = None
+            del self.reassembly[msg.response]
             whole = b"".join(r.parts[i] for i in range(1, r.total + 1))
             finish_inner(msg, r.first_inner, whole)
             msg.sealed = SkfPayload(r.first_inner, 1, 1, b"")
