@@ -429,3 +429,60 @@ def test_reauthentication(env: tuple[ix.Charon, ix.EsplanadePeer], who: str) -> 
     if who == "esplanade":
         assert peer.of(IkeSaEstablished)[1].reauth_of == ike_id
     assert ping(ix.NS_SS, ix.SS_INNER, ix.ES_INNER, 2)
+
+
+def _tcp_roundtrip(server_ns: str, server_ip: str, client_ns: str, client_ip: str, size: int = 300_000) -> None:
+    """Send `size` bytes client->server and back over TCP through the tunnel; compare digests."""
+    import hashlib
+    import os
+    import socket
+    import threading
+
+    payload = os.urandom(size)
+    result: dict[str, bytes] = {}
+    ready = threading.Event()
+
+    def server() -> None:
+        ix.setns(server_ns)
+        with socket.create_server((server_ip, 5201)) as srv:
+            srv.settimeout(15)
+            ready.set()
+            conn, _ = srv.accept()
+            with conn:
+                conn.settimeout(15)
+                got = bytearray()
+                while len(got) < size:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+                result["server"] = hashlib.sha256(got).digest()
+                conn.sendall(bytes(got))
+
+    def client() -> None:
+        ix.setns(client_ns)
+        ready.wait(10)
+        with socket.create_connection((server_ip, 5201), timeout=15, source_address=(client_ip, 0)) as c:
+            c.sendall(payload)
+            got = bytearray()
+            while len(got) < size:
+                chunk = c.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            result["client"] = hashlib.sha256(got).digest()
+
+    threads = [threading.Thread(target=server), threading.Thread(target=client)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    want = hashlib.sha256(payload).digest()
+    assert result.get("server") == want and result.get("client") == want
+
+
+def test_tcp_both_directions(env: tuple[ix.Charon, ix.EsplanadePeer]) -> None:
+    charon, peer = env
+    _establish(charon, peer, ix.ss_conn(), ix.es_conn())
+    _tcp_roundtrip(ix.NS_SS, ix.SS_INNER, ix.NS_ES, ix.ES_INNER)  # Esplanade side connects
+    _tcp_roundtrip(ix.NS_ES, ix.ES_INNER, ix.NS_SS, ix.SS_INNER)  # strongSwan side connects
