@@ -607,3 +607,15 @@ def test_lost_fragment_is_recovered_by_retransmission() -> None:
     assert dropped and a.engine.sas[ike].counters.get("retransmits", 0) >= 1
     assert a.of(ChildSaRekeyed) and b.of(ChildSaRekeyed)
     assert_children_paired(a, b)
+
+
+def test_acceptable_ke_of_the_initiator_is_taken_without_retry() -> None:
+    """The responder prefers ecp256 but accepts x25519: the initiator's x25519 KE is used as sent."""
+    net, a, _b = pair(
+        a_over={"proposals": ["aes256gcm16-prfsha256-x25519-ecp256"]},
+        b_over={"proposals": ["aes256gcm16-prfsha256-ecp256-x25519"]},
+    )
+    ike = a.engine.initiate("ab", net.now)
+    net.run()
+    assert "curve25519" in a.of(IkeSaEstablished)[0].suite
+    assert a.engine.sas[ike].counters.get("invalid_ke_retries") is None

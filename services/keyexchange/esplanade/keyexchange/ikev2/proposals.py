@@ -290,9 +290,18 @@ def _ids(rx: RxTable, ttype: int) -> set[int]:
 
 
 def match_proposal(
-    received: Proposal, spec: ProposalSpec, *, ignore_ke: bool = False, rx: RxTable | None = None
+    received: Proposal,
+    spec: ProposalSpec,
+    *,
+    ignore_ke: bool = False,
+    rx: RxTable | None = None,
+    prefer_ke: int = 0,
 ) -> Suite | None:
-    """The suite both `received` and `spec` allow, preferring `spec`'s order; None if none."""
+    """The suite both `received` and `spec` allow, preferring `spec`'s order; None if none.
+
+    `prefer_ke` is the method of the KE payload the initiator sent: when it is acceptable it
+    wins over our order, so no INVALID_KE_PAYLOAD round trip is needed (§1.2).
+    """
     if received.protocol != spec.protocol:
         return None
     if rx is None:
@@ -324,7 +333,10 @@ def match_proposal(
     if not ignore_ke:
         rx_ke = _ids(rx, _T_KE)
         if tab.ke:
-            found = next((k for k in tab.ke if k in rx_ke), None)
+            if prefer_ke and prefer_ke in rx_ke and prefer_ke in tab.ke:
+                found: int | None = prefer_ke
+            else:
+                found = next((k for k in tab.ke if k in rx_ke), None)
             if found is None:
                 return None
             ke = KeId(found)
@@ -350,14 +362,16 @@ def match_proposal(
     return Suite(spec.protocol, encr, integ, prf, ke, tuple(additional), esn, received.number, received.spi)
 
 
-def select(received: Sequence[Proposal], specs: Sequence[ProposalSpec], *, ignore_ke: bool = False) -> Suite | None:
+def select(
+    received: Sequence[Proposal], specs: Sequence[ProposalSpec], *, ignore_ke: bool = False, prefer_ke: int = 0
+) -> Suite | None:
     """Responder selection: configured order first (strongSwan's prefer_configured_proposals)."""
     tables = [(prop, _rx_table(prop)) for prop in received]
     for spec in specs:
         for prop, rx in tables:
             if rx is None:
                 continue
-            suite = match_proposal(prop, spec, ignore_ke=ignore_ke, rx=rx)
+            suite = match_proposal(prop, spec, ignore_ke=ignore_ke, rx=rx, prefer_ke=prefer_ke)
             if suite is not None:
                 return suite
     return None

@@ -16,6 +16,7 @@ from esplanade.keyexchange.ikev2.crypto.keymat import child_keymat
 from esplanade.keyexchange.ikev2.errors import NegotiationError
 from esplanade.keyexchange.ikev2.message import Message
 from esplanade.keyexchange.ikev2.payloads import (
+    KePayload,
     NotifyPayload,
     Payload,
     Proposal,
@@ -103,7 +104,9 @@ def responder_select(
                 f" do not fit child {cfg.name}"
             )
             continue
-        suite = select(esp, cfg.esp_proposals, ignore_ke=ignore_ke)
+        ke = _get(msg, KePayload)
+        prefer = ke.group if isinstance(ke, KePayload) else 0
+        suite = select(esp, cfg.esp_proposals, ignore_ke=ignore_ke, prefer_ke=prefer)
         if suite is None:
             proposal_failure = f"no acceptable ESP proposal for child {cfg.name}"
             continue

@@ -213,7 +213,7 @@ class IkeInit(Task):
         if sa is None or ke is None or nonce is None:
             return self._refuse(ike, NotifyType.INVALID_SYNTAX, "IKE_SA_INIT request lacks SA, KE or Nonce")
         ike_props = [p for p in sa.proposals if len(p.spi) == 0]
-        suite = select(ike_props, ike.config.proposals)
+        suite = select(ike_props, ike.config.proposals, prefer_ke=ke.group)
         if suite is None:
             return self._refuse(
                 ike,

@@ -225,7 +225,11 @@ class IkeRekey(Task):
         nonce = next((p for p in msg.payloads if isinstance(p, NoncePayload)), None)
         if sa is None or ke is None or nonce is None:
             return [NotifyPayload(NotifyType.INVALID_SYNTAX)]
-        suite = select([p for p in sa.proposals if p.protocol == ProtocolId.IKE and len(p.spi) == 8], _specs(ike))
+        suite = select(
+            [p for p in sa.proposals if p.protocol == ProtocolId.IKE and len(p.spi) == 8],
+            _specs(ike),
+            prefer_ke=ke.group,
+        )
         if suite is None:
             ike.emit(
                 NegotiationFailed(
