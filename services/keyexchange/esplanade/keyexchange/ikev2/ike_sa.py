@@ -338,8 +338,10 @@ class IkeSa:
         ]
         if self.established and self.outstanding is None:
             for c in self.children.values():
-                if c.state == ChildState.INSTALLED:
-                    deadlines += [d for d in (c.rekey_at, c.expire_at) if d is not None]
+                if c.expire_at is not None:  # any state: a replaced SA the peer never deleted expires too
+                    deadlines.append(c.expire_at)
+                if c.state == ChildState.INSTALLED and c.rekey_at is not None:
+                    deadlines.append(c.rekey_at)
         return min(deadlines) if deadlines else None
 
     def _dpd_deadline(self) -> float | None:
