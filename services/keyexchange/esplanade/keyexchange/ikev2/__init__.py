@@ -1,0 +1,1 @@
+"""The IKEv2 protocol core: sans-IO, deterministic, driven by bytes, events and `now`."""

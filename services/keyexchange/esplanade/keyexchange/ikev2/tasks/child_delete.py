@@ -1,0 +1,76 @@
+"""Deleting Child SAs (RFC 7296 §1.4.1): INFORMATIONAL with Delete payloads."""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from esplanade.ipsec.transforms import ProtocolId
+from esplanade.keyexchange.ikev2.child_sa import ChildState
+from esplanade.keyexchange.ikev2.constants import ExchangeType
+from esplanade.keyexchange.ikev2.message import Message
+from esplanade.keyexchange.ikev2.payloads import DeletePayload, Payload
+from esplanade.keyexchange.ikev2.tasks.base import Task
+
+if TYPE_CHECKING:
+    from esplanade.keyexchange.ikev2.ike_sa import IkeSa
+
+
+class ChildDelete(Task):
+    name = "child_delete"
+    exchange = ExchangeType.INFORMATIONAL
+
+    def __init__(self, spis_in: list[int], quiet: bool = False, reason: str = "deleted") -> None:
+        super().__init__()
+        self.spis_in = spis_in
+        self.quiet = quiet  # the SA is already gone locally (expired)
+        self.reason = reason
+
+    def can_start(self, ike: IkeSa) -> bool:
+        return ike.established or ike.state.value == "rekeyed"
+
+    def build_request(self, ike: IkeSa) -> list[Payload] | None:
+        spis = []
+        for spi in self.spis_in:
+            c = ike.find_child_by_spi(spi, inbound=True)
+            if c is not None:
+                if c.state == ChildState.DELETED:
+                    continue
+                c.state = ChildState.DELETING
+            elif not self.quiet:
+                continue
+            spis.append(struct.pack("!I", spi))
+        if not spis:
+            return None
+        return [DeletePayload(ProtocolId.ESP, tuple(spis))]
+
+    def process_response(self, ike: IkeSa, msg: Message, now: float) -> bool:
+        for spi in self.spis_in:
+            c = ike.find_child_by_spi(spi, inbound=True)
+            if c is not None:
+                reason = "rekeyed" if c.state == ChildState.DELETING and self._was_rekeyed(ike, c.id) else self.reason
+                ike.remove_child(c, reason)
+        return False
+
+    def _was_rekeyed(self, ike: IkeSa, cid: str) -> bool:
+        return any(c.rekey_of == cid for c in ike.children.values())
+
+    def on_timeout(self, ike: IkeSa) -> None:
+        pass
+
+    def process_request(self, ike: IkeSa, msg: Message, now: float) -> list[Payload] | None:
+        reply: list[bytes] = []
+        for d in msg.payloads:
+            if not isinstance(d, DeletePayload) or d.protocol not in (ProtocolId.ESP, ProtocolId.AH):
+                continue
+            for raw in d.spis:
+                spi = struct.unpack("!I", raw)[0]
+                c = ike.find_child_by_spi(spi, inbound=False)
+                if c is None:
+                    continue
+                if c.state != ChildState.DELETING:
+                    # §1.4.1: answer with our inbound SPI unless we are deleting it ourselves
+                    reply.append(struct.pack("!I", c.spi_in))
+                rekeyed = any(o.rekey_of == c.id for o in ike.children.values())
+                ike.remove_child(c, "rekeyed" if rekeyed else "deleted by peer")
+        return [DeletePayload(ProtocolId.ESP, tuple(reply))] if reply else []

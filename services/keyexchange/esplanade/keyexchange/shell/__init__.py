@@ -1,0 +1,1 @@
+"""Shells: the I/O around the sans-IO IKE core."""
