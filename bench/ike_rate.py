@@ -38,7 +38,6 @@ from esplanade.keyexchange.config import ConnectionConfig
 from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
 from esplanade.keyexchange.ikev2.events import ChildSaEstablished, Event, IkeSaDeleted
 from esplanade.keyexchange.shell.udp import IkeUdpShell
-
 from tests.keyexchange import interop as ix
 
 PROPOSAL = "aes256gcm16-prfsha256-ecp256"

@@ -31,7 +31,6 @@ from esplanade.keyexchange.ikev2.events import (
     InstallInboundSa,
 )
 from esplanade.keyexchange.shell.udp import IkeUdpShell
-
 from tests.conditions import wait_until
 from tests.keyexchange.esp_tunnel import EspTunnel, open_tun
 

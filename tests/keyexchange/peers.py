@@ -7,7 +7,6 @@ from typing import Any
 
 from esplanade.keyexchange.config import ConnectionConfig, PoolConfig
 from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
-
 from tests.keyexchange.memnet import MemNet, Node
 
 A_IP, B_IP = "192.0.2.1", "192.0.2.2"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+
 from esplanade.ipsec.transforms import ENCR_AES_CBC_256, ENCR_CHACHA20_POLY1305, KeId, PrfId, ProtocolId, TransformType
 from esplanade.keyexchange.config import ConnectionConfig
 from esplanade.keyexchange.ikev2.errors import ConfigError
 from esplanade.keyexchange.ikev2.proposals import ProposalSpec, ProposalSyntaxError, select
-
 from tests.keyexchange.peers import conn
 
 

@@ -6,6 +6,7 @@ Vector bytes were looked up in public test suites that quote the RFCs (several a
 from __future__ import annotations
 
 import pytest
+
 from esplanade.ipsec.transforms import ENCR_AES_CBC_256, ENCR_AES_GCM_16_256, INTEG_HMAC_SHA2_256_128, PrfId
 from esplanade.keyexchange.ikev2.crypto.keyexchange import (
     MODP_2048_P,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import struct
 
-from esplanade.keyexchange.ikev2.errors import ParseError
-from esplanade.keyexchange.ikev2.message import decode_message
-from esplanade.keyexchange.ikev2.payloads import decode_chain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from esplanade.keyexchange.ikev2.errors import ParseError
+from esplanade.keyexchange.ikev2.message import decode_message
+from esplanade.keyexchange.ikev2.payloads import decode_chain
 from tests.keyexchange.peers import pair
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

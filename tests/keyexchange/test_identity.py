@@ -6,10 +6,10 @@ import ipaddress
 
 import pytest
 from cryptography import x509
+
 from esplanade.keyexchange.ikev2.auth.der import DerError, decode_name
 from esplanade.keyexchange.ikev2.auth.identity import Identity, identity_of_certificate
 from esplanade.keyexchange.ikev2.constants import IdType
-
 from tests.keyexchange import pki
 
 

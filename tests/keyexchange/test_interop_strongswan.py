@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
 from esplanade.keyexchange.config import ConnectionConfig
 from esplanade.keyexchange.ikev2.events import ChildSaEstablished, IkeSaEstablished
-
 from tests.conditions import wait_until
 from tests.keyexchange import interop as ix
 

@@ -4,6 +4,8 @@ gets a typed error."""
 from __future__ import annotations
 
 import pytest
+from scapy.contrib import ikev2 as sk
+
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.transforms import ProtocolId
 from esplanade.keyexchange.ikev2.constants import (
@@ -37,7 +39,6 @@ from esplanade.keyexchange.ikev2.payloads import (
     encode_chain,
 )
 from esplanade.keyexchange.ikev2.proposals import ProposalSpec
-from scapy.contrib import ikev2 as sk
 
 SPI_I, SPI_R = bytes.fromhex("0102030405060708"), bytes.fromhex("1112131415161718")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+
 from esplanade.keyexchange.config import PoolConfig
 from esplanade.keyexchange.ikev2.constants import ExchangeType, NotifyType
 from esplanade.keyexchange.ikev2.events import (
@@ -19,7 +20,6 @@ from esplanade.keyexchange.ikev2.events import (
 )
 from esplanade.keyexchange.ikev2.ike_sa import IkeState
 from esplanade.keyexchange.ikev2.message import parse_header
-
 from tests.keyexchange.memnet import MemNet, Node
 from tests.keyexchange.peers import pair
 
@@ -551,7 +551,6 @@ def test_ipv6_peers_and_selectors() -> None:
     net = MemNet()
     from esplanade.keyexchange.config import ConnectionConfig
     from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
-
     from tests.keyexchange.peers import conn
 
     def cfg(side: str) -> ConnectionConfig:

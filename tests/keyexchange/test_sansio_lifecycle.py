@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from esplanade.keyexchange.ikev2.constants import NotifyType
 from esplanade.keyexchange.ikev2.events import (
     ChildSaDeleted,
@@ -12,7 +13,6 @@ from esplanade.keyexchange.ikev2.events import (
     IkeSaEstablished,
     NegotiationFailed,
 )
-
 from tests.keyexchange import pki
 from tests.keyexchange.peers import pair
 from tests.keyexchange.test_sansio_exchanges import assert_children_paired, established, live_children

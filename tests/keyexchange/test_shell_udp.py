@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from esplanade.keyexchange.config import ConnectionConfig
 from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
 from esplanade.keyexchange.ikev2.events import ChildSaEstablished, Event, InstallInboundSa
 from esplanade.keyexchange.shell.udp import IkeUdpShell
-
 from tests.conditions import wait_until
 from tests.keyexchange import interop as ix
 from tests.keyexchange.peers import conn

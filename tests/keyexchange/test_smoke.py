@@ -1,5 +1,4 @@
 from esplanade.keyexchange.ikev2.events import ChildSaEstablished, IkeSaEstablished
-
 from tests.keyexchange.peers import pair
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.transforms import Mode, ProtocolId
 from esplanade.keyexchange.ikev2.auth.identity import Identity

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+
 from esplanade.keyexchange.ikev2.auth.der import decode_name
 from esplanade.keyexchange.ikev2.constants import IdType
 

@@ -14,6 +14,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
 from esplanade.keyexchange.ikev2.auth.der import oid as der_oid
 from esplanade.keyexchange.ikev2.auth.der import oid_text, read_tlv, tlv
 from esplanade.keyexchange.ikev2.constants import AuthMethod, HashAlgorithm

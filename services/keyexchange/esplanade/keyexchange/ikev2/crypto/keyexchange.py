@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dh, ec, mlkem, x25519
+
 from esplanade.ipsec.transforms import KeId
 from esplanade.keyexchange.ikev2.errors import CryptoError
 

@@ -14,6 +14,7 @@ import struct
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
 from esplanade.ipsec.transforms import EncrAlgorithm, EncrId, IntegAlgorithm
 from esplanade.keyexchange.ikev2.errors import IntegrityCheckFailed
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
 from esplanade.keyexchange.ikev2.auth.identity import Identity
 from esplanade.keyexchange.ikev2.auth.octets import psk_auth, psk_verify, signed_octets
 from esplanade.keyexchange.ikev2.auth.signature import SignatureError, sign, verify
