@@ -39,6 +39,10 @@ class IkeDispatcher:
         cookie_threshold: int = 30,
         cookie_threshold_ip: int = 3,
         block_threshold: int = 5,
+        install_timeout: float = 10.0,
+        ack_initiator_installs: bool = False,
+        id_prefix: str = "",
+        allocate_spi: Callable[[], int] | None = None,
         wall_time: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         now: float = 0.0,
@@ -64,13 +68,16 @@ class IkeDispatcher:
         self._deadlines: dict[str, float] = {}
         self._timer_seq = 0
         self.counters: dict[str, int] = {}
+        self.id_prefix = id_prefix
         self.hooks = EngineHooks(
-            allocate_spi=self._allocate_spi,
+            allocate_spi=self._allocate_spi if allocate_spi is None else allocate_spi,
             wall_time=wall_time,
             new_ike_id=self._new_id,
             allocate_address=self._allocate_address,
             require_install_ack=require_install_ack,
             rng=rng or random.Random(),  # noqa: S311 - lifetime jitter, not key material
+            install_timeout=install_timeout,
+            ack_initiator_installs=ack_initiator_installs,
         )
 
     # -- bookkeeping ----------------------------------------------------------------------------
@@ -79,7 +86,7 @@ class IkeDispatcher:
 
     def _new_id(self) -> str:
         self._seq += 1
-        return f"ike-{self._seq}"
+        return f"{self.id_prefix}ike-{self._seq}"
 
     def _allocate_spi(self) -> int:
         while True:
@@ -283,6 +290,20 @@ class IkeDispatcher:
                 continue
             out.append(cfg)
         return out
+
+    # -- configuration ------------------------------------------------------------------------------
+    def set_config(self, config: ConnectionConfig) -> None:
+        """Add or replace a connection. Running IKE SAs keep the config they were set up with
+        until they are rekeyed by reauthentication or deleted (as strongSwan's --load-conns)."""
+        self.configs[config.name] = config
+
+    def remove_config(self, name: str, now: float) -> list[str]:
+        """Unload a connection and delete its IKE SAs; returns the IKE SAs being deleted."""
+        self.configs.pop(name, None)
+        doomed = [sa.id for sa in self.sas.values() if sa.config.name == name and sa.state != IkeState.DELETED]
+        for ike_id in doomed:
+            self.delete_ike(ike_id, now, "connection unloaded")
+        return doomed
 
     # -- commands ---------------------------------------------------------------------------------
     def initiate(

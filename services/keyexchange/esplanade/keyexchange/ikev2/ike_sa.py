@@ -130,6 +130,8 @@ class HeldResponse:
     waiting: set[str]
     exchange: int
     after_send: list[Any] = field(default_factory=list)
+    deadline: float = float("inf")  # give up on the dataplane's acknowledgement then
+    children: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -151,6 +153,11 @@ class EngineHooks:
     allocate_address: Callable[[PoolConfig, IkeSa], IPAddress | None]
     require_install_ack: bool = True
     rng: random.Random = field(default_factory=random.Random)
+    # How long a held response waits for `inbound_sa_installed` before the exchange fails.
+    install_timeout: float = 10.0
+    # Initiator rekeys: delete the old Child SA only once the new inbound SA is acknowledged
+    # too, so the peer never switches to an SA our dataplane cannot decrypt yet.
+    ack_initiator_installs: bool = False
 
 
 HALF_OPEN_TIMEOUT = 30.0
@@ -224,6 +231,8 @@ class IkeSa:
         self.last_request_digest = b""
         self._first_fragment_digest = b""
         self.held: HeldResponse | None = None
+        # initiator rekeys waiting for the new inbound SA's ack: new child id -> (old inbound SPI, deadline)
+        self.deletes_after_install: dict[str, tuple[int, float]] = {}
         self.active_responder_tasks: list[Task] = []
         self.reassembly: dict[bool, Reassembly] = {}  # by "is a response"
         # timers
@@ -277,7 +286,7 @@ class IkeSa:
 
     def new_child_id(self) -> str:
         self._child_seq += 1
-        return f"{self.id}/c{self._child_seq}"
+        return f"{self.id}.c{self._child_seq}"
 
     def remote_identity_text(self) -> str:
         return str(self.peer_id) if self.peer_id is not None else ""
@@ -330,6 +339,8 @@ class IkeSa:
                 self.keepalive_at if self.established and self.nat_local else None,
                 self.delete_deadline,
                 self.created_at + HALF_OPEN_TIMEOUT if self.state == IkeState.INIT_DONE else None,
+                self.held.deadline if self.held is not None else None,
+                min((d for _, d in self.deletes_after_install.values()), default=None),
                 min((r.started for r in self.reassembly.values()), default=-FRAGMENT_TIMEOUT) + FRAGMENT_TIMEOUT
                 if self.reassembly
                 else None,
@@ -359,6 +370,14 @@ class IkeSa:
         for key, r in list(self.reassembly.items()):
             if now >= r.started + FRAGMENT_TIMEOUT:
                 del self.reassembly[key]
+        if self.held is not None and now >= self.held.deadline:
+            self._install_timed_out(self.held, now)
+            if self.state == IkeState.DELETED:
+                return
+        for child_id, (_, deadline) in list(self.deletes_after_install.items()):
+            if now >= deadline:
+                self.count("install_ack_timeouts")
+                self._release_rekeyed(child_id, now)
         if self.delete_deadline is not None and now >= self.delete_deadline:
             self.destroy("rekeyed IKE SA was not deleted by the peer in time")
             return
@@ -487,7 +506,11 @@ class IkeSa:
         self._datagrams.extend(datagrams)
 
     def inbound_sa_installed(self, child_id: str, now: float) -> None:
-        """The dataplane acknowledged the inbound SA of `child_id`: release a held response."""
+        """The dataplane acknowledged the inbound SA of `child_id`: release a held response
+        (responder) or the delete of the Child SA it replaced (initiator rekey)."""
+        if child_id in self.deletes_after_install:
+            self._release_rekeyed(child_id, now)
+            return
         h = self.held
         if h is None or child_id not in h.waiting:
             return
@@ -498,6 +521,38 @@ class IkeSa:
         self.send_response(h.message_id, h.exchange, h.payloads)
         for fn in h.after_send:
             fn(now)
+        self.run_queue(now)
+
+    def _release_rekeyed(self, child_id: str, now: float) -> None:
+        from esplanade.keyexchange.ikev2.tasks.child_delete import ChildDelete
+
+        old_spi, _ = self.deletes_after_install.pop(child_id)
+        old = self.find_child_by_spi(old_spi, inbound=True)
+        if old is not None and old.state == ChildState.REKEYED:
+            self.queue.appendleft(ChildDelete([old_spi]))
+        self.run_queue(now)
+
+    def _install_timed_out(self, h: HeldResponse, now: float) -> None:
+        """The dataplane never acknowledged: fail the exchange without leaving half an SA.
+
+        IKE_AUTH: the IKE SA is not established yet, so it goes (the initiator's
+        retransmissions find nothing and it times out). CREATE_CHILD_SA: the new Child SA is
+        dropped and the peer gets TEMPORARY_FAILURE (§2.25: it may retry later); a Child SA
+        being rekeyed stays in place.
+        """
+        self.held = None
+        self.count("install_ack_timeouts")
+        reason = f"the dataplane did not acknowledge the inbound SA within {self.hooks.install_timeout:g}s"
+        exchange = "ike_auth" if h.exchange == ExchangeType.IKE_AUTH else "create_child_sa"
+        self.emit(NegotiationFailed(self.id, NotifyType.TEMPORARY_FAILURE, reason, exchange))
+        for child_id in h.children:
+            c = self.children.get(child_id)
+            if c is not None:
+                self.remove_child(c, reason)
+        if h.exchange == ExchangeType.IKE_AUTH:
+            self.destroy(reason)
+            return
+        self.send_response(h.message_id, h.exchange, [NotifyPayload(NotifyType.TEMPORARY_FAILURE)])
         self.run_queue(now)
 
     # -- receiving --------------------------------------------------------------------------
@@ -630,7 +685,15 @@ class IkeSa:
         if payloads is None:
             return
         if task.awaiting_install and self.hooks.require_install_ack:
-            self.held = HeldResponse(mid, payloads, set(task.awaiting_install), msg.exchange, task.after_send)
+            self.held = HeldResponse(
+                mid,
+                payloads,
+                set(task.awaiting_install),
+                msg.exchange,
+                task.after_send,
+                now + self.hooks.install_timeout,
+                tuple(task.awaiting_install),
+            )
             return
         self.send_response(mid, msg.exchange, payloads, task)
         for fn in task.after_send:

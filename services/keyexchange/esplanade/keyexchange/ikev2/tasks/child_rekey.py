@@ -76,7 +76,10 @@ class ChildRekey(ChildCreate):
             ike.count("child_rekey_collisions_won")
         if old.id in ike.children:
             old.state = ChildState.REKEYED
-            ike.queue.appendleft(ChildDelete([old.spi_in]))
+            if ike.hooks.ack_initiator_installs and ike.hooks.require_install_ack:
+                ike.deletes_after_install[child.id] = (old.spi_in, now + ike.hooks.install_timeout)
+            else:
+                ike.queue.appendleft(ChildDelete([old.spi_in]))
 
     def on_failure(self, ike: IkeSa, exc: NegotiationError, now: float) -> None:
         self._done(ike)
