@@ -161,6 +161,29 @@ class KeyexchangeSettings(Section):
         10, ge=0, description="Half-open IKE SAs before COOKIEs are demanded (RFC 7296 §2.6)."
     )
     lease_seconds: int = Field(5, ge=1, description="Membership lease TTL for IKE SA takeover.")
+    cookie_threshold_ip: int = Field(
+        3, ge=0, description="Half-open IKE SAs from one address before COOKIEs are demanded of it (0: off)."
+    )
+    block_threshold: int = Field(
+        5, ge=0, description="Half-open IKE SAs from one address beyond which its IKE_SA_INITs are dropped (0: off)."
+    )
+    install_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How long an exchange waits for the dataplane's ack of a new inbound SA"
+        " (dataplane/acks/) before it fails (IKE_AUTH: no IKE SA; CREATE_CHILD_SA: TEMPORARY_FAILURE).",
+    )
+    spi_pool: int = Field(
+        256, ge=8, le=4096, description="Inbound SPIs reserved ahead in the store (spi/), so setups never wait for it."
+    )
+    counters_interval_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How often Child SA counters are read from the dataplane (idle SAs get DPD, busy ones not).",
+    )
+    relay_backoff_max_seconds: float = Field(
+        5.0, gt=0, description="Longest pause between reconnects of the IKE relay stream to a dataplane."
+    )
 
 
 class ApiSettings(Section):

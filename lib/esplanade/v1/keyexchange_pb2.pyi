@@ -25,7 +25,10 @@ class LoadConnectionRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    EXPECT_REVISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    expect_revision: _builtins.int
+    """v1.1: CAS against this revision (0: the revision read just before)"""
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """secrets (PSK, private key) are write-only"""
@@ -35,10 +38,11 @@ class LoadConnectionRequest(_message.Message):
         *,
         name: _builtins.str = ...,
         config: _struct_pb2.Struct | None = ...,
+        expect_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "expect_revision", b"expect_revision", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -62,6 +66,50 @@ class LoadConnectionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LoadConnectionResponse: _TypeAlias = LoadConnectionResponse  # noqa: Y015
+
+@_typing.final
+class LoadPoolRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def config(self) -> _struct_pb2.Struct:
+        """addrs (CIDR), dns (list), subnets (split-tunnel CIDRs)"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        config: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadPoolRequest: _TypeAlias = LoadPoolRequest  # noqa: Y015
+
+@_typing.final
+class LoadPoolResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadPoolResponse: _TypeAlias = LoadPoolResponse  # noqa: Y015
 
 @_typing.final
 class UnloadConnectionRequest(_message.Message):
@@ -331,6 +379,8 @@ class ChildSaInfo(_message.Message):
     REKEY_AT_FIELD_NUMBER: _builtins.int
     EXPIRE_AT_FIELD_NUMBER: _builtins.int
     UDP_ENCAP_FIELD_NUMBER: _builtins.int
+    REKEY_OF_FIELD_NUMBER: _builtins.int
+    REQID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     state: _builtins.str
@@ -350,6 +400,10 @@ class ChildSaInfo(_message.Message):
     rekey_at: _builtins.float
     expire_at: _builtins.float
     udp_encap: _builtins.bool
+    rekey_of: _builtins.str
+    """v1.1"""
+    reqid: _builtins.int
+    """v1.1"""
     @_builtins.property
     def local_ts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -377,10 +431,12 @@ class ChildSaInfo(_message.Message):
         rekey_at: _builtins.float = ...,
         expire_at: _builtins.float = ...,
         udp_encap: _builtins.bool = ...,
+        rekey_of: _builtins.str = ...,
+        reqid: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "encr", b"encr", "established_at", b"established_at", "expire_at", b"expire_at", "id", b"id", "integ", b"integ", "ke", b"ke", "local_ts", b"local_ts", "mode", b"mode", "name", b"name", "packets_in", b"packets_in", "packets_out", b"packets_out", "protocol", b"protocol", "rekey_at", b"rekey_at", "remote_ts", b"remote_ts", "spi_in", b"spi_in", "spi_out", b"spi_out", "state", b"state", "udp_encap", b"udp_encap"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "encr", b"encr", "established_at", b"established_at", "expire_at", b"expire_at", "id", b"id", "integ", b"integ", "ke", b"ke", "local_ts", b"local_ts", "mode", b"mode", "name", b"name", "packets_in", b"packets_in", "packets_out", b"packets_out", "protocol", b"protocol", "rekey_at", b"rekey_at", "rekey_of", b"rekey_of", "remote_ts", b"remote_ts", "reqid", b"reqid", "spi_in", b"spi_in", "spi_out", b"spi_out", "state", b"state", "udp_encap", b"udp_encap"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -529,6 +585,9 @@ class KeyExchangeEvent(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     NOTIFY_FIELD_NUMBER: _builtins.int
     REMOTE_ID_FIELD_NUMBER: _builtins.int
+    EXCHANGE_FIELD_NUMBER: _builtins.int
+    NEW_IKE_SA_FIELD_NUMBER: _builtins.int
+    NEW_CHILD_SA_FIELD_NUMBER: _builtins.int
     time: _builtins.float
     kind: _builtins.str
     """ike_up, ike_down, child_up, child_down, ike_rekeyed, child_rekeyed, auth_failed, ..."""
@@ -539,6 +598,12 @@ class KeyExchangeEvent(_message.Message):
     notify: _builtins.str
     """e.g. NO_PROPOSAL_CHOSEN, AUTHENTICATION_FAILED"""
     remote_id: _builtins.str
+    exchange: _builtins.str
+    """v1.1: the exchange that failed (ike_sa_init, ike_auth, create_child_sa, ...)"""
+    new_ike_sa: _builtins.str
+    """v1.1: ike_rekeyed"""
+    new_child_sa: _builtins.str
+    """v1.1: child_rekeyed"""
     def __init__(
         self,
         *,
@@ -550,10 +615,13 @@ class KeyExchangeEvent(_message.Message):
         reason: _builtins.str = ...,
         notify: _builtins.str = ...,
         remote_id: _builtins.str = ...,
+        exchange: _builtins.str = ...,
+        new_ike_sa: _builtins.str = ...,
+        new_child_sa: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_sa", b"child_sa", "connection", b"connection", "ike_sa", b"ike_sa", "kind", b"kind", "notify", b"notify", "reason", b"reason", "remote_id", b"remote_id", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_sa", b"child_sa", "connection", b"connection", "exchange", b"exchange", "ike_sa", b"ike_sa", "kind", b"kind", "new_child_sa", b"new_child_sa", "new_ike_sa", b"new_ike_sa", "notify", b"notify", "reason", b"reason", "remote_id", b"remote_id", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -74,6 +74,11 @@ class KeyExchangeStub:
                 request_serializer=esplanade_dot_v1_dot_keyexchange__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=esplanade_dot_v1_dot_keyexchange__pb2.KeyExchangeEvent.FromString,
                 _registered_method=True)
+        self.LoadPool = channel.unary_unary(
+                '/esplanade.v1.KeyExchange/LoadPool',
+                request_serializer=esplanade_dot_v1_dot_keyexchange__pb2.LoadPoolRequest.SerializeToString,
+                response_deserializer=esplanade_dot_v1_dot_keyexchange__pb2.LoadPoolResponse.FromString,
+                _registered_method=True)
 
 
 class KeyExchangeServicer:
@@ -128,6 +133,13 @@ class KeyExchangeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadPool(self, request, context):
+        """Virtual IP pools (swanctl `pools`) that connections name in `pools` (added in v1.1).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyExchangeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +182,11 @@ def add_KeyExchangeServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=esplanade_dot_v1_dot_keyexchange__pb2.WatchEventsRequest.FromString,
                     response_serializer=esplanade_dot_v1_dot_keyexchange__pb2.KeyExchangeEvent.SerializeToString,
+            ),
+            'LoadPool': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadPool,
+                    request_deserializer=esplanade_dot_v1_dot_keyexchange__pb2.LoadPoolRequest.FromString,
+                    response_serializer=esplanade_dot_v1_dot_keyexchange__pb2.LoadPoolResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -388,6 +405,33 @@ class KeyExchange:
             '/esplanade.v1.KeyExchange/WatchEvents',
             esplanade_dot_v1_dot_keyexchange__pb2.WatchEventsRequest.SerializeToString,
             esplanade_dot_v1_dot_keyexchange__pb2.KeyExchangeEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadPool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esplanade.v1.KeyExchange/LoadPool',
+            esplanade_dot_v1_dot_keyexchange__pb2.LoadPoolRequest.SerializeToString,
+            esplanade_dot_v1_dot_keyexchange__pb2.LoadPoolResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,8 @@ class KeyExchangeStub:
     Rekey: _grpc.UnaryUnaryMultiCallable[_keyexchange_pb2.RekeyRequest, _keyexchange_pb2.RekeyResponse]
     ListSas: _grpc.UnaryUnaryMultiCallable[_keyexchange_pb2.ListSasRequest, _keyexchange_pb2.ListSasResponse]
     WatchEvents: _grpc.UnaryStreamMultiCallable[_keyexchange_pb2.WatchEventsRequest, _keyexchange_pb2.KeyExchangeEvent]
+    LoadPool: _grpc.UnaryUnaryMultiCallable[_keyexchange_pb2.LoadPoolRequest, _keyexchange_pb2.LoadPoolResponse]
+    """Virtual IP pools (swanctl `pools`) that connections name in `pools` (added in v1.1)."""
 
 @_typing.type_check_only
 class KeyExchangeAsyncStub(KeyExchangeStub):
@@ -53,6 +55,8 @@ class KeyExchangeAsyncStub(KeyExchangeStub):
     Rekey: _aio.UnaryUnaryMultiCallable[_keyexchange_pb2.RekeyRequest, _keyexchange_pb2.RekeyResponse]  # type: ignore[assignment]
     ListSas: _aio.UnaryUnaryMultiCallable[_keyexchange_pb2.ListSasRequest, _keyexchange_pb2.ListSasResponse]  # type: ignore[assignment]
     WatchEvents: _aio.UnaryStreamMultiCallable[_keyexchange_pb2.WatchEventsRequest, _keyexchange_pb2.KeyExchangeEvent]  # type: ignore[assignment]
+    LoadPool: _aio.UnaryUnaryMultiCallable[_keyexchange_pb2.LoadPoolRequest, _keyexchange_pb2.LoadPoolResponse]  # type: ignore[assignment]
+    """Virtual IP pools (swanctl `pools`) that connections name in `pools` (added in v1.1)."""
 
 class KeyExchangeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -111,5 +115,13 @@ class KeyExchangeServicer(metaclass=_abc_1.ABCMeta):
         request: _keyexchange_pb2.WatchEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_keyexchange_pb2.KeyExchangeEvent], _abc.AsyncIterator[_keyexchange_pb2.KeyExchangeEvent]]: ...
+
+    @_abc_1.abstractmethod
+    def LoadPool(
+        self,
+        request: _keyexchange_pb2.LoadPoolRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyexchange_pb2.LoadPoolResponse, _abc.Awaitable[_keyexchange_pb2.LoadPoolResponse]]:
+        """Virtual IP pools (swanctl `pools`) that connections name in `pools` (added in v1.1)."""
 
 def add_KeyExchangeServicer_to_server(servicer: KeyExchangeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

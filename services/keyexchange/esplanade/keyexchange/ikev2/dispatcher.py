@@ -420,6 +420,13 @@ class IkeDispatcher:
                 return sa
         return None
 
+    def initiate_children(self, connection: str, names: list[str], now: float) -> str:
+        """One IKE SA carrying these Child SAs: the first in IKE_AUTH, the rest in CREATE_CHILD_SA."""
+        ike = self.initiate(connection, now, child=names[0] if names else None)
+        if len(names) > 1:
+            self._reauth_children[ike] = names
+        return ike
+
     def start_configured(self, now: float) -> list[str]:
         """Initiate every connection with a child whose start_action is "start" (swanctl --load-conns)."""
         started = []

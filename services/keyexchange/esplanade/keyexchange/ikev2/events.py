@@ -57,11 +57,16 @@ class IkeSaRekeyed(Event):
 
 @dataclass(frozen=True, slots=True)
 class InstallInboundSa(Event):
-    """Responder only: install `sa`, then call `inbound_sa_installed(child_id)` to release the response."""
+    """Responder only: install `sa`, then call `inbound_sa_installed(child_id)` to release the response.
+
+    `record` is the whole pair (the outbound SA too), for a shell that writes Child SA records
+    in one go; its outbound SA must not carry traffic before `ChildSaEstablished`/`ChildSaRekeyed`.
+    """
 
     ike_sa: str
     child_id: str
     sa: SecurityAssociation = field(repr=False)
+    record: ChildSaRecord | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

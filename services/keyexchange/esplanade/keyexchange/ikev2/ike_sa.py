@@ -370,10 +370,8 @@ class IkeSa:
         for key, r in list(self.reassembly.items()):
             if now >= r.started + FRAGMENT_TIMEOUT:
                 del self.reassembly[key]
-        if self.held is not None and now >= self.held.deadline:
-            self._install_timed_out(self.held, now)
-            if self.state == IkeState.DELETED:
-                return
+        if self.held is not None and now >= self.held.deadline and self._install_timed_out(self.held, now):
+            return
         for child_id, (_, deadline) in list(self.deletes_after_install.items()):
             if now >= deadline:
                 self.count("install_ack_timeouts")
@@ -532,7 +530,7 @@ class IkeSa:
             self.queue.appendleft(ChildDelete([old_spi]))
         self.run_queue(now)
 
-    def _install_timed_out(self, h: HeldResponse, now: float) -> None:
+    def _install_timed_out(self, h: HeldResponse, now: float) -> bool:
         """The dataplane never acknowledged: fail the exchange without leaving half an SA.
 
         IKE_AUTH: the IKE SA is not established yet, so it goes (the initiator's
@@ -551,9 +549,10 @@ class IkeSa:
                 self.remove_child(c, reason)
         if h.exchange == ExchangeType.IKE_AUTH:
             self.destroy(reason)
-            return
+            return True
         self.send_response(h.message_id, h.exchange, [NotifyPayload(NotifyType.TEMPORARY_FAILURE)])
         self.run_queue(now)
+        return False
 
     # -- receiving --------------------------------------------------------------------------
     def receive_message(self, msg: Message, local: Address, remote: Address, now: float) -> None:
@@ -748,10 +747,9 @@ class IkeSa:
 
     def request_install(self, c: ChildSa) -> None:
         """Responder: hand the inbound SA to the dataplane before the response goes out."""
-        replay, lifetime = self._child_limits(c)
-        inbound, _ = c.sas(self.local, self.remote, self.encap, replay, lifetime)
+        record = self.child_record(c)
         c.state = ChildState.INSTALLING
-        self.emit(InstallInboundSa(self.id, c.id, inbound))
+        self.emit(InstallInboundSa(self.id, c.id, record.inbound, record))
 
     def find_child_by_spi(self, spi: int, inbound: bool) -> ChildSa | None:
         for c in self.children.values():

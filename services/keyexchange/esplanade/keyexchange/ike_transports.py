@@ -1,0 +1,201 @@
+"""How IKE datagrams reach the engine and leave it.
+
+- `DataplaneRelay` (transport `relay`, the default): the dataplane owns UDP 500 and 4500 and
+  relays IKE over the `Dataplane.RelayIke` bidi stream; payloads travel WITHOUT the non-ESP
+  marker (the dataplane strips and adds it on 4500). One stream per dataplane node,
+  reconnected with exponential backoff; a reply leaves through the node the peer last
+  spoke through (else the first connected one).
+- `IkeSockets` (transport `socket`): keyexchange binds UDP 500 and 4500 itself; ESP arriving
+  on its 4500 socket is counted and dropped (no dataplane behind it).
+
+Both hand received datagrams to `deliver(data, local, remote)` in the engine's wire form:
+on port 4500 with the marker, as a socket would see it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from esplanade.config.settings import GrpcSettings
+from esplanade.keyexchange.ikev2.constants import NATT_PORT
+from esplanade.keyexchange.ikev2.events import Address, Datagram
+from esplanade.rpc.server import open_channel
+from esplanade.store.backoff import Backoff
+from esplanade.v1 import dataplane_pb2, dataplane_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+Deliver = Callable[[bytes, Address, Address], None]
+NON_ESP_MARKER = b"\x00\x00\x00\x00"
+RELAY_QUEUE = 8192  # datagrams waiting for a stream; beyond that they are dropped (IKE retransmits)
+
+
+class _RelayStream:
+    """One dataplane node's RelayIke stream."""
+
+    def __init__(self, target: str, relay: DataplaneRelay) -> None:
+        self.target = target
+        self.relay = relay
+        self.queue: asyncio.Queue[dataplane_pb2.IkeDatagram | None] = asyncio.Queue(RELAY_QUEUE)
+        self.connected = False
+
+    async def _outgoing(self) -> AsyncIterator[dataplane_pb2.IkeDatagram]:
+        while True:
+            item = await self.queue.get()
+            if item is None:
+                return
+            yield item
+
+    async def run(self) -> None:
+        backoff = Backoff(base=0.05, cap=self.relay.backoff_max)
+        while True:
+            channel = open_channel(self.target, self.relay.grpc)
+            try:
+                stub = dataplane_pb2_grpc.DataplaneStub(channel)
+                call = stub.RelayIke(self._outgoing())
+                self.connected = True
+                first = True
+                async for dg in call:
+                    if first:
+                        log.info("IKE relay to dataplane %s connected", self.target)
+                        backoff.reset()
+                        first = False
+                    self.relay.received(self, dg)
+            except grpc.aio.AioRpcError as exc:
+                if self.connected:
+                    log.warning("IKE relay to dataplane %s lost: %s", self.target, exc.code().name)
+            finally:
+                self.connected = False
+                # datagrams queued for a dead stream are stale by the time it is back: IKE retransmits
+                while not self.queue.empty():
+                    self.queue.get_nowait()
+                with contextlib.suppress(Exception):
+                    await channel.close()
+            self.relay.counters["reconnects"] = self.relay.counters.get("reconnects", 0) + 1
+            await asyncio.sleep(backoff.next_delay())
+
+    def send(self, dg: dataplane_pb2.IkeDatagram) -> bool:
+        try:
+            self.queue.put_nowait(dg)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+
+class DataplaneRelay:
+    def __init__(
+        self, targets: list[str], grpc_settings: GrpcSettings, deliver: Deliver, backoff_max: float = 5.0
+    ) -> None:
+        self.grpc = grpc_settings
+        self.deliver = deliver
+        self.backoff_max = backoff_max
+        self.streams = [_RelayStream(t, self) for t in targets]
+        self._route: dict[str, _RelayStream] = {}  # peer address -> the stream it came through
+        self._tasks: list[asyncio.Task[None]] = []
+        self.counters: dict[str, int] = {}
+
+    def _count(self, what: str) -> None:
+        self.counters[what] = self.counters.get(what, 0) + 1
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(s.run(), name=f"ike-relay:{s.target}") for s in self.streams]
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    @property
+    def connected(self) -> bool:
+        return any(s.connected for s in self.streams)
+
+    def received(self, stream: _RelayStream, dg: dataplane_pb2.IkeDatagram) -> None:
+        self._count("received")
+        local = (dg.local_addr, dg.local_port)
+        remote = (dg.remote_addr, dg.remote_port)
+        self._route[dg.remote_addr] = stream
+        data = NON_ESP_MARKER + dg.payload if dg.local_port == NATT_PORT else dg.payload
+        self.deliver(data, local, remote)
+
+    def send(self, d: Datagram) -> None:
+        stream = self._route.get(d.remote[0])
+        if stream is None or not stream.connected:
+            stream = next((s for s in self.streams if s.connected), None)
+        if stream is None:
+            self._count("unsendable")
+            return
+        dg = dataplane_pb2.IkeDatagram(
+            local_addr=d.local[0],
+            local_port=d.local[1],
+            remote_addr=d.remote[0],
+            remote_port=d.remote[1],
+            payload=d.data,
+        )
+        if not stream.send(dg):
+            self._count("queue_full")
+            return
+        self._count("sent")
+
+
+class _SocketEndpoint(asyncio.DatagramProtocol):
+    def __init__(self, sockets: IkeSockets, local: Address) -> None:
+        self.sockets = sockets
+        self.local = local
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        remote = (str(addr[0]), int(addr[1]))
+        if self.local[1] == NATT_PORT and len(data) > 1 and data[:4] != NON_ESP_MARKER:
+            self.sockets.counters["esp_dropped"] = self.sockets.counters.get("esp_dropped", 0) + 1
+            return
+        self.sockets.deliver(data, self.local, remote)
+
+    def error_received(self, exc: Exception) -> None:
+        self.sockets.counters["socket_errors"] = self.sockets.counters.get("socket_errors", 0) + 1
+
+
+class IkeSockets:
+    def __init__(self, addresses: list[str], deliver: Deliver, ike_port: int = 500, natt_port: int = NATT_PORT) -> None:
+        self.addresses = addresses or ["0.0.0.0"]
+        self.deliver = deliver
+        self.ports = (ike_port, natt_port)
+        self.counters: dict[str, int] = {}
+        self._endpoints: dict[Address, _SocketEndpoint] = {}
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for address in self.addresses:
+            for port in self.ports:
+                family = socket.AF_INET6 if ":" in address else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((address, port))
+                sock.setblocking(False)
+                endpoint = _SocketEndpoint(self, (address, port))
+                await loop.create_datagram_endpoint(lambda ep=endpoint: ep, sock=sock)  # type: ignore[misc]
+                self._endpoints[(address, port)] = endpoint
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._endpoints)
+
+    def close(self) -> None:
+        for ep in self._endpoints.values():
+            if ep.transport is not None:
+                ep.transport.close()
+        self._endpoints.clear()
+
+    def send(self, d: Datagram) -> None:
+        ep = self._endpoints.get(d.local) or self._endpoints.get(("0.0.0.0", d.local[1]))
+        if ep is None or ep.transport is None:
+            self.counters["unsendable"] = self.counters.get("unsendable", 0) + 1
+            return
+        ep.transport.sendto(d.wire_bytes(), d.remote)
