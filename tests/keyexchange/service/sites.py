@@ -1,0 +1,225 @@
+"""Esplanade sites as real processes in network namespaces, for the service tests.
+
+A site is a netns with a WAN address (on a veth to its peer), inner addresses on lo, a TUN
+`esp0`, its own embedded store file, a dataplane process and a keyexchange process. The
+services listen on 0.0.0.0 inside the netns; the test reaches their gRPC through a
+management veth from the root namespace (10.203.<n>.1 <-> 10.203.<n>.2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from esplanade.store.sealing import Keyring
+from esplanade.v1 import keyexchange_pb2, keyexchange_pb2_grpc
+from tests.conditions import wait_until
+
+KX_PORT, DP_PORT = 50061, 50062
+REPO = Path(__file__).resolve().parents[3]
+
+
+def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, check=check, capture_output=True, text=True, timeout=timeout)
+
+
+def nsx(ns: str, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return sh("ip", "netns", "exec", ns, *args, check=check, timeout=timeout)
+
+
+def struct(d: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(d)
+    return s
+
+
+class Site:
+    def __init__(self, ns: str, index: int, wan_ip: str, inner_ip: str, base: Path) -> None:
+        self.ns = ns
+        self.index = index
+        self.wan_ip = wan_ip
+        self.inner_ip = inner_ip
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        self.store_path = base / "store.db"
+        self.kek = Keyring.generate().to_text()
+        self.mgmt_host, self.mgmt_ip = f"10.203.{index}.1", f"10.203.{index}.2"
+        self.kx: subprocess.Popen[bytes] | None = None
+        self.dp: subprocess.Popen[bytes] | None = None
+        self.kx_log = base / "keyexchange.log"
+        self.dp_log = base / "dataplane.log"
+        self._kx_channel: grpc.Channel | None = None
+
+    # -- network -------------------------------------------------------------------------------
+    def create_netns(self) -> None:
+        sh("ip", "netns", "del", self.ns, check=False)
+        sh("ip", "link", "del", f"kxsm{self.index}", check=False)
+        sh("ip", "netns", "add", self.ns)
+        nsx(self.ns, "ip", "link", "set", "lo", "up")
+        nsx(self.ns, "ip", "addr", "add", f"{self.inner_ip}/32", "dev", "lo")
+        m = f"kxsm{self.index}"
+        sh("ip", "link", "add", m, "type", "veth", "peer", "name", "mgmt0", "netns", self.ns)
+        sh("ip", "addr", "add", f"{self.mgmt_host}/30", "dev", m)
+        sh("ip", "link", "set", m, "up")
+        nsx(self.ns, "ip", "addr", "add", f"{self.mgmt_ip}/30", "dev", "mgmt0")
+        nsx(self.ns, "ip", "link", "set", "mgmt0", "up")
+
+    def delete_netns(self) -> None:
+        sh("ip", "link", "del", f"kxsm{self.index}", check=False)
+        sh("ip", "netns", "del", self.ns, check=False)
+
+    # -- processes -----------------------------------------------------------------------------
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ESPLANADE_")}
+        env.update(
+            ESPLANADE_STORE__PATH=str(self.store_path),
+            ESPLANADE_KEK__VALUE=self.kek,
+            ESPLANADE_ENDPOINTS__KEYEXCHANGE=f"0.0.0.0:{KX_PORT}",
+            ESPLANADE_ENDPOINTS__DATAPLANE=f"127.0.0.1:{DP_PORT}",
+            ESPLANADE_ENDPOINTS__METRICS_PORT_OFFSET="0",
+            ESPLANADE_TELEMETRY__LOG_FORMAT="text",
+            ESPLANADE_TELEMETRY__LOG_LEVEL="info",
+            ESPLANADE_KEYEXCHANGE__INSTANCE=f"kx{self.index}",
+            ESPLANADE_KEYEXCHANGE__COUNTERS_INTERVAL_SECONDS="1",
+            PYTHONPATH=str(REPO),
+        )
+        env.update(extra)
+        return env
+
+    def start_dataplane(self) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "tests.keyexchange.service.contract_dataplane",
+            "--store",
+            str(self.store_path),
+            "--kek",
+            self.kek,
+            "--ip",
+            self.wan_ip,
+            "--listen",
+            f"127.0.0.1:{DP_PORT}",
+            "--node",
+            f"dp{self.index}",
+        ]
+        with open(self.dp_log, "ab") as log:
+            self.dp = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns, *cmd], stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=REPO
+            )
+        wait_until(lambda: self._has_tun(), timeout=15, what=f"{self.ns} dataplane TUN")
+        nsx(self.ns, "ip", "link", "set", "esp0", "up")
+        nsx(self.ns, "ip", "link", "set", "esp0", "mtu", "1400")
+
+    def _has_tun(self) -> bool:
+        if self.dp is not None and self.dp.poll() is not None:
+            raise AssertionError(f"dataplane died: {self.dp_log.read_text(errors='replace')[-2000:]}")
+        return nsx(self.ns, "ip", "link", "show", "esp0", check=False).returncode == 0
+
+    def start_keyexchange(self, **extra: str) -> None:
+        cmd = [sys.executable, "-m", "esplanade.cli.main", "serve", "keyexchange"]
+        with open(self.kx_log, "ab") as log:
+            self.kx = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns, *cmd],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env(**extra),
+                cwd=REPO,
+            )
+        wait_until(self._kx_serving, timeout=30, what=f"{self.ns} keyexchange serving")
+
+    def _kx_serving(self) -> bool:
+        if self.kx is not None and self.kx.poll() is not None:
+            raise AssertionError(f"keyexchange died: {self.kx_log.read_text(errors='replace')[-3000:]}")
+        try:
+            self.kx_stub().ListSas(keyexchange_pb2.ListSasRequest(), timeout=2)
+        except grpc.RpcError:
+            return False
+        return True
+
+    def kill_keyexchange(self) -> None:
+        if self.kx is not None:
+            # `ip netns exec` execs: the Popen pid is the service itself
+            os.kill(self.kx.pid, signal.SIGKILL)
+            self.kx.wait(10)
+            self.kx = None
+
+    def stop(self) -> None:
+        for proc in (self.kx, self.dp):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        self.kx = self.dp = None
+        if self._kx_channel is not None:
+            self._kx_channel.close()
+        self._kx_channel = None
+
+    # -- gRPC --------------------------------------------------------------------------------------
+    def kx_stub(self) -> keyexchange_pb2_grpc.KeyExchangeStub:
+        if self._kx_channel is None:
+            self._kx_channel = grpc.insecure_channel(f"{self.mgmt_ip}:{KX_PORT}")
+        return keyexchange_pb2_grpc.KeyExchangeStub(self._kx_channel)
+
+    def load(self, name: str, config: dict[str, Any]) -> int:
+        return int(
+            self.kx_stub()
+            .LoadConnection(keyexchange_pb2.LoadConnectionRequest(name=name, config=struct(config)))
+            .revision
+        )
+
+    def load_pool(self, name: str, config: dict[str, Any]) -> None:
+        self.kx_stub().LoadPool(keyexchange_pb2.LoadPoolRequest(name=name, config=struct(config)))
+
+    def sas(self, connection: str = "") -> list[keyexchange_pb2.IkeSaInfo]:
+        return list(self.kx_stub().ListSas(keyexchange_pb2.ListSasRequest(connection=connection), timeout=5).ike_sas)
+
+    def established(self, connection: str = "") -> list[keyexchange_pb2.IkeSaInfo]:
+        return [
+            sa
+            for sa in self.sas(connection)
+            if sa.state == "ESTABLISHED" and any(c.state == "INSTALLED" for c in sa.children)
+        ]
+
+    def ping(self, dst: str, count: int = 3, interval: float = 0.2, src: str = "") -> bool:
+        r = nsx(
+            self.ns,
+            "ping",
+            "-c",
+            str(count),
+            "-i",
+            str(interval),
+            "-W",
+            "2",
+            "-I",
+            src or self.inner_ip,
+            dst,
+            check=False,
+            timeout=30 + count * interval,
+        )
+        return r.returncode == 0
+
+    def logs(self) -> str:
+        out = []
+        for p in (self.kx_log, self.dp_log):
+            with contextlib.suppress(FileNotFoundError):
+                out.append(p.read_text(errors="replace"))
+        return "\n".join(out)
+
+
+def link_sites(a: Site, b: Site, dev_a: str = "kxsw0", dev_b: str = "kxsw1") -> None:
+    """A veth between two site namespaces carrying their WAN addresses (/24)."""
+    sh("ip", "link", "add", dev_a, "netns", a.ns, "type", "veth", "peer", "name", dev_b, "netns", b.ns)
+    for site, dev in ((a, dev_a), (b, dev_b)):
+        nsx(site.ns, "ip", "addr", "add", f"{site.wan_ip}/24", "dev", dev)
+        nsx(site.ns, "ip", "link", "set", dev, "up")
