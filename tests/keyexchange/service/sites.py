@@ -8,6 +8,7 @@ management veth from the root namespace (10.203.<n>.1 <-> 10.203.<n>.2).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2
 
+from esplanade.store.embedded import EmbeddedStore
 from esplanade.store.sealing import Keyring
 from esplanade.v1 import keyexchange_pb2, keyexchange_pb2_grpc
 from tests.conditions import wait_until
@@ -208,6 +210,20 @@ class Site:
             timeout=30 + count * interval,
         )
         return r.returncode == 0
+
+    def store_range(self, prefix: str) -> dict[str, bytes]:
+        """Keys under `prefix` in this site's store, read by the test process itself."""
+
+        async def read() -> dict[str, bytes]:
+            store = EmbeddedStore(self.store_path)
+            await store.connect()
+            try:
+                kvs, _ = await store.range(prefix)
+                return {kv.key[len(prefix) :]: kv.value for kv in kvs}
+            finally:
+                await store.close()
+
+        return asyncio.run(read())
 
     def logs(self) -> str:
         out = []

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from esplanade.store import schema
+from esplanade.v1 import keyexchange_pb2 as kx
 from tests.conditions import wait_until
 from tests.keyexchange.service.sites import Site, link_sites, nsx
 
@@ -65,10 +69,197 @@ def test_psk_sites_ping_both_ways(sites: tuple[Site, Site]) -> None:
     assert b.ping(a.inner_ip)
     sa = a.established("ab")[0]
     child = sa.children[0]
-    assert sa.initiator and sa.encr == "aes_gcm_16" or sa.encr
+    assert sa.initiator and sa.encr
     wait_until(lambda: a.established("ab")[0].children[0].packets_out >= 3, timeout=5, what="counters")
     assert child.local_ts == [NET1] and child.remote_ts == [NET2]
     # the key handoff in the store: sealed record, SPD entries, SPI reservation
     raw = Path(a.store_path).read_bytes()
     assert PSK.encode() not in raw
     assert PSK not in a.logs() and PSK not in b.logs()
+
+
+def _unload_all(*sites: Site) -> None:
+    for s in sites:
+        for c in s.kx_stub().ListConnections(kx.ListConnectionsRequest()).connections:
+            s.kx_stub().UnloadConnection(kx.UnloadConnectionRequest(name=c.name))
+    for s in sites:
+        wait_until(lambda s=s: not s.sas(), timeout=15, what=f"{s.ns}: no SAs left")
+        wait_until(lambda s=s: not s.store_range(schema.prefix("sas", "child")), timeout=10, what="records gone")
+
+
+def _up(a: Site, b: Site, name: str, ca: dict[str, Any], cb: dict[str, Any]) -> None:
+    b.load(name, cb)
+    a.load(name, ca)
+    a.kx_stub().Initiate(kx.InitiateRequest(connection=name))
+    wait_until(lambda: a.established(name) and b.established(name), timeout=20, what="SAs up on both sites")
+
+
+def test_store_holds_the_handoff(sites: tuple[Site, Site]) -> None:
+    a, b = sites
+    _unload_all(a, b)
+    _up(a, b, "ab", conn(a, b, NET1, NET2), conn(b, a, NET2, NET1))
+    child = a.established("ab")[0].children[0]
+    records = a.store_range(schema.prefix("sas", "child"))
+    assert list(records) == [child.id]
+    doc = json.loads(records[child.id])
+    assert doc["inbound"]["spi"] == child.spi_in and doc["outbound"]["spi"] == child.spi_out
+    assert doc["inbound"]["encr_key"].startswith("sealed:v1:")
+    spd = {k: json.loads(v) for k, v in a.store_range(schema.prefix("spd")).items()}
+    assert sorted(p["direction"] for p in spd.values()) == ["fwd", "in", "out"]
+    assert {p["child_sa"] for p in spd.values()} == {child.id}
+    assert all(k.startswith("ab.net.0-") for k in spd)
+    assert all(p["reqid"] == doc["inbound"]["reqid"] != 0 for p in spd.values())
+    spis = {k: json.loads(v) for k, v in a.store_range(schema.prefix("spi")).items()}
+    assert spis[f"{child.spi_in:08x}"]["child_sa"] == child.id
+    assert a.store_range(schema.prefix("dataplane", "acks", child.id))
+    # the responder too (its record was written before its IKE_AUTH response left)
+    b_child = b.established("ab")[0].children[0]
+    assert list(b.store_range(schema.prefix("sas", "child"))) == [b_child.id]
+
+
+def test_load_connection_validation_and_listing(sites: tuple[Site, Site]) -> None:
+    a, _b = sites
+    bad = conn(a, a, NET1, NET2, proposals=["aes256gcm16-prfsha256-nosuchgroup"])
+    with pytest.raises(grpc.RpcError) as info:
+        a.load("bad", bad)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "connections.bad.proposals" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        a.load("bad", {**conn(a, a, NET1, NET2), "rekey_time": "soon"})
+    assert "connections.bad.rekey_time" in (info.value.details() or "")
+    assert not a.store_range(schema.connection("bad"))
+    listed = {c.name: c for c in a.kx_stub().ListConnections(kx.ListConnectionsRequest()).connections}
+    assert "psk" not in dict(listed["ab"].config)
+    assert PSK not in str(listed["ab"])
+    with pytest.raises(grpc.RpcError) as info:
+        a.kx_stub().Initiate(kx.InitiateRequest(connection="nosuch"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _ping_stream(site: Site, dst: str, count: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["ip", "netns", "exec", site.ns, "ping", "-c", str(count), "-i", "0.05", "-W", "1", "-I", site.inner_ip, dst],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _lost(p: subprocess.Popen[str]) -> str:
+    out, _ = p.communicate(timeout=60)
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert m, out
+    return f"{int(m.group(1)) - int(m.group(2))} of {m.group(1)} lost"
+
+
+def test_child_rekey_either_side_under_traffic(sites: tuple[Site, Site]) -> None:
+    a, b = sites
+    if not a.established("ab"):
+        _up(a, b, "ab", conn(a, b, NET1, NET2), conn(b, a, NET2, NET1))
+    for rekeyer in (a, b, a):
+        old = rekeyer.established("ab")[0].children[0].id
+        pinger = _ping_stream(a, b.inner_ip, 40)
+        wait_until(lambda: a.established("ab")[0].children[0].packets_out > 0, timeout=5, what="traffic flowing")
+        rekeyer.kx_stub().Rekey(kx.RekeyRequest(child_sa=old))
+        wait_until(
+            lambda rk=rekeyer, old=old: [c.id for sa in rk.established("ab") for c in sa.children] not in ([old], []),
+            timeout=10,
+            what="child rekeyed",
+        )
+        assert _lost(pinger) == "0 of 40 lost"
+    for s in (a, b):
+        live = {c.id for sa in s.established("ab") for c in sa.children}
+        wait_until(lambda s=s, live=live: set(s.store_range(schema.prefix("sas", "child"))) == live, timeout=10)
+        spd = {json.loads(v)["child_sa"] for v in s.store_range(schema.prefix("spd")).values()}
+        assert spd == live
+
+
+def test_ike_rekey_either_side_under_traffic(sites: tuple[Site, Site]) -> None:
+    a, b = sites
+    if not a.established("ab"):
+        _up(a, b, "ab", conn(a, b, NET1, NET2), conn(b, a, NET2, NET1))
+    for rekeyer in (a, b):
+        old = rekeyer.established("ab")[0].id
+        pinger = _ping_stream(b, a.inner_ip, 30)
+        rekeyer.kx_stub().Rekey(kx.RekeyRequest(ike_sa=old))
+        wait_until(lambda rk=rekeyer, old=old: [sa.id for sa in rk.established("ab")] not in ([old], []), timeout=10)
+        assert _lost(pinger) == "0 of 30 lost"
+
+
+def test_terminate_from_either_side_clears_store(sites: tuple[Site, Site]) -> None:
+    a, b = sites
+    for closer, other in ((a, b), (b, a)):
+        if not a.established("ab"):
+            a.kx_stub().Initiate(kx.InitiateRequest(connection="ab"))
+            wait_until(lambda: a.established("ab") and b.established("ab"), timeout=20)
+        reply = closer.kx_stub().Terminate(kx.TerminateRequest(connection="ab"))
+        assert reply.terminated == 1
+        for s in (closer, other):
+            wait_until(lambda s=s: not s.sas("ab"), timeout=10, what=f"{s.ns} SAs gone")
+            wait_until(lambda s=s: not s.store_range(schema.prefix("sas", "child")), timeout=10, what="records gone")
+            assert not s.store_range(schema.prefix("spd"))
+            taken = [v for v in s.store_range(schema.prefix("spi")).values() if b"child_sa" in v]
+            assert not taken
+        assert not a.ping(b.inner_ip, count=1)
+
+
+def test_ecdsa_certificates(sites: tuple[Site, Site]) -> None:
+    from tests.keyexchange import pki
+
+    a, b = sites
+    _unload_all(a, b)
+    ca = pki.make_ca("ecdsa")
+    ia, ib = pki.issue(ca, "s1.kxs.test"), pki.issue(ca, "s2.kxs.test")
+
+    def cert_conn(me: Site, peer: Site, mine: pki.Issued, peer_id: str, ln: str, rn: str) -> dict[str, Any]:
+        d = conn(me, peer, ln, rn)
+        del d["psk"]
+        d["local"] = {
+            "auth": "pubkey",
+            "id": f"{me.ns[-2:]}.kxs.test",
+            "certs": [mine.cert_pem().decode()],
+            "private_key": mine.key_pem().decode(),
+        }
+        d["remote"] = {"auth": "pubkey", "id": peer_id}
+        d["cacerts"] = [ca.cert_pem().decode()]
+        return d
+
+    _up(a, b, "cert", cert_conn(a, b, ia, "s2.kxs.test", NET1, NET2), cert_conn(b, a, ib, "s1.kxs.test", NET2, NET1))
+    assert a.established("cert")[0].remote_id == "s2.kxs.test"
+    assert a.ping(b.inner_ip) and b.ping(a.inner_ip)
+    stored = a.store_range(schema.connection("cert"))
+    assert b"PRIVATE KEY" not in next(iter(stored.values()))
+    assert ia.key_pem().decode() not in a.logs()
+    listed = {c.name: c for c in a.kx_stub().ListConnections(kx.ListConnectionsRequest()).connections}
+    assert "private_key" not in dict(listed["cert"].config["local"])
+    _unload_all(a, b)
+
+
+def test_restart_recovers_connections_and_keeps_forwarding(sites: tuple[Site, Site]) -> None:
+    a, b = sites
+    _unload_all(a, b)
+    b.load("ab", conn(b, a, NET2, NET1))
+    start = {"net": {"local_ts": NET1, "remote_ts": NET2, "start_action": "start"}}
+    a.load("ab", conn(a, b, NET1, NET2, children=start))
+    wait_until(lambda: a.established("ab") and b.established("ab"), timeout=20)
+    old_child = a.established("ab")[0].children[0].id
+    a.kill_keyexchange()
+    # the dataplane keeps the Child SA: traffic still flows without keyexchange
+    assert a.ping(b.inner_ip, count=3)
+    assert old_child in a.store_range(schema.prefix("sas", "child"))
+    a.start_keyexchange()
+    names = [c.name for c in a.kx_stub().ListConnections(kx.ListConnectionsRequest()).connections]
+    assert names == ["ab"]
+    wait_until(lambda: a.established("ab"), timeout=20, what="start_action=start after the restart")
+    new_child = a.established("ab")[0].children[0].id
+    assert new_child != old_child
+    # the new Child SA took the SPD entries over; the peer replaced its old IKE SA (INITIAL_CONTACT)
+    wait_until(
+        lambda: {json.loads(v)["child_sa"] for v in a.store_range(schema.prefix("spd")).values()} == {new_child},
+        timeout=10,
+    )
+    # the orphaned record of the killed instance went in the same transaction
+    assert old_child not in a.store_range(schema.prefix("sas", "child"))
+    wait_until(lambda: len(b.sas("ab")) == 1, timeout=10, what="peer dropped the old IKE SA")
+    assert a.ping(b.inner_ip) and b.ping(a.inner_ip)
+    _unload_all(a, b)

@@ -151,6 +151,31 @@ class ChildSaHandoff:
         self.counters: dict[str, int] = {}
         self.failures: list[tuple[str, str, str]] = []  # (ike, child, reason) of writes that failed
         self.on_write_failed: Callable[[str, str, str], None] = lambda ike, child, reason: None
+        # Child SAs a previous keyexchange boot left in the store: child id -> (inbound SPI, SPD ids)
+        self.orphans: dict[str, tuple[int, set[str]]] = {}
+        self._orphan_of_policy: dict[str, str] = {}
+
+    def adopt_orphans(self, orphans: dict[str, tuple[int, set[str]]]) -> None:
+        """Records whose IKE SA died with a previous boot. The first Child SA that takes one
+        of their SPD entries over deletes them (record, SPI, the rest of their entries) in its
+        own transaction; `ChildSaHandoff` never touches them otherwise."""
+        self.orphans = orphans
+        self._orphan_of_policy = {pid: cid for cid, (_, pids) in orphans.items() for pid in pids}
+
+    def _orphan_ops(self, policies: list[SpdPolicy]) -> list[Put | Delete]:
+        ops: list[Put | Delete] = []
+        ours = {p.id for p in policies}
+        for pid in ours:
+            orphan = self._orphan_of_policy.pop(pid, None)
+            if orphan is None or orphan not in self.orphans:
+                continue
+            spi, pids = self.orphans.pop(orphan)
+            ops += [Delete(schema.child_sa(orphan)), Delete(schema.spi_allocation(spi))]
+            ops += [Delete(schema.spd_policy(other)) for other in pids - ours]
+            for other in pids:
+                self._orphan_of_policy.pop(other, None)
+            self._count("orphans_replaced")
+        return ops
 
     def _count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
@@ -241,7 +266,7 @@ class ChildSaHandoff:
         conditions, ops = self._record_ops(record)
         policies = policies_for(record)
         if not record.rekey_of:
-            ops += self._policy_ops(policies)
+            ops += self._policy_ops(policies) + self._orphan_ops(policies)
         revision = await self._commit(ike, record, conditions, ops)
         if revision is None:
             return
@@ -257,7 +282,7 @@ class ChildSaHandoff:
             record = replace(record, rekey_of=old)
         conditions, ops = self._record_ops(record)
         policies = policies_for(record)
-        ops += self._policy_ops(policies)
+        ops += self._policy_ops(policies) + self._orphan_ops(policies)
         revision = await self._commit(ike, record, conditions, ops)
         if revision is None:
             return

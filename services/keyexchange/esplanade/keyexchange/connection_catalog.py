@@ -191,15 +191,24 @@ class ConnectionCatalog:
         if not expect_revision:
             current = await self.store.get(key)
             expect_revision = current.mod_revision if current is not None else 0
-        return await self.docs.put(key, document, expect_mod_revision=expect_revision)
+        revision = await self.docs.put(key, document, expect_mod_revision=expect_revision)
+        # apply it here at once (the watch then skips this revision): an Initiate right after works
+        written = await self.store.get(key)
+        if written is not None and written.mod_revision == revision:
+            await self._apply_connection(written)
+        return revision
 
     async def delete(self, name: str) -> bool:
-        return await self.store.delete(schema.connection(name))
+        existed = await self.store.delete(schema.connection(name))
+        await self._remove(name)
+        return existed
 
     async def save_pool(self, name: str, document: dict[str, Any]) -> int:
         check_name("pool", name)
-        pool_config(name, document)
-        return await self.store.put(schema.pool(name), encode_document(document))
+        self.pools[name] = pool_config(name, document)
+        revision = await self.store.put(schema.pool(name), encode_document(document))
+        await self._revalidate()
+        return revision
 
     async def listing(self) -> list[tuple[str, dict[str, Any], int]]:
         kvs, _ = await self.store.range(CONNECTIONS)

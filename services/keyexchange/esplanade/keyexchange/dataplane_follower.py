@@ -20,7 +20,7 @@ from esplanade.config.settings import GrpcSettings
 from esplanade.keyexchange.engine_driver import IkeEngine
 from esplanade.rpc.server import open_channel
 from esplanade.store.backoff import Backoff
-from esplanade.v1 import dataplane_pb2, dataplane_pb2_grpc
+from esplanade.v1 import dataplane_pb2, dataplane_pb2_grpc, ipsec_pb2
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,11 @@ class DataplaneFollower:
                 if not cid:
                     continue
                 c = totals.get(cid, ChildCounters())
-                totals[cid] = ChildCounters(
-                    c.bytes_in + sa.bytes_in,
-                    c.bytes_out + sa.bytes_out,
-                    c.packets_in + sa.packets_in,
-                    c.packets_out + sa.packets_out,
-                )
+                if sa.direction == ipsec_pb2.DIRECTION_OUT:
+                    c = ChildCounters(c.bytes_in, c.bytes_out + sa.bytes, c.packets_in, c.packets_out + sa.packets)
+                else:
+                    c = ChildCounters(c.bytes_in + sa.bytes, c.bytes_out, c.packets_in + sa.packets, c.packets_out)
+                totals[cid] = c
         return totals
 
     async def poll_counters(self) -> None:

@@ -44,6 +44,10 @@ class IkeEngine:
         self._timer_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.counters: dict[str, int] = {}
+        dispatcher.on_register = self._registered
+
+    def _registered(self, sa: IkeSa) -> None:
+        self.connection_of[sa.id] = sa.config.name
 
     def start(self, transport: IkeTransport) -> None:
         self._loop = asyncio.get_running_loop()

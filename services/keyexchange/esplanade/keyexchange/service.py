@@ -134,6 +134,7 @@ class KeyExchangeNode:
     async def start(self, ctx: ServiceContext | None = None) -> None:
         await self.register()
         await self.spis.fill()
+        self.handoff.adopt_orphans(await self.find_orphans())
         revision = await self.catalog.load_all()
         await self.transport.start()
         self.engine.start(self.transport)
@@ -173,6 +174,29 @@ class KeyExchangeNode:
                 await self.sweep_orphans()
             except StoreError as exc:
                 log.warning("sweep failed: %s", exc)
+
+    async def find_orphans(self) -> dict[str, tuple[int, set[str]]]:
+        """Child SA records of keyexchange boots that are not running any more."""
+        live = {self.id_prefix}
+        instances, _ = await self.store.range(schema.prefix("keyexchange", "instances"))
+        for kv in instances:
+            with contextlib.suppress(Exception):
+                live.add(str(decode_document(kv.key, kv.value).get("id_prefix", "")))
+        records, _ = await self.store.range(schema.prefix("sas", "child"))
+        policies, _ = await self.store.range(schema.prefix("spd"))
+        orphans: dict[str, tuple[int, set[str]]] = {}
+        for kv in records:
+            child_id = kv.key[len(schema.prefix("sas", "child")) :]
+            if any(child_id.startswith(p) for p in live if p):
+                continue
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                orphans[child_id] = (int(json.loads(kv.value)["inbound"]["spi"]), set())
+        for kv in policies:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                owner = json.loads(kv.value).get("child_sa", "")
+                if owner in orphans:
+                    orphans[owner][1].add(kv.key[len(schema.prefix("spd")) :])
+        return orphans
 
     async def sweep_orphans(self) -> int:
         """Delete Child SA records of previous boots that nothing carries traffic on any more."""

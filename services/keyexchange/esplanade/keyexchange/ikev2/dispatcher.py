@@ -69,6 +69,7 @@ class IkeDispatcher:
         self._timer_seq = 0
         self.counters: dict[str, int] = {}
         self.id_prefix = id_prefix
+        self.on_register: Callable[[IkeSa], None] | None = None  # a shell's bookkeeping of new IKE SAs
         self.hooks = EngineHooks(
             allocate_spi=self._allocate_spi if allocate_spi is None else allocate_spi,
             wall_time=wall_time,
@@ -111,6 +112,8 @@ class IkeDispatcher:
             self._spis_in_use.discard(c.spi_in)
 
     def _register(self, ike: IkeSa) -> None:
+        if self.on_register is not None:
+            self.on_register(ike)
         self.sas[ike.id] = ike
         self._by_spi[ike.spi_i if ike.initiator else ike.spi_r] = ike
 
