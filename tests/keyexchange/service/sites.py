@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,10 @@ class Site:
         )
         return r.returncode == 0
 
+    def tcp_to(self, other: Site, nbytes: int = 200_000, port: int = 7777) -> bool:
+        """Echo `nbytes` over TCP from this site's inner address to `other`'s, through the tunnel."""
+        return tcp_echo(self.ns, self.inner_ip, other.ns, other.inner_ip, nbytes, port)
+
     def store_range(self, prefix: str) -> dict[str, bytes]:
         """Keys under `prefix` in this site's store, read by the test process itself."""
 
@@ -239,3 +244,65 @@ def link_sites(a: Site, b: Site, dev_a: str = "kxsw0", dev_b: str = "kxsw1") -> 
     for site, dev in ((a, dev_a), (b, dev_b)):
         nsx(site.ns, "ip", "addr", "add", f"{site.wan_ip}/24", "dev", dev)
         nsx(site.ns, "ip", "link", "set", dev, "up")
+
+
+def tcp_echo(client_ns: str, client_ip: str, server_ns: str, server_ip: str, nbytes: int, port: int = 7777) -> bool:
+    mod = "tests.keyexchange.service.tcp_echo"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", server_ns, sys.executable, "-m", mod, "serve", server_ip, str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
+    )
+    try:
+        assert server.stdout is not None
+        server.stdout.readline()  # "listening"
+        r = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                client_ns,
+                sys.executable,
+                "-m",
+                mod,
+                "send",
+                server_ip,
+                str(port),
+                str(nbytes),
+                client_ip,
+            ],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        return r.returncode == 0
+    finally:
+        server.kill()
+        server.wait(5)
+
+
+class EventLog:
+    """`KeyExchange.WatchEvents` of a site, collected on a thread."""
+
+    def __init__(self, site: Site) -> None:
+        self.events: list[keyexchange_pb2.KeyExchangeEvent] = []
+        self._call = site.kx_stub().WatchEvents(keyexchange_pb2.WatchEventsRequest())
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            for ev in self._call:
+                self.events.append(ev)
+
+    def of(self, kind: str) -> list[keyexchange_pb2.KeyExchangeEvent]:
+        return [e for e in list(self.events) if e.kind == kind]
+
+    def close(self) -> None:
+        self._call.cancel()
+        self._thread.join(5)
