@@ -23,7 +23,7 @@ from google.protobuf import struct_pb2
 
 from esplanade.store.embedded import EmbeddedStore
 from esplanade.store.sealing import Keyring
-from esplanade.v1 import keyexchange_pb2, keyexchange_pb2_grpc
+from esplanade.v1 import dataplane_pb2, dataplane_pb2_grpc, keyexchange_pb2, keyexchange_pb2_grpc
 from tests.conditions import wait_until
 
 KX_PORT, DP_PORT = 50061, 50062
@@ -60,6 +60,7 @@ class Site:
         self.kx_log = base / "keyexchange.log"
         self.dp_log = base / "dataplane.log"
         self._kx_channel: grpc.Channel | None = None
+        self._dp_channel: grpc.Channel | None = None
 
     # -- network -------------------------------------------------------------------------------
     def create_netns(self) -> None:
@@ -109,7 +110,7 @@ class Site:
             "--ip",
             self.wan_ip,
             "--listen",
-            f"127.0.0.1:{DP_PORT}",
+            f"0.0.0.0:{DP_PORT}",
             "--node",
             f"dp{self.index}",
         ]
@@ -164,15 +165,25 @@ class Site:
                     proc.kill()
                     proc.wait(5)
         self.kx = self.dp = None
-        if self._kx_channel is not None:
-            self._kx_channel.close()
-        self._kx_channel = None
+        for channel in (self._kx_channel, self._dp_channel):
+            if channel is not None:
+                channel.close()
+        self._kx_channel = self._dp_channel = None
 
     # -- gRPC --------------------------------------------------------------------------------------
     def kx_stub(self) -> keyexchange_pb2_grpc.KeyExchangeStub:
         if self._kx_channel is None:
             self._kx_channel = grpc.insecure_channel(f"{self.mgmt_ip}:{KX_PORT}")
         return keyexchange_pb2_grpc.KeyExchangeStub(self._kx_channel)
+
+    def dp_stub(self) -> dataplane_pb2_grpc.DataplaneStub:
+        if self._dp_channel is None:
+            self._dp_channel = grpc.insecure_channel(f"{self.mgmt_ip}:{DP_PORT}")
+        return dataplane_pb2_grpc.DataplaneStub(self._dp_channel)
+
+    def drops(self) -> dict[str, int]:
+        reply = self.dp_stub().GetCounters(dataplane_pb2.GetCountersRequest(), timeout=5)
+        return {d.reason: d.packets for d in reply.drops}
 
     def load(self, name: str, config: dict[str, Any]) -> int:
         return int(

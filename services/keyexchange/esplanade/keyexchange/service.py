@@ -37,6 +37,7 @@ from esplanade.keyexchange.ike_transports import DataplaneRelay, IkeSockets
 from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
 from esplanade.keyexchange.keyexchange_servicer import KeyExchangeServicer
 from esplanade.keyexchange.spi_reservations import SpiReservations
+from esplanade.keyexchange.virtual_ip_routes import VirtualIpRoutes
 from esplanade.runtime.service_host import ServiceContext, run_service
 from esplanade.store import schema
 from esplanade.store.base import Delete, LeaseNotFound, Store, StoreError
@@ -86,6 +87,8 @@ class KeyExchangeNode:
         self.feed = EventFeed(lambda ike: self.engine.connection_of.get(ike, ""))
         self.metrics = IkeMetrics(dispatcher, self.engine.connection_of)
         self.engine.listeners += [self.handoff.handle, self.feed.publish, self.metrics.observe]
+        self.virtual_ips = VirtualIpRoutes(settings.dataplane.tun_name)
+        self.engine.listeners.append(self.virtual_ips.handle)
         targets = [settings.endpoints.dataplane]
         self.follower = DataplaneFollower(
             targets,
@@ -160,6 +163,7 @@ class KeyExchangeNode:
         self.engine.close()
         await self.handoff.drain()
         await self.follower.close()
+        self.virtual_ips.close()
 
     @property
     def ready(self) -> bool:
