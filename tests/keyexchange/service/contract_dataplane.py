@@ -227,6 +227,7 @@ class ContractDataplane:
         if inst is not None:
             self.by_spi.pop(inst.record.inbound.spi, None)
             self.emit("deleted", child_sa=cid, spi=inst.record.inbound.spi)
+            asyncio.get_running_loop().create_task(self.store.delete(schema.install_ack(cid, self.node)))
 
 
 def _five(pkt: bytes) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address, int, int]:

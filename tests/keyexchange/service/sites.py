@@ -128,7 +128,9 @@ class Site:
         return nsx(self.ns, "ip", "link", "show", "esp0", check=False).returncode == 0
 
     def start_keyexchange(self, **extra: str) -> None:
-        cmd = [sys.executable, "-m", "esplanade.cli.main", "serve", "keyexchange"]
+        profile = os.environ.get("KXS_PROFILE_KEYEXCHANGE")  # bench: cProfile output path
+        prefix = ["-m", "cProfile", "-o", profile] if profile else []
+        cmd = [sys.executable, *prefix, "-m", "esplanade.cli.main", "serve", "keyexchange"]
         with open(self.kx_log, "ab") as log:
             self.kx = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns, *cmd],

@@ -145,6 +145,8 @@ class ChildSaHandoff:
         self.written: dict[str, WrittenChild] = {}
         self.policies: dict[str, SpdPolicy] = {}  # SPD entries we wrote, as written
         self.successor: dict[str, str] = {}  # old child id -> the Child SA that replaces it
+        # SPD id -> Child SAs (install order) negotiated for that traffic: duplicates and rekeys
+        self.carriers: dict[str, list[str]] = {}
         self._awaiting_ack: dict[str, str] = {}  # child id -> IKE SA id
         self._acked: set[str] = set()
         self._chains: dict[str, asyncio.Task[None]] = {}
@@ -271,6 +273,7 @@ class ChildSaHandoff:
         if revision is None:
             return
         self.written[record.id] = WrittenChild(record, revision, tuple(p.id for p in policies))
+        self._carry(record.id, policies)
         if record.rekey_of:
             self.successor[record.rekey_of] = record.id
         else:
@@ -287,7 +290,12 @@ class ChildSaHandoff:
         if revision is None:
             return
         self.written[record.id] = WrittenChild(record, revision, tuple(p.id for p in policies))
+        self._carry(record.id, policies)
         self.policies.update((p.id, p) for p in policies)
+
+    def _carry(self, child_id: str, policies: list[SpdPolicy]) -> None:
+        for p in policies:
+            self.carriers.setdefault(p.id, []).append(child_id)
 
     async def _delete(self, child_id: str) -> None:
         self._awaiting_ack.pop(child_id, None)
@@ -297,17 +305,24 @@ class ChildSaHandoff:
             return
         ops: list[Put | Delete] = [Delete(schema.child_sa(child_id)), self.spis.release_op(written.record.inbound.spi)]
         heir_id = self.successor.pop(child_id, None)
-        heir = self.written.get(heir_id) if heir_id else None
         moved: list[SpdPolicy] = []
         for pid in written.policies:
+            carriers = self.carriers.get(pid, [])
+            if child_id in carriers:
+                carriers.remove(child_id)
             current = self.policies.get(pid)
             if current is None or current.child_sa != child_id:
-                continue  # already carried by another Child SA
-            if heir is not None and pid in heir.policies:
-                moved.append(replace(current, child_sa=heir.record.id))
+                if not carriers:
+                    self.carriers.pop(pid, None)
+                continue  # carried by another Child SA already
+            # its successor if it has one, else the newest other Child SA on the same traffic
+            heir = heir_id if heir_id in carriers else (carriers[-1] if carriers else None)
+            if heir is not None:
+                moved.append(replace(current, child_sa=heir))
             else:
                 ops.append(Delete(schema.spd_policy(pid)))
                 del self.policies[pid]
+                self.carriers.pop(pid, None)
         ops += self._policy_ops(moved)
         self.policies.update((p.id, p) for p in moved)
         try:

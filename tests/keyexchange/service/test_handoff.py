@@ -1,0 +1,131 @@
+"""The store side of the key handoff, on a real embedded store, driven by the IKE core's events."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from esplanade.keyexchange.child_sa_handoff import ChildSaHandoff
+from esplanade.keyexchange.ikev2.events import ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, InstallInboundSa
+from esplanade.keyexchange.spi_reservations import SpiReservations
+from esplanade.store import schema
+from esplanade.store.embedded import EmbeddedStore
+from esplanade.store.sealing import Keyring, Sealer
+from tests.keyexchange.peers import pair
+
+
+@pytest.fixture
+async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = EmbeddedStore(tmp_path / "store.db")
+    await s.connect()
+    yield s
+    await s.close()
+
+
+async def _handoff(store: EmbeddedStore, acks: list[tuple[str, str]] | None = None) -> ChildSaHandoff:
+    spis = SpiReservations(store, "kx-test", size=16)
+    await spis.fill()
+    return ChildSaHandoff(
+        store,
+        Sealer(Keyring.generate()),
+        spis,
+        lambda ike, child: (acks if acks is not None else []).append((ike, child)),
+    )
+
+
+async def _keys(store: EmbeddedStore, *parts: str) -> dict[str, dict]:  # type: ignore[type-arg]
+    kvs, _ = await store.range(schema.prefix(*parts))
+    return {kv.key.rsplit("/", 1)[1]: json.loads(kv.value) for kv in kvs}
+
+
+async def test_spi_reservations_are_unique_and_leased(store: EmbeddedStore) -> None:
+    lease = await store.grant_lease(30)
+    spis = SpiReservations(store, "kx-test", size=8, lease=lambda: lease.id)
+    taken = 0xABCDEF01
+    await store.put(schema.spi_allocation(taken), b"{}")
+    await spis.fill()
+    reserved = await _keys(store, "spi")
+    assert len(reserved) == 9 and all(v.get("state") == "reserved" for k, v in reserved.items() if k != f"{taken:08x}")
+    got = {spis.take() for _ in range(8)}
+    assert len(got) == 8 and taken not in got
+    await store.revoke_lease(lease.id)  # an instance that dies takes its unused reservations along
+    assert list(await _keys(store, "spi")) == [f"{taken:08x}"]
+
+
+async def test_initiator_record_spd_and_spi_in_one_transaction(store: EmbeddedStore) -> None:
+    net, a, _b = pair(id_prefix="kx1.")
+    a.engine.initiate("ab", net.now)
+    net.run()
+    ev = a.of(ChildSaEstablished)[0]
+    acks: list[tuple[str, str]] = []
+    h = await _handoff(store, acks)
+    h.handle(ev)
+    await h.drain()
+    records = await _keys(store, "sas", "child")
+    assert list(records) == [ev.child_id] and records[ev.child_id]["inbound"]["encr_key"].startswith("sealed:v1:")
+    spd = await _keys(store, "spd")
+    assert {p["direction"] for p in spd.values()} == {"out", "in", "fwd"}
+    assert {p["child_sa"] for p in spd.values()} == {ev.child_id}
+    spi = (await _keys(store, "spi"))[f"{ev.record.inbound.spi:08x}"]
+    assert spi["child_sa"] == ev.child_id
+    kvs, _ = await store.range(schema.prefix("sas", "child"))
+    spd_kvs, _ = await store.range(schema.prefix("spd"))
+    assert {kv.mod_revision for kv in kvs + spd_kvs} == {kvs[0].mod_revision}  # one transaction
+
+
+async def test_responder_waits_for_the_ack_and_rekeys_make_before_break(store: EmbeddedStore) -> None:
+    net, a, b = pair(id_prefix="kx1.")
+    b.auto_ack = False
+    ike = a.engine.initiate("ab", net.now)
+    net.run()
+    acks: list[tuple[str, str]] = []
+    h = await _handoff(store, acks)
+    first = b.held_installs[0]
+    h.handle(first)
+    await h.drain()
+    assert not acks
+    await store.put(schema.install_ack(first.child_id, "dp1"), b"{}")
+    h._seen_ack(schema.install_ack(first.child_id, "dp1"))
+    assert acks == [(first.ike_sa, first.child_id)]
+    b.engine.inbound_sa_installed(first.ike_sa, first.child_id, net.now)
+    net.run()
+    # rekey started by the initiator: b writes the new record, the policies stay on the old SA
+    a.engine.rekey_child(ike, a.of(ChildSaEstablished)[0].child_id, net.now)
+    net.run()
+    second = b.held_installs[1]
+    assert isinstance(second, InstallInboundSa) and second.record is not None
+    h.handle(second)
+    await h.drain()
+    assert {p["child_sa"] for p in (await _keys(store, "spd")).values()} == {first.child_id}
+    assert set(await _keys(store, "sas", "child")) == {first.child_id, second.child_id}
+    b.engine.inbound_sa_installed(second.ike_sa, second.child_id, net.now)
+    net.run()
+    for ev in b.events:
+        if isinstance(ev, ChildSaRekeyed | ChildSaDeleted):
+            h.handle(ev)
+    await h.drain()
+    # the initiator deleted the old SA: the policies moved to the new one in that transaction
+    assert set(await _keys(store, "sas", "child")) == {second.child_id}
+    assert {p["child_sa"] for p in (await _keys(store, "spd")).values()} == {second.child_id}
+    assert f"{first.record.inbound.spi:08x}" not in await _keys(store, "spi")  # type: ignore[union-attr]
+
+
+async def test_duplicate_child_sas_keep_the_policies_until_the_last_goes(store: EmbeddedStore) -> None:
+    net, a, _b = pair(id_prefix="kx1.", a_over={"unique": "never"}, b_over={"unique": "never"})
+    a.engine.initiate("ab", net.now)
+    a.engine.initiate("ab", net.now)
+    net.run()
+    first, second = a.of(ChildSaEstablished)
+    h = await _handoff(store)
+    for ev in (first, second):
+        h.handle(ev)
+    await h.drain()
+    assert {p["child_sa"] for p in (await _keys(store, "spd")).values()} == {second.child_id}
+    h.handle(ChildSaDeleted(second.ike_sa, second.child_id))
+    await h.drain()
+    assert {p["child_sa"] for p in (await _keys(store, "spd")).values()} == {first.child_id}
+    h.handle(ChildSaDeleted(first.ike_sa, first.child_id))
+    await h.drain()
+    assert not await _keys(store, "spd") and not await _keys(store, "sas", "child")
