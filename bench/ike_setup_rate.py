@@ -34,10 +34,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.ike_rate import PROPOSAL, THRESHOLD, cpu_seconds, thresholds, vici_rate  # noqa: E402
-from bench.records import Figure  # noqa: E402
-from tests.keyexchange import interop as ix  # noqa: E402
-from tests.keyexchange.service.sites import Site, nsx, sh, struct  # noqa: E402
+from bench.ike_rate import PROPOSAL, THRESHOLD, cpu_seconds, thresholds, vici_rate
+from bench.records import Figure
+from tests.keyexchange import interop as ix
+from tests.keyexchange.service.sites import Site, nsx, sh, struct
 
 ESP = "aes256gcm16"
 NS_A = "kxs-ba"
@@ -111,6 +111,7 @@ async def esplanade_initiator(site: Site, seconds: float, workers: int) -> dict[
         started[reply.ike_sa] = time.monotonic()
 
     async def done(ike: str) -> None:
+        nonlocal failures
         t0 = started.pop(ike, None)
         if t0 is None:
             return
