@@ -109,13 +109,6 @@ class Platform:
         self.process.send_signal(signal.SIGINT)
         return self.process.wait(timeout=30)
 
-    def put_policy_identity(self, identity_id: str) -> None:
-        self.api(
-            "PUT",
-            f"/api/v1/identities/{identity_id}",
-            {"kind": "user", "ike_ids": [f"email:{identity_id}@example.com"]},
-        )
-
     def api(self, method: str, path: str, body: object | None = None) -> tuple[int, object]:
         token = self._token_file().read_text().strip()
         argv = ["curl", "-s", "-X", method, "-H", f"Authorization: Bearer {token}", "-w", "\n%{http_code}"]
