@@ -105,6 +105,7 @@ def up(
         env.setdefault("ESPLANADE_STORE__PATH", str(state_dir / "store.db"))
         env.setdefault("ESPLANADE_DATAPLANE__FLOW_LOG_PATH", str(state_dir / "flows.jsonl"))
         env.setdefault("ESPLANADE_API__AUDIT_LOG_PATH", str(state_dir / "audit.jsonl"))
+        env.setdefault("ESPLANADE_POLICY__AUDIT_LOG_PATH", str(state_dir / "policy-audit.db"))
     # Check the configuration once, here, so a mistake is one line and not four.
     try:
         settings = load_settings(Path(env[CONFIG_ENV]) if CONFIG_ENV in env else None, env)
