@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 
 from esplanade.api.auth import FailureLimiter, TokenVerifier
 from esplanade.api.conventions import ApiContext
+from esplanade.api.openapi_document import build_openapi
 from esplanade.api.middleware import AuditTrail, BodyLimit, BodyTooLarge
 from esplanade.api.problems import install_problem_handlers, problem_response
 from esplanade.api.readiness import Readiness
@@ -99,4 +100,5 @@ def create_app(settings: Settings, store: Store, sealer: Sealer, audit: AuditLog
 
     for module in (connections, policy_objects, policy_ops, config_objects, live, events, tokens_audit):
         app.include_router(module.router)
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

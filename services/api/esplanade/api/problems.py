@@ -150,7 +150,7 @@ def validation_errors(exc: RequestValidationError) -> list[FieldError]:
     for error in exc.errors():
         location = list(error.get("loc", ()))
         kind = error.get("type", "")
-        message = str(error.get("msg", "invalid"))
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
         if kind == "extra_forbidden":
             message = "unknown field"
         elif kind == "json_invalid":
@@ -213,11 +213,4 @@ def install_problem_handlers(app: FastAPI) -> None:
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries documenting problem answers."""
-    return {
-        status: {
-            "model": Problem,
-            "description": TITLES.get(status, "Error"),
-            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
-        }
-        for status in statuses
-    }
+    return {status: {"description": TITLES.get(status, "Error")} for status in statuses}

@@ -48,6 +48,17 @@ def to_value(value: Any) -> struct_pb2.Value:
     return message
 
 
+def integral(value: Any) -> Any:
+    """Struct numbers are doubles: 443.0 back to 443, so documents decode as written."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [integral(v) for v in value]
+    if isinstance(value, dict):
+        return {k: integral(v) for k, v in value.items()}
+    return value
+
+
 def object_message(obj: PolicyObject) -> policy_pb2.PolicyObject:
     return policy_pb2.PolicyObject(
         kind=KIND_OF[type(obj)], id=obj.id, document=to_struct(object_to_document(obj)), revision=obj.revision
@@ -86,7 +97,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         self, request: policy_pb2.PutObjectRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> policy_pb2.PutObjectResponse:
         obj = request.object
-        document = json_format.MessageToDict(obj.document)
+        document = integral(json_format.MessageToDict(obj.document))
         committed = await self._guard(
             context,
             lambda: self.policy_store.put(obj.kind, obj.id, document, request.expect_revision, request.actor),

@@ -319,7 +319,7 @@ def counters_view(reply: dataplane_pb2.GetCountersResponse) -> dict[str, Any]:
             {
                 "child_sa": c.child_sa,
                 "spi": f"{c.spi:08x}",
-                "direction": ipsec_pb2.Direction.Name(c.direction).lower(),
+                "direction": ipsec_pb2.Direction.Name(c.direction).removeprefix("DIRECTION_").lower(),
                 "packets": c.packets,
                 "bytes": c.bytes,
                 "owner": c.owner,
