@@ -7,13 +7,13 @@ from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from esplanade.api.auth import FailureLimiter, TokenVerifier
-from esplanade.api.conventions import ApiContext
+from esplanade.api.conventions import ApiContext, reject_unknown_query
 from esplanade.api.openapi_document import build_openapi
 from esplanade.api.middleware import AuditTrail, BodyLimit, BodyTooLarge
 from esplanade.api.problems import install_problem_handlers, problem_response
@@ -65,6 +65,7 @@ def create_app(settings: Settings, store: Store, sealer: Sealer, audit: AuditLog
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        dependencies=[Depends(reject_unknown_query)],
     )
     install_problem_handlers(app)
 

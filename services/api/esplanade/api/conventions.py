@@ -97,6 +97,27 @@ def principal_of(request: Request) -> Principal:
     return principal
 
 
+def _query_names(dependant: Any) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """Unknown query parameters are refused (422), as unknown body fields are: a typo is not ignored."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or not request.query_params:
+        return
+    allowed = _query_names(dependant)
+    unknown = sorted({name for name in request.query_params if name not in allowed})
+    if unknown:
+        raise ProblemError(
+            422, f"unknown query parameter {unknown[0]!r}", [(f"query.{name}", "unknown parameter") for name in unknown]
+        )
+
+
 # -- ETag / If-Match ---------------------------------------------------------------------------
 MUST_EXIST = -2
 

@@ -125,7 +125,9 @@ async def current_model(ctx: ApiContext) -> Model:
     "/export",
     operation_id="export_policy",
     response_class=Response,
-    responses={200: {"content": {"application/yaml": {"schema": {"type": "object"}}}, "description": "The policy file"}},
+    responses={
+        200: {"content": {"application/yaml": {"schema": {"type": "object"}}}, "description": "The policy file"}
+    },
     **scoped(Scope.READ_ONLY),
 )
 async def export_policy(ctx: Context) -> Response:
