@@ -7,16 +7,16 @@ from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from esplanade.api.auth import FailureLimiter, TokenVerifier
 from esplanade.api.conventions import ApiContext, reject_unknown_query
+from esplanade.api.middleware import AuditTrail, BodyLimit
 from esplanade.api.openapi_document import build_openapi
-from esplanade.api.middleware import AuditTrail, BodyLimit, BodyTooLarge
-from esplanade.api.problems import install_problem_handlers, problem_response
+from esplanade.api.problems import install_problem_handlers
 from esplanade.api.readiness import Readiness
 from esplanade.api.routes import config_objects, connections, events, live, policy_objects, policy_ops, tokens_audit
 from esplanade.api.service_clients import ServiceClients
@@ -68,10 +68,6 @@ def create_app(settings: Settings, store: Store, sealer: Sealer, audit: AuditLog
         dependencies=[Depends(reject_unknown_query)],
     )
     install_problem_handlers(app)
-
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        return problem_response(413, str(exc), instance=request.url.path)
 
     app.add_middleware(AuditTrail, audit=audit_log)
     app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)

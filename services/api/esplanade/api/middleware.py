@@ -17,10 +17,6 @@ log = logging.getLogger(__name__)
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 async def _send_problem(send: Send, status: int, title: str, detail: str, path: str) -> None:
     body = json.dumps(
         {
@@ -65,17 +61,29 @@ class BodyLimit:
                     await _send_problem(send, 413, "Request body too large", detail, scope.get("path", ""))
                     return
         seen = 0
+        refused = False
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, refused
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and not refused:
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyTooLarge(detail)
+                    # Answer 413 now; the application sees a client that went away.
+                    refused = True
+                    await _send_problem(send, 413, "Request body too large", detail, scope.get("path", ""))
+                    return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, limited, send)
+        async def guarded_send(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        try:
+            await self.app(scope, limited, guarded_send)
+        except Exception:
+            if not refused:
+                raise
 
 
 async def _drain(receive: Receive) -> None:
