@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from esplanade.cli.ctl import ctl_app, policy_app
 from esplanade.cli.health_report import health_report
 from esplanade.cli.kek_commands import kek_app
 from esplanade.config.loading import ConfigError, load_settings, require_kek
@@ -29,6 +30,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(kek_app, name="kek")
+app.add_typer(ctl_app, name="ctl")
+app.add_typer(policy_app, name="policy")
 
 SERVICE_MODULES = {
     "keyexchange": "esplanade.keyexchange.service",

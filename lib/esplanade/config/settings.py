@@ -182,8 +182,10 @@ class ApiSettings(Section):
         15.0, gt=0, description="Idle interval after which the event stream (SSE) sends a keep-alive comment."
     )
     token_cache_seconds: float = Field(
-        5.0, ge=0, description="How long a verified API token is trusted before the store is asked again"
-        " (revocation through this API instance takes effect at once)."
+        5.0,
+        ge=0,
+        description="How long a verified API token is trusted before the store is asked again"
+        " (revocation through this API instance takes effect at once).",
     )
 
 
