@@ -93,6 +93,11 @@ def invalid_model(exc: PolicyError) -> InvalidObject:
 
 async def apply_model(ps: PolicyStore, desired: Model, actor: str, dry_run: bool = False) -> ApplyOutcome:
     """Make the stored policy equal `desired` (dry run: only say what would change)."""
+    async with ps.write_lock:
+        return await _apply_model(ps, desired, actor, dry_run)
+
+
+async def _apply_model(ps: PolicyStore, desired: Model, actor: str, dry_run: bool) -> ApplyOutcome:
     for _ in range(WRITE_ATTEMPTS):
         current, generation = await ps.snapshot()
         if generation.applying and await ps._interrupted_apply(generation):

@@ -17,6 +17,7 @@ transaction. A larger plan is applied in chunks under an apply lock (see `apply.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -181,6 +182,9 @@ class PolicyStore:
         self.audit = audit
         self.clock = clock
         self._cache = _Cache()
+        # Writers of this instance queue here instead of losing generation CAS races to
+        # each other; the CAS still serializes against other policy instances.
+        self.write_lock = asyncio.Lock()
 
     async def snapshot(self) -> tuple[Model, Generation]:
         generation = Generation.from_kv(await self.store.get(schema.POLICY_GENERATION))
@@ -214,6 +218,10 @@ class PolicyStore:
         """Create or replace. expect_revision: 0 create-or-replace, -1 must not exist, >0 CAS."""
         _check_kind(kind)
         obj = decode_for_put(kind, object_id, document)
+        async with self.write_lock:
+            return await self._put(kind, object_id, obj, expect_revision, actor)
+
+    async def _put(self, kind: str, object_id: str, obj: PolicyObject, expect_revision: int, actor: str) -> Committed:
         for _ in range(WRITE_ATTEMPTS):
             model, generation = await self.snapshot()
             if await self._interrupted_apply(generation):
@@ -248,6 +256,10 @@ class PolicyStore:
 
     async def delete(self, kind: str, object_id: str, expect_revision: int, actor: str) -> Committed:
         _check_kind(kind)
+        async with self.write_lock:
+            return await self._delete(kind, object_id, expect_revision, actor)
+
+    async def _delete(self, kind: str, object_id: str, expect_revision: int, actor: str) -> Committed:
         for _ in range(WRITE_ATTEMPTS):
             model, generation = await self.snapshot()
             if await self._interrupted_apply(generation):
