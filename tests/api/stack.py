@@ -134,7 +134,10 @@ class ApiStack:
 
     async def _stop(self) -> None:
         self.server.should_exit = True
-        await asyncio.wait_for(self.server_task, 10)
+        try:
+            await asyncio.wait_for(self.server_task, 10)
+        except TimeoutError:
+            self.server.force_exit = True
         self.sync_task.cancel()
         for server in self.servers:
             await server.stop(0)

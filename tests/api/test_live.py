@@ -11,7 +11,8 @@ from tests.api.stack import ApiStack
 from tests.conditions import wait_until
 
 
-def test_initiate_terminate_and_events(stack: ApiStack) -> None:
+def test_initiate_terminate_and_events(fresh_stack: ApiStack) -> None:
+    stack = fresh_stack
     events: list[dict[str, object]] = []
     ready = threading.Event()
 
