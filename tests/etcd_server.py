@@ -44,8 +44,11 @@ class EtcdNotReady(RuntimeError):
 
 
 class EtcdServer:
-    def __init__(self, directory: Path, *, tls: bool = False, name: str = "esplanade-test") -> None:
+    def __init__(
+        self, directory: Path, *, tls: bool = False, name: str = "esplanade-test", netns: str | None = None
+    ) -> None:
         self.directory = directory
+        self.netns = netns  # run inside this network namespace (its own loopback)
         self.data_dir = directory / "data"
         self.name = name
         self.client_port = free_port()
@@ -105,6 +108,8 @@ class EtcdServer:
             "--log-level",
             "error",
         ]
+        if self.netns is not None:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
         if self.server_tls is not None:
             cmd += [
                 "--cert-file",
@@ -147,8 +152,13 @@ class EtcdServer:
             context = ssl.create_default_context(cafile=str(self.client_tls.ca))
             context.load_cert_chain(str(self.client_tls.cert), str(self.client_tls.key))
         url = f"{self.client_url}/health"  # http(s) on loopback, built here
-        with urllib.request.urlopen(url, timeout=0.5, context=context) as reply:  # noqa: S310
-            return b'"true"' in reply.read()
+        with contextlib.ExitStack() as stack:
+            if self.netns is not None:
+                from tests.netns_topology import inside_netns
+
+                stack.enter_context(inside_netns(self.netns))
+            with urllib.request.urlopen(url, timeout=0.5, context=context) as reply:  # noqa: S310
+                return b'"true"' in reply.read()
 
     def kill(self) -> None:
         """SIGKILL etcd, as a crash would; the data dir keeps whatever etcd had committed."""

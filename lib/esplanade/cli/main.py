@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from esplanade.cli.ctl import ctl_app, policy_app
 from esplanade.cli.health_report import health_report
 from esplanade.cli.kek_commands import kek_app
 from esplanade.config.loading import ConfigError, load_settings, require_kek
@@ -29,6 +30,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(kek_app, name="kek")
+app.add_typer(ctl_app, name="ctl")
+app.add_typer(policy_app, name="policy")
 
 SERVICE_MODULES = {
     "keyexchange": "esplanade.keyexchange.service",
@@ -105,6 +108,7 @@ def up(
         env.setdefault("ESPLANADE_STORE__PATH", str(state_dir / "store.db"))
         env.setdefault("ESPLANADE_DATAPLANE__FLOW_LOG_PATH", str(state_dir / "flows.jsonl"))
         env.setdefault("ESPLANADE_API__AUDIT_LOG_PATH", str(state_dir / "audit.jsonl"))
+        env.setdefault("ESPLANADE_POLICY__AUDIT_LOG_PATH", str(state_dir / "policy-audit.db"))
     # Check the configuration once, here, so a mistake is one line and not four.
     try:
         settings = load_settings(Path(env[CONFIG_ENV]) if CONFIG_ENV in env else None, env)

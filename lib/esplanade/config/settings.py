@@ -186,6 +186,13 @@ class KeyexchangeSettings(Section):
     )
 
 
+class PolicySettings(Section):
+    audit_log_path: Path = Field(
+        Path("/var/lib/esplanade/policy-audit.db"),
+        description="Audit journal of policy changes made through the policy service (never in the store).",
+    )
+
+
 class ApiSettings(Section):
     bootstrap_token_file: Path | None = Field(
         None, description="Read the bootstrap admin token from here instead of generating one."
@@ -193,6 +200,16 @@ class ApiSettings(Section):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
     auth_failures_per_minute: int = Field(30, ge=1, description="Failed authentications per client address before 429.")
     audit_log_path: Path = Field(Path("/var/lib/esplanade/audit.jsonl"), description="Audit log (never in the store).")
+    max_page_size: int = Field(1000, ge=1, description="Largest `limit` a list endpoint accepts.")
+    events_keepalive_seconds: float = Field(
+        15.0, gt=0, description="Idle interval after which the event stream (SSE) sends a keep-alive comment."
+    )
+    token_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How long a verified API token is trusted before the store is asked again"
+        " (revocation through this API instance takes effect at once).",
+    )
 
 
 class Settings(BaseSettings):
@@ -207,6 +224,7 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings, description="Telemetry.")
     dataplane: DataplaneSettings = Field(default_factory=DataplaneSettings, description="Dataplane.")
     keyexchange: KeyexchangeSettings = Field(default_factory=KeyexchangeSettings, description="keyexchange.")
+    policy: PolicySettings = Field(default_factory=PolicySettings, description="Policy service.")
     api: ApiSettings = Field(default_factory=ApiSettings, description="REST API.")
 
     @classmethod

@@ -25,6 +25,13 @@ policy/sites/<id>                       site or connector
 policy/rules/<id>                       access rule: groups -> resources, conditions
 policy/compiled/<identity>              compiled selectors and dataplane filters
                                         (format: esplanade.policy.compiled)
+policy/_meta/generation                 {"generation": n, "applying": null | {...}}: every
+                                        policy object write bumps it in the same
+                                        transaction (CAS), which serializes policy writes
+                                        across policy instances; "applying" marks a
+                                        chunked apply in progress (see policy/apply.py)
+policy/_apply/<apply id>/<n>            before-images of a chunked apply (rollback journal),
+                                        deleted when the apply ends
 sas/child/<child_sa_id>                 `ChildSaRecord`: inbound + outbound SA, sealed keys
 sas/ike/<ike_sa_id>                     IKE SA state for takeover by another instance
 spd/<policy_id>                         `SpdPolicy`
@@ -36,7 +43,8 @@ dataplane/replay/<spi hex>              inbound anti-replay high-water mark (blo
 dataplane/acks/<child_sa_id>/<node>     "inbound SA installed" acknowledgement
 keyexchange/instances/<id>              keyexchange membership (under its lease)
 keyexchange/owners/<ike_sa_id>          owner instance of an IKE SA (under its lease)
-api/tokens/<id>                         API token: scope and salted hash, never the token
+api/tokens/<id>                         API token: name, scope, salt and SHA-256 of the
+                                        token (never the token), created/expires/last use
 meta/kek                                key ids of the KEKs that sealed data (no key material)
 ======================================  ==================================================
 """
@@ -90,6 +98,17 @@ POLICY_KINDS = ("identities", "groups", "resources", "sites", "rules")
 
 def compiled_policy(identity: str) -> str:
     return _key("policy", "compiled", identity)
+
+
+POLICY_GENERATION = ROOT + "policy/_meta/generation"
+
+
+def policy_apply_journal(apply_id: str, chunk: int) -> str:
+    return _key("policy", "_apply", apply_id, str(chunk))
+
+
+def policy_apply_prefix(apply_id: str) -> str:
+    return prefix("policy", "_apply", apply_id)
 
 
 def child_sa(child_sa_id: str) -> str:

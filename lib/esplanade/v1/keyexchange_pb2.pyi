@@ -25,8 +25,17 @@ class LoadConnectionRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     EXPECT_REVISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    validate_only: _builtins.bool
+    """Check the document (semantics: proposals, identities, certificates, lifetimes) without
+    loading it. The API validates this way before it writes config/connections/<name>;
+    keyexchange instances load connections from the store. An invalid document is
+    INVALID_ARGUMENT with details "<field path>: <reason>" (field path as in
+    ConfigError, e.g. "connections.gw.children.net.local_ts"), and the same path in the
+    trailing metadata key "esplanade-field".
+    """
     expect_revision: _builtins.int
     """v1.1: CAS against this revision (0: the revision read just before)"""
     @_builtins.property
@@ -38,11 +47,12 @@ class LoadConnectionRequest(_message.Message):
         *,
         name: _builtins.str = ...,
         config: _struct_pb2.Struct | None = ...,
+        validate_only: _builtins.bool = ...,
         expect_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "expect_revision", b"expect_revision", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "expect_revision", b"expect_revision", "name", b"name", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

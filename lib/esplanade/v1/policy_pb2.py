@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from esplanade.v1 import ipsec_pb2 as esplanade_dot_v1_dot_ipsec__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65splanade/v1/policy.proto\x12\x0c\x65splanade.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18\x65splanade/v1/ipsec.proto\"e\n\x0cPolicyObject\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12)\n\x08\x64ocument\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08revision\x18\x04 \x01(\x03\"f\n\x10PutObjectRequest\x12*\n\x06object\x18\x01 \x01(\x0b\x32\x1a.esplanade.v1.PolicyObject\x12\x17\n\x0f\x65xpect_revision\x18\x02 \x01(\x03\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"%\n\x11PutObjectResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\",\n\x10GetObjectRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"W\n\x13\x44\x65leteObjectRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x17\n\x0f\x65xpect_revision\x18\x03 \x01(\x03\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\"\x16\n\x14\x44\x65leteObjectResponse\"\"\n\x12ListObjectsRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\"B\n\x13ListObjectsResponse\x12+\n\x07objects\x18\x01 \x03(\x0b\x32\x1a.esplanade.v1.PolicyObject\"[\n\tFiveTuple\x12\x0b\n\x03src\x18\x01 \x01(\t\x12\x0b\n\x03\x64st\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\r\x12\x10\n\x08src_port\x18\x04 \x01(\r\x12\x10\n\x08\x64st_port\x18\x05 \x01(\r\"~\n\x0c\x43heckRequest\x12\x10\n\x08identity\x18\x01 \x01(\t\x12%\n\x04\x66low\x18\x02 \x01(\x0b\x32\x17.esplanade.v1.FiveTuple\x12\x16\n\x0esource_address\x18\x03 \x01(\t\x12\x0f\n\x07posture\x18\x04 \x03(\t\x12\x0c\n\x04time\x18\x05 \x01(\x01\"<\n\rCheckResponse\x12\r\n\x05\x61llow\x18\x01 \x01(\x08\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"&\n\x12GetCompiledRequest\x12\x10\n\x08identity\x18\x01 \x01(\t\"\x9f\x01\n\x0e\x43ompiledPolicy\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x30\n\tselectors\x18\x02 \x03(\x0b\x32\x1d.esplanade.v1.TrafficSelector\x12\x0e\n\x06routes\x18\x03 \x03(\t\x12\'\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08revision\x18\x05 \x01(\x03\"<\n\x0c\x41pplyRequest\x12\x0c\n\x04yaml\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"H\n\x0cPolicyChange\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"_\n\rApplyResponse\x12+\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1a.esplanade.v1.PolicyChange\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\x10\n\x08revision\x18\x03 \x01(\x03\x32\x9d\x04\n\x06Policy\x12L\n\tPutObject\x12\x1e.esplanade.v1.PutObjectRequest\x1a\x1f.esplanade.v1.PutObjectResponse\x12G\n\tGetObject\x12\x1e.esplanade.v1.GetObjectRequest\x1a\x1a.esplanade.v1.PolicyObject\x12U\n\x0c\x44\x65leteObject\x12!.esplanade.v1.DeleteObjectRequest\x1a\".esplanade.v1.DeleteObjectResponse\x12R\n\x0bListObjects\x12 .esplanade.v1.ListObjectsRequest\x1a!.esplanade.v1.ListObjectsResponse\x12@\n\x05\x43heck\x12\x1a.esplanade.v1.CheckRequest\x1a\x1b.esplanade.v1.CheckResponse\x12M\n\x0bGetCompiled\x12 .esplanade.v1.GetCompiledRequest\x1a\x1c.esplanade.v1.CompiledPolicy\x12@\n\x05\x41pply\x12\x1a.esplanade.v1.ApplyRequest\x1a\x1b.esplanade.v1.ApplyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65splanade/v1/policy.proto\x12\x0c\x65splanade.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18\x65splanade/v1/ipsec.proto\"e\n\x0cPolicyObject\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12)\n\x08\x64ocument\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08revision\x18\x04 \x01(\x03\"f\n\x10PutObjectRequest\x12*\n\x06object\x18\x01 \x01(\x0b\x32\x1a.esplanade.v1.PolicyObject\x12\x17\n\x0f\x65xpect_revision\x18\x02 \x01(\x03\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"%\n\x11PutObjectResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\",\n\x10GetObjectRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"W\n\x13\x44\x65leteObjectRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x17\n\x0f\x65xpect_revision\x18\x03 \x01(\x03\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\"\x16\n\x14\x44\x65leteObjectResponse\"I\n\x12ListObjectsRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"m\n\x13ListObjectsResponse\x12+\n\x07objects\x18\x01 \x03(\x0b\x32\x1a.esplanade.v1.PolicyObject\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"[\n\tFiveTuple\x12\x0b\n\x03src\x18\x01 \x01(\t\x12\x0b\n\x03\x64st\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\r\x12\x10\n\x08src_port\x18\x04 \x01(\r\x12\x10\n\x08\x64st_port\x18\x05 \x01(\r\"~\n\x0c\x43heckRequest\x12\x10\n\x08identity\x18\x01 \x01(\t\x12%\n\x04\x66low\x18\x02 \x01(\x0b\x32\x17.esplanade.v1.FiveTuple\x12\x16\n\x0esource_address\x18\x03 \x01(\t\x12\x0f\n\x07posture\x18\x04 \x03(\t\x12\x0c\n\x04time\x18\x05 \x01(\x01\"<\n\rCheckResponse\x12\r\n\x05\x61llow\x18\x01 \x01(\x08\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"&\n\x12GetCompiledRequest\x12\x10\n\x08identity\x18\x01 \x01(\t\"\x9f\x01\n\x0e\x43ompiledPolicy\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x30\n\tselectors\x18\x02 \x03(\x0b\x32\x1d.esplanade.v1.TrafficSelector\x12\x0e\n\x06routes\x18\x03 \x03(\t\x12\'\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08revision\x18\x05 \x01(\x03\"<\n\x0c\x41pplyRequest\x12\x0c\n\x04yaml\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"s\n\x0cPolicyChange\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12)\n\x06\x66ields\x18\x05 \x03(\x0b\x32\x19.esplanade.v1.FieldChange\"f\n\x0b\x46ieldChange\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12#\n\x03old\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12#\n\x03new\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"|\n\rApplyResponse\x12+\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1a.esplanade.v1.PolicyChange\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x1b\n\x13\x61\x66\x66\x65\x63ted_identities\x18\x04 \x03(\t2\x9d\x04\n\x06Policy\x12L\n\tPutObject\x12\x1e.esplanade.v1.PutObjectRequest\x1a\x1f.esplanade.v1.PutObjectResponse\x12G\n\tGetObject\x12\x1e.esplanade.v1.GetObjectRequest\x1a\x1a.esplanade.v1.PolicyObject\x12U\n\x0c\x44\x65leteObject\x12!.esplanade.v1.DeleteObjectRequest\x1a\".esplanade.v1.DeleteObjectResponse\x12R\n\x0bListObjects\x12 .esplanade.v1.ListObjectsRequest\x1a!.esplanade.v1.ListObjectsResponse\x12@\n\x05\x43heck\x12\x1a.esplanade.v1.CheckRequest\x1a\x1b.esplanade.v1.CheckResponse\x12M\n\x0bGetCompiled\x12 .esplanade.v1.GetCompiledRequest\x1a\x1c.esplanade.v1.CompiledPolicy\x12@\n\x05\x41pply\x12\x1a.esplanade.v1.ApplyRequest\x1a\x1b.esplanade.v1.ApplyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,25 +46,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEOBJECTRESPONSE']._serialized_start=480
   _globals['_DELETEOBJECTRESPONSE']._serialized_end=502
   _globals['_LISTOBJECTSREQUEST']._serialized_start=504
-  _globals['_LISTOBJECTSREQUEST']._serialized_end=538
-  _globals['_LISTOBJECTSRESPONSE']._serialized_start=540
-  _globals['_LISTOBJECTSRESPONSE']._serialized_end=606
-  _globals['_FIVETUPLE']._serialized_start=608
-  _globals['_FIVETUPLE']._serialized_end=699
-  _globals['_CHECKREQUEST']._serialized_start=701
-  _globals['_CHECKREQUEST']._serialized_end=827
-  _globals['_CHECKRESPONSE']._serialized_start=829
-  _globals['_CHECKRESPONSE']._serialized_end=889
-  _globals['_GETCOMPILEDREQUEST']._serialized_start=891
-  _globals['_GETCOMPILEDREQUEST']._serialized_end=929
-  _globals['_COMPILEDPOLICY']._serialized_start=932
-  _globals['_COMPILEDPOLICY']._serialized_end=1091
-  _globals['_APPLYREQUEST']._serialized_start=1093
-  _globals['_APPLYREQUEST']._serialized_end=1153
-  _globals['_POLICYCHANGE']._serialized_start=1155
-  _globals['_POLICYCHANGE']._serialized_end=1227
-  _globals['_APPLYRESPONSE']._serialized_start=1229
-  _globals['_APPLYRESPONSE']._serialized_end=1324
-  _globals['_POLICY']._serialized_start=1327
-  _globals['_POLICY']._serialized_end=1868
+  _globals['_LISTOBJECTSREQUEST']._serialized_end=577
+  _globals['_LISTOBJECTSRESPONSE']._serialized_start=579
+  _globals['_LISTOBJECTSRESPONSE']._serialized_end=688
+  _globals['_FIVETUPLE']._serialized_start=690
+  _globals['_FIVETUPLE']._serialized_end=781
+  _globals['_CHECKREQUEST']._serialized_start=783
+  _globals['_CHECKREQUEST']._serialized_end=909
+  _globals['_CHECKRESPONSE']._serialized_start=911
+  _globals['_CHECKRESPONSE']._serialized_end=971
+  _globals['_GETCOMPILEDREQUEST']._serialized_start=973
+  _globals['_GETCOMPILEDREQUEST']._serialized_end=1011
+  _globals['_COMPILEDPOLICY']._serialized_start=1014
+  _globals['_COMPILEDPOLICY']._serialized_end=1173
+  _globals['_APPLYREQUEST']._serialized_start=1175
+  _globals['_APPLYREQUEST']._serialized_end=1235
+  _globals['_POLICYCHANGE']._serialized_start=1237
+  _globals['_POLICYCHANGE']._serialized_end=1352
+  _globals['_FIELDCHANGE']._serialized_start=1354
+  _globals['_FIELDCHANGE']._serialized_end=1456
+  _globals['_APPLYRESPONSE']._serialized_start=1458
+  _globals['_APPLYRESPONSE']._serialized_end=1582
+  _globals['_POLICY']._serialized_start=1585
+  _globals['_POLICY']._serialized_end=2126
 # @@protoc_insertion_point(module_scope)

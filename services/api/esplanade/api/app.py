@@ -1,28 +1,87 @@
-"""The FastAPI application."""
+"""The FastAPI application: /healthz, /readyz, /docs, /openapi.json and /api/v1/*."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.resources import files
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
+from esplanade.api.auth import FailureLimiter, TokenVerifier
+from esplanade.api.conventions import ApiContext, reject_unknown_query
+from esplanade.api.middleware import AuditTrail, BodyLimit
+from esplanade.api.openapi_document import build_openapi
+from esplanade.api.problems import install_problem_handlers
 from esplanade.api.readiness import Readiness
+from esplanade.api.routes import config_objects, connections, events, live, policy_objects, policy_ops, tokens_audit
+from esplanade.api.service_clients import ServiceClients
 from esplanade.config.settings import Settings
+from esplanade.journal.audit import AuditLog
 from esplanade.store.base import Store
+from esplanade.store.sealing import Sealer
+
+# Swagger UI 5 (renders OpenAPI 3.1), served from the fastapi-offline wheel: no CDN.
+DOCS_ASSETS = files("fastapi_offline") / "static"
+DESCRIPTION = """Manage Esplanade: IKE connections (swanctl model), zero-trust policy (identities, groups,
+sites, resources, rules), PKI, pools, tokens, and live SAs.
+
+Conventions: bearer tokens with scopes (read-only < operator < admin; `x-required-scope` on each
+operation); `ETag` = store revision, `If-Match` on PUT/DELETE (stale: 412; concurrent change
+without If-Match: 409); cursor pages (`?limit=&cursor=`); errors are RFC 9457
+`application/problem+json` naming the field; DELETE of an absent object is 404."""
 
 
-def create_app(settings: Settings, store: Store) -> FastAPI:
+def create_app(settings: Settings, store: Store, sealer: Sealer, audit: AuditLog | None = None) -> FastAPI:
     readiness = Readiness(settings, store)
+    audit_log = audit or AuditLog(settings.api.audit_log_path)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        await readiness.close()
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        clients = ServiceClients(settings)
+        app.state.ctx = ApiContext(
+            settings=settings,
+            store=store,
+            sealer=sealer,
+            clients=clients,
+            verifier=TokenVerifier(store, settings.api.token_cache_seconds),
+            limiter=FailureLimiter(settings.api.auth_failures_per_minute),
+            audit=audit_log,
+        )
+        try:
+            yield
+        finally:
+            await clients.close()
+            await readiness.close()
 
-    app = FastAPI(title="Esplanade", version="v1", lifespan=lifespan)
+    app = FastAPI(
+        title="Esplanade",
+        version="v1",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        dependencies=[Depends(reject_unknown_query)],
+    )
+    install_problem_handlers(app)
+
+    app.add_middleware(AuditTrail, audit=audit_log)
+    app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
+    app.mount("/docs/assets", StaticFiles(directory=str(DOCS_ASSETS)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="Esplanade API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon.png",
+        )
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -36,4 +95,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
         ready = all(state == "SERVING" for state in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
+    for module in (connections, policy_objects, policy_ops, config_objects, live, events, tokens_audit):
+        app.include_router(module.router)
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

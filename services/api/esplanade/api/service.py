@@ -10,20 +10,30 @@ import signal
 import uvicorn
 
 from esplanade.api.app import create_app
+from esplanade.api.auth import announce_bootstrap_token, ensure_bootstrap_token
+from esplanade.config.loading import ConfigError
 from esplanade.config.settings import Settings
 from esplanade.runtime.service_host import setup_telemetry
-from esplanade.store.factory import open_store
+from esplanade.store.factory import open_sealer, open_store
 
 log = logging.getLogger(__name__)
 
 
 async def serve(settings: Settings) -> None:
     setup_telemetry("api", settings)
+    sealer = open_sealer(settings.kek)
     store = open_store(settings.store)
     await store.connect()
+    try:
+        token = await ensure_bootstrap_token(store, settings.api.bootstrap_token_file)
+    except (OSError, ValueError) as exc:
+        await store.close()
+        raise ConfigError(str(exc)) from None
+    if token is not None:
+        announce_bootstrap_token(token)
     host, _, port = settings.endpoints.api.rpartition(":")
     config = uvicorn.Config(
-        create_app(settings, store),
+        create_app(settings, store, sealer),
         host=host.strip("[]"),
         port=int(port),
         log_config=None,

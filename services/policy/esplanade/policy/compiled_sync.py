@@ -1,0 +1,144 @@
+"""Keep a `PolicyCompiler` in step with the store and write the compiled documents it changes.
+
+One watch on ``policy/`` (from the revision of a full read) feeds object puts and deletes to
+the compiler and writes ``policy/compiled/<identity>`` for exactly the identities whose
+document changed. While a chunked apply holds the lock (`apply.py`) changes are held back
+and compiled together when it is released. A `Resync` (the watch fell behind a compaction)
+reloads the whole model. At start, compiled documents in the store that differ from the
+compiler's (stale, or of identities that no longer exist) are rewritten or deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from esplanade.policy.compiler import Change, PolicyCompiler, Removal
+from esplanade.policy.decode import encode_document
+from esplanade.policy.store_state import POLICY_PREFIX, Generation, decode_kv, model_from_kvs, object_key_parts
+from esplanade.store import schema
+from esplanade.store.base import MAX_TXN_OPS, Delete, KeyValue, Put, Resync, Store, WatchBatch
+
+log = logging.getLogger(__name__)
+
+COMPILED_PREFIX = schema.prefix("policy", "compiled")
+DNS_REFRESH_SECONDS = 60.0
+
+
+class DnsCache:
+    """The compiler's resolver: answers from a cache and resolves unknown names in the background."""
+
+    def __init__(self) -> None:
+        self.addresses: dict[str, list[str]] = {}
+        self.pending: asyncio.Queue[str] = asyncio.Queue()
+
+    def __call__(self, name: str) -> Sequence[str]:
+        if name not in self.addresses:
+            self.addresses[name] = []
+            self.pending.put_nowait(name)
+        return self.addresses[name]
+
+    @staticmethod
+    async def resolve(name: str) -> list[str]:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return []
+        return sorted({str(info[4][0]) for info in infos})
+
+
+class CompiledSync:
+    def __init__(self, store: Store, compiler: PolicyCompiler | None = None, dns: DnsCache | None = None) -> None:
+        self.store = store
+        self.dns = dns or DnsCache()
+        self.compiler = compiler or PolicyCompiler(self.dns)
+        self.ready = asyncio.Event()
+        self.revision = 0  # newest store revision the compiler reflects
+        self._held: list[Change] = []
+        self._applying = False
+        self._lock = asyncio.Lock()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._follow())
+            tasks.create_task(self._resolve_names())
+
+    async def _load(self, kvs: Sequence[KeyValue], revision: int) -> None:
+        generation = next((Generation.from_kv(kv) for kv in kvs if kv.key == schema.POLICY_GENERATION), Generation())
+        self._applying = bool(generation.applying)
+        self._held.clear()
+        async with self._lock:
+            self.compiler.load(model_from_kvs(kvs))
+            documents = self.compiler.documents()
+        stored = {kv.key: kv.value for kv in kvs if kv.key.startswith(COMPILED_PREFIX)}
+        writes: list[tuple[str, dict[str, Any] | None]] = []
+        for identity, doc in documents.items():
+            key = schema.compiled_policy(identity)
+            if stored.pop(key, None) != encode_document(doc):
+                writes.append((key, doc))
+        writes += [(key, None) for key in stored]
+        await self._write(writes)
+        self.revision = revision
+
+    async def _follow(self) -> None:
+        kvs, revision = await self.store.range(POLICY_PREFIX)
+        await self._load(kvs, revision)
+        self.ready.set()
+        async for item in self.store.watch(POLICY_PREFIX, revision + 1):
+            if isinstance(item, Resync):
+                await self._load(item.kvs, item.revision)
+                continue
+            await self._batch(item)
+
+    async def _batch(self, batch: WatchBatch) -> None:
+        for event in batch.events:
+            key = event.kv.key
+            if key == schema.POLICY_GENERATION:
+                applying = event.type.value == "put" and bool(Generation.from_kv(event.kv).applying)
+                if self._applying and not applying:
+                    self._applying = False
+                elif applying:
+                    self._applying = True
+                continue
+            parts = object_key_parts(key)
+            if parts is None:
+                continue
+            if event.type.value == "delete":
+                self._held.append(Removal(*parts))
+            else:
+                obj = decode_kv(parts[0], event.kv)
+                self._held.append(obj if obj is not None else Removal(*parts))
+        if not self._applying and self._held:
+            changes, self._held = self._held, []
+            async with self._lock:
+                result = self.compiler.apply(changes)
+            await self._write(result.writes())
+        self.revision = batch.revision
+
+    async def _resolve_names(self) -> None:
+        while True:
+            try:
+                name = await asyncio.wait_for(self.dns.pending.get(), timeout=DNS_REFRESH_SECONDS)
+                names = [name]
+            except TimeoutError:
+                names = sorted(self.compiler.dns_names())
+            for name in names:
+                addresses = await self.dns.resolve(name)
+                self.dns.addresses[name] = addresses
+                async with self._lock:
+                    result = self.compiler.set_resolution(name, addresses)
+                await self._write(result.writes())
+
+    async def _write(self, writes: Sequence[tuple[str, dict[str, Any] | None]]) -> None:
+        for start in range(0, len(writes), MAX_TXN_OPS):
+            ops: list[Put | Delete] = [
+                Put(key, encode_document(doc)) if doc is not None else Delete(key)
+                for key, doc in writes[start : start + MAX_TXN_OPS]
+            ]
+            await self.store.commit([], ops)
+        if writes:
+            log.debug("wrote %d compiled policy documents", len(writes))
