@@ -22,7 +22,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from esplanade.store.embedded import EmbeddedStore
-from esplanade.store.sealing import Keyring
+from esplanade.store.sealing import Keyring, SealedDocuments, Sealer
 from esplanade.v1 import dataplane_pb2, dataplane_pb2_grpc, keyexchange_pb2, keyexchange_pb2_grpc
 from tests.conditions import wait_until
 
@@ -242,6 +242,19 @@ class Site:
                 await store.close()
 
         return asyncio.run(read())
+
+    def store_put_document(self, key: str, document: dict[str, Any]) -> None:
+        """Write a document as the REST API does: `bytes` values sealed under this site's KEK."""
+
+        async def write() -> None:
+            store = EmbeddedStore(self.store_path)
+            await store.connect()
+            try:
+                await SealedDocuments(store, Sealer(Keyring.parse(self.kek, "site kek"))).put(key, document)
+            finally:
+                await store.close()
+
+        asyncio.run(write())
 
     def logs(self) -> str:
         out = []

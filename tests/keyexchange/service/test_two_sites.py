@@ -15,7 +15,7 @@ import pytest
 from esplanade.store import schema
 from esplanade.v1 import keyexchange_pb2 as kx
 from tests.conditions import wait_until
-from tests.keyexchange.service.sites import Site, link_sites, nsx
+from tests.keyexchange.service.sites import Site, link_sites, nsx, struct
 
 pytestmark = [pytest.mark.netns]
 
@@ -136,6 +136,22 @@ def test_load_connection_validation_and_listing(sites: tuple[Site, Site]) -> Non
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def _validates(site: Site, request: kx.LoadConnectionRequest) -> bool:
+    try:
+        site.kx_stub().LoadConnection(request)
+    except grpc.RpcError:
+        return False
+    return True
+
+
+def _initiates(site: Site, connection: str) -> bool:
+    try:
+        site.kx_stub().Initiate(kx.InitiateRequest(connection=connection))
+    except grpc.RpcError:
+        return False
+    return True
+
+
 def _ping_stream(site: Site, dst: str, count: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
         ["ip", "netns", "exec", site.ns, "ping", "-c", str(count), "-i", "0.05", "-W", "1", "-I", site.inner_ip, dst],
@@ -224,13 +240,38 @@ def test_ecdsa_certificates(sites: tuple[Site, Site]) -> None:
         d["cacerts"] = [ca.cert_pem().decode()]
         return d
 
-    _up(a, b, "cert", cert_conn(a, b, ia, "s2.kxs.test", NET1, NET2), cert_conn(b, a, ib, "s1.kxs.test", NET2, NET1))
+    # site a the way the REST API stores it: certificate and CA by id (config/certs, config/cas),
+    # checked first with validate_only, then written to config/connections/cert directly
+    a.store_put_document(schema.certificate("s1"), {"pem": ia.cert_pem().decode(), "private_key": ia.key_pem()})
+    a.store_put_document(schema.ca("test-ca"), {"pem": ca.cert_pem().decode()})
+    api_doc = conn(a, b, NET1, "dynamic")
+    del api_doc["psk"]
+    api_doc["children"]["net"]["remote_ts"] = [NET2]
+    api_doc["children"]["net"]["local_ts"] = [NET1]
+    api_doc["local"] = {"auth": "pubkey", "id": "s1.kxs.test", "certs": ["s1"]}
+    api_doc["remote"] = {"auth": "pubkey", "id": "s2.kxs.test", "cacerts": ["test-ca"]}
+    check = kx.LoadConnectionRequest(name="cert", config=struct(api_doc), validate_only=True)
+    wait_until(lambda: _validates(a, check), timeout=10, what="certificate objects seen by keyexchange")
+    bad = kx.LoadConnectionRequest(
+        name="cert", config=struct({**api_doc, "remote": {"auth": "pubkey", "cacerts": ["nosuch"]}}), validate_only=True
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        a.kx_stub().LoadConnection(bad)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(info.value.trailing_metadata() or ())["esplanade-field"] == "connections.cert.cacerts"
+    assert not a.store_range(schema.connection("cert"))  # validate_only writes nothing
+    b.load("cert", cert_conn(b, a, ib, "s1.kxs.test", NET2, NET1))
+    a.store_put_document(schema.connection("cert"), api_doc)
+    # the instance picks the document up from its watch: Initiate works once it has
+    wait_until(lambda: _initiates(a, "cert"), timeout=10, what="connection applied from the store")
+    wait_until(lambda: a.established("cert") and b.established("cert"), timeout=20, what="certificate SAs up")
     assert a.established("cert")[0].remote_id == "s2.kxs.test"
     assert a.ping(b.inner_ip) and b.ping(a.inner_ip)
-    stored = a.store_range(schema.connection("cert"))
+    stored = b.store_range(schema.connection("cert"))
     assert b"PRIVATE KEY" not in next(iter(stored.values()))
+    assert b"PRIVATE KEY" not in next(iter(a.store_range(schema.certificate("s1")).values()))
     assert ia.key_pem().decode() not in a.logs()
-    listed = {c.name: c for c in a.kx_stub().ListConnections(kx.ListConnectionsRequest()).connections}
+    listed = {c.name: c for c in b.kx_stub().ListConnections(kx.ListConnectionsRequest()).connections}
     assert "private_key" not in dict(listed["cert"].config["local"])
     _unload_all(a, b)
 

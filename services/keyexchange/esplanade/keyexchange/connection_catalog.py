@@ -22,6 +22,7 @@ from esplanade.keyexchange.child_sa_handoff import trap_policies
 from esplanade.keyexchange.config import ConnectionConfig, PoolConfig
 from esplanade.keyexchange.connection_documents import (
     DocumentError,
+    StoredObjects,
     check_name,
     connection_config,
     pool_config,
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 CONNECTIONS = schema.prefix("config", "connections")
 POOLS = schema.prefix("config", "pools")
+CERTS = schema.prefix("config", "certs")
+CAS = schema.prefix("config", "cas")
 
 
 class ConnectionCatalog:
@@ -53,6 +56,8 @@ class ConnectionCatalog:
         self.documents: dict[str, dict[str, Any]] = {}  # opened (secrets as bytes): re-validated when pools change
         self.revisions: dict[str, int] = {}
         self.pools: dict[str, PoolConfig] = {}
+        self.certs: dict[str, tuple[bytes, bytes | None]] = {}  # certificate id -> (PEM, PEM private key)
+        self.cas: dict[str, bytes] = {}
         self.traps: dict[str, list[str]] = {}  # connection -> SPD ids of its trap entries
         self.trap_connection: dict[str, tuple[str, str]] = {}  # trap SPD id -> (connection, child)
         self.started = False  # after start-up, new start_action=start connections are initiated at once
@@ -61,13 +66,36 @@ class ConnectionCatalog:
     # -- start-up and the watch --------------------------------------------------------------
     async def load_all(self) -> int:
         """Apply every pool and connection in the store; return the revision they were read at."""
-        pools, revision = await self.store.range(POOLS)
+        revision = 0
+        for prefix in (CERTS, CAS):
+            kvs, rev = await self.store.range(prefix)
+            revision = max(revision, rev)
+            for kv in kvs:
+                self._apply_object(kv)
+        pools, rev = await self.store.range(POOLS)
         for kv in pools:
             self._apply_pool(kv)
-        conns, revision2 = await self.store.range(CONNECTIONS)
+        conns, rev2 = await self.store.range(CONNECTIONS)
         for kv in conns:
             await self._apply_connection(kv)
-        return max(revision, revision2)
+        return max(revision, rev, rev2)
+
+    @property
+    def objects(self) -> StoredObjects:
+        return StoredObjects(self.certs, self.cas)
+
+    def _apply_object(self, kv: KeyValue) -> None:
+        try:
+            doc = open_document(self.docs.bind(kv.key), decode_document(kv.key, kv.value))
+            pem = str(doc["pem"]).encode()
+        except (SealingError, KeyError) as exc:
+            log.error("%s in the store is unusable, ignored: %s", kv.key, exc)
+            return
+        if kv.key.startswith(CERTS):
+            key = doc.get("private_key")
+            self.certs[kv.key[len(CERTS) :]] = (pem, key if isinstance(key, bytes) else None)
+        else:
+            self.cas[kv.key[len(CAS) :]] = pem
 
     def start_configured(self) -> list[str]:
         self.started = True
@@ -94,7 +122,15 @@ class ConnectionCatalog:
             assert isinstance(item, WatchBatch)
             for ev in item.events:
                 key = ev.kv.key
-                if key.startswith(POOLS):
+                if key.startswith((CERTS, CAS)):
+                    if ev.type == EventType.PUT:
+                        self._apply_object(ev.kv)
+                    elif key.startswith(CERTS):
+                        self.certs.pop(key[len(CERTS) :], None)
+                    else:
+                        self.cas.pop(key[len(CAS) :], None)
+                    await self._revalidate()
+                elif key.startswith(POOLS):
                     if ev.type == EventType.PUT:
                         self._apply_pool(ev.kv)
                         await self._revalidate()
@@ -111,6 +147,8 @@ class ConnectionCatalog:
         for kv in kvs:
             if kv.key.startswith(POOLS):
                 self._apply_pool(kv)
+            elif kv.key.startswith((CERTS, CAS)):
+                self._apply_object(kv)
         for kv in kvs:
             if kv.key.startswith(CONNECTIONS):
                 await self._apply_connection(kv)
@@ -128,7 +166,7 @@ class ConnectionCatalog:
     async def _revalidate(self) -> None:
         for name, doc in list(self.documents.items()):
             try:
-                self.engine.set_config(connection_config(name, doc, self.pools))
+                self.engine.set_config(connection_config(name, doc, self.pools, self.objects))
             except DocumentError:
                 continue
 
@@ -138,7 +176,7 @@ class ConnectionCatalog:
             return
         try:
             doc = open_document(self.docs.bind(kv.key), decode_document(kv.key, kv.value))
-            cfg = connection_config(name, doc, self.pools)
+            cfg = connection_config(name, doc, self.pools, self.objects)
         except (DocumentError, SealingError) as exc:
             log.error("connection %s in the store is invalid, keeping the previous version: %s", name, exc)
             return
@@ -183,10 +221,14 @@ class ConnectionCatalog:
                 log.warning("cannot write the trap policies of %s: %s", name, exc)
 
     # -- API writes (validated, CAS) ------------------------------------------------------
+    def validate(self, name: str, document: dict[str, Any]) -> ConnectionConfig:
+        """Check a document against what this instance knows (pools, certificates, CAs)."""
+        check_name("connection", name)
+        return connection_config(name, document, self.pools, self.objects)  # DocumentError names the field
+
     async def save(self, name: str, document: dict[str, Any], expect_revision: int = 0) -> int:
         """Validate and write a connection; raise DocumentError or CasConflict."""
-        check_name("connection", name)
-        connection_config(name, document, self.pools)  # raises DocumentError naming the field
+        self.validate(name, document)
         key = schema.connection(name)
         if not expect_revision:
             current = await self.store.get(key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from esplanade.keyexchange.config import ConnectionConfig, PoolConfig
@@ -18,7 +19,6 @@ from esplanade.keyexchange.ikev2.errors import ConfigError
 
 # dotted paths of the secret fields of a connection document
 SECRET_FIELDS = (("psk",), ("local", "private_key"))
-_PEM_LISTS = (("cacerts",), ("local", "certs"), ("remote", "certs"))
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
@@ -82,27 +82,100 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def connection_config(name: str, doc: Mapping[str, Any], pools: Mapping[str, PoolConfig]) -> ConnectionConfig:
+@dataclass(frozen=True)
+class StoredObjects:
+    """Certificates and CAs a connection may refer to by id (`config/certs/<id>`, `config/cas/<id>`),
+    as the REST API stores connections: certificate ids in `local.certs`/`remote.certs`, CA ids in
+    `local.cacerts`/`remote.cacerts` (or PEM text in the same places)."""
+
+    certs: Mapping[str, tuple[bytes, bytes | None]] = field(default_factory=dict)  # id -> (PEM, PEM key)
+    cas: Mapping[str, bytes] = field(default_factory=dict)
+
+
+def _pem_or_ref(value: Any, table: Mapping[str, Any], what: str, where: str) -> Any:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
+        return value.encode()
+    if isinstance(value, str) and value in table:
+        return table[value]
+    raise DocumentError(where, f"no {what} {value!r}" if isinstance(value, str) else f"not a {what}")
+
+
+def _resolve_dynamic(d: dict[str, Any], name: str) -> None:
+    """swanctl's `dynamic` selector: this end's IKE address, or anything to be narrowed by the
+    responder (a virtual IP requested, or handed out from a pool)."""
+    locals_ = [a for a in d.get("local_addrs", []) if isinstance(a, str) and "/" not in a and a != "%any"]
+    remotes = [a for a in d.get("remote_addrs", []) if isinstance(a, str) and "/" not in a and a != "%any"]
+    children = d.get("children", {})
+    if not isinstance(children, dict):
+        return
+    for cname, child in children.items():
+        if not isinstance(child, dict):
+            continue
+        for key, addrs, wide in (
+            ("local_ts", locals_, bool(d.get("vips"))),
+            ("remote_ts", remotes, bool(d.get("pools"))),
+        ):
+            value = child.get(key)
+            items = value if isinstance(value, list) else [value] if isinstance(value, str) else None
+            if items is None or "dynamic" not in items:
+                continue
+            out = []
+            for item in items:
+                if item != "dynamic":
+                    out.append(item)
+                elif wide or not addrs:
+                    out.append("0.0.0.0/0")  # narrowed to the virtual IP during the exchange
+                elif len(addrs) == 1:
+                    out.append(addrs[0])
+                else:
+                    raise DocumentError(f"connections.{name}.children.{cname}.{key}", "'dynamic' needs one address")
+            child[key] = out
+
+
+def connection_config(
+    name: str,
+    doc: Mapping[str, Any],
+    pools: Mapping[str, PoolConfig],
+    objects: StoredObjects | None = None,
+) -> ConnectionConfig:
     """Validate an opened document (secrets as bytes); raise DocumentError naming the field."""
+    objects = objects or StoredObjects()
     d: dict[str, Any] = _copy(doc)
-    for path in _PEM_LISTS:
-        parent = _parent(d, path)
-        if parent is not None:
-            value = parent[path[-1]]
-            items = value if isinstance(value, list) else [value]
-            parent[path[-1]] = [v.encode() if isinstance(v, str) else v for v in items]
-    key_parent = _parent(d, ("local", "private_key"))
-    if key_parent is not None and isinstance(key_parent["private_key"], str):
-        key_parent["private_key"] = key_parent["private_key"].encode()
-    if isinstance(d.get("psk"), bytes):
-        pass
+    f = f"connections.{name}"
+    cacerts = list(_listed(d.pop("cacerts", [])))
+    for side in ("local", "remote"):
+        sd = d.get(side)
+        if isinstance(sd, dict):
+            cacerts += _listed(sd.pop("cacerts", []))
+            if "certs" in sd:
+                refs = _listed(sd["certs"])
+                resolved = [_pem_or_ref(c, objects.certs, "certificate", f"{f}.{side}.certs") for c in refs]
+                sd["certs"] = [r[0] if isinstance(r, tuple) else r for r in resolved]
+                stored_key = resolved[0][1] if resolved and isinstance(resolved[0], tuple) else None
+                if side == "local" and "private_key" not in sd and stored_key is not None:
+                    sd["private_key"] = stored_key
+            if isinstance(sd.get("private_key"), str):
+                sd["private_key"] = sd["private_key"].encode()
+            if sd.get("id") is None:
+                sd.pop("id", None)
+    if cacerts:
+        d["cacerts"] = [_pem_or_ref(c, objects.cas, "CA", f"{f}.cacerts") for c in cacerts]
+    _resolve_dynamic(d, name)
     try:
         return ConnectionConfig.from_dict(name, d, pools=pools)
     except ConfigError as exc:
         raise DocumentError(exc.field, exc.reason) from None
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         # from_dict validates field by field; anything it did not foresee is still the document's fault
-        raise DocumentError(f"connections.{name}", f"malformed connection: {type(exc).__name__}") from None
+        raise DocumentError(f, f"malformed connection: {type(exc).__name__}") from None
+
+
+def _listed(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def pool_config(name: str, doc: Mapping[str, Any]) -> PoolConfig:

@@ -41,8 +41,12 @@ class KeyExchangeServicer(keyexchange_pb2_grpc.KeyExchangeServicer):
     ) -> keyexchange_pb2.LoadConnectionResponse:
         document = document_from_request(json_format.MessageToDict(request.config))
         try:
+            if request.validate_only:
+                self.node.catalog.validate(request.name, document)
+                return keyexchange_pb2.LoadConnectionResponse(revision=0)
             revision = await self.node.catalog.save(request.name, document, request.expect_revision)
         except DocumentError as exc:
+            context.set_trailing_metadata((("esplanade-field", exc.field),))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except CasConflict as exc:
             await context.abort(grpc.StatusCode.ABORTED, f"connection {request.name} changed meanwhile: {exc}")
