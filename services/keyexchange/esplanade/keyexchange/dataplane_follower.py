@@ -18,6 +18,7 @@ import grpc
 
 from esplanade.config.settings import GrpcSettings
 from esplanade.keyexchange.engine_driver import IkeEngine
+from esplanade.keyexchange.ike_transports import stream_channel
 from esplanade.rpc.server import open_channel
 from esplanade.store.backoff import Backoff
 from esplanade.v1 import dataplane_pb2, dataplane_pb2_grpc, ipsec_pb2
@@ -50,6 +51,7 @@ class DataplaneFollower:
         self.trap_connection = trap_connection
         self.interval = interval
         self.channels = {t: open_channel(t, grpc_settings) for t in targets}
+        self.stream_channels = {t: stream_channel(t, grpc_settings) for t in targets}
         self.counters: dict[str, ChildCounters] = {}
         self.stats: dict[str, int] = {}
 
@@ -57,7 +59,7 @@ class DataplaneFollower:
         self.stats[what] = self.stats.get(what, 0) + 1
 
     async def close(self) -> None:
-        for channel in self.channels.values():
+        for channel in (*self.channels.values(), *self.stream_channels.values()):
             await channel.close()
 
     # -- counters ------------------------------------------------------------------------------
@@ -106,7 +108,7 @@ class DataplaneFollower:
     async def follow_events(self, target: str) -> None:
         backoff = Backoff(base=0.1, cap=5.0)
         while True:
-            stub = dataplane_pb2_grpc.DataplaneStub(self.channels[target])
+            stub = dataplane_pb2_grpc.DataplaneStub(self.stream_channels[target])
             try:
                 async for ev in stub.WatchEvents(dataplane_pb2.WatchDataplaneEventsRequest()):
                     backoff.reset()

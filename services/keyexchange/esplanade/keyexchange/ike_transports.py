@@ -25,7 +25,7 @@ import grpc
 from esplanade.config.settings import GrpcSettings
 from esplanade.keyexchange.ikev2.constants import NATT_PORT
 from esplanade.keyexchange.ikev2.events import Address, Datagram
-from esplanade.rpc.server import open_channel
+from esplanade.rpc.server import channel_credentials
 from esplanade.store.backoff import Backoff
 from esplanade.v1 import dataplane_pb2, dataplane_pb2_grpc
 
@@ -34,6 +34,16 @@ log = logging.getLogger(__name__)
 Deliver = Callable[[bytes, Address, Address], None]
 NON_ESP_MARKER = b"\x00\x00\x00\x00"
 RELAY_QUEUE = 8192  # datagrams waiting for a stream; beyond that they are dropped (IKE retransmits)
+CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+
+
+def stream_channel(target: str, settings: GrpcSettings) -> grpc.aio.Channel:
+    """A channel for long-lived streams: `open_channel`'s credentials and keepalives, without its
+    per-call interceptors (a deadline means nothing to a stream that lives as long as the
+    process, and the interceptor wrapper costs on every message of the IKE relay)."""
+    if settings.tls.enabled:
+        return grpc.aio.secure_channel(target, channel_credentials(settings.tls), CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(target, CHANNEL_OPTIONS)
 
 
 class _RelayStream:
@@ -55,7 +65,7 @@ class _RelayStream:
     async def run(self) -> None:
         backoff = Backoff(base=0.05, cap=self.relay.backoff_max)
         while True:
-            channel = open_channel(self.target, self.relay.grpc)
+            channel = stream_channel(self.target, self.relay.grpc)
             try:
                 stub = dataplane_pb2_grpc.DataplaneStub(channel)
                 call = stub.RelayIke(self._outgoing())

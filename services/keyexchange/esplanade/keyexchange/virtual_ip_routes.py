@@ -38,13 +38,17 @@ class VirtualIpRoutes:
         self.errors = 0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="virtual-ip")
         self.last: Future[None] | None = None
+        self._with_vips: set[str] = set()  # IKE SAs with a virtual IP (the event loop's view)
 
     def handle(self, ev: Event) -> None:
         if isinstance(ev, IkeSaEstablished) and ev.initiator and ev.virtual_ips:
+            self._with_vips.add(ev.ike_sa)
             self.last = self._worker.submit(self._apply, ev)
-        elif isinstance(ev, IkeSaEstablished) and ev.rekey_of:
+        elif isinstance(ev, IkeSaEstablished) and ev.rekey_of in self._with_vips:
+            self._with_vips.add(ev.ike_sa)
             self.last = self._worker.submit(self._moved, ev.rekey_of, ev.ike_sa)
-        elif isinstance(ev, IkeSaDeleted):
+        elif isinstance(ev, IkeSaDeleted) and ev.ike_sa in self._with_vips:
+            self._with_vips.discard(ev.ike_sa)
             self.last = self._worker.submit(self._remove, ev.ike_sa)
 
     def close(self) -> None:
