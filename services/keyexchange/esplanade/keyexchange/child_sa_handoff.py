@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 AckCallback = Callable[[str, str], None]
 TRAP_PRIORITY_OFFSET = 500  # trap entries lose to installed ones on the same traffic
+REKEYED_INBOUND_GRACE = 1.0  # seconds a replaced Child SA's inbound SA outlives its DELETE
 
 
 def selector_priority(local: TrafficSelector, remote: TrafficSelector) -> int:
@@ -150,6 +151,7 @@ class ChildSaHandoff:
         self._awaiting_ack: dict[str, str] = {}  # child id -> IKE SA id
         self._acked: set[str] = set()
         self._chains: dict[str, asyncio.Task[None]] = {}
+        self._delayed: set[asyncio.Task[None]] = set()
         self.counters: dict[str, int] = {}
         self.failures: list[tuple[str, str, str]] = []  # (ike, child, reason) of writes that failed
         self.on_write_failed: Callable[[str, str, str], None] = lambda ike, child, reason: None
@@ -219,8 +221,8 @@ class ChildSaHandoff:
 
     async def drain(self) -> None:
         """Wait until every queued store step has run (tests, shutdown)."""
-        while self._chains:
-            await asyncio.gather(*list(self._chains.values()), return_exceptions=True)
+        while self._chains or self._delayed:
+            await asyncio.gather(*self._chains.values(), *self._delayed, return_exceptions=True)
 
     # -- writing ---------------------------------------------------------------------------
     def _with_reqid(self, record: ChildSaRecord) -> ChildSaRecord:
@@ -325,12 +327,33 @@ class ChildSaHandoff:
                 self.carriers.pop(pid, None)
         ops += self._policy_ops(moved)
         self.policies.update((p.id, p) for p in moved)
+        if heir_id is not None and heir_id in self.written:
+            # A rekeyed SA: its traffic moves now, but its inbound SA stays a moment longer, for
+            # the packets the peer sent before its own dataplane switched (it learns of the
+            # switch through its store, a few milliseconds later than the DELETE exchange).
+            record_ops, ops = ops[:2], ops[2:]
+            if ops and not await self._commit_quietly(child_id, ops):
+                return
+
+            async def later() -> None:
+                await asyncio.sleep(REKEYED_INBOUND_GRACE)
+                if await self._commit_quietly(child_id, record_ops):
+                    self._count("records_deleted")
+
+            task = asyncio.get_running_loop().create_task(later(), name=f"handoff-grace:{child_id}")
+            self._delayed.add(task)
+            task.add_done_callback(self._delayed.discard)
+            return
+        if await self._commit_quietly(child_id, ops):
+            self._count("records_deleted")
+
+    async def _commit_quietly(self, child_id: str, ops: list[Put | Delete]) -> bool:
         try:
             await self.store.commit([], ops)
         except (StoreError, ValueError) as exc:
             log.warning("cannot delete Child SA %s from the store: %s", child_id, exc)
-            return
-        self._count("records_deleted")
+            return False
+        return True
 
     def child_of_spi(self, spi: int) -> bool:
         return any(w.record.inbound.spi == spi for w in self.written.values())
