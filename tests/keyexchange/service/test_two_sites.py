@@ -304,3 +304,22 @@ def test_restart_recovers_connections_and_keeps_forwarding(sites: tuple[Site, Si
     wait_until(lambda: len(b.sas("ab")) == 1, timeout=10, what="peer dropped the old IKE SA")
     assert a.ping(b.inner_ip) and b.ping(a.inner_ip)
     _unload_all(a, b)
+
+
+def test_start_action_trap_negotiates_on_traffic(sites: tuple[Site, Site]) -> None:
+    a, b = sites
+    _unload_all(a, b)
+    b.load("ab", conn(b, a, NET2, NET1))
+    trap = {"net": {"local_ts": NET1, "remote_ts": NET2, "start_action": "trap"}}
+    a.load("ab", conn(a, b, NET1, NET2, children=trap))
+    spd = {k: json.loads(v) for k, v in a.store_range(schema.prefix("spd")).items()}
+    assert list(spd) == ["ab.net.trap0.out"] and spd["ab.net.trap0.out"]["trap"] is True
+    assert not a.sas()
+    # the first packet hits the trap entry: the dataplane reports an acquire, keyexchange initiates
+    a.ping(b.inner_ip, count=1)
+    wait_until(lambda: a.established("ab") and b.established("ab"), timeout=20, what="SA negotiated on acquire")
+    assert a.ping(b.inner_ip)
+    # the trap entry stays (lower priority) for when the SA goes; unloading removes it
+    assert "ab.net.trap0.out" in a.store_range(schema.prefix("spd"))
+    _unload_all(a, b)
+    assert not a.store_range(schema.prefix("spd"))

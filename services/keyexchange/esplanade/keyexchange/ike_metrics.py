@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
 from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
 from esplanade.keyexchange.ikev2.events import (
@@ -20,10 +20,12 @@ from esplanade.telemetry.metrics import meter
 
 
 class IkeMetrics:
-    def __init__(self, dispatcher: IkeDispatcher, connection_of: dict[str, str]) -> None:
+    def __init__(
+        self, dispatcher: IkeDispatcher, connection_of: dict[str, str], meter_provider: MeterProvider | None = None
+    ) -> None:
         self.dispatcher = dispatcher
         self.connection_of = connection_of
-        m = meter("keyexchange")
+        m = meter_provider.get_meter("esplanade.keyexchange") if meter_provider is not None else meter("keyexchange")
         self.negotiations = m.create_counter(
             "esplanade.ike.negotiations", description="IKE negotiations by outcome and reason (notify)"
         )

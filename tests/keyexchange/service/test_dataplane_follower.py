@@ -1,0 +1,104 @@
+"""Dataplane events and counters reaching the IKE core (in memory; no dataplane needed)."""
+
+from __future__ import annotations
+
+from esplanade.config.settings import GrpcSettings
+from esplanade.keyexchange.dataplane_follower import ChildCounters, DataplaneFollower
+from esplanade.keyexchange.engine_driver import IkeEngine
+from esplanade.keyexchange.ike_metrics import IkeMetrics
+from esplanade.keyexchange.ikev2.child_sa import ChildState
+from esplanade.keyexchange.ikev2.events import ChildSaEstablished, Datagram, Event
+from esplanade.v1 import dataplane_pb2
+from tests.keyexchange.peers import pair
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.sent: list[Datagram] = []
+
+    def send(self, d: Datagram) -> None:
+        self.sent.append(d)
+
+
+async def _setup(trap: tuple[str, str] | None = None):  # type: ignore[no-untyped-def]
+    net, a, _b = pair()
+    ike = a.engine.initiate("ab", net.now)
+    net.run()
+    child = a.of(ChildSaEstablished)[0].child_id
+    engine = IkeEngine(a.engine, clock=lambda: net.now)
+    transport = Collect()
+    engine.transport = transport
+    events: list[Event] = []
+    engine.listeners.append(events.append)
+    follower = DataplaneFollower(["127.0.0.1:1"], GrpcSettings(), engine, lambda policy: trap)
+    return net, a, ike, child, engine, transport, events, follower
+
+
+async def test_soft_expire_rekeys_and_hard_expire_deletes() -> None:
+    _net, a, ike, child, _engine, transport, _events, follower = await _setup()
+    follower.on_event(dataplane_pb2.DataplaneEvent(kind="soft_expire", child_sa=child))
+    assert a.engine.sas[ike].children[child].state == ChildState.REKEYING
+    assert transport.sent  # the CREATE_CHILD_SA request left
+    follower.on_event(dataplane_pb2.DataplaneEvent(kind="soft_expire", child_sa="nosuch"))
+    assert follower.stats["event_soft_expire"] == 2
+    await follower.close()
+    _net, _a, _ike, child, _engine, transport, _events, follower = await _setup()
+    transport.sent.clear()
+    follower.on_event(dataplane_pb2.DataplaneEvent(kind="hard_expire", child_sa=child))
+    assert transport.sent  # the DELETE for the expired Child SA left
+    await follower.close()
+
+
+async def test_acquire_initiates_the_trap_connection() -> None:
+    _net, a, _ike, _child, engine, transport, _events, follower = await _setup(trap=("ab", "net"))
+    for sa in list(a.engine.sas):
+        engine.call(a.engine.delete_ike, sa)
+    a.engine.sas.clear()
+    transport.sent.clear()
+    follower.on_event(dataplane_pb2.DataplaneEvent(kind="acquire", policy="ab.net.trap0.out"))
+    assert len(a.engine.sas) == 1 and transport.sent
+    follower.on_event(dataplane_pb2.DataplaneEvent(kind="acquire", policy="ab.net.trap0.out"))
+    assert len(a.engine.sas) == 1  # one negotiation per trap at a time
+    await follower.close()
+
+
+async def test_traffic_counters_defer_dpd() -> None:
+    net, a, ike, child, _engine, _t, _e, follower = await _setup()
+    sa = a.engine.sas[ike]
+    before = sa.last_inbound
+    net.now += 30
+    follower.note_counters({child: ChildCounters(packets_in=5, bytes_in=500)})
+    assert sa.last_inbound == net.now > before
+    net.now += 30
+    follower.note_counters({child: ChildCounters(packets_in=5, bytes_in=500)})  # idle: no news
+    assert sa.last_inbound == net.now - 30
+    await follower.close()
+
+
+def test_metrics_observe_low_cardinality_labels() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from esplanade.keyexchange.ikev2.events import NegotiationFailed
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    net, a, _b = pair()
+    a.engine.initiate("ab", net.now)
+    net.run()
+    metrics = IkeMetrics(a.engine, {sa: "ab" for sa in a.engine.sas}, meter_provider=provider)
+    for ev in a.events:
+        metrics.observe(ev)
+    metrics.observe(NegotiationFailed(next(iter(a.engine.sas)), 14, "no proposal"))
+    data = reader.get_metrics_data()
+    points = {
+        m.name: [(dict(p.attributes or {}), p.value) for p in m.data.data_points]  # type: ignore[attr-defined]
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    assert ({"connection": "ab", "state": "established"}, 1) in points["esplanade.ike.sas"]
+    assert ({"connection": "ab", "outcome": "failed", "reason": "NO_PROPOSAL_CHOSEN"}, 1) in points[
+        "esplanade.ike.negotiations"
+    ]
+    assert all("spi" not in str(attrs).lower() for series in points.values() for attrs, _ in series)
