@@ -102,3 +102,28 @@ def test_metrics_observe_low_cardinality_labels() -> None:
         "esplanade.ike.negotiations"
     ]
     assert all("spi" not in str(attrs).lower() for series in points.values() for attrs, _ in series)
+
+
+def test_negotiation_spans() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from esplanade.keyexchange.ike_spans import NegotiationSpans
+    from esplanade.keyexchange.ikev2.events import NegotiationFailed
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    net, a, _b = pair()
+    a.engine.initiate("ab", net.now)
+    net.run()
+    spans = NegotiationSpans(a.engine, {sa: "ab" for sa in a.engine.sas}, clock=lambda: net.now)
+    spans.tracer = provider.get_tracer("test")
+    for ev in a.events:
+        spans.observe(ev)
+    spans.observe(NegotiationFailed("ike-9", 24, "AUTH payload does not verify", "ike_auth"))
+    done = exporter.get_finished_spans()
+    assert [s.attributes["ike.outcome"] for s in done] == ["established", "failed"]  # type: ignore[index]
+    assert done[1].attributes["ike.notify"] == "AUTHENTICATION_FAILED"  # type: ignore[index]
+    assert done[1].status.description == "AUTH payload does not verify"

@@ -33,6 +33,7 @@ from esplanade.keyexchange.dataplane_follower import DataplaneFollower
 from esplanade.keyexchange.engine_driver import IkeEngine
 from esplanade.keyexchange.ike_event_feed import EventFeed
 from esplanade.keyexchange.ike_metrics import IkeMetrics
+from esplanade.keyexchange.ike_spans import NegotiationSpans
 from esplanade.keyexchange.ike_transports import DataplaneRelay, IkeSockets
 from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
 from esplanade.keyexchange.keyexchange_servicer import KeyExchangeServicer
@@ -86,7 +87,8 @@ class KeyExchangeNode:
         self.catalog = ConnectionCatalog(store, sealer, self.engine)
         self.feed = EventFeed(lambda ike: self.engine.connection_of.get(ike, ""))
         self.metrics = IkeMetrics(dispatcher, self.engine.connection_of)
-        self.engine.listeners += [self.handoff.handle, self.feed.publish, self.metrics.observe]
+        self.spans = NegotiationSpans(dispatcher, self.engine.connection_of)
+        self.engine.listeners += [self.handoff.handle, self.feed.publish, self.metrics.observe, self.spans.observe]
         self.virtual_ips = VirtualIpRoutes(settings.dataplane.tun_name)
         self.engine.listeners.append(self.virtual_ips.handle)
         targets = [settings.endpoints.dataplane]
