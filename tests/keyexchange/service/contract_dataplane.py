@@ -306,13 +306,17 @@ async def main() -> None:
     ap.add_argument("--listen", default="127.0.0.1:50062")
     ap.add_argument("--tun", default="esp0")
     ap.add_argument("--node", default="dp1")
+    ap.add_argument("--no-udp", action="store_true", help="leave UDP 500/4500 to keyexchange (transport=socket)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     store = EmbeddedStore(args.store)
     await store.connect()
     sealer = Sealer(Keyring.parse(args.kek, "--kek"))
     dp = ContractDataplane(store, sealer, args.ip, args.node, open_tun(args.tun))
-    dp.open_sockets()
+    if args.no_udp:
+        asyncio.get_running_loop().add_reader(dp.tun_fd, dp.on_tun)
+    else:
+        dp.open_sockets()
     server = grpc.aio.server()
     dataplane_pb2_grpc.add_DataplaneServicer_to_server(Servicer(dp), server)
     server.add_insecure_port(args.listen)

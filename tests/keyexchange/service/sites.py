@@ -98,7 +98,7 @@ class Site:
         env.update(extra)
         return env
 
-    def start_dataplane(self) -> None:
+    def start_dataplane(self, *extra: str) -> None:
         cmd = [
             sys.executable,
             "-m",
@@ -113,6 +113,7 @@ class Site:
             f"0.0.0.0:{DP_PORT}",
             "--node",
             f"dp{self.index}",
+            *extra,
         ]
         with open(self.dp_log, "ab") as log:
             self.dp = subprocess.Popen(

@@ -68,7 +68,8 @@ class _RelayStream:
             channel = stream_channel(self.target, self.relay.grpc)
             try:
                 stub = dataplane_pb2_grpc.DataplaneStub(channel)
-                call = stub.RelayIke(self._outgoing())
+                # a stable stream key across reconnects: the dataplane routes IKE SAs by it
+                call = stub.RelayIke(self._outgoing(), metadata=(("esplanade-instance", self.relay.instance),))
                 self.connected = True
                 first = True
                 async for dg in call:
@@ -100,9 +101,15 @@ class _RelayStream:
 
 class DataplaneRelay:
     def __init__(
-        self, targets: list[str], grpc_settings: GrpcSettings, deliver: Deliver, backoff_max: float = 5.0
+        self,
+        targets: list[str],
+        grpc_settings: GrpcSettings,
+        deliver: Deliver,
+        backoff_max: float = 5.0,
+        instance: str = "keyexchange",
     ) -> None:
         self.grpc = grpc_settings
+        self.instance = instance
         self.deliver = deliver
         self.backoff_max = backoff_max
         self.streams = [_RelayStream(t, self) for t in targets]

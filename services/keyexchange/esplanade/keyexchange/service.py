@@ -102,7 +102,11 @@ class KeyExchangeNode:
         self.transport: DataplaneRelay | IkeSockets
         if kx.transport == "relay":
             self.transport = DataplaneRelay(
-                targets, settings.grpc, self.engine.feed, backoff_max=kx.relay_backoff_max_seconds
+                targets,
+                settings.grpc,
+                self.engine.feed,
+                backoff_max=kx.relay_backoff_max_seconds,
+                instance=self.instance,
             )
         else:
             self.transport = IkeSockets([str(a) for a in kx.listen_addresses], self.engine.feed, ike_port=kx.ike_port)
