@@ -27,6 +27,8 @@ from esplanade.v1 import dataplane_pb2, dataplane_pb2_grpc, keyexchange_pb2, key
 from tests.conditions import wait_until
 
 KX_PORT, DP_PORT = 50061, 50062
+# which dataplane the sites run: the dataplane service ("real") or the contract stand-in
+DATAPLANE = os.environ.get("KXS_DATAPLANE", "contract")
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -99,6 +101,9 @@ class Site:
         return env
 
     def start_dataplane(self, *extra: str) -> None:
+        if DATAPLANE == "real" and not extra:
+            self._start_real_dataplane()
+            return
         cmd = [
             sys.executable,
             "-m",
@@ -122,6 +127,32 @@ class Site:
         wait_until(lambda: self._has_tun(), timeout=15, what=f"{self.ns} dataplane TUN")
         nsx(self.ns, "ip", "link", "set", "esp0", "up")
         nsx(self.ns, "ip", "link", "set", "esp0", "mtu", "1400")
+
+    def _start_real_dataplane(self) -> None:
+        """The dataplane service (`esplanade serve dataplane`, userspace backend) on this site's store."""
+        env = self.env(
+            ESPLANADE_ENDPOINTS__DATAPLANE=f"0.0.0.0:{DP_PORT}",
+            ESPLANADE_DATAPLANE__NODE=f"dp{self.index}",
+            ESPLANADE_DATAPLANE__BACKEND="userspace",
+            ESPLANADE_DATAPLANE__WORKERS="1",
+            ESPLANADE_DATAPLANE__LISTEN_ADDRESSES=f'["{self.wan_ip}"]',
+            ESPLANADE_DATAPLANE__FLOW_LOG_PATH=str(self.base / "flows.jsonl"),
+        )
+        cmd = [sys.executable, "-m", "esplanade.cli.main", "serve", "dataplane"]
+        with open(self.dp_log, "ab") as log:
+            self.dp = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns, *cmd], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+            )
+        wait_until(self._dp_serving, timeout=30, what=f"{self.ns} dataplane serving")
+
+    def _dp_serving(self) -> bool:
+        if self.dp is not None and self.dp.poll() is not None:
+            raise AssertionError(f"dataplane died: {self.dp_log.read_text(errors='replace')[-3000:]}")
+        try:
+            self.dp_stub().GetStatus(dataplane_pb2.GetStatusRequest(), timeout=2)
+        except grpc.RpcError:
+            return False
+        return nsx(self.ns, "ip", "link", "show", "esp0", check=False).returncode == 0
 
     def _has_tun(self) -> bool:
         if self.dp is not None and self.dp.poll() is not None:

@@ -154,7 +154,23 @@ def _initiates(site: Site, connection: str) -> bool:
 
 def _ping_stream(site: Site, dst: str, count: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        ["ip", "netns", "exec", site.ns, "ping", "-c", str(count), "-i", "0.05", "-W", "1", "-I", site.inner_ip, dst],
+        [
+            "ip",
+            "netns",
+            "exec",
+            site.ns,
+            "ping",
+            "-D",
+            "-c",
+            str(count),
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+            "-I",
+            site.inner_ip,
+            dst,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -165,7 +181,12 @@ def _lost(p: subprocess.Popen[str]) -> str:
     out, _ = p.communicate(timeout=60)
     m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     assert m, out
-    return f"{int(m.group(1)) - int(m.group(2))} of {m.group(1)} lost"
+    lost = int(m.group(1)) - int(m.group(2))
+    if lost:
+        seqs = {int(x) for x in re.findall(r"icmp_seq=(\d+)", out)}
+        print("missing icmp_seq", sorted(set(range(1, int(m.group(1)) + 1)) - seqs))  # shown on failure
+        print(out)
+    return f"{lost} of {m.group(1)} lost"
 
 
 def test_child_rekey_either_side_under_traffic(sites: tuple[Site, Site]) -> None:
@@ -173,6 +194,7 @@ def test_child_rekey_either_side_under_traffic(sites: tuple[Site, Site]) -> None
     if not a.established("ab"):
         _up(a, b, "ab", conn(a, b, NET1, NET2), conn(b, a, NET2, NET1))
     for rekeyer in (a, b, a):
+        drops_before = (a.drops(), b.drops())
         old = rekeyer.established("ab")[0].children[0].id
         pinger = _ping_stream(a, b.inner_ip, 40)
         wait_until(lambda: a.established("ab")[0].children[0].packets_out > 0, timeout=5, what="traffic flowing")
@@ -182,7 +204,7 @@ def test_child_rekey_either_side_under_traffic(sites: tuple[Site, Site]) -> None
             timeout=10,
             what="child rekeyed",
         )
-        assert _lost(pinger) == "0 of 40 lost"
+        assert _lost(pinger) == "0 of 40 lost", (rekeyer.ns, drops_before, a.drops(), b.drops())
     for s in (a, b):
         live = {c.id for sa in s.established("ab") for c in sa.children}
         wait_until(lambda s=s, live=live: set(s.store_range(schema.prefix("sas", "child"))) == live, timeout=10)
@@ -315,9 +337,14 @@ def test_start_action_trap_negotiates_on_traffic(sites: tuple[Site, Site]) -> No
     spd = {k: json.loads(v) for k, v in a.store_range(schema.prefix("spd")).items()}
     assert list(spd) == ["ab.net.trap0.out"] and spd["ab.net.trap0.out"]["trap"] is True
     assert not a.sas()
-    # the first packet hits the trap entry: the dataplane reports an acquire, keyexchange initiates
-    a.ping(b.inner_ip, count=1)
-    wait_until(lambda: a.established("ab") and b.established("ab"), timeout=20, what="SA negotiated on acquire")
+    # traffic hits the trap entry: the dataplane reports an acquire, keyexchange initiates
+    # (the dataplane repeats an acquire at most every few seconds while traffic keeps coming)
+    wait_until(
+        lambda: a.ping(b.inner_ip, count=1) and a.established("ab") and b.established("ab"),
+        timeout=30,
+        interval=0.5,
+        what="SA negotiated on acquire",
+    )
     assert a.ping(b.inner_ip)
     # the trap entry stays (lower priority) for when the SA goes; unloading removes it
     assert "ab.net.trap0.out" in a.store_range(schema.prefix("spd"))
