@@ -134,7 +134,7 @@ class KeyExchangeNode:
                 log.warning("keyexchange lease lost: registering again, reserving SPIs anew")
                 with contextlib.suppress(StoreError):
                     await self.register()
-                    self.spis._ready.clear()
+                    self.spis.forget_reserved()
                     await self.spis.fill()
             except StoreError as exc:
                 log.warning("lease keepalive failed: %s", exc)

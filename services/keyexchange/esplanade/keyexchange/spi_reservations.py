@@ -96,6 +96,10 @@ class SpiReservations:
                     self._ready.extend((int(k.rsplit("/", 1)[1], 16), retry.revision) for k in free)
                     self._count("reserved", len(free))
 
+    def forget_reserved(self) -> None:
+        """The lease the reservations hung on is gone (and so are they): start the pool afresh."""
+        self._ready.clear()
+
     def take(self) -> int:
         """An inbound SPI for the IKE core (synchronous)."""
         if self._ready:
