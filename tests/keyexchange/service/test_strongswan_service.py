@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from esplanade.store import schema
+from esplanade.v1 import dataplane_pb2 as dp
 from esplanade.v1 import keyexchange_pb2 as kx
 from tests.conditions import wait_until
 from tests.keyexchange import interop as ix
@@ -139,6 +140,12 @@ def ping(ns: str, src: str, dst: str, count: int = 3) -> bool:
     return r.returncode == 0
 
 
+def dataplane_sas(site: Site) -> list[str]:
+    """Child SAs the dataplane reports counters for, i.e. has installed."""
+    reply = site.dp_stub().GetCounters(dp.GetCountersRequest(), timeout=5)
+    return sorted({c.child_sa for c in reply.sas})
+
+
 def ss_counters(charon: ix.Charon) -> tuple[int, int]:
     raw = charon.swanctl("--list-sas", "--raw")
     bytes_in = sum(int(x) for x in re.findall(r"bytes-in=(\d+)", raw))
@@ -257,8 +264,9 @@ def test_delete_from_either_side(env: Env, closer: str) -> None:
         env.charon.swanctl("--terminate", "--ike", "pair", "--timeout", "5")
     wait_until(lambda: not env.es.sas(), timeout=10, what="Esplanade SAs gone")
     wait_until(lambda: "pair:" not in env.charon.swanctl("--list-sas", check=False), timeout=10)
-    wait_until(lambda: not env.es.store_range(schema.prefix("sas", "child")), timeout=10, what="dataplane SAs gone")
+    wait_until(lambda: not env.es.store_range(schema.prefix("sas", "child")), timeout=10, what="records gone")
     assert not env.es.store_range(schema.prefix("spd"))
+    wait_until(lambda: not dataplane_sas(env.es), timeout=10, what="the dataplane's SAs gone")
     assert not ping(env.es.ns, ES_INNER, SS_INNER, 1)
 
 
@@ -284,6 +292,7 @@ def test_bad_psk_is_authentication_failed_and_leaves_nothing(env: Env) -> None:
     wait_until(lambda: not env.es.sas(), timeout=10)
     assert not env.es.store_range(schema.prefix("sas", "child"))
     assert not env.es.store_range(schema.prefix("spd"))
+    assert not dataplane_sas(env.es)
     assert "not-the-right-psk" not in env.es.logs()
     assert PSK not in env.es.logs()
 

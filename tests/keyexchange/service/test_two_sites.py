@@ -224,6 +224,23 @@ def test_ike_rekey_either_side_under_traffic(sites: tuple[Site, Site]) -> None:
         assert _lost(pinger) == "0 of 30 lost"
 
 
+def test_reauth_and_terminate_child_and_ike(sites: tuple[Site, Site]) -> None:
+    a, b = sites
+    if not a.established("ab"):
+        _up(a, b, "ab", conn(a, b, NET1, NET2), conn(b, a, NET2, NET1))
+    old = a.established("ab")[0]
+    a.kx_stub().Rekey(kx.RekeyRequest(ike_sa=old.id, reauth=True))
+    wait_until(lambda: [sa.id for sa in a.established("ab")] not in ([old.id], []), timeout=15, what="reauthenticated")
+    wait_until(lambda: len(a.sas("ab")) == 1 and len(b.sas("ab")) == 1, timeout=10, what="old IKE SA gone")
+    assert a.ping(b.inner_ip)
+    sa = a.established("ab")[0]
+    assert a.kx_stub().Terminate(kx.TerminateRequest(child_sa=sa.children[0].id)).terminated == 1
+    wait_until(lambda: a.sas("ab") and not a.sas("ab")[0].children, timeout=10, what="child gone, IKE SA stays")
+    wait_until(lambda: not b.store_range(schema.prefix("sas", "child")), timeout=10, what="peer's record gone")
+    assert a.kx_stub().Terminate(kx.TerminateRequest(ike_sa=sa.id)).terminated == 1
+    wait_until(lambda: not a.sas("ab") and not b.sas("ab"), timeout=10, what="IKE SA gone on both")
+
+
 def test_terminate_from_either_side_clears_store(sites: tuple[Site, Site]) -> None:
     a, b = sites
     for closer, other in ((a, b), (b, a)):
