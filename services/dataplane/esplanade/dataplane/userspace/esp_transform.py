@@ -34,9 +34,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
+
 from esplanade.dataplane.backend import DataplaneEvent, DataplaneEventKind
 from esplanade.dataplane.esp.counters import DropReason
-from esplanade.dataplane.esp.esp_codec import decrypt_esp, encrypt_esp
+from esplanade.dataplane.esp.esp_codec import PADDING, decrypt_esp, encrypt_esp
 from esplanade.dataplane.esp.events import (
     EspEvent,
     HardExpire,
@@ -49,6 +51,7 @@ from esplanade.dataplane.esp.packet import parse_flow
 from esplanade.dataplane.esp.replay import ReplayWindow
 from esplanade.dataplane.esp.sa_state import InboundSa, OutboundSa, ReplayPersistence, SequenceReservation
 from esplanade.dataplane.esp.spd import InboundSaTable, Spd
+from esplanade.dataplane.userspace.aead_lane import TRAILERS, OpenLane, SealLane, open_lane_for, seal_lane_for
 from esplanade.dataplane.userspace.outer_transport import Datagram, Endpoint
 from esplanade.dataplane.userspace.sa_messages import association_from_document, policy_from_document
 from esplanade.dataplane.userspace.transform import WorkerContext
@@ -80,8 +83,8 @@ _REFUSAL_NAMES = {
 }
 _NOWHERE: Endpoint = ("", 0)
 
-# (code, SA to seal with, outer endpoint, owner worker or -1, policy id)
-Decision = tuple[int, OutboundSa | None, Endpoint, int, str]
+# (code, SA to seal with, outer endpoint, owner worker or -1, policy id, fast lane of the SA)
+Decision = tuple[int, OutboundSa | None, Endpoint, int, str, SealLane | None]
 
 
 def endpoint_of(association: SecurityAssociation) -> Endpoint:
@@ -107,8 +110,13 @@ class EspTransform:
         *,
         reservation: SequenceReservation | None = None,
         replay_persistence: ReplayPersistence | None = None,
+        fast_lane: bool = True,
     ) -> None:
+        """`fast_lane=False` sends every packet through the engine's general path (tests compare both)."""
         self.context = context
+        self.fast_lane = fast_lane
+        self._seal_lanes: dict[int, SealLane] = {}  # id(OutboundSa) -> its fast lane
+        self._open_lanes: dict[int, OpenLane] = {}  # inbound SPI -> the fast lane of its SA
         self.reservation = reservation or SequenceReservation()
         self.replay_persistence = replay_persistence or ReplayPersistence()
         self.spd = Spd()
@@ -133,11 +141,13 @@ class EspTransform:
         tcp_cache, udp_cache = self._tcp_cache, self._udp_cache
         touched: list[OutboundSa] = []
         last: OutboundSa | None = None
+        trailers = TRAILERS
         for packet in packets:
             decision = None
             cache = None
             key = b""
-            b0 = packet[0] if packet else 0
+            n = len(packet)
+            b0 = packet[0] if n >= 40 else 0  # shorter ones take the general path below
             if b0 == 0x45:
                 if not packet[6] & 0x3F and not packet[7]:  # not a fragment
                     proto = packet[9]
@@ -149,7 +159,7 @@ class EspTransform:
                         key = packet[12:24]
                         decision = cache.get(key)
             elif b0 >> 4 == 6:
-                proto = packet[6] if len(packet) >= 44 else 0
+                proto = packet[6] if n >= 44 else 0
                 if proto == 6:
                     cache = tcp_cache
                 elif proto == 17:
@@ -170,6 +180,34 @@ class EspTransform:
             if sa is not last:
                 touched.append(sa)
                 last = sa
+            lane = decision[5]
+            if lane is not None and now < sa.time_mark and sa.hard_expired is None and n <= lane.limit:
+                # the fast lane: esp_codec.encrypt_esp / seal_esp inlined for AEAD tunnel mode
+                if b0 >> 4 == 4:
+                    ihl = b0 & 0x0F
+                    nh = 4
+                    well_formed = ihl >= 5 and ihl * 4 <= (packet[2] << 8 | packet[3]) == n
+                else:
+                    nh = 41
+                    well_formed = b0 >> 4 == 6 and 40 + (packet[4] << 8 | packet[5]) == n
+                if well_formed:
+                    seq = sa.next_seq
+                    if seq < sa.seq_mark:
+                        sa.next_seq = seq + 1
+                    else:
+                        seq = sa.take_sequence()
+                        if seq < 0:
+                            continue  # counted by the SA (sequence unreserved or exhausted)
+                    iv = seq.to_bytes(8, "big")
+                    header = lane.spi + seq.to_bytes(4, "big")
+                    sealed = lane.encrypt(lane.salt + iv, packet + trailers[(-(n + 2) & 3, nh)], header)
+                    append((decision[2], header + iv + sealed))
+                    c = sa.counters
+                    c.packets += 1
+                    c.bytes += n
+                    if c.packets >= sa.packet_mark or c.bytes >= sa.byte_mark:
+                        sa.on_volume()
+                    continue
             esp = encrypt_esp(sa, packet, now)
             if esp is not None:
                 append((decision[2], esp))
@@ -180,21 +218,21 @@ class EspTransform:
     def _decide(self, packet: bytes, now: float, acquire: bool = True) -> Decision:
         flow = parse_flow(packet)
         if flow is None:
-            return (_MALFORMED, None, _NOWHERE, -1, "")
+            return (_MALFORMED, None, _NOWHERE, -1, "", None)
         policy = self.spd.match_outbound(flow)
         if policy is None:  # RFC 4301 §5.1: what no entry matches is discarded
-            return (_NO_POLICY, None, _NOWHERE, -1, "")
+            return (_NO_POLICY, None, _NOWHERE, -1, "", None)
         if policy.action == PolicyAction.BYPASS:
-            return (_BYPASS, None, _NOWHERE, -1, policy.id)
+            return (_BYPASS, None, _NOWHERE, -1, policy.id, None)
         if policy.action == PolicyAction.DISCARD:
-            return (_DISCARD, None, _NOWHERE, -1, policy.id)
+            return (_DISCARD, None, _NOWHERE, -1, policy.id, None)
         owner = self.owners.get(policy.child_sa, -1)
         child = self.children.get(policy.child_sa)
         if child is not None:
             sa = child.outbound
-            return (_PROTECT, sa, self.endpoints[id(sa)], owner, policy.id)
+            return (_PROTECT, sa, self.endpoints[id(sa)], owner, policy.id, self._seal_lanes.get(id(sa)))
         if owner >= 0:
-            return (_NOT_OWNER, None, _NOWHERE, owner, policy.id)
+            return (_NOT_OWNER, None, _NOWHERE, owner, policy.id, None)
         if acquire and policy.trap:
             last = self._acquired.get(policy.id)
             if last is None or now - last >= ACQUIRE_INTERVAL:
@@ -207,21 +245,24 @@ class EspTransform:
                         reason=f"acquire for {make(flow.src)} -> {make(flow.dst)} proto {flow.protocol}",
                     )
                 )
-        return (_NO_SA, None, _NOWHERE, -1, policy.id)
+        return (_NO_SA, None, _NOWHERE, -1, policy.id, None)
 
     # -- PacketTransform: inbound -------------------------------------------------------
     def inbound_batch(self, datagrams: Sequence[Datagram], now: float) -> list[bytes]:
         out: list[bytes] = []
         append = out.append
         by_spi = self.table.by_spi
+        lanes = self._open_lanes
         table_counters = self.table.counters
         touched: list[InboundSa] = []
         last: InboundSa | None = None
         for endpoint, esp in datagrams:
-            if len(esp) < 8:
+            n = len(esp)
+            if n < 8:
                 table_counters.drop(DropReason.MALFORMED)
                 continue
-            sa = by_spi.get(int.from_bytes(esp[0:4], "big"))
+            spi = int.from_bytes(esp[0:4], "big")
+            sa = by_spi.get(spi)
             if sa is None:
                 table_counters.drop(DropReason.UNKNOWN_SPI)
                 continue
@@ -231,6 +272,85 @@ class EspTransform:
             if sa is not last:
                 touched.append(sa)
                 last = sa
+            lane = lanes.get(spi)
+            if lane is not None and now < sa.time_mark and sa.hard_expired is None and n >= 36 and not n & 3:
+                window = sa.replay
+                seq = int.from_bytes(esp[4:8], "big")
+                if seq > window.top:
+                    # the fast lane: esp_codec.decrypt_esp inlined for in-order AEAD tunnel packets
+                    c = sa.counters
+                    try:
+                        plaintext = lane.decrypt(lane.salt + esp[8:16], esp[16:], esp[:8])
+                    except InvalidTag:
+                        c.drop(DropReason.ICV_FAILURE)
+                        continue
+                    # ReplayWindow.accept for seq > top, inlined (RFC 6479 ring of 64-bit blocks)
+                    if window.size:
+                        blocks = window.blocks
+                        nblocks = len(blocks)
+                        index, top_index = seq >> 6, window.top >> 6
+                        if index != top_index:
+                            if index - top_index >= nblocks:
+                                for i in range(nblocks):
+                                    blocks[i] = 0
+                            else:
+                                for i in range(top_index + 1, index + 1):
+                                    blocks[i % nblocks] = 0
+                        blocks[index % nblocks] |= 1 << (seq & 63)
+                    window.top = seq
+                    if seq >= sa.persist_mark:
+                        sa.on_replay_top()
+                    m = len(plaintext)
+                    padlen = plaintext[m - 2]
+                    nh = plaintext[m - 1]
+                    data_len = m - 2 - padlen
+                    if data_len < 0 or (padlen and plaintext[data_len : m - 2] != PADDING[:padlen]):
+                        c.drop(DropReason.MALFORMED)
+                        continue
+                    if nh == 59:
+                        c.drop(DropReason.DUMMY)
+                        continue
+                    version = plaintext[0] >> 4 if data_len else 0
+                    if nh == 4 and version == 4 and data_len >= 20:
+                        ihl = plaintext[0] & 0x0F
+                        length = plaintext[2] << 8 | plaintext[3]
+                        if ihl < 5 or not ihl * 4 <= length <= data_len:
+                            c.drop(DropReason.MALFORMED)
+                            continue
+                        if lane.check:
+                            src = int.from_bytes(plaintext[12:16], "big")
+                            dst = int.from_bytes(plaintext[16:20], "big")
+                            remote, local = lane.remote4, lane.local4
+                    elif nh == 41 and version == 6 and data_len >= 40:
+                        length = 40 + (plaintext[4] << 8 | plaintext[5])
+                        if length > data_len:
+                            c.drop(DropReason.MALFORMED)
+                            continue
+                        if lane.check:
+                            src = int.from_bytes(plaintext[8:24], "big")
+                            dst = int.from_bytes(plaintext[24:40], "big")
+                            remote, local = lane.remote6, lane.local6
+                    else:
+                        c.drop(DropReason.MALFORMED)
+                        continue
+                    if lane.check:
+                        allowed = False
+                        for lo, hi in remote:
+                            if lo <= src <= hi:
+                                for lo2, hi2 in local:
+                                    if lo2 <= dst <= hi2:
+                                        allowed = True
+                                        break
+                                break
+                        if not allowed:
+                            c.drop(DropReason.POLICY_MISMATCH)
+                            continue
+                    c.packets += 1
+                    c.bytes += length
+                    if c.packets >= sa.packet_mark or c.bytes >= sa.byte_mark:
+                        sa.on_volume()
+                    append(plaintext[:length])
+                    continue
             inner = decrypt_esp(sa, esp, now)
             if inner is not None:
                 append(inner)
@@ -296,6 +416,10 @@ class EspTransform:
                 )
             )
 
+    def lanes_in_use(self) -> dict[str, int]:
+        """How many SAs run on the fast lane (outbound, inbound)."""
+        return {k: v for k, v in (("seal", len(self._seal_lanes)), ("open", len(self._open_lanes))) if v}
+
     # -- sizes and status ---------------------------------------------------------------
     def esp_overhead(self) -> int:
         return AEAD_OVERHEAD
@@ -308,6 +432,7 @@ class EspTransform:
             "policies": len(self.spd.policies()),
             "drops": dict(self.drops),
             "flow_cache": len(self._tcp_cache) + len(self._udp_cache),
+            "fast_lane": self.lanes_in_use(),
         }
 
     # -- SaSteering ---------------------------------------------------------------------
@@ -368,6 +493,13 @@ class EspTransform:
         association_dst = str(ipaddress.ip_address(out_sa.dst))
         port = out_sa.encap.dst_port if out_sa.encap is not None else 0
         self.endpoints[id(out_sa)] = (association_dst, port)
+        if self.fast_lane:
+            seal_lane = seal_lane_for(out_sa)
+            if seal_lane is not None:
+                self._seal_lanes[id(out_sa)] = seal_lane
+            open_lane = open_lane_for(in_sa)
+            if open_lane is not None:
+                self._open_lanes[in_sa.spi] = open_lane
         self._invalidate()
         self._recompute_timer()
         self._collect(out_sa)
@@ -381,8 +513,10 @@ class EspTransform:
                     if count:
                         self.removed_drops[str(reason)] += count
         self.endpoints.pop(id(child.outbound), None)
+        self._seal_lanes.pop(id(child.outbound), None)
         if self.table.by_spi.get(child.inbound.spi) is child.inbound:
             del self.table.by_spi[child.inbound.spi]
+            self._open_lanes.pop(child.inbound.spi, None)
 
     def _op_install_sa(self, message: dict[str, Any], now: float) -> dict[str, object]:
         child_sa = str(message["child_sa"])
