@@ -53,7 +53,21 @@ class UnderlayCapture:
     def __enter__(self) -> UnderlayCapture:
         self.proc = self.node.popen(
             # -B: 64 MiB of capture buffer; -s 96: headers are all we read; -U: write as it goes
-            ["tcpdump", "-i", self.interface, "-n", "--immediate-mode", "-B", "65536", "-s", "96", "-U", "-w", str(self.path), self.expression],
+            [
+                "tcpdump",
+                "-i",
+                self.interface,
+                "-n",
+                "--immediate-mode",
+                "-B",
+                "65536",
+                "-s",
+                "96",
+                "-U",
+                "-w",
+                str(self.path),
+                self.expression,
+            ],
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -125,7 +139,12 @@ class UnderlayCapture:
                 continue
             if len(esp) >= 16:
                 yield EspHeader(
-                    source, destination, int.from_bytes(esp[0:4], "big"), int.from_bytes(esp[4:8], "big"), esp[8:16], udp
+                    source,
+                    destination,
+                    int.from_bytes(esp[0:4], "big"),
+                    int.from_bytes(esp[4:8], "big"),
+                    esp[8:16],
+                    udp,
                 )
 
     def cleartext_between(self, first: str, second: str) -> list[bytes]:
@@ -133,6 +152,9 @@ class UnderlayCapture:
         wanted = {first, second}
         out = []
         for packet in self.ip_packets():
-            if packet[0] >> 4 == 4 and {".".join(str(b) for b in packet[12:16]), ".".join(str(b) for b in packet[16:20])} == wanted:
+            if (
+                packet[0] >> 4 == 4
+                and {".".join(str(b) for b in packet[12:16]), ".".join(str(b) for b in packet[16:20])} == wanted
+            ):
                 out.append(packet)
         return out
