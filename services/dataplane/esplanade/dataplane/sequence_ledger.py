@@ -72,6 +72,7 @@ class StoreSaPersistence:
         self.node = node
         self.incarnation = incarnation or secrets.token_hex(8)
         self._revisions: dict[int, int] = {}  # SPI -> mod_revision of our last write
+        self._written: dict[int, int] = {}  # SPI -> the value of our last write
         self.writes = 0
 
     def _document(self, child_sa: str, upto: int) -> bytes:
@@ -91,12 +92,16 @@ class StoreSaPersistence:
                 kv = conflict.current
                 continue
             self._revisions[spi] = revision
+            self._written[spi] = upto
             self.writes += 1
             return start + 1, upto
         raise SequenceLedgerError(f"{key} kept changing; no sequence block reserved")
 
     async def reserve(self, child_sa: str, spi: int, upto: int) -> int | None:
         key = schema.sequence_reservation(spi)
+        written = self._written.get(spi, 0)
+        if upto <= written:
+            return written  # durable already: the ledger never goes down
         expected = self._revisions.get(spi)
         kv: KeyValue | None = None
         if expected is None:
@@ -106,8 +111,10 @@ class StoreSaPersistence:
             expected = kv.mod_revision if kv else 0
         for _ in range(CAS_ATTEMPTS):
             current = _upto(_decode(kv)) if kv is not None else 0
-            if kv is not None and current >= upto:
-                return current  # durable already (a write of ours whose answer was lost)
+            if kv is not None and current >= upto:  # durable already (a write of ours whose answer was lost)
+                self._revisions[spi] = kv.mod_revision
+                self._written[spi] = current
+                return current
             try:
                 revision = await self.store.put(key, self._document(child_sa, upto), expect_mod_revision=expected)
             except CasConflict as conflict:
@@ -118,6 +125,7 @@ class StoreSaPersistence:
                 expected = kv.mod_revision if kv else 0
                 continue
             self._revisions[spi] = revision
+            self._written[spi] = upto
             self.writes += 1
             return upto
         raise SequenceLedgerError(f"{key} kept changing; sequence block not reserved")
@@ -147,6 +155,7 @@ class StoreSaPersistence:
 
     async def forget(self, child_sa: str, inbound_spi: int, outbound_spi: int) -> None:
         self._revisions.pop(outbound_spi, None)
+        self._written.pop(outbound_spi, None)
         seq_key = schema.sequence_reservation(outbound_spi)
         if _decode(await self.store.get(seq_key)).get("child_sa") == child_sa:
             await self.store.delete(seq_key)

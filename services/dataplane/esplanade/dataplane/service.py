@@ -43,6 +43,8 @@ from esplanade.v1 import dataplane_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+STOP_GRACE = 1.0  # seconds a worker loss waits for the stop request that may explain it
+
 
 @dataclass
 class DataplaneNode:
@@ -105,8 +107,15 @@ async def serve(settings: Settings) -> None:
     if isinstance(backend, UserspaceBackend):
 
         def on_failure(reason: str) -> None:
-            runtime.failure = reason
-            stop.set()
+            # A stop of the whole process group (systemd, `kill -TERM -pgid`) ends the workers
+            # as it ends us; only a loss that no stop request explains within a grace period
+            # is a failure.
+            def confirm() -> None:
+                if not stop.is_set():
+                    runtime.failure = reason
+                    stop.set()
+
+            asyncio.get_running_loop().call_later(STOP_GRACE, confirm)
 
         backend.on_failure = on_failure
     try:
