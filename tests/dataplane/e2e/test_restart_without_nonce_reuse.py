@@ -85,7 +85,7 @@ def test_kill_9_and_restart_resumes_without_reusing_a_sequence_number(tmp_path: 
     headers = [h for h in capture.esp_headers() if h.spi == keys.spi_ab]
     sequence_numbers = [h.seq for h in headers]
     ivs = [h.iv for h in headers]
-    assert len(headers) > 8 * BLOCK
+    assert len(headers) > 6 * BLOCK  # more than 4 blocks before the kill, 2 after
     repeated = [s for s, n in Counter(sequence_numbers).items() if n > 1]
     assert repeated == [], f"sequence numbers sent twice: {repeated[:10]}"
     assert len(set(ivs)) == len(ivs), "an explicit IV (AES-GCM nonce) was sent twice"

@@ -16,12 +16,14 @@ import re
 import signal
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
+from tests.conditions import ConditionTimeout, wait_until
 from tests.netns_topology import Node
 
 _PCAP_HEADER = struct.Struct("<IHHiIII")
@@ -39,15 +41,23 @@ class EspHeader(NamedTuple):
     udp: bool
 
 
+SENTINEL_PORT = 9  # discard: a datagram to it marks the end of what the test sent
+
+
 class UnderlayCapture:
-    def __init__(self, node: Node, path: Path, expression: str, interface: str = "ul0") -> None:
+    """tcpdump on `interface`; on stop it sends a sentinel datagram out of the same interface and
+    stops only once the sentinel is in the file, so everything sent before it was written."""
+
+    def __init__(self, node: Node, path: Path, expression: str, interface: str = "ul0", peer: str = "") -> None:
         self.node = node
         self.path = path
-        self.expression = expression
         self.interface = interface
+        self.peer = peer or (node.underlay_addr[:-1] + ("2" if node.underlay_addr.endswith("1") else "1"))
+        self.expression = f"({expression}) or (src host {node.underlay_addr} and udp dst port {SENTINEL_PORT})"
         self.proc: subprocess.Popen[Any] | None = None
         self.dropped = -1
         self.complete = False
+        self.sentinel_seen = False
         self.report = ""
 
     def __enter__(self) -> UnderlayCapture:
@@ -86,9 +96,35 @@ class UnderlayCapture:
     ) -> None:
         self.stop()
 
+    def _sentinel_written(self) -> bool:
+        try:
+            return any(self._is_sentinel(p) for p in self.ip_packets())
+        except (AssertionError, struct.error):  # the file is still being written
+            return False
+
+    def _is_sentinel(self, packet: bytes) -> bool:
+        ihl = (packet[0] & 0x0F) * 4
+        return (
+            packet[0] >> 4 == 4
+            and packet[9] == 17
+            and int.from_bytes(packet[ihl + 2 : ihl + 4], "big") == SENTINEL_PORT
+        )
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
+        send = (
+            "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
+            f" s.bind(('{self.node.underlay_addr}', 0)); s.sendto(b'end of capture', ('{self.peer}', {SENTINEL_PORT}))"
+        )
+        for _ in range(5):  # the sentinel itself may be lost like any datagram: send it again
+            self.node.run([sys.executable, "-c", send], timeout=10)
+            try:
+                wait_until(self._sentinel_written, timeout=3, what="the sentinel in the capture file")
+                break
+            except ConditionTimeout:
+                continue
+        self.sentinel_seen = self._sentinel_written()
         self.proc.send_signal(signal.SIGINT)
         _, err = self.proc.communicate(timeout=20)
         self.report = err
@@ -96,12 +132,13 @@ class UnderlayCapture:
         captured = re.search(r"(\d+) packets? captured", err)
         received = re.search(r"(\d+) packets? received by filter", err)
         self.dropped = int(match.group(1)) if match else -1
-        # everything the filter took was written: nothing was lost between the ring and the file
         self.complete = bool(captured and received and captured.group(1) == received.group(1))
 
     @property
     def lossless(self) -> bool:
-        return self.dropped == 0 and self.complete
+        """The kernel dropped nothing, and everything up to the sentinel is in the file (what
+        came after it, if anything, may still have been in tcpdump's ring at SIGINT)."""
+        return self.dropped == 0 and self.sentinel_seen
 
     # -- reading --------------------------------------------------------------------------
     def frames(self) -> Iterator[bytes]:
