@@ -213,6 +213,7 @@ def child_sa_for(
 
 
 def tunnel_policies(local: Node, remote: Node, child_id: str) -> list[ipsec_pb2.SpdPolicy]:
+    """OUT and IN PROTECT policies; the template's outer addresses as seen in each direction."""
     return [
         ipsec_pb2.SpdPolicy(
             id=f"{child_id}-{name}",
@@ -222,10 +223,13 @@ def tunnel_policies(local: Node, remote: Node, child_id: str) -> list[ipsec_pb2.
             action=ipsec_pb2.POLICY_ACTION_PROTECT,
             priority=1000,
             child_sa=child_id,
-            tunnel_src=local.underlay_addr,
-            tunnel_dst=remote.underlay_addr,
+            tunnel_src=src,
+            tunnel_dst=dst,
         )
-        for name, direction in (("out", ipsec_pb2.DIRECTION_OUT), ("in", ipsec_pb2.DIRECTION_IN))
+        for name, direction, src, dst in (
+            ("out", ipsec_pb2.DIRECTION_OUT, local.underlay_addr, remote.underlay_addr),
+            ("in", ipsec_pb2.DIRECTION_IN, remote.underlay_addr, local.underlay_addr),
+        )
     ]
 
 

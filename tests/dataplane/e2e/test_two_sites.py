@@ -107,3 +107,30 @@ def test_a_discard_policy_keeps_traffic_off_the_underlay(tmp_path: Path) -> None
         assert after.cleartext_between(a.site_addr, "10.90.2.1") == []
         drops = {d.reason: d.packets for d in counters(site_a).drops}
         assert drops.get("policy_discard", 0) >= 10  # 5 pings, 5 datagrams
+
+
+def test_cleartext_from_the_protected_peer_subnet_is_discarded(tmp_path: Path) -> None:
+    """RFC 4301 §5.2: once an inbound PROTECT policy covers b's site, the same traffic in clear is dropped."""
+    with manual_sites(tmp_path, prefix=PREFIX) as (topo, site_a, site_b, _):
+        a, b = topo.nodes
+        with site_a.client() as stub:
+            assert (
+                "on: XFRM BLOCK"
+                in stub.GetStatus(dataplane_pb2.GetStatusRequest(), timeout=10).details["cleartext_guard"]
+            )
+        assert ping(b, b.site_addr, a.site_addr, count=3) == 3  # through the tunnel
+        # now the same addresses in clear: b routes a's site over the underlay instead of its TUN
+        b.run(["ip", "route", "replace", a.site_addr, "via", a.underlay_addr], check=True)
+        a.run(["ip", "route", "replace", b.site_addr, "via", b.underlay_addr], check=True)
+        with UnderlayCapture(a, tmp_path / "clear.pcap", "icmp") as capture:
+            assert ping(b, b.site_addr, a.site_addr, count=3) == 0
+        assert capture.lossless, capture.report
+        requests = [p for p in capture.cleartext_between(a.site_addr, b.site_addr) if p[20] == 8]
+        assert len(requests) == 3, "the requests did arrive in clear, and were dropped there"
+        stats = a.run(["cat", "/proc/net/xfrm_stat"]).stdout
+        assert int(re.search(r"XfrmInPolBlock\s+(\d+)", stats).group(1)) >= 3  # type: ignore[union-attr]
+        # and removing the inbound policies (both ways: the replies are cleartext for b) lifts the guard
+        for site in (site_a, site_b):
+            with site.client() as stub:
+                stub.DeletePolicy(dataplane_pb2.DeletePolicyRequest(id="manual-ab-in"), timeout=20)
+        assert ping(b, b.site_addr, a.site_addr, count=3) == 3

@@ -51,6 +51,7 @@ from esplanade.dataplane.backend import (
 )
 from esplanade.dataplane.esp.sa_state import InboundSa, OutboundSa
 from esplanade.dataplane.sa_persistence import SaPersistence
+from esplanade.dataplane.userspace.cleartext_guard import CleartextGuard
 from esplanade.dataplane.userspace.datapath import DatapathSettings, DatapathStartError, UserspaceDatapath
 from esplanade.dataplane.userspace.esp_transform import make_esp_transform
 from esplanade.dataplane.userspace.netconfig import NetConfigError
@@ -110,6 +111,7 @@ class UserspaceBackend:
         self._wall_clock = wall_clock
         self.datapath: UserspaceDatapath | None = None
         self.routes: TunnelRoutes | None = None
+        self.guard = CleartextGuard(settings.datapath.tun_name)
         self._channels: list[WorkerChannel] = []
         self._children: dict[str, ChildSaRecord] = {}
         self._policies: dict[str, SpdPolicy] = {}
@@ -137,7 +139,7 @@ class UserspaceBackend:
             return
         s = self.settings
         factory = partial(build_transform, sequence_block=s.sequence_block, replay_block=s.replay_block)
-        datapath = UserspaceDatapath(replace(s.datapath, forward_ike=True), factory)
+        datapath = UserspaceDatapath(replace(s.datapath, forward_ike=True, ipsec_bypass=True), factory)
         try:
             datapath.start()
         except DatapathStartError as exc:
@@ -145,6 +147,7 @@ class UserspaceBackend:
         self.datapath = datapath
         assert datapath.sizes is not None
         self.routes = TunnelRoutes(s.datapath.tun_name, datapath.sizes.tun_mtu, s.datapath.path_mtu)
+        await self.guard.start()
         self._channels = [
             WorkerChannel(handle.index, handle.control, self._on_worker_message, self._on_worker_closed)
             for handle in datapath.pool.workers
@@ -158,6 +161,7 @@ class UserspaceBackend:
         for channel in self._channels:
             channel.detach()
         self._channels = []
+        await self.guard.stop()
         if self.datapath is not None:
             datapath, self.datapath = self.datapath, None
             for handle in datapath.pool.workers:
@@ -217,6 +221,7 @@ class UserspaceBackend:
             "policies": str(len(self._policies)),
             "events_dropped": str(self.events_dropped),
             "failed": self.failed,
+            "cleartext_guard": self.guard.status(),
         }
         if datapath is not None:
             details["outer"] = datapath.settings.outer.value + ("+raw" if datapath.settings.plain_esp else "")
@@ -426,6 +431,18 @@ class UserspaceBackend:
                     if previous is not None:
                         with contextlib.suppress(NetConfigError, ValueError):
                             self.routes.add_policy(previous, self._children.get(previous.child_sa), self._endpoints())
+            if not errors:
+                try:
+                    await self.guard.add(policy)
+                except DataplaneError as exc:
+                    errors.append(f"cleartext guard: {exc}")
+                    if self.routes is not None:
+                        with contextlib.suppress(NetConfigError, ValueError):
+                            self.routes.remove_policy(policy)
+                            if previous is not None:
+                                self.routes.add_policy(
+                                    previous, self._children.get(previous.child_sa), self._endpoints()
+                                )
             if errors:
                 undo: dict[str, Any] = (
                     {"op": "install_policy", "policy": policy_document(previous)}
@@ -448,6 +465,7 @@ class UserspaceBackend:
                 self._fail(f"policy {policy_id!r} could not be removed: {'; '.join(errors)}")
                 raise DataplaneError(f"policy {policy_id!r} not removed: {'; '.join(errors)}")
             del self._policies[policy_id]
+            await self.guard.remove(policy_id)
             if self.routes is not None:
                 try:
                     self.routes.remove_policy(policy)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 
+from esplanade.dataplane.kernel.socket_options import bypass_ipsec
 from esplanade.dataplane.userspace.handoff import Mailbox, mailbox_pairs
 from esplanade.dataplane.userspace.loop import DEFAULT_BATCH, LoopParts
 from esplanade.dataplane.userspace.mtu import (
@@ -88,6 +89,8 @@ class DatapathSettings:
     plain_esp: bool = False
     # IKE that arrives on the UDP socket goes to the parent (the dataplane service relays it).
     forward_ike: bool = False
+    # Exempt the outer sockets from XFRM policies (the inbound cleartext guard installs some).
+    ipsec_bypass: bool = False
 
 
 @dataclass(slots=True)
@@ -229,12 +232,27 @@ class UserspaceDatapath:
                 if s.workers > 1:
                     raw.attach_spi_filter(s.workers, index)
                 outer = raw
+            if s.ipsec_bypass:
+                self._bypass(outer)
+                extra_socket = self._raw_outers[index] if index < len(self._raw_outers) else None
+                if extra_socket is not None:
+                    self._bypass(extra_socket)
             if s.outer_df is not None and ipaddress.ip_address(s.bind_address).version == 4:
                 outer.set_socket_option(*outer_df_option(s.outer_df))
                 extra = self._raw_outers[index] if index < len(self._raw_outers) else None
                 if extra is not None:
                     extra.set_socket_option(*outer_df_option(s.outer_df))
             self._outers.append(outer)
+
+    @staticmethod
+    def _bypass(outer: OuterTransport) -> None:
+        sock = getattr(outer, "sock", None)
+        if sock is None:
+            return
+        try:
+            bypass_ipsec(sock)
+        except OSError as exc:  # no XFRM here: then there are no policies to be exempt from
+            log.info("outer socket keeps the IPsec policies: %s", exc.strerror)
 
     @staticmethod
     def _make_mailboxes(count: int) -> list[Mailbox]:
