@@ -72,6 +72,10 @@ def test_ping_and_tcp_across_two_sites(tmp_path: Path, udp: bool) -> None:
         assert (status.backend, status.child_sas, status.policies) == ("userspace", 1, 2)
         assert "userspace backend selected by configuration" in status.backend_reason
         assert status.details["outer"] == "udp+raw"
+        # the TUN's MTU and the route's come from AES-GCM's overhead: 1500 - 20 - 8 - 8 - 8 - 16 - 2
+        assert status.details["tun_mtu"] == "1438"
+        route = a.run(["ip", "route", "show", b.site_net]).stdout
+        assert "dev esp0" in route and f"src {a.site_addr}" in route and "mtu 1438" in route, route
 
 
 def test_a_discard_policy_keeps_traffic_off_the_underlay(tmp_path: Path) -> None:

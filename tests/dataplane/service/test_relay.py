@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import grpc
 import pytest
 
-from demo.manual_sites import SiteService
+from demo.manual_sites import SiteService, TunnelKeys, child_sa_for
 from esplanade.dataplane.ike_relay import IkeRelay
+from esplanade.v1 import dataplane_pb2, dataplane_pb2_grpc
 from tests.dataplane.service.relay_client import RelayClient
 from tests.netns_topology import Topology, inside_netns
 
@@ -99,6 +101,9 @@ async def test_ike_on_500_and_4500_reaches_the_client_and_its_answers_leave_from
             await client.send(a.underlay_addr, 4500, b.underlay_addr, 4600, b"response-4500")
             data, source = await asyncio.to_thread(peer4500.recvfrom, 2048)
             assert (data, source) == (MARKER + b"response-4500", (a.underlay_addr, 4500))
+            await client.send(a.underlay_addr, 4500, b.underlay_addr, 4600, b"\xff")  # NAT keep-alive
+            data, source = await asyncio.to_thread(peer4500.recvfrom, 2048)
+            assert (data, source) == (b"\xff", (a.underlay_addr, 4500))
 
             # a NAT keep-alive and a runt on 4500 never reach the client
             peer4500.sendto(b"\xff", (a.underlay_addr, 4500))
@@ -109,3 +114,27 @@ async def test_ike_on_500_and_4500_reaches_the_client_and_its_answers_leave_from
     finally:
         peer500.close()
         peer4500.close()
+
+
+@pytest.mark.netns
+async def test_watch_events_reports_installs_and_deletes(two_sites: tuple[Topology, SiteService, SiteService]) -> None:
+    topo, _, site_b = two_sites
+    a, b = topo.nodes
+    keys = TunnelKeys.generate()
+    async with grpc.aio.insecure_channel(site_b.target) as channel:
+        stub = dataplane_pb2_grpc.DataplaneStub(channel)
+        events = stub.WatchEvents(dataplane_pb2.WatchDataplaneEventsRequest())
+        child = child_sa_for(b, a, keys, local_is_a=False, udp=True, child_id="watched")
+        await asyncio.wait_for(events.initial_metadata(), 10)  # subscribed: nothing is missed from here
+        await stub.InstallChildSa(dataplane_pb2.InstallChildSaRequest(child_sa=child), timeout=20)
+        installed = await asyncio.wait_for(events.read(), 10)
+        await stub.DeleteChildSa(dataplane_pb2.DeleteChildSaRequest(id="watched"), timeout=20)
+        deleted = await asyncio.wait_for(events.read(), 10)
+        events.cancel()
+    assert (installed.kind, installed.child_sa, installed.spi, installed.node) == (
+        "installed",
+        "watched",
+        keys.spi_ab,
+        "site-b",
+    )
+    assert (deleted.kind, deleted.child_sa) == ("deleted", "watched")

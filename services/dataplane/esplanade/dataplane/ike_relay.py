@@ -4,7 +4,8 @@ The kernel hands IKE that arrives on a UDP_ENCAP_ESPINUDP socket to its daemon; 
 dataplane does the same for keyexchange. Datagrams from the network (UDP 500, and UDP 4500
 behind the non-ESP marker, which is removed) go to one connected `RelayIke` stream, with the
 addresses and ports they came from and reached; datagrams keyexchange sends on its stream
-leave from the local port it names (500 as they are, 4500 with the marker added).
+leave from the local port it names (500 as they are, 4500 with the marker added; a payload
+of the single byte 0xFF on 4500 is a NAT keep-alive and leaves without it, RFC 3948 §2.3).
 
 Routing over several connected keyexchange instances: every message of an IKE SA carries
 the initiator's SPI (the first 8 bytes of the IKE header, RFC 7296 §3.1), so the stream is

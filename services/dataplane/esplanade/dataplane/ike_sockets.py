@@ -114,7 +114,8 @@ class IkeSocket:
                 log.exception("IKE receiver failed")
 
     async def send(self, local_addr: str, remote_addr: str, remote_port: int, payload: bytes) -> bool:
-        buffers = [NON_ESP_MARKER, payload] if self.esp_in_udp else [payload]
+        # on 4500: the non-ESP marker before IKE; a NAT keep-alive (0xFF) goes as it is (RFC 3948)
+        buffers = [NON_ESP_MARKER, payload] if self.esp_in_udp and payload != b"\xff" else [payload]
         cmsgs = []
         if local_addr and local_addr not in ("0.0.0.0", "::"):
             cmsg = pktinfo_cmsg(self.sock.family, local_addr)

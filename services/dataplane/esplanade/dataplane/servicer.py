@@ -345,6 +345,8 @@ class DataplaneServicer(dataplane_pb2_grpc.DataplaneServicer):
         self, request: dataplane_pb2.WatchDataplaneEventsRequest, context: Any
     ) -> AsyncIterator[dataplane_pb2.DataplaneEvent]:
         queue = self.parts.events.subscribe()
+        # the client may await the initial metadata to know it misses nothing from here on
+        await context.send_initial_metadata(())
         try:
             while True:
                 yield await queue.get()

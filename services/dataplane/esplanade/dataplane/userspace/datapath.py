@@ -142,9 +142,13 @@ class UserspaceDatapath:
         if getattr(probe, "diagnostic_only", False) and not s.diagnostic_transform:
             raise ValueError("a diagnostic transform needs diagnostic_transform=True; it protects nothing")
         overhead = probe.esp_overhead()
-        del probe
         outer_v6 = ipaddress.ip_address(s.bind_address).version == 6
-        inner = inner_mtu(s.path_mtu, opaque_overhead(overhead, s.outer is OuterKind.UDP, outer_v6))
+        exact = getattr(probe, "inner_mtu", None)  # a transform that knows its padding rule says so
+        if callable(exact):
+            inner = int(exact(s.path_mtu, s.outer is OuterKind.UDP, outer_v6))
+        else:
+            inner = inner_mtu(s.path_mtu, opaque_overhead(overhead, s.outer is OuterKind.UDP, outer_v6))
+        del probe
         tun_mtu = s.tun_mtu or inner
         self.sizes = DatapathSizes(overhead, s.path_mtu, inner, tun_mtu)
 

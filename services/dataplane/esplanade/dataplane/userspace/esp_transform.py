@@ -52,17 +52,18 @@ from esplanade.dataplane.esp.replay import ReplayWindow
 from esplanade.dataplane.esp.sa_state import InboundSa, OutboundSa, ReplayPersistence, SequenceReservation
 from esplanade.dataplane.esp.spd import InboundSaTable, Spd
 from esplanade.dataplane.userspace.aead_lane import TRAILERS, OpenLane, SealLane, open_lane_for, seal_lane_for
+from esplanade.dataplane.userspace.mtu import esp_overhead, inner_mtu
 from esplanade.dataplane.userspace.outer_transport import Datagram, Endpoint
 from esplanade.dataplane.userspace.sa_messages import association_from_document, policy_from_document
 from esplanade.dataplane.userspace.transform import WorkerContext
 from esplanade.ipsec.sa import SecurityAssociation
 from esplanade.ipsec.spd import PolicyAction
-from esplanade.ipsec.transforms import Direction, IpProto, Mode
+from esplanade.ipsec.transforms import ENCR_AES_GCM_16_128, Direction, IpProto, Mode
 
-# What ESP adds to an inner packet with AES-GCM / ChaCha20-Poly1305 (SPI+seq 8, IV 8, ICV 16,
-# pad length + next header 2, padding to 4 absorbed by the rounding of `mtu.inner_mtu`).
-# The TUN MTU derives from it; routes of SAs with bigger transforms get their own, lower MTU.
-AEAD_OVERHEAD = 36
+# The most ESP adds to an inner packet with AES-GCM / ChaCha20-Poly1305: SPI+seq 8, IV 8,
+# ICV 16, pad length + next header 2, padding up to 3. (`inner_mtu` is exact; this is the
+# one-number worst case of the `PacketTransform` door.)
+AEAD_OVERHEAD = 37
 FLOW_CACHE_LIMIT = 1 << 16
 ACQUIRE_INTERVAL = 1.0  # at most one ACQUIRE per trap policy per second
 
@@ -423,6 +424,11 @@ class EspTransform:
     # -- sizes and status ---------------------------------------------------------------
     def esp_overhead(self) -> int:
         return AEAD_OVERHEAD
+
+    def inner_mtu(self, path_mtu: int, udp_encap: bool, outer_ipv6: bool) -> int:
+        """The TUN's MTU: the largest inner packet an AEAD SA (AES-GCM, ChaCha20-Poly1305: IV 8,
+        ICV 16, padding to 4) fits into `path_mtu`; routes of SAs with bigger transforms get less."""
+        return inner_mtu(path_mtu, esp_overhead(ENCR_AES_GCM_16_128, None, udp_encap, outer_ipv6))
 
     def status(self) -> dict[str, object]:
         return {

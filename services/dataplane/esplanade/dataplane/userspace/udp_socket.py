@@ -284,15 +284,18 @@ class EspUdpSocket:
         return messages
 
     def send_ike(self, endpoint: Endpoint, message: bytes, local: str | None = None) -> bool:
-        """Send an IKE message on 4500 with the non-ESP marker (RFC 3948 §2.2), from `local` if given."""
+        """Send an IKE message on 4500 with the non-ESP marker (RFC 3948 §2.2), from `local` if given.
+
+        The single byte 0xFF is a NAT keep-alive (RFC 3948 §2.3) and goes out as it is."""
+        marker = b"" if message == NAT_KEEPALIVE else NON_ESP_MARKER
         if not local:
-            return self._send_one(endpoint, NON_ESP_MARKER + message)
+            return self._send_one(endpoint, marker + message)
         cmsg = pktinfo_cmsg(self.sock.family, local)
         if cmsg is None:
             self.drops["ike_bad_local_address"] += 1
             return False
         try:
-            self.sock.sendmsg([NON_ESP_MARKER, message], [cmsg], 0, endpoint)
+            self.sock.sendmsg([marker, message], [cmsg], 0, endpoint)
             self.counters["ike_sent"] += 1
             return True
         except OSError as exc:
