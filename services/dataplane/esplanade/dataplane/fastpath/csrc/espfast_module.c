@@ -1005,8 +1005,13 @@ static PyObject *encrypt_batch(PyObject *mod, PyObject *args) {
             goto done;
         }
         s = (Slot *)PyTuple_GET_ITEM(slots, k);
-        need += s->kind ? ef_esp_sealed_length(in.pkts[i].len, s->pad_to)
-                        : (in.pkts[i].len > s->pad_to ? in.pkts[i].len : s->pad_to) + 128;
+        if (s->kind) { /* what does not fit max_esp is dropped, not written */
+            size_t sealed = ef_esp_sealed_length(in.pkts[i].len, s->pad_to);
+            need += sealed < s->max_esp ? sealed : s->max_esp;
+        } else { /* the Python engine: at most an IP packet's worth */
+            size_t body = in.pkts[i].len > s->pad_to ? in.pkts[i].len : s->pad_to;
+            need += (body < EF_MAX_IP ? body : EF_MAX_IP) + 128;
+        }
     }
     if (outputs_open(&o, out, out_spans, need, in.n) < 0) goto done;
     now_obj = PyFloat_FromDouble(now);
