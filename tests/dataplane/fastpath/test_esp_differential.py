@@ -383,3 +383,28 @@ def test_association_must_match_the_state() -> None:
         with pytest.raises(ValueError):
             core.install_inbound(inbound(in_a), out_a)  # type: ignore[arg-type]
     assert isinstance(inbound(in_a), InboundSa)
+
+
+@given(data=st.data())
+@SLOW
+def test_non_esp_datagrams_go_to_the_shell(data: st.DataObject) -> None:
+    """A GRO read may hold IKE (non-ESP marker) and keepalives: with `non_esp` they are handed back, not dropped."""
+    suite = AEAD_SUITES[0]
+    out_a, in_a = sa_pair(suite, **keys(suite))
+    sender = outbound(out_a, reserved_upto=MAX32)
+    pool = [
+        seal_at(sender, s, bytes.fromhex("4500001c00000000401100000a0000010a000002") + bytes(8)) for s in range(1, 6)
+    ]
+    pool += [b"\xff", b"\x00\x00\x00\x00ike", b"\x00\x00\x00\x00", b"\x00\x00\x00", b"\xff\xff"]
+    batch = data.draw(st.lists(st.sampled_from(pool), max_size=20))
+    divert = data.draw(st.booleans())
+    results = []
+    for core in both_cores():
+        core.install_inbound(inbound(in_a), in_a)
+        non_esp: list[int] | None = [] if divert else None
+        got = core.decrypt(PacketBatch.from_packets(batch), 0.0, non_esp=non_esp)
+        results.append((got.to_list(), non_esp, core.table_counters))
+    assert results[0] == results[1]
+    if divert:
+        expected = [i for i, p in enumerate(batch) if p == b"\xff" or p[:4] == bytes(4)]
+        assert results[0][1] == expected

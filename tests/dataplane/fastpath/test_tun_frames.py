@@ -248,3 +248,38 @@ def test_merge_matches_the_datapath_reference(seed: int) -> None:
         ours = coalesce_frames(packets, merge_udp).to_list()
         assert len(ours) == len(theirs)
         assert all(_same_but_checksum_corner(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+@given(sizes=st.lists(st.sampled_from([1400, 1400, 1400, 700, 1, 1500]), max_size=80), tags=st.lists(st.integers(0, 2)))
+@settings(max_examples=200, deadline=None)
+def test_gso_runs_and_gro_segments(sizes: list[int], tags: list[int]) -> None:
+    """GSO runs cover the batch in order, obey the limits and agree with the pure-Python planner;
+    a GRO buffer cut by segment_spans gives the datagrams back."""
+    from esplanade.dataplane.fastpath import PacketBatch
+    from esplanade.dataplane.fastpath import packet_batch as pb
+
+    packets = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    tag_list = [tags[i % len(tags)] if tags else 0 for i in range(len(packets))]
+    batch = PacketBatch.from_packets(packets, tag_list)
+    runs = batch.gso_runs(max_segments=16, max_bytes=20000)
+    covered = 0
+    for offset, length, segment, count, tag in runs:
+        assert count <= 16 and length <= max(20000, segment)
+        members = packets[covered : covered + count]
+        assert bytes(batch.data[offset : offset + length]) == b"".join(members)
+        assert all(len(m) == segment for m in members[:-1]) and len(members[-1]) <= segment
+        assert set(tag_list[covered : covered + count]) == {tag}
+        covered += count
+    assert covered == len(packets)
+    original = pb._compiled
+    try:
+        pb._compiled = lambda: None  # the pure-Python planner
+        assert batch.gso_runs(max_segments=16, max_bytes=20000) == runs
+        buffer = bytearray(b"".join(packets[:1] * 5 + [b"xy"]))
+        spans_python = PacketBatch.from_segments(buffer, len(buffer), max(1, len(packets[0]) if packets else 1))
+    finally:
+        pb._compiled = original
+    if packets:
+        spans_c = PacketBatch.from_segments(buffer, len(buffer), max(1, len(packets[0])))
+        assert spans_c.to_list() == spans_python.to_list() and bytes(spans_c.spans) == bytes(spans_python.spans)
+        assert b"".join(spans_c.to_list()) == bytes(buffer)

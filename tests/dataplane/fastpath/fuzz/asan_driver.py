@@ -169,7 +169,9 @@ def esp_batches(
                     payloads.append(bytes(victim))
         if use_spans and isinstance(core, CompiledEspBatch):
             raw_spans(payloads, junk, esn, window, lifetime)
-        got = core.decrypt(PacketBatch.from_packets(payloads) if use_spans else payloads, 2.0)
+        payloads += [b"\xff", b"\x00\x00\x00\x00ike"]
+        got = core.decrypt(PacketBatch.from_packets(payloads) if use_spans else payloads, 2.0, non_esp=[])
+        esp.gso_runs(1 + len(junk), 1 + sum(junk) % 70000)
         results.append((esp.to_list(), got.to_list(), [s.replay.top for s in inbound], core.drain_flows()))
     assert results[0][:2] == results[1][:2], "compiled and Python cores disagree"
     DELIVERED[0] += len(results[0][1])
@@ -187,6 +189,10 @@ def tun_frames(frames: list[bytes], merge_udp: bool, junk: list[int]) -> None:
     coalesce_frames(split, merge_udp)
     coalesce_frames(frames, merge_udp)
     data, spans, count = spans_for(frames, [j & 0xFFFFFFFF for j in junk])
+    with contextlib.suppress(ValueError):
+        MODULE.gso_runs(spans, count, 1 + len(frames), 1 + len(data))
+    gro = PacketBatch.from_segments(data, len(data), 1 + (junk[0] if junk else 7) % 1500)
+    coalesce_frames(gro, merge_udp)
     for call in (
         lambda: MODULE.split_frames(data, spans, count, bytearray(), bytearray()),
         lambda: MODULE.coalesce(data, spans, count, merge_udp, bytearray(), bytearray()),

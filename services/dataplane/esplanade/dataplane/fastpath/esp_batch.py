@@ -8,9 +8,11 @@
 * `install_inbound(sa, association, identity)` / `remove_inbound(spi)`: the SPI table; the
   identity's `IdentityFilter` (or None) is applied to every packet the SA decapsulates.
 * `encrypt(packets, now, which)`: inner packets -> ESP payloads (SPI .. ICV), tags = index.
-* `decrypt(payloads, now, wall_now)`: ESP payloads of any installed SA -> inner packets that
-  passed the engine and the identity filter, tags = SPI; `wall_now` (POSIX time) drives timed
-  filter parts.
+* `decrypt(payloads, now, wall_now, non_esp)`: ESP payloads of any installed SA -> inner
+  packets that passed the engine and the identity filter, tags = SPI; `wall_now` (POSIX time)
+  drives timed filter parts; with a `non_esp` list, NAT keepalives and non-ESP-marker (IKE)
+  datagrams are not drops: their input indices are appended to it (RFC 3948), so a GRO read
+  can go in whole.
 * `drain_flows()`: flow records since the last drain.
 
 Python keeps the control: the `OutboundSa`/`InboundSa` objects stay the state (sequence
@@ -32,6 +34,7 @@ from typing import Any, Protocol
 
 from esplanade.dataplane.esp.counters import DropReason, TrafficCounters
 from esplanade.dataplane.esp.esp_codec import decrypt_esp, encrypt_esp
+from esplanade.dataplane.esp.natt import NAT_KEEPALIVE, NON_ESP_MARKER
 from esplanade.dataplane.esp.sa_state import InboundSa, OutboundSa
 from esplanade.dataplane.fastpath.filter_tables import FilterCounts, IdentityFilter
 from esplanade.dataplane.fastpath.flow_accounting import (
@@ -79,7 +82,9 @@ class EspBatchCore(Protocol):
 
     def encrypt(self, packets: PacketsIn, now: float, which: array[int] | None = None) -> PacketBatch: ...
 
-    def decrypt(self, payloads: PacketsIn, now: float, wall_now: float | None = None) -> PacketBatch: ...
+    def decrypt(
+        self, payloads: PacketsIn, now: float, wall_now: float | None = None, non_esp: list[int] | None = None
+    ) -> PacketBatch: ...
 
     def drain_flows(self) -> list[FlowRecord]: ...
 
@@ -245,15 +250,17 @@ class CompiledEspBatch(_CoreBase):
             n = self._m.encrypt_batch(self._slot_tuple, which, packets, None, -1, now, data, spans, self.flows)
         return PacketBatch(data, spans, n)
 
-    def decrypt(self, payloads: PacketsIn, now: float, wall_now: float | None = None) -> PacketBatch:
+    def decrypt(
+        self, payloads: PacketsIn, now: float, wall_now: float | None = None, non_esp: list[int] | None = None
+    ) -> PacketBatch:
         self._refresh_filters(wall_now)
         data, spans = bytearray(), bytearray()
         if isinstance(payloads, PacketBatch):
             n = self._m.decrypt_batch(
-                self._table, payloads.data, payloads.spans, payloads.count, now, data, spans, self.flows
+                self._table, payloads.data, payloads.spans, payloads.count, now, data, spans, self.flows, non_esp
             )
         else:
-            n = self._m.decrypt_batch(self._table, payloads, None, -1, now, data, spans, self.flows)
+            n = self._m.decrypt_batch(self._table, payloads, None, -1, now, data, spans, self.flows, non_esp)
         return PacketBatch(data, spans, n)
 
     def drain_flows(self) -> list[FlowRecord]:
@@ -324,13 +331,18 @@ class PythonEspBatch(_CoreBase):
             flows.add_packet(sa.spi, OUTBOUND, data)
         return PacketBatch.from_packets(out, tags)
 
-    def decrypt(self, payloads: PacketsIn, now: float, wall_now: float | None = None) -> PacketBatch:
+    def decrypt(
+        self, payloads: PacketsIn, now: float, wall_now: float | None = None, non_esp: list[int] | None = None
+    ) -> PacketBatch:
         self._refresh_filters(wall_now)
         inbound, identities, flows = self._inbound, self._identity_of, self.flows
         out: list[bytes] = []
         tags: list[int] = []
-        for payload in payloads:
+        for index, payload in enumerate(payloads):
             esp = bytes(payload)
+            if non_esp is not None and (esp == NAT_KEEPALIVE or esp[:4] == NON_ESP_MARKER):
+                non_esp.append(index)
+                continue
             if len(esp) < 8:
                 self.table_counters.drop(DropReason.MALFORMED)
                 continue

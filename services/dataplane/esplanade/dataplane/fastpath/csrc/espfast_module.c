@@ -1252,10 +1252,12 @@ static int deliver(Outputs *o, Slot *s, FlowTableObject *flows, size_t len) {
     return emit(o, len, s->spi);
 }
 
-/* decrypt_batch(table, packets, spans, count, now, out, out_spans, flows) -> int
- * ESP payloads (SPI .. ICV) of any SA in the table -> inner packets; span tags are SPIs. */
+/* decrypt_batch(table, packets, spans, count, now, out, out_spans, flows, non_esp=None) -> int
+ * ESP payloads (SPI .. ICV) of any SA in the table -> inner packets; span tags are SPIs.
+ * non_esp: a list that receives the input index of every NAT keepalive and non-ESP-marker
+ * (IKE) datagram instead of counting them as drops. */
 static PyObject *decrypt_batch(PyObject *mod, PyObject *args) {
-    PyObject *packets, *spans, *out, *out_spans, *flows_obj, *now_obj = NULL, *result = NULL;
+    PyObject *packets, *spans, *out, *out_spans, *flows_obj, *non_esp = Py_None, *now_obj = NULL, *result = NULL;
     TableObject *table;
     Py_ssize_t count;
     double now;
@@ -1267,9 +1269,13 @@ static PyObject *decrypt_batch(PyObject *mod, PyObject *args) {
 
     memset(&in, 0, sizeof(in));
     memset(&o, 0, sizeof(o));
-    if (!PyArg_ParseTuple(args, "O!OOndO!O!O", &TableType, &table, &packets, &spans, &count, &now, &PyByteArray_Type,
-                          &out, &PyByteArray_Type, &out_spans, &flows_obj))
+    if (!PyArg_ParseTuple(args, "O!OOndO!O!O|O", &TableType, &table, &packets, &spans, &count, &now, &PyByteArray_Type,
+                          &out, &PyByteArray_Type, &out_spans, &flows_obj, &non_esp))
         return NULL;
+    if (non_esp != Py_None && !PyList_Check(non_esp)) {
+        PyErr_SetString(PyExc_TypeError, "non_esp must be a list or None");
+        return NULL;
+    }
     if (flows_obj != Py_None) {
         if (!PyObject_TypeCheck(flows_obj, &FlowTableType)) {
             PyErr_SetString(PyExc_TypeError, "flows must be a FlowTable or None");
@@ -1290,6 +1296,16 @@ static PyObject *decrypt_batch(PyObject *mod, PyObject *args) {
         size_t n = in.pkts[i].len, inner_len;
         Slot *s;
         int status, accepted;
+        if (non_esp != Py_None && ((n == 1 && p[0] == 0xFF) || (n >= 4 && !p[0] && !p[1] && !p[2] && !p[3]))) {
+            /* RFC 3948: a NAT keepalive, or IKE behind the non-ESP marker: the shell's, not a drop */
+            PyObject *index = PyLong_FromSize_t(i);
+            if (index == NULL || PyList_Append(non_esp, index) < 0) {
+                Py_XDECREF(index);
+                goto done;
+            }
+            Py_DECREF(index);
+            continue;
+        }
         if (n < 8) {
             table->drops[EF_MALFORMED]++;
             continue;
@@ -1464,6 +1480,72 @@ done:
     return result;
 }
 
+/* -- helpers for the UDP room ------------------------------------------------------------------- */
+/* gso_runs(spans, count, max_segments, max_bytes) -> [(offset, length, segment, count, tag)]
+ * Runs of packets that can leave in one UDP GSO send: contiguous in the buffer, the same tag,
+ * all of the first one's size but a shorter last one, at most max_segments and max_bytes. */
+static PyObject *gso_runs(PyObject *mod, PyObject *args) {
+    Py_buffer sv;
+    Py_ssize_t count, max_segments, max_bytes;
+    PyObject *out;
+    size_t i = 0;
+    if (!PyArg_ParseTuple(args, "y*nnn", &sv, &count, &max_segments, &max_bytes)) return NULL;
+    if (count < 0 || (size_t)count * SPAN_BYTES > (size_t)sv.len || max_segments < 1 || max_bytes < 1) {
+        PyBuffer_Release(&sv);
+        PyErr_SetString(PyExc_ValueError, "bad gso_runs arguments");
+        return NULL;
+    }
+    out = PyList_New(0);
+    while (out != NULL && i < (size_t)count) {
+        uint32_t first[SPAN_WORDS], w[SPAN_WORDS];
+        size_t j = i + 1, total, end;
+        PyObject *run;
+        memcpy(first, (uint8_t *)sv.buf + i * SPAN_BYTES, SPAN_BYTES);
+        total = first[1];
+        end = (size_t)first[0] + first[1];
+        while (j < (size_t)count && j - i < (size_t)max_segments) {
+            memcpy(w, (uint8_t *)sv.buf + j * SPAN_BYTES, SPAN_BYTES);
+            if (w[2] != first[2] || w[0] != end || w[1] > first[1] || total + w[1] > (size_t)max_bytes) break;
+            total += w[1];
+            end += w[1];
+            j++;
+            if (w[1] < first[1]) break;
+        }
+        run = Py_BuildValue("(kknnk)", (unsigned long)first[0], (unsigned long)total, (Py_ssize_t)first[1],
+                            (Py_ssize_t)(j - i), (unsigned long)first[2]);
+        if (run == NULL || PyList_Append(out, run) < 0) Py_CLEAR(out);
+        Py_XDECREF(run);
+        i = j;
+    }
+    PyBuffer_Release(&sv);
+    return out;
+}
+
+/* segment_spans(nbytes, segment, tag) -> bytearray: spans cutting a GRO read into its datagrams. */
+static PyObject *segment_spans(PyObject *mod, PyObject *args) {
+    Py_ssize_t nbytes, segment;
+    unsigned long tag;
+    PyObject *out;
+    size_t n;
+    uint32_t *w;
+    if (!PyArg_ParseTuple(args, "nnk", &nbytes, &segment, &tag)) return NULL;
+    if (nbytes < 0 || segment < 1 || nbytes > UINT32_MAX || tag > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bad segment_spans arguments");
+        return NULL;
+    }
+    n = ((size_t)nbytes + (size_t)segment - 1) / (size_t)segment;
+    out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(n * SPAN_BYTES));
+    if (out == NULL) return NULL;
+    w = (uint32_t *)PyByteArray_AS_STRING(out);
+    for (size_t k = 0; k < n; k++) {
+        size_t at = k * (size_t)segment, len = (size_t)nbytes - at < (size_t)segment ? (size_t)nbytes - at : (size_t)segment;
+        w[3 * k] = (uint32_t)at;
+        w[3 * k + 1] = (uint32_t)len;
+        w[3 * k + 2] = (uint32_t)tag;
+    }
+    return out;
+}
+
 /* -- module -------------------------------------------------------------------------------------- */
 static PyObject *configure(PyObject *mod, PyObject *args) {
     PyObject *reasons, *enc, *dec;
@@ -1506,9 +1588,11 @@ static PyMethodDef module_methods[] = {
     {"encrypt_batch", encrypt_batch, METH_VARARGS,
      "encrypt_batch(slots, which, packets, spans, count, now, out, out_spans, flows) -> int"},
     {"decrypt_batch", decrypt_batch, METH_VARARGS,
-     "decrypt_batch(table, packets, spans, count, now, out, out_spans, flows) -> int"},
+     "decrypt_batch(table, packets, spans, count, now, out, out_spans, flows, non_esp=None) -> int"},
     {"split_frames", split_frames, METH_VARARGS, "split_frames(frames, spans, count, out, out_spans) -> (n, dropped)"},
     {"coalesce", coalesce, METH_VARARGS, "coalesce(packets, spans, count, merge_udp, out, out_spans) -> int"},
+    {"gso_runs", gso_runs, METH_VARARGS, "gso_runs(spans, count, max_segments, max_bytes) -> [(offset, length, segment, count, tag)]"},
+    {"segment_spans", segment_spans, METH_VARARGS, "segment_spans(nbytes, segment, tag) -> bytearray"},
     {"build_info", build_info, METH_NOARGS, "OpenSSL version and build flags."},
     {NULL}};
 
