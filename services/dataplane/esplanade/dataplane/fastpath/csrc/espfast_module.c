@@ -915,7 +915,7 @@ static PyObject *outputs_finish(Outputs *o, PyObject *data, PyObject *spans, PyO
 
 static int emit(Outputs *o, size_t len, uint32_t tag) {
     uint32_t w[SPAN_WORDS] = {(uint32_t)o->at, (uint32_t)len, tag};
-    if (o->count >= o->span_cap || len > o->cap - o->at || o->at > UINT32_MAX) {
+    if (o->count >= o->span_cap || len > o->cap - o->at || o->at + len > UINT32_MAX) {
         PyErr_SetString(PyExc_RuntimeError, "_espfast: output bound miscomputed");
         return -1;
     }
