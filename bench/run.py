@@ -16,7 +16,7 @@ import traceback
 from bench.records import Figure
 from bench.report import write_results
 
-BENCHMARKS: list[str] = ["dataplane_throughput"]
+BENCHMARKS: list[str] = ["esp_fastpath", "dataplane_throughput"]
 
 
 def main(argv: list[str]) -> int:
