@@ -12,10 +12,12 @@ site address on lo) and measures, in one run, side by side:
 * `cpu_per_packet`   datapath CPU per inner packet during the TCP run, µs (sender and receiver)
 
 Scenarios: `bare` (no tunnel), `esplanade-passthrough` (pass-through transform: the rooms'
-own cost, no crypto), `esplanade-aes128gcm16` / `esplanade-aes256gcm16` (the RFC 4106
-stand-in transform in bench/aesgcm_standin.py until the ESP engine is wired in),
-`strongswan-aes128gcm16` / `strongswan-aes256gcm16` (charon 5.9.8 + kernel-libipsec, keyed by
-IKEv2 itself). Output: a JSON list of records on stdout (and in --output)::
+own cost, no crypto), `esplanade-aes128gcm16` / `esplanade-aes256gcm16` / `esplanade-chacha20poly1305`
+(the real dataplane service on each node, userspace backend with the ESP engine, an SA pair
+keyed by hand through its gRPC API: `demo/manual_sites.py`), `strongswan-aes128gcm16` /
+`strongswan-aes256gcm16` / `strongswan-chacha20poly1305` (charon 5.9.8 + kernel-libipsec,
+keyed by IKEv2 itself). Both Esplanade and strongSwan use ESP-in-UDP on 4500.
+Output: a JSON list of records on stdout (and in --output)::
 
     {"name", "value", "unit", "peer", "peer_value", "ratio", "better"}
 
@@ -39,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.strongswan_pair import StrongSwanPair
+from demo.manual_sites import SiteService, TunnelKeys, install_tunnel, random_kek
+from esplanade.v1 import dataplane_pb2, ipsec_pb2
 from tests.conditions import wait_until
 from tests.dataplane.userspace.datapath_process import DatapathProcess, passthrough_pair_routes
 from tests.netns_topology import Node, Topology, stop_process
@@ -50,9 +54,12 @@ SCENARIOS = (
     "esplanade-passthrough",
     "esplanade-aes128gcm16",
     "esplanade-aes256gcm16",
+    "esplanade-chacha20poly1305",
     "strongswan-aes128gcm16",
     "strongswan-aes256gcm16",
+    "strongswan-chacha20poly1305",
 )
+KEYMAT_BYTES = {"aes128gcm16": 20, "aes256gcm16": 36, "chacha20poly1305": 36}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STRONGSWAN = "strongswan-5.9.8-libipsec"
 
@@ -157,40 +164,20 @@ def run_bare(seconds: int, parallel: int) -> Result:
     return result
 
 
-def _keymat(bits: int, label: str) -> str:
-    seed = (label * 64).encode()[: bits // 8 + 4]
-    return seed.hex()
-
-
-def run_esplanade(scenario: str, seconds: int, parallel: int, workers: int, workdir: Path, realtime: int = 0) -> Result:
+def run_passthrough(
+    scenario: str, seconds: int, parallel: int, workers: int, workdir: Path, realtime: int = 0
+) -> Result:
+    """The I/O rooms with the diagnostic pass-through transform: what the rooms cost without crypto."""
     result = Result(scenario)
     with Topology(PREFIX, 2) as topo:
         a, b = topo.nodes
-        env = None
-        if scenario.endswith("passthrough"):
-            routes_a, routes_b = passthrough_pair_routes(a, b)
-            extra_a: dict[str, Any] = {"routes": routes_a}
-            extra_b: dict[str, Any] = {"routes": routes_b}
-        else:
-            bits = 256 if "aes256" in scenario else 128
-            k_ab, k_ba = _keymat(bits, "a-to-b"), _keymat(bits, "b-to-a")
-            route_a = {"network": b.site_net, "endpoint": [b.underlay_addr, 4500], "spi_out": 0x1001, "spi_in": 0x2002}
-            route_b = {"network": a.site_net, "endpoint": [a.underlay_addr, 4500], "spi_out": 0x2002, "spi_in": 0x1001}
-            extra_a = {
-                "transform": "bench.aesgcm_standin:make",
-                "standin_routes": [{**route_a, "keymat_out": k_ab, "keymat_in": k_ba}],
-            }
-            extra_b = {
-                "transform": "bench.aesgcm_standin:make",
-                "standin_routes": [{**route_b, "keymat_out": k_ba, "keymat_in": k_ab}],
-            }
-            env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+        routes_a, routes_b = passthrough_pair_routes(a, b)
         settings = {"tun_name": "esp0", "workers": workers, "realtime_priority": realtime}
         pa = DatapathProcess(
-            a, workdir, {**settings, "routes": [b.site_net], "route_source_v4": a.site_addr}, env=env, **extra_a
+            a, workdir, {**settings, "routes": [b.site_net], "route_source_v4": a.site_addr}, routes=routes_a
         )
         pb = DatapathProcess(
-            b, workdir, {**settings, "routes": [a.site_net], "route_source_v4": b.site_addr}, env=env, **extra_b
+            b, workdir, {**settings, "routes": [a.site_net], "route_source_v4": b.site_addr}, routes=routes_b
         )
         try:
             pa.start()
@@ -205,11 +192,52 @@ def run_esplanade(scenario: str, seconds: int, parallel: int, workers: int, work
                 return out, received
 
             measure(result, a, b, a.site_addr, b.site_addr, seconds, parallel, pids, packets)
-            used = pa.fresh_status()["offloads_used"]
-            result.notes.append(f"offloads used: {used}")
         finally:
             pa.stop()
             pb.stop()
+    return result
+
+
+def run_esplanade(scenario: str, seconds: int, parallel: int, workers: int, workdir: Path, realtime: int = 0) -> Result:
+    """The real dataplane service on both nodes, one manually keyed SA pair installed over gRPC."""
+    result = Result(scenario)
+    encr = scenario.split("-", 1)[1]
+    kek = random_kek()
+    settings = {
+        "ESPLANADE_DATAPLANE__WORKERS": str(workers),
+        "ESPLANADE_DATAPLANE__REALTIME_PRIORITY": str(realtime),
+        "ESPLANADE_TELEMETRY__LOG_LEVEL": "warning",
+    }
+    with Topology(PREFIX, 2) as topo:
+        a, b = topo.nodes
+        site_a = SiteService(a, workdir, f"{scenario}-a", kek, settings=settings)
+        site_b = SiteService(b, workdir, f"{scenario}-b", kek, settings=settings)
+        try:
+            site_a.start()
+            site_b.start()
+            keys = TunnelKeys.generate(encr, KEYMAT_BYTES[encr])
+            install_tunnel(site_a, site_b, keys)
+            assert site_a.proc is not None and site_b.proc is not None
+            pids = (_children(site_a.proc.pid), _children(site_b.proc.pid))
+
+            def sa_packets(site: SiteService, spi: int, direction: int) -> int:
+                with site.client() as stub:
+                    reply = stub.GetCounters(dataplane_pb2.GetCountersRequest(), timeout=10)
+                return sum(c.packets for c in reply.sas if c.spi == spi and c.direction == direction)
+
+            def packets() -> tuple[int, int]:
+                return (
+                    sa_packets(site_a, keys.spi_ab, ipsec_pb2.DIRECTION_OUT),
+                    sa_packets(site_b, keys.spi_ab, ipsec_pb2.DIRECTION_IN),
+                )
+
+            measure(result, a, b, a.site_addr, b.site_addr, seconds, parallel, pids, packets)
+            with site_a.client() as stub:
+                details = stub.GetStatus(dataplane_pb2.GetStatusRequest(), timeout=10).details
+            result.notes.append(f"offloads used: {details.get('offloads', '')}")
+        finally:
+            site_a.stop()
+            site_b.stop()
     return result
 
 
@@ -287,6 +315,30 @@ def records(results: dict[str, Result]) -> list[dict[str, Any]]:
     return out
 
 
+def run_scenarios(
+    wanted: list[str], seconds: int, parallel: int = 1, workers: int = 1, realtime: int = 0
+) -> dict[str, Result]:
+    """Measure each scenario in turn on a fresh test bed; a scenario that fails is logged and left out."""
+    log(f"kernel {os.uname().release}, {os.cpu_count()} cpus, load {os.getloadavg()}")
+    results: dict[str, Result] = {}
+    with tempfile.TemporaryDirectory(prefix="esplanade-bench-") as tmp:
+        for scenario in wanted:
+            log(f"scenario {scenario}")
+            try:
+                if scenario == "bare":
+                    results[scenario] = run_bare(seconds, parallel)
+                elif scenario == "esplanade-passthrough":
+                    results[scenario] = run_passthrough(scenario, seconds, parallel, workers, Path(tmp), realtime)
+                elif scenario.startswith("esplanade"):
+                    results[scenario] = run_esplanade(scenario, seconds, parallel, workers, Path(tmp), realtime)
+                else:
+                    results[scenario] = run_strongswan(scenario, seconds, parallel, Path(tmp), realtime)
+            except Exception as exc:  # one broken scenario must not hide the others
+                log(f"scenario {scenario} failed: {exc!r}")
+    log(f"load after: {os.getloadavg()}")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=5)
@@ -305,23 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(wanted) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios {sorted(unknown)}")
-    log(f"kernel {os.uname().release}, {os.cpu_count()} cpus, load {os.getloadavg()}")
-    results: dict[str, Result] = {}
-    with tempfile.TemporaryDirectory(prefix="esplanade-bench-") as tmp:
-        for scenario in wanted:
-            log(f"scenario {scenario}")
-            try:
-                if scenario == "bare":
-                    results[scenario] = run_bare(args.seconds, args.parallel)
-                elif scenario.startswith("esplanade"):
-                    results[scenario] = run_esplanade(
-                        scenario, args.seconds, args.parallel, args.workers, Path(tmp), args.realtime
-                    )
-                else:
-                    results[scenario] = run_strongswan(scenario, args.seconds, args.parallel, Path(tmp), args.realtime)
-            except Exception as exc:  # one broken scenario must not hide the others
-                log(f"scenario {scenario} failed: {exc!r}")
-    log(f"load after: {os.getloadavg()}")
+    results = run_scenarios(wanted, args.seconds, args.parallel, args.workers, args.realtime)
     output = records(results)
     text = json.dumps(output, indent=1, ensure_ascii=False)
     if args.output:

@@ -27,7 +27,7 @@ from esplanade.policy.servicer import PolicyServicer
 from esplanade.policy.store_state import PolicyStore
 from esplanade.rpc.server import ServiceServer
 from esplanade.store import schema
-from esplanade.store.base import Store
+from esplanade.store.base import Delete, Store
 from esplanade.store.embedded import EmbeddedStore
 from esplanade.store.etcd import EtcdStore
 from esplanade.store.sealing import Keyring, Sealer
@@ -92,6 +92,18 @@ class ApiStack:
         self.run(self._stop)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+    def wipe_objects(self) -> None:
+        """Delete every configuration and policy object (tokens stay), so that a test case
+        starts from the same server state as the one before it."""
+
+        async def wipe() -> None:
+            for prefix in (schema.prefix("config"), schema.prefix("policy")):
+                kvs, _ = await self.store.range(prefix)
+                for start in range(0, len(kvs), 100):
+                    await self.store.commit([], [Delete(kv.key) for kv in kvs[start : start + 100]])
+
+        self.run(wipe)
 
     async def _start(self) -> None:
         if self.etcd_endpoint:

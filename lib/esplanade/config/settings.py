@@ -22,6 +22,10 @@ ENV_NESTED = "__"
 
 
 def _check_host_port(value: str) -> str:
+    if value.startswith("unix:"):  # a gRPC Unix-socket address, unix:/absolute/path (tests, sidecars)
+        if not value[5:].startswith("/") or len(value) < 7:
+            raise ValueError(f"{value!r} is not unix:/absolute/path")
+        return value
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{value!r} is not host:port")
@@ -103,7 +107,9 @@ class EndpointSettings(Section):
     """Where each service listens, and where the others find it."""
 
     keyexchange: HostPort = Field("127.0.0.1:50061", description="keyexchange gRPC address.")
-    dataplane: HostPort = Field("127.0.0.1:50062", description="dataplane gRPC address.")
+    dataplane: HostPort = Field(
+        "127.0.0.1:50062", description="dataplane gRPC address (host:port, or unix:/path for a Unix socket)."
+    )
     policy: HostPort = Field("127.0.0.1:50063", description="policy gRPC address.")
     api: HostPort = Field("127.0.0.1:8080", description="REST API (HTTP) address.")
     metrics_port_offset: int = Field(
@@ -137,7 +143,18 @@ class DataplaneSettings(Section):
     )
     plain_esp: bool = Field(True, description="Accept and send plain ESP (IP protocol 50).")
     sequence_block: int = Field(
-        1 << 20, ge=1024, description="Outbound sequence numbers reserved in the store per block."
+        1 << 20,
+        ge=1024,
+        description="Outbound sequence numbers reserved in the store per block (a crash burns at most one).",
+    )
+    replay_block: int = Field(
+        1 << 16,
+        ge=1024,
+        description="Inbound replay floor persisted this far ahead of the highest accepted number.",
+    )
+    path_mtu: int = Field(1500, ge=1280, le=65535, description="MTU of the outer path toward the peers.")
+    realtime_priority: int = Field(
+        0, ge=0, le=99, description="SCHED_FIFO priority of the userspace workers (0: normal scheduling)."
     )
     lease_seconds: int = Field(5, ge=1, description="Membership lease TTL (failover bound).")
     flow_log_path: Path = Field(

@@ -82,7 +82,8 @@ async def run_service(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    metrics_port = port + settings.endpoints.metrics_port_offset if settings.endpoints.metrics_port_offset else 0
+    offset = settings.endpoints.metrics_port_offset
+    metrics_port = port + offset if offset and not address.startswith("unix:") else 0
     metrics_server = None
     if metrics_port:
         host = address.rpartition(":")[0].strip("[]") or "0.0.0.0"

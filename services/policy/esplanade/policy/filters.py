@@ -95,6 +95,11 @@ class SelectorTable:
         self._tables: dict[int, _Table] = {key: _build_table(items) for key, items in boxes.items()}
         self.size = sum(len(t[0]) for t in self._tables.values())
 
+    def tables(self) -> dict[int, _Table]:
+        """The built tables, keyed ``version << 8 | protocol`` (protocol 0: any), for compiled
+        matchers (the dataplane's C loop). Read only."""
+        return self._tables
+
     def allows(self, version: int, dst: int, proto: int, port: int) -> bool:
         tables = self._tables
         table = tables.get((version << 8) | proto) or tables.get(version << 8)
@@ -132,6 +137,11 @@ class PacketFilter:
         self._refresh_at = -math.inf if self._timed else math.inf
         if now is not None:
             self.handle_timer(now)
+
+    @property
+    def table(self) -> SelectorTable:
+        """The allow set in force now: a new object whenever the timed parts change it."""
+        return self._table
 
     def allows(self, version: int, dst: int, proto: int, port: int, now: float) -> bool:
         if now >= self._refresh_at:

@@ -90,6 +90,15 @@ class Aead:
         self.icv_bytes = 16
         self.align = 4
 
+    @property
+    def primitive(self) -> AESGCM | ChaCha20Poly1305:
+        """The AEAD object, for batch loops that inline `seal`/`open` (they must mirror them)."""
+        return self._aead
+
+    @property
+    def salt(self) -> bytes:
+        return self._salt
+
     def seal(self, header: bytes, iv: bytes, plaintext: bytearray, seq_hi: int | None) -> bytes:
         aad = header if seq_hi is None else header[:4] + seq_hi.to_bytes(4, "big") + header[4:]
         return header + iv + self._aead.encrypt(self._salt + iv, plaintext, aad)

@@ -306,7 +306,15 @@ def decrypt_esp(
         if sa.nat_original is not None:
             inner = transport_checksum_fixup(inner, sa.nat_original)
     selectors = sa.selectors
-    if not selectors.match_all:
+    if selectors.match_all:
+        pass
+    elif selectors.address_only:
+        # Protocol and ports are unconstrained: the addresses decide, read from the header
+        # that inner_ip_length / the rebuild above already checked.
+        if not selectors.inbound_allows_addresses(inner):
+            c.drop(DropReason.POLICY_MISMATCH)
+            return None
+    else:
         flow = parse_flow(inner)
         if flow is None:
             c.drop(DropReason.MALFORMED)

@@ -4,6 +4,8 @@ State is three plain values, so the C batch loop can mirror it exactly: `top` (t
 accepted 64-bit sequence number), `blocks` (a ring of 64-bit words; bit `s & 63` of word
 `(s >> 6) % len(blocks)` says whether `s` was seen) and `size` (the window, W). The ring has
 ceil(W / 64) + 1 words, so advancing the window clears whole words and never shifts bits.
+`blocks` is an `array('Q')`: the compiled loop (`esplanade.dataplane.fastpath`) works on its
+words in place; it is never resized.
 
 The check (`check`) runs before decryption, the update (`accept`) only after the ICV
 verified; `accept` checks again, so a duplicate inside one batch is still caught.
@@ -13,6 +15,8 @@ the inferred value is authenticated by the ICV before `accept` ever sees it.
 
 from __future__ import annotations
 
+from array import array
+
 BLOCK_BITS = 64
 _BLOCK_SHIFT = 6
 _BLOCK_MASK = BLOCK_BITS - 1
@@ -20,6 +24,7 @@ _FULL_BLOCK = (1 << BLOCK_BITS) - 1
 _LOW32 = 0xFFFFFFFF
 # With anti-replay disabled, ESN inference still needs a window: use half the 32-bit space.
 _INFERENCE_WINDOW_WITHOUT_REPLAY = 1 << 31
+_MAX_SEQ_HI = _LOW32
 
 
 class ReplayWindow:
@@ -32,11 +37,11 @@ class ReplayWindow:
         self.size = size
         self.esn = esn
         self._nblocks = (size + BLOCK_BITS - 1) // BLOCK_BITS + 1 if size else 1
-        self.blocks = [0] * self._nblocks
+        self.blocks = array("Q", bytes(8 * self._nblocks))
         self.top = floor
         if floor and size:
             # Mark everything up to the floor as seen; never the bits above it in its block.
-            self.blocks = [_FULL_BLOCK] * self._nblocks
+            self.blocks = array("Q", [_FULL_BLOCK] * self._nblocks)
             self.blocks[(floor >> _BLOCK_SHIFT) % self._nblocks] = (1 << ((floor & _BLOCK_MASK) + 1)) - 1
 
     def infer(self, seq_lo: int) -> int:
@@ -48,6 +53,8 @@ class ReplayWindow:
         if top_lo >= window - 1:
             # Case A: the window lies inside one 2^32 subspace.
             seq_hi = top_hi if seq_lo >= top_lo - window + 1 else top_hi + 1
+            if seq_hi > _MAX_SEQ_HI:
+                return -1  # past 2^64 - 1: no such sequence number
         else:
             # Case B: the window spans two subspaces.
             seq_hi = top_hi - 1 if seq_lo >= (top_lo - window + 1) & _LOW32 else top_hi

@@ -43,10 +43,18 @@ def selector_matches(sel: CompiledSelector, version: int, addr: int, protocol: i
     return lo <= port <= sel[5]
 
 
-class SelectorPair:
-    """The local and remote selector lists of an SA (the SA covers their cross product)."""
+Ranges = tuple[tuple[int, int], ...]
 
-    __slots__ = ("local", "match_all", "remote")
+
+class SelectorPair:
+    """The local and remote selector lists of an SA (the SA covers their cross product).
+
+    When no selector names a protocol or ports (site-to-site, the common case), the check
+    after decapsulation reads the two addresses straight from the IP header
+    (`inbound_allows_addresses`), about a tenth of the cost of a full `parse_flow`.
+    """
+
+    __slots__ = ("address_only", "local", "local_ranges", "match_all", "remote", "remote_ranges")
 
     def __init__(self, local: Iterable[TrafficSelector], remote: Iterable[TrafficSelector]) -> None:
         local_ts, remote_ts = list(local), list(remote)
@@ -58,6 +66,30 @@ class SelectorPair:
             and all(is_any(t) for t in remote_ts)
             and {t.version for t in local_ts} == {t.version for t in remote_ts} == {4, 6}
         )
+        self.address_only = all(t.protocol == 0 and t.any_port for t in (*local_ts, *remote_ts))
+        self.local_ranges: dict[int, Ranges] = {
+            v: tuple((int(t.start_addr), int(t.end_addr)) for t in local_ts if t.version == v) for v in (4, 6)
+        }
+        self.remote_ranges: dict[int, Ranges] = {
+            v: tuple((int(t.start_addr), int(t.end_addr)) for t in remote_ts if t.version == v) for v in (4, 6)
+        }
+
+    def inbound_allows_addresses(self, packet: bytes | bytearray | memoryview) -> bool:
+        """`inbound_allows` for address-only selectors, on a decapsulated IP packet whose header
+        length the caller has checked (>= 20 bytes for IPv4, >= 40 for IPv6)."""
+        if packet[0] >> 4 == 4:
+            src, dst, version = int.from_bytes(packet[12:16], "big"), int.from_bytes(packet[16:20], "big"), 4
+        else:
+            src, dst, version = int.from_bytes(packet[8:24], "big"), int.from_bytes(packet[24:40], "big"), 6
+        for lo, hi in self.remote_ranges[version]:
+            if lo <= src <= hi:
+                break
+        else:
+            return False
+        for lo, hi in self.local_ranges[version]:  # noqa: SIM110 -- a plain loop beats any() here
+            if lo <= dst <= hi:
+                return True
+        return False
 
     def inbound_allows(self, flow: FlowKey) -> bool:
         """A decapsulated packet: source in a remote selector, destination in a local one."""

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 
+from esplanade.dataplane.kernel.socket_options import bypass_ipsec
 from esplanade.dataplane.userspace.handoff import Mailbox, mailbox_pairs
 from esplanade.dataplane.userspace.loop import DEFAULT_BATCH, LoopParts
 from esplanade.dataplane.userspace.mtu import (
@@ -84,6 +85,12 @@ class DatapathSettings:
     realtime_priority: int = 0
     icmp_rate: float = 100.0
     diagnostic_transform: bool = False  # must be set to run a test-only transform (pass-through)
+    # outer=UDP only: also carry plain ESP (IP protocol 50) on a raw socket in every worker.
+    plain_esp: bool = False
+    # IKE that arrives on the UDP socket goes to the parent (the dataplane service relays it).
+    forward_ike: bool = False
+    # Exempt the outer sockets from XFRM policies (the inbound cleartext guard installs some).
+    ipsec_bypass: bool = False
 
 
 @dataclass(slots=True)
@@ -112,6 +119,7 @@ class UserspaceDatapath:
         self.device: TunDevice | None = None
         self.pool = WorkerPool()
         self._outers: list[OuterTransport | None] = []
+        self._raw_outers: list[OuterTransport | None] = []  # plain ESP next to UDP (settings.plain_esp)
         self._mailboxes: list[Mailbox] = []
 
     # -- start ----------------------------------------------------------------------------
@@ -134,9 +142,13 @@ class UserspaceDatapath:
         if getattr(probe, "diagnostic_only", False) and not s.diagnostic_transform:
             raise ValueError("a diagnostic transform needs diagnostic_transform=True; it protects nothing")
         overhead = probe.esp_overhead()
-        del probe
         outer_v6 = ipaddress.ip_address(s.bind_address).version == 6
-        inner = inner_mtu(s.path_mtu, opaque_overhead(overhead, s.outer is OuterKind.UDP, outer_v6))
+        exact = getattr(probe, "inner_mtu", None)  # a transform that knows its padding rule says so
+        if callable(exact):
+            inner = int(exact(s.path_mtu, s.outer is OuterKind.UDP, outer_v6))
+        else:
+            inner = inner_mtu(s.path_mtu, opaque_overhead(overhead, s.outer is OuterKind.UDP, outer_v6))
+        del probe
         tun_mtu = s.tun_mtu or inner
         self.sizes = DatapathSizes(overhead, s.path_mtu, inner, tun_mtu)
 
@@ -206,9 +218,16 @@ class UserspaceDatapath:
                         gso=features.udp_gso,
                         gro=features.udp_gro,
                         reuseport=s.workers > 1,
+                        local_address_info=s.forward_ike,
                     )
                 )
                 outer = udp
+                if s.plain_esp:
+                    raw_extra: RawEspSocket | None = RawEspSocket.open(RawEspSettings(bind_address=s.bind_address))
+                    assert raw_extra is not None
+                    self._raw_outers.append(raw_extra)
+                    if s.workers > 1:
+                        raw_extra.attach_spi_filter(s.workers, index)
                 if s.workers > 1 and index == s.workers - 1:
                     # the group is complete: steer it by SPI (the program belongs to the group)
                     udp.attach_spi_steering(s.workers)
@@ -217,9 +236,27 @@ class UserspaceDatapath:
                 if s.workers > 1:
                     raw.attach_spi_filter(s.workers, index)
                 outer = raw
+            if s.ipsec_bypass:
+                self._bypass(outer)
+                extra_socket = self._raw_outers[index] if index < len(self._raw_outers) else None
+                if extra_socket is not None:
+                    self._bypass(extra_socket)
             if s.outer_df is not None and ipaddress.ip_address(s.bind_address).version == 4:
                 outer.set_socket_option(*outer_df_option(s.outer_df))
+                extra = self._raw_outers[index] if index < len(self._raw_outers) else None
+                if extra is not None:
+                    extra.set_socket_option(*outer_df_option(s.outer_df))
             self._outers.append(outer)
+
+    @staticmethod
+    def _bypass(outer: OuterTransport) -> None:
+        sock = getattr(outer, "sock", None)
+        if sock is None:
+            return
+        try:
+            bypass_ipsec(sock)
+        except OSError as exc:  # no XFRM here: then there are no policies to be exempt from
+            log.info("outer socket keeps the IPsec policies: %s", exc.strerror)
 
     @staticmethod
     def _make_mailboxes(count: int) -> list[Mailbox]:
@@ -227,19 +264,22 @@ class UserspaceDatapath:
         return [Mailbox(k, pairs[k][0], [pairs[j][1] if j != k else None for j in range(count)]) for k in range(count)]
 
     def _close_worker_fds_in_parent(self, index: int) -> None:
-        outer = self._outers[index]
-        if outer is not None:
-            outer.close()
-            self._outers[index] = None
+        for outers in (self._outers, self._raw_outers):
+            outer = outers[index] if index < len(outers) else None
+            if outer is not None:
+                outer.close()
+                outers[index] = None
 
     def _build_parts(self, context: WorkerContext, control: socket.socket, mailbox: Mailbox | None) -> LoopParts:
         """Runs in the child: keep this worker's descriptors, release the others, build the transform."""
         s = self.settings
         assert self.device is not None and self.features is not None and self.sizes is not None
-        for index, other in enumerate(self._outers):
-            if index != context.index and other is not None:
-                other.close()
+        for outers in (self._outers, self._raw_outers):
+            for index, other in enumerate(outers):
+                if index != context.index and other is not None:
+                    other.close()
         outer = self._outers[context.index]
+        raw_outer = self._raw_outers[context.index] if context.index < len(self._raw_outers) else None
         if outer is None:
             raise DatapathStartError(f"worker {context.index} has no outer socket")
         tun = self.device.queues[context.index]
@@ -262,6 +302,8 @@ class UserspaceDatapath:
             mtu_guard=guard,
             mss_clamp=MssClamp(sizes.inner_mtu) if s.mss_clamp else None,
             icmp=IcmpErrorSender() if guard is not None else None,
+            raw_outer=raw_outer,
+            forward_ike=s.forward_ike,
             batch=s.batch,
         )
 
@@ -275,7 +317,7 @@ class UserspaceDatapath:
         return {
             "backend": "userspace",
             "tun": self.settings.tun_name,
-            "outer": self.settings.outer.value,
+            "outer": self.settings.outer.value + ("+raw" if self.settings.plain_esp else ""),
             "workers": self.settings.workers,
             "offloads_detected": self.report.as_dict() if self.report else None,
             "offloads_used": self.features.as_dict() if self.features else None,

@@ -23,8 +23,16 @@ transform (a bug there) loses that batch, is counted under `transform_errors`, a
 goes on.
 
 Control channel (SOCK_SEQPACKET to the parent, JSON): {"op": "status"} is answered with the
-worker's counters, {"op": "stop"} ends the loop. Transform events are pushed unasked as
-{"op": "events", ...}.
+worker's counters, {"op": "stop"} ends the loop, {"op": "send_ike", ...} sends an IKE message
+from the UDP/4500 socket (non-ESP marker added). Any other op goes to the transform when it
+implements `ControlledTransform` (SAs, policies, sequence grants); its answer comes back as
+{"op": "reply", "id": <the request's id>, "ok": ...}. Replies echo the request's "id".
+Pushed unasked: transform events as {"op": "events", ...}, the transform's own upward
+messages (`drain_messages`: sequence reservations, replay floors) and IKE datagrams that
+arrived on 4500 as {"op": "ike", ...}.
+
+With `raw_outer` the worker carries plain ESP (IP protocol 50) next to ESP-in-UDP: datagrams
+whose endpoint port is 0 leave through the raw socket, the others through `outer`.
 """
 
 from __future__ import annotations
@@ -34,16 +42,17 @@ import logging
 import select
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from esplanade.dataplane.userspace.handoff import Mailbox
 from esplanade.dataplane.userspace.mtu import IcmpErrorSender, MssClamp, MtuGuard
 from esplanade.dataplane.userspace.offloads import DatapathFeatures
-from esplanade.dataplane.userspace.outer_transport import Datagram, OuterTransport
+from esplanade.dataplane.userspace.outer_transport import Datagram, IkeArrival, OuterTransport
 from esplanade.dataplane.userspace.segmentation import SegmentationError, coalesce_for_tun, split_super_packet
-from esplanade.dataplane.userspace.transform import PacketTransform, SaSteering
+from esplanade.dataplane.userspace.transform import ControlledTransform, PacketTransform, SaSteering
 from esplanade.dataplane.userspace.tun import TunQueue
 from esplanade.dataplane.userspace.vnet_header import VNET_HDR_LEN, VnetHeader, VnetHeaderError
 
@@ -60,6 +69,7 @@ DEFAULT_BATCH = 64
 IDLE_WAKEUP = 1.0  # longest epoll sleep; timers are honoured sooner
 CONTROL_MESSAGE_MAX = 1 << 20  # replies (status) can be large; the parent reads with this size
 CONTROL_REQUEST_MAX = 1 << 16  # requests are small: no 1 MiB allocation on every status poll
+CONTROL_BACKLOG = 100_000  # messages to the parent kept while its socket buffer is full
 
 
 @dataclass(slots=True)
@@ -78,7 +88,9 @@ class LoopParts:
     mtu_guard: MtuGuard | None = None
     mss_clamp: MssClamp | None = None
     icmp: IcmpErrorSender | None = None
-    ike_sink: Callable[[list[Datagram]], None] | None = None
+    ike_sink: Callable[[list[IkeArrival]], None] | None = None
+    raw_outer: OuterTransport | None = None  # plain ESP next to `outer` (UDP); endpoints with port 0
+    forward_ike: bool = False  # IKE from 4500 goes to the parent over the control channel
     batch: int = DEFAULT_BATCH
     clock: Callable[[], float] = time.monotonic
 
@@ -96,6 +108,7 @@ class LoopCounters:
     handed_off_out: int = 0
     handed_off_in: int = 0
     super_frames_split: int = 0  # TUN offloads on: super-packets or partial checksums finished here
+    ike_forwarded: int = 0  # IKE messages from 4500 handed to the parent
     errors: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, object]:
@@ -111,6 +124,7 @@ class LoopCounters:
             "handed_off_out": self.handed_off_out,
             "handed_off_in": self.handed_off_in,
             "super_frames_split": self.super_frames_split,
+            "ike_forwarded": self.ike_forwarded,
             "errors": dict(self.errors),
         }
 
@@ -128,6 +142,8 @@ class DatapathLoop:
         self._steer = parts.count > 1 and parts.mailbox is not None
         self._steering = parts.steering
         self._error_streak: dict[int, int] = {}
+        self._controlled = parts.transform if isinstance(parts.transform, ControlledTransform) else None
+        self._control_backlog: deque[bytes] = deque()
 
     # -- outbound -------------------------------------------------------------------------
     def _inner_packets(self, frames: list[bytes]) -> list[bytes]:
@@ -197,16 +213,51 @@ class DatapathLoop:
             return
         self.counters.packets_out += len(packets)
         if datagrams:
+            self._send(datagrams)
+
+    def _send(self, datagrams: list[Datagram]) -> None:
+        p = self.parts
+        raw = p.raw_outer
+        if raw is None:
             self.counters.datagrams_out += p.outer.send_batch(datagrams)
+            return
+        udp = [d for d in datagrams if d[0][1]]
+        if len(udp) != len(datagrams):
+            self.counters.datagrams_out += raw.send_batch([d for d in datagrams if not d[0][1]])
+        if udp:
+            self.counters.datagrams_out += p.outer.send_batch(udp)
 
     # -- inbound --------------------------------------------------------------------------
     def outer_to_tun(self) -> bool:
+        return self._receive(self.parts.outer)
+
+    def raw_to_tun(self) -> bool:
+        raw = self.parts.raw_outer
+        return raw is not None and self._receive(raw)
+
+    def _receive(self, outer: OuterTransport) -> bool:
         p = self.parts
-        datagrams = p.outer.recv_batch(p.batch)
-        ike = p.outer.take_ike()
+        datagrams = outer.recv_batch(p.batch)
+        take_arrivals = getattr(outer, "take_ike_arrivals", None)
+        ike: list[IkeArrival] = (
+            take_arrivals() if take_arrivals is not None else [IkeArrival(r, m, "", 0) for r, m in outer.take_ike()]
+        )
         if ike:
             if p.ike_sink is not None:
                 p.ike_sink(ike)
+            elif p.forward_ike and p.control is not None:
+                for arrival in ike:
+                    self._control_send(
+                        {
+                            "op": "ike",
+                            "remote_addr": arrival.remote[0],
+                            "remote_port": arrival.remote[1],
+                            "local_addr": arrival.local_addr,
+                            "local_port": arrival.local_port,
+                            "payload": arrival.payload.hex(),
+                        }
+                    )
+                self.counters.ike_forwarded += len(ike)
             else:
                 self.counters.errors["ike_without_sink"] += len(ike)
         if not datagrams:
@@ -282,7 +333,7 @@ class DatapathLoop:
                 log.exception("handle_timer failed")
                 datagrams = []
             if datagrams:
-                self.counters.datagrams_out += p.outer.send_batch(datagrams)
+                self._send(datagrams)
             deadline = p.transform.get_timer()
             if deadline is None:
                 return IDLE_WAKEUP
@@ -290,6 +341,11 @@ class DatapathLoop:
 
     def _forward_events(self) -> None:
         control = self.parts.control
+        if self._control_backlog:
+            self._flush_control()
+        if self._controlled is not None:
+            for message in self._controlled.drain_messages():
+                self._control_send(message)
         events = self.parts.transform.drain_events()
         if not events or control is None:
             return
@@ -304,13 +360,44 @@ class DatapathLoop:
         self._control_send(message)
 
     def _control_send(self, message: dict[str, object]) -> None:
+        """Send to the parent; when its socket buffer is full, keep the message for later.
+
+        Sequence reservations travel this way: losing one would stall its SA for good, so
+        nothing is dropped until the backlog holds CONTROL_BACKLOG messages.
+        """
         control = self.parts.control
         if control is None:
             return
-        try:
-            control.send(json.dumps(message).encode())
-        except OSError:
-            self.counters.errors["control_send"] += 1
+        data = json.dumps(message).encode()
+        if self._control_backlog:
+            self._flush_control()
+        if not self._control_backlog:
+            try:
+                control.send(data)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self.counters.errors["control_send"] += 1
+                return
+        if len(self._control_backlog) >= CONTROL_BACKLOG:
+            self.counters.errors["control_backlog_full"] += 1
+            return
+        self._control_backlog.append(data)
+
+    def _flush_control(self) -> None:
+        control = self.parts.control
+        backlog = self._control_backlog
+        while backlog and control is not None:
+            try:
+                control.send(backlog[0])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.counters.errors["control_send"] += len(backlog)
+                backlog.clear()
+                return
+            backlog.popleft()
 
     def status(self) -> dict[str, object]:
         p = self.parts
@@ -327,6 +414,7 @@ class DatapathLoop:
                 "drops": dict(p.tun.drops),
             },
             "outer": p.outer.status(),
+            "raw_outer": p.raw_outer.status() if p.raw_outer is not None else None,
             "transform": transform_status,
             "mailbox": {
                 "sent": {str(k): v for k, v in p.mailbox.sent.items()},
@@ -356,16 +444,42 @@ class DatapathLoop:
             return
         try:
             message = json.loads(raw)
-            op = message.get("op") if isinstance(message, dict) else None
         except ValueError:
-            op = None
+            message = None
+        if not isinstance(message, dict):
+            self.counters.errors["control_unknown"] += 1
+            return
+        op = message.get("op")
+        request_id = message.get("id")
         if op == "stop":
             self.running = False
-            self._control_send({"op": "stopped", "worker": self.parts.index})
+            self._control_send({"op": "stopped", "id": request_id, "worker": self.parts.index})
         elif op == "status":
-            self._control_send({"op": "status", "status": self.status()})
+            self._control_send({"op": "status", "id": request_id, "status": self.status()})
+        elif op == "send_ike":
+            self._control_send({"op": "reply", "id": request_id, **self._send_ike(message)})
+        elif self._controlled is not None and isinstance(op, str):
+            try:
+                reply = self._controlled.handle_control(op, message, self.parts.clock())
+            except Exception as exc:  # a transform bug answers an error; the loop lives on
+                log.exception("control op %s failed", op)
+                reply = {"ok": False, "error": f"internal error: {type(exc).__name__}"}
+            self._control_send({"op": "reply", "id": request_id, **reply})
+            self._forward_events()
         else:
             self.counters.errors["control_unknown"] += 1
+
+    def _send_ike(self, message: dict[str, Any]) -> dict[str, object]:
+        send = getattr(self.parts.outer, "send_ike", None)
+        try:
+            remote = (str(message["remote_addr"]), int(message["remote_port"]))
+            payload = bytes.fromhex(str(message["payload"]))
+            local = str(message.get("local_addr") or "")
+        except (KeyError, TypeError, ValueError):
+            return {"ok": False, "error": "malformed send_ike"}
+        if send is None:
+            return {"ok": False, "error": "no UDP socket in this worker"}
+        return {"ok": bool(send(remote, payload, local or None))}
 
     # -- the loop -------------------------------------------------------------------------
     def _broken(self, fd: int, events: int) -> None:
@@ -386,6 +500,8 @@ class DatapathLoop:
             p.tun.fileno(): self.tun_to_outer,
             p.outer.fileno(): self.outer_to_tun,
         }
+        if p.raw_outer is not None:
+            handlers[p.raw_outer.fileno()] = self.raw_to_tun
         if p.mailbox is not None:
             handlers[p.mailbox.fileno()] = self.mailbox_drain
         for fd in handlers:

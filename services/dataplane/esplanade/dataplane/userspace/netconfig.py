@@ -8,13 +8,17 @@ start-up that fails half-way leaves nothing behind once the process exits.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
+
+PIN_PROTO = 188  # rtnetlink protocol marking the host routes we pin to tunnel endpoints
 
 
 class NetConfigError(RuntimeError):
@@ -36,10 +40,55 @@ class TunLinkConfig:
     route_metric: int = 0
 
 
+class _NetlinkThread:
+    """pyroute2's sync API runs its own asyncio loop and refuses to work where one is already
+    running (the dataplane service). There, every call runs on one private thread, which
+    `close()` joins, so no thread outlives the configurator (workers are forked later)."""
+
+    def __init__(self, netns: str | None) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
+        try:
+            self._ipr = self._executor.submit(lambda: NetNS(netns) if netns else IPRoute()).result()
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._ipr, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            def run() -> Any:
+                result = method(*args, **kwargs)
+                if result is None or isinstance(result, list | tuple | int | str):
+                    return result
+                return list(result)  # materialize generators on the netlink thread
+
+            return self._executor.submit(run).result()
+
+        return call
+
+    def close(self) -> None:
+        try:
+            self._executor.submit(self._ipr.close).result()
+        finally:
+            self._executor.shutdown(wait=True)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class LinkConfigurator:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
-        self._ipr: Any = NetNS(netns) if netns else IPRoute()
+        if _loop_running():
+            self._ipr: Any = _NetlinkThread(netns)
+        else:
+            self._ipr = NetNS(netns) if netns else IPRoute()
 
     def __enter__(self) -> LinkConfigurator:
         return self
@@ -112,6 +161,34 @@ class LinkConfigurator:
         except NetlinkError as exc:
             if exc.code != 3:  # ESRCH: already gone
                 raise NetConfigError(f"delete route {net}{self._where()}: {exc}") from None
+
+    def local_addresses(self, version: int) -> list[str]:
+        """Every address configured on any interface of this namespace, of one IP version."""
+        family = 10 if version == 6 else 2
+        found = self._request("list addresses", self._ipr.get_addr, family=family)
+        return [str(a.get("IFA_ADDRESS") or a.get_attr("IFA_ADDRESS")) for a in found]
+
+    def pin_host_route(self, address: str) -> None:
+        """A host route to `address` along the path it takes now (before a wider route into
+        the TUN would capture it): the outer packets to a tunnel endpoint must never loop."""
+        routes = self._request(f"route get {address}", self._ipr.route, "get", dst=address)
+        if not routes:
+            raise NetConfigError(f"no route to {address}{self._where()}")
+        route = routes[0]
+        host = ipaddress.ip_address(address)
+        spec: dict[str, Any] = {"dst": f"{host}/{host.max_prefixlen}", "oif": route.get("RTA_OIF"), "proto": PIN_PROTO}
+        gateway = route.get("RTA_GATEWAY")
+        if gateway:
+            spec["gateway"] = gateway
+        self._request(f"pin route to {address}", self._ipr.route, "replace", **spec)
+
+    def delete_host_route(self, address: str) -> None:
+        host = ipaddress.ip_address(address)
+        try:
+            self._ipr.route("del", dst=f"{host}/{host.max_prefixlen}", proto=PIN_PROTO)
+        except NetlinkError as exc:
+            if exc.code != 3:
+                raise NetConfigError(f"delete pinned route {address}{self._where()}: {exc}") from None
 
     def link_mtu(self, name: str) -> int:
         links = self._request(f"get {name}", self._ipr.get_links, self.index_of(name))

@@ -7,12 +7,21 @@ GSO/GRO) and `raw_esp.RawEspSocket` (plain ESP, IP protocol 50). Both are batche
 from __future__ import annotations
 
 from collections import Counter
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 # An outer address: (IP address text, UDP port). The port is 0 for plain ESP.
 Endpoint = tuple[str, int]
 # One ESP packet as it crossed the outer network: who sent it and the ESP bytes (SPI first).
 Datagram = tuple[Endpoint, bytes]
+
+
+class IkeArrival(NamedTuple):
+    """An IKE message that arrived on the ESP-in-UDP socket (non-ESP marker removed)."""
+
+    remote: Endpoint
+    payload: bytes
+    local_addr: str  # the address it was sent to ("" when the socket cannot tell)
+    local_port: int
 
 
 class OuterTransport(Protocol):

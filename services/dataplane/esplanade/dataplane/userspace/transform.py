@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from esplanade.dataplane.backend import DataplaneEvent
 from esplanade.dataplane.userspace.outer_transport import Datagram
@@ -60,6 +60,21 @@ class SaSteering(Protocol):
     def outbound_worker(self, packet: bytes) -> int: ...
 
     def inbound_worker(self, spi: int) -> int: ...
+
+
+@runtime_checkable
+class ControlledTransform(Protocol):
+    """A transform whose state the parent changes at run time over the worker's control channel.
+
+    `handle_control(op, message, now)` applies one request (install an SA, a policy, grant
+    sequence numbers, ...) and answers {"ok": True, ...} or {"ok": False, "error": text};
+    it never raises on a bad request. `drain_messages()` returns what the transform wants
+    to tell the parent unasked (JSON-ready dicts with an "op"), e.g. sequence reservations.
+    """
+
+    def handle_control(self, op: str, message: dict[str, Any], now: float) -> dict[str, object]: ...
+
+    def drain_messages(self) -> list[dict[str, object]]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ import struct
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from esplanade.dataplane.userspace.outer_transport import Datagram, Endpoint
+from esplanade.dataplane.userspace.outer_transport import Datagram, Endpoint, IkeArrival
 from esplanade.dataplane.userspace.socket_filters import SO_ATTACH_REUSEPORT_CBPF, attach, reuseport_spi_program
 
 SOL_UDP = 17
@@ -44,8 +44,38 @@ DEFAULT_GSO_SEGMENTS = 64  # UDP_MAX_SEGMENTS on every kernel since 4.18
 IKE_INBOX_LIMIT = 1024
 
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+_PKTINFO_CMSG_SPACE = socket.CMSG_SPACE(20)  # in6_pktinfo (20) >= in_pktinfo (12)
 _INT = struct.Struct("i")
 _U16 = struct.Struct("H")
+IP_PKTINFO = 8
+IPV6_RECVPKTINFO = 49
+IPV6_PKTINFO = 50
+
+
+def _local_from_cmsg(level: int, kind: int, data: bytes) -> str | None:
+    if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+        return socket.inet_ntop(socket.AF_INET, data[8:12])  # ipi_addr: the header's destination
+    if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 16:
+        address = socket.inet_ntop(socket.AF_INET6, data[:16])
+        return address.removeprefix("::ffff:") if address.startswith("::ffff:") and "." in address else address
+    return None
+
+
+def pktinfo_cmsg(family: socket.AddressFamily, local: str) -> tuple[int, int, bytes] | None:
+    """The control message that makes sendmsg use `local` as the source address (None: v4/v6 mismatch)."""
+    try:
+        if family == socket.AF_INET or (family == socket.AF_INET6 and "." in local):
+            packed = socket.inet_pton(socket.AF_INET, local)
+            if family == socket.AF_INET6:
+                return (
+                    socket.IPPROTO_IPV6,
+                    IPV6_PKTINFO,
+                    socket.inet_pton(socket.AF_INET6, "::ffff:" + local) + bytes(4),
+                )
+            return (socket.IPPROTO_IP, IP_PKTINFO, bytes(4) + packed + bytes(4))
+        return (socket.IPPROTO_IPV6, IPV6_PKTINFO, socket.inet_pton(socket.AF_INET6, local) + bytes(4))
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +88,9 @@ class UdpSocketSettings:
     buffer_bytes: int = 4 << 20
     send_timeout: float = 0.05  # a send that waits longer than this for buffer space is a drop
     max_gso_segments: int = DEFAULT_GSO_SEGMENTS
+    # Learn the local address of each datagram (IP_PKTINFO) so IKE messages relayed to
+    # keyexchange say which address they reached (NAT detection hashes it, RFC 7296 §2.23).
+    local_address_info: bool = False
 
 
 def _family_of(address: str) -> socket.AddressFamily:
@@ -81,7 +114,8 @@ class EspUdpSocket:
         self.max_segments = max(1, settings.max_gso_segments)
         self.drops: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
-        self.ike_inbox: deque[Datagram] = deque()
+        self.ike_inbox: deque[IkeArrival] = deque()
+        self.local_info = False
         self._buf = bytearray(65536)
         self._view = memoryview(self._buf)
         v6 = sock.family == socket.AF_INET6
@@ -108,6 +142,8 @@ class EspUdpSocket:
                 room._enable_gro()
             if settings.gso:
                 room._enable_gso()
+            if settings.local_address_info:
+                room._enable_pktinfo()
             sock.bind((settings.bind_address, settings.port))
         except BaseException:
             sock.close()
@@ -141,6 +177,17 @@ class EspUdpSocket:
             return
         self.gso, self.gso_note = True, "enabled"
 
+    def _enable_pktinfo(self) -> None:
+        try:
+            if self.sock.family == socket.AF_INET6:
+                self.sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+            else:
+                self.sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        except OSError:
+            self.counters["pktinfo_refused"] += 1
+            return
+        self.local_info = True
+
     def attach_spi_steering(self, group_size: int) -> None:
         """Steer the SO_REUSEPORT group this socket belongs to by SPI mod `group_size`."""
         attach(self.sock, SO_ATTACH_REUSEPORT_CBPF, reuseport_spi_program(group_size))
@@ -172,7 +219,7 @@ class EspUdpSocket:
         recv = self.sock.recvmsg_into
         buffers = [self._buf]
         view = self._view
-        gro_space = _GRO_CMSG_SPACE if self.gro else 0
+        gro_space = (_GRO_CMSG_SPACE if self.gro else 0) + (_PKTINFO_CMSG_SPACE if self.local_info else 0)
         calls = 0
         while len(out) < limit:
             try:
@@ -193,11 +240,14 @@ class EspUdpSocket:
                 continue
             endpoint: Endpoint = (address[0], address[1])
             segment = nbytes
+            local = ""
             for level, kind, data in ancdata:
                 if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
                     segment = _INT.unpack_from(data)[0] or nbytes
+                else:
+                    local = _local_from_cmsg(level, kind, data) or local
             if segment >= nbytes:
-                self._classify(endpoint, bytes(view[:nbytes]), out)
+                self._classify(endpoint, bytes(view[:nbytes]), out, local)
                 continue
             self.counters["gro_batches"] += 1
             append = out.append
@@ -206,32 +256,51 @@ class EspUdpSocket:
                 if len(payload) >= MIN_ESP_BYTES and not payload.startswith(NON_ESP_MARKER):
                     append((endpoint, payload))  # the common case, inline
                 else:
-                    self._classify(endpoint, payload, out)
+                    self._classify(endpoint, payload, out, local)
         return out
 
-    def _classify(self, endpoint: Endpoint, payload: bytes, out: list[Datagram]) -> None:
+    def _classify(self, endpoint: Endpoint, payload: bytes, out: list[Datagram], local: str = "") -> None:
         if len(payload) >= MIN_ESP_BYTES and not payload.startswith(NON_ESP_MARKER):
             out.append((endpoint, payload))
         elif payload.startswith(NON_ESP_MARKER):
             if len(self.ike_inbox) >= IKE_INBOX_LIMIT:
                 self.drops["ike_inbox_full"] += 1
             else:
-                self.ike_inbox.append((endpoint, payload[4:]))
+                self.ike_inbox.append(IkeArrival(endpoint, payload[4:], local, self.settings.port))
         elif payload == NAT_KEEPALIVE:
             self.counters["nat_keepalives"] += 1
         else:
             self.drops["runt"] += 1
 
     def take_ike(self) -> list[Datagram]:
+        return [(arrival.remote, arrival.payload) for arrival in self.take_ike_arrivals()]
+
+    def take_ike_arrivals(self) -> list[IkeArrival]:
+        """IKE messages since the last call, with the local address each reached."""
         if not self.ike_inbox:
             return []
         messages = list(self.ike_inbox)
         self.ike_inbox.clear()
         return messages
 
-    def send_ike(self, endpoint: Endpoint, message: bytes) -> bool:
-        """Send an IKE message on 4500 with the non-ESP marker (RFC 3948 §2.2)."""
-        return self._send_one(endpoint, NON_ESP_MARKER + message)
+    def send_ike(self, endpoint: Endpoint, message: bytes, local: str | None = None) -> bool:
+        """Send an IKE message on 4500 with the non-ESP marker (RFC 3948 §2.2), from `local` if given.
+
+        The single byte 0xFF is a NAT keep-alive (RFC 3948 §2.3) and goes out as it is."""
+        marker = b"" if message == NAT_KEEPALIVE else NON_ESP_MARKER
+        if not local:
+            return self._send_one(endpoint, marker + message)
+        cmsg = pktinfo_cmsg(self.sock.family, local)
+        if cmsg is None:
+            self.drops["ike_bad_local_address"] += 1
+            return False
+        try:
+            self.sock.sendmsg([marker, message], [cmsg], 0, endpoint)
+            self.counters["ike_sent"] += 1
+            return True
+        except OSError as exc:
+            self.drops[f"ike_send_{_errname(exc)}"] += 1
+            return False
 
     # -- send -----------------------------------------------------------------------------
     def send_batch(self, datagrams: list[Datagram]) -> int:

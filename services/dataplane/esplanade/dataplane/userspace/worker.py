@@ -47,6 +47,7 @@ dies (fail closed: a dead owner would black-hole its SAs).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -102,6 +103,21 @@ class WorkerHandle:
 PartsBuilder = Callable[[WorkerContext, socket.socket, Mailbox | None], LoopParts]
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this worker if its parent dies (kill -9 included), so no worker outlives the
+    process that grants its sequence numbers and would hold the TUN and sockets of a successor."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the control channel's EOF still stops the loop
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 class WorkerStopped(Exception):
     """SIGTERM reached a worker (its process group or cgroup is being stopped): leave the loop cleanly."""
 
@@ -142,10 +158,12 @@ class WorkerPool:
     ) -> None:
         """Fork `count` workers. `close_in_parent(k)` releases the parent's copies of worker k's fds."""
         cpus = sorted(os.sched_getaffinity(0))
+        parent = os.getpid()
         for index in range(count):
             parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             pid = os.fork()
             if pid == 0:  # child
+                _die_with_parent(parent)
                 parent_end.close()
                 for handle in self.workers:
                     handle.control.close()

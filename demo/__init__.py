@@ -1,0 +1,1 @@
+"""Demonstrations: `python -m demo.manual_sites` (two sites keyed by hand over the Dataplane API)."""

@@ -1,0 +1,1649 @@
+/* _espfast: the CPython binding of the compiled ESP hot loop (espfast_core.c).
+ *
+ * Python keeps the control. The batch functions read the state of each SA they touch from
+ * its Python object at its first packet in the batch (next_seq, seq_mark, replay.top, the
+ * counters, the lifetime marks) and write it back at the end of the batch; the replay
+ * window's words are used in place (the Python ReplayWindow keeps them in an array('Q')).
+ * Whenever a packet reaches a mark, the loop writes the state back, calls the Python slow
+ * path on the SA object (take_sequence, on_time, on_volume, on_replay_top) exactly where the
+ * pure-Python engine would, and reads the state again. SAs the C loop does not handle
+ * ("python" slots) go through the pure-Python engine, packet by packet, in order.
+ *
+ * One call per batch. Inputs: a sequence of bytes-like packets, or one buffer plus spans
+ * (u32 offset, u32 length, u32 tag per packet). Outputs: one bytearray (grown when needed,
+ * locked while the batch runs) plus spans of the same layout.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <math.h>
+#include <string.h>
+
+#include <openssl/crypto.h>
+#include <openssl/opensslv.h>
+
+#include "espfast_core.h"
+
+#define SLOT_PYTHON 0
+#define SPAN_WORDS 3
+#define SPAN_BYTES (SPAN_WORDS * sizeof(uint32_t))
+
+static const char *const DROP_NAMES[EF_NREASONS] = {
+    "",         "replay",  "icv_failure", "unknown_spi",        "policy_mismatch",
+    "malformed", "lifetime", "dummy",       "sequence_exhausted", "sequence_unreserved",
+};
+
+/* Set by configure(): the DropReason members in C order, and the pure-Python engine's entry points. */
+static PyObject *drop_reasons[EF_NREASONS];
+static PyObject *py_encrypt_esp, *py_decrypt_esp;
+static int in_batch;
+
+static PyObject *s_next_seq, *s_seq_mark, *s_counters, *s_packets, *s_bytes, *s_drops, *s_packet_mark, *s_byte_mark,
+    *s_time_mark, *s_hard_expired, *s_replay, *s_top, *s_blocks, *s_persist_mark, *s_on_time, *s_on_volume,
+    *s_take_sequence, *s_on_replay_top, *s_size;
+
+static int int_sign(PyObject *v);
+
+/* -- conversions -------------------------------------------------------------------------------- */
+
+/* An int or float mark as u64: inf and anything above 2^64 - 1 become UINT64_MAX (never reached
+ * by a count; for sequence marks it only sends the packet through the Python slow path). */
+static int as_mark(PyObject *v, uint64_t *out) {
+    if (PyFloat_Check(v)) {
+        double d = PyFloat_AS_DOUBLE(v);
+        if (isnan(d)) {
+            PyErr_SetString(PyExc_ValueError, "NaN mark");
+            return -1;
+        }
+        if (d <= 0)
+            *out = 0;
+        else if (d >= 18446744073709551615.0)
+            *out = UINT64_MAX;
+        else
+            *out = (uint64_t)ceil(d);
+        return 0;
+    }
+    if (!PyLong_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "expected an int or float mark, got %.80s", Py_TYPE(v)->tp_name);
+        return -1;
+    }
+    {
+        int sign = int_sign(v);
+        if (sign == -2) return -1;
+        if (sign < 0) {
+            *out = 0;
+            return 0;
+        }
+    }
+    *out = PyLong_AsUnsignedLongLong(v);
+    if (*out == (uint64_t)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+        PyErr_Clear();
+        *out = UINT64_MAX;
+    }
+    return 0;
+}
+
+static int get_mark(PyObject *obj, PyObject *name, uint64_t *out) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    int r;
+    if (v == NULL) return -1;
+    r = as_mark(v, out);
+    Py_DECREF(v);
+    return r;
+}
+
+/* An exact non-negative int that must fit 64 bits (a count, a window top). */
+static int get_u64(PyObject *obj, PyObject *name, uint64_t *out) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) return -1;
+    *out = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    return *out == (uint64_t)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int set_u64(PyObject *obj, PyObject *name, uint64_t value) {
+    PyObject *v = PyLong_FromUnsignedLongLong(value);
+    int r;
+    if (v == NULL) return -1;
+    r = PyObject_SetAttr(obj, name, v);
+    Py_DECREF(v);
+    return r;
+}
+
+static int add_drops(PyObject *counters, uint64_t *deltas) {
+    PyObject *drops;
+    int r = 0;
+    for (int i = 1; i < EF_NREASONS && !r; i++) {
+        if (!deltas[i]) continue;
+        if (drop_reasons[i] == NULL) {
+            PyErr_SetString(PyExc_RuntimeError, "_espfast.configure() was not called");
+            return -1;
+        }
+        drops = PyObject_GetAttr(counters, s_drops);
+        if (drops == NULL) return -1;
+        {
+            PyObject *old = PyObject_GetItem(drops, drop_reasons[i]), *delta, *sum;
+            if (old == NULL) {
+                Py_DECREF(drops);
+                return -1;
+            }
+            delta = PyLong_FromUnsignedLongLong(deltas[i]);
+            sum = delta ? PyNumber_Add(old, delta) : NULL;
+            r = sum ? PyObject_SetItem(drops, drop_reasons[i], sum) : -1;
+            Py_XDECREF(sum);
+            Py_XDECREF(delta);
+            Py_DECREF(old);
+        }
+        Py_DECREF(drops);
+        if (!r) deltas[i] = 0;
+    }
+    return r;
+}
+
+/* -- Filter ------------------------------------------------------------------------------------- */
+typedef struct {
+    PyObject_HEAD ef_filter filter;
+    void *memory;
+    unsigned long long denied;
+    unsigned long long allowed;
+} FilterObject;
+
+static int Filter_init(FilterObject *self, PyObject *args, PyObject *kw) {
+    if (!PyArg_ParseTuple(args, "")) return -1;
+    memset(&self->filter, 0xFF, sizeof(self->filter.index));
+    self->filter.ntables = 0;
+    self->filter.tables = NULL;
+    return 0;
+}
+
+static void Filter_dealloc(FilterObject *self) {
+    PyMem_Free(self->memory);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int buffer_of(PyObject *obj, Py_buffer *view, size_t item, size_t count, const char *what) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) < 0) return -1;
+    if ((size_t)view->len != item * count) {
+        PyErr_Format(PyExc_ValueError, "filter table: %s holds %zd bytes, expected %zu", what, view->len, item * count);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+/* load(tables): tables is a list of (version, protocol, starts_hi, starts_lo, kinds, first, count,
+ * port_lo, port_hi); the address starts as native u64 arrays, the rest native u32 arrays (kinds u8). */
+static PyObject *Filter_load(FilterObject *self, PyObject *tables) {
+    PyObject *seq = PySequence_Fast(tables, "tables must be a sequence");
+    Py_ssize_t nt;
+    size_t total = 0, at = 0;
+    uint8_t *mem = NULL;
+    ef_filter f;
+    ef_filter_table *tabs;
+    if (seq == NULL) return NULL;
+    nt = PySequence_Fast_GET_SIZE(seq);
+    if (nt > 512) {
+        PyErr_SetString(PyExc_ValueError, "too many filter tables");
+        goto fail;
+    }
+    memset(f.index, 0xFF, sizeof(f.index));
+    /* First pass: sizes. */
+    for (Py_ssize_t i = 0; i < nt; i++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(seq, i);
+        Py_ssize_t sizes[7];
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 9) {
+            PyErr_SetString(PyExc_TypeError, "a filter table is a 9-tuple");
+            goto fail;
+        }
+        for (int k = 0; k < 7; k++) {
+            sizes[k] = PyObject_Length(PyTuple_GET_ITEM(t, k + 2));
+            if (sizes[k] < 0) goto fail;
+        }
+        total += (size_t)sizes[0] * 2 + (size_t)sizes[2] + (size_t)sizes[3] + (size_t)sizes[4] + (size_t)sizes[5] +
+                 (size_t)sizes[6] + 64;
+    }
+    total += (size_t)nt * sizeof(ef_filter_table) + 64;
+    mem = PyMem_Calloc(1, total);
+    if (mem == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    tabs = (ef_filter_table *)mem;
+    at = (size_t)nt * sizeof(ef_filter_table);
+    for (Py_ssize_t i = 0; i < nt; i++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(seq, i);
+        long version = PyLong_AsLong(PyTuple_GET_ITEM(t, 0)), proto = PyLong_AsLong(PyTuple_GET_ITEM(t, 1));
+        Py_ssize_t nseg = PyObject_Length(PyTuple_GET_ITEM(t, 4)), nports;
+        Py_buffer b[7];
+        int ok = 1, got = 0;
+        ef_filter_table *tb = &tabs[i];
+        if (PyErr_Occurred()) goto fail;
+        if ((version != 4 && version != 6) || proto < 0 || proto > 255 || nseg < 0) {
+            PyErr_SetString(PyExc_ValueError, "filter table: bad version, protocol or segment count");
+            goto fail;
+        }
+        nports = PyObject_Length(PyTuple_GET_ITEM(t, 7));
+        if (nports < 0 || nports % 4) {
+            PyErr_SetString(PyExc_ValueError, "filter table: bad port arrays");
+            goto fail;
+        }
+        nports /= 4;
+        ok = buffer_of(PyTuple_GET_ITEM(t, 2), &b[0], 8, (size_t)nseg, "starts_hi") == 0 && ++got &&
+             buffer_of(PyTuple_GET_ITEM(t, 3), &b[1], 8, (size_t)nseg, "starts_lo") == 0 && ++got &&
+             buffer_of(PyTuple_GET_ITEM(t, 4), &b[2], 1, (size_t)nseg, "kinds") == 0 && ++got &&
+             buffer_of(PyTuple_GET_ITEM(t, 5), &b[3], 4, (size_t)nseg, "first") == 0 && ++got &&
+             buffer_of(PyTuple_GET_ITEM(t, 6), &b[4], 4, (size_t)nseg, "count") == 0 && ++got &&
+             buffer_of(PyTuple_GET_ITEM(t, 7), &b[5], 4, (size_t)nports, "port_lo") == 0 && ++got &&
+             buffer_of(PyTuple_GET_ITEM(t, 8), &b[6], 4, (size_t)nports, "port_hi") == 0 && ++got;
+        if (ok) {
+            ef_addr *starts;
+            uint8_t *kind;
+            uint32_t *first, *count, *plo, *phi;
+            at = (at + 15) & ~(size_t)15;
+            starts = (ef_addr *)(mem + at);
+            at += (size_t)nseg * sizeof(ef_addr);
+            first = (uint32_t *)(mem + at);
+            at += (size_t)nseg * 4;
+            count = (uint32_t *)(mem + at);
+            at += (size_t)nseg * 4;
+            plo = (uint32_t *)(mem + at);
+            at += (size_t)nports * 4;
+            phi = (uint32_t *)(mem + at);
+            at += (size_t)nports * 4;
+            kind = mem + at;
+            at += (size_t)nseg;
+            for (Py_ssize_t k = 0; k < nseg; k++) {
+                memcpy(&starts[k].hi, (uint8_t *)b[0].buf + 8 * k, 8);
+                memcpy(&starts[k].lo, (uint8_t *)b[1].buf + 8 * k, 8);
+            }
+            memcpy(kind, b[2].buf, (size_t)nseg);
+            memcpy(first, b[3].buf, (size_t)nseg * 4);
+            memcpy(count, b[4].buf, (size_t)nseg * 4);
+            memcpy(plo, b[5].buf, (size_t)nports * 4);
+            memcpy(phi, b[6].buf, (size_t)nports * 4);
+            for (Py_ssize_t k = 0; k < nseg && ok; k++) {
+                if (kind[k] > 2 || (kind[k] == 2 && (count[k] == 0 || (uint64_t)first[k] + count[k] > (uint64_t)nports)))
+                    ok = 0;
+                if (k && !ef_addr_lt(starts[k - 1], starts[k])) ok = 0;
+            }
+            if (!ok) PyErr_SetString(PyExc_ValueError, "filter table: inconsistent segments");
+            tb->nseg = (uint32_t)nseg;
+            tb->starts = starts;
+            tb->kind = kind;
+            tb->first = first;
+            tb->count = count;
+            tb->port_lo = plo;
+            tb->port_hi = phi;
+            f.index[version == 6][proto] = (int16_t)i;
+        }
+        for (int k = 0; k < got; k++) PyBuffer_Release(&b[k]);
+        if (!ok) goto fail;
+    }
+    Py_DECREF(seq);
+    f.tables = tabs;
+    f.ntables = (uint32_t)nt;
+    PyMem_Free(self->memory);
+    self->memory = mem;
+    self->filter = f;
+    Py_RETURN_NONE;
+fail:
+    PyMem_Free(mem);
+    Py_DECREF(seq);
+    return NULL;
+}
+
+static PyObject *Filter_allows(FilterObject *self, PyObject *packet) {
+    Py_buffer view;
+    ef_inner_header h;
+    int ok;
+    if (PyObject_GetBuffer(packet, &view, PyBUF_SIMPLE) < 0) return NULL;
+    ok = ef_parse_inner(view.buf, (size_t)view.len, &h) == 0 && ef_filter_allows(&self->filter, &h);
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(ok);
+}
+
+static PyMethodDef Filter_methods[] = {
+    {"load", (PyCFunction)Filter_load, METH_O, "Replace the tables (see filter_tables.py)."},
+    {"allows_packet", (PyCFunction)Filter_allows, METH_O, "Parse an inner packet and check it."},
+    {NULL}};
+
+static PyMemberDef Filter_members[] = {
+    {"denied", T_ULONGLONG, offsetof(FilterObject, denied), 0, "Packets the filter dropped."},
+    {"allowed", T_ULONGLONG, offsetof(FilterObject, allowed), 0, "Packets the filter let through."},
+    {NULL}};
+
+static PyTypeObject FilterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "_espfast.Filter",
+    .tp_basicsize = sizeof(FilterObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "An identity's packet filter, compiled from esplanade.policy.filters.PacketFilter.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Filter_init,
+    .tp_dealloc = (destructor)Filter_dealloc,
+    .tp_methods = Filter_methods,
+    .tp_members = Filter_members,
+};
+
+/* -- FlowTable ----------------------------------------------------------------------------------- */
+typedef struct {
+    PyObject_HEAD ef_flows flows;
+} FlowTableObject;
+
+static int FlowTable_init(FlowTableObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"capacity", NULL};
+    Py_ssize_t capacity = 4096;
+    uint32_t cap = 16;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|n", names, &capacity)) return -1;
+    if (capacity < 1 || capacity > (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "flow table capacity must be 1 .. 2^24");
+        return -1;
+    }
+    while (cap < (uint32_t)capacity) cap <<= 1;
+    PyMem_Free(self->flows.slots);
+    self->flows.slots = PyMem_Calloc(cap, sizeof(ef_flow));
+    if (self->flows.slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->flows.capacity = cap;
+    self->flows.limit = cap / 4 * 3;
+    self->flows.count = 0;
+    self->flows.overflow_packets = self->flows.overflow_bytes = 0;
+    return 0;
+}
+
+static void FlowTable_dealloc(FlowTableObject *self) {
+    PyMem_Free(self->flows.slots);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *addr_bytes(ef_addr a, int version) {
+    uint8_t b[16];
+    for (int i = 0; i < 8; i++) {
+        b[i] = (uint8_t)(a.hi >> (56 - 8 * i));
+        b[8 + i] = (uint8_t)(a.lo >> (56 - 8 * i));
+    }
+    if (version == 4) return PyBytes_FromStringAndSize((char *)b + 12, 4);
+    if (version == 6) return PyBytes_FromStringAndSize((char *)b, 16);
+    return PyBytes_FromStringAndSize("", 0);
+}
+
+/* drain() -> [(spi, direction, version, src, dst, protocol, src_port, dst_port, packets, bytes)], and empty. */
+static PyObject *FlowTable_drain(FlowTableObject *self, PyObject *unused) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    for (uint32_t i = 0; i < self->flows.capacity; i++) {
+        ef_flow *f = &self->flows.slots[i];
+        PyObject *src, *dst, *rec;
+        if (!f->used) continue;
+        src = addr_bytes(f->src, f->version);
+        dst = addr_bytes(f->dst, f->version);
+        rec = src && dst ? Py_BuildValue("(kiiOOiiiKK)", (unsigned long)f->spi, f->direction, f->version, src, dst,
+                                         f->protocol, f->src_port, f->dst_port, (unsigned long long)f->packets,
+                                         (unsigned long long)f->bytes)
+                         : NULL;
+        Py_XDECREF(src);
+        Py_XDECREF(dst);
+        if (rec == NULL || PyList_Append(out, rec) < 0) {
+            Py_XDECREF(rec);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(rec);
+    }
+    memset(self->flows.slots, 0, (size_t)self->flows.capacity * sizeof(ef_flow));
+    self->flows.count = 0;
+    return out;
+}
+
+static PyMethodDef FlowTable_methods[] = {
+    {"drain", (PyCFunction)FlowTable_drain, METH_NOARGS, "Take every flow record and empty the table."}, {NULL}};
+
+static PyMemberDef FlowTable_members[] = {
+    {"count", T_UINT, offsetof(FlowTableObject, flows.count), READONLY, "Flows held."},
+    {"limit", T_UINT, offsetof(FlowTableObject, flows.limit), READONLY, "Flows held at most."},
+    {"overflow_packets", T_ULONGLONG, offsetof(FlowTableObject, flows.overflow_packets), 0,
+     "Packets of new flows that found the table full."},
+    {"overflow_bytes", T_ULONGLONG, offsetof(FlowTableObject, flows.overflow_bytes), 0, "Their bytes."},
+    {NULL}};
+
+static PyTypeObject FlowTableType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "_espfast.FlowTable",
+    .tp_basicsize = sizeof(FlowTableObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Per (SPI, direction, 5-tuple) packet and byte counts, drained by Python.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)FlowTable_init,
+    .tp_dealloc = (destructor)FlowTable_dealloc,
+    .tp_methods = FlowTable_methods,
+    .tp_members = FlowTable_members,
+};
+
+/* -- SA slots ------------------------------------------------------------------------------------ */
+typedef struct Slot Slot;
+struct Slot {
+    PyObject_HEAD PyObject *sa;
+    PyObject *filter; /* FilterObject or None (inbound only) */
+    int kind, outbound, esn;
+    uint32_t spi;
+    /* outbound */
+    ef_aead aead;
+    size_t pad_to, max_esp;
+    /* inbound */
+    ef_inbound in;
+    ef_selectors selectors;
+    ef_selector *selector_memory;
+    /* the mirror of the Python state while a batch runs */
+    int loaded;
+    Slot *next_loaded;
+    PyObject *counters;
+    uint64_t next_seq, seq_mark, packets, bytes, packet_mark, byte_mark, persist_mark;
+    uint64_t loaded_next_seq, loaded_top, loaded_packets, loaded_bytes;
+    double time_mark;
+    int hard_expired;
+    Py_buffer blocks;
+    uint64_t drops[EF_NREASONS];
+};
+
+static void Slot_dealloc(Slot *self) {
+    ef_aead_free(&self->aead);
+    ef_aead_free(&self->in.aead);
+    PyMem_Free(self->selector_memory);
+    Py_XDECREF(self->sa);
+    Py_XDECREF(self->filter);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int parse_selectors(PyObject *list, ef_selector *out, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(list, i);
+        unsigned long long a[6];
+        PyObject *lo, *hi;
+        int version, proto, plo, phi;
+        if (!PyArg_ParseTuple(t, "iOOiii", &version, &lo, &hi, &proto, &plo, &phi)) return -1;
+        for (int k = 0; k < 2; k++) {
+            PyObject *v = k ? hi : lo, *shift = PyLong_FromLong(64), *mask = PyLong_FromUnsignedLongLong(UINT64_MAX);
+            PyObject *high = shift ? PyNumber_Rshift(v, shift) : NULL, *low = mask ? PyNumber_And(v, mask) : NULL;
+            a[2 * k] = high ? PyLong_AsUnsignedLongLong(high) : 0;
+            a[2 * k + 1] = low ? PyLong_AsUnsignedLongLong(low) : 0;
+            Py_XDECREF(shift);
+            Py_XDECREF(mask);
+            Py_XDECREF(high);
+            Py_XDECREF(low);
+            if (PyErr_Occurred()) return -1;
+        }
+        if ((version != 4 && version != 6) || proto < 0 || proto > 255 || plo < -2 || phi > 65535) {
+            PyErr_SetString(PyExc_ValueError, "bad compiled selector");
+            return -1;
+        }
+        out[i].version = (uint8_t)version;
+        out[i].lo.hi = a[0];
+        out[i].lo.lo = a[1];
+        out[i].hi.hi = a[2];
+        out[i].hi.lo = a[3];
+        out[i].protocol = (uint8_t)proto;
+        out[i].port_lo = plo;
+        out[i].port_hi = phi;
+    }
+    return 0;
+}
+
+static PyTypeObject SlotType;
+
+/* Slot(sa, outbound, kind, key, salt, spi, esn, *, pad_to=0, max_esp=0, local=None, remote=None, filter=None)
+ * kind 0: the pure-Python engine handles this SA; 1: AES-GCM-16; 2: ChaCha20-Poly1305.
+ * local/remote: compiled selectors (selector_match.compile_selector tuples), None: match all. */
+static int Slot_init(Slot *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"sa",      "outbound", "kind",  "key",    "salt",   "spi", "esn",
+                            "pad_to",  "max_esp",  "local", "remote", "filter", NULL};
+    PyObject *sa, *local = Py_None, *remote = Py_None, *filter = Py_None;
+    int outbound, kind, esn;
+    Py_buffer key, salt;
+    unsigned long spi;
+    Py_ssize_t pad_to = 0, max_esp = 0;
+    if (self->sa != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a slot is initialised once");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Opiy*y*kp|$nnOOO", names, &sa, &outbound, &kind, &key, &salt, &spi,
+                                     &esn, &pad_to, &max_esp, &local, &remote, &filter))
+        return -1;
+    if (kind < 0 || kind > 2 || salt.len != (kind ? 4 : salt.len) || spi > 0xFFFFFFFFul || pad_to < 0 ||
+        max_esp < 0 || (filter != Py_None && !PyObject_TypeCheck(filter, &FilterType))) {
+        PyErr_SetString(PyExc_ValueError, "bad slot parameters");
+        goto fail;
+    }
+    self->outbound = outbound;
+    self->kind = kind;
+    self->esn = esn;
+    self->spi = (uint32_t)spi;
+    self->pad_to = (size_t)pad_to;
+    self->max_esp = (size_t)max_esp;
+    if (kind) {
+        ef_aead *a = outbound ? &self->aead : &self->in.aead;
+        if (ef_aead_init(a, kind, key.buf, (size_t)key.len, salt.buf, outbound) < 0) {
+            PyErr_SetString(PyExc_ValueError, "OpenSSL refused the AEAD key");
+            goto fail;
+        }
+    }
+    if (!outbound && kind && local != Py_None) {
+        PyObject *l = PySequence_Fast(local, "local selectors"), *r = l ? PySequence_Fast(remote, "remote selectors") : NULL;
+        Py_ssize_t nl, nr;
+        if (r == NULL) {
+            Py_XDECREF(l);
+            goto fail;
+        }
+        nl = PySequence_Fast_GET_SIZE(l);
+        nr = PySequence_Fast_GET_SIZE(r);
+        self->selector_memory = PyMem_Calloc((size_t)(nl + nr + 1), sizeof(ef_selector));
+        if (self->selector_memory == NULL || parse_selectors(l, self->selector_memory, nl) < 0 ||
+            parse_selectors(r, self->selector_memory + nl, nr) < 0) {
+            if (self->selector_memory == NULL) PyErr_NoMemory();
+            Py_DECREF(l);
+            Py_DECREF(r);
+            goto fail;
+        }
+        self->selectors.local = self->selector_memory;
+        self->selectors.nlocal = (uint32_t)nl;
+        self->selectors.remote = self->selector_memory + nl;
+        self->selectors.nremote = (uint32_t)nr;
+        self->in.selectors = &self->selectors;
+        Py_DECREF(l);
+        Py_DECREF(r);
+    }
+    self->in.spi = self->spi;
+    self->in.esn = esn;
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&salt);
+    Py_INCREF(sa);
+    self->sa = sa;
+    Py_INCREF(filter);
+    self->filter = filter;
+    return 0;
+fail:
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&salt);
+    return -1;
+}
+
+static PyObject *Slot_get_filter(Slot *self, void *closure) {
+    PyObject *f = self->filter ? self->filter : Py_None;
+    Py_INCREF(f);
+    return f;
+}
+
+static int Slot_set_filter(Slot *self, PyObject *value, void *closure) {
+    if (value == NULL || (value != Py_None && !PyObject_TypeCheck(value, &FilterType))) {
+        PyErr_SetString(PyExc_TypeError, "filter must be a Filter or None");
+        return -1;
+    }
+    if (in_batch) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot replace a filter while a batch runs");
+        return -1;
+    }
+    Py_INCREF(value);
+    Py_XSETREF(self->filter, value);
+    return 0;
+}
+
+static PyGetSetDef Slot_getset[] = {
+    {"filter", (getter)Slot_get_filter, (setter)Slot_set_filter, "The identity's Filter, or None.", NULL}, {NULL}};
+
+static PyMemberDef Slot_members[] = {
+    {"sa", T_OBJECT, offsetof(Slot, sa), READONLY, "The Python SA state this slot mirrors."},
+    {"kind", T_INT, offsetof(Slot, kind), READONLY, "0 pure Python, 1 AES-GCM-16, 2 ChaCha20-Poly1305."},
+    {"spi", T_UINT, offsetof(Slot, spi), READONLY, "The SPI."},
+    {NULL}};
+
+static PyTypeObject SlotType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "_espfast.Slot",
+    .tp_basicsize = sizeof(Slot),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One SA as the compiled loop sees it: keyed cipher context and a reference to the Python state.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Slot_init,
+    .tp_dealloc = (destructor)Slot_dealloc,
+    .tp_members = Slot_members,
+    .tp_getset = Slot_getset,
+};
+
+/* Read the Python state into the mirror. */
+static int slot_read(Slot *s) {
+    PyObject *sa = s->sa, *v;
+    if (get_u64(s->counters, s_packets, &s->packets) < 0 || get_u64(s->counters, s_bytes, &s->bytes) < 0 ||
+        get_mark(sa, s_packet_mark, &s->packet_mark) < 0 || get_mark(sa, s_byte_mark, &s->byte_mark) < 0)
+        return -1;
+    v = PyObject_GetAttr(sa, s_time_mark);
+    if (v == NULL) return -1;
+    s->time_mark = PyFloat_AsDouble(v);
+    Py_DECREF(v);
+    if (s->time_mark == -1.0 && PyErr_Occurred()) return -1;
+    v = PyObject_GetAttr(sa, s_hard_expired);
+    if (v == NULL) return -1;
+    s->hard_expired = v != Py_None;
+    Py_DECREF(v);
+    if (s->outbound) {
+        if (get_mark(sa, s_next_seq, &s->next_seq) < 0 || get_mark(sa, s_seq_mark, &s->seq_mark) < 0) return -1;
+        if (s->next_seq == UINT64_MAX) s->seq_mark = 0; /* out of 64 bits: always the slow path */
+        s->loaded_next_seq = s->next_seq;
+    } else {
+        PyObject *replay = PyObject_GetAttr(sa, s_replay);
+        int r;
+        if (replay == NULL) return -1;
+        r = get_u64(replay, s_top, &s->in.replay.top);
+        Py_DECREF(replay);
+        if (r < 0 || get_mark(sa, s_persist_mark, &s->persist_mark) < 0) return -1;
+        s->loaded_top = s->in.replay.top;
+    }
+    s->loaded_packets = s->packets;
+    s->loaded_bytes = s->bytes;
+    return 0;
+}
+
+/* Write the mirror back (only what changed; drops are added and zeroed). */
+static int slot_write(Slot *s) {
+    int r = 0;
+    if (s->outbound && s->next_seq != s->loaded_next_seq) {
+        r |= set_u64(s->sa, s_next_seq, s->next_seq);
+        s->loaded_next_seq = s->next_seq;
+    }
+    if (!s->outbound && s->in.replay.top != s->loaded_top) {
+        PyObject *replay = PyObject_GetAttr(s->sa, s_replay);
+        r |= replay ? set_u64(replay, s_top, s->in.replay.top) : -1;
+        Py_XDECREF(replay);
+        s->loaded_top = s->in.replay.top;
+    }
+    if (s->packets != s->loaded_packets) {
+        r |= set_u64(s->counters, s_packets, s->packets);
+        s->loaded_packets = s->packets;
+    }
+    if (s->bytes != s->loaded_bytes) {
+        r |= set_u64(s->counters, s_bytes, s->bytes);
+        s->loaded_bytes = s->bytes;
+    }
+    r |= add_drops(s->counters, s->drops);
+    return r ? -1 : 0;
+}
+
+/* First packet of the slot in this batch: take its counters object and its replay words, read the rest. */
+static int slot_load(Slot *s, Slot **loaded) {
+    if (s->loaded) return 0;
+    memset(s->drops, 0, sizeof(s->drops));
+    s->counters = PyObject_GetAttr(s->sa, s_counters);
+    if (s->counters == NULL) return -1;
+    if (!s->outbound) {
+        PyObject *replay = PyObject_GetAttr(s->sa, s_replay), *v, *blocks;
+        uint64_t size = 0;
+        if (replay == NULL) goto fail;
+        v = PyObject_GetAttr(replay, s_size);
+        if (v != NULL) size = PyLong_AsUnsignedLongLong(v);
+        Py_XDECREF(v);
+        blocks = PyErr_Occurred() ? NULL : PyObject_GetAttr(replay, s_blocks);
+        Py_DECREF(replay);
+        if (blocks == NULL) goto fail;
+        if (PyObject_GetBuffer(blocks, &s->blocks, PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
+            Py_DECREF(blocks);
+            goto fail;
+        }
+        Py_DECREF(blocks);
+        if (s->blocks.itemsize != 8 || s->blocks.len < 8 || s->blocks.len % 8 || size > (1u << 20) ||
+            (uint64_t)s->blocks.len / 8 != (size ? (size + 63) / 64 + 1 : 1)) {
+            PyBuffer_Release(&s->blocks);
+            PyErr_SetString(PyExc_TypeError, "replay.blocks must be an array('Q') of ceil(W/64)+1 words");
+            goto fail;
+        }
+        s->in.replay.blocks = s->blocks.buf;
+        s->in.replay.nblocks = (uint32_t)(s->blocks.len / 8);
+        s->in.replay.size = (uint32_t)size;
+        s->in.replay.esn = s->esn;
+    }
+    if (slot_read(s) < 0) {
+        if (!s->outbound) PyBuffer_Release(&s->blocks);
+        goto fail;
+    }
+    s->loaded = 1;
+    Py_INCREF(s);
+    s->next_loaded = *loaded;
+    *loaded = s;
+    return 0;
+fail:
+    Py_CLEAR(s->counters);
+    return -1;
+}
+
+/* Write every loaded slot back and let go of it; keeps the first error. */
+static int flush_all(Slot **loaded) {
+    int r = 0;
+    PyObject *et = NULL, *ev = NULL, *tb = NULL;
+    if (PyErr_Occurred()) PyErr_Fetch(&et, &ev, &tb);
+    while (*loaded) {
+        Slot *s = *loaded;
+        *loaded = s->next_loaded;
+        s->next_loaded = NULL;
+        if (slot_write(s) < 0) {
+            if (et == NULL)
+                PyErr_Fetch(&et, &ev, &tb);
+            else
+                PyErr_Clear();
+            r = -1;
+        }
+        if (!s->outbound) {
+            PyBuffer_Release(&s->blocks);
+            s->in.replay.blocks = NULL;
+        }
+        Py_CLEAR(s->counters);
+        s->loaded = 0;
+        Py_DECREF(s);
+    }
+    if (et != NULL) {
+        PyErr_Restore(et, ev, tb);
+        r = -1;
+    }
+    return r;
+}
+
+/* Call a slow-path method on the SA with the mirror written back, then read the state again. */
+static PyObject *slow_path(Slot *s, PyObject *method, PyObject *arg) {
+    PyObject *result;
+    if (slot_write(s) < 0) return NULL;
+    result = arg ? PyObject_CallMethodOneArg(s->sa, method, arg) : PyObject_CallMethodNoArgs(s->sa, method);
+    if (result != NULL && slot_read(s) < 0) Py_CLEAR(result);
+    return result;
+}
+
+/* The sign of a Python int: -1, 0, 1; -2 with an exception set if it is none. */
+static int int_sign(PyObject *v) {
+    int overflow;
+    long long x;
+    if (!PyLong_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "expected an int");
+        return -2;
+    }
+    x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (x == -1 && PyErr_Occurred()) return -2;
+    return overflow ? overflow : (x > 0) - (x < 0);
+}
+
+/* -- batch inputs and outputs ------------------------------------------------------------------- */
+typedef struct {
+    ef_span *pkts;
+    PyObject **objs; /* the bytes object of each packet when it is one (else NULL) */
+    size_t n;
+    PyObject *tuple;
+    Py_buffer *views;
+    size_t nviews;
+    Py_buffer whole;
+    int have_whole;
+} Inputs;
+
+static void inputs_release(Inputs *in) {
+    for (size_t i = 0; i < in->nviews; i++) PyBuffer_Release(&in->views[i]);
+    if (in->have_whole) PyBuffer_Release(&in->whole);
+    Py_CLEAR(in->tuple);
+    PyMem_Free(in->pkts);
+    PyMem_Free(in->objs);
+    PyMem_Free(in->views);
+    memset(in, 0, sizeof(*in));
+}
+
+static int inputs_load(Inputs *in, PyObject *packets, PyObject *spans, Py_ssize_t count) {
+    memset(in, 0, sizeof(*in));
+    if (spans == Py_None) {
+        Py_ssize_t n;
+        in->tuple = PySequence_Tuple(packets);
+        if (in->tuple == NULL) return -1;
+        n = PyTuple_GET_SIZE(in->tuple);
+        in->pkts = PyMem_Calloc((size_t)n + 1, sizeof(ef_span));
+        in->objs = PyMem_Calloc((size_t)n + 1, sizeof(PyObject *));
+        in->views = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
+        if (!in->pkts || !in->objs || !in->views) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *item = PyTuple_GET_ITEM(in->tuple, i);
+            if (PyBytes_CheckExact(item)) {
+                if (PyBytes_GET_SIZE(item) > UINT32_MAX) goto too_big;
+                in->pkts[i].data = (const uint8_t *)PyBytes_AS_STRING(item);
+                in->pkts[i].len = (uint32_t)PyBytes_GET_SIZE(item);
+                in->objs[i] = item;
+            } else {
+                Py_buffer *v = &in->views[in->nviews];
+                if (PyObject_GetBuffer(item, v, PyBUF_SIMPLE) < 0) return -1;
+                in->nviews++;
+                if (v->len > UINT32_MAX) goto too_big;
+                in->pkts[i].data = v->buf;
+                in->pkts[i].len = (uint32_t)v->len;
+            }
+        }
+        in->n = (size_t)n;
+        return 0;
+    }
+    {
+        Py_buffer sv;
+        if (PyObject_GetBuffer(packets, &in->whole, PyBUF_SIMPLE) < 0) return -1;
+        in->have_whole = 1;
+        if (PyObject_GetBuffer(spans, &sv, PyBUF_SIMPLE) < 0) return -1;
+        if (count < 0 || (size_t)count * SPAN_BYTES > (size_t)sv.len) {
+            PyBuffer_Release(&sv);
+            PyErr_SetString(PyExc_ValueError, "count exceeds the spans");
+            return -1;
+        }
+        in->pkts = PyMem_Calloc((size_t)count + 1, sizeof(ef_span));
+        in->objs = PyMem_Calloc((size_t)count + 1, sizeof(PyObject *));
+        if (!in->pkts || !in->objs) {
+            PyBuffer_Release(&sv);
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < count; i++) {
+            uint32_t w[SPAN_WORDS];
+            memcpy(w, (uint8_t *)sv.buf + (size_t)i * SPAN_BYTES, SPAN_BYTES);
+            if ((uint64_t)w[0] + w[1] > (uint64_t)in->whole.len) {
+                PyBuffer_Release(&sv);
+                PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
+                return -1;
+            }
+            in->pkts[i].data = (const uint8_t *)in->whole.buf + w[0];
+            in->pkts[i].len = w[1];
+        }
+        PyBuffer_Release(&sv);
+        in->n = (size_t)count;
+        return 0;
+    }
+too_big:
+    PyErr_SetString(PyExc_ValueError, "packet larger than 4 GiB");
+    return -1;
+}
+
+/* A bytes object for packet i (the original one if it is bytes). New reference. */
+static PyObject *input_bytes(const Inputs *in, size_t i) {
+    if (in->objs[i] != NULL) {
+        Py_INCREF(in->objs[i]);
+        return in->objs[i];
+    }
+    return PyBytes_FromStringAndSize((const char *)in->pkts[i].data, in->pkts[i].len);
+}
+
+typedef struct {
+    Py_buffer data, spans;
+    int have_data, have_spans;
+    uint8_t *p;
+    size_t cap, at, count, span_cap;
+} Outputs;
+
+static int grow(PyObject *ba, size_t need) {
+    if (!PyByteArray_Check(ba)) {
+        PyErr_SetString(PyExc_TypeError, "outputs must be bytearrays");
+        return -1;
+    }
+    if ((size_t)PyByteArray_GET_SIZE(ba) < need) return PyByteArray_Resize(ba, (Py_ssize_t)need);
+    return 0;
+}
+
+static int outputs_open(Outputs *o, PyObject *data, PyObject *spans, size_t need, size_t max_count) {
+    memset(o, 0, sizeof(*o));
+    if (grow(data, need ? need : 1) < 0 || grow(spans, (max_count ? max_count : 1) * SPAN_BYTES) < 0) return -1;
+    if (PyObject_GetBuffer(data, &o->data, PyBUF_WRITABLE) < 0) return -1;
+    o->have_data = 1;
+    if (PyObject_GetBuffer(spans, &o->spans, PyBUF_WRITABLE) < 0) return -1;
+    o->have_spans = 1;
+    o->p = o->data.buf;
+    o->cap = (size_t)o->data.len;
+    o->span_cap = (size_t)o->spans.len / SPAN_BYTES;
+    return 0;
+}
+
+static void outputs_release(Outputs *o) {
+    if (o->have_data) PyBuffer_Release(&o->data);
+    if (o->have_spans) PyBuffer_Release(&o->spans);
+    o->have_data = o->have_spans = 0;
+}
+
+/* Unlock the outputs and trim them to what was written (`data` is then exactly the packets). */
+static PyObject *outputs_finish(Outputs *o, PyObject *data, PyObject *spans, PyObject *result) {
+    int opened = o->have_data && o->have_spans;
+    outputs_release(o);
+    if (result != NULL && opened &&
+        (PyByteArray_Resize(data, (Py_ssize_t)o->at) < 0 ||
+         PyByteArray_Resize(spans, (Py_ssize_t)(o->count * SPAN_BYTES)) < 0))
+        Py_CLEAR(result);
+    return result;
+}
+
+static int emit(Outputs *o, size_t len, uint32_t tag) {
+    uint32_t w[SPAN_WORDS] = {(uint32_t)o->at, (uint32_t)len, tag};
+    if (o->count >= o->span_cap || len > o->cap - o->at || o->at + len > UINT32_MAX) {
+        PyErr_SetString(PyExc_RuntimeError, "_espfast: output bound miscomputed");
+        return -1;
+    }
+    memcpy((uint8_t *)o->spans.buf + o->count * SPAN_BYTES, w, SPAN_BYTES);
+    o->count++;
+    o->at += len;
+    return 0;
+}
+
+/* Copy a bytes result of the Python engine into the output. */
+static int emit_bytes(Outputs *o, PyObject *b, uint32_t tag) {
+    size_t len = (size_t)PyBytes_GET_SIZE(b);
+    if (len > o->cap - o->at) {
+        PyErr_SetString(PyExc_RuntimeError, "_espfast: output bound miscomputed");
+        return -1;
+    }
+    memcpy(o->p + o->at, PyBytes_AS_STRING(b), len);
+    return emit(o, len, tag);
+}
+
+static void account(FlowTableObject *flows, uint32_t spi, int direction, const uint8_t *p, size_t n) {
+    ef_inner_header h;
+    if (flows == NULL) return;
+    ef_flows_add(&flows->flows, spi, direction, ef_parse_inner(p, n, &h) == 0 ? &h : NULL, n);
+}
+
+static int enter_batch(void) {
+    if (in_batch) {
+        PyErr_SetString(PyExc_RuntimeError, "_espfast batches do not nest");
+        return -1;
+    }
+    in_batch = 1;
+    return 0;
+}
+
+/* -- encrypt ------------------------------------------------------------------------------------- */
+/* encrypt_batch(slots, which, packets, spans, count, now, out, out_spans, flows) -> int
+ * slots: tuple of outbound Slots; which: None (all slot 0) or a u16 buffer, one per packet. */
+static PyObject *encrypt_batch(PyObject *mod, PyObject *args) {
+    PyObject *slots, *which, *packets, *spans, *out, *out_spans, *flows_obj, *now_obj = NULL, *result = NULL;
+    Py_ssize_t count;
+    double now;
+    Inputs in;
+    Outputs o;
+    Py_buffer wv;
+    int have_which = 0;
+    Slot *loaded = NULL;
+    size_t need = 0, nslots;
+    FlowTableObject *flows = NULL;
+
+    memset(&in, 0, sizeof(in));
+    memset(&o, 0, sizeof(o));
+    if (!PyArg_ParseTuple(args, "O!OOOndO!O!O", &PyTuple_Type, &slots, &which, &packets, &spans, &count, &now,
+                          &PyByteArray_Type, &out, &PyByteArray_Type, &out_spans, &flows_obj))
+        return NULL;
+    if (flows_obj != Py_None) {
+        if (!PyObject_TypeCheck(flows_obj, &FlowTableType)) {
+            PyErr_SetString(PyExc_TypeError, "flows must be a FlowTable or None");
+            return NULL;
+        }
+        flows = (FlowTableObject *)flows_obj;
+    }
+    nslots = (size_t)PyTuple_GET_SIZE(slots);
+    for (size_t k = 0; k < nslots; k++) {
+        PyObject *s = PyTuple_GET_ITEM(slots, k);
+        if (!PyObject_TypeCheck(s, &SlotType) || !((Slot *)s)->outbound || ((Slot *)s)->sa == NULL) {
+            PyErr_SetString(PyExc_TypeError, "slots must be initialised outbound Slots");
+            return NULL;
+        }
+    }
+    if (enter_batch() < 0) return NULL;
+    if (inputs_load(&in, packets, spans, count) < 0) goto done;
+    if (which != Py_None) {
+        if (PyObject_GetBuffer(which, &wv, PyBUF_SIMPLE) < 0) goto done;
+        have_which = 1;
+        if ((size_t)wv.len < in.n * 2) {
+            PyErr_SetString(PyExc_ValueError, "which: one u16 slot index per packet");
+            goto done;
+        }
+    }
+    for (size_t i = 0; i < in.n; i++) {
+        uint16_t k = 0;
+        Slot *s;
+        if (have_which) memcpy(&k, (uint8_t *)wv.buf + 2 * i, 2);
+        if (k >= nslots) {
+            PyErr_SetString(PyExc_IndexError, "which: slot index out of range");
+            goto done;
+        }
+        s = (Slot *)PyTuple_GET_ITEM(slots, k);
+        if (s->kind) { /* what does not fit max_esp is dropped, not written */
+            size_t sealed = ef_esp_sealed_length(in.pkts[i].len, s->pad_to);
+            need += sealed < s->max_esp ? sealed : s->max_esp;
+        } else { /* the Python engine: at most an IP packet's worth */
+            size_t body = in.pkts[i].len > s->pad_to ? in.pkts[i].len : s->pad_to;
+            need += (body < EF_MAX_IP ? body : EF_MAX_IP) + 128;
+        }
+    }
+    if (outputs_open(&o, out, out_spans, need, in.n) < 0) goto done;
+    now_obj = PyFloat_FromDouble(now);
+    if (now_obj == NULL) goto done;
+
+    for (size_t i = 0; i < in.n; i++) {
+        const uint8_t *p = in.pkts[i].data;
+        size_t n = in.pkts[i].len;
+        uint16_t k = 0;
+        Slot *s;
+        int version, nh;
+        uint64_t seq;
+        long sealed;
+        if (have_which) memcpy(&k, (uint8_t *)wv.buf + 2 * i, 2);
+        s = (Slot *)PyTuple_GET_ITEM(slots, k);
+        if (s->kind == SLOT_PYTHON) {
+            PyObject *pkt = input_bytes(&in, i), *esp;
+            if (pkt == NULL) goto done;
+            esp = PyObject_CallFunctionObjArgs(py_encrypt_esp, s->sa, pkt, now_obj, NULL);
+            Py_DECREF(pkt);
+            if (esp == NULL) goto done;
+            if (esp != Py_None) {
+                if (!PyBytes_Check(esp) || emit_bytes(&o, esp, k) < 0) {
+                    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "encrypt_esp returned no bytes");
+                    Py_DECREF(esp);
+                    goto done;
+                }
+                account(flows, s->spi, 1, p, n);
+            }
+            Py_DECREF(esp);
+            continue;
+        }
+        if (slot_load(s, &loaded) < 0) goto done;
+        if (now >= s->time_mark) { /* outbound_gate */
+            PyObject *r = slow_path(s, s_on_time, now_obj);
+            if (r == NULL) goto done;
+            Py_DECREF(r);
+        }
+        if (s->hard_expired) {
+            s->drops[EF_LIFETIME]++;
+            continue;
+        }
+        version = n ? p[0] >> 4 : 0;
+        nh = version == 4 ? 4 : version == 6 ? 41 : 0;
+        if (!nh || ef_inner_ip_length(p, n) != (long)n) {
+            s->drops[EF_MALFORMED]++;
+            continue;
+        }
+        if (ef_esp_sealed_length(n, s->pad_to) > s->max_esp) {
+            s->drops[EF_MALFORMED]++;
+            continue;
+        }
+        if (s->next_seq < s->seq_mark) {
+            seq = s->next_seq++;
+        } else {
+            PyObject *r = slow_path(s, s_take_sequence, NULL);
+            int sign;
+            if (r == NULL) goto done;
+            sign = int_sign(r);
+            seq = sign > 0 ? PyLong_AsUnsignedLongLong(r) : 0;
+            Py_DECREF(r);
+            if (sign == -2 || PyErr_Occurred()) goto done;
+            if (sign < 0) continue; /* no number may be used: counted by the Python slow path */
+            /* slow_path read back next_seq, which take_sequence advanced */
+        }
+        sealed = ef_esp_seal(&s->aead, s->spi, seq, s->esn, p, n, s->pad_to, (uint8_t)nh, o.p + o.at, o.cap - o.at);
+        if (sealed < 0) {
+            PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed to seal an ESP packet");
+            goto done;
+        }
+        if (emit(&o, (size_t)sealed, k) < 0) goto done;
+        s->packets++;
+        s->bytes += n;
+        if (s->packets >= s->packet_mark || s->bytes >= s->byte_mark) {
+            PyObject *r = slow_path(s, s_on_volume, NULL);
+            if (r == NULL) goto done;
+            Py_DECREF(r);
+        }
+        account(flows, s->spi, 1, p, n);
+    }
+    result = PyLong_FromSize_t(o.count);
+done:
+    if (flush_all(&loaded) < 0) Py_CLEAR(result);
+    if (have_which) PyBuffer_Release(&wv);
+    result = outputs_finish(&o, out, out_spans, result);
+    inputs_release(&in);
+    Py_XDECREF(now_obj);
+    in_batch = 0;
+    return result;
+}
+
+/* -- the inbound SA table ------------------------------------------------------------------------ */
+typedef struct {
+    PyObject_HEAD PyObject *counters; /* TrafficCounters of drops that belong to no SA */
+    PyObject *by_spi;                 /* dict spi -> Slot: the Python view */
+    Slot **buckets;
+    uint32_t nbuckets;
+    uint64_t drops[EF_NREASONS];
+} TableObject;
+
+static int Table_init(TableObject *self, PyObject *args, PyObject *kw) {
+    PyObject *counters;
+    if (!PyArg_ParseTuple(args, "O", &counters)) return -1;
+    Py_INCREF(counters);
+    Py_XSETREF(self->counters, counters);
+    Py_XSETREF(self->by_spi, PyDict_New());
+    return self->by_spi ? 0 : -1;
+}
+
+static void Table_dealloc(TableObject *self) {
+    PyMem_Free(self->buckets);
+    Py_XDECREF(self->counters);
+    Py_XDECREF(self->by_spi);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static inline uint32_t spi_hash(uint32_t spi) { return (uint32_t)((spi * 0x9E3779B97F4A7C15ull) >> 32); }
+
+static int Table_rebuild(TableObject *self) {
+    Py_ssize_t n = PyDict_GET_SIZE(self->by_spi), pos = 0;
+    uint32_t nb = 16;
+    PyObject *key, *value;
+    Slot **b;
+    while (nb < 2 * (uint32_t)n) nb <<= 1;
+    b = PyMem_Calloc(nb, sizeof(Slot *));
+    if (b == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    while (PyDict_Next(self->by_spi, &pos, &key, &value)) {
+        Slot *s = (Slot *)value;
+        uint32_t i = spi_hash(s->spi) & (nb - 1);
+        while (b[i]) i = (i + 1) & (nb - 1);
+        b[i] = s; /* borrowed: by_spi holds the reference */
+    }
+    PyMem_Free(self->buckets);
+    self->buckets = b;
+    self->nbuckets = nb;
+    return 0;
+}
+
+static Slot *table_find(const TableObject *t, uint32_t spi) {
+    uint32_t mask = t->nbuckets - 1;
+    if (t->buckets == NULL) return NULL;
+    for (uint32_t i = spi_hash(spi) & mask;; i = (i + 1) & mask) {
+        Slot *s = t->buckets[i];
+        if (s == NULL || s->spi == spi) return s;
+    }
+}
+
+static PyObject *Table_add(TableObject *self, PyObject *slot) {
+    PyObject *key;
+    int r;
+    if (!PyObject_TypeCheck(slot, &SlotType) || ((Slot *)slot)->outbound || ((Slot *)slot)->sa == NULL) {
+        PyErr_SetString(PyExc_TypeError, "add() takes an initialised inbound Slot");
+        return NULL;
+    }
+    if (in_batch) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot change the table while a batch runs");
+        return NULL;
+    }
+    key = PyLong_FromUnsignedLong(((Slot *)slot)->spi);
+    if (key == NULL) return NULL;
+    r = PyDict_Contains(self->by_spi, key);
+    if (r == 0) r = PyDict_SetItem(self->by_spi, key, slot);
+    else if (r == 1) PyErr_Format(PyExc_ValueError, "inbound SPI %#x is already installed", ((Slot *)slot)->spi), r = -1;
+    Py_DECREF(key);
+    if (r < 0 || Table_rebuild(self) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Table_remove(TableObject *self, PyObject *spi) {
+    PyObject *slot;
+    if (in_batch) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot change the table while a batch runs");
+        return NULL;
+    }
+    slot = PyDict_GetItemWithError(self->by_spi, spi);
+    if (slot == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(slot);
+    if (PyDict_DelItem(self->by_spi, spi) < 0 || Table_rebuild(self) < 0) {
+        Py_DECREF(slot);
+        return NULL;
+    }
+    return slot;
+}
+
+static PyObject *Table_get(TableObject *self, PyObject *spi) {
+    PyObject *slot = PyDict_GetItemWithError(self->by_spi, spi);
+    if (slot == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        slot = Py_None;
+    }
+    Py_INCREF(slot);
+    return slot;
+}
+
+static Py_ssize_t Table_len(TableObject *self) { return PyDict_GET_SIZE(self->by_spi); }
+
+static PyMethodDef Table_methods[] = {
+    {"add", (PyCFunction)Table_add, METH_O, "Install an inbound Slot under its SPI."},
+    {"remove", (PyCFunction)Table_remove, METH_O, "Remove the Slot of an SPI; returns it or None."},
+    {"get", (PyCFunction)Table_get, METH_O, "The Slot of an SPI, or None."},
+    {NULL}};
+
+static PySequenceMethods Table_as_sequence = {.sq_length = (lenfunc)Table_len};
+
+static PyTypeObject TableType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "_espfast.InboundTable",
+    .tp_basicsize = sizeof(TableObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Inbound Slots by SPI, and the counters of drops that belong to no SA.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Table_init,
+    .tp_dealloc = (destructor)Table_dealloc,
+    .tp_methods = Table_methods,
+    .tp_as_sequence = &Table_as_sequence,
+};
+
+/* -- decrypt ------------------------------------------------------------------------------------- */
+/* After the engine passed an inner packet: the identity's filter, flow accounting, output. */
+static int deliver(Outputs *o, Slot *s, FlowTableObject *flows, size_t len) {
+    const uint8_t *p = o->p + o->at;
+    ef_inner_header h;
+    int parsed = ef_parse_inner(p, len, &h) == 0;
+    if (s->filter != Py_None && s->filter != NULL) {
+        FilterObject *f = (FilterObject *)s->filter;
+        if (!parsed || !ef_filter_allows(&f->filter, &h)) {
+            f->denied++;
+            return 0;
+        }
+        f->allowed++;
+    }
+    if (flows != NULL) ef_flows_add(&flows->flows, s->spi, 0, parsed ? &h : NULL, len);
+    return emit(o, len, s->spi);
+}
+
+/* decrypt_batch(table, packets, spans, count, now, out, out_spans, flows, non_esp=None) -> int
+ * ESP payloads (SPI .. ICV) of any SA in the table -> inner packets; span tags are SPIs.
+ * non_esp: a list that receives the input index of every NAT keepalive and non-ESP-marker
+ * (IKE) datagram instead of counting them as drops. */
+static PyObject *decrypt_batch(PyObject *mod, PyObject *args) {
+    PyObject *packets, *spans, *out, *out_spans, *flows_obj, *non_esp = Py_None, *now_obj = NULL, *result = NULL;
+    TableObject *table;
+    Py_ssize_t count;
+    double now;
+    Inputs in;
+    Outputs o;
+    Slot *loaded = NULL;
+    size_t need = 0;
+    FlowTableObject *flows = NULL;
+
+    memset(&in, 0, sizeof(in));
+    memset(&o, 0, sizeof(o));
+    if (!PyArg_ParseTuple(args, "O!OOndO!O!O|O", &TableType, &table, &packets, &spans, &count, &now, &PyByteArray_Type,
+                          &out, &PyByteArray_Type, &out_spans, &flows_obj, &non_esp))
+        return NULL;
+    if (non_esp != Py_None && !PyList_Check(non_esp)) {
+        PyErr_SetString(PyExc_TypeError, "non_esp must be a list or None");
+        return NULL;
+    }
+    if (flows_obj != Py_None) {
+        if (!PyObject_TypeCheck(flows_obj, &FlowTableType)) {
+            PyErr_SetString(PyExc_TypeError, "flows must be a FlowTable or None");
+            return NULL;
+        }
+        flows = (FlowTableObject *)flows_obj;
+    }
+    if (enter_batch() < 0) return NULL;
+    Py_INCREF(table);
+    if (inputs_load(&in, packets, spans, count) < 0) goto done;
+    for (size_t i = 0; i < in.n; i++) need += (size_t)in.pkts[i].len + 64; /* transport mode may add an IP header */
+    if (outputs_open(&o, out, out_spans, need, in.n) < 0) goto done;
+    now_obj = PyFloat_FromDouble(now);
+    if (now_obj == NULL) goto done;
+
+    for (size_t i = 0; i < in.n; i++) {
+        const uint8_t *p = in.pkts[i].data;
+        size_t n = in.pkts[i].len, inner_len;
+        Slot *s;
+        int status, accepted;
+        if (non_esp != Py_None && ((n == 1 && p[0] == 0xFF) || (n >= 4 && !p[0] && !p[1] && !p[2] && !p[3]))) {
+            /* RFC 3948: a NAT keepalive, or IKE behind the non-ESP marker: the shell's, not a drop */
+            PyObject *index = PyLong_FromSize_t(i);
+            if (index == NULL || PyList_Append(non_esp, index) < 0) {
+                Py_XDECREF(index);
+                goto done;
+            }
+            Py_DECREF(index);
+            continue;
+        }
+        if (n < 8) {
+            table->drops[EF_MALFORMED]++;
+            continue;
+        }
+        s = table_find(table, (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]);
+        if (s == NULL) {
+            table->drops[EF_UNKNOWN_SPI]++;
+            continue;
+        }
+        if (s->kind == SLOT_PYTHON) {
+            PyObject *pkt = input_bytes(&in, i), *inner;
+            if (pkt == NULL) goto done;
+            inner = PyObject_CallFunctionObjArgs(py_decrypt_esp, s->sa, pkt, now_obj, NULL);
+            Py_DECREF(pkt);
+            if (inner == NULL) goto done;
+            if (inner != Py_None) {
+                size_t len;
+                if (!PyBytes_Check(inner)) {
+                    PyErr_SetString(PyExc_TypeError, "decrypt_esp returned no bytes");
+                    Py_DECREF(inner);
+                    goto done;
+                }
+                len = (size_t)PyBytes_GET_SIZE(inner);
+                if (len > o.cap - o.at) {
+                    PyErr_SetString(PyExc_RuntimeError, "_espfast: output bound miscomputed");
+                    Py_DECREF(inner);
+                    goto done;
+                }
+                memcpy(o.p + o.at, PyBytes_AS_STRING(inner), len);
+                if (deliver(&o, s, flows, len) < 0) {
+                    Py_DECREF(inner);
+                    goto done;
+                }
+            }
+            Py_DECREF(inner);
+            continue;
+        }
+        if (slot_load(s, &loaded) < 0) goto done;
+        if (now >= s->time_mark) {
+            PyObject *r = slow_path(s, s_on_time, now_obj);
+            if (r == NULL) goto done;
+            Py_DECREF(r);
+        }
+        if (s->hard_expired) {
+            s->drops[EF_LIFETIME]++;
+            continue;
+        }
+        status = ef_esp_open(&s->in, p, n, o.p + o.at, o.cap - o.at, &inner_len, &accepted);
+        if (status == EF_CRYPTO_ERROR) {
+            PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed to open an ESP packet");
+            goto done;
+        }
+        if (accepted && s->in.replay.top >= s->persist_mark) {
+            PyObject *r = slow_path(s, s_on_replay_top, NULL);
+            if (r == NULL) goto done;
+            Py_DECREF(r);
+        }
+        if (status != EF_OK) {
+            s->drops[status]++;
+            continue;
+        }
+        s->packets++;
+        s->bytes += inner_len;
+        if (s->packets >= s->packet_mark || s->bytes >= s->byte_mark) {
+            PyObject *r = slow_path(s, s_on_volume, NULL);
+            if (r == NULL) goto done;
+            Py_DECREF(r);
+        }
+        if (deliver(&o, s, flows, inner_len) < 0) goto done;
+    }
+    result = PyLong_FromSize_t(o.count);
+done:
+    if (flush_all(&loaded) < 0) Py_CLEAR(result);
+    if (add_drops(table->counters, table->drops) < 0) Py_CLEAR(result);
+    result = outputs_finish(&o, out, out_spans, result);
+    inputs_release(&in);
+    Py_XDECREF(now_obj);
+    Py_DECREF(table);
+    in_batch = 0;
+    return result;
+}
+
+/* -- segmentation -------------------------------------------------------------------------------- */
+/* split_frames(frames, spans, count, out, out_spans) -> (packets, dropped)
+ * TUN frames (virtio_net_hdr + packet) -> wire packets; span tags are frame indices. */
+static PyObject *split_frames(PyObject *mod, PyObject *args) {
+    PyObject *frames, *spans, *out, *out_spans, *result = NULL;
+    Py_ssize_t count;
+    Inputs in;
+    Outputs o;
+    size_t need = 0, npkts = 0, dropped = 0;
+    uint32_t *lens = NULL;
+    memset(&in, 0, sizeof(in));
+    memset(&o, 0, sizeof(o));
+    if (!PyArg_ParseTuple(args, "OOnO!O!", &frames, &spans, &count, &PyByteArray_Type, &out, &PyByteArray_Type,
+                          &out_spans))
+        return NULL;
+    if (inputs_load(&in, frames, spans, count) < 0) goto done;
+    for (size_t i = 0; i < in.n; i++) {
+        size_t bytes;
+        long c = ef_split_size(in.pkts[i].data, in.pkts[i].len, &bytes);
+        if (c > 0) {
+            need += bytes;
+            npkts += (size_t)c;
+        }
+    }
+    lens = PyMem_Malloc((npkts + 1) * sizeof(uint32_t));
+    if (lens == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (outputs_open(&o, out, out_spans, need, npkts) < 0) goto done;
+    for (size_t i = 0; i < in.n; i++) {
+        long c = ef_split_frame(in.pkts[i].data, in.pkts[i].len, o.p + o.at, o.cap - o.at, lens, npkts - o.count);
+        if (c < 0) {
+            dropped++;
+            continue;
+        }
+        for (long k = 0; k < c; k++)
+            if (emit(&o, lens[k], (uint32_t)i) < 0) goto done;
+    }
+    result = Py_BuildValue("(nn)", (Py_ssize_t)o.count, (Py_ssize_t)dropped);
+done:
+    result = outputs_finish(&o, out, out_spans, result);
+    inputs_release(&in);
+    PyMem_Free(lens);
+    return result;
+}
+
+/* coalesce(packets, spans, count, merge_udp, out, out_spans) -> int
+ * Inner packets -> TUN frames with merged TCP (and UDP) runs; span tags are each frame's first packet. */
+static PyObject *coalesce(PyObject *mod, PyObject *args) {
+    PyObject *packets, *spans, *out, *out_spans, *result = NULL;
+    Py_ssize_t count;
+    int merge_udp;
+    Inputs in;
+    Outputs o;
+    void *scratch = NULL;
+    uint32_t *lens = NULL, *firsts = NULL;
+    ef_coalesce_state st;
+    size_t need;
+    long frames;
+    memset(&in, 0, sizeof(in));
+    memset(&o, 0, sizeof(o));
+    if (!PyArg_ParseTuple(args, "OOnpO!O!", &packets, &spans, &count, &merge_udp, &PyByteArray_Type, &out,
+                          &PyByteArray_Type, &out_spans))
+        return NULL;
+    if (inputs_load(&in, packets, spans, count) < 0) goto done;
+    scratch = PyMem_Malloc(ef_coalesce_scratch_bytes(in.n) + 16);
+    lens = PyMem_Malloc((in.n + 1) * sizeof(uint32_t));
+    firsts = PyMem_Malloc((in.n + 1) * sizeof(uint32_t));
+    if (scratch == NULL || lens == NULL || firsts == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    need = ef_coalesce_plan(in.pkts, in.n, merge_udp, scratch, &st);
+    if (outputs_open(&o, out, out_spans, need, st.nitems) < 0) goto done;
+    frames = ef_coalesce_write(in.pkts, &st, o.p, o.cap, lens, firsts, in.n);
+    if (frames < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "_espfast: coalesce output bound miscomputed");
+        goto done;
+    }
+    for (long k = 0; k < frames; k++)
+        if (emit(&o, lens[k], firsts[k]) < 0) goto done;
+    result = PyLong_FromSize_t(o.count);
+done:
+    result = outputs_finish(&o, out, out_spans, result);
+    inputs_release(&in);
+    PyMem_Free(scratch);
+    PyMem_Free(lens);
+    PyMem_Free(firsts);
+    return result;
+}
+
+/* -- helpers for the UDP room ------------------------------------------------------------------- */
+/* gso_runs(spans, count, max_segments, max_bytes) -> [(offset, length, segment, count, tag)]
+ * Runs of packets that can leave in one UDP GSO send: contiguous in the buffer, the same tag,
+ * all of the first one's size but a shorter last one, at most max_segments and max_bytes. */
+static PyObject *gso_runs(PyObject *mod, PyObject *args) {
+    Py_buffer sv;
+    Py_ssize_t count, max_segments, max_bytes;
+    PyObject *out;
+    size_t i = 0;
+    if (!PyArg_ParseTuple(args, "y*nnn", &sv, &count, &max_segments, &max_bytes)) return NULL;
+    if (count < 0 || (size_t)count * SPAN_BYTES > (size_t)sv.len || max_segments < 1 || max_bytes < 1) {
+        PyBuffer_Release(&sv);
+        PyErr_SetString(PyExc_ValueError, "bad gso_runs arguments");
+        return NULL;
+    }
+    out = PyList_New(0);
+    while (out != NULL && i < (size_t)count) {
+        uint32_t first[SPAN_WORDS], w[SPAN_WORDS];
+        size_t j = i + 1, total, end;
+        PyObject *run;
+        memcpy(first, (uint8_t *)sv.buf + i * SPAN_BYTES, SPAN_BYTES);
+        total = first[1];
+        end = (size_t)first[0] + first[1];
+        while (j < (size_t)count && j - i < (size_t)max_segments) {
+            memcpy(w, (uint8_t *)sv.buf + j * SPAN_BYTES, SPAN_BYTES);
+            if (w[2] != first[2] || w[0] != end || w[1] > first[1] || total + w[1] > (size_t)max_bytes) break;
+            total += w[1];
+            end += w[1];
+            j++;
+            if (w[1] < first[1]) break;
+        }
+        run = Py_BuildValue("(kknnk)", (unsigned long)first[0], (unsigned long)total, (Py_ssize_t)first[1],
+                            (Py_ssize_t)(j - i), (unsigned long)first[2]);
+        if (run == NULL || PyList_Append(out, run) < 0) Py_CLEAR(out);
+        Py_XDECREF(run);
+        i = j;
+    }
+    PyBuffer_Release(&sv);
+    return out;
+}
+
+/* segment_spans(nbytes, segment, tag) -> bytearray: spans cutting a GRO read into its datagrams. */
+static PyObject *segment_spans(PyObject *mod, PyObject *args) {
+    Py_ssize_t nbytes, segment;
+    unsigned long tag;
+    PyObject *out;
+    size_t n;
+    uint32_t *w;
+    if (!PyArg_ParseTuple(args, "nnk", &nbytes, &segment, &tag)) return NULL;
+    if (nbytes < 0 || segment < 1 || nbytes > UINT32_MAX || tag > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bad segment_spans arguments");
+        return NULL;
+    }
+    n = ((size_t)nbytes + (size_t)segment - 1) / (size_t)segment;
+    out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(n * SPAN_BYTES));
+    if (out == NULL) return NULL;
+    w = (uint32_t *)PyByteArray_AS_STRING(out);
+    for (size_t k = 0; k < n; k++) {
+        size_t at = k * (size_t)segment, len = (size_t)nbytes - at < (size_t)segment ? (size_t)nbytes - at : (size_t)segment;
+        w[3 * k] = (uint32_t)at;
+        w[3 * k + 1] = (uint32_t)len;
+        w[3 * k + 2] = (uint32_t)tag;
+    }
+    return out;
+}
+
+/* -- module -------------------------------------------------------------------------------------- */
+static PyObject *configure(PyObject *mod, PyObject *args) {
+    PyObject *reasons, *enc, *dec;
+    if (!PyArg_ParseTuple(args, "O!OO", &PyTuple_Type, &reasons, &enc, &dec)) return NULL;
+    if (PyTuple_GET_SIZE(reasons) != EF_NREASONS) {
+        PyErr_Format(PyExc_ValueError, "expected %d drop reasons (index 0 unused)", EF_NREASONS);
+        return NULL;
+    }
+    for (int i = 0; i < EF_NREASONS; i++) {
+        PyObject *r = PyTuple_GET_ITEM(reasons, i);
+        Py_INCREF(r);
+        Py_XSETREF(drop_reasons[i], r);
+    }
+    Py_INCREF(enc);
+    Py_XSETREF(py_encrypt_esp, enc);
+    Py_INCREF(dec);
+    Py_XSETREF(py_decrypt_esp, dec);
+    Py_RETURN_NONE;
+}
+
+static PyObject *build_info(PyObject *mod, PyObject *unused) {
+    return Py_BuildValue("{s:s,s:s,s:i}", "openssl", OpenSSL_version(OPENSSL_VERSION), "compiled_against",
+                         OPENSSL_VERSION_TEXT, "sanitized",
+#if defined(__SANITIZE_ADDRESS__)
+                         1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+                         1
+#else
+                         0
+#endif
+#else
+                         0
+#endif
+    );
+}
+
+static PyMethodDef module_methods[] = {
+    {"configure", configure, METH_VARARGS, "configure(drop_reasons, encrypt_esp, decrypt_esp)"},
+    {"encrypt_batch", encrypt_batch, METH_VARARGS,
+     "encrypt_batch(slots, which, packets, spans, count, now, out, out_spans, flows) -> int"},
+    {"decrypt_batch", decrypt_batch, METH_VARARGS,
+     "decrypt_batch(table, packets, spans, count, now, out, out_spans, flows, non_esp=None) -> int"},
+    {"split_frames", split_frames, METH_VARARGS, "split_frames(frames, spans, count, out, out_spans) -> (n, dropped)"},
+    {"coalesce", coalesce, METH_VARARGS, "coalesce(packets, spans, count, merge_udp, out, out_spans) -> int"},
+    {"gso_runs", gso_runs, METH_VARARGS, "gso_runs(spans, count, max_segments, max_bytes) -> [(offset, length, segment, count, tag)]"},
+    {"segment_spans", segment_spans, METH_VARARGS, "segment_spans(nbytes, segment, tag) -> bytearray"},
+    {"build_info", build_info, METH_NOARGS, "OpenSSL version and build flags."},
+    {NULL}};
+
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_espfast", "The compiled ESP batch loop.", -1,
+                                        module_methods};
+
+#define INTERN(var, text)                                                                                              \
+    do {                                                                                                               \
+        if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL;                                            \
+    } while (0)
+
+PyMODINIT_FUNC PyInit__espfast(void) {
+    PyObject *m, *names;
+    INTERN(s_next_seq, "next_seq");
+    INTERN(s_seq_mark, "seq_mark");
+    INTERN(s_counters, "counters");
+    INTERN(s_packets, "packets");
+    INTERN(s_bytes, "bytes");
+    INTERN(s_drops, "drops");
+    INTERN(s_packet_mark, "packet_mark");
+    INTERN(s_byte_mark, "byte_mark");
+    INTERN(s_time_mark, "time_mark");
+    INTERN(s_hard_expired, "hard_expired");
+    INTERN(s_replay, "replay");
+    INTERN(s_top, "top");
+    INTERN(s_blocks, "blocks");
+    INTERN(s_persist_mark, "persist_mark");
+    INTERN(s_on_time, "on_time");
+    INTERN(s_on_volume, "on_volume");
+    INTERN(s_take_sequence, "take_sequence");
+    INTERN(s_on_replay_top, "on_replay_top");
+    INTERN(s_size, "size");
+    if (PyType_Ready(&FilterType) < 0 || PyType_Ready(&FlowTableType) < 0 || PyType_Ready(&SlotType) < 0 ||
+        PyType_Ready(&TableType) < 0)
+        return NULL;
+    m = PyModule_Create(&module_def);
+    if (m == NULL) return NULL;
+    names = PyTuple_New(EF_NREASONS);
+    if (names == NULL) return NULL;
+    for (int i = 0; i < EF_NREASONS; i++) PyTuple_SET_ITEM(names, i, PyUnicode_FromString(DROP_NAMES[i]));
+    if (PyModule_AddObject(m, "DROP_REASON_NAMES", names) < 0) return NULL;
+    Py_INCREF(&FilterType);
+    Py_INCREF(&FlowTableType);
+    Py_INCREF(&SlotType);
+    Py_INCREF(&TableType);
+    if (PyModule_AddObject(m, "Filter", (PyObject *)&FilterType) < 0 ||
+        PyModule_AddObject(m, "FlowTable", (PyObject *)&FlowTableType) < 0 ||
+        PyModule_AddObject(m, "Slot", (PyObject *)&SlotType) < 0 ||
+        PyModule_AddObject(m, "InboundTable", (PyObject *)&TableType) < 0 ||
+        PyModule_AddIntConstant(m, "SPAN_BYTES", (long)SPAN_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "AEAD_OVERHEAD", EF_AEAD_OVERHEAD) < 0)
+        return NULL;
+    return m;
+}

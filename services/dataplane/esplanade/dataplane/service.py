@@ -1,0 +1,221 @@
+"""The dataplane service process: `esplanade serve dataplane`.
+
+    serve(settings)
+      1. choose the backend (`choose_backend(settings.dataplane.backend)`; the reason shows in
+         GetStatus) and start it. The userspace backend forks its workers here, before gRPC
+         and the store client start any thread.
+      2. `run_service`: store connection (health follows it), gRPC server, /metrics.
+      3. register the node under a lease (`dataplane/nodes/<node>`), start the reconciler
+         (store -> backend; acks), the IKE relay sockets (UDP 500 here; 4500 in the workers,
+         or here with UDP_ENCAP_ESPINUDP for the kernel backend), and the event pump.
+
+If the userspace datapath dies (a worker exited), the service stops with status 1: it holds
+nothing that is not in the store, so a restart (systemd, Kubernetes) reinstalls everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+
+from esplanade.config.settings import Settings
+from esplanade.dataplane.backend import DataplaneBackend, DataplaneError
+from esplanade.dataplane.backend_selection import BackendChoice, choose_backend
+from esplanade.dataplane.ike_relay import IkeRelay
+from esplanade.dataplane.ike_sockets import IkeSocket
+from esplanade.dataplane.kernel.backend import KernelXfrmBackend
+from esplanade.dataplane.node_membership import NodeMembership
+from esplanade.dataplane.ownership import SaOwnership
+from esplanade.dataplane.reconciler import Reconciler
+from esplanade.dataplane.sequence_ledger import StoreSaPersistence
+from esplanade.dataplane.servicer import SERVICE_NAME, DataplaneServicer, EventHub, ServicerParts, publish_event
+from esplanade.dataplane.userspace.backend import UserspaceBackend, UserspaceBackendSettings, default_workers
+from esplanade.dataplane.userspace.datapath import DatapathSettings
+from esplanade.runtime.service_host import ServiceContext, run_service
+from esplanade.store.base import Store
+from esplanade.store.factory import open_sealer, open_store
+from esplanade.v1 import dataplane_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE = 1.0  # seconds a worker loss waits for the stop request that may explain it
+
+
+@dataclass
+class DataplaneNode:
+    """What one dataplane process runs; built before `run_service`, completed in `setup`."""
+
+    settings: Settings
+    node: str
+    choice: BackendChoice
+    store: Store
+    backend: DataplaneBackend
+    persistence: StoreSaPersistence
+    relay: IkeRelay = field(default_factory=IkeRelay)
+    events: EventHub = field(default_factory=EventHub)
+    sockets: list[IkeSocket] = field(default_factory=list)
+    failure: str = ""
+
+
+def node_name(settings: Settings) -> str:
+    return settings.dataplane.node or socket.gethostname()
+
+
+def bind_address(settings: Settings) -> str:
+    listen = settings.dataplane.listen_addresses
+    return listen[0] if listen else "0.0.0.0"
+
+
+def build_backend(settings: Settings, choice: BackendChoice, persistence: StoreSaPersistence) -> DataplaneBackend:
+    dp = settings.dataplane
+    if choice.name == "kernel":
+        return KernelXfrmBackend(reason=choice.reason, capabilities=choice.capabilities)
+    datapath = DatapathSettings(
+        tun_name=dp.tun_name,
+        workers=default_workers(dp.workers),
+        bind_address=bind_address(settings),
+        port=dp.udp_port,
+        path_mtu=dp.path_mtu,
+        plain_esp=dp.plain_esp and ipaddress.ip_address(bind_address(settings)).version == 4,
+        realtime_priority=dp.realtime_priority,
+    )
+    return UserspaceBackend(
+        UserspaceBackendSettings(datapath, sequence_block=dp.sequence_block, replay_block=dp.replay_block),
+        persistence,
+        reason=choice.reason,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    node = node_name(settings)
+    choice = choose_backend(settings.dataplane.backend)
+    store = open_store(settings.store)
+    persistence = StoreSaPersistence(store, node)
+    backend = build_backend(settings, choice, persistence)
+    try:
+        await backend.start()  # forks the userspace workers: no threads may exist yet
+    except DataplaneError as exc:
+        log.error("dataplane backend %s did not start: %s", choice.name, exc)
+        raise SystemExit(1) from None
+    runtime = DataplaneNode(settings, node, choice, store, backend, persistence)
+    stop = asyncio.Event()
+    if isinstance(backend, UserspaceBackend):
+
+        def on_failure(reason: str) -> None:
+            # A stop of the whole process group (systemd, `kill -TERM -pgid`) ends the workers
+            # as it ends us; only a loss that no stop request explains within a grace period
+            # is a failure.
+            def confirm() -> None:
+                if not stop.is_set():
+                    runtime.failure = reason
+                    stop.set()
+
+            asyncio.get_running_loop().call_later(STOP_GRACE, confirm)
+
+        backend.on_failure = on_failure
+    try:
+        await run_service(
+            "dataplane",
+            settings.endpoints.dataplane,
+            settings,
+            store,
+            lambda ctx: setup(ctx, runtime),
+            [SERVICE_NAME],
+            stop_event=stop,
+        )
+    finally:
+        for sock in runtime.sockets:
+            sock.close()
+        await backend.stop()
+    if runtime.failure:
+        log.error("dataplane stopped: %s", runtime.failure)
+        sys.exit(1)
+
+
+async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
+    settings, backend, relay = runtime.settings, runtime.backend, runtime.relay
+    dp = settings.dataplane
+    sealer = open_sealer(settings.kek)
+    membership = NodeMembership(
+        runtime.store,
+        runtime.node,
+        dp.lease_seconds,
+        {
+            "grpc": settings.endpoints.dataplane,
+            "backend": runtime.choice.name,
+            "capacity": {"workers": default_workers(dp.workers) if runtime.choice.name == "userspace" else 0},
+            "pid": os.getpid(),
+        },
+    )
+    reconciler = Reconciler(
+        runtime.store,
+        sealer,
+        backend,
+        runtime.node,
+        ownership=SaOwnership(runtime.node),
+        persistence=runtime.persistence,
+        lease=lambda: membership.lease_id,
+    )
+    membership.on_new_lease.append(reconciler.rewrite_acks)
+    relay.ike_port, relay.natt_port = dp.ike_port, dp.udp_port
+
+    address = bind_address(settings)
+    port500 = IkeSocket(address, dp.ike_port, relay.deliver)
+    runtime.sockets.append(port500)
+    relay.set_sender(dp.ike_port, port500.send)
+    if isinstance(backend, UserspaceBackend):
+        backend.set_ike_handler(relay.deliver)
+        relay.set_sender(dp.udp_port, backend.send_ike)
+    else:  # the kernel decapsulates ESP-in-UDP on this socket and hands IKE up
+        port4500 = IkeSocket(address, dp.udp_port, relay.deliver, esp_in_udp=True)
+        runtime.sockets.append(port4500)
+        relay.set_sender(dp.udp_port, port4500.send)
+
+    def details() -> dict[str, str]:
+        out = {
+            "lease_renewals": str(membership.renewals),
+            "ledger_writes": str(runtime.persistence.writes),
+            "incarnation": runtime.persistence.incarnation,
+        }
+        for sock in runtime.sockets:
+            for name, count in sock.counters.items():
+                out[f"udp{sock.port}_{name}"] = str(count)
+        return out
+
+    servicer = DataplaneServicer(
+        ServicerParts(
+            node=runtime.node,
+            store=runtime.store,
+            sealer=sealer,
+            backend=backend,
+            reconciler=reconciler,
+            relay=relay,
+            events=runtime.events,
+            backend_reason=runtime.choice.reason,
+            details=details,
+        )
+    )
+    dataplane_pb2_grpc.add_DataplaneServicer_to_server(servicer, ctx.server.server)
+
+    async def pump_events() -> None:
+        async for event in backend.events():
+            publish_event(runtime.events, event, runtime.node)
+
+    async def membership_then_reconcile() -> None:
+        registered = asyncio.create_task(membership.run())
+        await membership.registered.wait()
+        try:
+            await reconciler.run()
+        finally:
+            registered.cancel()
+
+    ctx.readiness.append(reconciler.ready.is_set)
+    ctx.readiness.append(lambda: not getattr(backend, "failed", ""))
+    ctx.spawn(pump_events(), "dataplane-events")
+    ctx.spawn(membership_then_reconcile(), "dataplane-reconciler")
+    ctx.on_stop.append(membership.leave)

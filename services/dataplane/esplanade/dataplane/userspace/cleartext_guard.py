@@ -1,0 +1,146 @@
+"""RFC 4301 §5.2 for the userspace backend: cleartext from a protected peer subnet is discarded.
+
+Packets that arrive without IPsec never pass through the userspace datapath: the host
+delivers them itself. So the guard lives in the kernel, which checks every packet it
+delivers or forwards against its XFRM policies even when it has no ESP:
+
+- each inbound PROTECT policy (IN, or FWD) is mirrored as an XFRM BLOCK policy with the same
+  selectors and priority, in both the IN and the FWD direction (traffic for this host and
+  for hosts behind it);
+- the TUN gets `disable_policy` (IPv4 and IPv6): what the datapath decrypted and wrote into
+  it skips the check, as packets the kernel decapsulated itself would pass theirs;
+- the datapath's and the service's own sockets (UDP 500/4500, raw ESP) carry a per-socket
+  bypass (`kernel.socket_options.bypass_ipsec`), so a "protect everything" policy never
+  blocks the ESP and IKE between the gateways.
+
+Without NETLINK_XFRM (a kernel without XFRM, or no CAP_NET_ADMIN) the guard reports itself
+off in the status and the SPD still governs everything that passes through the datapath.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from esplanade.dataplane.backend import DataplaneError
+from esplanade.dataplane.kernel.xfrm_client import XfrmClient
+from esplanade.dataplane.kernel.xfrm_messages import XfrmPolicyAction, XfrmPolicyDir
+from esplanade.dataplane.kernel.xfrm_policy import XfrmPolicy, XfrmPolicyKey, xfrm_policies_from_spd
+from esplanade.dataplane.kernel.xfrm_socket import XfrmSocket
+from esplanade.ipsec.spd import PolicyAction, PolicyDirection, SpdPolicy
+
+log = logging.getLogger(__name__)
+
+GUARD_DIRECTIONS = (PolicyDirection.IN, PolicyDirection.FWD)
+
+
+def guarded(policy: SpdPolicy) -> bool:
+    return policy.direction in GUARD_DIRECTIONS and policy.action == PolicyAction.PROTECT
+
+
+def is_guard_policy(policy: XfrmPolicy) -> bool:
+    """What the guard installs: template-less BLOCK policies, IN or FWD. On a node whose IPsec
+    runs in userspace nothing else installs those (leftovers of a crashed predecessor are ours)."""
+    return (
+        policy.direction in (XfrmPolicyDir.IN, XfrmPolicyDir.FWD)
+        and policy.action == XfrmPolicyAction.BLOCK
+        and not policy.templates
+    )
+
+
+class CleartextGuard:
+    def __init__(self, tun: str, proc_sys: Path = Path("/proc/sys")) -> None:
+        self.tun = tun
+        self.proc_sys = proc_sys
+        self._sock: XfrmSocket | None = None
+        self._client: XfrmClient | None = None
+        self._installed: dict[str, list[XfrmPolicy]] = {}  # SPD policy id -> its kernel policies
+        self.swept = 0
+        self.note = "not started"
+
+    @property
+    def active(self) -> bool:
+        return self._client is not None
+
+    async def start(self) -> None:
+        try:
+            for family in ("ipv4", "ipv6"):
+                (self.proc_sys / "net" / family / "conf" / self.tun / "disable_policy").write_text("1")
+        except OSError as exc:
+            self.note = f"off: cannot exempt {self.tun} from XFRM policies ({exc.strerror})"
+            log.warning("inbound cleartext guard %s", self.note)
+            return
+        try:
+            self._sock = XfrmSocket()
+            self._client = XfrmClient(self._sock)
+            # kill -9 leaves kernel state behind: a predecessor's guard policies go first
+            for stale in self._client.dump_policies():
+                if is_guard_policy(stale):
+                    self._client.delete_policy(stale.key)
+                    self.swept += 1
+        except (OSError, DataplaneError) as exc:
+            self.note = f"off: {exc}"
+            log.warning("inbound cleartext guard %s", self.note)
+            self._close()
+            return
+        self.note = "on: XFRM BLOCK policies mirror the inbound PROTECT policies"
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._client = None
+
+    async def stop(self) -> None:
+        for policy_id in list(self._installed):
+            await self.remove(policy_id)
+        self._close()
+
+    def _kernel_policies(self, policy: SpdPolicy) -> list[XfrmPolicy]:
+        out: list[XfrmPolicy] = []
+        for direction in GUARD_DIRECTIONS:
+            block = replace(policy, direction=direction, action=PolicyAction.DISCARD, trap=False, reqid=0)
+            out.extend(xfrm_policies_from_spd(block, reqid=0))
+        return out
+
+    async def add(self, policy: SpdPolicy) -> None:
+        """Mirror `policy` (replacing an earlier version of it); all or nothing (DataplaneError)."""
+        client = self._client
+        if client is None:
+            return
+        if not guarded(policy):
+            await self.remove(policy.id)
+            return
+        wanted = self._kernel_policies(policy)
+        previous = self._installed.get(policy.id, [])
+        done: list[XfrmPolicy] = []
+        try:
+            for kernel_policy in wanted:
+                client.update_policy(kernel_policy)  # create or replace: idempotent after a crash
+                done.append(kernel_policy)
+        except DataplaneError:
+            kept = {p.key for p in previous}
+            for kernel_policy in done:
+                if kernel_policy.key not in kept:
+                    self._delete(kernel_policy.key)
+            raise
+        wanted_keys = {p.key for p in wanted}
+        for old in previous:
+            if old.key not in wanted_keys:
+                self._delete(old.key)
+        self._installed[policy.id] = wanted
+
+    async def remove(self, policy_id: str) -> None:
+        for kernel_policy in self._installed.pop(policy_id, []):
+            self._delete(kernel_policy.key)
+
+    def _delete(self, key: XfrmPolicyKey) -> None:
+        if self._client is None:
+            return
+        try:
+            self._client.delete_policy(key)
+        except DataplaneError as exc:
+            log.warning("cleartext guard policy %s not removed: %s", key, exc)
+
+    def status(self) -> str:
+        return f"{self.note} ({len(self._installed)} policies)" if self.active else self.note

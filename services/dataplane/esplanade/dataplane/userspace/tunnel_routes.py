@@ -1,0 +1,172 @@
+"""Routes that send protected (and to-be-discarded) traffic into the TUN, from the SPD.
+
+An outbound PROTECT or DISCARD policy routes its remote networks into the TUN: the datapath
+then encrypts or drops them, so nothing a policy covers leaves in clear. BYPASS ranges are
+left to the host's own routes. Several policies may name one network: the route goes when
+the last of them does.
+
+Per route:
+- the preferred source (as strongSwan's install_routes): a local address inside the
+  policy's local selector, so the host's own traffic toward the remote site matches the SPD;
+- the MTU of the Child SA the policy names: the largest inner packet whose ESP packet with
+  that SA's transforms fits the outer path MTU (never above the TUN's own MTU);
+- a pinned host route to the tunnel endpoint when the remote network contains it (a "protect
+  everything" policy), so ESP and IKE to the peer do not loop back into the TUN.
+
+All netlink work goes through `netconfig.LinkConfigurator` (pyroute2), never `ip`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from esplanade.dataplane.userspace.mtu import esp_overhead, inner_mtu
+from esplanade.dataplane.userspace.netconfig import LinkConfigurator, NetConfigError
+from esplanade.ipsec.sa import ChildSaRecord
+from esplanade.ipsec.spd import PolicyAction, PolicyDirection, SpdPolicy
+
+log = logging.getLogger(__name__)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(slots=True)
+class _Route:
+    network: Network
+    policies: set[str] = field(default_factory=set)
+    source: str = ""
+    mtu: int = 0
+
+
+def routed(policy: SpdPolicy) -> bool:
+    """Does this policy route its remote networks into the TUN?"""
+    return policy.direction == PolicyDirection.OUT and policy.action in (PolicyAction.PROTECT, PolicyAction.DISCARD)
+
+
+class TunnelRoutes:
+    def __init__(
+        self,
+        tun: str,
+        tun_mtu: int,
+        path_mtu: int,
+        configurator: Callable[[], LinkConfigurator] = LinkConfigurator,
+    ) -> None:
+        self.tun = tun
+        self.tun_mtu = tun_mtu
+        self.path_mtu = path_mtu
+        self._configurator = configurator
+        self._routes: dict[Network, _Route] = {}
+        self._pins: dict[str, set[Network]] = {}  # endpoint -> routes that cover it
+
+    def routes(self) -> list[dict[str, object]]:
+        return [
+            {"network": str(r.network), "source": r.source, "mtu": r.mtu, "policies": sorted(r.policies)}
+            for r in self._routes.values()
+        ]
+
+    # -- sizes --------------------------------------------------------------------------
+    def mtu_for(self, record: ChildSaRecord | None) -> int:
+        if record is None:
+            return 0
+        sa = record.outbound
+        if sa.encr is None:
+            return 0
+        outer_v6 = ipaddress.ip_address(sa.dst).version == 6
+        try:
+            mtu = inner_mtu(self.path_mtu, esp_overhead(sa.encr, sa.integ, sa.encap is not None, outer_v6))
+        except ValueError:
+            return 0
+        return min(mtu, self.tun_mtu)
+
+    # -- policies -----------------------------------------------------------------------
+    def add_policy(self, policy: SpdPolicy, child: ChildSaRecord | None, endpoints: set[str]) -> None:
+        """Route the policy's remote networks into the TUN. All or nothing (NetConfigError)."""
+        if not routed(policy):
+            return
+        added: list[Network] = []
+        with self._configurator() as links:
+            source = self._source_in(links, policy)
+            mtu = self.mtu_for(child)
+            try:
+                for network in policy.remote_ts.networks():
+                    route = self._routes.get(network)
+                    if route is None:
+                        for endpoint in sorted(endpoints | ({policy.tunnel_dst} if policy.tunnel_dst else set())):
+                            if ipaddress.ip_address(endpoint) in network:
+                                self._pin(links, endpoint, network)
+                        links.replace_route(str(network), self.tun, source=source, mtu=mtu)
+                        self._routes[network] = _Route(network, {policy.id}, source, mtu)
+                        added.append(network)
+                    else:
+                        route.policies.add(policy.id)
+            except (NetConfigError, ValueError):
+                for network in added:
+                    self._drop(links, network, policy.id)
+                for route in self._routes.values():
+                    route.policies.discard(policy.id)
+                raise
+
+    def remove_policy(self, policy: SpdPolicy) -> None:
+        if not routed(policy):
+            return
+        with self._configurator() as links:
+            for network in list(self._routes):
+                self._drop(links, network, policy.id)
+
+    def update_child(self, policies: list[SpdPolicy], child: ChildSaRecord | None) -> None:
+        """The Child SA these policies name changed: set their routes' MTU to its transforms."""
+        mtu = self.mtu_for(child)
+        with self._configurator() as links:
+            for policy in policies:
+                if not routed(policy):
+                    continue
+                for network in policy.remote_ts.networks():
+                    route = self._routes.get(network)
+                    if route is None or route.mtu == mtu:
+                        continue
+                    try:
+                        links.replace_route(str(network), self.tun, source=route.source, mtu=mtu)
+                        route.mtu = mtu
+                    except NetConfigError as exc:  # the old MTU stays: too large, never wrong direction
+                        log.warning("route MTU of %s not updated: %s", network, exc)
+
+    # -- internals ----------------------------------------------------------------------
+    def _drop(self, links: LinkConfigurator, network: Network, policy_id: str) -> None:
+        route = self._routes.get(network)
+        if route is None or policy_id not in route.policies:
+            return
+        route.policies.discard(policy_id)
+        if route.policies:
+            return
+        del self._routes[network]
+        try:
+            links.delete_route(str(network), self.tun)
+        except NetConfigError as exc:
+            log.warning("route %s not removed: %s", network, exc)
+        for endpoint, covering in list(self._pins.items()):
+            covering.discard(network)
+            if not covering:
+                del self._pins[endpoint]
+                try:
+                    links.delete_host_route(endpoint)
+                except NetConfigError as exc:
+                    log.warning("pinned route to %s not removed: %s", endpoint, exc)
+
+    def _pin(self, links: LinkConfigurator, endpoint: str, network: Network) -> None:
+        if endpoint not in self._pins:
+            links.pin_host_route(endpoint)
+            self._pins[endpoint] = set()
+        self._pins[endpoint].add(network)
+
+    @staticmethod
+    def _source_in(links: LinkConfigurator, policy: SpdPolicy) -> str:
+        """A local address inside the policy's local selector ("" if there is none)."""
+        local = policy.local_ts
+        lo, hi = int(local.start_addr), int(local.end_addr)
+        for address in links.local_addresses(local.version):
+            if lo <= int(ipaddress.ip_address(address)) <= hi:
+                return address
+        return ""

@@ -1,0 +1,178 @@
+"""The reconciler makes the backend follow the store: at start, on every change, after a Resync."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from esplanade.dataplane.backend import BackendStatus, DataplaneEvent, NotFound, SaCounters, Unsupported
+from esplanade.dataplane.ownership import SaOwnership
+from esplanade.dataplane.reconciler import Reconciler
+from esplanade.dataplane.sa_persistence import MemorySaPersistence
+from esplanade.ipsec.sa import ChildSaRecord, Lifetime, SecurityAssociation, UdpEncap
+from esplanade.ipsec.selectors import TrafficSelector
+from esplanade.ipsec.spd import PolicyDirection, SpdPolicy
+from esplanade.ipsec.transforms import ENCR_AES_GCM_16_128, Direction, Mode
+from esplanade.store import schema
+from esplanade.store.base import Resync, Store
+from esplanade.store.embedded import EmbeddedStore
+from esplanade.store.sealing import Keyring, Sealer, encode_document
+from tests.conditions import async_wait_until
+
+
+class FakeBackend:
+    def __init__(self) -> None:
+        self.children: dict[str, ChildSaRecord] = {}
+        self.policies: dict[str, SpdPolicy] = {}
+        self.calls: list[str] = []
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def status(self) -> BackendStatus:
+        return BackendStatus("fake", "test")
+
+    async def install_child_sa(self, record: ChildSaRecord) -> None:
+        if record.inbound.mode == Mode.TRANSPORT:
+            raise Unsupported("no transport mode here")
+        self.calls.append(f"install {record.id}")
+        self.children[record.id] = record
+
+    async def update_child_sa(self, record: ChildSaRecord) -> None:
+        self.calls.append(f"update {record.id}")
+        self.children[record.id] = record
+
+    async def delete_child_sa(self, child_sa_id: str) -> None:
+        if child_sa_id not in self.children:
+            raise NotFound(child_sa_id)
+        self.calls.append(f"delete {child_sa_id}")
+        del self.children[child_sa_id]
+
+    async def install_policy(self, policy: SpdPolicy) -> None:
+        self.calls.append(f"policy {policy.id}")
+        self.policies[policy.id] = policy
+
+    async def delete_policy(self, policy_id: str) -> None:
+        self.calls.append(f"unpolicy {policy_id}")
+        del self.policies[policy_id]
+
+    def counters(self) -> list[SaCounters]:
+        return []
+
+    async def events(self) -> AsyncIterator[DataplaneEvent]:
+        return
+        yield
+
+
+def record(child_id: str, spi: int, *, mode: Mode = Mode.TUNNEL, lifetime: Lifetime = Lifetime()) -> ChildSaRecord:
+    def sa(direction: Direction, spi: int) -> SecurityAssociation:
+        return SecurityAssociation(
+            spi=spi,
+            direction=direction,
+            src="192.0.2.1",
+            dst="192.0.2.2",
+            mode=mode,
+            encr=ENCR_AES_GCM_16_128,
+            encr_key=bytes(range(20)),
+            encap=UdpEncap(),
+            lifetime=lifetime,
+            local_ts=(TrafficSelector.from_network("10.1.0.0/16"),),
+            remote_ts=(TrafficSelector.from_network("10.2.0.0/16"),),
+        )
+
+    return ChildSaRecord(child_id, "conn", "net", "ike", "peer", sa(Direction.IN, spi), sa(Direction.OUT, spi + 1), 1.0)
+
+
+def policy(policy_id: str) -> SpdPolicy:
+    return SpdPolicy(
+        policy_id,
+        PolicyDirection.OUT,
+        TrafficSelector.from_network("10.1.0.0/16"),
+        TrafficSelector.from_network("10.2.0.0/16"),
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with EmbeddedStore(tmp_path / "state.db") as opened:
+        yield opened
+
+
+async def put_record(store: Store, sealer: Sealer, rec: ChildSaRecord) -> int:
+    key = schema.child_sa(rec.id)
+    return await store.put(key, encode_document(rec.to_document(sealer.bind(key).seal)))
+
+
+async def test_what_the_store_holds_at_start_is_installed_then_changes_follow(store: Store) -> None:
+    sealer = Sealer(Keyring.generate())
+    await put_record(store, sealer, record("before", 0x1000))
+    await store.put(schema.spd_policy("p1"), encode_document(policy("p1").to_document()))
+    backend, persistence = FakeBackend(), MemorySaPersistence()
+    reconciler = Reconciler(store, sealer, backend, "n1", ownership=SaOwnership("n1"), persistence=persistence)
+    task = asyncio.create_task(reconciler.run())
+    try:
+        await asyncio.wait_for(reconciler.ready.wait(), 10)
+        assert backend.calls == ["policy p1", "install before"]
+        assert await store.get(schema.install_ack("before", "n1")) is not None
+
+        revision = await put_record(store, sealer, record("later", 0x2000))
+        assert await reconciler.wait_applied(schema.child_sa("later"), revision) is None
+        assert "later" in backend.children and await store.get(schema.install_ack("later", "n1")) is not None
+
+        revision = await put_record(store, sealer, record("later", 0x2000, lifetime=Lifetime(hard_seconds=60)))
+        assert await reconciler.wait_applied(schema.child_sa("later"), revision) is None
+        assert backend.calls[-1] == "update later"
+
+        refused = await put_record(store, sealer, record("transport", 0x3000, mode=Mode.TRANSPORT))
+        error = await reconciler.wait_applied(schema.child_sa("transport"), refused)
+        assert isinstance(error, Unsupported)
+        assert "transport" not in backend.children and "transport" in str(reconciler.errors)
+
+        persistence.replay[0x2000] = 99
+        await store.delete(schema.child_sa("later"))
+        await async_wait_until(lambda: _async_value("later" not in backend.children), timeout=10, what="uninstalled")
+        assert await store.get(schema.install_ack("later", "n1")) is None
+        assert 0x2000 not in persistence.replay, "a deleted Child SA's ledger entries go with it"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_unreadable_records_are_reported_not_installed(store: Store) -> None:
+    other = Sealer(Keyring.generate("other"))
+    revision = await put_record(store, other, record("foreign", 0x4000))
+    backend = FakeBackend()
+    reconciler = Reconciler(
+        store, Sealer(Keyring.generate()), backend, "n1", ownership=SaOwnership("n1"), persistence=MemorySaPersistence()
+    )
+    task = asyncio.create_task(reconciler.run())
+    try:
+        error = await asyncio.wait_for(reconciler.wait_applied(schema.child_sa("foreign"), revision), 10)
+        assert error is not None and "not a readable Child SA" in str(error)
+        assert backend.children == {}
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_resync_removes_what_vanished_and_installs_what_appeared(store: Store) -> None:
+    sealer = Sealer(Keyring.generate())
+    backend = FakeBackend()
+    reconciler = Reconciler(
+        store, sealer, backend, "n1", ownership=SaOwnership("n1"), persistence=MemorySaPersistence()
+    )
+    await put_record(store, sealer, record("old", 0x5000))
+    await reconciler._apply_child(schema.child_sa("old"), await store.get(schema.child_sa("old")), 1)
+    await store.delete(schema.child_sa("old"))
+    await put_record(store, sealer, record("new", 0x6000))
+    kvs, revision = await store.range(schema.prefix("sas", "child"))
+    await reconciler._resync_children(Resync(revision, tuple(kvs)))
+    assert set(backend.children) == {"new"}
+
+
+async def _async_value(value: bool) -> bool:
+    return value

@@ -1,0 +1,77 @@
+"""The store ledger of sequence blocks and replay floors (`StoreSaPersistence`), on both store backends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from esplanade.dataplane.sequence_ledger import StoreSaPersistence
+from esplanade.store import schema
+from esplanade.store.base import Store
+from esplanade.store.embedded import EmbeddedStore
+from esplanade.store.etcd import EtcdStore
+from tests.etcd_server import EtcdServer
+
+SPI = 0xC0FFEE01
+
+
+@pytest.fixture(params=["embedded", pytest.param("etcd", marks=pytest.mark.etcd)])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "embedded":
+        opened: Store = EmbeddedStore(tmp_path / "state.db")
+    else:
+        server: EtcdServer = request.getfixturevalue("etcd_server")
+        opened = EtcdStore([server.endpoint], timeout=3.0)
+    await opened.connect()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def stored(store: Store, key: str) -> dict[str, object]:
+    kv = await store.get(key)
+    assert kv is not None
+    document: dict[str, object] = json.loads(kv.value)
+    return document
+
+
+async def test_a_successor_starts_after_everything_ever_reserved(store: Store) -> None:
+    first = StoreSaPersistence(store, "n1")
+    assert await first.start_outbound("c1", SPI, 1000) == (1, 1000)
+    assert await first.reserve("c1", SPI, 1750) == 1750
+    assert await first.reserve("c1", SPI, 2500) == 2500
+    successor = StoreSaPersistence(store, "n1")  # the same node after a crash: a new incarnation
+    assert await successor.start_outbound("c1", SPI, 1000) == (2501, 3500)
+    assert (await stored(store, schema.sequence_reservation(SPI)))["upto"] == 3500
+
+
+async def test_the_old_incarnation_may_not_reserve_after_a_successor_took_over(store: Store) -> None:
+    old = StoreSaPersistence(store, "n1")
+    await old.start_outbound("c1", SPI, 1000)
+    successor = StoreSaPersistence(store, "n2")
+    await successor.start_outbound("c1", SPI, 1000)
+    assert await old.reserve("c1", SPI, 1750) is None  # two senders under one SA: the old one stops
+    assert await successor.reserve("c1", SPI, 2750) == 2750
+
+
+async def test_a_reservation_never_lowers_the_ledger(store: Store) -> None:
+    ledger = StoreSaPersistence(store, "n1")
+    await ledger.start_outbound("c1", SPI, 1000)
+    assert await ledger.reserve("c1", SPI, 5000) == 5000
+    assert await ledger.reserve("c1", SPI, 3000) == 5000  # already durable (a lost answer, retried)
+    assert (await stored(store, schema.sequence_reservation(SPI)))["upto"] == 5000
+
+
+async def test_replay_floors_only_rise_and_belong_to_their_child_sa(store: Store) -> None:
+    ledger = StoreSaPersistence(store, "n1")
+    assert await ledger.replay_floor("c1", SPI) == 0
+    await ledger.persist_replay_floor("c1", SPI, 65536)
+    await ledger.persist_replay_floor("c1", SPI, 4096)
+    assert await ledger.replay_floor("c1", SPI) == 65536
+    assert await ledger.replay_floor("another", SPI) == 0  # an earlier SA's floor is not ours
+    await ledger.forget("c1", SPI, SPI + 1)
+    assert await store.get(schema.replay_high_water(SPI)) is None
