@@ -28,7 +28,7 @@ from tests.conditions import wait_until
 
 KX_PORT, DP_PORT = 50061, 50062
 # which dataplane the sites run: the dataplane service ("real") or the contract stand-in
-DATAPLANE = os.environ.get("KXS_DATAPLANE", "contract")
+DATAPLANE = os.environ.get("KXS_DATAPLANE", "real")
 REPO = Path(__file__).resolve().parents[3]
 
 

@@ -129,3 +129,23 @@ async def test_duplicate_child_sas_keep_the_policies_until_the_last_goes(store: 
     h.handle(ChildSaDeleted(first.ike_sa, first.child_id))
     await h.drain()
     assert not await _keys(store, "spd") and not await _keys(store, "sas", "child")
+
+
+async def test_a_replacing_child_sa_and_the_old_ones_delete_in_flight_together(store: EmbeddedStore) -> None:
+    """Reauthentication: the new IKE SA's Child SA is written while the old one's delete is
+    queued right behind it; the SPD entries must end up on the new one, whatever commits first."""
+    net, a, _b = pair(id_prefix="kx1.", a_over={"unique": "never"}, b_over={"unique": "never"})
+    a.engine.initiate("ab", net.now)
+    net.run()
+    old = a.of(ChildSaEstablished)[0]
+    h = await _handoff(store)
+    h.handle(old)
+    await h.drain()
+    a.engine.initiate("ab", net.now)
+    net.run()
+    new = a.of(ChildSaEstablished)[1]
+    h.handle(new)
+    h.handle(ChildSaDeleted(old.ike_sa, old.child_id))  # no drain in between
+    await h.drain()
+    assert {p["child_sa"] for p in (await _keys(store, "spd")).values()} == {new.child_id}
+    assert set(await _keys(store, "sas", "child")) == {new.child_id}

@@ -232,7 +232,12 @@ def test_reauth_and_terminate_child_and_ike(sites: tuple[Site, Site]) -> None:
     a.kx_stub().Rekey(kx.RekeyRequest(ike_sa=old.id, reauth=True))
     wait_until(lambda: [sa.id for sa in a.established("ab")] not in ([old.id], []), timeout=15, what="reauthenticated")
     wait_until(lambda: len(a.sas("ab")) == 1 and len(b.sas("ab")) == 1, timeout=10, what="old IKE SA gone")
-    assert a.ping(b.inner_ip)
+    assert a.ping(b.inner_ip), (
+        a.drops(),
+        b.drops(),
+        a.store_range(schema.prefix("spd")),
+        b.store_range(schema.prefix("spd")),
+    )
     sa = a.established("ab")[0]
     assert a.kx_stub().Terminate(kx.TerminateRequest(child_sa=sa.children[0].id)).terminated == 1
     wait_until(lambda: a.sas("ab") and not a.sas("ab")[0].children, timeout=10, what="child gone, IKE SA stays")

@@ -25,8 +25,9 @@ One transaction per step, so the dataplane never sees half of one:
 Acks: one watch on `dataplane/acks/`; the first ack for a Child SA (any node) releases it:
 `on_ack(ike_sa, child_id)`, which the engine turns into `inbound_sa_installed`.
 
-Store work is pipelined: each IKE SA has its own chain of steps (in event order), chains of
-different IKE SAs run concurrently, so many setups share the store's group commits.
+Store work is pipelined: each traffic (the SPD entries a Child SA carries) has its own chain of
+steps, in event order; chains of different traffic run concurrently, so many setups share the
+store's group commits.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class ChildSaHandoff:
         self._acked: set[str] = set()
         self._chains: dict[str, asyncio.Task[None]] = {}
         self._delayed: set[asyncio.Task[None]] = set()
+        self._group_of: dict[str, str] = {}  # child id -> the chain its store steps run on
         self.counters: dict[str, int] = {}
         self.failures: list[tuple[str, str, str]] = []  # (ike, child, reason) of writes that failed
         self.on_write_failed: Callable[[str, str, str], None] = lambda ike, child, reason: None
@@ -188,16 +190,32 @@ class ChildSaHandoff:
     def handle(self, event: Event) -> None:
         if isinstance(event, InstallInboundSa):
             if event.record is not None:
-                self._chain(event.ike_sa, self._write_responder(event.ike_sa, event.record))
+                group = self._group(event.record)
+                self._chain(group, self._write_responder(event.ike_sa, event.record))
         elif isinstance(event, ChildSaEstablished):
-            if event.child_id not in self.written:
-                self._chain(event.ike_sa, self._write_initiator(event.ike_sa, event.record, ""))
+            if event.child_id not in self._group_of:
+                group = self._group(event.record)
+                self._chain(group, self._write_initiator(event.ike_sa, event.record, ""))
         elif isinstance(event, ChildSaRekeyed):
             self.successor[event.old_child_id] = event.new_child_id
-            if event.new_child_id not in self.written:
-                self._chain(event.ike_sa, self._write_initiator(event.ike_sa, event.record, event.old_child_id))
+            if event.new_child_id not in self._group_of:
+                group = self._group(event.record)
+                self._chain(group, self._write_initiator(event.ike_sa, event.record, event.old_child_id))
         elif isinstance(event, ChildSaDeleted):
-            self._chain(event.ike_sa, self._delete(event.child_id))
+            group = self._group_of.pop(event.child_id, "")
+            self._chain(group or event.ike_sa, self._delete(event.child_id))
+
+    def _group(self, record: ChildSaRecord) -> str:
+        """Steps are chained per traffic (the SPD entries a Child SA carries), not per IKE SA:
+        the Child SAs that take entries over from each other (rekeys, reauthentication,
+        duplicates, a restarted instance) then write in event order, while unrelated traffic
+        (every remote-access client has its own) is written concurrently."""
+        out = record.outbound
+        group = "none"
+        if out.local_ts and out.remote_ts:
+            group = policy_base(record.connection, record.child, 0, out.local_ts[0], out.remote_ts[0])
+        self._group_of[record.id] = group
+        return group
 
     def _chain(self, key: str, step: Coroutine[Any, Any, None]) -> None:
         previous = self._chains.get(key)

@@ -424,8 +424,11 @@ class UserspaceBackend:
             if not errors and self.routes is not None:
                 try:
                     if previous is not None:
-                        self.routes.remove_policy(previous)
-                    self.routes.add_policy(policy, self._children.get(policy.child_sa), self._endpoints())
+                        self.routes.replace_policy(
+                            previous, policy, self._children.get(policy.child_sa), self._endpoints()
+                        )
+                    else:
+                        self.routes.add_policy(policy, self._children.get(policy.child_sa), self._endpoints())
                 except (NetConfigError, ValueError) as exc:
                     errors.append(f"routes: {exc}")
                     if previous is not None:

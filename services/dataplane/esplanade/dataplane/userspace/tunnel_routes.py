@@ -109,6 +109,19 @@ class TunnelRoutes:
                     route.policies.discard(policy.id)
                 raise
 
+    def replace_policy(
+        self, previous: SpdPolicy, policy: SpdPolicy, child: ChildSaRecord | None, endpoints: set[str]
+    ) -> None:
+        """An installed policy changed (a rekey re-points `child_sa`). Its routes stay in place
+        when it routes the same networks: deleting and re-adding them would leave a gap in
+        which the host's packets (and its own ICMP replies) have no route at all."""
+        same = routed(previous) and routed(policy) and previous.remote_ts == policy.remote_ts
+        if same and all(network in self._routes for network in policy.remote_ts.networks()):
+            self.update_child([policy], child)
+            return
+        self.remove_policy(previous)
+        self.add_policy(policy, child, endpoints)
+
     def remove_policy(self, policy: SpdPolicy) -> None:
         if not routed(policy):
             return
