@@ -176,3 +176,45 @@ async def test_a_resync_removes_what_vanished_and_installs_what_appeared(store: 
 
 async def _async_value(value: bool) -> bool:
     return value
+
+
+async def test_a_policy_naming_a_child_sa_not_seen_yet_waits_for_it(store: Store) -> None:
+    """A rekey writes the new record and the re-pointed policy in one transaction; the two
+    prefixes are watched separately, so the policy may come first: it waits for the record
+    (never pointing traffic at an SA not installed yet), and on its own after a bound."""
+    sealer = Sealer(Keyring.generate())
+    backend = FakeBackend()
+    reconciler = Reconciler(
+        store, sealer, backend, "n1", ownership=SaOwnership("n1"), persistence=MemorySaPersistence()
+    )
+    reconciler.ready.set()
+    old = record("old", 0x7000)
+    await put_record(store, sealer, old)
+    await reconciler._apply_child(schema.child_sa("old"), await store.get(schema.child_sa("old")), 1)
+    moved = SpdPolicy(
+        "p1",
+        PolicyDirection.OUT,
+        TrafficSelector.from_network("10.1.0.0/16"),
+        TrafficSelector.from_network("10.2.0.0/16"),
+        child_sa="new",
+    )
+    await store.put(schema.spd_policy("p1"), encode_document(moved.to_document()))
+    kv = await store.get(schema.spd_policy("p1"))
+    await reconciler._apply_policy(kv.key, kv, kv.mod_revision)  # type: ignore[union-attr]
+    assert "p1" not in backend.policies  # the record of "new" has not been seen yet
+    await put_record(store, sealer, record("new", 0x7001))
+    await reconciler._apply_child(schema.child_sa("new"), await store.get(schema.child_sa("new")), 3)
+    assert backend.calls[-2:] == ["install new", "policy p1"]
+    # a policy naming a Child SA that never comes is applied after the bound (fail closed)
+    ghost = SpdPolicy(
+        "p2",
+        PolicyDirection.OUT,
+        TrafficSelector.from_network("10.1.0.0/16"),
+        TrafficSelector.from_network("10.3.0.0/16"),
+        child_sa="ghost",
+    )
+    await store.put(schema.spd_policy("p2"), encode_document(ghost.to_document()))
+    kv = await store.get(schema.spd_policy("p2"))
+    await reconciler._apply_policy(kv.key, kv, kv.mod_revision)  # type: ignore[union-attr]
+    assert "p2" not in backend.policies
+    await async_wait_until(lambda: _async_value("p2" in backend.policies), timeout=5, what="applied after the bound")

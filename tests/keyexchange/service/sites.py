@@ -233,11 +233,21 @@ class Site:
         return list(self.kx_stub().ListSas(keyexchange_pb2.ListSasRequest(connection=connection), timeout=5).ike_sas)
 
     def established(self, connection: str = "") -> list[keyexchange_pb2.IkeSaInfo]:
-        return [
+        """IKE SAs up whose Child SAs are all installed, in keyexchange AND in the dataplane."""
+        sas = [
             sa
             for sa in self.sas(connection)
             if sa.state == "ESTABLISHED" and any(c.state == "INSTALLED" for c in sa.children)
         ]
+        if not sas:
+            return []
+        in_dataplane = self.dataplane_children()
+        return [sa for sa in sas if all(c.id in in_dataplane for c in sa.children if c.state == "INSTALLED")]
+
+    def dataplane_children(self) -> set[str]:
+        """Child SAs the dataplane has installed (it reports counters for them)."""
+        reply = self.dp_stub().GetCounters(dataplane_pb2.GetCountersRequest(), timeout=5)
+        return {c.child_sa for c in reply.sas}
 
     def ping(self, dst: str, count: int = 3, interval: float = 0.2, src: str = "") -> bool:
         r = nsx(

@@ -220,6 +220,10 @@ def _lost(p: subprocess.Popen[str]) -> tuple[int, int]:
     out, _ = p.communicate(timeout=60)
     m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     assert m, out
+    seqs = {int(x) for x in re.findall(r"icmp_seq=(\d+)", out)}
+    missing = sorted(set(range(1, int(m.group(1)) + 1)) - seqs)
+    if missing:
+        print("missing icmp_seq", missing, out)  # shown on failure
     return int(m.group(1)) - int(m.group(2)), int(m.group(1))
 
 
@@ -230,6 +234,7 @@ def test_rekeys_by_either_side_under_traffic(env: Env) -> None:
     for who, what in (("es", "child"), ("ss", "child"), ("es", "ike"), ("ss", "ike")):
         sa = es.established("pair")[0]
         before = (sa.id, sa.children[0].id)
+        drops_before = es.drops()
         pinger = _pinger(es.ns, ES_INNER, SS_INNER, 40)
         wait_until(lambda: es.established("pair")[0].children[0].packets_out > 0, timeout=5)
         if who == "es":
@@ -248,7 +253,7 @@ def test_rekeys_by_either_side_under_traffic(env: Env) -> None:
 
         wait_until(changed, timeout=10, what=f"{what} rekey by {who}")
         lost, sent = _lost(pinger)
-        assert lost == 0, f"{lost} of {sent} pings lost across the {what} rekey by {who}"
+        assert lost == 0, f"{lost} of {sent} pings lost across the {what} rekey by {who}: {drops_before} {es.drops()}"
     assert len(env.events.of("child_rekeyed")) == 2 and len(env.events.of("ike_rekeyed")) >= 1
     live = {c.id for sa in es.established("pair") for c in sa.children}
     wait_until(lambda: set(es.store_range(schema.prefix("sas", "child"))) == live, timeout=10, what="old records gone")

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 CHILD_PREFIX = schema.prefix("sas", "child")
 SPD_PREFIX = schema.prefix("spd")
 APPLIED_MEMORY = 4096
+# A policy that names a Child SA the watch has not shown yet waits this long for it: the two
+# prefixes are watched separately, so a policy can arrive just before the record written in
+# the same transaction (a rekey re-pointing its policies). Then it is applied regardless.
+CHILD_WAIT_SECONDS = 2.0
 
 
 class UpdatableBackend(Protocol):
@@ -79,6 +83,8 @@ class Reconciler:
         self._applied: OrderedDict[str, tuple[int, DataplaneError | None]] = OrderedDict()
         self._waiters: dict[str, list[tuple[int, asyncio.Future[DataplaneError | None]]]] = {}
         self._lock = asyncio.Lock()
+        # child id -> policy key -> (kv, revision): policies waiting for the Child SA they name
+        self._awaiting_child: dict[str, dict[str, tuple[KeyValue, int]]] = {}
 
     # -- waiting for writes -------------------------------------------------------------
     async def wait_applied(self, key: str, revision: int) -> DataplaneError | None:
@@ -193,6 +199,8 @@ class Reconciler:
                 error = DataplaneError(f"store: {exc}")
                 log.error("Child SA %s: %s", child_id, exc)
             self._done(key, revision, error)
+        if child_id in self._awaiting_child:
+            await self._release_waiting(child_id)
 
     async def _install_child(self, record: ChildSaRecord) -> None:
         installed = self.installed.get(record.id)
@@ -255,10 +263,12 @@ class Reconciler:
             raise ValueError(f"{kv.key} holds policy {policy.id!r}")
         return policy
 
-    async def _apply_policy(self, key: str, kv: KeyValue | None, revision: int) -> None:
+    async def _apply_policy(self, key: str, kv: KeyValue | None, revision: int, *, wait_for_child: bool = True) -> None:
         async with self._lock:
             error: DataplaneError | None = None
             policy_id = policy_id_of(key)
+            for waiting in self._awaiting_child.values():
+                waiting.pop(key, None)  # a newer event for this policy supersedes a waiting one
             try:
                 if kv is None:
                     self.policies.pop(policy_id, None)
@@ -270,6 +280,14 @@ class Reconciler:
                         policy = self._decode_policy(kv)
                     except (SealingError, KeyError, TypeError, ValueError) as exc:
                         raise InvalidArgument(f"{key} is not a readable policy: {type(exc).__name__}: {exc}") from None
+                    if (
+                        wait_for_child
+                        and self.ready.is_set()
+                        and policy.child_sa
+                        and policy.child_sa not in self.records
+                    ):
+                        self._await_child(policy.child_sa, key, kv, revision)
+                        return
                     self.policies[policy_id] = policy
                     if self.ownership.carries_policy(policy) and self.installed_policies.get(policy_id) != policy:
                         await self.backend.install_policy(policy)
@@ -278,6 +296,16 @@ class Reconciler:
                 error = exc
                 log.error("policy %s: %s", policy_id, exc)
             self._done(key, revision, error)
+
+    def _await_child(self, child_id: str, key: str, kv: KeyValue, revision: int) -> None:
+        self._awaiting_child.setdefault(child_id, {})[key] = (kv, revision)
+        loop = asyncio.get_running_loop()
+        loop.call_later(CHILD_WAIT_SECONDS, lambda: loop.create_task(self._release_waiting(child_id)))
+
+    async def _release_waiting(self, child_id: str) -> None:
+        """The Child SA arrived (or the wait ran out): apply the policies that named it."""
+        for key, (kv, revision) in self._awaiting_child.pop(child_id, {}).items():
+            await self._apply_policy(key, kv, revision, wait_for_child=False)
 
     async def _resync_policies(self, item: Resync) -> None:
         present = {kv.key for kv in item.kvs}
