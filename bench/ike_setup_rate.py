@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.ike_rate import PROPOSAL, THRESHOLD, cpu_seconds, thresholds, vici_rate
 from bench.records import Figure
 from tests.keyexchange import interop as ix
-from tests.keyexchange.service.sites import Site, nsx, sh, struct
+from tests.keyexchange.service.sites import DATAPLANE, Site, nsx, sh, struct
 
 ESP = "aes256gcm16"
 NS_A = "kxs-ba"
@@ -177,7 +177,9 @@ def measure(seconds: float, workers: int) -> dict[str, Any]:
         "thresholds": THRESHOLD,
         "cpus": os.cpu_count(),
         "loadavg_before": os.getloadavg(),
-        "dataplane": "tests.keyexchange.service.contract_dataplane (the dataplane contract; ack in the store)",
+        "dataplane": "the dataplane service (userspace backend)"
+        if DATAPLANE == "real"
+        else "tests.keyexchange.service.contract_dataplane",
     }
     try:
         # blocking VICI initiates each hold a charon thread: give charon enough for the workers
