@@ -35,10 +35,10 @@ KEYEXCHANGE_SERVICE = _has("esplanade.keyexchange.service")
 DATAPLANE_SERVICE = _has("esplanade.dataplane.service")
 
 
-@pytest.mark.skipif(
-    not (KEYEXCHANGE_SERVICE and DATAPLANE_SERVICE),
-    reason="needs the keyexchange and dataplane services both merged (see module doc)",
-)
+# Both services are merged now; the steps below are not written yet (the module doc: the lead
+# finishes them). tests/keyexchange/service/ has the pieces: sites.Site runs keyexchange and the
+# dataplane service in a netns with their gRPC reachable, interop.Charon runs strongSwan.
+@pytest.mark.skip(reason="not written yet: the API e2e steps below (see module doc)")
 def test_tunnel_through_the_api() -> None:  # pragma: no cover - finished by the lead
     # 1. netns pair "api-e2e-a"/"api-e2e-b", strongSwan in b (swanctl.conf: PSK, 10.1/16 <-> 10.2/16).
     # 2. esplanade services in a: store, policy, keyexchange (transport=socket), dataplane userspace, api.
