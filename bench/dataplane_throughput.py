@@ -27,7 +27,7 @@ def run() -> list[Figure]:
     transforms = [t for t in os.environ.get("ESPLANADE_BENCH_TRANSFORMS", "aes128gcm16").split(",") if t]
     scenarios = ["bare"]
     for transform in transforms:
-        scenarios += [f"esplanade-{transform}", f"strongswan-{transform}"]
+        scenarios += [f"esplanade-{transform}", f"esplanade-python-{transform}", f"strongswan-{transform}"]
     results = run_scenarios(scenarios, seconds, realtime=realtime)
     missing = [s for s in scenarios if s not in results]
     if missing:

@@ -55,6 +55,9 @@ SCENARIOS = (
     "esplanade-aes128gcm16",
     "esplanade-aes256gcm16",
     "esplanade-chacha20poly1305",
+    "esplanade-python-aes128gcm16",
+    "esplanade-python-aes256gcm16",
+    "esplanade-python-chacha20poly1305",
     "strongswan-aes128gcm16",
     "strongswan-aes256gcm16",
     "strongswan-chacha20poly1305",
@@ -201,9 +204,11 @@ def run_passthrough(
 def run_esplanade(scenario: str, seconds: int, parallel: int, workers: int, workdir: Path, realtime: int = 0) -> Result:
     """The real dataplane service on both nodes, one manually keyed SA pair installed over gRPC."""
     result = Result(scenario)
-    encr = scenario.split("-", 1)[1]
+    encr = transform_of(scenario)
+    hot_path = "python" if scenario.startswith("esplanade-python-") else "compiled"
     kek = random_kek()
     settings = {
+        "ESPLANADE_DATAPLANE__HOT_PATH": hot_path,
         "ESPLANADE_DATAPLANE__WORKERS": str(workers),
         "ESPLANADE_DATAPLANE__REALTIME_PRIORITY": str(realtime),
         "ESPLANADE_TELEMETRY__LOG_LEVEL": "warning",
@@ -235,6 +240,7 @@ def run_esplanade(scenario: str, seconds: int, parallel: int, workers: int, work
             with site_a.client() as stub:
                 details = stub.GetStatus(dataplane_pb2.GetStatusRequest(), timeout=10).details
             result.notes.append(f"offloads used: {details.get('offloads', '')}")
+            result.notes.append(f"hot path: {details.get('hot_path', '')} ({details.get('hot_path_reason', '')})")
         finally:
             site_a.stop()
             site_b.stop()
@@ -265,6 +271,11 @@ def run_strongswan(scenario: str, seconds: int, parallel: int, workdir: Path, re
             for proc in node.processes:
                 stop_process(proc)
     return result
+
+
+def transform_of(scenario: str) -> str:
+    """esplanade-aes128gcm16, esplanade-python-aes128gcm16, strongswan-aes128gcm16 -> aes128gcm16"""
+    return scenario.rsplit("-", 1)[1]
 
 
 def records(results: dict[str, Result]) -> list[dict[str, Any]]:
@@ -299,11 +310,13 @@ def records(results: dict[str, Result]) -> list[dict[str, Any]]:
         if scenario.startswith("strongswan"):
             peer_name, peer = "bare-veth", bare
         else:
-            transform = "aes128gcm16" if scenario.endswith("passthrough") else scenario.split("-", 1)[1]
+            transform = "aes128gcm16" if scenario.endswith("passthrough") else transform_of(scenario)
             peer_name = f"strongswan-{transform}"
             peer = results.get(peer_name)
         label = scenario if not scenario.startswith("strongswan") else f"{STRONGSWAN}-{scenario.split('-', 1)[1]}"
         add(f"tcp_throughput.{label}", r.tcp_mbps, "Mbit/s", "higher", peer_name, peer.tcp_mbps if peer else None)
+        if bare and peer is not bare:
+            add(f"tcp_share_of_bare.{label}", r.tcp_mbps, "Mbit/s", "higher", "bare-veth", bare.tcp_mbps)
         add(f"udp64_rate.{label}", r.udp64_pps, "packets/s", "higher", peer_name, peer.udp64_pps if peer else None)
         if bare:
             peer_rtt = rtt_added(peer) if peer and peer is not bare else None

@@ -19,6 +19,7 @@ import fcntl
 import os
 import struct
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntFlag
 
@@ -153,6 +154,26 @@ class TunQueue:
                 except OSError as exc:
                     self._count_write_error(exc)
             except OSError as exc:  # EINVAL (bad header), EAGAIN/ENOBUFS (queue full), EIO (link down)
+                self._count_write_error(exc)
+        self.frames_written += written
+        return written
+
+    def write_views(self, frames: Iterable[memoryview]) -> int:
+        """`write_batch` for frames that are views into one buffer (a `PacketBatch`)."""
+        write = os.write
+        fd = self.fd
+        written = 0
+        for frame in frames:
+            try:
+                write(fd, frame)
+                written += 1
+            except InterruptedError:
+                try:
+                    write(fd, frame)
+                    written += 1
+                except OSError as exc:
+                    self._count_write_error(exc)
+            except OSError as exc:
                 self._count_write_error(exc)
         self.frames_written += written
         return written

@@ -259,6 +259,45 @@ class EspUdpSocket:
                     self._classify(endpoint, payload, out, local)
         return out
 
+    def recv_segments(self, buf: bytearray) -> tuple[int, int, Endpoint, str] | None:
+        """One read into `buf` for the batch rooms: (bytes, GRO segment size, sender, local address),
+        or None when nothing is waiting. With UDP_GRO the bytes are several datagrams of one sender,
+        each `segment` long but a shorter last one; classifying them is the caller's job."""
+        recv = self.sock.recvmsg_into
+        buffers = [buf]
+        space = (_GRO_CMSG_SPACE if self.gro else 0) + (_PKTINFO_CMSG_SPACE if self.local_info else 0)
+        for _ in range(64):  # a run of queued errors (ICMP) ends the call, never spins
+            try:
+                nbytes, ancdata, msg_flags, address = recv(buffers, space, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None
+            except InterruptedError:
+                continue
+            except OSError as exc:  # ECONNREFUSED et al. from queued ICMP errors: count, keep going
+                self.drops[f"recv_{_errname(exc)}"] += 1
+                continue
+            if msg_flags & socket.MSG_TRUNC:
+                self.drops["recv_truncated"] += 1
+                continue
+            segment = nbytes
+            local = ""
+            for level, kind, data in ancdata:
+                if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                    segment = _INT.unpack_from(data)[0] or nbytes
+                else:
+                    local = _local_from_cmsg(level, kind, data) or local
+            if not nbytes:
+                self.drops["runt"] += 1
+                continue
+            if segment < nbytes:
+                self.counters["gro_batches"] += 1
+            return nbytes, min(segment, nbytes), (address[0], address[1]), local
+        return None
+
+    def classify(self, endpoint: Endpoint, payload: bytes, out: list[Datagram], local: str = "") -> None:
+        """ESP goes to `out`; IKE to the IKE inbox; keep-alives and runts are counted."""
+        self._classify(endpoint, payload, out, local)
+
     def _classify(self, endpoint: Endpoint, payload: bytes, out: list[Datagram], local: str = "") -> None:
         if len(payload) >= MIN_ESP_BYTES and not payload.startswith(NON_ESP_MARKER):
             out.append((endpoint, payload))
@@ -332,7 +371,32 @@ class EspUdpSocket:
             i = j
         return sent
 
-    def _send_one(self, endpoint: Endpoint, payload: bytes) -> bool:
+    @property
+    def max_gso_bytes(self) -> int:
+        return self._max_total
+
+    def send_run(self, run: memoryview, segment: int, count: int, endpoint: Endpoint) -> int:
+        """Send `count` ESP packets lying back to back in `run` (each `segment` bytes but a shorter
+        last one) to one endpoint: one sendmsg with UDP_SEGMENT, or one per packet without GSO."""
+        if count > 1 and self.gso:
+            try:
+                self.sock.sendmsg([run], [(SOL_UDP, UDP_SEGMENT, _U16.pack(segment))], 0, endpoint)
+                self.counters["gso_sends"] += 1
+                return count
+            except OSError as exc:
+                code = exc.errno
+                if code == errno.EIO:
+                    self.gso = False
+                    self.gso_note = "disabled after EIO: the egress device cannot checksum UDP GSO"
+                elif code not in (errno.EINVAL, errno.EMSGSIZE, errno.EINTR):
+                    self.drops[f"send_{_errname(exc)}"] += count
+                    return 0
+                self.counters[f"gso_fallback_{_errname(exc)}"] += 1
+        if count == 1:
+            return int(self._send_one(endpoint, run))
+        return sum(1 for at in range(0, len(run), segment) if self._send_one(endpoint, run[at : at + segment]))
+
+    def _send_one(self, endpoint: Endpoint, payload: bytes | memoryview) -> bool:
         try:
             self.sock.sendto(payload, endpoint)
             return True
@@ -342,7 +406,7 @@ class EspUdpSocket:
             self.drops[f"send_{_errname(exc)}"] += 1
             return False
 
-    def _retry_one(self, endpoint: Endpoint, payload: bytes) -> bool:
+    def _retry_one(self, endpoint: Endpoint, payload: bytes | memoryview) -> bool:
         try:
             self.sock.sendto(payload, endpoint)
             return True

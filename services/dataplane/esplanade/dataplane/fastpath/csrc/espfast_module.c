@@ -951,9 +951,12 @@ static int enter_batch(void) {
     return 0;
 }
 
+#define EF_SKIP 0xFFFF /* a `which` entry that leaves the packet out */
+
 /* -- encrypt ------------------------------------------------------------------------------------- */
 /* encrypt_batch(slots, which, packets, spans, count, now, out, out_spans, flows) -> int
- * slots: tuple of outbound Slots; which: None (all slot 0) or a u16 buffer, one per packet. */
+ * slots: tuple of outbound Slots; which: None (all slot 0) or a u16 buffer, one per packet;
+ * 0xFFFF leaves that packet out (no output, no count). */
 static PyObject *encrypt_batch(PyObject *mod, PyObject *args) {
     PyObject *slots, *which, *packets, *spans, *out, *out_spans, *flows_obj, *now_obj = NULL, *result = NULL;
     Py_ssize_t count;
@@ -1000,6 +1003,7 @@ static PyObject *encrypt_batch(PyObject *mod, PyObject *args) {
         uint16_t k = 0;
         Slot *s;
         if (have_which) memcpy(&k, (uint8_t *)wv.buf + 2 * i, 2);
+        if (k == EF_SKIP) continue;
         if (k >= nslots) {
             PyErr_SetString(PyExc_IndexError, "which: slot index out of range");
             goto done;
@@ -1026,6 +1030,7 @@ static PyObject *encrypt_batch(PyObject *mod, PyObject *args) {
         uint64_t seq;
         long sealed;
         if (have_which) memcpy(&k, (uint8_t *)wv.buf + 2 * i, 2);
+        if (k == EF_SKIP) continue; /* the caller's decision (no SA, handed off): counted there */
         s = (Slot *)PyTuple_GET_ITEM(slots, k);
         if (s->kind == SLOT_PYTHON) {
             PyObject *pkt = input_bytes(&in, i), *esp;
@@ -1546,6 +1551,70 @@ static PyObject *segment_spans(PyObject *mod, PyObject *args) {
     return out;
 }
 
+/* select_by_tag(spans, count, table) -> bytearray: u16 per packet, table[tag] (table: u16 per tag).
+ * Turns one decision per TUN frame into encrypt_batch's `which` for the packets split from it. */
+static PyObject *select_by_tag(PyObject *mod, PyObject *args) {
+    Py_buffer sv, tv;
+    Py_ssize_t count;
+    PyObject *out = NULL;
+    size_t ntags;
+    if (!PyArg_ParseTuple(args, "y*ny*", &sv, &count, &tv)) return NULL;
+    ntags = (size_t)tv.len / 2;
+    if (count < 0 || (size_t)count * SPAN_BYTES > (size_t)sv.len) {
+        PyErr_SetString(PyExc_ValueError, "count exceeds the spans");
+        goto done;
+    }
+    out = PyByteArray_FromStringAndSize(NULL, count * 2 + 1);
+    if (out == NULL) goto done;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint32_t w[SPAN_WORDS];
+        uint16_t k;
+        memcpy(w, (uint8_t *)sv.buf + (size_t)i * SPAN_BYTES, SPAN_BYTES);
+        if (w[2] >= ntags) {
+            PyErr_SetString(PyExc_IndexError, "select_by_tag: a tag outside the table");
+            Py_CLEAR(out);
+            goto done;
+        }
+        memcpy(&k, (uint8_t *)tv.buf + 2 * (size_t)w[2], 2);
+        memcpy(PyByteArray_AS_STRING(out) + 2 * i, &k, 2);
+    }
+    if (PyByteArray_Resize(out, count * 2) < 0) Py_CLEAR(out);
+done:
+    PyBuffer_Release(&sv);
+    PyBuffer_Release(&tv);
+    return out;
+}
+
+/* clamp_mss(data, spans, count, mss4, mss6) -> int: MSS of TCP SYNs lowered in place; how many. */
+static PyObject *clamp_mss(PyObject *mod, PyObject *args) {
+    Py_buffer dv, sv;
+    Py_ssize_t count;
+    int mss4, mss6;
+    long clamped = 0;
+    if (!PyArg_ParseTuple(args, "w*y*nii", &dv, &sv, &count, &mss4, &mss6)) return NULL;
+    if (count < 0 || (size_t)count * SPAN_BYTES > (size_t)sv.len || mss4 < 0 || mss4 > 0xFFFF || mss6 < 0 ||
+        mss6 > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "bad clamp_mss arguments");
+        PyBuffer_Release(&dv);
+        PyBuffer_Release(&sv);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint32_t w[SPAN_WORDS];
+        memcpy(w, (uint8_t *)sv.buf + (size_t)i * SPAN_BYTES, SPAN_BYTES);
+        if ((uint64_t)w[0] + w[1] > (uint64_t)dv.len) {
+            PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
+            PyBuffer_Release(&dv);
+            PyBuffer_Release(&sv);
+            return NULL;
+        }
+        clamped += ef_clamp_mss((uint8_t *)dv.buf + w[0], w[1], (uint16_t)mss4, (uint16_t)mss6);
+    }
+    PyBuffer_Release(&dv);
+    PyBuffer_Release(&sv);
+    return PyLong_FromLong(clamped);
+}
+
 /* -- module -------------------------------------------------------------------------------------- */
 static PyObject *configure(PyObject *mod, PyObject *args) {
     PyObject *reasons, *enc, *dec;
@@ -1593,6 +1662,8 @@ static PyMethodDef module_methods[] = {
     {"coalesce", coalesce, METH_VARARGS, "coalesce(packets, spans, count, merge_udp, out, out_spans) -> int"},
     {"gso_runs", gso_runs, METH_VARARGS, "gso_runs(spans, count, max_segments, max_bytes) -> [(offset, length, segment, count, tag)]"},
     {"segment_spans", segment_spans, METH_VARARGS, "segment_spans(nbytes, segment, tag) -> bytearray"},
+    {"select_by_tag", select_by_tag, METH_VARARGS, "select_by_tag(spans, count, table) -> bytearray of u16"},
+    {"clamp_mss", clamp_mss, METH_VARARGS, "clamp_mss(data, spans, count, mss4, mss6) -> int"},
     {"build_info", build_info, METH_NOARGS, "OpenSSL version and build flags."},
     {NULL}};
 

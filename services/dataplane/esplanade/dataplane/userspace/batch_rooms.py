@@ -1,0 +1,168 @@
+"""Batch-native handlers between the rooms: `PacketBatch`es instead of a Python object per packet.
+
+Used by `loop.DatapathLoop` when the crypto room runs the compiled loop (`dataplane.hot_path`
+compiled or auto, see `compiled_lane`), the TUN has a vnet header and no `MtuGuard` is needed
+(the TUN MTU is the inner MTU). Per wake-up, whatever the number of packets::
+
+    outbound: TUN reads (TSO/USO super-packets, partial checksums)
+              -> split_frames (C: segments, IPv4 IDs, lengths, checksums)
+              -> clamp_mss (C, in place) -> EspTransform.seal_frames: SPD once per frame
+              (flow cache), steering, then one compiled encrypt call for every packet
+              -> one sendmsg(UDP_SEGMENT) per GSO run (contiguous, equal-sized, one SA)
+    inbound:  one recvmsg per UDP GRO batch -> PacketBatch.from_segments (no copy)
+              -> EspTransform.open_segments: one compiled decrypt call (replay, ICV,
+              selectors, identity filter, flow accounting) -> clamp_mss (C)
+              -> coalesce_frames (C: GRO-style TCP/UDP merge, vnet GSO headers)
+              -> one write per merged frame
+
+What the compiled door cannot take whole (a GRO batch that mixes SPIs, carries IKE or
+keep-alives or runts, belongs to another worker, or an SA without UDP encapsulation) takes
+the datagram-by-datagram door of the same transform, which decides each packet exactly as
+before: classification by the UDP room, hand-off by SPI, decryption (still compiled).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from esplanade.dataplane.fastpath import PacketBatch
+from esplanade.dataplane.fastpath.tun_frames import clamp_mss, coalesce_frames, split_frames
+from esplanade.dataplane.userspace.outer_transport import Datagram, Endpoint
+from esplanade.dataplane.userspace.udp_socket import EspUdpSocket
+
+if TYPE_CHECKING:
+    from esplanade.dataplane.userspace.esp_transform import EspTransform
+    from esplanade.dataplane.userspace.loop import DatapathLoop
+
+GRO_BUFFER = 1 << 16
+READS_PER_WAKEUP = 16  # GRO reads per handler call before the other rooms get a turn
+
+
+class BatchRooms:
+    def __init__(self, loop: DatapathLoop, transform: EspTransform, udp: EspUdpSocket | None) -> None:
+        self.loop = loop
+        self.transform = transform
+        self.udp = udp
+        parts = loop.parts
+        clamp = parts.mss_clamp
+        self.mss = (clamp.mss_v4, clamp.mss_v6) if clamp is not None else None
+        self.merge_udp = loop.merge_udp
+        self.buf = bytearray(GRO_BUFFER)
+
+    def description(self) -> str:
+        inbound = "GRO reads -> compiled decrypt -> C merge" if self.udp is not None else "datagram door"
+        return f"TUN frames -> C split -> compiled encrypt -> GSO runs; {inbound}"
+
+    # -- outbound -------------------------------------------------------------------------
+    def tun_to_outer(self) -> bool:
+        loop = self.loop
+        p, c = loop.parts, loop.counters
+        frames = p.tun.read_batch(p.batch)
+        if not frames:
+            return False
+        c.tun_batches += 1
+        now = p.clock()
+        packets, dropped = split_frames(frames)
+        if dropped:
+            c.errors["tun_frame_malformed"] += dropped
+        if packets.count > len(frames):
+            c.super_frames_split += packets.count - len(frames)
+        if packets.count:
+            self._clamp(packets)
+            try:
+                sealed = self.transform.seal_frames(frames, packets, now)
+            except Exception:  # a transform bug must not take the worker down
+                c.errors["transform_errors"] += 1
+                loop.log_exception("seal_frames failed; %d packets lost", packets.count)
+                return len(frames) >= p.batch
+            c.packets_out += packets.count
+            mailbox = p.mailbox
+            for owner, packet in sealed.handoffs:
+                if mailbox is not None:
+                    mailbox.send_outbound(owner, packet)
+                    c.handed_off_out += 1
+            c.datagrams_out += self.send_esp(sealed.esp, sealed.endpoints)
+            if sealed.datagrams:
+                loop.send(sealed.datagrams)
+        return len(frames) >= p.batch
+
+    def _clamp(self, packets: PacketBatch) -> None:
+        mss = self.mss
+        clamp = self.loop.parts.mss_clamp
+        if mss is not None and clamp is not None:
+            clamp.clamped += clamp_mss(packets, mss[0], mss[1])
+
+    def send_esp(self, esp: PacketBatch, endpoints: list[Endpoint]) -> int:
+        """One send per GSO run: contiguous ESP payloads of one SA, equal-sized but a shorter last one."""
+        if not esp.count:
+            return 0
+        udp = self.udp
+        view = memoryview(esp.data)
+        sent = 0
+        segments, limit = (udp.max_segments, udp.max_gso_bytes) if udp is not None else (1, 1)
+        plain: list[Datagram] = []
+        for offset, length, segment, count, tag in esp.gso_runs(segments, limit):
+            endpoint = endpoints[tag]
+            if endpoint[1] == 0 or udp is None:  # plain ESP (IP protocol 50): the raw room, one by one
+                plain.extend(
+                    (endpoint, bytes(view[at : min(at + segment, offset + length)]))
+                    for at in range(offset, offset + length, segment)
+                )
+                continue
+            sent += udp.send_run(view[offset : offset + length], segment, count, endpoint)
+        if plain:
+            self.loop.send(plain)  # counted by the loop
+        return sent
+
+    # -- inbound --------------------------------------------------------------------------
+    def udp_to_tun(self) -> bool:
+        udp = self.udp
+        assert udp is not None
+        loop = self.loop
+        p, c = loop.parts, loop.counters
+        buf = self.buf
+        try:
+            for _ in range(READS_PER_WAKEUP):
+                got = udp.recv_segments(buf)
+                if got is None:
+                    return False
+                nbytes, segment, endpoint, local = got
+                c.outer_batches += 1
+                now = p.clock()
+                batch = PacketBatch.from_segments(buf, nbytes, segment)
+                try:
+                    inner = self.transform.open_segments(batch, segment, nbytes, now)
+                except Exception:
+                    c.errors["transform_errors"] += 1
+                    loop.log_exception("open_segments failed; %d datagrams lost", batch.count)
+                    continue
+                if inner is None:  # the datagram-by-datagram door
+                    datagrams: list[Datagram] = []
+                    for payload in batch:
+                        udp.classify(endpoint, bytes(payload), datagrams, local)
+                    loop.forward_ike(udp)
+                    if loop.steer:
+                        datagrams = loop.steer_inbound(datagrams)
+                    loop.decrypt_and_write(datagrams, now)
+                    continue
+                c.datagrams_in += batch.count
+                self.write_inner(inner)
+            return True
+        finally:
+            loop.forward_ike(udp)
+
+    def write_inner(self, inner: PacketBatch) -> None:
+        if not inner.count:
+            return
+        loop = self.loop
+        c = loop.counters
+        c.packets_in += inner.count
+        self._clamp(inner)
+        frames = coalesce_frames(inner, self.merge_udp)
+        c.tun_frames_written += loop.parts.tun.write_views(iter(frames))
+
+    def write_packets(self, packets: list[bytes]) -> None:
+        """Inner packets from the datagram-by-datagram door, merged in C."""
+        if packets:
+            frames = coalesce_frames(packets, self.merge_udp)
+            self.loop.counters.tun_frames_written += self.loop.parts.tun.write_views(iter(frames))
