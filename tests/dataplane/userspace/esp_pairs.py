@@ -150,14 +150,19 @@ def policies(
     ]
 
 
+# The hot path `make_transform` and `keyed_pair` build when not told (test modules parametrize it).
+DEFAULT_HOT_PATH: list[HotPathSetting] = ["python"]
+
+
 def make_transform(
     fast_lane: bool = True,
     *,
     block: int = 1 << 20,
     replay_block: int = 1 << 16,
-    hot_path: HotPathSetting = "python",
+    hot_path: HotPathSetting | None = None,
     context: WorkerContext | None = None,
 ) -> EspTransform:
+    hot_path = hot_path or DEFAULT_HOT_PATH[0]
     return EspTransform(
         context or WorkerContext(0, 1),
         reservation=SequenceReservation(block=block, low_water=block // 4),
@@ -180,7 +185,7 @@ def keyed_pair(
     now: float = 0.0,
     block: int = 1 << 20,
     replay_block: int = 1 << 16,
-    hot_path: HotPathSetting = "python",
+    hot_path: HotPathSetting | None = None,
     hot_path_b: HotPathSetting | None = None,
     **install: Any,
 ) -> tuple[EspTransform, EspTransform]:

@@ -4,7 +4,9 @@ lane checked against the engine's general path (identical bytes, drops and state
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +22,7 @@ from esplanade.ipsec.transforms import ENCR_AES_CBC_128, ENCR_CHACHA20_POLY1305,
 from tests.dataplane.userspace.esp_pairs import (
     A_ADDR,
     B_ADDR,
+    DEFAULT_HOT_PATH,
     SPI_AB,
     SPI_BA,
     Keys,
@@ -33,6 +36,14 @@ from tests.dataplane.userspace.packet_builders import tcp_segments, udp_datagram
 
 A_HOST, B_HOST = "10.1.0.5", "10.2.0.9"
 UDP_FROM_B = (B_ADDR, 4500)
+
+
+@pytest.fixture(autouse=True, params=["python", "compiled"])
+def hot_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs on both hot paths: the Python lanes and the compiled loop."""
+    DEFAULT_HOT_PATH[0] = request.param
+    yield request.param
+    DEFAULT_HOT_PATH[0] = "python"
 
 
 def a_to_b(count: int = 4, size: int = 400) -> list[bytes]:
@@ -220,6 +231,7 @@ def _malformed(keys: Keys, seq: int, kind: int) -> bytes:
     st.integers(min_value=0, max_value=2**32 - 1),
 )
 def test_fast_lane_matches_the_engine_packet_for_packet(suite: str, script: list[int], seed: int) -> None:
+    """The Python fast lane, or the compiled loop (by the `hot_path` fixture), against the engine."""
     rng = random.Random(seed)
     if suite == "aes128-sha256":
         keys = Keys(
@@ -237,7 +249,7 @@ def test_fast_lane_matches_the_engine_packet_for_packet(suite: str, script: list
     # small blocks: sequence reservations, their exhaustion and replay-floor requests happen often
     small = {"block": 64, "replay_block": 32, "reserved": rng.randrange(20, 120)}
     fast_a, fast_b = keyed_pair(keys, fast_lane=True, **small)
-    slow_a, slow_b = keyed_pair(keys, fast_lane=False, **small)
+    slow_a, slow_b = keyed_pair(keys, fast_lane=False, hot_path="python", **small)
     assert bool(fast_b.lanes_in_use()) == keys.encr.aead
     sent: list[bytes] = []
     now = 1.0
@@ -275,5 +287,6 @@ def test_fast_lane_matches_the_engine_packet_for_packet(suite: str, script: list
     assert (fast_in.replay.top, fast_in.replay.blocks) == (slow_in.replay.top, slow_in.replay.blocks)
     assert fast_b.drain_messages() == slow_b.drain_messages()
     assert fast_a.drain_messages() == slow_a.drain_messages()
+    assert fast_a.drain_events() == slow_a.drain_events()
     assert drops(fast_a) == drops(slow_a)
     assert DropReason.REPLAY  # the enum the counters use
