@@ -261,14 +261,20 @@ def counters_text(site: SiteService) -> str:
 
 @contextlib.contextmanager
 def manual_sites(
-    workdir: Path, *, udp: bool = True, prefix: str = DEMO_PREFIX, settings: dict[str, str] | None = None
+    workdir: Path,
+    *,
+    udp: bool = True,
+    prefix: str = DEMO_PREFIX,
+    settings: dict[str, str] | None = None,
+    settings_b: dict[str, str] | None = None,
 ) -> Iterator[tuple[Topology, SiteService, SiteService, TunnelKeys]]:
-    """Two sites with a manually keyed tunnel between them, torn down afterwards."""
+    """Two sites with a manually keyed tunnel between them, torn down afterwards. `settings`
+    (ESPLANADE_* variables) go to both sites, `settings_b` on top of them to site b only."""
     kek = random_kek()
     with Topology(prefix, 2) as topo:
         a, b = topo.nodes
         site_a = SiteService(a, workdir, "site-a", kek, settings=dict(settings or {}))
-        site_b = SiteService(b, workdir, "site-b", kek, settings=dict(settings or {}))
+        site_b = SiteService(b, workdir, "site-b", kek, settings={**(settings or {}), **(settings_b or {})})
         try:
             site_a.start()
             site_b.start()

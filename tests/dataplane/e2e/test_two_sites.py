@@ -50,9 +50,20 @@ def packets(site: SiteService, direction: int) -> int:
     return sum(c.packets for c in counters(site).sas if c.direction == direction)
 
 
+def hot_path(name: str) -> dict[str, str]:
+    return {"ESPLANADE_DATAPLANE__HOT_PATH": name}
+
+
+def worker_hot_paths(site: SiteService) -> set[str]:
+    with site.client() as stub:
+        details = stub.GetStatus(dataplane_pb2.GetStatusRequest(), timeout=10).details
+    return {w["hot_path"] for w in json.loads(details["worker_status"])} | {details["hot_path"]}
+
+
+@pytest.mark.parametrize("hot", ["compiled", "python"])
 @pytest.mark.parametrize("udp", [True, False], ids=["esp-in-udp", "plain-esp"])
-def test_ping_and_tcp_across_two_sites(tmp_path: Path, udp: bool) -> None:
-    with manual_sites(tmp_path, udp=udp, prefix=PREFIX) as (topo, site_a, site_b, keys):
+def test_ping_and_tcp_across_two_sites(tmp_path: Path, udp: bool, hot: str) -> None:
+    with manual_sites(tmp_path, udp=udp, prefix=PREFIX, settings=hot_path(hot)) as (topo, site_a, site_b, keys):
         a, b = topo.nodes
         expression = "udp port 4500 or esp or icmp or tcp port 5201"
         with UnderlayCapture(a, tmp_path / "ul.pcap", expression) as capture:
@@ -70,12 +81,36 @@ def test_ping_and_tcp_across_two_sites(tmp_path: Path, udp: bool) -> None:
         with site_a.client() as stub:
             status = stub.GetStatus(dataplane_pb2.GetStatusRequest(), timeout=10)
         assert (status.backend, status.child_sas, status.policies) == ("userspace", 1, 2)
+        assert worker_hot_paths(site_a) == worker_hot_paths(site_b) == {hot}
+        assert status.details["hot_path_reason"] == f"dataplane.hot_path is {hot}"
         assert "userspace backend selected by configuration" in status.backend_reason
         assert status.details["outer"] == "udp+raw"
         # the TUN's MTU and the route's come from AES-GCM's overhead: 1500 - 20 - 8 - 8 - 8 - 16 - 2
         assert status.details["tun_mtu"] == "1438"
         route = a.run(["ip", "route", "show", b.site_net]).stdout
         assert "dev esp0" in route and f"src {a.site_addr}" in route and "mtu 1438" in route, route
+
+
+@pytest.mark.parametrize("hot_a", ["compiled", "python"])
+def test_a_compiled_site_and_a_python_site_carry_ping_and_tcp(tmp_path: Path, hot_a: str) -> None:
+    """Same wire format: each end's hot path decrypts what the other's sealed (TSO and GRO on the
+    compiled side, plain reads and merged writes on the Python side)."""
+    hot_b = "python" if hot_a == "compiled" else "compiled"
+    with manual_sites(tmp_path, prefix=PREFIX, settings=hot_path(hot_a), settings_b=hot_path(hot_b)) as (
+        topo,
+        site_a,
+        site_b,
+        _,
+    ):
+        a, b = topo.nodes
+        assert worker_hot_paths(site_a) == {hot_a} and worker_hot_paths(site_b) == {hot_b}
+        assert ping(a, a.site_addr, b.site_addr) == 5
+        assert ping(b, b.site_addr, a.site_addr) == 5
+        report = iperf3_tcp(a, b)
+        assert report["end"]["sum_received"]["bytes"] > 2_000_000
+        assert packets(site_b, ipsec_pb2.DIRECTION_IN) > 1000
+        drops = {d.reason: d.packets for d in counters(site_b).drops}
+        assert not drops.get("icv_failure") and not drops.get("malformed"), drops
 
 
 def test_a_discard_policy_keeps_traffic_off_the_underlay(tmp_path: Path) -> None:
