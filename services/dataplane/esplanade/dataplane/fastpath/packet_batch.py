@@ -44,16 +44,9 @@ class PacketBatch:
     @classmethod
     def from_segments(cls, data: bytearray, nbytes: int, segment: int, tag: int = 0) -> PacketBatch:
         """A GRO read: `nbytes` of `data` holding datagrams of `segment` bytes (the last may be shorter)."""
-        if segment < 1 or not 0 <= nbytes <= len(data):
+        spans = segment_spans(nbytes, segment, tag)
+        if nbytes > len(data):
             raise ValueError("bad GRO segment layout")
-        module = _compiled()
-        if module is not None:
-            spans = module.segment_spans(nbytes, segment, tag)
-        else:
-            words = array("I")
-            for at in range(0, nbytes, segment):
-                words.extend((at, min(segment, nbytes - at), tag))
-            spans = bytearray(words.tobytes())
         return cls(data, spans, len(spans) // SPAN_BYTES)
 
     @classmethod
@@ -137,6 +130,21 @@ class PacketBatch:
 
 
 PacketsIn = Sequence[BytesLike] | PacketBatch
+
+
+def segment_spans(nbytes: int, segment: int, tag: int = 0, offset: int = 0) -> bytearray:
+    """Spans of the datagrams of one GRO read lying at `offset` of its buffer (`segment` bytes each,
+    the last may be shorter); several reads into one buffer make one batch by concatenating these."""
+    if segment < 1 or nbytes < 0 or offset < 0:
+        raise ValueError("bad GRO segment layout")
+    module = _compiled()
+    if module is not None:
+        spans: bytearray = module.segment_spans(nbytes, segment, tag, offset)
+        return spans
+    words = array("I")
+    for at in range(0, nbytes, segment):
+        words.extend((offset + at, min(segment, nbytes - at), tag))
+    return bytearray(words.tobytes())
 
 
 def _compiled() -> Any:

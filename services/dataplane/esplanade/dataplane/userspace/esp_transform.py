@@ -539,27 +539,46 @@ class EspTransform:
 
     def open_segments(self, batch: PacketBatch, segment: int, nbytes: int, now: float) -> PacketBatch | None:
         """A UDP GRO read (datagrams of `segment` bytes in `batch.data[:nbytes]`) -> inner packets,
-        in one call, when every datagram carries the SPI of one UDP-encapsulated SA this worker
-        owns. None when not (mixed SPIs, IKE or keep-alives, runts, another owner, plain-ESP
-        SAs): the caller then takes the datagram-by-datagram door, which decides each exactly."""
+        in one call, when `whole_read` takes it; None when not."""
+        spi = self.whole_read(batch.data, 0, nbytes, segment)
+        if spi < 0:
+            return None
+        return self.open_reads(batch, (spi,), now)
+
+    def whole_read(self, data: bytearray, at: int, nbytes: int, segment: int) -> int:
+        """The SPI of a UDP GRO read at `data[at : at + nbytes]` (datagrams of `segment` bytes) when
+        the compiled door can take it whole: every datagram carries the SPI of one UDP-encapsulated
+        SA this worker owns. -1 when not (mixed SPIs, IKE or keep-alives, runts, another owner,
+        plain-ESP SAs): the caller then takes the datagram-by-datagram door, which decides each
+        datagram exactly."""
         lane = self.compiled
-        if lane is None or batch.count == 0 or nbytes < 8:
-            return None
-        data = batch.data
-        spi = int.from_bytes(data[0:4], "big")
+        if lane is None or nbytes < 8 or segment < 8:
+            return -1
+        spi = int.from_bytes(data[at : at + 4], "big")
         if spi not in lane.udp_spis:
-            return None
+            return -1
         context = self.context
         if context.count > 1 and spi % context.count != context.index:
-            return None
-        count = batch.count
+            return -1
+        count = -(-nbytes // segment)
         if count > 1:
-            for j in range(4):  # every datagram starts with the same SPI (C speed: strided slices)
-                if data[j:nbytes:segment] != data[j : j + 1] * count:
-                    return None
+            end = at + nbytes
+            for j in range(at, at + 4):  # every datagram starts with the same SPI (C speed: strided slices)
+                if data[j:end:segment] != data[j : j + 1] * count:
+                    return -1
+        return spi
+
+    def open_reads(self, batch: PacketBatch, spis: Sequence[int] | set[int], now: float) -> PacketBatch:
+        """Decrypt a batch of whole reads (`whole_read` said yes to each; `spis`: their SPIs) in one call."""
+        lane = self.compiled
+        assert lane is not None
         inner = lane.core.decrypt(batch, now)
         lane.count_batch()
-        self._collect(self.table.by_spi[spi])
+        by_spi = self.table.by_spi
+        for spi in spis:
+            sa = by_spi.get(spi)
+            if sa is not None:
+                self._collect(sa)
         return inner
 
     # -- timers, events -----------------------------------------------------------------

@@ -168,6 +168,7 @@ class DatapathLoop:
             batch, dropped = split_frames(frames)
             if dropped:
                 self.counters.errors["tun_frame_malformed"] += dropped
+            self.counters.super_frames_split += sum(1 for f in frames if f[0] or f[1])
             return batch.to_list()
         packets: list[bytes] = []
         for frame in frames:

@@ -259,7 +259,7 @@ class EspUdpSocket:
                     self._classify(endpoint, payload, out, local)
         return out
 
-    def recv_segments(self, buf: bytearray) -> tuple[int, int, Endpoint, str] | None:
+    def recv_segments(self, buf: bytearray | memoryview) -> tuple[int, int, Endpoint, str] | None:
         """One read into `buf` for the batch rooms: (bytes, GRO segment size, sender, local address),
         or None when nothing is waiting. With UDP_GRO the bytes are several datagrams of one sender,
         each `segment` long but a shorter last one; classifying them is the caller's job."""

@@ -1526,15 +1526,17 @@ static PyObject *gso_runs(PyObject *mod, PyObject *args) {
     return out;
 }
 
-/* segment_spans(nbytes, segment, tag) -> bytearray: spans cutting a GRO read into its datagrams. */
+/* segment_spans(nbytes, segment, tag, offset=0) -> bytearray: spans cutting a GRO read (lying at
+ * `offset` of its buffer) into its datagrams. */
 static PyObject *segment_spans(PyObject *mod, PyObject *args) {
-    Py_ssize_t nbytes, segment;
+    Py_ssize_t nbytes, segment, offset = 0;
     unsigned long tag;
     PyObject *out;
     size_t n;
     uint32_t *w;
-    if (!PyArg_ParseTuple(args, "nnk", &nbytes, &segment, &tag)) return NULL;
-    if (nbytes < 0 || segment < 1 || nbytes > UINT32_MAX || tag > UINT32_MAX) {
+    if (!PyArg_ParseTuple(args, "nnk|n", &nbytes, &segment, &tag, &offset)) return NULL;
+    if (nbytes < 0 || segment < 1 || offset < 0 || (uint64_t)nbytes + (uint64_t)offset > UINT32_MAX ||
+        tag > UINT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "bad segment_spans arguments");
         return NULL;
     }
@@ -1544,7 +1546,7 @@ static PyObject *segment_spans(PyObject *mod, PyObject *args) {
     w = (uint32_t *)PyByteArray_AS_STRING(out);
     for (size_t k = 0; k < n; k++) {
         size_t at = k * (size_t)segment, len = (size_t)nbytes - at < (size_t)segment ? (size_t)nbytes - at : (size_t)segment;
-        w[3 * k] = (uint32_t)at;
+        w[3 * k] = (uint32_t)(at + (size_t)offset);
         w[3 * k + 1] = (uint32_t)len;
         w[3 * k + 2] = (uint32_t)tag;
     }
@@ -1661,7 +1663,7 @@ static PyMethodDef module_methods[] = {
     {"split_frames", split_frames, METH_VARARGS, "split_frames(frames, spans, count, out, out_spans) -> (n, dropped)"},
     {"coalesce", coalesce, METH_VARARGS, "coalesce(packets, spans, count, merge_udp, out, out_spans) -> int"},
     {"gso_runs", gso_runs, METH_VARARGS, "gso_runs(spans, count, max_segments, max_bytes) -> [(offset, length, segment, count, tag)]"},
-    {"segment_spans", segment_spans, METH_VARARGS, "segment_spans(nbytes, segment, tag) -> bytearray"},
+    {"segment_spans", segment_spans, METH_VARARGS, "segment_spans(nbytes, segment, tag, offset=0) -> bytearray"},
     {"select_by_tag", select_by_tag, METH_VARARGS, "select_by_tag(spans, count, table) -> bytearray of u16"},
     {"clamp_mss", clamp_mss, METH_VARARGS, "clamp_mss(data, spans, count, mss4, mss6) -> int"},
     {"build_info", build_info, METH_NOARGS, "OpenSSL version and build flags."},
