@@ -44,6 +44,9 @@ DEFAULT_GSO_SEGMENTS = 64  # UDP_MAX_SEGMENTS on every kernel since 4.18
 IKE_INBOX_LIMIT = 1024
 
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+# plain ints: the socket module's IntFlag members make every `&` a Python-level enum call
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 _PKTINFO_CMSG_SPACE = socket.CMSG_SPACE(20)  # in6_pktinfo (20) >= in_pktinfo (12)
 _INT = struct.Struct("i")
 _U16 = struct.Struct("H")
@@ -223,7 +226,7 @@ class EspUdpSocket:
         calls = 0
         while len(out) < limit:
             try:
-                nbytes, ancdata, msg_flags, address = recv(buffers, gro_space, socket.MSG_DONTWAIT)
+                nbytes, ancdata, msg_flags, address = recv(buffers, gro_space, _MSG_DONTWAIT)
             except BlockingIOError:
                 break
             except InterruptedError:
@@ -235,7 +238,7 @@ class EspUdpSocket:
                     break
                 continue
             calls += 1
-            if msg_flags & socket.MSG_TRUNC:
+            if msg_flags & _MSG_TRUNC:
                 self.drops["recv_truncated"] += 1
                 continue
             endpoint: Endpoint = (address[0], address[1])
@@ -268,7 +271,7 @@ class EspUdpSocket:
         space = (_GRO_CMSG_SPACE if self.gro else 0) + (_PKTINFO_CMSG_SPACE if self.local_info else 0)
         for _ in range(64):  # a run of queued errors (ICMP) ends the call, never spins
             try:
-                nbytes, ancdata, msg_flags, address = recv(buffers, space, socket.MSG_DONTWAIT)
+                nbytes, ancdata, msg_flags, address = recv(buffers, space, _MSG_DONTWAIT)
             except BlockingIOError:
                 return None
             except InterruptedError:
@@ -276,7 +279,7 @@ class EspUdpSocket:
             except OSError as exc:  # ECONNREFUSED et al. from queued ICMP errors: count, keep going
                 self.drops[f"recv_{_errname(exc)}"] += 1
                 continue
-            if msg_flags & socket.MSG_TRUNC:
+            if msg_flags & _MSG_TRUNC:
                 self.drops["recv_truncated"] += 1
                 continue
             segment = nbytes
