@@ -154,7 +154,8 @@ def measure(
     result.udp64_pps = (udp_sum["packets"] - udp_sum.get("lost_packets", 0)) / max(udp_sum["seconds"], 1e-9)
     result.notes.append(f"load average after: {os.getloadavg()[0]:.2f}")
     log(
-        f"{result.scenario} (load {os.getloadavg()[0]:.2f}): TCP {result.tcp_mbps:.0f} Mbit/s ({result.tcp_retransmits} retr), "
+        f"{result.scenario} (load {os.getloadavg()[0]:.2f}): "
+        f"TCP {result.tcp_mbps:.0f} Mbit/s ({result.tcp_retransmits} retr), "
         f"UDP64 {result.udp64_pps:.0f} pps, RTT {result.rtt_us:.0f} µs, "
         f"CPU/pkt {result.cpu_us_per_packet_sender} / {result.cpu_us_per_packet_receiver} µs"
     )
