@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from demo.manual_sites import SiteService, manual_sites
+from demo.manual_sites import SiteService, manual_sites, random_kek
 from esplanade.v1 import dataplane_pb2, ipsec_pb2
 from tests.conditions import wait_until
 from tests.dataplane.e2e.underlay_capture import UnderlayCapture
@@ -173,3 +173,40 @@ def test_cleartext_from_the_protected_peer_subnet_is_discarded(tmp_path: Path) -
             with site.client() as stub:
                 stub.DeletePolicy(dataplane_pb2.DeletePolicyRequest(id="manual-ab-in"), timeout=20)
         assert ping(b, b.site_addr, a.site_addr, count=3) == 3
+
+
+def test_without_the_compiled_module_auto_falls_back_to_python_and_compiled_refuses_to_start(
+    tmp_path: Path,
+) -> None:
+    """As if the package had been built without a C compiler: the import of the extension fails in
+    the service (a sitecustomize blocks it). `auto` runs the Python lanes and says why; the tunnel
+    carries ping and TCP (against a compiled peer); `compiled` does not start at all."""
+    blocker = tmp_path / "no-espfast"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['esplanade.dataplane.fastpath._espfast'] = None  # ImportError on import\n"
+    )
+    without = {"PYTHONPATH": str(blocker), "ESPLANADE_DATAPLANE__HOT_PATH": "auto"}
+    with manual_sites(
+        tmp_path, prefix=PREFIX, settings=without, settings_b={**hot_path("compiled"), "PYTHONPATH": ""}
+    ) as (
+        topo,
+        site_a,
+        site_b,
+        _,
+    ):
+        a, b = topo.nodes
+        with site_a.client() as stub:
+            details = stub.GetStatus(dataplane_pb2.GetStatusRequest(), timeout=10).details
+        assert details["hot_path"] == "python"
+        assert "compiled module is not available" in details["hot_path_reason"]
+        assert worker_hot_paths(site_a) == {"python"} and worker_hot_paths(site_b) == {"compiled"}
+        assert ping(a, a.site_addr, b.site_addr) == 5
+        report = iperf3_tcp(a, b)
+        assert report["end"]["sum_received"]["bytes"] > 2_000_000
+        refused = SiteService(
+            a, tmp_path, "refused", random_kek(), settings={**without, "ESPLANADE_DATAPLANE__HOT_PATH": "compiled"}
+        )
+        with pytest.raises(AssertionError, match="exited"):
+            refused.start(timeout=20)
+        assert "hot_path is compiled, but" in refused.log()
