@@ -202,6 +202,31 @@ def test_lifetime_events_come_out_of_the_timer() -> None:
     assert drops(a) == {"lifetime": 1}
 
 
+def test_identity_filter_drops_what_the_identity_may_not_reach() -> None:
+    """The identity's packet filter (on top of the SA's selectors) on both hot paths; it survives
+    an update of the SA and can be lifted."""
+    keys = Keys()
+    a, b = keyed_pair(keys)
+    control(b, "set_filter", child_sa="c1", selectors=[f"{B_HOST}/32[tcp/5201]"])
+    allowed = tcp_segments(3, 500, src=A_HOST, dst=B_HOST)
+    denied = a_to_b(2, 100) + tcp_segments(1, 500, src=A_HOST, dst=B_HOST, dport=22)
+
+    def deliver(packets: list[bytes], now: float) -> list[bytes]:
+        return b.inbound_batch([((A_ADDR, 4500), d[1]) for d in a.outbound_batch(packets, now)], now)
+
+    assert deliver(allowed + denied, 1.0) == allowed
+    assert drops(b) == {"identity_filter": 3}
+    keys.lifetime = Lifetime(soft_seconds=100, hard_seconds=200)
+    control(b, "update_sa", 2.0, **install_message(keys, "b"))
+    assert deliver(denied + allowed, 2.0) == allowed
+    assert drops(b) == {"identity_filter": 6}
+    control(b, "set_filter", child_sa="c1", selectors=None)
+    assert deliver(denied, 3.0) == denied
+    assert drops(b) == {"identity_filter": 6}
+    assert b.handle_control("set_filter", {"child_sa": "c1", "selectors": ["nonsense"]}, 3.0)["ok"] is False
+    assert b.handle_control("set_filter", {"child_sa": "nope", "selectors": None}, 3.0)["ok"] is False
+
+
 # -- the fast lane against the engine's general path ------------------------------------------
 def _malformed(keys: Keys, seq: int, kind: int) -> bytes:
     """An authentic ESP packet (right key, right ICV) whose content is wrong in one way."""

@@ -62,6 +62,7 @@ from esplanade.dataplane.userspace.transform import PacketTransform, WorkerConte
 from esplanade.dataplane.userspace.tunnel_routes import TunnelRoutes
 from esplanade.dataplane.userspace.worker_channel import WorkerChannel, WorkerGone
 from esplanade.ipsec.sa import ChildSaRecord
+from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.spd import SpdPolicy
 from esplanade.ipsec.transforms import IpProto, Mode
 
@@ -414,6 +415,22 @@ class UserspaceBackend:
             del self._children[child_sa_id]
             self._refresh_routes(None, child_sa_id)
         self._emit(DataplaneEvent(DataplaneEventKind.DELETED, child_sa=child_sa_id, spi=record.inbound.spi))
+
+    async def set_identity_filter(self, child_sa_id: str, selectors: list[TrafficSelector] | None) -> None:
+        """What may leave the Child SA's inbound packets after decapsulation (the identity's packet
+        filter, on top of the SA's selectors); None lifts it. Applied by the owning worker: in C on
+        the compiled lane, by the engine's general path on the Python lanes; denials are the
+        `identity_filter` drop reason. The filter stays across updates of the SA."""
+        async with self._lock:
+            record = self._children.get(child_sa_id)
+            if record is None:
+                raise NotFound(f"Child SA {child_sa_id!r} is not installed")
+            texts = None if selectors is None else [str(s) for s in selectors]
+            reply = await self._channel(owner_of(record, self.workers)).request(
+                {"op": "set_filter", "child_sa": child_sa_id, "selectors": texts}
+            )
+            if not reply.get("ok"):
+                raise InvalidArgument(f"filter of Child SA {child_sa_id!r} refused: {reply.get('error')}")
 
     def _refresh_routes(self, record: ChildSaRecord | None, child_sa_id: str = "") -> None:
         if self.routes is None:

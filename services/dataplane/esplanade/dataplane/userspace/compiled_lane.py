@@ -69,6 +69,8 @@ class CompiledLane:
         self.flows = FlowSummary()
         self.batches = 0
         self._endpoint_of: dict[int, Endpoint] = {}
+        self.filters: dict[int, IdentityFilter] = {}  # inbound SPI -> its identity filter tables
+        self.removed_denied = 0  # packets denied by filters since replaced or removed
 
     # -- SAs ----------------------------------------------------------------------------
     def install(
@@ -92,6 +94,9 @@ class CompiledLane:
         self._reindex()
 
     def remove(self, in_sa: InboundSa, out_sa: OutboundSa) -> None:
+        old = self.filters.pop(in_sa.spi, None)
+        if old is not None:
+            self.removed_denied += old.denied
         if self.core.remove_inbound(in_sa.spi) is not None:
             self.udp_spis.discard(in_sa.spi)
             self.plain_spis.discard(in_sa.spi)
@@ -102,10 +107,19 @@ class CompiledLane:
         self._reindex()
 
     def set_filter(self, in_sa: InboundSa, packet_filter: PacketFilter | None) -> None:
+        """Compile the filter into tables the C decrypt applies to every packet of the SA."""
         identity: IdentityFilter | None = None
         if packet_filter is not None:
             identity = self.core.identity_filter(packet_filter)
         self.core.set_identity(in_sa.spi, identity)
+        old = self.filters.pop(in_sa.spi, None)
+        if old is not None:
+            self.removed_denied += old.denied
+        if identity is not None:
+            self.filters[in_sa.spi] = identity
+
+    def filter_denied(self) -> int:
+        return self.removed_denied + sum(f.denied for f in self.filters.values())
 
     def _reindex(self) -> None:
         self.slot_sas = self.core.outbound_sas()
@@ -136,6 +150,7 @@ class CompiledLane:
             "sas_compiled": len(self.core.compiled_spis()),
             "outbound_slots": len(self.slot_sas),
             "refused": dict(self.refused),
+            "filters": len(self.filters),
             "flows": self.flows.as_dict(),
         }
 

@@ -30,6 +30,7 @@ raw sockets rather than the TUN + UDP/ESP rooms.
 from __future__ import annotations
 
 import ipaddress
+import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -62,8 +63,10 @@ from esplanade.dataplane.userspace.outer_transport import Datagram, Endpoint
 from esplanade.dataplane.userspace.sa_messages import association_from_document, policy_from_document
 from esplanade.dataplane.userspace.transform import WorkerContext
 from esplanade.ipsec.sa import SecurityAssociation
+from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.spd import PolicyAction
 from esplanade.ipsec.transforms import ENCR_AES_GCM_16_128, Direction, IpProto, Mode
+from esplanade.policy.filters import PacketFilter
 
 # The most ESP adds to an inner packet with AES-GCM / ChaCha20-Poly1305: SPI+seq 8, IV 8,
 # ICV 16, pad length + next header 2, padding up to 3. (`inner_mtu` is exact; this is the
@@ -155,6 +158,12 @@ class EspTransform:
         self._events: list[DataplaneEvent] = []
         self._timer: float | None = None
         self._acquired: dict[str, float] = {}
+        # Identity filters (`set_filter`) by inbound SPI. On the Python lanes a filtered SA takes
+        # the engine's general path and each decapsulated packet is checked here; the compiled
+        # lane applies the same filter in C (`compiled_lane.CompiledLane.set_filter`).
+        self._filters: dict[int, PacketFilter] = {}
+        self.filter_denied = 0  # Python lanes; the compiled lane counts in its filter tables
+        self.wall_clock = time.time  # timed filter parts follow the wall clock
 
     # -- PacketTransform: outbound ------------------------------------------------------
     def outbound_batch(self, packets: Sequence[bytes], now: float) -> list[Datagram]:
@@ -379,6 +388,10 @@ class EspTransform:
                     continue
             inner = decrypt_esp(sa, esp, now)
             if inner is not None:
+                packet_filter = self._filters.get(spi) if self._filters else None
+                if packet_filter is not None and not packet_filter.allows_packet(inner, self.wall_clock()):
+                    self.filter_denied += 1
+                    continue
                 append(inner)
         for sa in touched:
             self._collect(sa)
@@ -741,6 +754,8 @@ class EspTransform:
                 self._open_lanes[in_sa.spi] = open_lane
         if self.compiled is not None:
             self.compiled.install(in_sa, in_association, out_sa, out_association, (association_dst, port))
+        if in_sa.spi in self._filters:  # an update keeps the identity's filter
+            self._apply_filter(in_sa, self._filters[in_sa.spi])
         self._invalidate()
         self._recompute_timer()
         self._collect(out_sa)
@@ -812,10 +827,42 @@ class EspTransform:
         self._invalidate()
         return {"ok": True}
 
+    def _apply_filter(self, in_sa: InboundSa, packet_filter: PacketFilter | None) -> None:
+        if self.compiled is not None:
+            self.compiled.set_filter(in_sa, packet_filter)
+        elif packet_filter is not None:
+            self._open_lanes.pop(in_sa.spi, None)  # the general path checks the filter
+        elif self.fast_lane:
+            open_lane = open_lane_for(in_sa)
+            if open_lane is not None:
+                self._open_lanes[in_sa.spi] = open_lane
+
+    def _op_set_filter(self, message: dict[str, Any], now: float) -> dict[str, object]:
+        """The identity's packet filter for a Child SA's inbound packets: {"child_sa", "selectors":
+        [traffic selector text, ...] (what may pass after decapsulation) or null (no filter)}."""
+        child_sa = str(message["child_sa"])
+        child = self.children.get(child_sa)
+        if child is None:
+            return {"ok": False, "error": f"Child SA {child_sa!r} is not installed here"}
+        texts = message.get("selectors")
+        packet_filter: PacketFilter | None = None
+        if texts is not None:
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                return {"ok": False, "error": "selectors: a list of traffic selector texts, or null"}
+            packet_filter = PacketFilter([TrafficSelector.parse(t) for t in texts])
+        spi = child.inbound.spi
+        if packet_filter is None:
+            self._filters.pop(spi, None)
+        else:
+            self._filters[spi] = packet_filter
+        self._apply_filter(child.inbound, packet_filter)
+        return {"ok": True}
+
     def _op_remove_sa(self, message: dict[str, Any], now: float) -> dict[str, object]:
         child_sa = str(message["child_sa"])
         child = self.children.pop(child_sa, None)
         if child is not None:
+            self._filters.pop(child.inbound.spi, None)
             self._forget(child)
             self.spd.unbind_outbound(child_sa)
             self._recompute_timer()
@@ -850,6 +897,9 @@ class EspTransform:
         sas: list[dict[str, object]] = []
         drops: Counter[str] = Counter(self.drops)
         drops.update(self.removed_drops)
+        denied = self.filter_denied + (self.compiled.filter_denied() if self.compiled is not None else 0)
+        if denied:
+            drops["identity_filter"] += denied
         table_drops: list[TrafficCounters] = [self.table.counters]
         if self.compiled is not None:
             table_drops.append(self.compiled.core.table_counters)
@@ -886,6 +936,7 @@ class EspTransform:
         "remove_policy": _op_remove_policy,
         "grant_sequence": _op_grant_sequence,
         "counters": _op_counters,
+        "set_filter": _op_set_filter,
     }
 
 
