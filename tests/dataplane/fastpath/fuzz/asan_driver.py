@@ -193,12 +193,35 @@ def tun_frames(frames: list[bytes], merge_udp: bool, junk: list[int]) -> None:
         MODULE.gso_runs(spans, count, 1 + len(frames), 1 + len(data))
     gro = PacketBatch.from_segments(data, len(data), 1 + (junk[0] if junk else 7) % 1500)
     coalesce_frames(gro, merge_udp)
+    table = array("H", junk[:3] or [0]).tobytes() if all(0 <= j < 1 << 16 for j in junk[:3]) else b"\0\0"
+    offset = (junk[1] if len(junk) > 1 else 0) & 0xFFFFF
     for call in (
         lambda: MODULE.split_frames(data, spans, count, bytearray(), bytearray()),
         lambda: MODULE.coalesce(data, spans, count, merge_udp, bytearray(), bytearray()),
+        lambda: MODULE.clamp_mss(data, spans, count, 1398, 1378),
+        lambda: MODULE.select_by_tag(spans, count, table),
+        lambda: MODULE.segment_spans(len(data), 1 + (junk[0] if junk else 7) % 1500, 0, offset),
     ):
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, IndexError):
             call()
+    syn = [inner(4, 6, f, 0) for f in frames] + [inner(6, 6, f, 0) for f in frames]
+    clamp_data, clamp_spans, clamp_count = spans_for(syn, [])
+    MODULE.clamp_mss(clamp_data, clamp_spans, clamp_count, 536, 1220)
+    # the TUN room's read and write loops, on a pipe: frames in, the same frames out
+    read_end, write_end = os.pipe()
+    try:
+        os.set_blocking(read_end, False)
+        os.set_blocking(write_end, False)
+        written, errnos = MODULE.write_frames(write_end, data, spans_for(frames, [])[1], len(frames))
+        assert written + len(errnos) == len(frames)
+        buf, out_spans = bytearray(), bytearray()
+        got, _ = MODULE.read_frames(read_end, buf, out_spans, 1 + len(junk), 1 + (junk[-1] if junk else 100) % 5000)
+        assert got <= 1 + len(junk)
+        with contextlib.suppress(ValueError):
+            MODULE.write_frames(write_end, data, spans, count)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 @given(tables=st.lists(st.tuples(*[st.integers(-2, 300)] * 2, *[st.binary(max_size=40)] * 7), max_size=4))

@@ -17,7 +17,7 @@ slicing it.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 SPAN_WORDS = 3
@@ -115,6 +115,11 @@ class PacketBatch:
             i = j
         return out
 
+    def spans_list(self) -> list[tuple[int, int, int]]:
+        """(offset, length, tag) of every packet."""
+        w = self._span_words()
+        return [(w[j], w[j + 1], w[j + 2]) for j in range(0, SPAN_WORDS * self.count, SPAN_WORDS)]
+
     def tags(self) -> list[int]:
         w = self._span_words()
         return [w[j + 2] for j in range(0, SPAN_WORDS * self.count, SPAN_WORDS)]
@@ -147,7 +152,12 @@ def segment_spans(nbytes: int, segment: int, tag: int = 0, offset: int = 0) -> b
     return bytearray(words.tobytes())
 
 
-def _compiled() -> Any:
-    from esplanade.dataplane.fastpath.hot_path import load_compiled
+_LOADER: list[Callable[[], tuple[Any, str]]] = []  # hot_path.load_compiled, once imported
 
-    return load_compiled()[0]
+
+def _compiled() -> Any:
+    if not _LOADER:  # imported late: hot_path imports this module
+        from esplanade.dataplane.fastpath.hot_path import load_compiled
+
+        _LOADER.append(load_compiled)
+    return _LOADER[0]()[0]

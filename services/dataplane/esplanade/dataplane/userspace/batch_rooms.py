@@ -59,15 +59,16 @@ class BatchRooms:
     def tun_to_outer(self) -> bool:
         loop = self.loop
         p, c = loop.parts, loop.counters
-        frames = p.tun.read_batch(p.batch)
-        if not frames:
+        frames = p.tun.read_frames(p.batch)
+        if not frames.count:
             return False
         c.tun_batches += 1
         now = p.clock()
         packets, dropped = split_frames(frames)
         if dropped:
             c.errors["tun_frame_malformed"] += dropped
-        c.super_frames_split += sum(1 for f in frames if f[0] or f[1])  # GSO or partial checksum
+        data = frames.data  # frames with a GSO type or a partial checksum (vnet header flags)
+        c.super_frames_split += sum(1 for at, n, _ in frames.spans_list() if n > 1 and (data[at] or data[at + 1]))
         if packets.count:
             self._clamp(packets)
             try:
@@ -75,7 +76,7 @@ class BatchRooms:
             except Exception:  # a transform bug must not take the worker down
                 c.errors["transform_errors"] += 1
                 loop.log_exception("seal_frames failed; %d packets lost", packets.count)
-                return len(frames) >= p.batch
+                return frames.count >= p.batch
             c.packets_out += packets.count
             mailbox = p.mailbox
             for owner, packet in sealed.handoffs:
@@ -85,7 +86,7 @@ class BatchRooms:
             c.datagrams_out += self.send_esp(sealed.esp, sealed.endpoints)
             if sealed.datagrams:
                 loop.send(sealed.datagrams)
-        return len(frames) >= p.batch
+        return frames.count >= p.batch
 
     def _clamp(self, packets: PacketBatch) -> None:
         mss = self.mss
@@ -144,8 +145,10 @@ class BatchRooms:
                 continue
             # the datagram-by-datagram door (the read stays where it is: `at` does not move)
             datagrams: list[Datagram] = []
+            local_address = udp.local_address(local)
             for offset in range(at, at + nbytes, segment):
-                udp.classify(endpoint, bytes(buf[offset : min(offset + segment, at + nbytes)]), datagrams, local)
+                payload = bytes(buf[offset : min(offset + segment, at + nbytes)])
+                udp.classify(endpoint, payload, datagrams, local_address)
             loop.forward_ike(udp)
             if loop.steer:
                 datagrams = loop.steer_inbound(datagrams)
@@ -171,10 +174,10 @@ class BatchRooms:
         c.packets_in += inner.count
         self._clamp(inner)
         frames = coalesce_frames(inner, self.merge_udp)
-        c.tun_frames_written += loop.parts.tun.write_views(iter(frames))
+        c.tun_frames_written += loop.parts.tun.write_frames(frames)
 
     def write_packets(self, packets: list[bytes]) -> None:
         """Inner packets from the datagram-by-datagram door, merged in C."""
         if packets:
             frames = coalesce_frames(packets, self.merge_udp)
-            self.loop.counters.tun_frames_written += self.loop.parts.tun.write_views(iter(frames))
+            self.loop.counters.tun_frames_written += self.loop.parts.tun.write_frames(frames)

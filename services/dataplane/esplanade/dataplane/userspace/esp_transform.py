@@ -403,9 +403,9 @@ class EspTransform:
         """True when `seal_frames` / `open_segments` run (the compiled loop is active)."""
         return self.compiled is not None
 
-    def _decision_at(self, buf: bytes, base: int, now: float) -> Decision:
-        """The SPD decision for the IP packet at `buf[base:]`, through the flow cache."""
-        n = len(buf) - base
+    def _decision_at(self, buf: bytes | bytearray, base: int, end: int, now: float) -> Decision:
+        """The SPD decision for the IP packet at `buf[base:end]`, through the flow cache."""
+        n = end - base
         b0 = buf[base] if n >= 40 else 0
         cache: dict[bytes, Decision] | None = None
         key = b""
@@ -413,16 +413,17 @@ class EspTransform:
             if not buf[base + 6] & 0x3F and not buf[base + 7]:  # not a fragment
                 proto = buf[base + 9]
                 cache = self._tcp_cache if proto == 6 else self._udp_cache if proto == 17 else None
-                key = buf[base + 12 : base + 24]
+                key = bytes(buf[base + 12 : base + 24])
         elif b0 >> 4 == 6 and n >= 44:
             proto = buf[base + 6]
             cache = self._tcp_cache if proto == 6 else self._udp_cache if proto == 17 else None
-            key = buf[base + 8 : base + 44]
+            key = bytes(buf[base + 8 : base + 44])
         if cache is not None:
             decision = cache.get(key)
             if decision is not None:
                 return decision
-        decision = self._decide(buf[base:] if base else buf, now)
+        packet = buf if base == 0 and end == len(buf) and isinstance(buf, bytes) else bytes(buf[base:end])
+        decision = self._decide(packet, now)
         if cache is not None and decision[0] != _NO_SA:  # no SA yet: look again (ACQUIRE)
             if len(cache) >= FLOW_CACHE_LIMIT:
                 cache.clear()
@@ -438,7 +439,7 @@ class EspTransform:
         engine: list[Datagram] = []
         touched: dict[int, OutboundSa] = {}
         for packet in packets:
-            decision = self._decision_at(bytes(packet), 0, now)
+            decision = self._decision_at(packet, 0, len(packet), now)
             sa = decision[1]
             if sa is None:
                 self.drops[_REFUSAL_NAMES[decision[0]]] += 1
@@ -462,7 +463,7 @@ class EspTransform:
             self._collect(sa)
         return out + engine if engine else out
 
-    def seal_frames(self, frames: Sequence[bytes], packets: PacketBatch, now: float) -> SealedFrames:
+    def seal_frames(self, frames: PacketBatch | Sequence[bytes], packets: PacketBatch, now: float) -> SealedFrames:
         """TUN frames (virtio_net_hdr + packet) already split into `packets` (tags: frame index)
         -> ESP payloads. The SPD decides once per frame (every segment of a TSO frame has the
         frame's addresses and ports); the compiled core seals every packet in one call."""
@@ -470,12 +471,15 @@ class EspTransform:
         assert lane is not None
         slot_of = lane.slot_of
         me = self.context.index
-        per_frame = array("H", bytes(2 * len(frames)))
+        if not isinstance(frames, PacketBatch):
+            frames = PacketBatch.from_packets(frames)
+        data = frames.data
+        per_frame = array("H", bytes(2 * frames.count))
         uniform = -1  # the one slot every frame uses, -2 when they differ
         aside: dict[int, tuple[int, Decision]] = {}  # frame -> (code, decision): dropped, handed off, engine
         touched: dict[int, OutboundSa] = {}
-        for i, frame in enumerate(frames):
-            decision = self._decision_at(frame, VNET_HDR_LEN, now)
+        for i, (offset, length, _) in enumerate(frames.spans_list()):
+            decision = self._decision_at(data, offset + VNET_HDR_LEN, offset + length, now)
             sa = decision[1]
             slot = slot_of.get(id(sa), -1) if sa is not None else -1
             if slot < 0:

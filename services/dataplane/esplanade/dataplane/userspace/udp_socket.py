@@ -55,6 +55,10 @@ IPV6_RECVPKTINFO = 49
 IPV6_PKTINFO = 50
 
 
+# What `recv_segments` says about the local address: the raw IP_PKTINFO control message, or "".
+LocalAddress = str | tuple[int, int, bytes]
+
+
 def _local_from_cmsg(level: int, kind: int, data: bytes) -> str | None:
     if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
         return socket.inet_ntop(socket.AF_INET, data[8:12])  # ipi_addr: the header's destination
@@ -262,7 +266,7 @@ class EspUdpSocket:
                     self._classify(endpoint, payload, out, local)
         return out
 
-    def recv_segments(self, buf: bytearray | memoryview) -> tuple[int, int, Endpoint, str] | None:
+    def recv_segments(self, buf: bytearray | memoryview) -> tuple[int, int, Endpoint, LocalAddress] | None:
         """One read into `buf` for the batch rooms: (bytes, GRO segment size, sender, local address),
         or None when nothing is waiting. With UDP_GRO the bytes are several datagrams of one sender,
         each `segment` long but a shorter last one; classifying them is the caller's job."""
@@ -283,12 +287,12 @@ class EspUdpSocket:
                 self.drops["recv_truncated"] += 1
                 continue
             segment = nbytes
-            local = ""
-            for level, kind, data in ancdata:
-                if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
-                    segment = _INT.unpack_from(data)[0] or nbytes
+            local: LocalAddress = ""
+            for item in ancdata:
+                if item[0] == SOL_UDP and item[1] == UDP_GRO and len(item[2]) >= 4:
+                    segment = _INT.unpack_from(item[2])[0] or nbytes
                 else:
-                    local = _local_from_cmsg(level, kind, data) or local
+                    local = item  # decoded only if the read holds IKE (`local_address`)
             if not nbytes:
                 self.drops["runt"] += 1
                 continue
@@ -296,6 +300,13 @@ class EspUdpSocket:
                 self.counters["gro_batches"] += 1
             return nbytes, min(segment, nbytes), (address[0], address[1]), local
         return None
+
+    @staticmethod
+    def local_address(local: LocalAddress) -> str:
+        """The local address of a `recv_segments` read (IP_PKTINFO), "" when unknown."""
+        if isinstance(local, str):
+            return local
+        return _local_from_cmsg(*local) or ""
 
     def classify(self, endpoint: Endpoint, payload: bytes, out: list[Datagram], local: str = "") -> None:
         """ESP goes to `out`; IKE to the IKE inbox; keep-alives and runts are counted."""

@@ -17,8 +17,10 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include <errno.h>
 #include <math.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <openssl/crypto.h>
 #include <openssl/opensslv.h>
@@ -1553,6 +1555,96 @@ static PyObject *segment_spans(PyObject *mod, PyObject *args) {
     return out;
 }
 
+/* -- the TUN room's syscalls, one call per batch ------------------------------------------------ */
+/* read_frames(fd, buf, spans, limit, frame_max) -> (count, errno)
+ * Reads up to `limit` frames from a non-blocking descriptor into `buf`, back to back, each given
+ * `frame_max` bytes of room, and their spans (offset, length, index) into `spans`; both bytearrays
+ * are grown once to their full size and then reused. Stops at EAGAIN (errno 0), at end of file,
+ * or at another error (its errno, after the frames read before it). */
+static PyObject *read_frames(PyObject *mod, PyObject *args) {
+    int fd, err = 0;
+    PyObject *buf, *spans;
+    Py_ssize_t limit, frame_max;
+    Py_buffer bv, sv;
+    size_t at = 0, n = 0;
+    if (!PyArg_ParseTuple(args, "iO!O!nn", &fd, &PyByteArray_Type, &buf, &PyByteArray_Type, &spans, &limit,
+                          &frame_max))
+        return NULL;
+    if (limit < 1 || frame_max < 1 || frame_max > (1 << 20) || limit > 4096) {
+        PyErr_SetString(PyExc_ValueError, "bad read_frames arguments");
+        return NULL;
+    }
+    if (grow(buf, (size_t)limit * (size_t)frame_max) < 0 || grow(spans, (size_t)limit * SPAN_BYTES) < 0) return NULL;
+    if (PyObject_GetBuffer(buf, &bv, PyBUF_WRITABLE) < 0) return NULL;
+    if (PyObject_GetBuffer(spans, &sv, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&bv);
+        return NULL;
+    }
+    while (n < (size_t)limit && at + (size_t)frame_max <= (size_t)bv.len && (n + 1) * SPAN_BYTES <= (size_t)sv.len) {
+        ssize_t r = read(fd, (uint8_t *)bv.buf + at, (size_t)frame_max);
+        uint32_t w[SPAN_WORDS];
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) err = errno;
+            break;
+        }
+        if (r == 0) break;
+        w[0] = (uint32_t)at;
+        w[1] = (uint32_t)r;
+        w[2] = (uint32_t)n;
+        memcpy((uint8_t *)sv.buf + n * SPAN_BYTES, w, SPAN_BYTES);
+        at += (size_t)r;
+        n++;
+    }
+    PyBuffer_Release(&bv);
+    PyBuffer_Release(&sv);
+    return Py_BuildValue("(ni)", (Py_ssize_t)n, err);
+}
+
+/* write_frames(fd, data, spans, count) -> (written, errnos)
+ * One write(2) per span (a TUN frame each); `errnos` lists the errno of every write that failed
+ * (empty when all went through). */
+static PyObject *write_frames(PyObject *mod, PyObject *args) {
+    int fd;
+    Py_buffer dv, sv;
+    Py_ssize_t count, written = 0;
+    PyObject *errnos = NULL, *result = NULL;
+    if (!PyArg_ParseTuple(args, "iy*y*n", &fd, &dv, &sv, &count)) return NULL;
+    if (count < 0 || (size_t)count * SPAN_BYTES > (size_t)sv.len) {
+        PyErr_SetString(PyExc_ValueError, "count exceeds the spans");
+        goto done;
+    }
+    errnos = PyList_New(0);
+    if (errnos == NULL) goto done;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint32_t w[SPAN_WORDS];
+        ssize_t r;
+        memcpy(w, (uint8_t *)sv.buf + (size_t)i * SPAN_BYTES, SPAN_BYTES);
+        if ((uint64_t)w[0] + w[1] > (uint64_t)dv.len) {
+            PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
+            goto done;
+        }
+        r = write(fd, (const uint8_t *)dv.buf + w[0], w[1]);
+        if (r < 0 && errno == EINTR) r = write(fd, (const uint8_t *)dv.buf + w[0], w[1]);
+        if (r >= 0) {
+            written++;
+        } else {
+            PyObject *e = PyLong_FromLong(errno);
+            if (e == NULL || PyList_Append(errnos, e) < 0) {
+                Py_XDECREF(e);
+                goto done;
+            }
+            Py_DECREF(e);
+        }
+    }
+    result = Py_BuildValue("(nO)", written, errnos);
+done:
+    Py_XDECREF(errnos);
+    PyBuffer_Release(&dv);
+    PyBuffer_Release(&sv);
+    return result;
+}
+
 /* select_by_tag(spans, count, table) -> bytearray: u16 per packet, table[tag] (table: u16 per tag).
  * Turns one decision per TUN frame into encrypt_batch's `which` for the packets split from it. */
 static PyObject *select_by_tag(PyObject *mod, PyObject *args) {
@@ -1664,6 +1756,8 @@ static PyMethodDef module_methods[] = {
     {"coalesce", coalesce, METH_VARARGS, "coalesce(packets, spans, count, merge_udp, out, out_spans) -> int"},
     {"gso_runs", gso_runs, METH_VARARGS, "gso_runs(spans, count, max_segments, max_bytes) -> [(offset, length, segment, count, tag)]"},
     {"segment_spans", segment_spans, METH_VARARGS, "segment_spans(nbytes, segment, tag, offset=0) -> bytearray"},
+    {"read_frames", read_frames, METH_VARARGS, "read_frames(fd, buf, spans, limit, frame_max) -> (count, errno)"},
+    {"write_frames", write_frames, METH_VARARGS, "write_frames(fd, data, spans, count) -> (written, errnos)"},
     {"select_by_tag", select_by_tag, METH_VARARGS, "select_by_tag(spans, count, table) -> bytearray of u16"},
     {"clamp_mss", clamp_mss, METH_VARARGS, "clamp_mss(data, spans, count, mss4, mss6) -> int"},
     {"build_info", build_info, METH_NOARGS, "OpenSSL version and build flags."},
