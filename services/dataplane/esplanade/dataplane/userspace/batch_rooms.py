@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from esplanade.dataplane.fastpath import PacketBatch
-from esplanade.dataplane.fastpath.packet_batch import SPAN_BYTES, segment_spans
 from esplanade.dataplane.fastpath.tun_frames import clamp_mss, coalesce_frames, split_frames
 from esplanade.dataplane.userspace.outer_transport import Datagram, Endpoint
 from esplanade.dataplane.userspace.udp_socket import EspUdpSocket
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
     from esplanade.dataplane.userspace.esp_transform import EspTransform
     from esplanade.dataplane.userspace.loop import DatapathLoop
 
-GRO_BUFFER = 1 << 16  # one UDP GRO read: at most 64 KiB
 READS_PER_WAKEUP = 8  # GRO reads per handler call, decrypted together; then the other rooms get a turn
 
 
@@ -48,8 +46,10 @@ class BatchRooms:
         clamp = parts.mss_clamp
         self.mss = (clamp.mss_v4, clamp.mss_v6) if clamp is not None else None
         self.merge_udp = loop.merge_udp
-        self.buf = bytearray(GRO_BUFFER * READS_PER_WAKEUP)
-        self.view = memoryview(self.buf)
+        # GRO batches: a few reads of up to 64 KiB each; without GRO: many single datagrams
+        self.max_reads = READS_PER_WAKEUP if udp is not None and udp.gro else parts.batch
+        self.buf = bytearray()  # grown once by the compiled receive loop, then reused
+        self.spans = bytearray()
 
     def description(self) -> str:
         inbound = "GRO reads -> compiled decrypt -> C merge" if self.udp is not None else "datagram door"
@@ -118,53 +118,39 @@ class BatchRooms:
 
     # -- inbound --------------------------------------------------------------------------
     def udp_to_tun(self) -> bool:
-        """Up to READS_PER_WAKEUP GRO reads into one buffer, decrypted in one call, merged, written."""
+        """Up to READS_PER_WAKEUP UDP (GRO) reads in one compiled call, the ones the compiled door
+        takes whole decrypted in one call, merged and written; the others datagram by datagram."""
         udp = self.udp
         assert udp is not None
         loop = self.loop
         p, c = loop.parts, loop.counters
         transform = self.transform
-        buf, view = self.buf, self.view
-        spans = bytearray()
-        spis: set[int] = set()
-        at = 0
-        more = True
+        buf = self.buf
         now = p.clock()
-        for _ in range(READS_PER_WAKEUP):
-            got = udp.recv_segments(view[at : at + GRO_BUFFER])
-            if got is None:
-                more = False
-                break
-            nbytes, segment, endpoint, local = got
-            c.outer_batches += 1
-            spi = transform.whole_read(buf, at, nbytes, segment)
-            if spi >= 0:
-                spans += segment_spans(nbytes, segment, 0, at)
-                spis.add(spi)
-                at += nbytes
-                continue
-            # the datagram-by-datagram door (the read stays where it is: `at` does not move)
-            datagrams: list[Datagram] = []
-            local_address = udp.local_address(local)
-            for offset in range(at, at + nbytes, segment):
-                payload = bytes(buf[offset : min(offset + segment, at + nbytes)])
-                udp.classify(endpoint, payload, datagrams, local_address)
-            loop.forward_ike(udp)
-            if loop.steer:
-                datagrams = loop.steer_inbound(datagrams)
-            loop.decrypt_and_write(datagrams, now)
-        if at:
-            batch = PacketBatch(buf, spans, len(spans) // SPAN_BYTES)
+        count, reads, spis, odd = udp.recv_gro(buf, self.spans, self.max_reads, transform.gro_accept())
+        c.outer_batches += reads
+        if count:
+            batch = PacketBatch(buf, self.spans, count)
             try:
                 inner = transform.open_reads(batch, spis, now)
             except Exception:
                 c.errors["transform_errors"] += 1
-                loop.log_exception("open_reads failed; %d datagrams lost", batch.count)
+                loop.log_exception("open_reads failed; %d datagrams lost", count)
             else:
-                c.datagrams_in += batch.count
+                c.datagrams_in += count
                 self.write_inner(inner)
-        loop.forward_ike(udp)
-        return more
+        for at, nbytes, segment, endpoint, pktinfo in odd:  # the datagram-by-datagram door
+            datagrams: list[Datagram] = []
+            local_address = udp.local_address(pktinfo)
+            for offset in range(at, at + nbytes, segment):
+                payload = bytes(buf[offset : min(offset + segment, at + nbytes)])
+                udp.classify(endpoint, payload, datagrams, local_address)
+            if loop.steer:
+                datagrams = loop.steer_inbound(datagrams)
+            loop.decrypt_and_write(datagrams, now)
+        if odd:
+            loop.forward_ike(udp)
+        return reads >= self.max_reads
 
     def write_inner(self, inner: PacketBatch) -> None:
         if not inner.count:

@@ -585,6 +585,11 @@ class EspTransform:
                     return -1
         return spi
 
+    def gro_accept(self) -> set[int]:
+        """The SPIs whose GRO reads the compiled door takes whole: this worker's UDP-encapsulated
+        SAs (`whole_read`'s rule, applied by the compiled receive loop)."""
+        return self.compiled.udp_spis if self.compiled is not None else set()
+
     def open_reads(self, batch: PacketBatch, spis: Sequence[int] | set[int], now: float) -> PacketBatch:
         """Decrypt a batch of whole reads (`whole_read` said yes to each; `spis`: their SPIs) in one call."""
         lane = self.compiled

@@ -25,6 +25,7 @@ import struct
 from collections import Counter, deque
 from dataclasses import dataclass
 
+from esplanade.dataplane.fastpath.hot_path import load_compiled
 from esplanade.dataplane.userspace.outer_transport import Datagram, Endpoint, IkeArrival
 from esplanade.dataplane.userspace.socket_filters import SO_ATTACH_REUSEPORT_CBPF, attach, reuseport_spi_program
 
@@ -57,6 +58,9 @@ IPV6_PKTINFO = 50
 
 # What `recv_segments` says about the local address: the raw IP_PKTINFO control message, or "".
 LocalAddress = str | tuple[int, int, bytes]
+# A read `recv_gro` left to the caller: (offset in the buffer, bytes, GRO segment, sender, PKTINFO or None).
+OddRead = tuple[int, int, int, Endpoint, tuple[int, int, bytes] | None]
+GRO_READ_MAX = 1 << 16  # one UDP read, GRO batch or not: at most 64 KiB
 
 
 def _local_from_cmsg(level: int, kind: int, data: bytes) -> str | None:
@@ -302,11 +306,26 @@ class EspUdpSocket:
         return None
 
     @staticmethod
-    def local_address(local: LocalAddress) -> str:
+    def local_address(local: LocalAddress | None) -> str:
         """The local address of a `recv_segments` read (IP_PKTINFO), "" when unknown."""
-        if isinstance(local, str):
-            return local
+        if local is None or isinstance(local, str):
+            return local or ""
         return _local_from_cmsg(*local) or ""
+
+    def recv_gro(
+        self, buf: bytearray, spans: bytearray, max_reads: int, accept: set[int]
+    ) -> tuple[int, int, list[int], list[OddRead]]:
+        """Up to `max_reads` reads in one compiled call (`_espfast.recv_gro`): the datagrams of
+        every read that carries one SPI of `accept` become spans into `buf` (count, reads, their
+        SPIs); the other reads stay in `buf` for the caller (`OddRead`s). Errors are counted drops."""
+        module = load_compiled()[0]
+        assert module is not None, "recv_gro runs with the compiled module only"
+        fd = self.sock.fileno()
+        count, reads, spis, odd, errnos = module.recv_gro(fd, buf, spans, max_reads, GRO_READ_MAX, accept)
+        for err in errnos:
+            reason = "truncated" if err == errno.EMSGSIZE else "runt" if not err else _errname(OSError(err, ""))
+            self.drops[f"recv_{reason}" if err else "runt"] += 1
+        return count, reads, spis, odd
 
     def classify(self, endpoint: Endpoint, payload: bytes, out: list[Datagram], local: str = "") -> None:
         """ESP goes to `out`; IKE to the IKE inbox; keep-alives and runts are counted."""

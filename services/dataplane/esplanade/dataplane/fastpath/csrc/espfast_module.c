@@ -17,10 +17,20 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <math.h>
+#include <netinet/in.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
+
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
 
 #include <openssl/crypto.h>
 #include <openssl/opensslv.h>
@@ -1601,6 +1611,178 @@ static PyObject *read_frames(PyObject *mod, PyObject *args) {
     return Py_BuildValue("(ni)", (Py_ssize_t)n, err);
 }
 
+/* recv_gro(fd, buf, spans, max_reads, read_max, accept) -> (count, reads, spis, odd, errnos)
+ * The UDP room's receive loop: up to `max_reads` recvmsg(2) calls (UDP_GRO batches) into `buf`,
+ * back to back, each given `read_max` bytes of room, until EAGAIN. A read whose datagrams all
+ * start with one SPI found in the set `accept` (the UDP-encapsulated SAs this worker owns) is
+ * cut into spans (offset, length, 0) in `spans`: `count` of them, their SPIs in `spis`. Every
+ * other read stays in the buffer for the caller, listed in `odd` as (offset, nbytes, segment,
+ * (address, port), pktinfo) with pktinfo the raw IP_PKTINFO/IPV6_PKTINFO control message or
+ * None. Truncated reads are dropped; `errnos` lists failed calls (ICMP errors queued on the
+ * socket), which do not end the loop before max_reads calls. */
+static PyObject *recv_gro(PyObject *mod, PyObject *args) {
+    int fd;
+    PyObject *buf, *spans, *accept, *spis = NULL, *odd = NULL, *errnos = NULL, *result = NULL;
+    Py_ssize_t max_reads, read_max;
+    Py_buffer bv, sv;
+    int have_b = 0, have_s = 0;
+    size_t at = 0, count = 0, reads = 0;
+    long calls = 0;
+    uint32_t last_spi = 0;
+    int have_last = 0;
+    if (!PyArg_ParseTuple(args, "iO!O!nnO!", &fd, &PyByteArray_Type, &buf, &PyByteArray_Type, &spans, &max_reads,
+                          &read_max, &PySet_Type, &accept))
+        return NULL;
+    if (max_reads < 1 || max_reads > 1024 || read_max < 1 || read_max > (1 << 20)) {
+        PyErr_SetString(PyExc_ValueError, "bad recv_gro arguments");
+        return NULL;
+    }
+    /* at most read_max / 8 + 1 datagrams of at least 8 bytes per accepted read */
+    if (grow(buf, (size_t)max_reads * (size_t)read_max) < 0 ||
+        grow(spans, (size_t)max_reads * ((size_t)read_max / 8 + 1) * SPAN_BYTES) < 0)
+        return NULL;
+    spis = PyList_New(0);
+    odd = PyList_New(0);
+    errnos = PyList_New(0);
+    if (spis == NULL || odd == NULL || errnos == NULL) goto done;
+    if (PyObject_GetBuffer(buf, &bv, PyBUF_WRITABLE) < 0) goto done;
+    have_b = 1;
+    if (PyObject_GetBuffer(spans, &sv, PyBUF_WRITABLE) < 0) goto done;
+    have_s = 1;
+    while (calls < max_reads && at + (size_t)read_max <= (size_t)bv.len) {
+        struct sockaddr_storage from;
+        union {
+            char buf[CMSG_SPACE(sizeof(int)) + CMSG_SPACE(sizeof(struct in6_pktinfo))];
+            struct cmsghdr align;
+        } control;
+        struct iovec iov = {(uint8_t *)bv.buf + at, (size_t)read_max};
+        struct msghdr msg;
+        struct cmsghdr *c;
+        const uint8_t *p = (const uint8_t *)bv.buf + at;
+        PyObject *pktinfo = Py_None;
+        ssize_t r;
+        size_t nbytes, segment, n, k;
+        uint32_t spi;
+        int uniform = 1;
+        memset(&msg, 0, sizeof(msg));
+        msg.msg_name = &from;
+        msg.msg_namelen = sizeof(from);
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.buf;
+        msg.msg_controllen = sizeof(control.buf);
+        r = recvmsg(fd, &msg, MSG_DONTWAIT);
+        if (r < 0) {
+            PyObject *e;
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            calls++;
+            e = PyLong_FromLong(errno);
+            if (e == NULL || PyList_Append(errnos, e) < 0) {
+                Py_XDECREF(e);
+                goto done;
+            }
+            Py_DECREF(e);
+            continue;
+        }
+        calls++;
+        nbytes = (size_t)r;
+        if ((msg.msg_flags & MSG_TRUNC) || nbytes == 0) {
+            PyObject *e = PyLong_FromLong((msg.msg_flags & MSG_TRUNC) ? EMSGSIZE : 0);
+            if (e == NULL || PyList_Append(errnos, e) < 0) {
+                Py_XDECREF(e);
+                goto done;
+            }
+            Py_DECREF(e);
+            continue;
+        }
+        reads++;
+        segment = nbytes;
+        for (c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
+                int g;
+                memcpy(&g, CMSG_DATA(c), sizeof(int));
+                if (g > 0 && (size_t)g < nbytes) segment = (size_t)g;
+            } else if ((c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO) ||
+                       (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO)) {
+                size_t len = c->cmsg_len - CMSG_LEN(0);
+                if (pktinfo == Py_None) {
+                    pktinfo = Py_BuildValue("(iiy#)", c->cmsg_level, c->cmsg_type, (const char *)CMSG_DATA(c),
+                                            (Py_ssize_t)len);
+                    if (pktinfo == NULL) goto done;
+                }
+            }
+        }
+        n = (nbytes + segment - 1) / segment;
+        spi = nbytes >= 8 && segment >= 8 ? (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]
+                                          : 0;
+        if (spi == 0 || nbytes - (n - 1) * segment < 8) uniform = 0;
+        for (k = 1; uniform && k < n; k++)
+            if (memcmp(p, p + k * segment, 4) != 0) uniform = 0;
+        if (uniform && !(have_last && spi == last_spi)) {
+            PyObject *key = PyLong_FromUnsignedLong(spi);
+            int found;
+            if (key == NULL) goto done;
+            found = PySet_Contains(accept, key);
+            if (found > 0 && PyList_Append(spis, key) < 0) found = -1;
+            Py_DECREF(key);
+            if (found < 0) goto done;
+            uniform = found;
+            if (found) {
+                last_spi = spi;
+                have_last = 1;
+            }
+        }
+        if (uniform) {
+            if ((count + n) * SPAN_BYTES > (size_t)sv.len) { /* cannot happen: sized above */
+                PyErr_SetString(PyExc_RuntimeError, "_espfast: recv_gro span bound miscomputed");
+                Py_XDECREF(pktinfo == Py_None ? NULL : pktinfo);
+                goto done;
+            }
+            for (k = 0; k < n; k++) {
+                uint32_t w[SPAN_WORDS];
+                size_t off = k * segment;
+                w[0] = (uint32_t)(at + off);
+                w[1] = (uint32_t)(nbytes - off < segment ? nbytes - off : segment);
+                w[2] = 0;
+                memcpy((uint8_t *)sv.buf + (count + k) * SPAN_BYTES, w, SPAN_BYTES);
+            }
+            count += n;
+            if (pktinfo != Py_None) Py_DECREF(pktinfo);
+        } else {
+            char host[INET6_ADDRSTRLEN] = "";
+            int port = 0;
+            PyObject *entry;
+            if (from.ss_family == AF_INET) {
+                struct sockaddr_in *a = (struct sockaddr_in *)&from;
+                inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
+                port = ntohs(a->sin_port);
+            } else if (from.ss_family == AF_INET6) {
+                struct sockaddr_in6 *a = (struct sockaddr_in6 *)&from;
+                inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
+                port = ntohs(a->sin6_port);
+            }
+            entry = Py_BuildValue("(nnn(si)O)", (Py_ssize_t)at, (Py_ssize_t)nbytes, (Py_ssize_t)segment, host, port,
+                                  pktinfo);
+            if (pktinfo != Py_None) Py_DECREF(pktinfo);
+            if (entry == NULL || PyList_Append(odd, entry) < 0) {
+                Py_XDECREF(entry);
+                goto done;
+            }
+            Py_DECREF(entry);
+        }
+        at += nbytes;
+    }
+    result = Py_BuildValue("(nnOOO)", (Py_ssize_t)count, (Py_ssize_t)reads, spis, odd, errnos);
+done:
+    if (have_b) PyBuffer_Release(&bv);
+    if (have_s) PyBuffer_Release(&sv);
+    Py_XDECREF(spis);
+    Py_XDECREF(odd);
+    Py_XDECREF(errnos);
+    return result;
+}
+
 /* write_frames(fd, data, spans, count) -> (written, errnos)
  * One write(2) per span (a TUN frame each); `errnos` lists the errno of every write that failed
  * (empty when all went through). */
@@ -1757,6 +1939,8 @@ static PyMethodDef module_methods[] = {
     {"gso_runs", gso_runs, METH_VARARGS, "gso_runs(spans, count, max_segments, max_bytes) -> [(offset, length, segment, count, tag)]"},
     {"segment_spans", segment_spans, METH_VARARGS, "segment_spans(nbytes, segment, tag, offset=0) -> bytearray"},
     {"read_frames", read_frames, METH_VARARGS, "read_frames(fd, buf, spans, limit, frame_max) -> (count, errno)"},
+    {"recv_gro", recv_gro, METH_VARARGS,
+     "recv_gro(fd, buf, spans, max_reads, read_max, accept) -> (count, reads, spis, odd, errnos)"},
     {"write_frames", write_frames, METH_VARARGS, "write_frames(fd, data, spans, count) -> (written, errnos)"},
     {"select_by_tag", select_by_tag, METH_VARARGS, "select_by_tag(spans, count, table) -> bytearray of u16"},
     {"clamp_mss", clamp_mss, METH_VARARGS, "clamp_mss(data, spans, count, mss4, mss6) -> int"},
