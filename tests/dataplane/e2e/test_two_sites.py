@@ -15,6 +15,7 @@ import pytest
 from demo.manual_sites import SiteService, manual_sites, random_kek
 from esplanade.v1 import dataplane_pb2, ipsec_pb2
 from tests.conditions import wait_until
+from tests.dataplane.compiled_module import requires_compiled, skip_without_compiled
 from tests.dataplane.e2e.underlay_capture import UnderlayCapture
 from tests.netns_topology import Node
 
@@ -63,6 +64,7 @@ def worker_hot_paths(site: SiteService) -> set[str]:
 @pytest.mark.parametrize("hot", ["compiled", "python"])
 @pytest.mark.parametrize("udp", [True, False], ids=["esp-in-udp", "plain-esp"])
 def test_ping_and_tcp_across_two_sites(tmp_path: Path, udp: bool, hot: str) -> None:
+    skip_without_compiled(hot)
     with manual_sites(tmp_path, udp=udp, prefix=PREFIX, settings=hot_path(hot)) as (topo, site_a, site_b, keys):
         a, b = topo.nodes
         expression = "udp port 4500 or esp or icmp or tcp port 5201"
@@ -91,6 +93,7 @@ def test_ping_and_tcp_across_two_sites(tmp_path: Path, udp: bool, hot: str) -> N
         assert "dev esp0" in route and f"src {a.site_addr}" in route and "mtu 1438" in route, route
 
 
+@requires_compiled
 @pytest.mark.parametrize("hot_a", ["compiled", "python"])
 def test_a_compiled_site_and_a_python_site_carry_ping_and_tcp(tmp_path: Path, hot_a: str) -> None:
     """Same wire format: each end's hot path decrypts what the other's sealed (TSO and GRO on the
@@ -175,6 +178,7 @@ def test_cleartext_from_the_protected_peer_subnet_is_discarded(tmp_path: Path) -
         assert ping(b, b.site_addr, a.site_addr, count=3) == 3
 
 
+@requires_compiled  # its peer runs the compiled loop
 def test_without_the_compiled_module_auto_falls_back_to_python_and_compiled_refuses_to_start(
     tmp_path: Path,
 ) -> None:

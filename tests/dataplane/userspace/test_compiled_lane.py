@@ -12,6 +12,7 @@ from esplanade.dataplane.fastpath.tun_frames import split_frames
 from esplanade.dataplane.userspace.esp_transform import EspTransform
 from esplanade.dataplane.userspace.segmentation import coalesce_for_tun
 from esplanade.dataplane.userspace.transform import WorkerContext
+from tests.dataplane.compiled_module import requires_compiled
 from tests.dataplane.userspace.esp_pairs import (
     A_ADDR,
     B_ADDR,
@@ -24,6 +25,8 @@ from tests.dataplane.userspace.esp_pairs import (
     make_transform,
 )
 from tests.dataplane.userspace.packet_builders import tcp_segments, udp_datagrams
+
+pytestmark = requires_compiled
 
 A_HOST, B_HOST = "10.1.0.5", "10.2.0.9"
 

@@ -19,6 +19,7 @@ from esplanade.ipsec.sa import Lifetime
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.spd import PolicyAction, PolicyDirection, SpdPolicy
 from esplanade.ipsec.transforms import ENCR_AES_CBC_128, ENCR_CHACHA20_POLY1305, INTEG_HMAC_SHA2_256_128
+from tests.dataplane.compiled_module import skip_without_compiled
 from tests.dataplane.userspace.esp_pairs import (
     A_ADDR,
     B_ADDR,
@@ -41,6 +42,7 @@ UDP_FROM_B = (B_ADDR, 4500)
 @pytest.fixture(autouse=True, params=["python", "compiled"])
 def hot_path(request: pytest.FixtureRequest) -> Iterator[str]:
     """Every test here runs on both hot paths: the Python lanes and the compiled loop."""
+    skip_without_compiled(request.param)
     DEFAULT_HOT_PATH[0] = request.param
     yield request.param
     DEFAULT_HOT_PATH[0] = "python"

@@ -17,6 +17,7 @@ from esplanade.dataplane.userspace.segmentation import coalesce_for_tun
 from esplanade.dataplane.userspace.tun import TunDevice, TunError, TunOffload, TunSettings
 from esplanade.dataplane.userspace.vnet_header import VNET_HDR_LEN, VnetHeader
 from tests.conditions import wait_until
+from tests.dataplane.compiled_module import requires_compiled
 from tests.dataplane.userspace.packet_builders import udp_datagrams
 from tests.netns_topology import inside_netns
 
@@ -126,6 +127,7 @@ def test_device_creation_errors_are_typed(scratch: str) -> None:
         TunDevice.create(TunSettings(name="ok0", queues=2, multi_queue=False))
 
 
+@requires_compiled
 def test_compiled_frame_reads_and_writes(tun: tuple[str, TunDevice]) -> None:
     """`read_frames` / `write_frames`: the same frames as the per-frame calls, one call per batch,
     failures counted by errno, a buffer reused from read to read."""
