@@ -10,6 +10,7 @@ import pytest
 from esplanade.dataplane.userspace.outer_transport import Datagram
 from esplanade.dataplane.userspace.udp_socket import EspUdpSocket, UdpSocketSettings
 from tests.conditions import wait_until
+from tests.dataplane.compiled_module import requires_compiled
 from tests.netns_topology import Topology, inside_netns
 
 pytestmark = pytest.mark.netns
@@ -140,3 +141,42 @@ def test_other_gso_errors_are_drops() -> None:
     room.gso = True
     assert room.send_batch([(("198.51.100.1", 4500), _esp(0x800, i, 300)) for i in range(4)]) == 0
     assert room.drops["send_enobufs"] == 4 and fake.sent == []
+
+
+@requires_compiled
+@pytest.mark.parametrize("offloads", [True, False])
+def test_compiled_send_and_receive_loops(scratch: str, offloads: bool) -> None:
+    """`send_payloads` (one compiled call, a sendmsg per GSO run) and `recv_gro` (one compiled call
+    for several reads): the same datagrams as the per-call paths; a read that mixes SPIs, IKE, a
+    keep-alive and plain-ESP destinations are handed back to the caller."""
+    from esplanade.dataplane.fastpath import PacketBatch
+
+    with inside_netns(scratch):
+        rx = EspUdpSocket.open(UdpSocketSettings(bind_address="127.0.0.1", port=4500, gso=offloads, gro=offloads))
+        tx = EspUdpSocket.open(UdpSocketSettings(bind_address="127.0.0.1", port=4501, gso=offloads, gro=offloads))
+    try:
+        payloads = [_esp(0x1234, i, 1000) for i in range(30)] + [_esp(0x1234, 30, 500)]
+        others = [_esp(0x99, 1, 800), _esp(0x99, 2, 800)]
+        batch = PacketBatch.from_packets([*payloads, *others, b"\x01" * 700], [0] * 31 + [1, 1, 2])
+        endpoints = [("127.0.0.1", 4500), ("127.0.0.1", 4500), ("192.0.2.9", 0)]
+        sent, plain = tx.send_payloads(batch.data, batch.spans, batch.count, endpoints)
+        assert sent == 33 and plain == [(("192.0.2.9", 0), b"\x01" * 700)]
+        assert tx.counters["gso_sends"] == (2 if offloads else 0)
+        buf, spans = bytearray(), bytearray()
+        got: list[bytes] = []
+
+        def enough() -> bool:
+            count, _, spis, odd = rx.recv_gro(buf, spans, 8, {0x1234})
+            got.extend(PacketBatch(buf, spans, count).to_list())
+            for at, nbytes, segment, endpoint, _ in odd:
+                assert endpoint == ("127.0.0.1", 4501)
+                got.extend(bytes(buf[o : min(o + segment, at + nbytes)]) for o in range(at, at + nbytes, segment))
+            assert set(spis) <= {0x1234}
+            return len(got) >= 33
+
+        wait_until(enough, timeout=5, what="33 datagrams")
+        assert sorted(got) == sorted(payloads + others)
+        assert not tx.drops and not rx.drops
+    finally:
+        rx.close()
+        tx.close()

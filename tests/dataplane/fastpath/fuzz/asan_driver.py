@@ -15,6 +15,7 @@ import contextlib
 import importlib.machinery
 import importlib.util
 import os
+import socket
 import struct
 import sys
 import time
@@ -207,6 +208,24 @@ def tun_frames(frames: list[bytes], merge_udp: bool, junk: list[int]) -> None:
     syn = [inner(4, 6, f, 0) for f in frames] + [inner(6, 6, f, 0) for f in frames]
     clamp_data, clamp_spans, clamp_count = spans_for(syn, [])
     MODULE.clamp_mss(clamp_data, clamp_spans, clamp_count, 536, 1220)
+    # the UDP room's send and receive loops, on loopback: junk spans, junk destinations
+    rx, tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        rx.setsockopt(17, 104, 1)  # UDP_GRO
+        port = rx.getsockname()[1]
+        dest = struct.pack("=H", socket.AF_INET) + port.to_bytes(2, "big") + bytes((127, 0, 0, 1)) + bytes(8)
+        good = spans_for([f[:1400] for f in frames], [])
+        for dests in ((dest,), (dest, None, b"\x02")):
+            with contextlib.suppress(ValueError, TypeError):
+                MODULE.send_runs(tx.fileno(), good[0], good[1], good[2], dests, bool(junk), 1 + len(junk), 65000)
+            with contextlib.suppress(ValueError, TypeError):
+                MODULE.send_runs(tx.fileno(), data, spans, count, dests, True, 64, 65000)
+        reads, room = 1 + len(junk) % 8, 1 + (junk[0] if junk else 9) % 70000
+        MODULE.recv_gro(rx.fileno(), bytearray(), bytearray(), reads, room, {0x01010101})
+    finally:
+        rx.close()
+        tx.close()
     # the TUN room's read and write loops, on a pipe: frames in, the same frames out
     read_end, write_end = os.pipe()
     try:

@@ -95,23 +95,16 @@ class BatchRooms:
             clamp.clamped += clamp_mss(packets, mss[0], mss[1])
 
     def send_esp(self, esp: PacketBatch, endpoints: list[Endpoint]) -> int:
-        """One send per GSO run: contiguous ESP payloads of one SA, equal-sized but a shorter last one."""
+        """One send per GSO run (contiguous ESP payloads of one SA, equal-sized but a shorter last
+        one), all in one compiled call; plain-ESP runs go to the raw room."""
         if not esp.count:
             return 0
         udp = self.udp
-        view = memoryview(esp.data)
-        sent = 0
-        segments, limit = (udp.max_segments, udp.max_gso_bytes) if udp is not None else (1, 1)
-        plain: list[Datagram] = []
-        for offset, length, segment, count, tag in esp.gso_runs(segments, limit):
-            endpoint = endpoints[tag]
-            if endpoint[1] == 0 or udp is None:  # plain ESP (IP protocol 50): the raw room, one by one
-                plain.extend(
-                    (endpoint, bytes(view[at : min(at + segment, offset + length)]))
-                    for at in range(offset, offset + length, segment)
-                )
-                continue
-            sent += udp.send_run(view[offset : offset + length], segment, count, endpoint)
+        if udp is None:
+            plain = [(endpoints[tag], bytes(payload)) for payload, tag in zip(esp, esp.tags(), strict=True)]
+            self.loop.send(plain)  # counted by the loop
+            return 0
+        sent, plain = udp.send_payloads(esp.data, esp.spans, esp.count, endpoints)
         if plain:
             self.loop.send(plain)  # counted by the loop
         return sent

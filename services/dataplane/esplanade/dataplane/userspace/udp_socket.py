@@ -129,6 +129,7 @@ class EspUdpSocket:
         self.local_info = False
         self._buf = bytearray(65536)
         self._view = memoryview(self._buf)
+        self._sockaddrs: dict[Endpoint, bytes] = {}
         v6 = sock.family == socket.AF_INET6
         self._max_total = MAX_UDP_PAYLOAD + (20 if v6 else 0)  # the IPv6 payload length excludes its header
 
@@ -407,6 +408,56 @@ class EspUdpSocket:
     @property
     def max_gso_bytes(self) -> int:
         return self._max_total
+
+    def sockaddr(self, endpoint: Endpoint) -> bytes | None:
+        """`endpoint` packed as this socket's sockaddr (IPv4 v4-mapped on a dual-stack socket),
+        None for port 0 (plain ESP: another room's). Cached."""
+        packed = self._sockaddrs.get(endpoint)
+        if packed is None and endpoint[1]:
+            host, port = endpoint
+            if self.sock.family == socket.AF_INET6:
+                v4 = "." in host
+                address = socket.inet_pton(socket.AF_INET6, "::ffff:" + host if v4 else host)
+                packed = struct.pack("=H", socket.AF_INET6) + port.to_bytes(2, "big") + bytes(4) + address + bytes(4)
+            else:
+                address = socket.inet_pton(socket.AF_INET, host)
+                packed = struct.pack("=H", socket.AF_INET) + port.to_bytes(2, "big") + address + bytes(8)
+            if len(self._sockaddrs) >= 4096:
+                self._sockaddrs.clear()
+            self._sockaddrs[endpoint] = packed
+        return packed
+
+    def send_payloads(
+        self, data: bytearray, spans: bytearray, count: int, endpoints: list[Endpoint]
+    ) -> tuple[int, list[Datagram]]:
+        """Send a batch of ESP payloads (tags: index into `endpoints`) in one compiled call: one
+        sendmsg(UDP_SEGMENT) per GSO run. Returns (payloads sent, plain-ESP datagrams for the raw
+        room). A refused GSO send falls back as `send_batch` does (EIO: GSO off; EINVAL,
+        EMSGSIZE: one by one); other failures are counted drops."""
+        module = load_compiled()[0]
+        assert module is not None, "send_payloads runs with the compiled module only"
+        dests = tuple(self.sockaddr(e) for e in endpoints)
+        sent, sends, aside = module.send_runs(
+            self.sock.fileno(), data, spans, count, dests, self.gso, self.max_segments, self._max_total
+        )
+        self.counters["gso_sends"] += sends if self.gso else 0
+        plain: list[Datagram] = []
+        view = memoryview(data)
+        for offset, length, segment, n, tag, err in aside:
+            run = view[offset : offset + length]
+            endpoint = endpoints[tag]
+            if not err:  # plain ESP
+                plain.extend((endpoint, bytes(run[at : at + segment])) for at in range(0, length, segment))
+                continue
+            if err == errno.EIO:
+                self.gso = False
+                self.gso_note = "disabled after EIO: the egress device cannot checksum UDP GSO"
+            elif err not in (errno.EINVAL, errno.EMSGSIZE) or n == 1:
+                self.drops[f"send_{errno.errorcode.get(err, 'error').lower()}"] += n
+                continue
+            self.counters[f"gso_fallback_{errno.errorcode.get(err, 'error').lower()}"] += 1
+            sent += sum(1 for at in range(0, length, segment) if self._send_one(endpoint, run[at : at + segment]))
+        return sent, plain
 
     def send_run(self, run: memoryview, segment: int, count: int, endpoint: Endpoint) -> int:
         """Send `count` ESP packets lying back to back in `run` (each `segment` bytes but a shorter

@@ -31,6 +31,9 @@
 #ifndef UDP_GRO
 #define UDP_GRO 104
 #endif
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
 
 #include <openssl/crypto.h>
 #include <openssl/opensslv.h>
@@ -1783,6 +1786,122 @@ done:
     return result;
 }
 
+/* send_runs(fd, data, spans, count, dests, gso, max_segments, max_bytes) -> (sent, sends, aside)
+ * The UDP room's send loop for a batch of ESP payloads (tags: slot index): runs of contiguous
+ * payloads with one tag, all of the first one's size but a shorter last one (as gso_runs plans
+ * them), each sent with one sendmsg(2) carrying UDP_SEGMENT (`gso` true and more than one
+ * payload) or one sendto(2) per payload. `dests[tag]` is the packed sockaddr of the slot's
+ * endpoint, or None for a slot the caller sends itself (plain ESP). Runs not sent - None
+ * destination, or a failed call - come back in `aside` as (offset, length, segment, count,
+ * tag, errno) with errno 0 for a None destination; the caller falls back or counts them. */
+static PyObject *send_runs(PyObject *mod, PyObject *args) {
+    int fd, gso;
+    Py_buffer dv, sv;
+    Py_ssize_t count, max_segments, max_bytes, sent = 0, sends = 0;
+    PyObject *dests, *aside = NULL, *result = NULL;
+    size_t i = 0;
+    if (!PyArg_ParseTuple(args, "iy*y*nO!pnn", &fd, &dv, &sv, &count, &PyTuple_Type, &dests, &gso, &max_segments,
+                          &max_bytes))
+        return NULL;
+    if (count < 0 || (size_t)count * SPAN_BYTES > (size_t)sv.len || max_segments < 1 || max_bytes < 1) {
+        PyErr_SetString(PyExc_ValueError, "bad send_runs arguments");
+        goto done;
+    }
+    aside = PyList_New(0);
+    if (aside == NULL) goto done;
+    while (i < (size_t)count) {
+        uint32_t first[SPAN_WORDS], w[SPAN_WORDS];
+        size_t j = i + 1, total, end, n;
+        PyObject *dest;
+        int err = 0;
+        memcpy(first, (uint8_t *)sv.buf + i * SPAN_BYTES, SPAN_BYTES);
+        if ((uint64_t)first[0] + first[1] > (uint64_t)dv.len) {
+            PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
+            goto done;
+        }
+        total = first[1];
+        end = (size_t)first[0] + first[1];
+        while (j < (size_t)count && j - i < (size_t)max_segments) {
+            memcpy(w, (uint8_t *)sv.buf + j * SPAN_BYTES, SPAN_BYTES);
+            if (w[2] != first[2] || w[0] != end || w[1] > first[1] || total + w[1] > (size_t)max_bytes) break;
+            total += w[1];
+            end += w[1];
+            j++;
+            if (w[1] < first[1]) break;
+        }
+        n = j - i;
+        dest = first[2] < (uint32_t)PyTuple_GET_SIZE(dests) ? PyTuple_GET_ITEM(dests, first[2]) : Py_None;
+        if (dest != Py_None && (!PyBytes_Check(dest) || PyBytes_GET_SIZE(dest) < (Py_ssize_t)sizeof(sa_family_t))) {
+            PyErr_SetString(PyExc_TypeError, "send_runs: a destination is not a packed sockaddr");
+            goto done;
+        }
+        if (dest != Py_None) {
+            const uint8_t *p = (const uint8_t *)dv.buf + first[0];
+            struct sockaddr *to = (struct sockaddr *)PyBytes_AS_STRING(dest);
+            socklen_t tolen = (socklen_t)PyBytes_GET_SIZE(dest);
+            if (gso && n > 1) {
+                union {
+                    char buf[CMSG_SPACE(sizeof(uint16_t))];
+                    struct cmsghdr align;
+                } control;
+                struct iovec iov = {(void *)p, total};
+                struct msghdr msg;
+                struct cmsghdr *c;
+                uint16_t segment = (uint16_t)first[1];
+                memset(&msg, 0, sizeof(msg));
+                memset(&control, 0, sizeof(control));
+                msg.msg_name = to;
+                msg.msg_namelen = tolen;
+                msg.msg_iov = &iov;
+                msg.msg_iovlen = 1;
+                msg.msg_control = control.buf;
+                msg.msg_controllen = sizeof(control.buf);
+                c = CMSG_FIRSTHDR(&msg);
+                c->cmsg_level = SOL_UDP;
+                c->cmsg_type = UDP_SEGMENT;
+                c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+                memcpy(CMSG_DATA(c), &segment, sizeof(segment));
+                if (sendmsg(fd, &msg, 0) < 0 && (errno != EINTR || sendmsg(fd, &msg, 0) < 0)) {
+                    err = errno;
+                } else {
+                    sent += (Py_ssize_t)n;
+                    sends++;
+                }
+            } else {
+                for (size_t k = 0; k < n; k++) {
+                    size_t off = (size_t)first[1] * k, len = total - off < first[1] ? total - off : first[1];
+                    if (sendto(fd, p + off, len, 0, to, tolen) < 0 &&
+                        (errno != EINTR || sendto(fd, p + off, len, 0, to, tolen) < 0)) {
+                        err = errno; /* the rest of this run comes back to the caller */
+                        first[0] += (uint32_t)off;
+                        total -= off;
+                        n -= k;
+                        break;
+                    }
+                    sent++;
+                    sends++;
+                }
+            }
+        }
+        if (dest == Py_None || err) {
+            PyObject *entry = Py_BuildValue("(kknnki)", (unsigned long)first[0], (unsigned long)total,
+                                            (Py_ssize_t)first[1], (Py_ssize_t)n, (unsigned long)first[2], err);
+            if (entry == NULL || PyList_Append(aside, entry) < 0) {
+                Py_XDECREF(entry);
+                goto done;
+            }
+            Py_DECREF(entry);
+        }
+        i = j;
+    }
+    result = Py_BuildValue("(nnO)", sent, sends, aside);
+done:
+    Py_XDECREF(aside);
+    PyBuffer_Release(&dv);
+    PyBuffer_Release(&sv);
+    return result;
+}
+
 /* write_frames(fd, data, spans, count) -> (written, errnos)
  * One write(2) per span (a TUN frame each); `errnos` lists the errno of every write that failed
  * (empty when all went through). */
@@ -1941,6 +2060,8 @@ static PyMethodDef module_methods[] = {
     {"read_frames", read_frames, METH_VARARGS, "read_frames(fd, buf, spans, limit, frame_max) -> (count, errno)"},
     {"recv_gro", recv_gro, METH_VARARGS,
      "recv_gro(fd, buf, spans, max_reads, read_max, accept) -> (count, reads, spis, odd, errnos)"},
+    {"send_runs", send_runs, METH_VARARGS,
+     "send_runs(fd, data, spans, count, dests, gso, max_segments, max_bytes) -> (sent, sends, aside)"},
     {"write_frames", write_frames, METH_VARARGS, "write_frames(fd, data, spans, count) -> (written, errnos)"},
     {"select_by_tag", select_by_tag, METH_VARARGS, "select_by_tag(spans, count, table) -> bytearray of u16"},
     {"clamp_mss", clamp_mss, METH_VARARGS, "clamp_mss(data, spans, count, mss4, mss6) -> int"},
