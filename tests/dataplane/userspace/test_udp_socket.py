@@ -180,3 +180,40 @@ def test_compiled_send_and_receive_loops(scratch: str, offloads: bool) -> None:
     finally:
         rx.close()
         tx.close()
+
+
+class _RefusingRuns:
+    """Stands in for `_espfast` when every GSO run comes back refused with one errno."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def send_runs(self, fd: int, data: bytearray, spans: bytearray, count: int, *rest: object) -> tuple[int, int, list]:  # type: ignore[type-arg]
+        from esplanade.dataplane.fastpath import PacketBatch
+
+        runs = PacketBatch(data, spans, count).gso_runs(64, 65000)
+        return 0, 0, [(offset, length, segment, n, tag, self.code) for offset, length, segment, n, tag in runs]
+
+
+@pytest.mark.parametrize(
+    ("code", "stays_on", "delivered"),
+    [(errno.EIO, False, 6), (errno.EINVAL, True, 6), (errno.EMSGSIZE, True, 6), (errno.ENOBUFS, True, 0)],
+)
+def test_runs_refused_by_the_compiled_send_fall_back_like_send_batch(
+    monkeypatch: pytest.MonkeyPatch, code: int, stays_on: bool, delivered: int
+) -> None:
+    from esplanade.dataplane.fastpath import PacketBatch
+    from esplanade.dataplane.userspace import udp_socket
+
+    monkeypatch.setattr(udp_socket, "load_compiled", lambda: (_RefusingRuns(code), ""))
+    fake = _GsoRefusingSocket(code)
+    fake.fileno = lambda: -1  # type: ignore[attr-defined]
+    room = EspUdpSocket(fake, UdpSocketSettings())  # type: ignore[arg-type]
+    room.gso = True
+    payloads = [_esp(0x800, i, 300) for i in range(6)]
+    batch = PacketBatch.from_packets(payloads)
+    sent, plain = room.send_payloads(batch.data, batch.spans, batch.count, [("198.51.100.1", 4500)])
+    assert (sent, plain) == (delivered, [])
+    assert fake.sent == (payloads if delivered else [])
+    assert room.gso is stays_on
+    assert room.drops == ({} if delivered else {"send_enobufs": 6})
