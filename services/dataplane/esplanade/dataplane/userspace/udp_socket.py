@@ -326,6 +326,9 @@ class EspUdpSocket:
         for err in errnos:
             reason = "truncated" if err == errno.EMSGSIZE else "runt" if not err else _errname(OSError(err, ""))
             self.drops[f"recv_{reason}" if err else "runt"] += 1
+        if reads:
+            self.counters["reads"] += reads
+            self.counters["datagrams_whole"] += count
         return count, reads, spis, odd
 
     def classify(self, endpoint: Endpoint, payload: bytes, out: list[Datagram], local: str = "") -> None:
