@@ -4,16 +4,17 @@ Used by `loop.DatapathLoop` when the crypto room runs the compiled loop (`datapl
 compiled or auto, see `compiled_lane`), the TUN has a vnet header and no `MtuGuard` is needed
 (the TUN MTU is the inner MTU). Per wake-up, whatever the number of packets::
 
-    outbound: TUN reads (TSO/USO super-packets, partial checksums)
+    outbound: read_frames (C: TUN reads of TSO/USO super-packets, partial checksums)
               -> split_frames (C: segments, IPv4 IDs, lengths, checksums)
               -> clamp_mss (C, in place) -> EspTransform.seal_frames: SPD once per frame
               (flow cache), steering, then one compiled encrypt call for every packet
-              -> one sendmsg(UDP_SEGMENT) per GSO run (contiguous, equal-sized, one SA)
-    inbound:  one recvmsg per UDP GRO batch -> PacketBatch.from_segments (no copy)
-              -> EspTransform.open_segments: one compiled decrypt call (replay, ICV,
-              selectors, identity filter, flow accounting) -> clamp_mss (C)
+              -> send_runs (C: one sendmsg(UDP_SEGMENT) per GSO run: contiguous,
+              equal-sized payloads of one SA)
+    inbound:  recv_gro (C: up to 8 UDP GRO reads into one buffer; reads of one owned SPI
+              become spans) -> EspTransform.open_reads: one compiled decrypt call (replay,
+              ICV, selectors, identity filter, flow accounting) -> clamp_mss (C)
               -> coalesce_frames (C: GRO-style TCP/UDP merge, vnet GSO headers)
-              -> one write per merged frame
+              -> write_frames (C: one write per merged frame)
 
 What the compiled door cannot take whole (a GRO batch that mixes SPIs, carries IKE or
 keep-alives or runts, belongs to another worker, or an SA without UDP encapsulation) takes

@@ -56,10 +56,10 @@ IPV6_RECVPKTINFO = 49
 IPV6_PKTINFO = 50
 
 
-# What `recv_segments` says about the local address: the raw IP_PKTINFO control message, or "".
-LocalAddress = str | tuple[int, int, bytes]
+# A raw control message (level, type, data): IP_PKTINFO or IPV6_PKTINFO.
+PacketInfo = tuple[int, int, bytes]
 # A read `recv_gro` left to the caller: (offset in the buffer, bytes, GRO segment, sender, PKTINFO or None).
-OddRead = tuple[int, int, int, Endpoint, tuple[int, int, bytes] | None]
+OddRead = tuple[int, int, int, Endpoint, PacketInfo | None]
 GRO_READ_MAX = 1 << 16  # one UDP read, GRO batch or not: at most 64 KiB
 
 
@@ -271,47 +271,10 @@ class EspUdpSocket:
                     self._classify(endpoint, payload, out, local)
         return out
 
-    def recv_segments(self, buf: bytearray | memoryview) -> tuple[int, int, Endpoint, LocalAddress] | None:
-        """One read into `buf` for the batch rooms: (bytes, GRO segment size, sender, local address),
-        or None when nothing is waiting. With UDP_GRO the bytes are several datagrams of one sender,
-        each `segment` long but a shorter last one; classifying them is the caller's job."""
-        recv = self.sock.recvmsg_into
-        buffers = [buf]
-        space = (_GRO_CMSG_SPACE if self.gro else 0) + (_PKTINFO_CMSG_SPACE if self.local_info else 0)
-        for _ in range(64):  # a run of queued errors (ICMP) ends the call, never spins
-            try:
-                nbytes, ancdata, msg_flags, address = recv(buffers, space, _MSG_DONTWAIT)
-            except BlockingIOError:
-                return None
-            except InterruptedError:
-                continue
-            except OSError as exc:  # ECONNREFUSED et al. from queued ICMP errors: count, keep going
-                self.drops[f"recv_{_errname(exc)}"] += 1
-                continue
-            if msg_flags & _MSG_TRUNC:
-                self.drops["recv_truncated"] += 1
-                continue
-            segment = nbytes
-            local: LocalAddress = ""
-            for item in ancdata:
-                if item[0] == SOL_UDP and item[1] == UDP_GRO and len(item[2]) >= 4:
-                    segment = _INT.unpack_from(item[2])[0] or nbytes
-                else:
-                    local = item  # decoded only if the read holds IKE (`local_address`)
-            if not nbytes:
-                self.drops["runt"] += 1
-                continue
-            if segment < nbytes:
-                self.counters["gro_batches"] += 1
-            return nbytes, min(segment, nbytes), (address[0], address[1]), local
-        return None
-
     @staticmethod
-    def local_address(local: LocalAddress | None) -> str:
-        """The local address of a `recv_segments` read (IP_PKTINFO), "" when unknown."""
-        if local is None or isinstance(local, str):
-            return local or ""
-        return _local_from_cmsg(*local) or ""
+    def local_address(pktinfo: PacketInfo | None) -> str:
+        """The local address in a read's IP_PKTINFO / IPV6_PKTINFO control message, "" when unknown."""
+        return _local_from_cmsg(*pktinfo) or "" if pktinfo is not None else ""
 
     def recv_gro(
         self, buf: bytearray, spans: bytearray, max_reads: int, accept: set[int]
