@@ -126,6 +126,19 @@ class FakeKeyExchange(keyexchange_pb2_grpc.KeyExchangeServicer):
         sas = [s for s in self.sas.values() if not request.connection or s.connection == request.connection]
         return keyexchange_pb2.ListSasResponse(ike_sas=sas)
 
+    async def ListTunnels(self, request: Any, context: Any) -> keyexchange_pb2.ListTunnelsResponse:
+        up = {s.connection for s in self.sas.values()}
+        return keyexchange_pb2.ListTunnelsResponse(
+            tunnels=[
+                keyexchange_pb2.Tunnel(
+                    connection="gw", up="gw" in up, reason="established" if "gw" in up else "not initiated"
+                ),
+                keyexchange_pb2.Tunnel(
+                    connection="dead", up=False, reason="IKE_SA_INIT failed: TIMEOUT (peer did not answer)"
+                ),
+            ]
+        )
+
     async def WatchEvents(self, request: Any, context: Any) -> Any:
         queue: asyncio.Queue[keyexchange_pb2.KeyExchangeEvent] = asyncio.Queue()
         self.watchers.append(queue)
@@ -148,6 +161,37 @@ class FakeDataplane(dataplane_pb2_grpc.DataplaneServicer):
 
     async def GetStatus(self, request: Any, context: Any) -> dataplane_pb2.GetStatusResponse:
         return dataplane_pb2.GetStatusResponse(node="node-a", backend="userspace")
+
+    FLOWS = (
+        dataplane_pb2.FlowRecord(
+            id=1, start=1000.0, end=1010.0, identity="alice", resource="wiki", connection="gw",
+            src="10.0.0.2", dst="10.1.0.5", protocol=6, src_port=40000, dst_port=443, direction="out",
+            bytes=5000, packets=10, decision="allow", node="node-a", flows=1,
+        ),
+        dataplane_pb2.FlowRecord(
+            id=2, start=1020.0, end=1030.0, identity="bob", resource="db", connection="gw",
+            src="10.0.0.3", dst="10.1.0.6", protocol=6, src_port=40001, dst_port=5432, direction="out",
+            bytes=60, packets=1, decision="deny", node="node-a", flows=1,
+        ),
+        dataplane_pb2.FlowRecord(  # still running, far in the future: always among the top talkers
+            id=0, start=4e9, end=4e9, identity="carol", resource="wiki", connection="gw",
+            src="10.0.0.4", dst="10.1.0.5", protocol=6, src_port=40002, dst_port=443, direction="out",
+            bytes=90000, packets=70, decision="allow", node="node-a", flows=1,
+        ),
+    )  # fmt: skip
+
+    async def QueryFlows(self, request: Any, context: Any) -> dataplane_pb2.QueryFlowsResponse:
+        flows = [
+            f
+            for f in self.FLOWS
+            if (f.id > request.after_id or (f.id == 0 and request.include_active))
+            and (not request.identity or f.identity == request.identity)
+            and (not request.resource or f.resource == request.resource)
+            and (not request.decision or f.decision == request.decision)
+            and (not request.since or f.end >= request.since)
+            and (not request.until or f.end < request.until)
+        ]
+        return dataplane_pb2.QueryFlowsResponse(flows=flows, node="node-a")
 
     async def WatchEvents(self, request: Any, context: Any) -> Any:
         await asyncio.Event().wait()

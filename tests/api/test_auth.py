@@ -47,6 +47,8 @@ REQUIRED_SCOPE: dict[str, str] = {
     "get_token": "admin",
     "revoke_token": "admin",
     "list_audit": "read-only",
+    "list_flows": "read-only",
+    "get_status": "read-only",
 }
 for kind, singular in (
     ("identities", "identity"),

@@ -97,3 +97,35 @@ def test_policy_as_code(ctl: CliRunner, tmp_path: Path) -> None:
     assert json.loads(tokens.output)["token"].startswith("esp_")
     bad = ctl.invoke(app, ["ctl", "tokens", "create", "x", "--scope", "root"])
     assert bad.exit_code == 1 and "scope" in bad.output
+
+
+def test_logs_and_status(ctl: CliRunner, stack: ApiStack) -> None:
+    # audit: filtered by actor (--identity) and result (--decision), as JSON lines
+    assert ctl.invoke(app, ["ctl", "groups", "delete", "no-such-group"]).exit_code == 1
+    audit = ctl.invoke(app, ["ctl", "logs", "audit", "--decision", "error 404", "-o", "jsonl"])
+    assert audit.exit_code == 0, audit.output
+    records = [json.loads(line) for line in audit.output.splitlines()]
+    assert records and all(r["result"] == "error 404" for r in records)
+    assert any(r["action"].startswith("DELETE /api/v1/groups/") for r in records)
+    assert ctl.invoke(app, ["ctl", "logs", "audit", "--since", "1h", "-o", "json"]).exit_code == 0
+    # flows: every filter reaches the dataplane
+    denied = ctl.invoke(app, ["ctl", "logs", "flows", "--decision", "deny", "-o", "json"])
+    assert [f["identity"] for f in json.loads(denied.output)] == ["bob"]
+    alice = ctl.invoke(app, ["ctl", "logs", "flows", "--identity", "alice", "--resource", "wiki", "-o", "jsonl"])
+    (flow,) = [json.loads(line) for line in alice.output.splitlines()]
+    assert flow["bytes"] == 5000 and flow["dst_port"] == 443 and flow["decision"] == "allow"
+    ranged = ctl.invoke(app, ["ctl", "logs", "flows", "--since", "1015", "--until", "1100", "-o", "json"])
+    assert [f["identity"] for f in json.loads(ranged.output)] == ["bob"]
+    table = ctl.invoke(app, ["ctl", "logs", "flows"])
+    assert table.exit_code == 0 and "deny" in table.output
+    assert ctl.invoke(app, ["ctl", "logs", "nope"]).exit_code == 1
+    # status: services, tunnels up or down and why
+    status = ctl.invoke(app, ["ctl", "status", "-o", "json"])
+    assert status.exit_code == 0, status.output
+    doc = json.loads(status.output)
+    tunnels = {t["connection"]: t for t in doc["tunnels"]}
+    assert not tunnels["dead"]["up"] and "TIMEOUT" in tunnels["dead"]["reason"]
+    assert set(doc["services"]) >= {"keyexchange", "dataplane", "policy"}
+    assert doc["top_talkers"][0] == {"identity": "carol", "connection": "gw", "bytes": 90000, "packets": 70}
+    shown = ctl.invoke(app, ["ctl", "status"])
+    assert shown.exit_code == 0 and "DOWN" in shown.output

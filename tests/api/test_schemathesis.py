@@ -51,6 +51,7 @@ SEMANTIC = {
     "POST /api/v1/policy/what-if",
     "POST /api/v1/policy/check",
     "GET /api/v1/audit",
+    "GET /api/v1/flows",
     "GET /api/v1/sas",
     "GET /api/v1/connections",
     "GET /api/v1/identities",

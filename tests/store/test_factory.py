@@ -10,6 +10,7 @@ from esplanade.config.settings import StoreSettings, TlsSettings
 from esplanade.store.embedded import EmbeddedStore
 from esplanade.store.etcd import EtcdStore
 from esplanade.store.factory import open_store
+from esplanade.store.measured import MeasuredStore
 from tests.etcd_server import EtcdServer
 
 
@@ -17,7 +18,7 @@ async def test_embedded_is_the_default(tmp_path: Path) -> None:
     settings = StoreSettings(path=tmp_path / "s.db")
     assert settings.backend == "embedded"
     store = open_store(settings)
-    assert isinstance(store, EmbeddedStore)
+    assert isinstance(store, MeasuredStore) and isinstance(store.inner, EmbeddedStore)
     async with store:
         assert await store.put("/x", b"1") == 2
 
@@ -33,7 +34,8 @@ async def test_etcd_with_tls_from_settings(etcd_tls_server: EtcdServer) -> None:
         timeout_seconds=2.5,
     )
     store = open_store(settings)
-    assert isinstance(store, EtcdStore) and store.timeout == 2.5
+    assert isinstance(store, MeasuredStore)
+    assert isinstance(store.inner, EtcdStore) and store.inner.timeout == 2.5
     async with store:
         assert await store.ping() >= 1
 

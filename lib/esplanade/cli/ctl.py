@@ -361,6 +361,88 @@ def audit(
     show(session().items("/api/v1/audit", params), output, ["id", "time", "actor", "action", "target", "result"])
 
 
+def _seconds(value: str | None) -> float | None:
+    """POSIX seconds, an ISO 8601 time, or a span back from now (`90s`, `15m`, `2h`, `7d`)."""
+    if not value:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
+        return datetime.datetime.now(datetime.UTC).timestamp() - float(value[:-1]) * units[value[-1]]
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise fail(f"{value!r} is not a time: POSIX seconds, ISO 8601, or 15m / 2h / 7d ago") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)).timestamp()
+
+
+def _stamp(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if ts else "-"
+
+
+@ctl_app.command("logs")
+def logs(
+    kind: Annotated[str, typer.Argument(help="audit | flows")],
+    identity: Annotated[str | None, typer.Option(help="flows: peer identity; audit: the actor.")] = None,
+    resource: Annotated[str | None, typer.Option(help="flows: policy resource; audit: the target path.")] = None,
+    decision: Annotated[str | None, typer.Option(help="flows: allow | deny; audit: the result.")] = None,
+    connection: Annotated[str | None, typer.Option(help="flows: only this connection.")] = None,
+    since: Annotated[str | None, typer.Option(help="POSIX seconds, ISO 8601, or 15m / 2h / 7d ago.")] = None,
+    until: Annotated[str | None, typer.Option(help="As --since.")] = None,
+    active: Annotated[bool, typer.Option(help="flows: also the flows still running.")] = False,
+    output: Annotated[str, typer.Option("--output", "-o", help="table | json | yaml | jsonl")] = "table",
+) -> None:
+    """The audit log or the flow log, filtered (jsonl: one record a line, for a SIEM)."""
+    times = {"since": _seconds(since), "until": _seconds(until)}
+    if kind == "audit":
+        fields = {"actor": identity, "target": resource, "result": decision}
+        columns = ["id", "time", "actor", "action", "target", "result"]
+        path = "/api/v1/audit"
+        if connection or active:
+            raise fail("--connection and --active apply to flows only")
+    elif kind == "flows":
+        fields = {"identity": identity, "resource": resource, "decision": decision, "connection": connection}
+        columns = ["start", "end", "identity", "resource", "src", "dst", "protocol", "dst_port", "direction"]
+        columns += ["bytes", "packets", "decision"]
+        path = "/api/v1/flows"
+    else:
+        raise fail(f"no log {kind!r}: audit or flows")
+    params: dict[str, Any] = {k: v for k, v in {**fields, **times}.items() if v is not None}
+    if active:
+        params["active"] = "true"
+    records = session().items(path, params)
+    if output == "jsonl":
+        for record in records:
+            typer.echo(json.dumps(record, separators=(",", ":")))
+        return
+    if output == "table":
+        for record in records:
+            for key in ("time", "start", "end"):
+                if key in record:
+                    record[key] = _stamp(float(record[key]))
+    show(records, output, columns, kind)
+
+
+@ctl_app.command("status")
+def status(output: Output = "table") -> None:
+    """The platform at a glance: services, nodes, tunnels up or down and why, top talkers."""
+    data = session().request("GET", "/api/v1/status").json()
+    if output != "table":
+        show(data, output)
+        return
+    services = [{"service": name, "state": state} for name, state in data["services"].items()]
+    show(services, output, ["service", "state"], "services")
+    show(data["nodes"], output, ["name", "backend"], "nodes")
+    tunnels = [{**t, "state": "up" if t["up"] else "DOWN", "since": _when(t["since"])} for t in data["tunnels"]]
+    show(tunnels, output, ["connection", "state", "reason", "ike_sas", "child_sas", "since"], "tunnels")
+    show(data["top_talkers"], output, ["identity", "connection", "bytes", "packets"], "top talkers")
+    for error in data["errors"]:
+        typer.echo(f"could not read {error}", err=True)
+
+
 # -- policy as code -------------------------------------------------------------------------------
 def _changes(result: dict[str, Any]) -> None:
     for change in result["changes"]:

@@ -158,9 +158,27 @@ class DataplaneSettings(Section):
     )
     lease_seconds: int = Field(5, ge=1, description="Membership lease TTL (failover bound).")
     flow_log_path: Path = Field(
-        Path("/var/lib/esplanade/flows.jsonl"), description="Local flow log (never in the store)."
+        Path("/var/lib/esplanade/flows.db"),
+        description="Local flow log of this node, an append-only SQLite journal (never in the store).",
     )
-    flow_log_retention_mb: int = Field(256, ge=1, description="Flow log size bound.")
+    flow_log_retention_mb: int = Field(256, ge=1, description="Flow log size bound (oldest records go first).")
+    flow_log_retention_days: float = Field(30.0, gt=0, description="Flow log records older than this go.")
+    flow_log_export: str = Field(
+        "", description="Also write each flow record as a JSON line here: a file path, `-` for stdout, empty: off."
+    )
+    flow_log_interval_seconds: float = Field(
+        5.0, gt=0, description="How often SA counters are read into flows and ended flows are written."
+    )
+    flow_log_idle_timeout_seconds: float = Field(15.0, gt=0, description="A flow without traffic this long ends.")
+    flow_log_active_timeout_seconds: float = Field(
+        300.0, gt=0, description="A longer flow is written every this often (the next record continues it)."
+    )
+    flow_log_max_flows: int = Field(
+        10000,
+        ge=16,
+        description="Flows tracked at once; past it, new flows fold into one aggregate record per identity,"
+        " resource and decision (flood protection).",
+    )
 
 
 class KeyexchangeSettings(Section):

@@ -20,7 +20,7 @@ from esplanade.config.settings import Settings
 from esplanade.rpc.server import ServiceServer
 from esplanade.store.base import Store, StoreError
 from esplanade.telemetry.logs import configure_logging
-from esplanade.telemetry.metrics import configure_metrics, meter
+from esplanade.telemetry.metrics import configure_metrics
 from esplanade.telemetry.tracing import configure_tracing
 
 log = logging.getLogger(__name__)
@@ -121,16 +121,10 @@ async def _connect_with_retry(store: Store, stop: asyncio.Event) -> None:
 
 
 async def _follow_store_health(ctx: ServiceContext, stop: asyncio.Event) -> None:
-    latency = meter("store").create_histogram(
-        "esplanade.store.request.duration", unit="s", description="Latency of store requests (health probes)"
-    )
     serving: bool | None = None
     while not stop.is_set():
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        try:
+        try:  # the store measures its own latency (esplanade.store.MeasuredStore)
             await asyncio.wait_for(ctx.store.ping(), timeout=ctx.settings.store.timeout_seconds)
-            latency.record(loop.time() - started, {"operation": "ping"})
             healthy = all(check() for check in ctx.readiness)
         except (StoreError, TimeoutError) as exc:
             healthy = False

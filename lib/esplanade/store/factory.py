@@ -6,6 +6,7 @@ from esplanade.config.settings import KekSettings, StoreSettings
 from esplanade.store.base import Store
 from esplanade.store.embedded import EmbeddedStore
 from esplanade.store.etcd import EtcdStore
+from esplanade.store.measured import MeasuredStore
 from esplanade.store.sealing import Keyring, KeyringError, Sealer
 
 KEK_FILE_SETTING = "kek.file (ESPLANADE_KEK__FILE)"
@@ -13,7 +14,12 @@ KEK_VALUE_SETTING = "kek.value (ESPLANADE_KEK__VALUE)"
 
 
 def open_store(settings: StoreSettings) -> Store:
-    """A Store for `settings`, not yet connected (`async with open_store(s) as store:`)."""
+    """A Store for `settings`, not yet connected (`async with open_store(s) as store:`); every
+    request it serves is measured (`esplanade.store.request.duration`)."""
+    return MeasuredStore(_open_backend(settings))
+
+
+def _open_backend(settings: StoreSettings) -> Store:
     if settings.backend == "etcd":
         tls = settings.etcd_tls
         return EtcdStore(

@@ -399,3 +399,150 @@ class IkeDatagram(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IkeDatagram: _TypeAlias = IkeDatagram  # noqa: Y015
+
+@_typing.final
+class FlowRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    SRC_FIELD_NUMBER: _builtins.int
+    DST_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    SRC_PORT_FIELD_NUMBER: _builtins.int
+    DST_PORT_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    PACKETS_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    FLOWS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    start: _builtins.float
+    """wall-clock seconds"""
+    end: _builtins.float
+    identity: _builtins.str
+    """the authenticated peer identity of the Child SA"""
+    resource: _builtins.str
+    """the policy resource matched ("" if none)"""
+    connection: _builtins.str
+    src: _builtins.str
+    dst: _builtins.str
+    protocol: _builtins.int
+    src_port: _builtins.int
+    dst_port: _builtins.int
+    direction: _builtins.str
+    """in | out"""
+    bytes: _builtins.int
+    packets: _builtins.int
+    decision: _builtins.str
+    """allow | deny"""
+    reason: _builtins.str
+    node: _builtins.str
+    flows: _builtins.int
+    """>1: an aggregate of this many flows (flood protection)"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        start: _builtins.float = ...,
+        end: _builtins.float = ...,
+        identity: _builtins.str = ...,
+        resource: _builtins.str = ...,
+        connection: _builtins.str = ...,
+        src: _builtins.str = ...,
+        dst: _builtins.str = ...,
+        protocol: _builtins.int = ...,
+        src_port: _builtins.int = ...,
+        dst_port: _builtins.int = ...,
+        direction: _builtins.str = ...,
+        bytes: _builtins.int = ...,
+        packets: _builtins.int = ...,
+        decision: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        node: _builtins.str = ...,
+        flows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "connection", b"connection", "decision", b"decision", "direction", b"direction", "dst", b"dst", "dst_port", b"dst_port", "end", b"end", "flows", b"flows", "id", b"id", "identity", b"identity", "node", b"node", "packets", b"packets", "protocol", b"protocol", "reason", b"reason", "resource", b"resource", "src", b"src", "src_port", b"src_port", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlowRecord: _TypeAlias = FlowRecord  # noqa: Y015
+
+@_typing.final
+class QueryFlowsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    AFTER_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    INCLUDE_ACTIVE_FIELD_NUMBER: _builtins.int
+    identity: _builtins.str
+    resource: _builtins.str
+    decision: _builtins.str
+    connection: _builtins.str
+    since: _builtins.float
+    until: _builtins.float
+    after_id: _builtins.int
+    limit: _builtins.int
+    include_active: _builtins.bool
+    """also the flows still running (id 0), after the written ones"""
+    def __init__(
+        self,
+        *,
+        identity: _builtins.str = ...,
+        resource: _builtins.str = ...,
+        decision: _builtins.str = ...,
+        connection: _builtins.str = ...,
+        since: _builtins.float = ...,
+        until: _builtins.float = ...,
+        after_id: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        include_active: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_id", b"after_id", "connection", b"connection", "decision", b"decision", "identity", b"identity", "include_active", b"include_active", "limit", b"limit", "resource", b"resource", "since", b"since", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryFlowsRequest: _TypeAlias = QueryFlowsRequest  # noqa: Y015
+
+@_typing.final
+class QueryFlowsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLOWS_FIELD_NUMBER: _builtins.int
+    NEXT_CURSOR_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    next_cursor: _builtins.int
+    """0: no more"""
+    node: _builtins.str
+    @_builtins.property
+    def flows(self) -> _containers.RepeatedCompositeFieldContainer[Global___FlowRecord]: ...
+    def __init__(
+        self,
+        *,
+        flows: _abc.Iterable[Global___FlowRecord] | None = ...,
+        next_cursor: _builtins.int = ...,
+        node: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flows", b"flows", "next_cursor", b"next_cursor", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryFlowsResponse: _TypeAlias = QueryFlowsResponse  # noqa: Y015

@@ -84,6 +84,11 @@ class DataplaneStub:
                 request_serializer=esplanade_dot_v1_dot_dataplane__pb2.IkeDatagram.SerializeToString,
                 response_deserializer=esplanade_dot_v1_dot_dataplane__pb2.IkeDatagram.FromString,
                 _registered_method=True)
+        self.QueryFlows = channel.unary_unary(
+                '/esplanade.v1.Dataplane/QueryFlows',
+                request_serializer=esplanade_dot_v1_dot_dataplane__pb2.QueryFlowsRequest.SerializeToString,
+                response_deserializer=esplanade_dot_v1_dot_dataplane__pb2.QueryFlowsResponse.FromString,
+                _registered_method=True)
 
 
 class DataplaneServicer:
@@ -151,6 +156,13 @@ class DataplaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QueryFlows(self, request, context):
+        """v1.2: this node's flow log (local, bounded; never in the store), oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DataplaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +215,11 @@ def add_DataplaneServicer_to_server(servicer, server):
                     servicer.RelayIke,
                     request_deserializer=esplanade_dot_v1_dot_dataplane__pb2.IkeDatagram.FromString,
                     response_serializer=esplanade_dot_v1_dot_dataplane__pb2.IkeDatagram.SerializeToString,
+            ),
+            'QueryFlows': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryFlows,
+                    request_deserializer=esplanade_dot_v1_dot_dataplane__pb2.QueryFlowsRequest.FromString,
+                    response_serializer=esplanade_dot_v1_dot_dataplane__pb2.QueryFlowsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -475,6 +492,33 @@ class Dataplane:
             '/esplanade.v1.Dataplane/RelayIke',
             esplanade_dot_v1_dot_dataplane__pb2.IkeDatagram.SerializeToString,
             esplanade_dot_v1_dot_dataplane__pb2.IkeDatagram.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryFlows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esplanade.v1.Dataplane/QueryFlows',
+            esplanade_dot_v1_dot_dataplane__pb2.QueryFlowsRequest.SerializeToString,
+            esplanade_dot_v1_dot_dataplane__pb2.QueryFlowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

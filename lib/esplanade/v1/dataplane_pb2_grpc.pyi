@@ -44,6 +44,8 @@ class DataplaneStub:
     """UDP 4500 carries IKE (behind the non-ESP marker) and ESP-in-UDP. The dataplane owns the
     socket, as the kernel's UDP_ENCAP_ESPINUDP does, and relays IKE both ways over this stream.
     """
+    QueryFlows: _grpc.UnaryUnaryMultiCallable[_dataplane_pb2.QueryFlowsRequest, _dataplane_pb2.QueryFlowsResponse]
+    """v1.2: this node's flow log (local, bounded; never in the store), oldest first."""
 
 @_typing.type_check_only
 class DataplaneAsyncStub(DataplaneStub):
@@ -61,6 +63,8 @@ class DataplaneAsyncStub(DataplaneStub):
     """UDP 4500 carries IKE (behind the non-ESP marker) and ESP-in-UDP. The dataplane owns the
     socket, as the kernel's UDP_ENCAP_ESPINUDP does, and relays IKE both ways over this stream.
     """
+    QueryFlows: _aio.UnaryUnaryMultiCallable[_dataplane_pb2.QueryFlowsRequest, _dataplane_pb2.QueryFlowsResponse]  # type: ignore[assignment]
+    """v1.2: this node's flow log (local, bounded; never in the store), oldest first."""
 
 class DataplaneServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -135,5 +139,13 @@ class DataplaneServicer(metaclass=_abc_1.ABCMeta):
         """UDP 4500 carries IKE (behind the non-ESP marker) and ESP-in-UDP. The dataplane owns the
         socket, as the kernel's UDP_ENCAP_ESPINUDP does, and relays IKE both ways over this stream.
         """
+
+    @_abc_1.abstractmethod
+    def QueryFlows(
+        self,
+        request: _dataplane_pb2.QueryFlowsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataplane_pb2.QueryFlowsResponse, _abc.Awaitable[_dataplane_pb2.QueryFlowsResponse]]:
+        """v1.2: this node's flow log (local, bounded; never in the store), oldest first."""
 
 def add_DataplaneServicer_to_server(servicer: DataplaneServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -636,3 +636,75 @@ class KeyExchangeEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KeyExchangeEvent: _TypeAlias = KeyExchangeEvent  # noqa: Y015
+
+@_typing.final
+class ListTunnelsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTunnelsRequest: _TypeAlias = ListTunnelsRequest  # noqa: Y015
+
+@_typing.final
+class Tunnel(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    UP_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    IKE_SAS_FIELD_NUMBER: _builtins.int
+    CHILD_SAS_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    connection: _builtins.str
+    up: _builtins.bool
+    """an established IKE SA carries an installed Child SA"""
+    reason: _builtins.str
+    """"established", or why not (failed exchange and notify, timeout, deleted, ...)"""
+    ike_sas: _builtins.int
+    child_sas: _builtins.int
+    since: _builtins.float
+    """wall-clock seconds of the last change seen (0: none)"""
+    def __init__(
+        self,
+        *,
+        connection: _builtins.str = ...,
+        up: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        ike_sas: _builtins.int = ...,
+        child_sas: _builtins.int = ...,
+        since: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_sas", b"child_sas", "connection", b"connection", "ike_sas", b"ike_sas", "reason", b"reason", "since", b"since", "up", b"up"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tunnel: _TypeAlias = Tunnel  # noqa: Y015
+
+@_typing.final
+class ListTunnelsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TUNNELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tunnels(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tunnel]: ...
+    def __init__(
+        self,
+        *,
+        tunnels: _abc.Iterable[Global___Tunnel] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tunnels", b"tunnels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTunnelsResponse: _TypeAlias = ListTunnelsResponse  # noqa: Y015

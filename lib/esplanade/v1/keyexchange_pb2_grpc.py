@@ -79,6 +79,11 @@ class KeyExchangeStub:
                 request_serializer=esplanade_dot_v1_dot_keyexchange__pb2.LoadPoolRequest.SerializeToString,
                 response_deserializer=esplanade_dot_v1_dot_keyexchange__pb2.LoadPoolResponse.FromString,
                 _registered_method=True)
+        self.ListTunnels = channel.unary_unary(
+                '/esplanade.v1.KeyExchange/ListTunnels',
+                request_serializer=esplanade_dot_v1_dot_keyexchange__pb2.ListTunnelsRequest.SerializeToString,
+                response_deserializer=esplanade_dot_v1_dot_keyexchange__pb2.ListTunnelsResponse.FromString,
+                _registered_method=True)
 
 
 class KeyExchangeServicer:
@@ -140,6 +145,13 @@ class KeyExchangeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTunnels(self, request, context):
+        """v1.2: every configured connection, up or down and why (esplanade ctl status).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyExchangeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +199,11 @@ def add_KeyExchangeServicer_to_server(servicer, server):
                     servicer.LoadPool,
                     request_deserializer=esplanade_dot_v1_dot_keyexchange__pb2.LoadPoolRequest.FromString,
                     response_serializer=esplanade_dot_v1_dot_keyexchange__pb2.LoadPoolResponse.SerializeToString,
+            ),
+            'ListTunnels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTunnels,
+                    request_deserializer=esplanade_dot_v1_dot_keyexchange__pb2.ListTunnelsRequest.FromString,
+                    response_serializer=esplanade_dot_v1_dot_keyexchange__pb2.ListTunnelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -432,6 +449,33 @@ class KeyExchange:
             '/esplanade.v1.KeyExchange/LoadPool',
             esplanade_dot_v1_dot_keyexchange__pb2.LoadPoolRequest.SerializeToString,
             esplanade_dot_v1_dot_keyexchange__pb2.LoadPoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTunnels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esplanade.v1.KeyExchange/ListTunnels',
+            esplanade_dot_v1_dot_keyexchange__pb2.ListTunnelsRequest.SerializeToString,
+            esplanade_dot_v1_dot_keyexchange__pb2.ListTunnelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,8 @@ class KeyExchangeStub:
     WatchEvents: _grpc.UnaryStreamMultiCallable[_keyexchange_pb2.WatchEventsRequest, _keyexchange_pb2.KeyExchangeEvent]
     LoadPool: _grpc.UnaryUnaryMultiCallable[_keyexchange_pb2.LoadPoolRequest, _keyexchange_pb2.LoadPoolResponse]
     """Virtual IP pools (swanctl `pools`) that connections name in `pools` (added in v1.1)."""
+    ListTunnels: _grpc.UnaryUnaryMultiCallable[_keyexchange_pb2.ListTunnelsRequest, _keyexchange_pb2.ListTunnelsResponse]
+    """v1.2: every configured connection, up or down and why (esplanade ctl status)."""
 
 @_typing.type_check_only
 class KeyExchangeAsyncStub(KeyExchangeStub):
@@ -57,6 +59,8 @@ class KeyExchangeAsyncStub(KeyExchangeStub):
     WatchEvents: _aio.UnaryStreamMultiCallable[_keyexchange_pb2.WatchEventsRequest, _keyexchange_pb2.KeyExchangeEvent]  # type: ignore[assignment]
     LoadPool: _aio.UnaryUnaryMultiCallable[_keyexchange_pb2.LoadPoolRequest, _keyexchange_pb2.LoadPoolResponse]  # type: ignore[assignment]
     """Virtual IP pools (swanctl `pools`) that connections name in `pools` (added in v1.1)."""
+    ListTunnels: _aio.UnaryUnaryMultiCallable[_keyexchange_pb2.ListTunnelsRequest, _keyexchange_pb2.ListTunnelsResponse]  # type: ignore[assignment]
+    """v1.2: every configured connection, up or down and why (esplanade ctl status)."""
 
 class KeyExchangeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -123,5 +127,13 @@ class KeyExchangeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keyexchange_pb2.LoadPoolResponse, _abc.Awaitable[_keyexchange_pb2.LoadPoolResponse]]:
         """Virtual IP pools (swanctl `pools`) that connections name in `pools` (added in v1.1)."""
+
+    @_abc_1.abstractmethod
+    def ListTunnels(
+        self,
+        request: _keyexchange_pb2.ListTunnelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyexchange_pb2.ListTunnelsResponse, _abc.Awaitable[_keyexchange_pb2.ListTunnelsResponse]]:
+        """v1.2: every configured connection, up or down and why (esplanade ctl status)."""
 
 def add_KeyExchangeServicer_to_server(servicer: KeyExchangeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -123,7 +123,48 @@ def test_negotiation_spans() -> None:
     for ev in a.events:
         spans.observe(ev)
     spans.observe(NegotiationFailed("ike-9", 24, "AUTH payload does not verify", "ike_auth"))
-    done = exporter.get_finished_spans()
+    finished = exporter.get_finished_spans()
+    done = [s for s in finished if s.name == "ike.negotiation"]
     assert [s.attributes["ike.outcome"] for s in done] == ["established", "failed"]  # type: ignore[index]
     assert done[1].attributes["ike.notify"] == "AUTHENTICATION_FAILED"  # type: ignore[index]
     assert done[1].status.description == "AUTH payload does not verify"
+    # each exchange of the set-up is a span with its outcome, inside the negotiation's trace
+    exchanges = [s for s in finished if s.name.startswith("ike.exchange")]
+    assert [s.attributes["ike.exchange"] for s in exchanges] == ["IKE_SA_INIT", "IKE_AUTH"]  # type: ignore[index]
+    assert all(s.attributes["ike.outcome"] == "ok" for s in exchanges)  # type: ignore[index]
+    negotiation = done[0].context
+    assert negotiation is not None
+    for s in exchanges:
+        assert s.parent is not None and s.parent.span_id == negotiation.span_id
+        assert s.context is not None and s.context.trace_id == negotiation.trace_id
+
+
+def test_exchange_timeout_is_a_failed_span() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from esplanade.keyexchange.ike_spans import NegotiationSpans
+    from esplanade.keyexchange.tunnel_status import TunnelStatus
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    net, a, _b = pair()
+    net.drop = lambda d: True  # a dead peer: nothing arrives
+    ike = a.engine.initiate("ab", net.now)
+    connection_of = {ike: "ab"}
+    tunnels = TunnelStatus(a.engine, connection_of)
+    spans = NegotiationSpans(a.engine, connection_of, clock=lambda: net.now)
+    spans.tracer = provider.get_tracer("test")
+    net.advance(600.0)
+    for ev in a.events:
+        spans.observe(ev)
+        tunnels.observe(ev)
+    finished = exporter.get_finished_spans()
+    (exchange,) = [s for s in finished if s.name.startswith("ike.exchange")]
+    assert exchange.attributes["ike.outcome"] == "timeout"  # type: ignore[index]
+    (negotiation,) = [s for s in finished if s.name == "ike.negotiation"]
+    assert negotiation.attributes["ike.notify"] == "TIMEOUT"  # type: ignore[index]
+    (state,) = tunnels.states()
+    assert not state.up and "TIMEOUT" in state.reason and "ike_init" in state.reason

@@ -9,16 +9,26 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from esplanade.api.auth import FailureLimiter, TokenVerifier
 from esplanade.api.conventions import ApiContext, reject_unknown_query
-from esplanade.api.middleware import AuditTrail, BodyLimit
+from esplanade.api.middleware import AuditTrail, BodyLimit, RequestMetrics
 from esplanade.api.openapi_document import build_openapi
 from esplanade.api.problems import install_problem_handlers
 from esplanade.api.readiness import Readiness
-from esplanade.api.routes import config_objects, connections, events, live, policy_objects, policy_ops, tokens_audit
+from esplanade.api.routes import (
+    config_objects,
+    connections,
+    events,
+    live,
+    observability,
+    policy_objects,
+    policy_ops,
+    tokens_audit,
+)
 from esplanade.api.service_clients import ServiceClients
 from esplanade.config.settings import Settings
 from esplanade.journal.audit import AuditLog
@@ -36,8 +46,15 @@ without If-Match: 409); cursor pages (`?limit=&cursor=`); errors are RFC 9457
 `application/problem+json` naming the field; DELETE of an absent object is 404."""
 
 
-def create_app(settings: Settings, store: Store, sealer: Sealer, audit: AuditLog | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    store: Store,
+    sealer: Sealer,
+    audit: AuditLog | None = None,
+    registry: CollectorRegistry | None = None,
+) -> FastAPI:
     readiness = Readiness(settings, store)
+    metrics_registry = registry or CollectorRegistry()
     audit_log = audit or AuditLog(settings.api.audit_log_path)
 
     @asynccontextmanager
@@ -51,6 +68,7 @@ def create_app(settings: Settings, store: Store, sealer: Sealer, audit: AuditLog
             verifier=TokenVerifier(store, settings.api.token_cache_seconds),
             limiter=FailureLimiter(settings.api.auth_failures_per_minute),
             audit=audit_log,
+            readiness=readiness,
         )
         try:
             yield
@@ -71,6 +89,7 @@ def create_app(settings: Settings, store: Store, sealer: Sealer, audit: AuditLog
 
     app.add_middleware(AuditTrail, audit=audit_log)
     app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
+    app.add_middleware(RequestMetrics)
     app.mount("/docs/assets", StaticFiles(directory=str(DOCS_ASSETS)), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
@@ -88,6 +107,11 @@ def create_app(settings: Settings, store: Store, sealer: Sealer, audit: AuditLog
         """Live: the process answers."""
         return {"status": "ok"}
 
+    @app.get("/metrics", tags=["health"], include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text exposition of this service's OpenTelemetry metrics (no auth, like /healthz)."""
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/readyz", tags=["health"], responses={503: {"description": "A dependency is down"}})
     async def readyz() -> Any:
         """Ready: the store and the keyexchange, dataplane and policy services all answer SERVING."""
@@ -95,7 +119,7 @@ def create_app(settings: Settings, store: Store, sealer: Sealer, audit: AuditLog
         ready = all(state == "SERVING" for state in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
-    for module in (connections, policy_objects, policy_ops, config_objects, live, events, tokens_audit):
+    for module in (connections, policy_objects, policy_ops, config_objects, live, events, tokens_audit, observability):
         app.include_router(module.router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

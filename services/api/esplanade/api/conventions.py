@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from esplanade.api.auth import FailureLimiter, Principal, Scope, TokenVerifier
 from esplanade.api.problems import ProblemError
+from esplanade.api.readiness import Readiness
 from esplanade.api.service_clients import ServiceClients
 from esplanade.config.settings import Settings
 from esplanade.journal.audit import AuditLog
@@ -42,6 +43,8 @@ class ApiContext:
     verifier: TokenVerifier
     limiter: FailureLimiter
     audit: AuditLog
+    # the services' health (GET /readyz, GET /api/v1/status); None in tests that need none
+    readiness: Readiness | None = None
     documents: SealedDocuments = field(init=False)
 
     def __post_init__(self) -> None:

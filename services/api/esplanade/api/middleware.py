@@ -1,9 +1,11 @@
-"""ASGI middleware: the request size limit and the audit record of every mutating call."""
+"""ASGI middleware: the request size limit, the audit record of every mutating call, and the
+latency of every request by route."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from opentelemetry import propagate, trace
@@ -11,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from esplanade.api.problems import PROBLEM_MEDIA_TYPE, TYPE_BASE
 from esplanade.journal.audit import AuditLog
+from esplanade.telemetry.metrics import meter
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +147,34 @@ class AuditTrail:
             )
         except Exception:  # the audit journal failing must be loud, but not turn a done write into a 500
             log.exception("could not write the audit record")
+
+
+class RequestMetrics:
+    """`http.server.request.duration` (OpenTelemetry HTTP semantic conventions) by method, route
+    template (never the raw path: bounded labels) and status code."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.duration = meter("api").create_histogram(
+            "http.server.request.duration", unit="s", description="Duration of HTTP requests by route"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        started = time.perf_counter()
+
+        async def watching(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching)
+        finally:
+            route = getattr(scope.get("route"), "path", "") or "unmatched"
+            attrs = {"http.request.method": scope["method"], "http.route": route, "http.response.status_code": status}
+            self.duration.record(time.perf_counter() - started, attrs)

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 async def serve(settings: Settings) -> None:
-    setup_telemetry("api", settings)
+    registry = setup_telemetry("api", settings)
     sealer = open_sealer(settings.kek)
     store = open_store(settings.store)
     await store.connect()
@@ -33,7 +33,7 @@ async def serve(settings: Settings) -> None:
         announce_bootstrap_token(token)
     host, _, port = settings.endpoints.api.rpartition(":")
     config = uvicorn.Config(
-        create_app(settings, store, sealer),
+        create_app(settings, store, sealer, registry=registry),
         host=host.strip("[]"),
         port=int(port),
         log_config=None,

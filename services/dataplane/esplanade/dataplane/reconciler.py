@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from esplanade.dataplane.backend import DataplaneBackend, DataplaneError, InvalidArgument
+from esplanade.dataplane.install_tracing import install_span
 from esplanade.dataplane.ownership import SaOwnership
 from esplanade.dataplane.sa_persistence import SaPersistence
 from esplanade.ipsec.sa import ChildSaRecord
@@ -189,7 +190,8 @@ class Reconciler:
                         ) from None
                     self.records[child_id] = record
                     if self.ownership.owns(record):
-                        await self._install_child(record)
+                        with install_span(record, self.node):
+                            await self._install_child(record)
                     else:
                         await self._uninstall_child(child_id)
             except DataplaneError as exc:

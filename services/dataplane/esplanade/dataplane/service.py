@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from esplanade.config.settings import Settings
 from esplanade.dataplane.backend import DataplaneBackend, DataplaneError
 from esplanade.dataplane.backend_selection import BackendChoice, choose_backend
+from esplanade.dataplane.flow_meter import FlowMeter
+from esplanade.dataplane.flow_telemetry import FlowTelemetry
 from esplanade.dataplane.ike_relay import IkeRelay
 from esplanade.dataplane.ike_sockets import IkeSocket
 from esplanade.dataplane.kernel.backend import KernelXfrmBackend
@@ -36,6 +38,7 @@ from esplanade.dataplane.sequence_ledger import StoreSaPersistence
 from esplanade.dataplane.servicer import SERVICE_NAME, DataplaneServicer, EventHub, ServicerParts, publish_event
 from esplanade.dataplane.userspace.backend import UserspaceBackend, UserspaceBackendSettings, default_workers
 from esplanade.dataplane.userspace.datapath import DatapathSettings
+from esplanade.journal.flow_log import FlowLog
 from esplanade.runtime.service_host import ServiceContext, run_service
 from esplanade.store.base import Store
 from esplanade.store.factory import open_sealer, open_store
@@ -139,6 +142,23 @@ async def serve(settings: Settings) -> None:
         sys.exit(1)
 
 
+def open_flow_telemetry(
+    settings: Settings, node: str, backend: DataplaneBackend, reconciler: Reconciler, relay: IkeRelay
+) -> FlowTelemetry:
+    dp = settings.dataplane
+    flow_log = FlowLog.for_size(
+        dp.flow_log_path, dp.flow_log_retention_mb, dp.flow_log_retention_days * 86400, dp.flow_log_export
+    )
+    flow_meter = FlowMeter(
+        flow_log,
+        node,
+        idle_timeout=dp.flow_log_idle_timeout_seconds,
+        active_timeout=dp.flow_log_active_timeout_seconds,
+        max_flows=dp.flow_log_max_flows,
+    )
+    return FlowTelemetry(backend, reconciler, relay, flow_meter, dp.flow_log_interval_seconds)
+
+
 async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
     settings, backend, relay = runtime.settings, runtime.backend, runtime.relay
     dp = settings.dataplane
@@ -189,6 +209,7 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
                 out[f"udp{sock.port}_{name}"] = str(count)
         return out
 
+    flows = open_flow_telemetry(settings, runtime.node, backend, reconciler, relay)
     servicer = DataplaneServicer(
         ServicerParts(
             node=runtime.node,
@@ -200,6 +221,7 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
             events=runtime.events,
             backend_reason=runtime.choice.reason,
             details=details,
+            flows=flows,
         )
     )
     dataplane_pb2_grpc.add_DataplaneServicer_to_server(servicer, ctx.server.server)
@@ -219,5 +241,7 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
     ctx.readiness.append(reconciler.ready.is_set)
     ctx.readiness.append(lambda: not getattr(backend, "failed", ""))
     ctx.spawn(pump_events(), "dataplane-events")
+    ctx.spawn(flows.run(), "dataplane-flows")
+    ctx.on_stop.append(flows.close)
     ctx.spawn(membership_then_reconcile(), "dataplane-reconciler")
     ctx.on_stop.append(membership.leave)

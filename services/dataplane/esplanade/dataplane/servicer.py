@@ -36,6 +36,7 @@ from esplanade.dataplane.backend import (
     InvalidArgument,
     NotFound,
 )
+from esplanade.dataplane.flow_telemetry import FlowTelemetry, drop_counts, query_flows
 from esplanade.dataplane.ike_relay import IkeRelay
 from esplanade.dataplane.proto_mapping import (
     check_id,
@@ -95,6 +96,7 @@ class ServicerParts:
     events: EventHub
     backend_reason: str
     details: Callable[[], dict[str, str]] = field(default_factory=lambda: dict)
+    flows: FlowTelemetry | None = None
 
 
 def policies_overlap(a: SpdPolicy, b: SpdPolicy) -> bool:
@@ -315,16 +317,21 @@ class DataplaneServicer(dataplane_pb2_grpc.DataplaneServicer):
             if request.child_sa and child != request.child_sa:
                 continue
             sas.append(counters_to_proto(counters, child, self.parts.node))
-        drops_of = getattr(backend, "drop_counters", None)
-        drops: dict[str, int] = drops_of() if drops_of is not None else {}
-        for name, count in self.parts.relay.counters.items():
-            if name.startswith("dropped_") and count:
-                drops[f"ike_{name.removeprefix('dropped_')}"] = count
+        drops = drop_counts(backend, self.parts.relay)
         return dataplane_pb2.GetCountersResponse(
             sas=sas,
             drops=[ipsec_pb2.DropCounter(reason=r, packets=n) for r, n in sorted(drops.items())],
             node=self.parts.node,
         )
+
+    async def QueryFlows(
+        self, request: dataplane_pb2.QueryFlowsRequest, context: Any
+    ) -> dataplane_pb2.QueryFlowsResponse:
+        flows = self.parts.flows
+        if flows is None or flows.meter.log is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this dataplane keeps no flow log")
+            raise AssertionError("unreachable")
+        return await asyncio.to_thread(query_flows, flows.meter.log, flows.meter, self.parts.node, request)
 
     async def GetStatus(self, request: dataplane_pb2.GetStatusRequest, context: Any) -> dataplane_pb2.GetStatusResponse:
         status = self.parts.backend.status()

@@ -157,6 +157,9 @@ class ChildSaHandoff:
         self.counters: dict[str, int] = {}
         self.failures: list[tuple[str, str, str]] = []  # (ike, child, reason) of writes that failed
         self.on_write_failed: Callable[[str, str, str], None] = lambda ike, child, reason: None
+        # IKE SA id -> the W3C trace context of its negotiation, written into the record so
+        # the dataplane's install joins the trace (docs: telemetry)
+        self.trace_carrier: Callable[[str], dict[str, str]] = lambda ike: {}
         # Child SAs a previous keyexchange boot left in the store: child id -> (inbound SPI, SPD ids)
         self.orphans: dict[str, tuple[int, set[str]]] = {}
         self._orphan_of_policy: dict[str, str] = {}
@@ -249,6 +252,10 @@ class ChildSaHandoff:
             record, inbound=replace(record.inbound, reqid=reqid), outbound=replace(record.outbound, reqid=reqid)
         )
 
+    def _traced(self, ike: str, record: ChildSaRecord) -> ChildSaRecord:
+        carrier = self.trace_carrier(ike)
+        return replace(record, trace_context=carrier) if carrier else record
+
     def _record_ops(self, record: ChildSaRecord) -> tuple[list[Compare], list[Put | Delete]]:
         key = schema.child_sa(record.id)
         value = encode_document(record.to_document(self.sealer.bind(key).seal))
@@ -284,7 +291,7 @@ class ChildSaHandoff:
         self.on_write_failed(ike, child, reason)
 
     async def _write_responder(self, ike: str, record: ChildSaRecord) -> None:
-        record = self._with_reqid(record)
+        record = self._traced(ike, self._with_reqid(record))
         conditions, ops = self._record_ops(record)
         policies = policies_for(record)
         if not record.rekey_of:
@@ -300,7 +307,7 @@ class ChildSaHandoff:
             self.policies.update((p.id, p) for p in policies)
 
     async def _write_initiator(self, ike: str, record: ChildSaRecord, old: str) -> None:
-        record = self._with_reqid(record)
+        record = self._traced(ike, self._with_reqid(record))
         if old:
             record = replace(record, rekey_of=old)
         conditions, ops = self._record_ops(record)

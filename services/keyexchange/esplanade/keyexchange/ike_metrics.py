@@ -1,5 +1,5 @@
 """OpenTelemetry instruments of keyexchange. Labels are low-cardinality: connection, state,
-outcome, reason (a notify name), kind; never SPIs, addresses or identities."""
+outcome, reason (a notify name, or TIMEOUT), kind; never SPIs, addresses or identities."""
 
 from __future__ import annotations
 
@@ -16,15 +16,21 @@ from esplanade.keyexchange.ikev2.events import (
     IkeSaRekeyed,
     NegotiationFailed,
 )
+from esplanade.keyexchange.tunnel_status import TunnelStatus, failure_reason
 from esplanade.telemetry.metrics import meter
 
 
 class IkeMetrics:
     def __init__(
-        self, dispatcher: IkeDispatcher, connection_of: dict[str, str], meter_provider: MeterProvider | None = None
+        self,
+        dispatcher: IkeDispatcher,
+        connection_of: dict[str, str],
+        meter_provider: MeterProvider | None = None,
+        tunnels: TunnelStatus | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.connection_of = connection_of
+        self.tunnels = tunnels or TunnelStatus(dispatcher, connection_of)
         m = meter_provider.get_meter("esplanade.keyexchange") if meter_provider is not None else meter("keyexchange")
         self.negotiations = m.create_counter(
             "esplanade.ike.negotiations", description="IKE negotiations by outcome and reason (notify)"
@@ -36,6 +42,14 @@ class IkeMetrics:
         m.create_observable_gauge(
             "esplanade.ike.child_sas", callbacks=[self._child_sas], description="Child SAs by connection and state"
         )
+        m.create_observable_gauge(
+            "esplanade.tunnel.up",
+            callbacks=[self._tunnel_up],
+            description="1 when a configured connection has an established IKE SA with an installed Child SA",
+        )
+
+    def _tunnel_up(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(int(t.up), {"connection": t.connection}) for t in self.tunnels.states()]
 
     def _ike_sas(self, _options: CallbackOptions) -> Iterable[Observation]:
         counts = Counter((sa.config.name, sa.state.value) for sa in list(self.dispatcher.sas.values()))
@@ -53,7 +67,7 @@ class IkeMetrics:
             if not ev.rekey_of:
                 self.negotiations.add(1, {"connection": connection, "outcome": "established", "reason": ""})
         elif isinstance(ev, NegotiationFailed):
-            self.negotiations.add(1, {"connection": connection, "outcome": "failed", "reason": ev.notify_name})
+            self.negotiations.add(1, {"connection": connection, "outcome": "failed", "reason": failure_reason(ev)})
         elif isinstance(ev, IkeSaRekeyed):
             self.rekeys.add(1, {"connection": connection, "kind": "ike"})
         elif isinstance(ev, ChildSaRekeyed):

@@ -93,6 +93,7 @@ class KeyExchangeServicer(keyexchange_pb2_grpc.KeyExchangeServicer):
     ) -> keyexchange_pb2.InitiateResponse:
         try:
             ike = self.node.engine.initiate(request.connection, request.child)
+            self.node.spans.begin(ike)  # the negotiation joins the caller's trace
         except KeyError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]) if exc.args else "not found")
         except ValueError as exc:
@@ -162,3 +163,20 @@ class KeyExchangeServicer(keyexchange_pb2_grpc.KeyExchangeServicer):
     ) -> AsyncIterator[keyexchange_pb2.KeyExchangeEvent]:
         async for ev in self.node.feed.watch():
             yield ev
+
+    async def ListTunnels(
+        self, request: keyexchange_pb2.ListTunnelsRequest, context: grpc.aio.ServicerContext
+    ) -> keyexchange_pb2.ListTunnelsResponse:
+        return keyexchange_pb2.ListTunnelsResponse(
+            tunnels=[
+                keyexchange_pb2.Tunnel(
+                    connection=t.connection,
+                    up=t.up,
+                    reason=t.reason,
+                    ike_sas=t.ike_sas,
+                    child_sas=t.child_sas,
+                    since=t.since,
+                )
+                for t in self.node.tunnels.states()
+            ]
+        )

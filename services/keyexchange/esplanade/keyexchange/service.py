@@ -38,6 +38,7 @@ from esplanade.keyexchange.ike_transports import DataplaneRelay, IkeSockets
 from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
 from esplanade.keyexchange.keyexchange_servicer import KeyExchangeServicer
 from esplanade.keyexchange.spi_reservations import SpiReservations
+from esplanade.keyexchange.tunnel_status import TunnelStatus
 from esplanade.keyexchange.virtual_ip_routes import VirtualIpRoutes
 from esplanade.runtime.service_host import ServiceContext, run_service
 from esplanade.store import schema
@@ -86,9 +87,18 @@ class KeyExchangeNode:
         self.handoff.on_write_failed = self._write_failed
         self.catalog = ConnectionCatalog(store, sealer, self.engine)
         self.feed = EventFeed(lambda ike: self.engine.connection_of.get(ike, ""))
-        self.metrics = IkeMetrics(dispatcher, self.engine.connection_of)
+        self.tunnels = TunnelStatus(dispatcher, self.engine.connection_of)
+        self.metrics = IkeMetrics(dispatcher, self.engine.connection_of, tunnels=self.tunnels)
         self.spans = NegotiationSpans(dispatcher, self.engine.connection_of)
-        self.engine.listeners += [self.handoff.handle, self.feed.publish, self.metrics.observe, self.spans.observe]
+        self.handoff.trace_carrier = self.spans.carrier
+        # spans first: the handoff writes the trace context of the negotiation into the records
+        self.engine.listeners += [
+            self.spans.observe,
+            self.tunnels.observe,
+            self.handoff.handle,
+            self.feed.publish,
+            self.metrics.observe,
+        ]
         self.virtual_ips = VirtualIpRoutes(settings.dataplane.tun_name)
         self.engine.listeners.append(self.virtual_ips.handle)
         targets = [settings.endpoints.dataplane]

@@ -115,3 +115,16 @@ class NegotiationFailed(Event):
             return NotifyType(self.notify).name
         except ValueError:
             return str(self.notify)
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeCompleted(Event):
+    """One exchange we started (our request and the peer's response, or no response): what
+    tracing turns into a span. `outcome` is ok, failed or timeout; `notify` names the failure."""
+
+    ike_sa: str
+    exchange: str  # IKE_SA_INIT, IKE_INTERMEDIATE, IKE_AUTH, CREATE_CHILD_SA, INFORMATIONAL
+    started_at: float  # monotonic seconds, as `now`
+    finished_at: float
+    outcome: str
+    notify: str = ""

@@ -20,6 +20,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from esplanade.ipsec.sa import ChildSaRecord, Lifetime
@@ -40,6 +41,7 @@ from esplanade.keyexchange.ikev2.events import (
     ChildSaRekeyed,
     Datagram,
     Event,
+    ExchangeCompleted,
     IkeSaDeleted,
     InstallInboundSa,
     NegotiationFailed,
@@ -422,6 +424,7 @@ class IkeSa:
     def _give_up(self, o: Outstanding) -> None:
         self.outstanding = None
         self.count("retransmit_timeouts")
+        self.emit(ExchangeCompleted(self.id, o.task.exchange.name, o.sent_at, o.deadline, "timeout", "TIMEOUT"))
         o.task.on_timeout(self)
         if self.state in (IkeState.ESTABLISHED, IkeState.REKEYING, IkeState.REKEYED, IkeState.DELETING):
             self.destroy("peer did not answer (retransmission limit reached): dead peer")
@@ -641,7 +644,13 @@ class IkeSa:
         self._note_authenticated(msg, local, remote, now)
         self.outstanding = None
         task = o.task
+        first = len(self._events)
         again = task.process_response(self, msg, now)
+        failed = next((e for e in islice(self._events, first, None) if isinstance(e, NegotiationFailed)), None)
+        outcome, notify = ("failed", failed.notify_name) if failed is not None else ("ok", "")
+        # the exchange's completion goes before its consequences (established, failed, ...)
+        done = ExchangeCompleted(self.id, task.exchange.name, o.sent_at, now, outcome, notify)
+        self._events.insert(first, done)
         if again and self.state != IkeState.DELETED:
             self.queue.appendleft(task)
 
