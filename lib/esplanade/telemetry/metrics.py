@@ -38,3 +38,11 @@ def configure_metrics(
 
 def meter(name: str) -> metrics.Meter:
     return metrics.get_meter(f"esplanade.{name}")
+
+
+def policy_decisions() -> metrics.Counter:
+    """`esplanade.policy.decisions` by `decision` (allow, deny) and `point` (check: the policy
+    service's Check; dataplane: a per-identity filter on a flow). One instrument, two callers."""
+    return meter("policy").create_counter(
+        "esplanade.policy.decisions", description="Policy decisions by decision and decision point"
+    )

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from esplanade.dataplane.backend import SaCounters
 from esplanade.ipsec.sa import ChildSaRecord
 from esplanade.journal.flow_log import FlowLog, FlowRecord
+from esplanade.telemetry.metrics import policy_decisions
 
 FlowKey = tuple[str, str, str, str, str, int, int, int, str, str]
 AGGREGATE = "*"
@@ -75,10 +76,12 @@ class FlowMeter:
         self._baseline: dict[tuple[int, str], tuple[int, int]] = {}  # (spi, direction) -> (bytes, packets)
         self.totals: dict[tuple[str, str], list[int]] = {}  # (connection, direction) -> [bytes, packets]
         self.aggregated = 0  # flows folded into aggregates (table full)
+        self.decisions = policy_decisions()
 
     # -- sources ----------------------------------------------------------------------------
     def observe(self, sample: FlowSample, now: float | None = None) -> None:
         now = self.clock() if now is None else now
+        self.decisions.add(1, {"decision": sample.decision, "point": "dataplane"})
         key: FlowKey = (
             sample.identity,
             sample.resource,

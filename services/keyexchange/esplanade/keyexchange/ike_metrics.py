@@ -66,6 +66,8 @@ class IkeMetrics:
         if isinstance(ev, IkeSaEstablished):
             if not ev.rekey_of:
                 self.negotiations.add(1, {"connection": connection, "outcome": "established", "reason": ""})
+                for kind in ("ike", "child"):  # counters of known labels start at 0 (Prometheus practice)
+                    self.rekeys.add(0, {"connection": connection, "kind": kind})
         elif isinstance(ev, NegotiationFailed):
             self.negotiations.add(1, {"connection": connection, "outcome": "failed", "reason": failure_reason(ev)})
         elif isinstance(ev, IkeSaRekeyed):

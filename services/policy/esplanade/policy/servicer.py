@@ -28,6 +28,7 @@ from esplanade.policy.policy_file import load_policy_yaml
 from esplanade.policy.problems import PolicyError
 from esplanade.policy.store_state import FieldProblem, InvalidObject, ObjectNotFound, PolicyStore, PolicyWriteError
 from esplanade.store.base import StoreError, StoreUnavailable
+from esplanade.telemetry.metrics import policy_decisions
 from esplanade.v1 import ipsec_pb2, policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         self.policy_store = policy_store
         self.sync = sync
         self.clock = clock
+        self.decisions = policy_decisions()
 
     async def _guard(self, context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -160,6 +162,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         decision = self.sync.compiler.check(
             request.identity, five_tuple, CheckContext(now, source, frozenset(request.posture))
         )
+        self.decisions.add(1, {"decision": decision.action.value, "point": "check"})
         return policy_pb2.CheckResponse(
             allow=decision.action.value == "allow", rule=decision.rule, reason=decision.reason
         )
