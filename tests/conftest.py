@@ -1,3 +1,3 @@
 """Fixtures shared by every suite live in modules; this file only registers them."""
 
-pytest_plugins = ["tests.etcd_fixtures"]
+pytest_plugins = ["tests.etcd_fixtures", "tests.log_secrets"]

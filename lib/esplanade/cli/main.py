@@ -106,7 +106,7 @@ def up(
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
         env.setdefault("ESPLANADE_STORE__PATH", str(state_dir / "store.db"))
-        env.setdefault("ESPLANADE_DATAPLANE__FLOW_LOG_PATH", str(state_dir / "flows.jsonl"))
+        env.setdefault("ESPLANADE_DATAPLANE__FLOW_LOG_PATH", str(state_dir / "flows.db"))
         env.setdefault("ESPLANADE_API__AUDIT_LOG_PATH", str(state_dir / "audit.jsonl"))
         env.setdefault("ESPLANADE_POLICY__AUDIT_LOG_PATH", str(state_dir / "policy-audit.db"))
     # Check the configuration once, here, so a mistake is one line and not four.
