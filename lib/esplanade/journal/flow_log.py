@@ -4,7 +4,8 @@ bytes and packets, and the decision (allow or deny).
 Kept per node in a bounded append-only SQLite journal (`Journal`: retention by row count and
 age), never in the store. Every record may also go out as one JSON line to a file or stdout
 (`export`), for a SIEM. The records come from `esplanade.dataplane.flow_meter`, which
-aggregates and rate-limits them.
+aggregates and rate-limits them. With `telemetry.otlp_endpoint` set, each record also goes
+out as an OTLP log record (event `esplanade.flow`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+from opentelemetry._logs import get_logger
 
 from esplanade.journal.sqlite_journal import Journal, Page
 
@@ -59,6 +62,8 @@ class FlowLog:
         self.export = export
         self._export_lock = threading.Lock()
         self.written = 0
+        # OTLP log export of each record (a no-op unless telemetry.otlp_endpoint is set)
+        self._otel = get_logger("esplanade.flows")
 
     @classmethod
     def for_size(cls, path: Path, max_mb: int, max_age_seconds: float, export_to: str = "") -> FlowLog:
@@ -77,6 +82,9 @@ class FlowLog:
         documents = [f.document() for f in flows]
         self.journal.append_many(documents)
         self.written += len(documents)
+        for document in documents:
+            attributes = {k: str(document[k]) for k in FILTERS}
+            self._otel.emit(body=document, attributes=attributes, event_name="esplanade.flow")
         if self.export is not None:
             with self._export_lock:
                 for document in documents:

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from esplanade.config.settings import Settings
 from esplanade.rpc.server import ServiceServer
 from esplanade.store.base import Store, StoreError
-from esplanade.telemetry.logs import configure_logging
+from esplanade.telemetry.logs import configure_logging, configure_otlp_logs
 from esplanade.telemetry.metrics import configure_metrics
 from esplanade.telemetry.tracing import configure_tracing
 
@@ -59,6 +59,7 @@ SetupFunction = Callable[[ServiceContext], Awaitable[None]]
 
 def setup_telemetry(name: str, settings: Settings) -> CollectorRegistry:
     configure_logging(name, settings.telemetry.log_format, settings.telemetry.log_level)
+    configure_otlp_logs(name, settings.telemetry.otlp_endpoint, settings.telemetry.otlp_insecure)
     configure_tracing(name, settings.telemetry.otlp_endpoint, settings.telemetry.otlp_insecure)
     _, registry = configure_metrics(name, settings.telemetry.otlp_endpoint, settings.telemetry.otlp_insecure)
     return registry

@@ -72,3 +72,37 @@ def test_retention_bounds_the_log(tmp_path: Path) -> None:
     log = FlowLog.for_size(tmp_path / "flows.db", max_mb=1, max_age_seconds=3600)
     assert 1000 <= log.journal.max_rows <= 4096
     log.close()
+
+
+def test_flow_records_go_out_as_otlp_log_records(tmp_path: Path) -> None:
+    import logging
+
+    from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
+
+    from esplanade.telemetry.logs import OtlpLogHandler, configure_otlp_logs
+
+    exporter = InMemoryLogRecordExporter()
+    configure_otlp_logs("test", None, processor=SimpleLogRecordProcessor(exporter))
+    try:
+        log = FlowLog(tmp_path / "flows.db")
+        meter = FlowMeter(log, "n", idle_timeout=1)
+        meter.observe(FlowSample("alice", "wiki", "gw", "10.0.0.2", "10.1.0.5", 6, 40000, 443, "out", 500, 5), now=1.0)
+        meter.expire(now=10.0)
+        logging.getLogger("esplanade.test").warning("a service line", extra={"connection": "gw"})
+        (line,) = [r for r in exporter.get_finished_logs() if r.log_record.body == "a service line"]
+        assert line.log_record.severity_text == "WARNING" and line.log_record.attributes["connection"] == "gw"  # type: ignore[index]
+        flows = [r for r in exporter.get_finished_logs() if r.log_record.event_name == "esplanade.flow"]
+        (flow,) = flows
+        assert flow.log_record.attributes == {
+            "identity": "alice",
+            "resource": "wiki",
+            "decision": "allow",
+            "connection": "gw",
+        }
+        body = flow.log_record.body
+        assert isinstance(body, dict) and body["bytes"] == 500 and body["dst_port"] == 443
+        log.close()
+    finally:
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, OtlpLogHandler)]:
+            root.removeHandler(handler)
