@@ -106,3 +106,12 @@ def test_flow_records_go_out_as_otlp_log_records(tmp_path: Path) -> None:
         root = logging.getLogger()
         for handler in [h for h in root.handlers if isinstance(h, OtlpLogHandler)]:
             root.removeHandler(handler)
+
+
+def test_counters_of_several_workers_add_up() -> None:
+    meter = FlowMeter(None, "n")
+    child = record("c1", 0x100)
+    per_worker = [SaCounters(0x101, "out", 3, 300), SaCounters(0x101, "out", 4, 400)]
+    meter.observe_counters([child], per_worker, now=1.0)
+    meter.observe_counters([child], [SaCounters(0x101, "out", 5, 500), SaCounters(0x101, "out", 4, 400)], now=2.0)
+    assert meter.totals[("conn", "out")] == [900, 9]

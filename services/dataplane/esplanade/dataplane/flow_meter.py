@@ -104,24 +104,30 @@ class FlowMeter:
         for record in children:
             of_spi[(record.inbound.spi, "in")] = record
             of_spi[(record.outbound.spi, "out")] = record
-        seen: set[tuple[int, str]] = set()
+        # one SA may be counted by several workers: its counters are their sum
+        summed: dict[tuple[int, str], list[int]] = {}
         for c in counters:
-            spi_key = (c.spi, c.direction)
+            entry = summed.setdefault((c.spi, c.direction), [0, 0])
+            entry[0] += c.bytes
+            entry[1] += c.packets
+        seen: set[tuple[int, str]] = set()
+        for spi_key, (nbytes, npackets) in summed.items():
             child = of_spi.get(spi_key)
             if child is None:
                 continue
+            direction = spi_key[1]
             seen.add(spi_key)
             old_bytes, old_packets = self._baseline.get(spi_key, (0, 0))
-            if c.bytes < old_bytes or c.packets < old_packets:  # the counters restarted
+            if nbytes < old_bytes or npackets < old_packets:  # the counters restarted
                 old_bytes, old_packets = 0, 0
-            self._baseline[spi_key] = (c.bytes, c.packets)
-            delta_bytes, delta_packets = c.bytes - old_bytes, c.packets - old_packets
+            self._baseline[spi_key] = (nbytes, npackets)
+            delta_bytes, delta_packets = nbytes - old_bytes, npackets - old_packets
             if not delta_packets and not delta_bytes:
                 continue
-            totals = self.totals.setdefault((child.connection, c.direction), [0, 0])
+            totals = self.totals.setdefault((child.connection, direction), [0, 0])
             totals[0] += delta_bytes
             totals[1] += delta_packets
-            self._add(self._sa_key(child, c.direction), delta_bytes, delta_packets, "", now)
+            self._add(self._sa_key(child, direction), delta_bytes, delta_packets, "", now)
         for gone in set(self._baseline) - seen:
             del self._baseline[gone]
 
