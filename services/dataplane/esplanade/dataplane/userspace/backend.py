@@ -432,6 +432,22 @@ class UserspaceBackend:
             if not reply.get("ok"):
                 raise InvalidArgument(f"filter of Child SA {child_sa_id!r} refused: {reply.get('error')}")
 
+    async def identity_filter_drops(self) -> tuple[dict[str, int], list[tuple[str, bytes]]]:
+        """Packets the identity filters denied: per Child SA (cumulative while it is installed),
+        and (Child SA, packet header) samples of denied packets since the last call."""
+        denied: dict[str, int] = {}
+        samples: list[tuple[str, bytes]] = []
+        for channel in self._channels:
+            try:
+                reply = await channel.request({"op": "filter_drops"})
+            except WorkerGone:
+                continue
+            for child_sa, count in dict(reply.get("denied", {})).items():
+                denied[str(child_sa)] = denied.get(str(child_sa), 0) + int(count)
+            for child_sa, header in reply.get("samples", []):
+                samples.append((str(child_sa), bytes.fromhex(str(header))))
+        return denied, samples
+
     def _refresh_routes(self, record: ChildSaRecord | None, child_sa_id: str = "") -> None:
         if self.routes is None:
             return
