@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from esplanade.dataplane.backend import FilterDrops
 from esplanade.dataplane.policy_enforcement import PolicyEnforcer
 from esplanade.ipsec.sa import ChildSaRecord
 from esplanade.ipsec.selectors import TrafficSelector
@@ -63,9 +64,9 @@ class FilteringBackend:
         self.calls += 1
         self.filters[child_sa_id] = None if selectors is None else sorted(str(s) for s in selectors)
 
-    async def identity_filter_drops(self) -> tuple[dict[str, int], list[tuple[str, bytes]]]:
+    async def identity_filter_drops(self) -> FilterDrops:
         samples, self.samples = self.samples, []
-        return dict(self.denied), samples
+        return FilterDrops(dict(self.denied), {}, samples)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from esplanade.dataplane.backend import DataplaneError
+from esplanade.dataplane.backend import DataplaneError, FilterDrops
 from esplanade.ipsec.sa import ChildSaRecord
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.policy.access_view import Access, AccessView
@@ -40,12 +40,13 @@ from esplanade.policy.filters import parse_inner_packet
 log = logging.getLogger(__name__)
 
 DROP_REASON = "identity filter: no rule grants this flow"
+OUTSIDE_REASON = "outside the Child SA's selectors (narrowed to the identity's grant)"
 
 
 class FilteringBackend(Protocol):
     async def set_identity_filter(self, child_sa_id: str, selectors: list[TrafficSelector] | None) -> None: ...
 
-    async def identity_filter_drops(self) -> tuple[dict[str, int], list[tuple[str, bytes]]]: ...
+    async def identity_filter_drops(self) -> FilterDrops: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,7 @@ class PolicyEnforcer:
         self.applied: dict[str, AppliedFilter] = {}  # Child SA -> the filter it carries
         self.filter_updates = 0
         self.errors = 0
-        self._denied_seen: dict[str, int] = {}
+        self._seen: dict[tuple[str, str], int] = {}  # (reason, Child SA) -> count already logged
         self._lock = asyncio.Lock()
         view.listeners.append(self.on_access_changed)
         if self.backend is None:
@@ -118,7 +119,8 @@ class PolicyEnforcer:
         async with self._lock:
             self.records.pop(child_sa_id, None)
             self.applied.pop(child_sa_id, None)
-            self._denied_seen.pop(child_sa_id, None)
+            for reason in (DROP_REASON, OUTSIDE_REASON):
+                self._seen.pop((reason, child_sa_id), None)
 
     # -- policy changes ------------------------------------------------------------------
     async def on_access_changed(self, identities: set[str]) -> None:
@@ -191,28 +193,29 @@ class PolicyEnforcer:
         if self.backend is None:
             return
         try:
-            denied, samples = await self.backend.identity_filter_drops()
+            drops = await self.backend.identity_filter_drops()
         except DataplaneError as exc:
             log.debug("filter drops not readable: %s", exc)
             return
         sampled: dict[str, int] = {}
-        for child_id, header in samples:
+        for child_id, header in drops.samples:
             applied = self.applied.get(child_id)
             if applied is None:
                 continue
-            flow = flow_of(header)
             event = DecisionEvent(
-                DecisionKind.DROP, Action.DENY, applied.identity, flow, DEFAULT_DENY, DROP_REASON, child_id
+                DecisionKind.DROP, Action.DENY, applied.identity, flow_of(header), DEFAULT_DENY, DROP_REASON, child_id
             )
             self.decisions.record(event)
             sampled[child_id] = sampled.get(child_id, 0) + 1
-        for child_id, total in denied.items():
-            delta = total - self._denied_seen.get(child_id, 0)
-            self._denied_seen[child_id] = total
-            rest = delta - sampled.get(child_id, 0)
-            applied = self.applied.get(child_id)
-            if rest > 0 and applied is not None:
-                event = DecisionEvent(
-                    DecisionKind.DROP, Action.DENY, applied.identity, None, DEFAULT_DENY, DROP_REASON, child_id
-                )
-                self.decisions.record(event, rest)
+        for reason, counts in ((DROP_REASON, drops.denied), (OUTSIDE_REASON, drops.outside_selectors)):
+            for child_id, total in counts.items():
+                delta = total - self._seen.get((reason, child_id), 0)
+                self._seen[(reason, child_id)] = total
+                if reason == DROP_REASON:
+                    delta -= sampled.get(child_id, 0)
+                applied = self.applied.get(child_id)
+                if delta > 0 and applied is not None:
+                    event = DecisionEvent(
+                        DecisionKind.DROP, Action.DENY, applied.identity, None, DEFAULT_DENY, reason, child_id
+                    )
+                    self.decisions.record(event, delta)

@@ -44,6 +44,7 @@ from esplanade.dataplane.backend import (
     DataplaneError,
     DataplaneEvent,
     DataplaneEventKind,
+    FilterDrops,
     InvalidArgument,
     NotFound,
     SaCounters,
@@ -432,21 +433,22 @@ class UserspaceBackend:
             if not reply.get("ok"):
                 raise InvalidArgument(f"filter of Child SA {child_sa_id!r} refused: {reply.get('error')}")
 
-    async def identity_filter_drops(self) -> tuple[dict[str, int], list[tuple[str, bytes]]]:
-        """Packets the identity filters denied: per Child SA (cumulative while it is installed),
-        and (Child SA, packet header) samples of denied packets since the last call."""
-        denied: dict[str, int] = {}
-        samples: list[tuple[str, bytes]] = []
+    async def identity_filter_drops(self) -> FilterDrops:
+        """Packets the identity filters denied and packets outside an SA's selectors, per Child SA
+        (cumulative while it is installed), and (Child SA, packet header) samples of denied packets
+        since the last call."""
+        drops = FilterDrops()
         for channel in self._channels:
             try:
                 reply = await channel.request({"op": "filter_drops"})
             except WorkerGone:
                 continue
-            for child_sa, count in dict(reply.get("denied", {})).items():
-                denied[str(child_sa)] = denied.get(str(child_sa), 0) + int(count)
+            for field_name, into in (("denied", drops.denied), ("outside_selectors", drops.outside_selectors)):
+                for child_sa, count in dict(reply.get(field_name, {})).items():
+                    into[str(child_sa)] = into.get(str(child_sa), 0) + int(count)
             for child_sa, header in reply.get("samples", []):
-                samples.append((str(child_sa), bytes.fromhex(str(header))))
-        return denied, samples
+                drops.samples.append((str(child_sa), bytes.fromhex(str(header))))
+        return drops
 
     def _refresh_routes(self, record: ChildSaRecord | None, child_sa_id: str = "") -> None:
         if self.routes is None:

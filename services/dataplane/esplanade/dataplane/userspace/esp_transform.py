@@ -877,15 +877,19 @@ class EspTransform:
         return {"ok": True}
 
     def _op_filter_drops(self, message: dict[str, Any], now: float) -> dict[str, object]:
-        """Packets the identity filters denied: per Child SA (cumulative, SAs installed here) and
-        the headers of up to `MAX_DENIED_SAMPLES` denied packets since the last call (Python lanes;
-        the compiled lane counts only)."""
+        """Packets the identity filters denied and packets outside the SA's selectors: per Child SA
+        (cumulative, SAs installed here), and the headers of up to `MAX_DENIED_SAMPLES` packets
+        denied since the last call (Python lanes; the compiled lane counts only)."""
         denied: dict[str, int] = {}
+        outside: dict[str, int] = {}
         compiled_filters = self.compiled.filters if self.compiled is not None else {}
         by_spi: dict[int, str] = {}
         for child in self.children.values():
             spi = child.inbound.spi
             by_spi[spi] = child.id
+            mismatch = child.inbound.counters.drops.get(DropReason.POLICY_MISMATCH, 0)
+            if mismatch:
+                outside[child.id] = mismatch
             count = self._denied_by_spi.get(spi, 0)
             identity = compiled_filters.get(spi)
             if identity is not None:
@@ -894,7 +898,7 @@ class EspTransform:
                 denied[child.id] = count
         samples = [[by_spi[spi], header.hex()] for spi, header in self._denied_samples if spi in by_spi]
         self._denied_samples = []
-        return {"ok": True, "denied": denied, "samples": samples}
+        return {"ok": True, "denied": denied, "outside_selectors": outside, "samples": samples}
 
     def _op_remove_sa(self, message: dict[str, Any], now: float) -> dict[str, object]:
         child_sa = str(message["child_sa"])
