@@ -55,8 +55,8 @@ FlowKey = tuple[DecisionKind, Action, str, int, str, str, int]
 
 def flow_key(event: DecisionEvent) -> FlowKey:
     f = event.flow
-    if f is None:
-        return (event.kind, event.action, event.identity, -1, event.child_sa, "", 0)
+    if f is None:  # unsampled: one flow per SA and reason
+        return (event.kind, event.action, event.identity, -1, event.child_sa, event.reason, 0)
     return (event.kind, event.action, event.identity, f.protocol, str(f.src), str(f.dst), f.dst_port)
 
 
@@ -84,7 +84,12 @@ class LogRecord:
         if self.event is None:
             return f"{self.count} events of other flows in the last {self.at - self.first_seen:g}s"
         e = self.event
-        flow = str(e.flow) if e.flow is not None else f"(unsampled, Child SA {e.child_sa})"
+        if e.flow is not None:
+            flow = str(e.flow) + (f" via {e.child_sa}" if e.child_sa else "")
+        elif e.kind == DecisionKind.DROP:
+            flow = f"via {e.child_sa} (flow not sampled)"
+        else:
+            flow = f"via {e.child_sa}"
         if not self.aggregated:
             return f"{e.kind.value} {e.action.value} {e.identity} {flow} rule={e.rule}: {e.reason}"
         span = self.at - self.first_seen
