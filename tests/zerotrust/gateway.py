@@ -28,6 +28,12 @@ from tests.keyexchange.service.sites import REPO, Site, nsx, sh
 
 GW_WAN = "198.18.61.1"
 PRIVATE = "10.60.0.0/16"
+EDGE_NET = "10.70.0.0/24"  # the connector's private network
+APP = "10.70.0.5"  # a resource only the connector fronts
+APP_NS = "zt-app"
+CONNECTOR_WAN = "198.18.61.30"
+CONNECTOR_ID = "edge.corp.test"
+REACHABLE = f"{PRIVATE},{EDGE_NET}"
 POOL = "10.61.0.0/28"
 RES_NS = "zt-res"
 WEB, CRM = "10.60.1.10", "10.60.1.11"  # neighbours in one subnet
@@ -40,6 +46,7 @@ POLICY_YAML = f"""
 version: 1
 sites:
   - {{id: hq, networks: [{PRIVATE}]}}
+  - {{id: edge, networks: [{EDGE_NET}], description: "connector: dials out only"}}
 groups:
   - {{id: eng}}
   - {{id: sales}}
@@ -49,7 +56,9 @@ identities:
 resources:
   - {{id: web, destination: {WEB}, protocol: tcp, ports: [8443], site: hq}}
   - {{id: crm, destination: {CRM}, protocol: tcp, ports: [9000], site: hq}}
+  - {{id: app, destination: {APP}, protocol: tcp, ports: [17000], site: edge}}
 rules:
+  - {{id: eng-app, groups: [eng], resources: [app]}}
   - {{id: eng-web, groups: [eng], resources: [web]}}
   - {{id: sales-crm, groups: [sales], resources: [crm]}}
 """
@@ -135,8 +144,83 @@ def gateway_connection() -> dict[str, Any]:
         "pools": ["users"],
         "encap": True,
         "proposals": ["aes256gcm16-prfsha256-ecp256"],
-        "children": {"net": {"local_ts": PRIVATE, "esp_proposals": ["aes256gcm16"]}},
+        "children": {"net": {"local_ts": REACHABLE, "esp_proposals": ["aes256gcm16"]}},
     }
+
+
+def gateway_connector_connection() -> dict[str, Any]:
+    """The gateway's side of the connector's uplink: it only ever answers (no remote to dial)."""
+    return {
+        "local_addrs": [GW_WAN],
+        "remote_addrs": [CONNECTOR_WAN],
+        "local": {"auth": "psk", "id": GW_ID},
+        "remote": {"auth": "psk", "id": CONNECTOR_ID},
+        "psk": PSK,
+        "encap": True,
+        "proposals": ["aes256gcm16-prfsha256-ecp256"],
+        "children": {"net": {"local_ts": POOL, "remote_ts": EDGE_NET, "esp_proposals": ["aes256gcm16"]}},
+    }
+
+
+def connector_uplink() -> dict[str, Any]:
+    """The connector dials out to the gateway (IKE initiator) and carries its network to the users."""
+    return {
+        "local_addrs": [CONNECTOR_WAN],
+        "remote_addrs": [GW_WAN],
+        "local": {"auth": "psk", "id": CONNECTOR_ID},
+        "remote": {"auth": "psk", "id": GW_ID},
+        "psk": PSK,
+        "encap": True,
+        "proposals": ["aes256gcm16-prfsha256-ecp256"],
+        "children": {"net": {"local_ts": EDGE_NET, "remote_ts": POOL, "esp_proposals": ["aes256gcm16"]}},
+    }
+
+
+class Connector(Site):
+    """An Esplanade site (dataplane + keyexchange) that fronts `APP` and accepts nothing inbound:
+    its namespace's firewall drops every new inbound connection (only replies to what it sent,
+    and the test's management link, get in)."""
+
+    FIREWALL = """
+table inet connector {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        ct state established,related accept
+        iif "lo" accept
+        iifname "mgmt0" accept
+    }
+}
+"""
+
+    def __init__(self, base: Path) -> None:
+        super().__init__("zt-conn", 62, CONNECTOR_WAN, "10.70.0.1", base)
+
+    def build(self) -> None:
+        self.create_netns()
+        nsx(self.ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        nsx(self.ns, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0")
+        sh("ip", "link", "add", "wan0", "netns", self.ns, "type", "veth", "peer", "name", "ztc0", "netns", "zt-gw")
+        nsx(self.ns, "ip", "addr", "add", f"{self.wan_ip}/24", "dev", "wan0")
+        nsx(self.ns, "ip", "link", "set", "wan0", "up")
+        nsx("zt-gw", "ip", "link", "set", "ztc0", "master", "ztbr0")
+        nsx("zt-gw", "ip", "link", "set", "ztc0", "up")
+        sh("ip", "netns", "del", APP_NS, check=False)
+        sh("ip", "netns", "add", APP_NS)
+        nsx(APP_NS, "ip", "link", "set", "lo", "up")
+        nsx(APP_NS, "ip", "addr", "add", f"{APP}/32", "dev", "lo")
+        sh("ip", "link", "add", "lan0", "netns", APP_NS, "type", "veth", "peer", "name", "ztapp0", "netns", self.ns)
+        nsx(APP_NS, "ip", "addr", "add", "10.70.255.2/30", "dev", "lan0")
+        nsx(APP_NS, "ip", "link", "set", "lan0", "up")
+        nsx(APP_NS, "ip", "route", "add", POOL, "via", "10.70.255.1")
+        nsx(self.ns, "ip", "addr", "add", "10.70.255.1/30", "dev", "ztapp0")
+        nsx(self.ns, "ip", "link", "set", "ztapp0", "up")
+        nsx(self.ns, "ip", "route", "add", f"{APP}/32", "via", "10.70.255.2")
+        subprocess.run(["ip", "netns", "exec", self.ns, "nft", "-f", "-"], input=self.FIREWALL, text=True, check=True)
+
+    def destroy(self) -> None:
+        self.stop()
+        sh("ip", "netns", "del", APP_NS, check=False)
+        self.delete_netns()
 
 
 class RemoteUser:
@@ -179,7 +263,7 @@ class RemoteUser:
         }}
         children {{
             net {{
-                remote_ts = {PRIVATE}
+                remote_ts = {REACHABLE}
                 esp_proposals = aes256gcm16
                 mode = tunnel
                 start_action = none
@@ -286,29 +370,28 @@ def stamped_sender(
     )
 
 
-def tcp_reaches(user: RemoteUser, src: str, addr: str, port: int, timeout: float = 2.0) -> bool:
-    """Can `user` open a TCP connection from `src` to addr:port (a listener is up there)?"""
+def tcp_reaches(who: RemoteUser | str, src: str, addr: str, port: int, timeout: float = 2.0) -> bool:
+    """Can a user (or a namespace) open a TCP connection from `src` ("": any) to addr:port?"""
     code = (
         "import socket,sys\n"
         f"s=socket.socket(); s.settimeout({timeout}); s.bind(('{src}',0))\n"
         f"sys.exit(0 if s.connect_ex(('{addr}',{port}))==0 else 1)\n"
     )
-    r = nsx(user.ns, sys.executable, "-c", code, check=False, timeout=timeout + 10)
+    ns = who if isinstance(who, str) else who.ns
+    r = nsx(ns, sys.executable, "-c", code, check=False, timeout=timeout + 10)
     return r.returncode == 0
 
 
 class Listener:
     """A TCP listener in the resource namespace that accepts anything (for reachability probes)."""
 
-    def __init__(self, addr: str, port: int) -> None:
+    def __init__(self, addr: str, port: int, ns: str = RES_NS) -> None:
         code = (
             "import socket,time\n"
             f"s=socket.create_server(('{addr}',{port})); print('up',flush=True)\n"
             "while True:\n    c,_=s.accept(); c.close()\n"
         )
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", RES_NS, sys.executable, "-c", code], stdout=subprocess.PIPE
-        )
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", code], stdout=subprocess.PIPE)
         assert self.proc.stdout is not None
         self.proc.stdout.readline()
 

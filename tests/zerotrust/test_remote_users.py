@@ -20,20 +20,28 @@ from esplanade.journal.audit import AuditLog
 from esplanade.store import schema
 from esplanade.store.embedded import EmbeddedStore
 from esplanade.store.sealing import Keyring, Sealer
+from esplanade.v1 import keyexchange_pb2 as kx
 from tests.conditions import wait_until
 from tests.keyexchange.esp_tunnel import EspState
-from tests.keyexchange.service.sites import nsx
+from tests.keyexchange.service.sites import DP_PORT, KX_PORT, nsx
 from tests.zerotrust.gateway import (
+    APP,
+    APP_NS,
+    CONNECTOR_WAN,
     CRM,
+    EDGE_NET,
     POLICY_YAML,
     POOL,
     WEB,
+    Connector,
     Gateway,
     Listener,
     RemoteUser,
     StampedServer,
     build_network,
+    connector_uplink,
     gateway_connection,
+    gateway_connector_connection,
     stamped_sender,
     tcp_reaches,
     teardown_network,
@@ -47,6 +55,7 @@ class Bed:
     gw: Gateway
     alice: RemoteUser
     bob: RemoteUser
+    connector: Connector
     base: Path
 
 
@@ -56,25 +65,36 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     gw = Gateway(base / "gw")
     alice = RemoteUser("u1", 1, "alice@corp.test", base)
     bob = RemoteUser("u2", 2, "bob@corp.test", base)
+    connector = Connector(base / "connector")
     try:
         build_network(gw)
         for user in (alice, bob):
             user.create()
+        connector.build()
         gw.start_dataplane()
         nsx(gw.ns, "ip", "route", "add", POOL, "dev", "esp0", "src", gw.inner_ip)
+        nsx(gw.ns, "ip", "route", "add", EDGE_NET, "dev", "esp0", "src", gw.inner_ip)
         gw.start_policy()
         gw.apply_policy(POLICY_YAML)
         wait_until(lambda: gw.compiled("alice") and gw.compiled("bob"), timeout=10, what="compiled policy")
         gw.start_keyexchange()
         gw.load_pool("users", {"addrs": POOL})
         gw.load("rw", gateway_connection())
+        gw.load("edge", gateway_connector_connection())
+        connector.start_dataplane()
+        nsx(connector.ns, "ip", "route", "add", POOL, "dev", "esp0", "src", connector.inner_ip)
+        connector.start_keyexchange()
+        connector.load("uplink", connector_uplink())
+        connector.kx_stub().Initiate(kx.InitiateRequest(connection="uplink"))
+        wait_until(lambda: gw.established("edge") and connector.established("uplink"), timeout=20, what="uplink")
         for user in (alice, bob):
             user.connect()
         wait_until(lambda: len(gw.established("rw")) == 2, timeout=20, what="both users up")
-        yield Bed(gw, alice, bob, base)
+        yield Bed(gw, alice, bob, connector, base)
     finally:
         for user in (alice, bob):
             user.destroy()
+        connector.destroy()
         gw.stop()
         teardown_network(gw)
 
@@ -83,12 +103,15 @@ def test_each_user_gets_a_virtual_ip_and_only_its_routes(bed: Bed) -> None:
     alice_ip, bob_ip = bed.alice.virtual_ip(), bed.bob.virtual_ip()
     assert alice_ip != bob_ip
     # narrowed by the gateway to the identity's compiled selectors (the client asked for 10.60.0.0/16)
-    assert f"{WEB}/32[tcp/8443]" in bed.alice.sas() and "10.60.0.0/16" not in bed.alice.sas()
-    assert f"{CRM}/32[tcp/9000]" in bed.bob.sas() and "10.60.0.0/16" not in bed.bob.sas()
-    assert bed.alice.tunnel_routes() == [WEB]
+    alice_sas, bob_sas = bed.alice.sas(), bed.bob.sas()
+    assert f"{WEB}/32[tcp/8443]" in alice_sas and f"{APP}/32[tcp/17000]" in alice_sas
+    assert f"{CRM}/32[tcp/9000]" in bob_sas
+    for wide in ("10.60.0.0/16", EDGE_NET):
+        assert wide not in alice_sas and wide not in bob_sas
+    assert bed.alice.tunnel_routes() == [WEB, APP]
     assert bed.bob.tunnel_routes() == [CRM]
     connects = decision_lines(bed.gw.kx_log, "connect allow")
-    assert any(" alice " in line and "eng-web" in line for line in connects), connects
+    assert any(" alice " in line and "eng-app,eng-web" in line for line in connects), connects
     assert any(" bob " in line and "sales-crm" in line for line in connects), connects
 
 
@@ -144,6 +167,37 @@ def test_revoking_the_rule_cuts_the_live_session_within_a_second(bed: Bed) -> No
         sender.kill()
         server.stop()
         gw.put_rule({"id": "eng-web", "groups": ["eng"], "resources": ["web"]})
+
+
+def test_a_connector_fronts_a_resource_and_accepts_no_inbound_connection(bed: Bed) -> None:
+    gw, connector = bed.gw, bed.connector
+    # the connector dialled out: it is the IKE initiator of its uplink, the gateway the responder
+    assert connector.established("uplink")[0].initiator
+    assert not gw.established("edge")[0].initiator
+    app = Listener(APP, 17000, ns=APP_NS)
+    try:
+        assert tcp_reaches(bed.alice, bed.alice.virtual_ip(), APP, 17000)  # eng may reach it, through the connector
+        assert not tcp_reaches(bed.bob, bed.bob.virtual_ip(), APP, 17000)  # sales may not
+    finally:
+        app.stop()
+    # Nothing gets into the connector from outside, though it has listening sockets on every
+    # address (its services' gRPC, and one more opened for this test).
+    exposed = Listener("0.0.0.0", 7001, ns=connector.ns)
+    try:
+        ports = listening_ports(connector.ns)
+        assert {KX_PORT, DP_PORT, 7001} <= ports
+        assert tcp_reaches(connector.ns, "", "127.0.0.1", 7001)  # the listener does accept, locally
+        for where in (gw.ns, bed.alice.ns):
+            for port in sorted(ports):
+                assert not tcp_reaches(where, "", CONNECTOR_WAN, port, timeout=0.5), f"{where} -> connector:{port}"
+        assert nsx(gw.ns, "ping", "-c", "1", "-W", "1", CONNECTOR_WAN, check=False).returncode != 0
+    finally:
+        exposed.stop()
+
+
+def listening_ports(ns: str) -> set[int]:
+    out = nsx(ns, "ss", "-Htln").stdout
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
 
 
 def test_traffic_a_client_sends_outside_its_grant_is_dropped_and_logged(bed: Bed) -> None:

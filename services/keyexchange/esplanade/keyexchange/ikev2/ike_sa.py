@@ -768,7 +768,13 @@ class IkeSa:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def select_config_for(self, peer: Identity) -> None:
-        """Responder: switch to the candidate connection whose remote identity fits the peer."""
+        """Responder: switch to the candidate connection whose remote identity fits the peer; one
+        that names the peer exactly wins over a `%any` one (a site's connector is not a remote user)."""
+        candidates = (self.config, *(c for c in self.candidate_configs if c is not self.config))
+        exact = next((c for c in candidates if not c.remote.id.is_any and c.remote.id.matches(peer)), None)
+        if exact is not None:
+            self.config = exact
+            return
         if self.config.remote.id.matches(peer):
             return
         for cfg in self.candidate_configs:
