@@ -10,18 +10,27 @@ embedded store), a private network behind it, strongSwan remote users on a share
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
 
+from esplanade.ipsec.sa import ChildSaRecord
+from esplanade.store import schema
+from esplanade.store.embedded import EmbeddedStore
+from esplanade.store.sealing import Keyring, Sealer
 from esplanade.v1 import dataplane_pb2, policy_pb2, policy_pb2_grpc
+from esplanade.v1 import keyexchange_pb2 as kx
 from tests.conditions import wait_until
 from tests.keyexchange import interop as ix
 from tests.keyexchange.service.sites import REPO, Site, nsx, sh
@@ -50,9 +59,11 @@ sites:
 groups:
   - {{id: eng}}
   - {{id: sales}}
+  - {{id: contractors}}
 identities:
   - {{id: alice, ike_ids: ["email:alice@corp.test"], groups: [eng]}}
   - {{id: bob, ike_ids: ["email:bob@corp.test"], groups: [sales]}}
+  - {{id: carol, ike_ids: ["email:carol@corp.test"], groups: [contractors]}}
 resources:
   - {{id: web, destination: {WEB}, protocol: tcp, ports: [8443], site: hq}}
   - {{id: crm, destination: {CRM}, protocol: tcp, ports: [9000], site: hq}}
@@ -243,7 +254,7 @@ class RemoteUser:
         nsx("zt-gw", "ip", "link", "set", self.veth, "master", "ztbr0")
         nsx("zt-gw", "ip", "link", "set", self.veth, "up")
 
-    def connect(self) -> None:
+    def connect(self, check: bool = True) -> None:
         self.charon.start(log_level=2)
         conn = f"""
     rw {{
@@ -278,7 +289,7 @@ class RemoteUser:
         secret = "{PSK}"
     }}"""
         self.charon.load(conn, secrets)
-        self.charon.swanctl("--initiate", "--child", "net", "--ike", "rw", "--timeout", "30", timeout=40)
+        self.charon.swanctl("--initiate", "--child", "net", "--ike", "rw", "--timeout", "30", timeout=40, check=check)
 
     def sas(self) -> str:
         return self.charon.swanctl("--list-sas", check=False)
@@ -398,3 +409,120 @@ class Listener:
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait(5)
+
+
+@dataclass
+class Bed:
+    gw: Gateway
+    alice: RemoteUser  # eng
+    bob: RemoteUser  # sales
+    carol: RemoteUser  # contractors: granted nothing, her Child SA is refused
+    connector: Connector | None
+    base: Path
+
+
+@contextlib.contextmanager
+def zero_trust_bed(base: Path, with_connector: bool = True) -> Iterator[Bed]:
+    """The gateway with the policy applied, the connector's uplink up (optional), alice and bob
+    connected and carol refused."""
+    gw = Gateway(base / "gw")
+    alice = RemoteUser("u1", 1, "alice@corp.test", base)
+    bob = RemoteUser("u2", 2, "bob@corp.test", base)
+    carol = RemoteUser("u3", 3, "carol@corp.test", base)
+    users = (alice, bob, carol)
+    connector = Connector(base / "connector") if with_connector else None
+    try:
+        build_network(gw)
+        for user in users:
+            user.create()
+        if connector is not None:
+            connector.build()
+        gw.start_dataplane()
+        nsx(gw.ns, "ip", "route", "add", POOL, "dev", "esp0", "src", gw.inner_ip)
+        nsx(gw.ns, "ip", "route", "add", EDGE_NET, "dev", "esp0", "src", gw.inner_ip)
+        gw.start_policy()
+        gw.apply_policy(POLICY_YAML)
+        wait_until(lambda: gw.compiled("alice") and gw.compiled("bob"), timeout=10, what="compiled policy")
+        gw.start_keyexchange()
+        gw.load_pool("users", {"addrs": POOL})
+        gw.load("rw", gateway_connection())
+        if connector is not None:
+            gw.load("edge", gateway_connector_connection())
+            connector.start_dataplane()
+            nsx(connector.ns, "ip", "route", "add", POOL, "dev", "esp0", "src", connector.inner_ip)
+            connector.start_keyexchange()
+            connector.load("uplink", connector_uplink())
+            connector.kx_stub().Initiate(kx.InitiateRequest(connection="uplink"))
+            wait_until(lambda: gw.established("edge") and connector.established("uplink"), timeout=20, what="uplink")
+        for user in (alice, bob):
+            user.connect()
+        carol.connect(check=False)
+        wait_until(lambda: len(gw.established("rw")) == 2, timeout=20, what="alice and bob up")
+        yield Bed(gw, alice, bob, carol, connector, base)
+    finally:
+        for user in users:
+            user.destroy()
+        if connector is not None:
+            connector.destroy()
+        gw.stop()
+        teardown_network(gw)
+
+
+def decision_lines(path: Path, kind: str) -> list[str]:
+    return [
+        line for line in path.read_text(errors="replace").splitlines() if "esplanade.decisions" in line and kind in line
+    ]
+
+
+def gateway_record(gw: Gateway, identity: str) -> ChildSaRecord:
+    sealer = Sealer(Keyring.parse(gw.kek, "gw kek"))
+
+    async def read() -> ChildSaRecord:
+        store = EmbeddedStore(gw.store_path)
+        await store.connect()
+        try:
+            kvs, _ = await store.range(schema.prefix("sas", "child"))
+            for kv in kvs:
+                rec = ChildSaRecord.from_document(json.loads(kv.value), sealer.bind(kv.key).open)
+                if rec.identity == identity:
+                    return rec
+            raise AssertionError(f"no Child SA of {identity}")
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def send_esp(user: RemoteUser, record: ChildSaRecord, datagrams: list[bytes]) -> None:
+    encap = record.inbound.encap
+    assert encap is not None
+    hexes = [d.hex() for d in datagrams]
+    code = (
+        "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        f"for h in {hexes!r}: s.sendto(bytes.fromhex(h), ('{record.inbound.dst}', {encap.dst_port}))\n"
+    )
+    nsx(user.ns, "python3", "-c", code)
+
+
+def tcp_syn(src: str, dst: str, dport: int) -> bytes:
+    tcp = bytearray((40000).to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes(8) + b"\x50\x02\xff\xff" + bytes(4))
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + b"\x00\x06" + len(tcp).to_bytes(2, "big")
+    tcp[16:18] = checksum(pseudo + bytes(tcp)).to_bytes(2, "big")
+    hdr = bytearray(
+        b"\x45\x00"
+        + (20 + len(tcp)).to_bytes(2, "big")
+        + b"\x00\x01\x00\x00\x40\x06\x00\x00"
+        + socket.inet_aton(src)
+        + socket.inet_aton(dst)
+    )
+    hdr[10:12] = checksum(bytes(hdr)).to_bytes(2, "big")
+    return bytes(hdr) + bytes(tcp)
+
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\x00"
+    s = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF

@@ -5,22 +5,13 @@ revoking a rule cuts a live TCP session within a second, with an audit record.""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from esplanade.ipsec.sa import ChildSaRecord
 from esplanade.journal.audit import AuditLog
-from esplanade.store import schema
-from esplanade.store.embedded import EmbeddedStore
-from esplanade.store.sealing import Keyring, Sealer
-from esplanade.v1 import keyexchange_pb2 as kx
 from tests.conditions import wait_until
 from tests.keyexchange.esp_tunnel import EspState
 from tests.keyexchange.service.sites import DP_PORT, KX_PORT, nsx
@@ -30,73 +21,26 @@ from tests.zerotrust.gateway import (
     CONNECTOR_WAN,
     CRM,
     EDGE_NET,
-    POLICY_YAML,
-    POOL,
     WEB,
-    Connector,
-    Gateway,
+    Bed,
     Listener,
-    RemoteUser,
     StampedServer,
-    build_network,
-    connector_uplink,
-    gateway_connection,
-    gateway_connector_connection,
+    decision_lines,
+    gateway_record,
+    send_esp,
     stamped_sender,
     tcp_reaches,
-    teardown_network,
+    tcp_syn,
+    zero_trust_bed,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.strongswan]
 
 
-@dataclass
-class Bed:
-    gw: Gateway
-    alice: RemoteUser
-    bob: RemoteUser
-    connector: Connector
-    base: Path
-
-
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    base = tmp_path_factory.mktemp("zt")
-    gw = Gateway(base / "gw")
-    alice = RemoteUser("u1", 1, "alice@corp.test", base)
-    bob = RemoteUser("u2", 2, "bob@corp.test", base)
-    connector = Connector(base / "connector")
-    try:
-        build_network(gw)
-        for user in (alice, bob):
-            user.create()
-        connector.build()
-        gw.start_dataplane()
-        nsx(gw.ns, "ip", "route", "add", POOL, "dev", "esp0", "src", gw.inner_ip)
-        nsx(gw.ns, "ip", "route", "add", EDGE_NET, "dev", "esp0", "src", gw.inner_ip)
-        gw.start_policy()
-        gw.apply_policy(POLICY_YAML)
-        wait_until(lambda: gw.compiled("alice") and gw.compiled("bob"), timeout=10, what="compiled policy")
-        gw.start_keyexchange()
-        gw.load_pool("users", {"addrs": POOL})
-        gw.load("rw", gateway_connection())
-        gw.load("edge", gateway_connector_connection())
-        connector.start_dataplane()
-        nsx(connector.ns, "ip", "route", "add", POOL, "dev", "esp0", "src", connector.inner_ip)
-        connector.start_keyexchange()
-        connector.load("uplink", connector_uplink())
-        connector.kx_stub().Initiate(kx.InitiateRequest(connection="uplink"))
-        wait_until(lambda: gw.established("edge") and connector.established("uplink"), timeout=20, what="uplink")
-        for user in (alice, bob):
-            user.connect()
-        wait_until(lambda: len(gw.established("rw")) == 2, timeout=20, what="both users up")
-        yield Bed(gw, alice, bob, connector, base)
-    finally:
-        for user in (alice, bob):
-            user.destroy()
-        connector.destroy()
-        gw.stop()
-        teardown_network(gw)
+    with zero_trust_bed(tmp_path_factory.mktemp("zt")) as opened:
+        yield opened
 
 
 def test_each_user_gets_a_virtual_ip_and_only_its_routes(bed: Bed) -> None:
@@ -113,6 +57,13 @@ def test_each_user_gets_a_virtual_ip_and_only_its_routes(bed: Bed) -> None:
     connects = decision_lines(bed.gw.kx_log, "connect allow")
     assert any(" alice " in line and "eng-app,eng-web" in line for line in connects), connects
     assert any(" bob " in line and "sales-crm" in line for line in connects), connects
+
+
+def test_a_user_granted_nothing_is_refused_at_setup_and_the_denial_logged(bed: Bed) -> None:
+    assert "INSTALLED" not in bed.carol.sas()  # no Child SA: the gateway answered TS_UNACCEPTABLE
+    assert "TS_UNACCEPTABLE" in bed.carol.charon.log_text()
+    denied = decision_lines(bed.gw.kx_log, "connect deny carol")
+    assert denied and "policy grants identity 'carol' nothing" in denied[0], denied
 
 
 def test_allowed_tcp_works_and_the_other_group_gets_a_different_set(bed: Bed) -> None:
@@ -227,64 +178,3 @@ def test_traffic_a_client_sends_outside_its_grant_is_dropped_and_logged(bed: Bed
         timeout=15,  # the first line of a flow comes at once, later ones per 10 s interval
         what="alice's drops in the decision log",
     )
-
-
-# -- helpers ---------------------------------------------------------------------------------------
-def decision_lines(path: Path, kind: str) -> list[str]:
-    return [
-        line for line in path.read_text(errors="replace").splitlines() if "esplanade.decisions" in line and kind in line
-    ]
-
-
-def gateway_record(gw: Gateway, identity: str) -> ChildSaRecord:
-    sealer = Sealer(Keyring.parse(gw.kek, "gw kek"))
-
-    async def read() -> ChildSaRecord:
-        store = EmbeddedStore(gw.store_path)
-        await store.connect()
-        try:
-            kvs, _ = await store.range(schema.prefix("sas", "child"))
-            for kv in kvs:
-                rec = ChildSaRecord.from_document(json.loads(kv.value), sealer.bind(kv.key).open)
-                if rec.identity == identity:
-                    return rec
-            raise AssertionError(f"no Child SA of {identity}")
-        finally:
-            await store.close()
-
-    return asyncio.run(read())
-
-
-def send_esp(user: RemoteUser, record: ChildSaRecord, datagrams: list[bytes]) -> None:
-    encap = record.inbound.encap
-    assert encap is not None
-    hexes = [d.hex() for d in datagrams]
-    code = (
-        "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-        f"for h in {hexes!r}: s.sendto(bytes.fromhex(h), ('{record.inbound.dst}', {encap.dst_port}))\n"
-    )
-    nsx(user.ns, "python3", "-c", code)
-
-
-def tcp_syn(src: str, dst: str, dport: int) -> bytes:
-    tcp = bytearray((40000).to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes(8) + b"\x50\x02\xff\xff" + bytes(4))
-    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + b"\x00\x06" + len(tcp).to_bytes(2, "big")
-    tcp[16:18] = checksum(pseudo + bytes(tcp)).to_bytes(2, "big")
-    hdr = bytearray(
-        b"\x45\x00"
-        + (20 + len(tcp)).to_bytes(2, "big")
-        + b"\x00\x01\x00\x00\x40\x06\x00\x00"
-        + socket.inet_aton(src)
-        + socket.inet_aton(dst)
-    )
-    hdr[10:12] = checksum(bytes(hdr)).to_bytes(2, "big")
-    return bytes(hdr) + bytes(tcp)
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\x00"
-    s = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
