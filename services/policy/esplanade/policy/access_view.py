@@ -166,15 +166,18 @@ class AccessView:
         return self.table.lookup(peer_identity)
 
     async def run(self) -> None:
+        """Follow the store for good: a store error (connection lost) reloads everything."""
         delay = 0.1
         while True:
             try:
-                kvs, revision = await self.store.range(POLICY_PREFIX)
-                break
+                await self._follow()
             except StoreError as exc:
-                log.warning("policy not readable yet (%s); retrying", exc)
+                log.warning("policy watch interrupted (%s); reloading", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    async def _follow(self) -> None:
+        kvs, revision = await self.store.range(POLICY_PREFIX)
         await self._notify(self.table.load(kvs))
         self.table.revision = revision
         self.ready.set()
