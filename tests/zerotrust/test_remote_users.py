@@ -53,6 +53,9 @@ def test_each_user_gets_a_virtual_ip_and_only_its_routes(bed: Bed) -> None:
         assert wide not in alice_sas and wide not in bob_sas
     assert bed.alice.tunnel_routes() == [WEB, APP]
     assert bed.bob.tunnel_routes() == [CRM]
+    # the configuration reply: the virtual IP and one INTERNAL_IP4_SUBNET per granted route
+    assert "CPRP(ADDR SUBNET SUBNET)" in bed.alice.charon.log_text()
+    assert "CPRP(ADDR SUBNET)" in bed.bob.charon.log_text()
     connects = decision_lines(bed.gw.kx_log, "connect allow")
     assert any(" alice " in line and "eng-app,eng-web" in line for line in connects), connects
     assert any(" bob " in line and "sales-crm" in line for line in connects), connects
