@@ -108,7 +108,7 @@ def test_revoking_the_rule_cuts_the_live_session_within_a_second(bed: Bed) -> No
         assert removal and removal[-1]["actor"] == "security-team" and removal[-1]["before"]["groups"] == ["eng"]
         assert gw.drops().get("identity_filter", 0) > 0
         wait_until(
-            lambda: any("identity filter" in line and " alice " in line for line in decision_lines(gw.dp_log, "drop")),
+            lambda: [line for line in decision_lines(gw.dp_log, "drop deny alice tcp") if f"-> {WEB}:8443" in line],
             timeout=15,
             what="the cut session's drops logged",
         )

@@ -879,7 +879,7 @@ class EspTransform:
     def _op_filter_drops(self, message: dict[str, Any], now: float) -> dict[str, object]:
         """Packets the identity filters denied and packets outside the SA's selectors: per Child SA
         (cumulative, SAs installed here), and the headers of up to `MAX_DENIED_SAMPLES` packets
-        denied since the last call (Python lanes; the compiled lane counts only)."""
+        denied since the last call (Python lanes; the compiled lane keeps the last one per SA)."""
         denied: dict[str, int] = {}
         outside: dict[str, int] = {}
         compiled_filters = self.compiled.filters if self.compiled is not None else {}
@@ -894,6 +894,9 @@ class EspTransform:
             identity = compiled_filters.get(spi)
             if identity is not None:
                 count += identity.denied
+                head = identity.counts.take_denied()
+                if head is not None:  # the compiled lane keeps the last denied packet per SA
+                    self._denied_samples.append((spi, bytes(head)))
             if count:
                 denied[child.id] = count
         samples = [[by_spi[spi], header.hex()] for spi, header in self._denied_samples if spi in by_spi]
