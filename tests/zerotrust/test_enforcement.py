@@ -57,12 +57,20 @@ class FilteringBackend:
     def __init__(self) -> None:
         self.filters: dict[str, list[str] | None] = {}
         self.calls = 0
+        self.batches = 0
         self.denied: dict[str, int] = {}
         self.samples: list[tuple[str, bytes]] = []
 
     async def set_identity_filter(self, child_sa_id: str, selectors: list[TrafficSelector] | None) -> None:
         self.calls += 1
         self.filters[child_sa_id] = None if selectors is None else sorted(str(s) for s in selectors)
+
+    async def set_identity_filters(self, filters: dict[str, list[TrafficSelector] | None]) -> dict[str, str]:
+        """The batch form (the userspace backend's): one call for every SA a change touches."""
+        self.batches += 1
+        for child_sa_id, selectors in filters.items():
+            await self.set_identity_filter(child_sa_id, selectors)
+        return {}
 
     async def identity_filter_drops(self) -> FilterDrops:
         samples, self.samples = self.samples, []
@@ -106,16 +114,20 @@ async def test_filters_follow_the_policy_on_live_sas(store: Store) -> None:
     try:
         await asyncio.wait_for(view.ready.wait(), 5)
         await enforcer.on_installed(peer("a1", 0x1000, "alice@corp.test"))
+        await enforcer.on_installed(peer("a2", 0x1100, "alice@corp.test"))  # a second device or rekey
         await enforcer.on_installed(peer("b1", 0x2000, "bob.corp.test"))
         await enforcer.on_installed(peer("s1", 0x3000, "site-b.corp.test"))  # not a policy identity
-        assert backend.filters == {"a1": ["10.50.1.10/32[tcp/443]"], "b1": ["10.50.2.20/32[tcp/8080]"]}
+        web, crm = ["10.50.1.10/32[tcp/443]"], ["10.50.2.20/32[tcp/8080]"]
+        assert backend.filters == {"a1": web, "a2": web, "b1": crm}
 
-        # eng loses its rule: alice's live SA is cut to nothing; bob's is not touched
-        calls = backend.calls
+        # eng loses its rule: alice's live SAs are cut to nothing in one batch; bob's is not touched
+        calls, batches = backend.calls, backend.batches
         await write_policy(store, POLICY.replace("  - {id: eng-web, groups: [eng], resources: [web]}\n", ""))
-        await async_wait_until(holds(lambda: backend.filters["a1"] == []), timeout=5, what="alice's filter emptied")
-        assert backend.filters["b1"] == ["10.50.2.20/32[tcp/8080]"]
-        assert backend.calls == calls + 1
+        await async_wait_until(
+            holds(lambda: backend.filters["a1"] == backend.filters["a2"] == []), timeout=5, what="alice cut"
+        )
+        assert backend.filters["b1"] == crm
+        assert (backend.calls, backend.batches) == (calls + 2, batches + 1)
 
         # eng is granted web and crm: the live SA widens again
         await write_policy(store, POLICY.replace("resources: [web]}", "resources: [web, crm]}"))

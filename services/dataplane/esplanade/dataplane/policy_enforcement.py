@@ -125,48 +125,68 @@ class PolicyEnforcer:
     # -- policy changes ------------------------------------------------------------------
     async def on_access_changed(self, identities: set[str]) -> None:
         async with self._lock:
+            affected = []
             for record in list(self.records.values()):
                 applied = self.applied.get(record.id)
                 access = self.view.lookup(record.identity)
                 now_identity = access.identity if access is not None else None
                 if now_identity in identities or (applied is not None and applied.identity in identities):
-                    await self._apply(record)
+                    affected.append(record)
+            await self._apply_many(affected)
 
     async def _apply(self, record: ChildSaRecord) -> None:
-        if self.backend is None:
+        await self._apply_many([record])
+
+    async def _apply_many(self, records: list[ChildSaRecord]) -> None:
+        """Bring the SAs' filters up to date: one batch to the backend when it takes batches."""
+        if self.backend is None or not records:
             return
-        access = self.view.lookup(record.identity)
-        current = self.applied.get(record.id)
-        if access is None:
-            if current is None:
-                return
-            wanted: list[TrafficSelector] | None = None
-            applied = None
-        else:
-            selectors, timed = filter_selectors(access, record, self.wall_clock())
-            texts = tuple(str(s) for s in selectors)
-            applied = AppliedFilter(access.identity, texts, timed)
-            if current == applied:
-                return
-            wanted = selectors
-        try:
-            await self.backend.set_identity_filter(record.id, wanted)
-        except DataplaneError as exc:
-            self.errors += 1
-            log.error("identity filter of Child SA %s not applied: %s", record.id, exc)
+        wall = self.wall_clock()
+        changes: dict[str, tuple[ChildSaRecord, AppliedFilter | None, list[TrafficSelector] | None]] = {}
+        for record in records:
+            access = self.view.lookup(record.identity)
+            current = self.applied.get(record.id)
+            if access is None:
+                if current is not None:
+                    changes[record.id] = (record, None, None)
+                continue
+            selectors, timed = filter_selectors(access, record, wall)
+            applied = AppliedFilter(access.identity, tuple(str(s) for s in selectors), timed)
+            if current != applied:
+                changes[record.id] = (record, applied, selectors)
+        if not changes:
             return
-        self.filter_updates += 1
-        if applied is None:
-            self.applied.pop(record.id, None)
+        errors: dict[str, str] = {}
+        batch = getattr(self.backend, "set_identity_filters", None)
+        if batch is not None:
+            try:
+                errors = await batch({child: wanted for child, (_, _, wanted) in changes.items()})
+            except DataplaneError as exc:
+                errors = dict.fromkeys(changes, str(exc))
         else:
-            self.applied[record.id] = applied
-            log.info(
-                "Child SA %s of %s (policy identity %s): filter of %d selectors",
-                record.id,
-                record.identity,
-                applied.identity,
-                len(applied.selectors),
-            )
+            for child, (_, _, wanted) in changes.items():
+                try:
+                    await self.backend.set_identity_filter(child, wanted)
+                except DataplaneError as exc:
+                    errors[child] = str(exc)
+        for child, (record, new, _) in changes.items():
+            if child in errors:
+                self.errors += 1
+                log.error("identity filter of Child SA %s not applied: %s", child, errors[child])
+                continue
+            self.filter_updates += 1
+            if new is None:
+                self.applied.pop(child, None)
+                log.info("Child SA %s of %s: no longer governed by policy (no filter)", child, record.identity)
+            else:
+                self.applied[child] = new
+                log.info(
+                    "Child SA %s of %s (policy identity %s): filter of %d selectors",
+                    child,
+                    record.identity,
+                    new.identity,
+                    len(new.selectors),
+                )
 
     # -- running -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -179,10 +199,8 @@ class PolicyEnforcer:
             wall = self.wall_clock()
             await asyncio.sleep(math.floor(wall / 60.0) * 60.0 + 60.0 - wall + 0.01)
             async with self._lock:
-                for child_id, applied in list(self.applied.items()):
-                    record = self.records.get(child_id)
-                    if applied.timed and record is not None:
-                        await self._apply(record)
+                timed = [self.records[c] for c, a in self.applied.items() if a.timed and c in self.records]
+                await self._apply_many(timed)
 
     async def _drops(self) -> None:
         while True:

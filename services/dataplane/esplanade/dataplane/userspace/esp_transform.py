@@ -876,6 +876,42 @@ class EspTransform:
         self._apply_filter(child.inbound, packet_filter)
         return {"ok": True}
 
+    def _op_set_filters(self, message: dict[str, Any], now: float) -> dict[str, object]:
+        """`set_filter` for many Child SAs: {"filters": [{"child_sa", "selectors"}, ...]}; SAs that
+        share a selector list share one parsed filter. Replies the per-SA errors (others applied)."""
+        filters = message.get("filters")
+        if not isinstance(filters, list):
+            return {"ok": False, "error": "filters: a list of {child_sa, selectors}"}
+        built: dict[tuple[str, ...], PacketFilter] = {}
+        errors: dict[str, str] = {}
+        for item in filters:
+            child_sa = str(item.get("child_sa", "")) if isinstance(item, dict) else ""
+            child = self.children.get(child_sa)
+            if child is None:
+                errors[child_sa] = f"Child SA {child_sa!r} is not installed here"
+                continue
+            texts = item.get("selectors")
+            packet_filter: PacketFilter | None = None
+            if texts is not None:
+                if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                    errors[child_sa] = "selectors: a list of traffic selector texts, or null"
+                    continue
+                key = tuple(texts)
+                if key not in built:
+                    try:
+                        built[key] = PacketFilter([TrafficSelector.parse(t) for t in texts])
+                    except ValueError as exc:
+                        errors[child_sa] = f"selectors: {exc}"
+                        continue
+                packet_filter = built[key]
+            spi = child.inbound.spi
+            if packet_filter is None:
+                self._filters.pop(spi, None)
+            else:
+                self._filters[spi] = packet_filter
+            self._apply_filter(child.inbound, packet_filter)
+        return {"ok": True, "errors": errors}
+
     def _op_filter_drops(self, message: dict[str, Any], now: float) -> dict[str, object]:
         """Packets the identity filters denied and packets outside the SA's selectors: per Child SA
         (cumulative, SAs installed here), and the headers of up to `MAX_DENIED_SAMPLES` packets
@@ -984,6 +1020,7 @@ class EspTransform:
         "counters": _op_counters,
         "set_filter": _op_set_filter,
         "filter_drops": _op_filter_drops,
+        "set_filters": _op_set_filters,
     }
 
 
