@@ -115,3 +115,37 @@ def test_counters_of_several_workers_add_up() -> None:
     meter.observe_counters([child], per_worker, now=1.0)
     meter.observe_counters([child], [SaCounters(0x101, "out", 5, 500), SaCounters(0x101, "out", 4, 400)], now=2.0)
     assert meter.totals[("conn", "out")] == [900, 9]
+
+
+def test_identity_filter_drops_become_denied_flows(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from esplanade.dataplane.flow_telemetry import FlowTelemetry
+    from esplanade.policy.decision_events import DecisionEvents
+    from esplanade.policy.decision_log import DecisionEvent, DecisionKind
+    from esplanade.policy.evaluator import Action, FiveTuple
+
+    log = FlowLog(tmp_path / "flows.db")
+    meter = FlowMeter(log, "n", idle_timeout=1)
+    reconciler = SimpleNamespace(installed={"c1": record("c1", 0x100)})
+    relay = SimpleNamespace(counters={})
+    telemetry = FlowTelemetry(cast(Any, None), cast(Any, reconciler), cast(Any, relay), meter, 1.0)
+    now = [0.0]
+    events = DecisionEvents("dataplane/n", clock=lambda: now[0])
+    events.subscribe(telemetry.on_decision)
+    flow = FiveTuple.parse("10.2.0.7", "10.1.0.9", 6, 40000, 5432)
+    for _ in range(3):
+        events.record(DecisionEvent(DecisionKind.DROP, Action.DENY, "peer", flow, "", "no rule grants it", "c1"))
+    now[0] = 3600.0  # the aggregation interval is over: the rest of the count comes out
+    events.flush()
+    meter.expire(everything=True)
+    (denied,) = log.query(equals={"decision": "deny"}).records
+    assert (denied["identity"], denied["connection"], denied["dst"], denied["dst_port"]) == (
+        "peer",
+        "conn",
+        "10.1.0.9",
+        5432,
+    )
+    assert denied["packets"] == 3 and denied["reason"] == "no rule grants it"
+    log.close()

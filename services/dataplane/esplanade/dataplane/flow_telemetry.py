@@ -17,10 +17,11 @@ from typing import Any
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from esplanade.dataplane.backend import DataplaneBackend
-from esplanade.dataplane.flow_meter import FlowMeter
+from esplanade.dataplane.flow_meter import FlowMeter, FlowSample
 from esplanade.dataplane.ike_relay import IkeRelay
 from esplanade.dataplane.reconciler import Reconciler
 from esplanade.journal.flow_log import FlowLog, FlowRecord
+from esplanade.policy.decision_log import LogRecord
 from esplanade.telemetry.metrics import meter
 from esplanade.v1 import dataplane_pb2
 
@@ -78,6 +79,33 @@ class FlowTelemetry:
 
     def _drops(self, _options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(n, {"reason": r}) for r, n in sorted(drop_counts(self.backend, self.relay).items())]
+
+    def on_decision(self, record: LogRecord) -> None:
+        """A decision event of the identity filters (`DecisionEvents.subscribe`): its packets
+        become a denied flow of that identity (bytes unknown: the filters count packets)."""
+        event = record.event
+        if event is None:  # "other flows" of a flood: counted, not attributable
+            sample = FlowSample("", "", "", "*", "*", 0, 0, 0, "in", 0, record.count, "deny", "other flows")
+            self.meter.observe(sample)
+            return
+        child = self.reconciler.installed.get(event.child_sa) if event.child_sa else None
+        f = event.flow
+        sample = FlowSample(
+            identity=event.identity,
+            resource="",
+            connection=child.connection if child is not None else "",
+            src=str(f.src) if f is not None else "*",
+            dst=str(f.dst) if f is not None else "*",
+            protocol=f.protocol if f is not None else 0,
+            src_port=f.src_port if f is not None else 0,
+            dst_port=f.dst_port if f is not None else 0,
+            direction="in",
+            bytes=0,
+            packets=record.count,
+            decision=event.action.value,
+            reason=f"{event.rule}: {event.reason}" if event.rule else event.reason,
+        )
+        self.meter.observe(sample)
 
     async def poll_once(self) -> None:
         refresh = getattr(self.backend, "refresh_counters", None)
