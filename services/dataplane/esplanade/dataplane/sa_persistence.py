@@ -20,6 +20,11 @@ class SaPersistence(Protocol):
         reserved under `spi`, and one block is already durable when this returns."""
         ...
 
+    async def start_child(self, child_sa: str, outbound_spi: int, inbound_spi: int, block: int) -> tuple[int, int, int]:
+        """`start_outbound` of the outbound SA and `replay_floor` of the inbound one, in as few
+        store round trips as the implementation can: (next_seq, reserved_upto, replay_floor)."""
+        ...
+
     async def reserve(self, child_sa: str, spi: int, upto: int) -> int | None:
         """Make `upto` durable; return the bound the sender may use (>= upto), or None when the
         numbers belong to someone else (another instance sends under this SA: refuse)."""
@@ -51,6 +56,10 @@ class MemorySaPersistence:
         self.sequence[spi] = start + block
         self.writes += 1
         return start + 1, start + block
+
+    async def start_child(self, child_sa: str, outbound_spi: int, inbound_spi: int, block: int) -> tuple[int, int, int]:
+        next_seq, reserved = await self.start_outbound(child_sa, outbound_spi, block)
+        return next_seq, reserved, await self.replay_floor(child_sa, inbound_spi)
 
     async def reserve(self, child_sa: str, spi: int, upto: int) -> int | None:
         current = self.sequence.get(spi, 0)

@@ -27,6 +27,12 @@ inbound SA rejects everything at or below it (`esp.sa_state.InboundSa`).
 `forget` deletes both keys when the Child SA is deleted: IKE never reuses keys, so a later
 SA under the same SPI is a new SA. Manually keyed SAs must not be re-created with the keys
 of a deleted one (RFC 4303 §3.3.3 advises against anti-replay with manual keys for this reason).
+
+Store round trips per Child SA, in the common case (SPIs this ledger has never seen): one
+transaction at install (`start_child`: the block is claimed on condition that neither key
+exists, which also proves the replay floor is 0) and one at delete (`forget`: conditioned on
+the keys being as this incarnation last saw them). Whatever does not match that case (a
+restart, a reused SPI, someone else's write) takes the general path: reads, then CAS.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import secrets
 from typing import Any
 
 from esplanade.store import schema
-from esplanade.store.base import CasConflict, KeyValue, Store
+from esplanade.store.base import CasConflict, Compare, Delete, KeyValue, Put, Store
 from esplanade.store.sealing import encode_document
 
 log = logging.getLogger(__name__)
@@ -73,14 +79,19 @@ class StoreSaPersistence:
         self.incarnation = incarnation or secrets.token_hex(8)
         self._revisions: dict[int, int] = {}  # SPI -> mod_revision of our last write
         self._written: dict[int, int] = {}  # SPI -> the value of our last write
+        self._written_for: dict[int, str] = {}  # SPI -> the Child SA our last write named
+        # inbound SPI -> (child SA, mod_revision of its replay key; 0: known absent), as last seen
+        self._replay_seen: dict[int, tuple[str, int]] = {}
         self.writes = 0
+        self.fast_starts = 0
+        self.fast_forgets = 0
 
     def _document(self, child_sa: str, upto: int) -> bytes:
         return encode_document({"upto": upto, "child_sa": child_sa, "holder": self.incarnation, "node": self.node})
 
     async def start_outbound(self, child_sa: str, spi: int, block: int) -> tuple[int, int]:
         key = schema.sequence_reservation(spi)
-        kv = await self.store.get(key)
+        kv: KeyValue | None = None  # optimistic: a new SPI has no key yet; a conflict tells us what is there
         for _ in range(CAS_ATTEMPTS):
             start = _upto(_decode(kv))
             upto = start + block
@@ -93,9 +104,30 @@ class StoreSaPersistence:
                 continue
             self._revisions[spi] = revision
             self._written[spi] = upto
+            self._written_for[spi] = child_sa
             self.writes += 1
             return start + 1, upto
         raise SequenceLedgerError(f"{key} kept changing; no sequence block reserved")
+
+    async def start_child(self, child_sa: str, outbound_spi: int, inbound_spi: int, block: int) -> tuple[int, int, int]:
+        """`start_outbound` and `replay_floor` of a new Child SA: (next_seq, reserved_upto, replay_floor).
+
+        One transaction when neither key exists (the block is then 1..block and the floor 0),
+        else the general path."""
+        seq_key, replay_key = schema.sequence_reservation(outbound_spi), schema.replay_high_water(inbound_spi)
+        result = await self.store.commit(
+            [Compare(seq_key, 0), Compare(replay_key, 0)], [Put(seq_key, self._document(child_sa, block))]
+        )
+        if result.succeeded:
+            self._revisions[outbound_spi] = result.revision
+            self._written[outbound_spi] = block
+            self._written_for[outbound_spi] = child_sa
+            self._replay_seen[inbound_spi] = (child_sa, 0)
+            self.writes += 1
+            self.fast_starts += 1
+            return 1, block, 0
+        next_seq, reserved = await self.start_outbound(child_sa, outbound_spi, block)
+        return next_seq, reserved, await self.replay_floor(child_sa, inbound_spi)
 
     async def reserve(self, child_sa: str, spi: int, upto: int) -> int | None:
         key = schema.sequence_reservation(spi)
@@ -114,6 +146,7 @@ class StoreSaPersistence:
             if kv is not None and current >= upto:  # durable already (a write of ours whose answer was lost)
                 self._revisions[spi] = kv.mod_revision
                 self._written[spi] = current
+                self._written_for.pop(spi, None)  # whose write it was is not known here
                 return current
             try:
                 revision = await self.store.put(key, self._document(child_sa, upto), expect_mod_revision=expected)
@@ -126,12 +159,18 @@ class StoreSaPersistence:
                 continue
             self._revisions[spi] = revision
             self._written[spi] = upto
+            self._written_for[spi] = child_sa
             self.writes += 1
             return upto
         raise SequenceLedgerError(f"{key} kept changing; sequence block not reserved")
 
     async def replay_floor(self, child_sa: str, spi: int) -> int:
-        document = _decode(await self.store.get(schema.replay_high_water(spi)))
+        kv = await self.store.get(schema.replay_high_water(spi))
+        document = _decode(kv)
+        if kv is None:
+            self._replay_seen[spi] = (child_sa, 0)
+        elif document.get("child_sa") == child_sa:
+            self._replay_seen[spi] = (child_sa, kv.mod_revision)
         if document.get("child_sa", child_sa) != child_sa:
             return 0  # the floor of an earlier SA that used this SPI
         return _upto(document)
@@ -142,23 +181,34 @@ class StoreSaPersistence:
         for _ in range(CAS_ATTEMPTS):
             document = _decode(kv)
             if kv is not None and document.get("child_sa") == child_sa and _upto(document) >= upto:
+                self._replay_seen[spi] = (child_sa, kv.mod_revision)
                 return
             value = encode_document({"upto": upto, "child_sa": child_sa, "node": self.node})
             try:
-                await self.store.put(key, value, expect_mod_revision=kv.mod_revision if kv else 0)
+                revision = await self.store.put(key, value, expect_mod_revision=kv.mod_revision if kv else 0)
             except CasConflict as conflict:
                 kv = conflict.current
                 continue
+            self._replay_seen[spi] = (child_sa, revision)
             self.writes += 1
             return
         raise SequenceLedgerError(f"{key} kept changing; replay floor not persisted")
 
     async def forget(self, child_sa: str, inbound_spi: int, outbound_spi: int) -> None:
-        self._revisions.pop(outbound_spi, None)
+        revision = self._revisions.pop(outbound_spi, None)
         self._written.pop(outbound_spi, None)
+        written_for = self._written_for.pop(outbound_spi, None)
+        seen = self._replay_seen.pop(inbound_spi, None)
         seq_key = schema.sequence_reservation(outbound_spi)
+        replay_key = schema.replay_high_water(inbound_spi)
+        if revision is not None and written_for == child_sa and seen is not None and seen[0] == child_sa:
+            # both keys as we last saw them: ours to delete, in one transaction
+            conditions = [Compare(seq_key, revision), Compare(replay_key, seen[1])]
+            ops = [Delete(seq_key)] + ([Delete(replay_key)] if seen[1] else [])
+            if (await self.store.commit(conditions, ops)).succeeded:
+                self.fast_forgets += 1
+                return
         if _decode(await self.store.get(seq_key)).get("child_sa") == child_sa:
             await self.store.delete(seq_key)
-        replay_key = schema.replay_high_water(inbound_spi)
         if _decode(await self.store.get(replay_key)).get("child_sa") == child_sa:
             await self.store.delete(replay_key)

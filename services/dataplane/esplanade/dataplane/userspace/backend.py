@@ -162,6 +162,8 @@ class UserspaceBackend:
             channel.detach()
         self._channels = []
         await self.guard.stop()
+        if self.routes is not None:
+            self.routes.close()
         if self.datapath is not None:
             datapath, self.datapath = self.datapath, None
             for handle in datapath.pool.workers:
@@ -300,10 +302,9 @@ class UserspaceBackend:
         }
         if fresh:
             try:
-                next_seq, reserved = await self.persistence.start_outbound(
-                    record.id, record.outbound.spi, self.settings.sequence_block
+                next_seq, reserved, floor = await self.persistence.start_child(
+                    record.id, record.outbound.spi, record.inbound.spi, self.settings.sequence_block
                 )
-                floor = await self.persistence.replay_floor(record.id, record.inbound.spi)
             except Exception as exc:
                 raise DataplaneError(
                     f"Child SA {record.id!r}: cannot reserve sequence numbers: {type(exc).__name__}: {exc}"
