@@ -25,7 +25,9 @@ AES-GCM). Group commit pays for the fsync.
 
 Reads run on a small reader thread pool (WAL readers never wait for the writer). Watches
 wake at once on this process's writes and poll `meta.revision` (one indexed row) every
-`poll_interval` for other processes' writes.
+`poll_interval` for other processes' writes. The writer tells which keys each of its
+revisions wrote, so a watch skips the read when every new revision is one of this process's
+and none touched its prefix (a service's own bookkeeping writes cost its watches nothing).
 
 Leases. Deadlines are CLOCK_MONOTONIC seconds, a clock every process on the machine
 shares. Every process sweeps expired leases (`lease_sweep_interval`): in one write
@@ -102,6 +104,8 @@ T = TypeVar("T")
 
 _GROUP_COMMIT_MAX = 256
 _WATCH_REVISIONS_PER_FETCH = 1000
+_OWN_REVISIONS_KEPT = 4096  # keys of this process's latest revisions, for watches to skip reads
+_OWN_SKIP_MAX = 256  # a watch further behind than this reads, whoever wrote
 
 
 @dataclass(slots=True)
@@ -136,7 +140,7 @@ class _Writer(threading.Thread):
         path: Path,
         busy_timeout: float,
         synchronous: str,
-        on_commit: Callable[[int], None],
+        on_commit: Callable[[int, int, list[tuple[int, bytes]]], None],
     ) -> None:
         super().__init__(name=f"esplanade-store-writer:{path.name}", daemon=True)
         self.path = path
@@ -203,7 +207,7 @@ class _Writer(threading.Thread):
             state = WriteState(revision=start)
             now = time.monotonic()
             for request in batch:
-                before = state.revision
+                before, written = state.revision, len(state.written)
                 db.execute("SAVEPOINT op")
                 try:
                     result = request.apply(db, state, now)
@@ -213,6 +217,7 @@ class _Writer(threading.Thread):
                     db.execute("ROLLBACK TO op")
                     db.execute("RELEASE op")
                     state.revision = before
+                    del state.written[written:]
                     outcomes.append((None, exc))
                     continue
                 db.execute("RELEASE op")
@@ -229,7 +234,7 @@ class _Writer(threading.Thread):
         for request, (result, error) in zip(batch, outcomes, strict=True):
             self._reply(request, result, error)
         if state.revision != start:
-            self._on_commit(state.revision)
+            self._on_commit(start, state.revision, state.written)
 
 
 class EmbeddedStore(Store):
@@ -269,6 +274,8 @@ class EmbeddedStore(Store):
         self._known_revision = 0
         self._revision_changed = asyncio.Event()
         self._watchers = 0
+        self._own: dict[int, tuple[bytes, ...]] = {}  # revision this process wrote -> its keys
+        self.watch_reads = 0  # event reads the watches made (the skipped ones are not)
 
     def __repr__(self) -> str:
         return f"EmbeddedStore({str(self.path)!r})"
@@ -394,11 +401,34 @@ class EmbeddedStore(Store):
         writer.requests.put(_WriteRequest(apply, future, loop))
         return await future
 
-    def _committed_threadsafe(self, revision: int) -> None:
+    def _committed_threadsafe(self, start: int, revision: int, written: list[tuple[int, bytes]]) -> None:
         loop = self._loop
         if loop is not None:
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._revision_seen, revision)
+                loop.call_soon_threadsafe(self._committed, start, revision, written)
+
+    def _committed(self, start: int, revision: int, written: list[tuple[int, bytes]]) -> None:
+        """This process's writer committed revisions start+1..revision, writing `written`."""
+        keys: dict[int, list[bytes]] = {r: [] for r in range(start + 1, revision + 1)}
+        for at, key in written:
+            keys[at].append(key)
+        own = self._own
+        for at, touched in keys.items():
+            own[at] = tuple(touched)
+        while len(own) > _OWN_REVISIONS_KEPT:
+            del own[next(iter(own))]
+        self._revision_seen(revision)
+
+    def _nothing_for(self, start: bytes, after: int, upto: int) -> bool:
+        """Were after+1..upto all written by this process, none under the prefix `start`?"""
+        if not start or upto - after > _OWN_SKIP_MAX:
+            return False
+        own = self._own
+        for revision in range(after + 1, upto + 1):
+            keys = own.get(revision)
+            if keys is None or any(key.startswith(start) for key in keys):
+                return False
+        return True
 
     def _revision_seen(self, revision: int) -> None:
         if revision > self._known_revision:
@@ -486,6 +516,7 @@ class EmbeddedStore(Store):
         self, prefix: str, clause: str, params: tuple[bytes, ...], start_revision: int
     ) -> AsyncIterator[WatchItem]:
         self._watchers += 1
+        raw_prefix = encode_key(prefix) if prefix else b""
         try:
             last = start_revision - 1 if start_revision else await self._read(read_revision)
             while not self._closed.is_set():
@@ -494,7 +525,11 @@ class EmbeddedStore(Store):
                     changed = self._revision_changed
                     await changed.wait()
                     continue
+                if self._nothing_for(raw_prefix, last, target):
+                    last = target
+                    continue
                 upto = min(target, last + _WATCH_REVISIONS_PER_FETCH)
+                self.watch_reads += 1
                 try:
                     fetched = await self._read(
                         functools.partial(fetch_events, clause=clause, params=params, after=last, upto=upto)
