@@ -11,7 +11,10 @@ for tests and for a dataplane run without a store.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
+
+from esplanade.store.base import Compare, Delete
 
 
 class SaPersistence(Protocol):
@@ -23,6 +26,11 @@ class SaPersistence(Protocol):
     async def start_child(self, child_sa: str, outbound_spi: int, inbound_spi: int, block: int) -> tuple[int, int, int]:
         """`start_outbound` of the outbound SA and `replay_floor` of the inbound one, in as few
         store round trips as the implementation can: (next_seq, reserved_upto, replay_floor)."""
+        ...
+
+    async def start_children(self, children: Sequence[tuple[str, int, int]], block: int) -> list[tuple[int, int, int]]:
+        """`start_child` of several Child SAs ((child SA, outbound SPI, inbound SPI) each), in
+        order; all or nothing is not promised (an exception may leave some claimed)."""
         ...
 
     async def reserve(self, child_sa: str, spi: int, upto: int) -> int | None:
@@ -40,6 +48,14 @@ class SaPersistence(Protocol):
 
     async def forget(self, child_sa: str, inbound_spi: int, outbound_spi: int) -> None:
         """The Child SA is gone for good: drop its records."""
+        ...
+
+    def forget_ops(
+        self, child_sa: str, inbound_spi: int, outbound_spi: int
+    ) -> tuple[list[Compare], list[Delete]] | None:
+        """`forget` as part of the caller's store transaction: (conditions, deletes) to commit
+        with the caller's own ops, or None when only `forget` can do it. Should that transaction
+        fail, the caller calls `forget`."""
         ...
 
 
@@ -61,6 +77,9 @@ class MemorySaPersistence:
         next_seq, reserved = await self.start_outbound(child_sa, outbound_spi, block)
         return next_seq, reserved, await self.replay_floor(child_sa, inbound_spi)
 
+    async def start_children(self, children: Sequence[tuple[str, int, int]], block: int) -> list[tuple[int, int, int]]:
+        return [await self.start_child(child, out_spi, in_spi, block) for child, out_spi, in_spi in children]
+
     async def reserve(self, child_sa: str, spi: int, upto: int) -> int | None:
         current = self.sequence.get(spi, 0)
         if upto > current:
@@ -79,3 +98,10 @@ class MemorySaPersistence:
     async def forget(self, child_sa: str, inbound_spi: int, outbound_spi: int) -> None:
         self.sequence.pop(outbound_spi, None)
         self.replay.pop(inbound_spi, None)
+
+    def forget_ops(
+        self, child_sa: str, inbound_spi: int, outbound_spi: int
+    ) -> tuple[list[Compare], list[Delete]] | None:
+        self.sequence.pop(outbound_spi, None)
+        self.replay.pop(inbound_spi, None)
+        return [], []  # nothing of it is in a store

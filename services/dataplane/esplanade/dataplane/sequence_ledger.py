@@ -40,10 +40,11 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 from esplanade.store import schema
-from esplanade.store.base import CasConflict, Compare, Delete, KeyValue, Put, Store
+from esplanade.store.base import MAX_TXN_OPS, CasConflict, Compare, Delete, KeyValue, Put, Store
 from esplanade.store.sealing import encode_document
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,52 @@ class StoreSaPersistence:
         next_seq, reserved = await self.start_outbound(child_sa, outbound_spi, block)
         return next_seq, reserved, await self.replay_floor(child_sa, inbound_spi)
 
+    async def start_children(self, children: Sequence[tuple[str, int, int]], block: int) -> list[tuple[int, int, int]]:
+        """`start_child` of several Child SAs ((child SA, outbound SPI, inbound SPI) each), in
+        one transaction when none of their keys exists; any other case goes one by one."""
+        out: list[tuple[int, int, int] | None] = [None] * len(children)
+        chunk: list[int] = []
+        seen: set[tuple[str, int]] = set()  # a chunk names each key once
+        for i, (_, outbound_spi, inbound_spi) in enumerate(children):
+            keys = {("seq", outbound_spi), ("replay", inbound_spi)}
+            if seen & keys or len(chunk) == MAX_TXN_OPS // 2:
+                await self._start_chunk(children, chunk, block, out)
+                chunk, seen = [], set()
+            chunk.append(i)
+            seen |= keys
+        await self._start_chunk(children, chunk, block, out)
+        return [claimed for claimed in out if claimed is not None]
+
+    async def _start_chunk(
+        self,
+        children: Sequence[tuple[str, int, int]],
+        chunk: list[int],
+        block: int,
+        out: list[tuple[int, int, int] | None],
+    ) -> None:
+        if len(chunk) > 1:
+            conditions: list[Compare] = []
+            ops: list[Put | Delete] = []
+            for i in chunk:
+                child_sa, outbound_spi, inbound_spi = children[i]
+                seq_key = schema.sequence_reservation(outbound_spi)
+                conditions += [Compare(seq_key, 0), Compare(schema.replay_high_water(inbound_spi), 0)]
+                ops.append(Put(seq_key, self._document(child_sa, block)))
+            result = await self.store.commit(conditions, ops)
+            if result.succeeded:
+                for i in chunk:
+                    child_sa, outbound_spi, inbound_spi = children[i]
+                    self._revisions[outbound_spi] = result.revision
+                    self._written[outbound_spi] = block
+                    self._written_for[outbound_spi] = child_sa
+                    self._replay_seen[inbound_spi] = (child_sa, 0)
+                    out[i] = (1, block, 0)
+                self.writes += len(chunk)
+                self.fast_starts += len(chunk)
+                return
+        for i in chunk:
+            out[i] = await self.start_child(*children[i], block)
+
     async def reserve(self, child_sa: str, spi: int, upto: int) -> int | None:
         key = schema.sequence_reservation(spi)
         written = self._written.get(spi, 0)
@@ -194,20 +241,30 @@ class StoreSaPersistence:
             return
         raise SequenceLedgerError(f"{key} kept changing; replay floor not persisted")
 
-    async def forget(self, child_sa: str, inbound_spi: int, outbound_spi: int) -> None:
+    def forget_ops(
+        self, child_sa: str, inbound_spi: int, outbound_spi: int
+    ) -> tuple[list[Compare], list[Delete]] | None:
+        """Forget the Child SA inside the caller's store transaction: the conditions and deletes
+        to commit with its own ops, or None when the keys are not as this incarnation last saw
+        them. If that transaction fails (or for None), `forget` finds out by reading."""
         revision = self._revisions.pop(outbound_spi, None)
         self._written.pop(outbound_spi, None)
         written_for = self._written_for.pop(outbound_spi, None)
         seen = self._replay_seen.pop(inbound_spi, None)
+        if revision is None or written_for != child_sa or seen is None or seen[0] != child_sa:
+            return None
         seq_key = schema.sequence_reservation(outbound_spi)
         replay_key = schema.replay_high_water(inbound_spi)
-        if revision is not None and written_for == child_sa and seen is not None and seen[0] == child_sa:
-            # both keys as we last saw them: ours to delete, in one transaction
-            conditions = [Compare(seq_key, revision), Compare(replay_key, seen[1])]
-            ops = [Delete(seq_key)] + ([Delete(replay_key)] if seen[1] else [])
-            if (await self.store.commit(conditions, ops)).succeeded:
-                self.fast_forgets += 1
-                return
+        ops = [Delete(seq_key)] + ([Delete(replay_key)] if seen[1] else [])
+        return [Compare(seq_key, revision), Compare(replay_key, seen[1])], ops
+
+    async def forget(self, child_sa: str, inbound_spi: int, outbound_spi: int) -> None:
+        plan = self.forget_ops(child_sa, inbound_spi, outbound_spi)
+        if plan is not None and (await self.store.commit(*plan)).succeeded:
+            self.fast_forgets += 1  # both keys as we last saw them: deleted in one transaction
+            return
+        seq_key = schema.sequence_reservation(outbound_spi)
+        replay_key = schema.replay_high_water(inbound_spi)
         if _decode(await self.store.get(seq_key)).get("child_sa") == child_sa:
             await self.store.delete(seq_key)
         if _decode(await self.store.get(replay_key)).get("child_sa") == child_sa:
