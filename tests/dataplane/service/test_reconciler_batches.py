@@ -13,6 +13,7 @@ import pytest
 from esplanade.dataplane.backend import DataplaneError
 from esplanade.dataplane.ownership import SaOwnership
 from esplanade.dataplane.reconciler import Reconciler, newest_per_key
+from esplanade.dataplane.sa_persistence import ChildClaim
 from esplanade.dataplane.sequence_ledger import StoreSaPersistence
 from esplanade.ipsec.sa import ChildSaRecord
 from esplanade.store import schema
@@ -34,7 +35,7 @@ class BatchBackend(FakeBackend):
     async def install_child_sas(self, records: list[ChildSaRecord]) -> list[DataplaneError | None]:
         self.batches.append([r.id for r in records])
         ok = [r for r in records if r.id not in self.refuse]
-        await self.persistence.start_children([(r.id, r.outbound.spi, r.inbound.spi) for r in ok], 1000)
+        await self.persistence.start_children([ChildClaim(r.id, r.outbound.spi, r.inbound.spi) for r in ok], 1000)
         for r in ok:
             self.children[r.id] = r
         return [DataplaneError("refused") if r.id in self.refuse else None for r in records]

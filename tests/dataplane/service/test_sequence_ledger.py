@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from esplanade.dataplane.sa_persistence import ChildClaim
 from esplanade.dataplane.sequence_ledger import StoreSaPersistence
 from esplanade.store import schema
 from esplanade.store.base import Store
@@ -127,3 +128,32 @@ async def test_forget_after_someone_else_wrote_takes_the_general_path(store: Sto
     await ledger.forget("c1", SPI + 1, SPI)
     assert ledger.fast_forgets == 0
     assert await store.get(schema.sequence_reservation(SPI)) is None  # it named c1: deleted, as before
+
+
+async def test_the_first_replay_floor_is_claimed_with_the_block(store: Store) -> None:
+    """The inbound SA asks for its first floor as it starts: it is durable already, no store work."""
+    ledger = StoreSaPersistence(store, "n1")
+    claims = [ChildClaim("c1", SPI, SPI + 1, 65536), ChildClaim("c2", SPI + 2, SPI + 3, 0)]
+    before = await store.ping()
+    assert await ledger.start_children(claims, 1000) == [(1, 1000, 0), (1, 1000, 0)]
+    assert await store.ping() == before + 1
+    assert (await stored(store, schema.replay_high_water(SPI + 1)))["upto"] == 65536
+    assert await store.get(schema.replay_high_water(SPI + 3)) is None  # no replay window: no floor
+    await ledger.persist_replay_floor("c1", SPI + 1, 65536)
+    assert await store.ping() == before + 1
+    await ledger.persist_replay_floor("c1", SPI + 1, 98304)  # the next one is written
+    assert (await stored(store, schema.replay_high_water(SPI + 1)))["upto"] == 98304
+    await ledger.forget("c1", SPI + 1, SPI)
+    assert ledger.fast_forgets == 1
+    assert await store.get(schema.replay_high_water(SPI + 1)) is None
+
+
+async def test_a_batch_with_one_key_taken_claims_the_others_in_one_transaction(store: Store) -> None:
+    earlier = StoreSaPersistence(store, "n1")
+    await earlier.start_child("old", SPI + 2, SPI + 9, 1000)  # SPI + 2 carries an older counter
+    ledger = StoreSaPersistence(store, "n1")
+    claims = [ChildClaim("c1", SPI, SPI + 1), ChildClaim("c2", SPI + 2, SPI + 3), ChildClaim("c3", SPI + 4, SPI + 5)]
+    before = await store.ping()
+    assert await ledger.start_children(claims, 1000) == [(1, 1000, 0), (1001, 2000, 0), (1, 1000, 0)]
+    assert await store.ping() == before + 2  # c1 and c3 together, c2 after reading
+    assert ledger.fast_starts == 2

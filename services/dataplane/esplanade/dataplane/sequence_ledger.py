@@ -29,8 +29,10 @@ SA under the same SPI is a new SA. Manually keyed SAs must not be re-created wit
 of a deleted one (RFC 4303 §3.3.3 advises against anti-replay with manual keys for this reason).
 
 Store round trips per Child SA, in the common case (SPIs this ledger has never seen): one
-transaction at install (`start_child`: the block is claimed on condition that neither key
-exists, which also proves the replay floor is 0) and one at delete (`forget`: conditioned on
+transaction at install (`start_children`: the blocks of every Child SA installed together are
+claimed on condition that none of their keys exists, which also proves their replay floors
+are 0; the first floor each inbound SA will ask for is written in the same transaction, so
+that request then finds it durable) and one at delete (`forget_ops`/`forget`: conditioned on
 the keys being as this incarnation last saw them). Whatever does not match that case (a
 restart, a reused SPI, someone else's write) takes the general path: reads, then CAS.
 """
@@ -43,6 +45,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
+from esplanade.dataplane.sa_persistence import ChildClaim
 from esplanade.store import schema
 from esplanade.store.base import MAX_TXN_OPS, CasConflict, Compare, Delete, KeyValue, Put, Store
 from esplanade.store.sealing import encode_document
@@ -81,8 +84,9 @@ class StoreSaPersistence:
         self._revisions: dict[int, int] = {}  # SPI -> mod_revision of our last write
         self._written: dict[int, int] = {}  # SPI -> the value of our last write
         self._written_for: dict[int, str] = {}  # SPI -> the Child SA our last write named
-        # inbound SPI -> (child SA, mod_revision of its replay key; 0: known absent), as last seen
-        self._replay_seen: dict[int, tuple[str, int]] = {}
+        # inbound SPI -> (child SA, mod_revision of its replay key (0: known absent), its floor),
+        # as this incarnation last saw or wrote it
+        self._replay_seen: dict[int, tuple[str, int, int]] = {}
         self.writes = 0
         self.fast_starts = 0
         self.fast_forgets = 0
@@ -110,71 +114,76 @@ class StoreSaPersistence:
             return start + 1, upto
         raise SequenceLedgerError(f"{key} kept changing; no sequence block reserved")
 
-    async def start_child(self, child_sa: str, outbound_spi: int, inbound_spi: int, block: int) -> tuple[int, int, int]:
+    async def start_child(
+        self, child_sa: str, outbound_spi: int, inbound_spi: int, block: int, first_floor: int = 0
+    ) -> tuple[int, int, int]:
         """`start_outbound` and `replay_floor` of a new Child SA: (next_seq, reserved_upto, replay_floor).
 
-        One transaction when neither key exists (the block is then 1..block and the floor 0),
+        One transaction when neither key exists (the block is then 1..block and the floor 0;
+        `first_floor`, the floor the inbound SA will ask for first, is persisted with it),
         else the general path."""
-        seq_key, replay_key = schema.sequence_reservation(outbound_spi), schema.replay_high_water(inbound_spi)
-        result = await self.store.commit(
-            [Compare(seq_key, 0), Compare(replay_key, 0)], [Put(seq_key, self._document(child_sa, block))]
-        )
-        if result.succeeded:
-            self._revisions[outbound_spi] = result.revision
-            self._written[outbound_spi] = block
-            self._written_for[outbound_spi] = child_sa
-            self._replay_seen[inbound_spi] = (child_sa, 0)
-            self.writes += 1
-            self.fast_starts += 1
-            return 1, block, 0
-        next_seq, reserved = await self.start_outbound(child_sa, outbound_spi, block)
-        return next_seq, reserved, await self.replay_floor(child_sa, inbound_spi)
+        return (await self.start_children([ChildClaim(child_sa, outbound_spi, inbound_spi, first_floor)], block))[0]
 
-    async def start_children(self, children: Sequence[tuple[str, int, int]], block: int) -> list[tuple[int, int, int]]:
-        """`start_child` of several Child SAs ((child SA, outbound SPI, inbound SPI) each), in
-        one transaction when none of their keys exists; any other case goes one by one."""
-        out: list[tuple[int, int, int] | None] = [None] * len(children)
+    async def start_children(self, claims: Sequence[ChildClaim], block: int) -> list[tuple[int, int, int]]:
+        """`start_child` of several Child SAs, in one transaction when none of their keys
+        exists; whatever else is found goes the general path, one by one."""
+        out: list[tuple[int, int, int] | None] = [None] * len(claims)
         chunk: list[int] = []
         seen: set[tuple[str, int]] = set()  # a chunk names each key once
-        for i, (_, outbound_spi, inbound_spi) in enumerate(children):
-            keys = {("seq", outbound_spi), ("replay", inbound_spi)}
+        for i, claim in enumerate(claims):
+            keys = {("seq", claim.outbound_spi), ("replay", claim.inbound_spi)}
             if seen & keys or len(chunk) == MAX_TXN_OPS // 2:
-                await self._start_chunk(children, chunk, block, out)
+                await self._start_chunk(claims, chunk, block, out)
                 chunk, seen = [], set()
             chunk.append(i)
             seen |= keys
-        await self._start_chunk(children, chunk, block, out)
+        await self._start_chunk(claims, chunk, block, out)
         return [claimed for claimed in out if claimed is not None]
 
+    def _floor_document(self, child_sa: str, upto: int) -> bytes:
+        return encode_document({"upto": upto, "child_sa": child_sa, "node": self.node})
+
     async def _start_chunk(
-        self,
-        children: Sequence[tuple[str, int, int]],
-        chunk: list[int],
-        block: int,
-        out: list[tuple[int, int, int] | None],
+        self, claims: Sequence[ChildClaim], chunk: list[int], block: int, out: list[tuple[int, int, int] | None]
     ) -> None:
-        if len(chunk) > 1:
-            conditions: list[Compare] = []
-            ops: list[Put | Delete] = []
-            for i in chunk:
-                child_sa, outbound_spi, inbound_spi = children[i]
-                seq_key = schema.sequence_reservation(outbound_spi)
-                conditions += [Compare(seq_key, 0), Compare(schema.replay_high_water(inbound_spi), 0)]
-                ops.append(Put(seq_key, self._document(child_sa, block)))
-            result = await self.store.commit(conditions, ops)
-            if result.succeeded:
-                for i in chunk:
-                    child_sa, outbound_spi, inbound_spi = children[i]
-                    self._revisions[outbound_spi] = result.revision
-                    self._written[outbound_spi] = block
-                    self._written_for[outbound_spi] = child_sa
-                    self._replay_seen[inbound_spi] = (child_sa, 0)
-                    out[i] = (1, block, 0)
-                self.writes += len(chunk)
-                self.fast_starts += len(chunk)
-                return
+        if not chunk:
+            return
+        conditions: list[Compare] = []
+        ops: list[Put | Delete] = []
+        keys: dict[int, tuple[str, str]] = {}
         for i in chunk:
-            out[i] = await self.start_child(*children[i], block)
+            claim = claims[i]
+            seq_key = schema.sequence_reservation(claim.outbound_spi)
+            replay_key = schema.replay_high_water(claim.inbound_spi)
+            keys[i] = (seq_key, replay_key)
+            conditions += [Compare(seq_key, 0), Compare(replay_key, 0)]
+            ops.append(Put(seq_key, self._document(claim.child_sa, block)))
+            if claim.first_floor > 0:
+                ops.append(Put(replay_key, self._floor_document(claim.child_sa, claim.first_floor)))
+        result = await self.store.commit(conditions, ops)
+        if result.succeeded:
+            for i in chunk:
+                claim = claims[i]
+                self._revisions[claim.outbound_spi] = result.revision
+                self._written[claim.outbound_spi] = block
+                self._written_for[claim.outbound_spi] = claim.child_sa
+                replay_revision = result.revision if claim.first_floor > 0 else 0
+                self._replay_seen[claim.inbound_spi] = (claim.child_sa, replay_revision, claim.first_floor)
+                out[i] = (1, block, 0)
+            self.writes += len(chunk)
+            self.fast_starts += len(chunk)
+            return
+        # the claims whose keys exist take the general path; the others try again together
+        failed = {c.key for c in result.failed}
+        free = [i for i in chunk if not failed.intersection(keys[i])]
+        if free and len(free) < len(chunk):
+            await self._start_chunk(claims, free, block, out)
+        for i in chunk:
+            if out[i] is not None:
+                continue
+            claim = claims[i]
+            next_seq, reserved = await self.start_outbound(claim.child_sa, claim.outbound_spi, block)
+            out[i] = (next_seq, reserved, await self.replay_floor(claim.child_sa, claim.inbound_spi))
 
     async def reserve(self, child_sa: str, spi: int, upto: int) -> int | None:
         key = schema.sequence_reservation(spi)
@@ -215,28 +224,32 @@ class StoreSaPersistence:
         kv = await self.store.get(schema.replay_high_water(spi))
         document = _decode(kv)
         if kv is None:
-            self._replay_seen[spi] = (child_sa, 0)
+            self._replay_seen[spi] = (child_sa, 0, 0)
         elif document.get("child_sa") == child_sa:
-            self._replay_seen[spi] = (child_sa, kv.mod_revision)
+            self._replay_seen[spi] = (child_sa, kv.mod_revision, _upto(document))
         if document.get("child_sa", child_sa) != child_sa:
             return 0  # the floor of an earlier SA that used this SPI
         return _upto(document)
 
     async def persist_replay_floor(self, child_sa: str, spi: int, upto: int) -> None:
+        seen = self._replay_seen.get(spi)
+        if seen is not None and seen[0] == child_sa and seen[1] and seen[2] >= upto:
+            return  # durable already (written with the Child SA's sequence block, or before): floors only rise
         key = schema.replay_high_water(spi)
         kv = await self.store.get(key)
         for _ in range(CAS_ATTEMPTS):
             document = _decode(kv)
             if kv is not None and document.get("child_sa") == child_sa and _upto(document) >= upto:
-                self._replay_seen[spi] = (child_sa, kv.mod_revision)
+                self._replay_seen[spi] = (child_sa, kv.mod_revision, _upto(document))
                 return
-            value = encode_document({"upto": upto, "child_sa": child_sa, "node": self.node})
             try:
-                revision = await self.store.put(key, value, expect_mod_revision=kv.mod_revision if kv else 0)
+                revision = await self.store.put(
+                    key, self._floor_document(child_sa, upto), expect_mod_revision=kv.mod_revision if kv else 0
+                )
             except CasConflict as conflict:
                 kv = conflict.current
                 continue
-            self._replay_seen[spi] = (child_sa, revision)
+            self._replay_seen[spi] = (child_sa, revision, upto)
             self.writes += 1
             return
         raise SequenceLedgerError(f"{key} kept changing; replay floor not persisted")

@@ -385,6 +385,7 @@ class DataplaneServicer(dataplane_pb2_grpc.DataplaneServicer):
 
         async def outgoing() -> None:
             async for batch in request_iterator:
+                self.parts.relay.counters["batches_from_clients"] += 1
                 for datagram in batch.datagrams:
                     await self.parts.relay.send(datagram)
 
@@ -394,6 +395,7 @@ class DataplaneServicer(dataplane_pb2_grpc.DataplaneServicer):
                 datagrams = await stream.next_batch()
                 if datagrams is None:
                     return
+                self.parts.relay.counters["batches_to_clients"] += 1
                 yield dataplane_pb2.IkeDatagramBatch(datagrams=datagrams)
         finally:
             await self._detach(stream, sender)

@@ -51,7 +51,7 @@ from esplanade.dataplane.backend import (
     Unsupported,
 )
 from esplanade.dataplane.esp.sa_state import InboundSa, OutboundSa
-from esplanade.dataplane.sa_persistence import SaPersistence
+from esplanade.dataplane.sa_persistence import ChildClaim, SaPersistence
 from esplanade.dataplane.userspace.cleartext_guard import CleartextGuard
 from esplanade.dataplane.userspace.datapath import DatapathSettings, DatapathStartError, UserspaceDatapath
 from esplanade.dataplane.userspace.esp_transform import make_esp_transform
@@ -384,7 +384,16 @@ class UserspaceBackend:
                 return results
             try:
                 claims = await self.persistence.start_children(
-                    [(records[i].id, records[i].outbound.spi, records[i].inbound.spi) for i in fresh],
+                    [
+                        ChildClaim(
+                            records[i].id,
+                            records[i].outbound.spi,
+                            records[i].inbound.spi,
+                            # the floor the worker's inbound SA asks for as it starts: durable with the claim
+                            self.settings.replay_block if records[i].inbound.replay_window else 0,
+                        )
+                        for i in fresh
+                    ],
                     self.settings.sequence_block,
                 )
             except Exception as exc:
