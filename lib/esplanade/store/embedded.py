@@ -23,11 +23,17 @@ kill -9 but may lose the last commits on power loss, and this store holds things
 never go back (outbound ESP sequence-number reservations: reuse means nonce reuse under
 AES-GCM). Group commit pays for the fsync.
 
+Writers of several processes take turns through an exclusive flock on `<path>.writer` held
+around each transaction: the kernel hands the turn over the moment it is released, where
+SQLite's busy handler would sleep 1, 2, 5, 10... ms between retries of a locked database.
+
 Reads run on a small reader thread pool (WAL readers never wait for the writer). Watches
-wake at once on this process's writes and poll `meta.revision` (one indexed row) every
-`poll_interval` for other processes' writes. The writer tells which keys each of its
-revisions wrote, so a watch skips the read when every new revision is one of this process's
-and none touched its prefix (a service's own bookkeeping writes cost its watches nothing).
+wake at once on this process's writes; other processes' writes ring this one's doorbell
+(`doorbell.py`, a Unix datagram socket per open store), and `meta.revision` (one indexed
+row) is polled every `poll_interval` besides, should a ring be lost. The writer tells which
+keys each of its revisions wrote, so a watch skips the read when every new revision is one
+of this process's and none touched its prefix (a service's own bookkeeping writes cost its
+watches nothing).
 
 Leases. Deadlines are CLOCK_MONOTONIC seconds, a clock every process on the machine
 shares. Every process sweeps expired leases (`lease_sweep_interval`): in one write
@@ -74,6 +80,7 @@ from esplanade.store.base import (
     WatchBatch,
     WatchItem,
 )
+from esplanade.store.doorbell import Doorbell
 from esplanade.store.request_rules import encode_key
 from esplanade.store.sqlite_log import (
     SCHEMA_SQL,
@@ -149,6 +156,7 @@ class _Writer(threading.Thread):
         self._synchronous = synchronous
         self._on_commit = on_commit
         self._db: sqlite3.Connection | None = None
+        self._turn: IO[bytes] | None = None  # flock: one writer at a time across processes
         self.ready = threading.Event()
         self.open_error: BaseException | None = None
 
@@ -159,6 +167,10 @@ class _Writer(threading.Thread):
             self.open_error = database_error(self.path, exc)
             self.ready.set()
             return
+        try:
+            self._turn = open(self.path.with_name(self.path.name + ".writer"), "ab")  # noqa: SIM115 - held while open
+        except OSError:
+            self._turn = None  # SQLite's own locking still serializes; only the hand-over is slower
         self.ready.set()
         try:
             stop = False
@@ -179,6 +191,8 @@ class _Writer(threading.Thread):
                 self._run(batch)
         finally:
             self._db.close()
+            if self._turn is not None:
+                self._turn.close()
             # Anything queued after the stop marker fails instead of hanging its caller.
             while True:
                 try:
@@ -193,6 +207,21 @@ class _Writer(threading.Thread):
             request.loop.call_soon_threadsafe(_deliver, request.future, result, error)
 
     def _run(self, batch: list[_WriteRequest]) -> None:
+        turn = self._turn
+        if turn is None:
+            self._transaction(batch)
+            return
+        try:
+            fcntl.flock(turn.fileno(), fcntl.LOCK_EX)
+        except OSError:
+            self._transaction(batch)
+            return
+        try:
+            self._transaction(batch)
+        finally:
+            fcntl.flock(turn.fileno(), fcntl.LOCK_UN)
+
+    def _transaction(self, batch: list[_WriteRequest]) -> None:
         db = self._db
         assert db is not None
         outcomes: list[tuple[Any, BaseException | None]] = []
@@ -270,6 +299,8 @@ class EmbeddedStore(Store):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock_file: IO[bytes] | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._doorbell: Doorbell | None = None
+        self._wake = asyncio.Event()  # a ring from another process, or close
         self._closed = asyncio.Event()
         self._known_revision = 0
         self._revision_changed = asyncio.Event()
@@ -286,6 +317,7 @@ class EmbeddedStore(Store):
             return
         self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
+        self._wake = asyncio.Event()
         self._revision_changed = asyncio.Event()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -300,6 +332,10 @@ class EmbeddedStore(Store):
             await self._teardown()
             raise writer.open_error
         self._writer = writer
+        doorbell = Doorbell(self.path.with_name(self.path.name + ".bell"))
+        if await asyncio.to_thread(doorbell.open):
+            self._doorbell = doorbell
+            self._loop.add_reader(doorbell.fileno(), self._rung)
         try:
             await self._read(self._create_schema)
             if first_opener:
@@ -338,8 +374,14 @@ class EmbeddedStore(Store):
         if schema != SCHEMA_VERSION:
             raise StoreError(f"embedded store {self.path} has schema {schema}, this version reads {SCHEMA_VERSION}")
 
+    def _rung(self) -> None:
+        if self._doorbell is not None:
+            self._doorbell.drain()
+        self._wake.set()
+
     async def close(self) -> None:
         self._closed.set()
+        self._wake.set()
         self._revision_changed.set()
         if self._poller is not None:
             self._poller.cancel()
@@ -349,6 +391,12 @@ class EmbeddedStore(Store):
         await self._teardown()
 
     async def _teardown(self) -> None:
+        doorbell, self._doorbell = self._doorbell, None
+        if doorbell is not None:
+            if self._loop is not None:
+                with contextlib.suppress(RuntimeError, ValueError):
+                    self._loop.remove_reader(doorbell.fileno())
+            doorbell.close()
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.requests.put(None)
@@ -402,6 +450,9 @@ class EmbeddedStore(Store):
         return await future
 
     def _committed_threadsafe(self, start: int, revision: int, written: list[tuple[int, bytes]]) -> None:
+        doorbell = self._doorbell
+        if doorbell is not None:
+            doorbell.ring_others()
         loop = self._loop
         if loop is not None:
             with contextlib.suppress(RuntimeError):
@@ -453,7 +504,8 @@ class EmbeddedStore(Store):
             except (StoreError, ValueError):
                 pass  # the file may be briefly locked or gone; the next round retries
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closed.wait(), self.poll_interval)
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            self._wake.clear()
 
     async def _auto_compact(self) -> None:
         if self.auto_compact_retain <= 0:
