@@ -715,9 +715,14 @@ class UserspaceBackend:
         self._ike_handler = handler
 
     async def send_ike(self, local_addr: str, remote_addr: str, remote_port: int, payload: bytes) -> bool:
-        """Send an IKE message from UDP 4500 (the workers' socket), non-ESP marker added."""
+        """Send an IKE message from UDP 4500 (the workers' socket), non-ESP marker added.
+
+        Posted, not requested: the relay sends a stream message's datagrams one after the other,
+        and a round trip to the worker for each would hold the next ones back. True once the
+        worker has it; a send the worker then fails is counted there (`ike_send_failed`), and
+        IKE retransmits."""
         try:
-            reply = await self._channel(0).request(
+            await self._channel(0).post(
                 {
                     "op": "send_ike",
                     "local_addr": local_addr,
@@ -728,7 +733,7 @@ class UserspaceBackend:
             )
         except (WorkerGone, DataplaneError):
             return False
-        return bool(reply.get("ok"))
+        return True
 
     # -- events -------------------------------------------------------------------------
     async def events(self) -> AsyncIterator[DataplaneEvent]:
