@@ -58,15 +58,20 @@ class _RelayStream:
         self.connected = False
         self.batched = True  # until the dataplane says it has no RelayIkeBatch
 
-    async def _outgoing(self) -> AsyncIterator[dataplane_pb2.IkeDatagram]:
+    @staticmethod
+    async def _outgoing(
+        queue: asyncio.Queue[dataplane_pb2.IkeDatagram | None],
+    ) -> AsyncIterator[dataplane_pb2.IkeDatagram]:
         while True:
-            item = await self.queue.get()
+            item = await queue.get()
             if item is None:
                 return
             yield item
 
-    async def _outgoing_batches(self) -> AsyncIterator[dataplane_pb2.IkeDatagramBatch]:
-        queue = self.queue
+    @staticmethod
+    async def _outgoing_batches(
+        queue: asyncio.Queue[dataplane_pb2.IkeDatagram | None],
+    ) -> AsyncIterator[dataplane_pb2.IkeDatagramBatch]:
         while True:
             item = await queue.get()
             if item is None:
@@ -82,8 +87,16 @@ class _RelayStream:
 
     async def run(self) -> None:
         backoff = Backoff(base=0.05, cap=self.relay.backoff_max)
+        carried: list[dataplane_pb2.IkeDatagram] = []  # queued when the dataplane said UNIMPLEMENTED
         while True:
             channel = stream_channel(self.target, self.relay.grpc)
+            # Each attempt gets its own queue: the request iterator of a failed call may still be
+            # waiting on its queue, and a shared one would let it swallow the next call's datagrams.
+            queue: asyncio.Queue[dataplane_pb2.IkeDatagram | None] = asyncio.Queue(RELAY_QUEUE)
+            for dg in carried:
+                queue.put_nowait(dg)
+            carried = []
+            self.queue = queue
             retry_now = False
             try:
                 stub = dataplane_pb2_grpc.DataplaneStub(channel)
@@ -92,7 +105,7 @@ class _RelayStream:
                 self.connected = True
                 first = True
                 if self.batched:
-                    batches = stub.RelayIkeBatch(self._outgoing_batches(), metadata=metadata)
+                    batches = stub.RelayIkeBatch(self._outgoing_batches(queue), metadata=metadata)
                     async for batch in batches:
                         if first:
                             log.info("IKE relay to dataplane %s connected", self.target)
@@ -101,7 +114,7 @@ class _RelayStream:
                         for dg in batch.datagrams:
                             self.relay.received(self, dg)
                 else:
-                    call = stub.RelayIke(self._outgoing(), metadata=metadata)
+                    call = stub.RelayIke(self._outgoing(queue), metadata=metadata)
                     async for dg in call:
                         if first:
                             log.info("IKE relay to dataplane %s connected (one datagram per message)", self.target)
@@ -115,9 +128,14 @@ class _RelayStream:
                     log.warning("IKE relay to dataplane %s lost: %s", self.target, exc.code().name)
             finally:
                 self.connected = False
-                # datagrams queued for a dead stream are stale by the time it is back: IKE retransmits
-                while not self.queue.empty():
-                    self.queue.get_nowait()
+                # datagrams queued for a dead stream are stale by the time it is back: IKE retransmits;
+                # the None ends that call's request iterator. Falling back to RelayIke at once,
+                # they go with the next call.
+                while not queue.empty():
+                    item = queue.get_nowait()
+                    if retry_now and item is not None:
+                        carried.append(item)
+                queue.put_nowait(None)
                 with contextlib.suppress(Exception):
                     await channel.close()
             if retry_now:
