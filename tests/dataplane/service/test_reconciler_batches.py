@@ -16,6 +16,7 @@ from esplanade.dataplane.reconciler import Reconciler, newest_per_key
 from esplanade.dataplane.sa_persistence import ChildClaim
 from esplanade.dataplane.sequence_ledger import StoreSaPersistence
 from esplanade.ipsec.sa import ChildSaRecord
+from esplanade.ipsec.spd import SpdPolicy
 from esplanade.store import schema
 from esplanade.store.base import KeyValue, Put, Store
 from esplanade.store.embedded import EmbeddedStore
@@ -129,3 +130,48 @@ async def test_the_watch_hands_one_transaction_over_as_one_batch(store: Store) -
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class PolicyBatchBackend(BatchBackend):
+    """BatchBackend that also installs policies in batches."""
+
+    def __init__(self, persistence: StoreSaPersistence, refuse: frozenset[str] = frozenset()) -> None:
+        super().__init__(persistence, refuse)
+        self.policy_batches: list[list[str]] = []
+
+    async def install_policies(self, policies: list[SpdPolicy]) -> list[DataplaneError | None]:
+        self.policy_batches.append([p.id for p in policies])
+        for p in policies:
+            if p.id not in self.refuse:
+                self.policies[p.id] = p
+        return [DataplaneError("refused") if p.id in self.refuse else None for p in policies]
+
+
+async def test_the_policies_of_one_batch_are_installed_together_and_removals_as_they_come(store: Store) -> None:
+    sealer = Sealer(Keyring.generate())
+    persistence = StoreSaPersistence(store, "n1")
+    backend = PolicyBatchBackend(persistence, refuse=frozenset({"p2"}))
+    reconciler = Reconciler(store, sealer, backend, "n1", ownership=SaOwnership("n1"), persistence=persistence)
+    first: list[tuple[str, KeyValue | None, int]] = []
+    for pid in ("p0", "gone"):
+        key = schema.spd_policy(pid)
+        await store.put(key, encode_document(policy(pid).to_document()))
+        first.append((key, await kv_of(store, key), await store.ping()))
+    await reconciler._apply_policies(first)
+    assert backend.policy_batches == [["p0", "gone"]]
+    events = []
+    for pid in ("p1", "p2", "p3"):
+        key = schema.spd_policy(pid)
+        await store.put(key, encode_document(policy(pid).to_document()))
+        events.append((key, await kv_of(store, key), await store.ping()))
+    await store.delete(schema.spd_policy("gone"))
+    events.append((schema.spd_policy("gone"), None, await store.ping()))
+    events.append((schema.spd_policy("p0"), await kv_of(store, schema.spd_policy("p0")), await store.ping()))
+    await reconciler._apply_policies(events)
+    assert backend.policy_batches[1:] == [["p1", "p2", "p3"]]  # p0 unchanged: no install
+    assert backend.calls == ["unpolicy gone"]
+    assert set(reconciler.installed_policies) == {"p0", "p1", "p3"}
+    assert "refused" in reconciler.errors[schema.spd_policy("p2")]
+    for key, _, revision in events:
+        error = await reconciler.wait_applied(key, revision)
+        assert (error is not None) == key.endswith("/p2")

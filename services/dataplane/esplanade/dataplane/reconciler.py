@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from esplanade.dataplane.backend import DataplaneBackend, DataplaneError, InvalidArgument
@@ -390,42 +390,80 @@ class Reconciler:
         return policy
 
     async def _apply_policies(self, events: list[Event]) -> None:
-        for key, (kv, revision) in newest_per_key(events).items():
-            await self._apply_policy(key, kv, revision)
+        await self._apply_policy_batch(newest_per_key(events), wait_for_child=True)
+
+    async def _apply_policy_batch(
+        self, latest: Mapping[str, tuple[KeyValue | None, int]], *, wait_for_child: bool
+    ) -> None:
+        install_many = getattr(self.backend, "install_policies", None)
+        if install_many is None:
+            for key, (kv, revision) in latest.items():
+                await self._apply_policy(key, kv, revision, wait_for_child=wait_for_child)
+            return
+        # A watch batch as one: removals and no-ops as they come, the installs together.
+        async with self._lock:
+            wanted: list[tuple[str, SpdPolicy, int]] = []
+            for key, (kv, revision) in latest.items():
+                policy = await self._policy_event(key, kv, revision, wait_for_child=wait_for_child)
+                if policy is not None:
+                    wanted.append((key, policy, revision))
+            if not wanted:
+                return
+            outcomes: list[DataplaneError | None] = await install_many([policy for _, policy, _ in wanted])
+            for (key, policy, revision), error in zip(wanted, outcomes, strict=True):
+                self._installed_policy(key, policy, revision, error)
 
     async def _apply_policy(self, key: str, kv: KeyValue | None, revision: int, *, wait_for_child: bool = True) -> None:
         async with self._lock:
+            policy = await self._policy_event(key, kv, revision, wait_for_child=wait_for_child)
+            if policy is None:
+                return
             error: DataplaneError | None = None
-            policy_id = policy_id_of(key)
-            for waiting in self._awaiting_child.values():
-                waiting.pop(key, None)  # a newer event for this policy supersedes a waiting one
             try:
-                if kv is None:
-                    self.policies.pop(policy_id, None)
-                    if policy_id in self.installed_policies:
-                        await self.backend.delete_policy(policy_id)
-                        del self.installed_policies[policy_id]
-                else:
-                    try:
-                        policy = self._decode_policy(kv)
-                    except (SealingError, KeyError, TypeError, ValueError) as exc:
-                        raise InvalidArgument(f"{key} is not a readable policy: {type(exc).__name__}: {exc}") from None
-                    if (
-                        wait_for_child
-                        and self.ready.is_set()
-                        and policy.child_sa
-                        and policy.child_sa not in self.records
-                    ):
-                        self._await_child(policy.child_sa, key, kv, revision)
-                        return
-                    self.policies[policy_id] = policy
-                    if self.ownership.carries_policy(policy) and self.installed_policies.get(policy_id) != policy:
-                        await self.backend.install_policy(policy)
-                        self.installed_policies[policy_id] = policy
+                await self.backend.install_policy(policy)
             except DataplaneError as exc:
                 error = exc
-                log.error("policy %s: %s", policy_id, exc)
-            self._done(key, revision, error)
+            self._installed_policy(key, policy, revision, error)
+
+    async def _policy_event(
+        self, key: str, kv: KeyValue | None, revision: int, *, wait_for_child: bool
+    ) -> SpdPolicy | None:
+        """Apply one policy event (under `self._lock`) up to the backend install: the policy to
+        install, for the caller to hand to the backend and then `_installed_policy`; None when
+        the event is done with (removed, unchanged, waiting for its Child SA, or an error)."""
+        error: DataplaneError | None = None
+        policy_id = policy_id_of(key)
+        for waiting in self._awaiting_child.values():
+            waiting.pop(key, None)  # a newer event for this policy supersedes a waiting one
+        try:
+            if kv is None:
+                self.policies.pop(policy_id, None)
+                if policy_id in self.installed_policies:
+                    await self.backend.delete_policy(policy_id)
+                    del self.installed_policies[policy_id]
+            else:
+                try:
+                    policy = self._decode_policy(kv)
+                except (SealingError, KeyError, TypeError, ValueError) as exc:
+                    raise InvalidArgument(f"{key} is not a readable policy: {type(exc).__name__}: {exc}") from None
+                if wait_for_child and self.ready.is_set() and policy.child_sa and policy.child_sa not in self.records:
+                    self._await_child(policy.child_sa, key, kv, revision)
+                    return None
+                self.policies[policy_id] = policy
+                if self.ownership.carries_policy(policy) and self.installed_policies.get(policy_id) != policy:
+                    return policy
+        except DataplaneError as exc:
+            error = exc
+            log.error("policy %s: %s", policy_id, exc)
+        self._done(key, revision, error)
+        return None
+
+    def _installed_policy(self, key: str, policy: SpdPolicy, revision: int, error: DataplaneError | None) -> None:
+        if error is None:
+            self.installed_policies[policy.id] = policy
+        else:
+            log.error("policy %s: %s", policy.id, error)
+        self._done(key, revision, error)
 
     def _await_child(self, child_id: str, key: str, kv: KeyValue, revision: int) -> None:
         self._awaiting_child.setdefault(child_id, {})[key] = (kv, revision)
@@ -433,9 +471,10 @@ class Reconciler:
         loop.call_later(CHILD_WAIT_SECONDS, lambda: loop.create_task(self._release_waiting(child_id)))
 
     async def _release_waiting(self, child_id: str) -> None:
-        """The Child SA arrived (or the wait ran out): apply the policies that named it."""
-        for key, (kv, revision) in self._awaiting_child.pop(child_id, {}).items():
-            await self._apply_policy(key, kv, revision, wait_for_child=False)
+        """The Child SA arrived (or the wait ran out): apply the policies that named it, together."""
+        waiting = self._awaiting_child.pop(child_id, {})
+        if waiting:
+            await self._apply_policy_batch(waiting, wait_for_child=False)
 
     async def _resync_policies(self, item: Resync) -> None:
         present = {kv.key for kv in item.kvs}

@@ -553,47 +553,74 @@ class UserspaceBackend:
                     del self._policies_of[previous.child_sa]
 
     async def install_policy(self, policy: SpdPolicy) -> None:
+        error = (await self.install_policies([policy]))[0]
+        if error is not None:
+            raise error
+
+    async def install_policies(self, policies: list[SpdPolicy]) -> list[DataplaneError | None]:
+        """Install or replace several policies (distinct ids), each all or nothing on its own:
+        their worker messages go out together, one round of replies for all. Returns each
+        one's error (None: installed, or already installed as it is)."""
+        results: list[DataplaneError | None] = [None] * len(policies)
         async with self._lock:
-            previous = self._policies.get(policy.id)
-            if previous == policy:
-                return
-            self.check_policy(policy)
-            message = {"op": "install_policy", "policy": policy_document(policy)}
-            errors = await self._broadcast([(i, message) for i in range(self.workers)])
-            if not errors and self.routes is not None:
+            todo: list[int] = []
+            for i, policy in enumerate(policies):
+                if self._policies.get(policy.id) == policy:
+                    continue
                 try:
-                    if previous is not None:
-                        self.routes.replace_policy(
-                            previous, policy, self._children.get(policy.child_sa), self._endpoints()
-                        )
-                    else:
-                        self.routes.add_policy(policy, self._children.get(policy.child_sa), self._endpoints())
-                except (NetConfigError, ValueError) as exc:
-                    errors.append(f"routes: {exc}")
-                    if previous is not None:
-                        with contextlib.suppress(NetConfigError, ValueError):
-                            self.routes.add_policy(previous, self._children.get(previous.child_sa), self._endpoints())
-            if not errors:
-                try:
-                    await self.guard.add(policy)
+                    self.check_policy(policy)
                 except DataplaneError as exc:
-                    errors.append(f"cleartext guard: {exc}")
-                    if self.routes is not None:
-                        with contextlib.suppress(NetConfigError, ValueError):
-                            self.routes.remove_policy(policy)
-                            if previous is not None:
-                                self.routes.add_policy(
-                                    previous, self._children.get(previous.child_sa), self._endpoints()
-                                )
-            if errors:
-                undo: dict[str, Any] = (
-                    {"op": "install_policy", "policy": policy_document(previous)}
-                    if previous is not None
-                    else {"op": "remove_policy", "policy_id": policy.id}
-                )
-                await self._broadcast([(i, undo) for i in range(self.workers)])
-                raise DataplaneError(f"policy {policy.id!r} not installed: {'; '.join(errors)}")
-            self._set_policy(policy)
+                    results[i] = exc
+                    continue
+                todo.append(i)
+            if not todo:
+                return results
+            groups = [
+                [(w, {"op": "install_policy", "policy": policy_document(policies[i])}) for w in range(self.workers)]
+                for i in todo
+            ]
+            sent = await self._broadcast_groups(groups)
+            for i, errors in zip(todo, sent, strict=True):
+                try:
+                    await self._settle_policy(policies[i], errors)
+                except DataplaneError as exc:
+                    results[i] = exc
+        return results
+
+    async def _settle_policy(self, policy: SpdPolicy, errors: list[str]) -> None:
+        """The workers took `policy` (or reported `errors`): routes and cleartext guard follow,
+        or everything goes back to the previous version (DataplaneError)."""
+        previous = self._policies.get(policy.id)
+        if not errors and self.routes is not None:
+            try:
+                if previous is not None:
+                    self.routes.replace_policy(previous, policy, self._children.get(policy.child_sa), self._endpoints())
+                else:
+                    self.routes.add_policy(policy, self._children.get(policy.child_sa), self._endpoints())
+            except (NetConfigError, ValueError) as exc:
+                errors.append(f"routes: {exc}")
+                if previous is not None:
+                    with contextlib.suppress(NetConfigError, ValueError):
+                        self.routes.add_policy(previous, self._children.get(previous.child_sa), self._endpoints())
+        if not errors:
+            try:
+                await self.guard.add(policy)
+            except DataplaneError as exc:
+                errors.append(f"cleartext guard: {exc}")
+                if self.routes is not None:
+                    with contextlib.suppress(NetConfigError, ValueError):
+                        self.routes.remove_policy(policy)
+                        if previous is not None:
+                            self.routes.add_policy(previous, self._children.get(previous.child_sa), self._endpoints())
+        if errors:
+            undo: dict[str, Any] = (
+                {"op": "install_policy", "policy": policy_document(previous)}
+                if previous is not None
+                else {"op": "remove_policy", "policy_id": policy.id}
+            )
+            await self._broadcast([(i, undo) for i in range(self.workers)])
+            raise DataplaneError(f"policy {policy.id!r} not installed: {'; '.join(errors)}")
+        self._set_policy(policy)
 
     async def delete_policy(self, policy_id: str) -> None:
         async with self._lock:
