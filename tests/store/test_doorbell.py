@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -12,18 +11,22 @@ from tests.conditions import async_wait_until
 from tests.store.watch_collector import WatchCollector
 
 
-def test_a_ring_reaches_the_others_and_not_the_ringer(tmp_path: Path) -> None:
+def test_a_ring_reaches_the_others_and_not_the_ringer_with_the_revision(tmp_path: Path) -> None:
     a, b = Doorbell(tmp_path / "bell"), Doorbell(tmp_path / "bell")
     assert a.open() and b.open()
     try:
-        a.ring_others()
-        assert a.rings_sent == 1
-        b_socket = socket.socket(fileno=os.dup(b.fileno()))
+        a.ring_others(41)
+        a.ring_others(42)
+        assert a.rings_sent == 2
+        assert b.drain() == 42  # the highest revision named
+        assert b.drain() == 0  # nothing left: returns at once
+        assert a.drain() == 0  # the ringer does not ring itself
+        garbage = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            assert b_socket.recv(64) == b"!"
+            garbage.sendto(b"!", str(b.path))  # not a revision: a plain wake-up
         finally:
-            b_socket.close()
-        b.drain()  # nothing left: returns at once
+            garbage.close()
+        assert b.drain() == 0
     finally:
         a.close()
         b.close()
@@ -39,7 +42,7 @@ def test_a_socket_nobody_is_bound_to_is_removed(tmp_path: Path) -> None:
     live = Doorbell(bell)
     assert live.open()
     try:
-        live.ring_others()
+        live.ring_others(1)
         assert not dead.path.exists()
     finally:
         live.close()
@@ -49,7 +52,7 @@ def test_a_path_too_long_for_a_socket_means_polling_only(tmp_path: Path) -> None
     deep = tmp_path / ("d" * (MAX_SOCKET_PATH - len(str(tmp_path))))
     bell = Doorbell(deep)
     assert not bell.open()
-    bell.ring_others()  # harmless
+    bell.ring_others(1)  # harmless
     bell.close()
 
 

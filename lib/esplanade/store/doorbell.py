@@ -3,8 +3,10 @@ the file open, so their watches read a new revision at once instead of at their 
 
 Each open store binds a Unix datagram socket in `<store>.bell/` (a path, not the abstract
 namespace: the services may sit in different network namespaces). After a commit that made
-revisions, the writer sends one byte to every other socket there, without blocking: a full
-receive queue means that process has a wake-up pending already. A socket nobody is bound to
+revisions, the writer sends the store revision it committed (8 bytes, big-endian) to every
+other socket there, without blocking: a full receive queue means that process has a wake-up
+pending already. The receiver's watches then read up to that revision without first asking
+the database for it (the socket files are the store owner's, like the database file). A socket nobody is bound to
 any more (its process died) refuses the byte and is removed. The ring is only a hint: polling
 stays, so a lost or late ring costs latency, never an event.
 """
@@ -15,9 +17,11 @@ import contextlib
 import itertools
 import os
 import socket
+import struct
 from pathlib import Path
 
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, NUL included
+_REVISION = struct.Struct("!Q")
 _names = itertools.count()
 
 
@@ -55,17 +59,22 @@ class Doorbell:
     def fileno(self) -> int:
         return self._receiver.fileno() if self._receiver is not None else -1
 
-    def drain(self) -> None:
-        """Take every pending ring (they only say: look)."""
+    def drain(self) -> int:
+        """Take every pending ring: the highest revision they name (0: none did)."""
         receiver = self._receiver
+        highest = 0
         while receiver is not None:
             try:
-                receiver.recv(64)
+                data = receiver.recv(64)
             except OSError:  # BlockingIOError: none left
-                return
+                break
+            if len(data) == _REVISION.size:
+                highest = max(highest, _REVISION.unpack(data)[0])
+        return highest
 
-    def ring_others(self) -> None:
-        """Wake every other process's store (called from the writer thread after a commit)."""
+    def ring_others(self, revision: int) -> None:
+        """Tell every other process's store that `revision` is committed (called from the
+        writer thread after the commit)."""
         sender = self._sender
         if sender is None:
             return
@@ -73,12 +82,13 @@ class Doorbell:
             names = os.listdir(self.directory)
         except OSError:
             return
+        ring = _REVISION.pack(revision)
         for name in names:
             if name == self.name:
                 continue
             path = os.path.join(self.directory, name)
             try:
-                sender.sendto(b"!", path)
+                sender.sendto(ring, path)
                 self.rings_sent += 1
             except BlockingIOError:
                 pass  # its queue is full: it has rings to read already

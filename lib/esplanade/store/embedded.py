@@ -29,8 +29,9 @@ SQLite's busy handler would sleep 1, 2, 5, 10... ms between retries of a locked 
 
 Reads run on a small reader thread pool (WAL readers never wait for the writer). Watches
 wake at once on this process's writes; other processes' writes ring this one's doorbell
-(`doorbell.py`, a Unix datagram socket per open store), and `meta.revision` (one indexed
-row) is polled every `poll_interval` besides, should a ring be lost. The writer tells which
+(`doorbell.py`, a Unix datagram socket per open store) with the revision they committed,
+and `meta.revision` (one indexed row) is polled every `poll_interval` besides, should a ring
+be lost. The writer tells which
 keys each of its revisions wrote, so a watch skips the read when every new revision is one
 of this process's and none touched its prefix (a service's own bookkeeping writes cost its
 watches nothing).
@@ -375,9 +376,11 @@ class EmbeddedStore(Store):
             raise StoreError(f"embedded store {self.path} has schema {schema}, this version reads {SCHEMA_VERSION}")
 
     def _rung(self) -> None:
-        if self._doorbell is not None:
-            self._doorbell.drain()
-        self._wake.set()
+        revision = self._doorbell.drain() if self._doorbell is not None else 0
+        if revision:
+            self._revision_seen(revision)  # committed: the watches read up to it at once
+        else:
+            self._wake.set()  # a ring without a revision: the poller reads it
 
     async def close(self) -> None:
         self._closed.set()
@@ -452,7 +455,7 @@ class EmbeddedStore(Store):
     def _committed_threadsafe(self, start: int, revision: int, written: list[tuple[int, bytes]]) -> None:
         doorbell = self._doorbell
         if doorbell is not None:
-            doorbell.ring_others()
+            doorbell.ring_others(revision)
         loop = self._loop
         if loop is not None:
             with contextlib.suppress(RuntimeError):
