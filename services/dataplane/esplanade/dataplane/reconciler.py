@@ -112,6 +112,10 @@ class Reconciler:
         self._lock = asyncio.Lock()
         # child id -> policy key -> (kv, revision): policies waiting for the Child SA they name
         self._awaiting_child: dict[str, dict[str, tuple[KeyValue, int]]] = {}
+        # Called with each Child SA installed or updated here (before its ack is written) and
+        # with the id of each one removed: the policy enforcer puts the identity filter on it.
+        self.on_installed: list[Callable[[ChildSaRecord], Awaitable[None]]] = []
+        self.on_removed: list[Callable[[str], Awaitable[None]]] = []
 
     # -- waiting for writes -------------------------------------------------------------
     async def wait_applied(self, key: str, revision: int) -> DataplaneError | None:
@@ -261,6 +265,7 @@ class Reconciler:
                     if same_spis and update is not None:
                         await update(record)
                         self.installed[record.id] = record
+                        await self._installed(record)
                         acked.append(record)
                         continue
                     errors.update(await self._uninstall_children([key]))
@@ -285,6 +290,11 @@ class Reconciler:
                 errors[key] = outcome
                 continue
             self.installed[record.id] = record
+            try:
+                await self._installed(record)  # before the ack: keyexchange answers the peer on it
+            except DataplaneError as exc:
+                errors[key] = exc
+                continue
             acked.append(record)
         if acked:
             try:
@@ -293,6 +303,10 @@ class Reconciler:
                 for record in acked:
                     errors[schema.child_sa(record.id)] = DataplaneError(f"store: {exc}")
         return errors
+
+    async def _installed(self, record: ChildSaRecord) -> None:
+        for hook in self.on_installed:
+            await hook(record)
 
     async def _uninstall_child(self, child_id: str) -> None:
         error = (await self._uninstall_children([schema.child_sa(child_id)])).get(schema.child_sa(child_id))
@@ -316,6 +330,11 @@ class Reconciler:
                 continue
             del self.installed[child_id]
             gone.append(record)
+            try:
+                for hook in self.on_removed:
+                    await hook(child_id)
+            except DataplaneError as exc:  # it is out of the backend all the same: its ack goes
+                errors[key] = exc
         if not gone:
             return errors
         conditions: list[Compare] = []
