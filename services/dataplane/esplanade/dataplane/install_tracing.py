@@ -3,15 +3,16 @@
 keyexchange writes the W3C trace context of the negotiation into the Child SA record
 (`ChildSaRecord.trace_context`). The install span continues that trace (so one trace id runs
 from the REST call through keyexchange to here) and also carries a span link to the
-producer, the OpenTelemetry convention for a hand-off through a queue or store.
+producer, the OpenTelemetry convention for a hand-off through a queue or store. Installs are
+batched, so the span is recorded when the outcome of its record is known.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+import time
 
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from esplanade.ipsec.sa import ChildSaRecord
 from esplanade.telemetry.tracing import extract_context, link_from
@@ -19,12 +20,16 @@ from esplanade.telemetry.tracing import extract_context, link_from
 _tracer = trace.get_tracer("esplanade.dataplane")
 
 
-def install_span(record: ChildSaRecord, node: str) -> AbstractContextManager[Span]:
+def record_install(record: ChildSaRecord, node: str, started_ns: int, error: str = "") -> None:
     carrier = record.trace_context
-    return _tracer.start_as_current_span(
+    span = _tracer.start_span(
         "dataplane.install_child_sa",
         context=extract_context(carrier) if carrier else None,
         links=link_from(carrier) if carrier else None,
         kind=SpanKind.CONSUMER,
+        start_time=started_ns,
         attributes={"ike.connection": record.connection, "ipsec.child": record.child, "dataplane.node": node},
     )
+    if error:
+        span.set_status(Status(StatusCode.ERROR, error))
+    span.end(end_time=max(started_ns, time.time_ns()))
