@@ -1,6 +1,6 @@
 """The kernel backend's bookkeeping against a fake kernel: all-or-nothing, reqids, events.
 
-`FakeKernel` stands in for `XfrmClient` (the netlink side is proven against real kernels
+`FakeKernel` (fake_kernel.py) stands in for `XfrmClient` (the netlink side is proven against real kernels
 in test_kernel_backend_netns.py and in the VM). It refuses duplicates and missing
 entries like the kernel does and can be told to fail the n-th change, which lets these
 tests break an install or a delete at every step and check that nothing is left half done.
@@ -17,79 +17,19 @@ from esplanade.dataplane.backend import (
     AlreadyExists,
     DataplaneError,
     DataplaneEventKind,
-    NotFound,
     Unsupported,
 )
 from esplanade.dataplane.kernel.backend import KernelXfrmBackend
 from esplanade.dataplane.kernel.xfrm_messages import XfrmMsgType, xfrm_user_acquire, xfrm_user_expire
-from esplanade.dataplane.kernel.xfrm_policy import XfrmPolicy, XfrmPolicyKey
-from esplanade.dataplane.kernel.xfrm_sa import XfrmReplayState, XfrmSa, XfrmSaId, XfrmSaState
+from esplanade.dataplane.kernel.xfrm_sa import XfrmSa
 from esplanade.dataplane.kernel.xfrm_selector import XfrmSelector
 from esplanade.dataplane.kernel.xfrm_socket import NetlinkHeader, decode_message
 from esplanade.ipsec.sa import ChildSaRecord, Lifetime
 from tests.dataplane.kernel.child_sa_builders import TRANSFORMS_BY_LABEL, Peer, child_sa_pair, protect_policies
+from tests.dataplane.kernel.fake_kernel import FakeKernel
 
 A, B = Peer("192.0.2.1", "10.1.0.1"), Peer("192.0.2.2", "10.2.0.1")
 GCM = TRANSFORMS_BY_LABEL["aes128gcm16"]
-
-
-class FakeKernel:
-    """The subset of XfrmClient the backend uses, with kernel-like refusals."""
-
-    def __init__(self) -> None:
-        self.sas: dict[XfrmSaId, XfrmSa] = {}
-        self.policies: dict[XfrmPolicyKey, XfrmPolicy] = {}
-        self.changes = 0
-        self.fail_at: int | None = None  # the n-th change (1-based) raises
-        self.failure: DataplaneError = Unsupported("injected failure")
-        self.packets: dict[XfrmSaId, int] = {}
-
-    def _change(self) -> None:
-        self.changes += 1
-        if self.fail_at == self.changes:
-            raise self.failure
-
-    def add_sa(self, sa: XfrmSa) -> None:
-        self._change()
-        if sa.id in self.sas:
-            raise AlreadyExists(f"{sa.id} already exists")
-        self.sas[sa.id] = sa
-
-    def delete_sa(self, sa_id: XfrmSaId, *, mark: tuple[int, int] | None = None) -> None:
-        self._change()
-        if self.sas.pop(sa_id, None) is None:
-            raise NotFound(f"{sa_id} not found")
-
-    def add_policy(self, policy: XfrmPolicy) -> None:
-        self._change()
-        if policy.key in self.policies:
-            raise AlreadyExists(f"{policy.key} already exists")
-        self.policies[policy.key] = policy
-
-    def update_policy(self, policy: XfrmPolicy) -> None:
-        self._change()
-        self.policies[policy.key] = policy
-
-    def delete_policy(self, key: XfrmPolicyKey) -> None:
-        self._change()
-        if self.policies.pop(key, None) is None:
-            raise NotFound(f"{key} not found")
-
-    def dump_sas(self) -> list[XfrmSaState]:
-        return [
-            XfrmSaState(
-                sa,
-                100 * self.packets.get(sa.id, 0),
-                self.packets.get(sa.id, 0),
-                0,
-                0,
-                0,
-                0,
-                0,
-                XfrmReplayState(oseq=self.packets.get(sa.id, 0), seq=self.packets.get(sa.id, 0)),
-            )
-            for sa in self.sas.values()
-        ]
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from esplanade.config.settings import Settings
 from esplanade.dataplane.backend import DataplaneBackend, DataplaneError
@@ -29,6 +30,7 @@ from esplanade.dataplane.backend_selection import BackendChoice, choose_backend
 from esplanade.dataplane.ike_relay import IkeRelay
 from esplanade.dataplane.ike_sockets import IkeSocket
 from esplanade.dataplane.kernel.backend import KernelXfrmBackend
+from esplanade.dataplane.kernel.state_journal import KernelStateJournal
 from esplanade.dataplane.node_membership import NodeMembership
 from esplanade.dataplane.ownership import SaOwnership
 from esplanade.dataplane.reconciler import Reconciler
@@ -71,10 +73,23 @@ def bind_address(settings: Settings) -> str:
     return listen[0] if listen else "0.0.0.0"
 
 
+def kernel_state_file(settings: Settings) -> Path:
+    dp = settings.dataplane
+    return dp.kernel_state_file or Path(f"/run/esplanade/dataplane-kernel-{node_name(settings)}.json")
+
+
 def build_backend(settings: Settings, choice: BackendChoice, persistence: StoreSaPersistence) -> DataplaneBackend:
     dp = settings.dataplane
     if choice.name == "kernel":
-        return KernelXfrmBackend(reason=choice.reason, capabilities=choice.capabilities)
+        return KernelXfrmBackend(
+            reason=choice.reason,
+            capabilities=choice.capabilities,
+            keep_on_stop=dp.kernel_keep_on_stop,
+            persistence=persistence,
+            sequence_block=dp.sequence_block,
+            replay_block=dp.replay_block,
+            journal=KernelStateJournal(kernel_state_file(settings)),
+        )
     datapath = DatapathSettings(
         tun_name=dp.tun_name,
         workers=default_workers(dp.workers),
