@@ -66,8 +66,8 @@ def kernel_sa(node: Node, spi: int) -> XfrmSa:
 
 def drain_events(backend: KernelXfrmBackend) -> list[DataplaneEvent]:
     out = []
-    while not backend._queue.empty():  # noqa: SLF001 - the test reads what was emitted so far
-        event = backend._queue.get_nowait()  # noqa: SLF001
+    while not backend._queue.empty():
+        event = backend._queue.get_nowait()
         if event is not None:
             out.append(event)
     return out
@@ -90,7 +90,7 @@ async def test_a_restarted_dataplane_adopts_what_the_kernel_still_holds(tmp_path
     assert (node.kernel.sas, node.kernel.policies) == content
     assert second.adopted == {"sas": 2, "policies": 2}
     # the ledger is taken over and raised above what the kernel sent meanwhile
-    await second._keeper.drain()  # type: ignore[union-attr]  # noqa: SLF001
+    await second._keeper.drain()  # type: ignore[union-attr]
     assert node.ledger.sequence[record.outbound.spi] >= 5000 + BLOCK // 2
     assert not [e for e in drain_events(second) if e.kind == DataplaneEventKind.SOFT_EXPIRE]
     # and it is really ours now: a delete removes it
@@ -166,7 +166,7 @@ async def test_a_reinstalled_sa_continues_after_the_ledger_and_asks_for_a_rekey(
     assert node.ledger.sequence[record.outbound.spi] == BLOCK
     node.kernel.packets[out_sa.id] = 700
     first.counters()  # a dump sees 700 sent: within half a block of the bound
-    await first._keeper.drain()  # type: ignore[union-attr]  # noqa: SLF001
+    await first._keeper.drain()  # type: ignore[union-attr]
     assert node.ledger.sequence[record.outbound.spi] == 700 + BLOCK
 
     node.kernel.sas.clear()  # the node rebooted: the kernel lost its SAs (and the journal its file)
@@ -200,12 +200,12 @@ async def test_newae_events_keep_the_ledger_ahead_and_a_lost_ledger_stops_nothin
     await backend.install_child_sa(record)
     out_sa = kernel_sa(node, record.outbound.spi)
     backend.process_kernel_message(XfrmMsgType.NEWAE, aevent(out_sa, XfrmReplayState(oseq=256)))
-    await backend._keeper.drain()  # type: ignore[union-attr]  # noqa: SLF001
+    await backend._keeper.drain()  # type: ignore[union-attr]
     assert node.ledger.sequence[record.outbound.spi] == BLOCK  # 256 is far below the bound
     backend.process_kernel_message(XfrmMsgType.NEWAE, aevent(out_sa, XfrmReplayState(oseq=768)))
-    await backend._keeper.drain()  # type: ignore[union-attr]  # noqa: SLF001
+    await backend._keeper.drain()  # type: ignore[union-attr]
     assert node.ledger.sequence[record.outbound.spi] == 768 + BLOCK
     in_sa = kernel_sa(node, record.inbound.spi)
     backend.process_kernel_message(XfrmMsgType.NEWAE, aevent(in_sa, XfrmReplayState(seq=900)))
-    await backend._keeper.drain()  # type: ignore[union-attr]  # noqa: SLF001
+    await backend._keeper.drain()  # type: ignore[union-attr]
     assert node.ledger.replay[record.inbound.spi] == 900 + BLOCK

@@ -34,6 +34,7 @@ Mapping decisions (the same KEYMAT layout as the userspace engine, so the wire m
 from __future__ import annotations
 
 import math
+import socket
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -451,6 +452,15 @@ def _replay_window(sa: SecurityAssociation) -> int:
     return window
 
 
+def _state_flags(sa: SecurityAssociation, tunnel: bool, family: int) -> XfrmStateFlag:
+    flags = XfrmStateFlag.AF_UNSPEC if tunnel else XfrmStateFlag(0)
+    if sa.protocol == IpProto.AH and family == socket.AF_INET:
+        # RFC 4302 §3.3.3.2.1: the ICV of AH over IPv4 is padded to 32 bits; Linux pads to
+        # 64 bits (right only for IPv6) unless told ALIGN4, as strongSwan and Libreswan do
+        flags |= XfrmStateFlag.ALIGN4
+    return flags
+
+
 def xfrm_sa_from_association(sa: SecurityAssociation, *, reqid: int, elapsed: float = 0.0) -> XfrmSa:
     """The kernel SA for one direction of a Child SA; raises InvalidArgument/Unsupported."""
     try:
@@ -487,7 +497,7 @@ def xfrm_sa_from_association(sa: SecurityAssociation, *, reqid: int, elapsed: fl
         auth=auth,
         esn=sa.esn,
         replay_window=_replay_window(sa),
-        flags=XfrmStateFlag.AF_UNSPEC if tunnel else 0,
+        flags=_state_flags(sa, tunnel, src_family),
         encap=XfrmEncap(sa.encap.src_port, sa.encap.dst_port) if sa.encap else None,
         lifetime=_kernel_lifetime(sa, elapsed),
         mark=(sa.mark, 0xFFFFFFFF) if sa.mark else None,
