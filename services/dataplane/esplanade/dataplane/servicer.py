@@ -59,23 +59,44 @@ SUBSCRIBER_QUEUE = 1024
 SERVICE_NAME = "esplanade.v1.Dataplane"
 
 
+# Advice that stays true until the Child SA goes: a watcher that connects later (keyexchange
+# reconnecting after this dataplane restarted and reinstalled its SAs) still gets it.
+STANDING_KINDS = ("soft_expire", "sequence_exhausted")
+
+
 class EventHub:
-    """Fan-out of dataplane events to every WatchEvents call (a slow watcher loses its oldest)."""
+    """Fan-out of dataplane events to every WatchEvents call (a slow watcher loses its oldest).
+
+    The last soft_expire / sequence_exhausted of each Child SA stands until the Child SA is
+    deleted (or expires hard): a new subscriber receives the standing ones first, so a rekey
+    a restarted dataplane asked for is not lost while keyexchange reconnects."""
 
     def __init__(self) -> None:
         self._subscribers: set[asyncio.Queue[dataplane_pb2.DataplaneEvent]] = set()
+        self._standing: dict[str, dataplane_pb2.DataplaneEvent] = {}
         self.published = 0
 
     def publish(self, event: dataplane_pb2.DataplaneEvent) -> None:
         self.published += 1
+        if event.child_sa:
+            if event.kind in STANDING_KINDS:
+                self._standing[event.child_sa] = event
+            elif event.kind in ("deleted", "hard_expire"):
+                self._standing.pop(event.child_sa, None)
         for queue in self._subscribers:
-            if queue.full():
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    queue.get_nowait()
-            queue.put_nowait(event)
+            self._put(queue, event)
+
+    @staticmethod
+    def _put(queue: asyncio.Queue[dataplane_pb2.DataplaneEvent], event: dataplane_pb2.DataplaneEvent) -> None:
+        if queue.full():
+            with contextlib.suppress(asyncio.QueueEmpty):
+                queue.get_nowait()
+        queue.put_nowait(event)
 
     def subscribe(self) -> asyncio.Queue[dataplane_pb2.DataplaneEvent]:
         queue: asyncio.Queue[dataplane_pb2.DataplaneEvent] = asyncio.Queue(SUBSCRIBER_QUEUE)
+        for event in self._standing.values():
+            self._put(queue, event)
         self._subscribers.add(queue)
         return queue
 
