@@ -201,6 +201,67 @@ async def test_acquire_names_the_policy(kernel_and_backend: Any) -> None:
     assert event.reason == f"acquire for {A.inner} -> {B.inner} proto 1 (reqid 31)"
 
 
+def _acquire_message(policy: Any) -> Any:
+    msg = xfrm_user_acquire()
+    for key, value in policy.to_message().items():
+        if key not in ("header", "attrs") and not key.startswith("__"):
+            msg[f"policy_{key}"] = value
+    msg.update(XfrmSelector(2, A.inner, B.inner, 32, 32, 1).to_fields("sel_"))
+    msg["attrs"] = [("XFRMA_TMPL", [t.to_value() for t in policy.templates])]
+    return _decoded(msg, XfrmMsgType.ACQUIRE)
+
+
+async def test_a_child_sa_installs_over_a_trap_entry_and_the_trap_comes_back(kernel_and_backend: Any) -> None:
+    """The kernel holds one policy per selector and direction: the Child SA's entries (better
+    priority) take the trap's place while it lives, the trap's return when it goes."""
+    kernel, backend = kernel_and_backend
+    record, _ = record_pair()
+    traps = [
+        dataclasses.replace(p, id=f"trap-{p.direction.name.lower()}", child_sa="", priority=1500)
+        for p in protect_policies(record)
+    ]
+    for trap in traps:
+        await backend.install_policy(trap)
+    trap_entries = dict(kernel.policies)
+    assert sorted(p.priority for p in trap_entries.values()) == [1500, 1500]
+    await backend.install_child_sa(record, protect_policies(record))
+    assert sorted(p.priority for p in kernel.policies.values()) == [1000, 1000]
+    # the Child SA's SA expired hard: an acquire on its entry is the trap's to answer
+    (out_entry,) = [p for p in kernel.policies.values() if p.direction == 1]
+    backend.process_kernel_message(XfrmMsgType.ACQUIRE, _acquire_message(out_entry))
+    event = await anext(backend.events())
+    while event.kind != DataplaneEventKind.ACQUIRE:
+        event = await anext(backend.events())
+    assert event.policy == "trap-out"
+    # a failing delete leaves the Child SA's entries in place
+    kernel.fail_at = kernel.changes + 2
+    with pytest.raises(Unsupported):
+        await backend.delete_child_sa(record.id)
+    assert sorted(p.priority for p in kernel.policies.values()) == [1000, 1000]
+    kernel.fail_at = None
+    await backend.delete_child_sa(record.id)
+    assert kernel.policies == trap_entries and kernel.sas == {}
+    for trap in traps:
+        await backend.delete_policy(trap.id)
+    assert kernel.policies == {}
+
+
+async def test_a_trap_installed_under_a_live_child_sa_waits(kernel_and_backend: Any) -> None:
+    kernel, backend = kernel_and_backend
+    record, _ = record_pair()
+    await backend.install_child_sa(record, protect_policies(record))
+    child_entries = dict(kernel.policies)
+    trap = dataclasses.replace(protect_policies(record)[0], id="trap", child_sa="", priority=1500)
+    await backend.install_policy(trap)
+    assert kernel.policies == child_entries  # the trap waits underneath
+    with pytest.raises(AlreadyExists, match="belongs to policy"):  # same priority: a real conflict
+        await backend.install_policy(dataclasses.replace(trap, id="rival", priority=1000))
+    await backend.delete_child_sa(record.id)
+    assert [p.priority for p in kernel.policies.values()] == [1500]
+    await backend.delete_policy("trap")
+    assert kernel.policies == {}
+
+
 async def test_counters_report_both_directions(kernel_and_backend: Any) -> None:
     kernel, backend = kernel_and_backend
     record, _ = record_pair()

@@ -189,7 +189,11 @@ class KernelXfrmBackend:
         self._reqids: dict[str, int] = {}  # child SA id -> reqid (also reserved ahead)
         self._next_reqid = FIRST_REQID
         self._sa_owner: dict[XfrmSaId, str] = {}
-        self._policy_owner: dict[XfrmPolicyKey, str] = {}
+        self._policy_owner: dict[XfrmPolicyKey, str] = {}  # the policy whose entry the kernel holds
+        # Policies waiting under another's entry for the same kernel key (the kernel holds one
+        # per selector and direction): a trap entry under the Child SA that installed over it
+        # comes back when that Child SA goes, as strongSwan's policy history does.
+        self._shadowed: dict[XfrmPolicyKey, dict[str, XfrmPolicy]] = {}
         # what the kernel held when we started, until the first reconcile is done
         self._preexisting_sas: dict[XfrmSaId, XfrmSaState] = {}
         self._preexisting_policies: dict[XfrmPolicyKey, XfrmPolicy] = {}
@@ -551,9 +555,26 @@ class KernelXfrmBackend:
         old = {p.key: p for p in previous.kernel} if previous else {}
         for kp in wanted:
             owner = self._policy_owner.get(kp.key)
-            if owner is not None and owner != policy.id:
+            if owner is not None and owner != policy.id and self._holder(kp.key).priority == kp.priority:
                 raise AlreadyExists(f"{kp.key} already belongs to policy {owner!r}")
+        self._snapshot_policy_books(rollback)
+        waiting: set[XfrmPolicyKey] = set()
         for kp in wanted:
+            owner = self._policy_owner.get(kp.key)
+            if owner is not None and owner != policy.id:
+                # another policy holds the kernel's entry: the better priority (lower) holds it,
+                # the other waits underneath for its turn
+                holder = self._holder(kp.key)
+                if kp.priority < holder.priority:
+                    client.update_policy(kp)
+                    rollback.done(f"supersede {holder}", partial(client.update_policy, holder))
+                    self._shadowed.setdefault(kp.key, {})[owner] = holder
+                    self._unshadow(kp.key, policy.id)
+                    self._policy_owner[kp.key] = policy.id
+                else:
+                    self._shadowed.setdefault(kp.key, {})[policy.id] = kp
+                    waiting.add(kp.key)
+                continue
             if kp.key in old:
                 client.update_policy(kp)
                 rollback.done(f"update {kp}", partial(client.update_policy, old[kp.key]))
@@ -576,33 +597,71 @@ class KernelXfrmBackend:
         wanted_keys = {kp.key for kp in wanted}
         for key, before in old.items():
             if key not in wanted_keys:
-                with contextlib.suppress(NotFound):
-                    client.delete_policy(key)
-                    rollback.done(f"delete {key}", partial(client.add_policy, before))
-        self._commit_policy(policy, wanted, previous, rollback)
+                self._release(key, policy.id, before, rollback)
+        self._commit_policy(policy, wanted, previous, waiting)
 
-    def _commit_policy(
-        self, policy: SpdPolicy, kernel: list[XfrmPolicy], previous: _InstalledPolicy | None, rollback: _Rollback
-    ) -> None:
-        """Record the new state; the rollback restores the bookkeeping too."""
-        if previous is not None:
-            for kp in previous.kernel:
-                self._policy_owner.pop(kp.key, None)
-        self._policies[policy.id] = _InstalledPolicy(policy, kernel)
-        for kp in kernel:
-            self._policy_owner[kp.key] = policy.id
+    def _holder(self, key: XfrmPolicyKey) -> XfrmPolicy:
+        """The entry the kernel holds for `key` (of the policy that owns it)."""
+        owner = self._policies[self._policy_owner[key]]
+        return next(kp for kp in owner.kernel if kp.key == key)
+
+    def _unshadow(self, key: XfrmPolicyKey, policy_id: str) -> None:
+        waiting = self._shadowed.get(key)
+        if waiting is not None:
+            waiting.pop(policy_id, None)
+            if not waiting:
+                del self._shadowed[key]
+
+    def _release(self, key: XfrmPolicyKey, policy_id: str, entry: XfrmPolicy, rollback: _Rollback) -> None:
+        """`policy_id` gives up `key`: a policy waiting underneath takes the kernel's entry over
+        (the best priority first), else the entry goes."""
+        if self._policy_owner.get(key) != policy_id:
+            self._unshadow(key, policy_id)
+            return
+        waiting = self._shadowed.get(key, {})
+        if waiting:
+            successor, successor_entry = min(waiting.items(), key=lambda item: item[1].priority)
+            self.client.update_policy(successor_entry)
+            rollback.done(f"hand {key} back", partial(self.client.update_policy, entry))
+            self._unshadow(key, successor)
+            self._policy_owner[key] = successor
+            return
+        try:
+            self.client.delete_policy(key)
+            rollback.done(f"delete {entry}", partial(self.client.add_policy, entry))
+        except NotFound:
+            pass
+        self._policy_owner.pop(key, None)
+
+    def _snapshot_policy_books(self, rollback: _Rollback) -> None:
+        """A rollback step that puts the policy bookkeeping back as it is now."""
+        owners = dict(self._policy_owner)
+        shadowed = {key: dict(waiting) for key, waiting in self._shadowed.items()}
+        policies = dict(self._policies)
 
         def restore() -> None:
-            for kp in kernel:
-                self._policy_owner.pop(kp.key, None)
-            if previous is None:
-                self._policies.pop(policy.id, None)
-            else:
-                self._policies[policy.id] = previous
-                for kp in previous.kernel:
-                    self._policy_owner[kp.key] = policy.id
+            self._policy_owner = owners
+            self._shadowed = shadowed
+            self._policies = policies
 
-        rollback.done(f"record policy {policy.id!r}", restore)
+        rollback.done("restore the policy bookkeeping", restore)
+
+    def _commit_policy(
+        self,
+        policy: SpdPolicy,
+        kernel: list[XfrmPolicy],
+        previous: _InstalledPolicy | None,
+        waiting: set[XfrmPolicyKey],
+    ) -> None:
+        """Record the new state (the snapshot in the rollback restores the bookkeeping)."""
+        if previous is not None:
+            for kp in previous.kernel:
+                if self._policy_owner.get(kp.key) == policy.id:
+                    self._policy_owner.pop(kp.key)
+        self._policies[policy.id] = _InstalledPolicy(policy, kernel)
+        for kp in kernel:
+            if kp.key not in waiting:
+                self._policy_owner[kp.key] = policy.id
 
     async def delete_policy(self, policy_id: str) -> None:
         installed = self._policies.get(policy_id)
@@ -623,24 +682,11 @@ class KernelXfrmBackend:
             self._reqids.pop(child_sa, None)
 
     def _delete_policy(self, policy_id: str, rollback: _Rollback) -> None:
-        client = self.client
         installed = self._policies[policy_id]
+        self._snapshot_policy_books(rollback)
         for kp in installed.kernel:
-            try:
-                client.delete_policy(kp.key)
-            except NotFound:
-                continue
-            rollback.done(f"delete {kp}", partial(client.add_policy, kp))
+            self._release(kp.key, policy_id, kp, rollback)
         del self._policies[policy_id]
-        for kp in installed.kernel:
-            self._policy_owner.pop(kp.key, None)
-
-        def restore() -> None:
-            self._policies[policy_id] = installed
-            for kp in installed.kernel:
-                self._policy_owner[kp.key] = policy_id
-
-        rollback.done(f"forget policy {policy_id!r}", restore)
 
     # -- counters and replay state ------------------------------------------------------
     def counters(self) -> list[SaCounters]:
@@ -799,6 +845,10 @@ class KernelXfrmBackend:
         policy = XfrmPolicy.from_message(msg, prefix="policy_")
         flow = XfrmSelector.from_fields(msg, "sel_")
         policy_id = self._policy_owner.get(policy.key, "")
+        if policy_id in self._policies and self._policies[policy_id].policy.child_sa:
+            # the Child SA's entry sits over a trap entry (its SA expired): the trap answers
+            traps = [pid for pid in self._shadowed.get(policy.key, {}) if not self._policies[pid].policy.child_sa]
+            policy_id = traps[0] if traps else policy_id
         reqid = policy.templates[0].reqid if policy.templates else 0
         reason = f"acquire for {flow.saddr} -> {flow.daddr} proto {flow.proto} (reqid {reqid})"
         self._emit(DataplaneEvent(DataplaneEventKind.ACQUIRE, policy=policy_id, reason=reason))
