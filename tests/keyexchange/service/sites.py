@@ -34,6 +34,8 @@ REPO = Path(__file__).resolve().parents[3]
 IN_VM = os.environ.get("ESPLANADE_IN_VM") == "1"
 START_TIMEOUT = 150.0 if IN_VM else 30.0
 POLL_INTERVAL = 0.3 if IN_VM else 0.02  # one vCPU there: polling must not starve the services
+# a restarted service is reached within 2 s (gRPC's default reconnect backoff grows to 120 s)
+CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2_000)]
 
 
 def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -106,9 +108,10 @@ class Site:
         env.update(extra)
         return env
 
-    def start_dataplane(self, *extra: str) -> None:
+    def start_dataplane(self, *extra: str, wait: bool = True) -> None:
+        """Start the dataplane; `wait=False` returns at once (then `wait_dataplane()`)."""
         if DATAPLANE == "real" and not extra:
-            self._start_real_dataplane()
+            self._start_real_dataplane(wait=wait)
             return
         cmd = [
             sys.executable,
@@ -134,7 +137,7 @@ class Site:
         nsx(self.ns, "ip", "link", "set", "esp0", "up")
         nsx(self.ns, "ip", "link", "set", "esp0", "mtu", "1400")
 
-    def _start_real_dataplane(self, **extra: str) -> None:
+    def _start_real_dataplane(self, *, wait: bool = True, **extra: str) -> None:
         """The dataplane service (`esplanade serve dataplane`, `self.backend`) on this site's store."""
         env = self.env(
             ESPLANADE_ENDPOINTS__DATAPLANE=f"0.0.0.0:{DP_PORT}",
@@ -151,6 +154,10 @@ class Site:
             self.dp = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns, *cmd], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
             )
+        if wait:
+            self.wait_dataplane()
+
+    def wait_dataplane(self) -> None:
         wait_until(self._dp_serving, timeout=START_TIMEOUT, interval=POLL_INTERVAL, what=f"{self.ns} dataplane serving")
 
     def _dp_serving(self) -> bool:
@@ -169,7 +176,8 @@ class Site:
             raise AssertionError(f"dataplane died: {self.dp_log.read_text(errors='replace')[-2000:]}")
         return nsx(self.ns, "ip", "link", "show", "esp0", check=False).returncode == 0
 
-    def start_keyexchange(self, **extra: str) -> None:
+    def start_keyexchange(self, *, wait: bool = True, **extra: str) -> None:
+        """Start keyexchange; `wait=False` returns at once (then `wait_keyexchange()`)."""
         profile = os.environ.get("KXS_PROFILE_KEYEXCHANGE")  # bench: cProfile output path
         prefix = ["-m", "cProfile", "-o", profile] if profile else []
         cmd = [sys.executable, *prefix, "-m", "esplanade.cli.main", "serve", "keyexchange"]
@@ -181,6 +189,10 @@ class Site:
                 env=self.env(**extra),
                 cwd=REPO,
             )
+        if wait:
+            self.wait_keyexchange()
+
+    def wait_keyexchange(self) -> None:
         wait_until(
             self._kx_serving, timeout=START_TIMEOUT, interval=POLL_INTERVAL, what=f"{self.ns} keyexchange serving"
         )
@@ -226,12 +238,12 @@ class Site:
     # -- gRPC --------------------------------------------------------------------------------------
     def kx_stub(self) -> keyexchange_pb2_grpc.KeyExchangeStub:
         if self._kx_channel is None:
-            self._kx_channel = grpc.insecure_channel(f"{self.mgmt_ip}:{KX_PORT}")
+            self._kx_channel = grpc.insecure_channel(f"{self.mgmt_ip}:{KX_PORT}", CHANNEL_OPTIONS)
         return keyexchange_pb2_grpc.KeyExchangeStub(self._kx_channel)
 
     def dp_stub(self) -> dataplane_pb2_grpc.DataplaneStub:
         if self._dp_channel is None:
-            self._dp_channel = grpc.insecure_channel(f"{self.mgmt_ip}:{DP_PORT}")
+            self._dp_channel = grpc.insecure_channel(f"{self.mgmt_ip}:{DP_PORT}", CHANNEL_OPTIONS)
         return dataplane_pb2_grpc.DataplaneStub(self._dp_channel)
 
     def drops(self) -> dict[str, int]:
