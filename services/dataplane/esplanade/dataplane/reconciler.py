@@ -85,6 +85,10 @@ class Reconciler:
         self._lock = asyncio.Lock()
         # child id -> policy key -> (kv, revision): policies waiting for the Child SA they name
         self._awaiting_child: dict[str, dict[str, tuple[KeyValue, int]]] = {}
+        # Called with each Child SA installed or updated here (before its ack is written) and
+        # with the id of each one removed: the policy enforcer puts the identity filter on it.
+        self.on_installed: list[Callable[[ChildSaRecord], Awaitable[None]]] = []
+        self.on_removed: list[Callable[[str], Awaitable[None]]] = []
 
     # -- waiting for writes -------------------------------------------------------------
     async def wait_applied(self, key: str, revision: int) -> DataplaneError | None:
@@ -216,12 +220,18 @@ class Reconciler:
             if same_spis and update is not None:
                 await update(record)
                 self.installed[record.id] = record
+                await self._installed(record)
                 await self._write_ack(record)
                 return
             await self._uninstall_child(record.id)
         await self.backend.install_child_sa(record)
         self.installed[record.id] = record
+        await self._installed(record)
         await self._write_ack(record)
+
+    async def _installed(self, record: ChildSaRecord) -> None:
+        for hook in self.on_installed:
+            await hook(record)
 
     async def _uninstall_child(self, child_id: str) -> None:
         record = self.installed.get(child_id)
@@ -229,6 +239,8 @@ class Reconciler:
             return
         await self.backend.delete_child_sa(child_id)
         del self.installed[child_id]
+        for hook in self.on_removed:
+            await hook(child_id)
         with contextlib.suppress(StoreError):
             await self.store.delete(schema.install_ack(child_id, self.node))
         if child_id not in self.records:  # gone from the store, not merely moved

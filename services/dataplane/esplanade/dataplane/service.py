@@ -34,9 +34,12 @@ from esplanade.dataplane.kernel.backend import KernelXfrmBackend
 from esplanade.dataplane.kernel.state_journal import KernelStateJournal
 from esplanade.dataplane.node_membership import NodeMembership
 from esplanade.dataplane.ownership import SaOwnership
+from esplanade.dataplane.policy_enforcement import PolicyEnforcer
 from esplanade.dataplane.reconciler import Reconciler
 from esplanade.dataplane.sequence_ledger import StoreSaPersistence
 from esplanade.dataplane.servicer import SERVICE_NAME, DataplaneServicer, EventHub, ServicerParts, publish_event
+from esplanade.policy.access_view import AccessView
+from esplanade.policy.decision_events import DecisionEvents
 from esplanade.runtime.service_host import ServiceContext, run_service
 from esplanade.store.base import Store
 from esplanade.store.factory import open_sealer, open_store
@@ -64,6 +67,8 @@ class DataplaneNode:
     events: EventHub = field(default_factory=EventHub)
     sockets: list[IkeSocket] = field(default_factory=list)
     failure: str = ""
+    decisions: DecisionEvents | None = None  # drop events of the identity filters (the flow log subscribes)
+    enforcer: PolicyEnforcer | None = None
 
 
 def default_workers(configured: int) -> int:
@@ -193,6 +198,12 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
         lease=lambda: membership.lease_id,
     )
     membership.on_new_lease.append(reconciler.rewrite_acks)
+    access = AccessView(runtime.store)
+    decisions = DecisionEvents(f"dataplane/{runtime.node}")
+    enforcer = PolicyEnforcer(backend, access, decisions)
+    runtime.decisions, runtime.enforcer = decisions, enforcer
+    reconciler.on_installed.append(enforcer.on_installed)
+    reconciler.on_removed.append(enforcer.on_removed)
     relay.ike_port, relay.natt_port = dp.ike_port, dp.udp_port
 
     address = bind_address(settings)
@@ -213,6 +224,9 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
             "lease_renewals": str(membership.renewals),
             "ledger_writes": str(runtime.persistence.writes),
             "incarnation": runtime.persistence.incarnation,
+            "policy_filters": str(len(enforcer.applied)),
+            "policy_filter_updates": str(enforcer.filter_updates),
+            "policy_revision": str(access.table.revision),
         }
         for sock in runtime.sockets:
             for name, count in sock.counters.items():
@@ -241,6 +255,8 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
     async def membership_then_reconcile() -> None:
         registered = asyncio.create_task(membership.run())
         await membership.registered.wait()
+        # The policy view first: an SA installed from the store gets its filter before its ack.
+        await access.ready.wait()
         try:
             await reconciler.run()
         finally:
@@ -249,5 +265,8 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
     ctx.readiness.append(reconciler.ready.is_set)
     ctx.readiness.append(lambda: not getattr(backend, "failed", ""))
     ctx.spawn(pump_events(), "dataplane-events")
+    ctx.spawn(access.run(), "policy-access-view")
+    ctx.spawn(enforcer.run(), "policy-enforcer")
+    ctx.spawn(decisions.run(), "decision-events")
     ctx.spawn(membership_then_reconcile(), "dataplane-reconciler")
     ctx.on_stop.append(membership.leave)

@@ -44,6 +44,7 @@ from esplanade.dataplane.backend import (
     DataplaneError,
     DataplaneEvent,
     DataplaneEventKind,
+    FilterDrops,
     InvalidArgument,
     NotFound,
     SaCounters,
@@ -431,6 +432,52 @@ class UserspaceBackend:
             )
             if not reply.get("ok"):
                 raise InvalidArgument(f"filter of Child SA {child_sa_id!r} refused: {reply.get('error')}")
+
+    async def set_identity_filters(self, filters: dict[str, list[TrafficSelector] | None]) -> dict[str, str]:
+        """`set_identity_filter` for many Child SAs at once (one message per worker, each distinct
+        filter built once); returns the Child SAs whose filter was not applied, with why."""
+        errors: dict[str, str] = {}
+        per_worker: dict[int, list[dict[str, object]]] = {}
+        async with self._lock:
+            for child_sa_id, selectors in filters.items():
+                record = self._children.get(child_sa_id)
+                if record is None:
+                    errors[child_sa_id] = "not installed"
+                    continue
+                texts = None if selectors is None else [str(s) for s in selectors]
+                per_worker.setdefault(owner_of(record, self.workers), []).append(
+                    {"child_sa": child_sa_id, "selectors": texts}
+                )
+            workers = list(per_worker)
+            replies = await asyncio.gather(
+                *(self._channel(w).request({"op": "set_filters", "filters": per_worker[w]}) for w in workers),
+                return_exceptions=True,
+            )
+        for worker, reply in zip(workers, replies, strict=True):
+            if isinstance(reply, BaseException):
+                errors.update({str(f["child_sa"]): f"worker {worker}: {reply}" for f in per_worker[worker]})
+            elif not reply.get("ok"):
+                errors.update({str(f["child_sa"]): str(reply.get("error")) for f in per_worker[worker]})
+            else:
+                errors.update({str(k): str(v) for k, v in dict(reply.get("errors", {})).items()})
+        return errors
+
+    async def identity_filter_drops(self) -> FilterDrops:
+        """Packets the identity filters denied and packets outside an SA's selectors, per Child SA
+        (cumulative while it is installed), and (Child SA, packet header) samples of denied packets
+        since the last call."""
+        drops = FilterDrops()
+        for channel in self._channels:
+            try:
+                reply = await channel.request({"op": "filter_drops"})
+            except WorkerGone:
+                continue
+            for field_name, into in (("denied", drops.denied), ("outside_selectors", drops.outside_selectors)):
+                for child_sa, count in dict(reply.get(field_name, {})).items():
+                    into[str(child_sa)] = into.get(str(child_sa), 0) + int(count)
+            for child_sa, header in reply.get("samples", []):
+                drops.samples.append((str(child_sa), bytes.fromhex(str(header))))
+        return drops
 
     def _refresh_routes(self, record: ChildSaRecord | None, child_sa_id: str = "") -> None:
         if self.routes is None:

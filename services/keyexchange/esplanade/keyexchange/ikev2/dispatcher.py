@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 
 from esplanade.ipsec.selectors import IPAddress
 from esplanade.keyexchange.config import ConnectionConfig, PoolConfig
+from esplanade.keyexchange.ikev2.access import AccessGrant
 from esplanade.keyexchange.ikev2.constants import IKE_HEADER_LEN, NATT_PORT, ExchangeType, NotifyType
 from esplanade.keyexchange.ikev2.cookies import CookieJar
 from esplanade.keyexchange.ikev2.errors import IkeError, ParseError
@@ -46,6 +47,7 @@ class IkeDispatcher:
         wall_time: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         now: float = 0.0,
+        access_for: Callable[[IkeSa], AccessGrant | None] | None = None,
     ) -> None:
         self.configs: dict[str, ConnectionConfig] = {c.name: c for c in configs}
         self.cookie_threshold = cookie_threshold
@@ -79,6 +81,7 @@ class IkeDispatcher:
             rng=rng or random.Random(),  # noqa: S311 - lifetime jitter, not key material
             install_timeout=install_timeout,
             ack_initiator_installs=ack_initiator_installs,
+            access_for=access_for,
         )
 
     # -- bookkeeping ----------------------------------------------------------------------------
