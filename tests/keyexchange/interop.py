@@ -45,6 +45,9 @@ PLUGINS = (
     "random nonce drbg openssl aes sha1 sha2 hmac kdf gcm chapoly curve25519 pem pkcs1 pkcs8 x509 revocation "
     "constraints pubkey kernel-libipsec kernel-netlink socket-default vici updown"
 )
+# charon on the kernel's XFRM (a kernel with ESP, e.g. in the VM): no kernel-libipsec, so no
+# forced NAT-T, and ESN, transport mode, plain ESP and AH all work
+KERNEL_PLUGINS = PLUGINS.replace("kernel-libipsec ", "")
 SWANCTL_PLUGINS = "random nonce openssl pem pkcs1 pkcs8 x509 pubkey revocation constraints"
 CLONE_NEWNET = 0x40000000
 
@@ -89,9 +92,10 @@ def teardown_netns() -> None:
 class Charon:
     """One charon in NS_SS, configured through files + swanctl."""
 
-    def __init__(self, base: Path, ns: str = NS_SS) -> None:
+    def __init__(self, base: Path, ns: str = NS_SS, plugins: str = PLUGINS) -> None:
         self.base = base
         self.ns = ns
+        self.plugins = plugins
         self.proc: subprocess.Popen[bytes] | None = None
         for d in ("run", "x509", "x509ca", "x509crl", "private", "pubkey", "rsa", "ecdsa", "pkcs8"):
             (base / d).mkdir(parents=True, exist_ok=True)
@@ -104,7 +108,7 @@ class Charon:
         self.conf.write_text(f"""
 charon {{
     load_modular = no
-    load = {PLUGINS}
+    load = {self.plugins}
     port = 500
     port_nat_t = 4500
     install_routes = yes

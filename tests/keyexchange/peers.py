@@ -31,10 +31,11 @@ def conn(side: str, **over: Any) -> dict[str, Any]:
         },
     }
     for k, v in over.items():
-        if k.startswith("child_"):
-            d["children"]["net"][k[6:]] = v
+        target, key = (d["children"]["net"], k[6:]) if k.startswith("child_") else (d, k)
+        if v is None:  # None removes a default
+            target.pop(key, None)
         else:
-            d[k] = v
+            target[key] = v
     return d
 
 

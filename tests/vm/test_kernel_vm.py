@@ -20,7 +20,7 @@ import pytest
 
 from tests.vm.harness import VmResult, ensure_vm_ready, run_in_vm
 
-VM_SUITE_TIMEOUT = 480.0
+VM_SUITE_TIMEOUT = 1200.0  # ~10 min on a loaded 2-core machine, most of it the service tests
 # the fixture's VM run counts against the first test's pytest-timeout
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(VM_SUITE_TIMEOUT + 120)]
 

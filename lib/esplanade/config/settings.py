@@ -152,6 +152,17 @@ class DataplaneSettings(Section):
         ge=1024,
         description="Inbound replay floor persisted this far ahead of the highest accepted number.",
     )
+    kernel_state_file: Path | None = Field(
+        None,
+        description="Kernel backend: where it lists the XFRM SAs and policies it installed, so that a"
+        " restarted dataplane adopts or removes them. Keep it where it lives as long as the network"
+        " namespace (tmpfs /run, a pod emptyDir). Default: /run/esplanade/dataplane-kernel-<node>.json.",
+    )
+    kernel_keep_on_stop: bool = Field(
+        True,
+        description="Kernel backend: leave the SAs and policies in the kernel when the service stops"
+        " (traffic keeps flowing through a restart; the successor adopts them).",
+    )
     path_mtu: int = Field(1500, ge=1280, le=65535, description="MTU of the outer path toward the peers.")
     realtime_priority: int = Field(
         0, ge=0, le=99, description="SCHED_FIFO priority of the userspace workers (0: normal scheduling)."

@@ -79,7 +79,13 @@ class ServiceServer:
 def open_channel(target: str, settings: GrpcSettings) -> grpc.aio.Channel:
     """A channel whose every call carries a deadline and the caller's trace context."""
     interceptors = client_interceptors(settings.deadline_seconds)
-    options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+    options = [
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        # reach a restarted service within seconds (gRPC's default backoff grows to 120 s)
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
     if settings.tls.enabled:
         return grpc.aio.secure_channel(target, channel_credentials(settings.tls), options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options, interceptors=interceptors)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from esplanade.config.settings import KekSettings, StoreSettings
 from esplanade.store.base import Store
-from esplanade.store.embedded import EmbeddedStore
-from esplanade.store.etcd import EtcdStore
 from esplanade.store.measured import MeasuredStore
 from esplanade.store.sealing import Keyring, KeyringError, Sealer
 
@@ -21,6 +19,8 @@ def open_store(settings: StoreSettings) -> Store:
 
 def _open_backend(settings: StoreSettings) -> Store:
     if settings.backend == "etcd":
+        from esplanade.store.etcd import EtcdStore  # aetcd and its gRPC stubs only when etcd is used
+
         tls = settings.etcd_tls
         return EtcdStore(
             list(settings.etcd_endpoints),
@@ -29,6 +29,8 @@ def _open_backend(settings: StoreSettings) -> Store:
             key_file=str(tls.key_file) if tls.enabled and tls.key_file else None,
             timeout=settings.timeout_seconds,
         )
+    from esplanade.store.embedded import EmbeddedStore
+
     return EmbeddedStore(settings.path, busy_timeout=max(settings.timeout_seconds, 30.0))
 
 

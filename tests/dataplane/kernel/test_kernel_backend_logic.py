@@ -1,6 +1,6 @@
 """The kernel backend's bookkeeping against a fake kernel: all-or-nothing, reqids, events.
 
-`FakeKernel` stands in for `XfrmClient` (the netlink side is proven against real kernels
+`FakeKernel` (fake_kernel.py) stands in for `XfrmClient` (the netlink side is proven against real kernels
 in test_kernel_backend_netns.py and in the VM). It refuses duplicates and missing
 entries like the kernel does and can be told to fail the n-th change, which lets these
 tests break an install or a delete at every step and check that nothing is left half done.
@@ -17,79 +17,19 @@ from esplanade.dataplane.backend import (
     AlreadyExists,
     DataplaneError,
     DataplaneEventKind,
-    NotFound,
     Unsupported,
 )
 from esplanade.dataplane.kernel.backend import KernelXfrmBackend
 from esplanade.dataplane.kernel.xfrm_messages import XfrmMsgType, xfrm_user_acquire, xfrm_user_expire
-from esplanade.dataplane.kernel.xfrm_policy import XfrmPolicy, XfrmPolicyKey
-from esplanade.dataplane.kernel.xfrm_sa import XfrmReplayState, XfrmSa, XfrmSaId, XfrmSaState
+from esplanade.dataplane.kernel.xfrm_sa import XfrmSa
 from esplanade.dataplane.kernel.xfrm_selector import XfrmSelector
 from esplanade.dataplane.kernel.xfrm_socket import NetlinkHeader, decode_message
 from esplanade.ipsec.sa import ChildSaRecord, Lifetime
 from tests.dataplane.kernel.child_sa_builders import TRANSFORMS_BY_LABEL, Peer, child_sa_pair, protect_policies
+from tests.dataplane.kernel.fake_kernel import FakeKernel
 
 A, B = Peer("192.0.2.1", "10.1.0.1"), Peer("192.0.2.2", "10.2.0.1")
 GCM = TRANSFORMS_BY_LABEL["aes128gcm16"]
-
-
-class FakeKernel:
-    """The subset of XfrmClient the backend uses, with kernel-like refusals."""
-
-    def __init__(self) -> None:
-        self.sas: dict[XfrmSaId, XfrmSa] = {}
-        self.policies: dict[XfrmPolicyKey, XfrmPolicy] = {}
-        self.changes = 0
-        self.fail_at: int | None = None  # the n-th change (1-based) raises
-        self.failure: DataplaneError = Unsupported("injected failure")
-        self.packets: dict[XfrmSaId, int] = {}
-
-    def _change(self) -> None:
-        self.changes += 1
-        if self.fail_at == self.changes:
-            raise self.failure
-
-    def add_sa(self, sa: XfrmSa) -> None:
-        self._change()
-        if sa.id in self.sas:
-            raise AlreadyExists(f"{sa.id} already exists")
-        self.sas[sa.id] = sa
-
-    def delete_sa(self, sa_id: XfrmSaId, *, mark: tuple[int, int] | None = None) -> None:
-        self._change()
-        if self.sas.pop(sa_id, None) is None:
-            raise NotFound(f"{sa_id} not found")
-
-    def add_policy(self, policy: XfrmPolicy) -> None:
-        self._change()
-        if policy.key in self.policies:
-            raise AlreadyExists(f"{policy.key} already exists")
-        self.policies[policy.key] = policy
-
-    def update_policy(self, policy: XfrmPolicy) -> None:
-        self._change()
-        self.policies[policy.key] = policy
-
-    def delete_policy(self, key: XfrmPolicyKey) -> None:
-        self._change()
-        if self.policies.pop(key, None) is None:
-            raise NotFound(f"{key} not found")
-
-    def dump_sas(self) -> list[XfrmSaState]:
-        return [
-            XfrmSaState(
-                sa,
-                100 * self.packets.get(sa.id, 0),
-                self.packets.get(sa.id, 0),
-                0,
-                0,
-                0,
-                0,
-                0,
-                XfrmReplayState(oseq=self.packets.get(sa.id, 0), seq=self.packets.get(sa.id, 0)),
-            )
-            for sa in self.sas.values()
-        ]
 
 
 @pytest.fixture
@@ -259,6 +199,67 @@ async def test_acquire_names_the_policy(kernel_and_backend: Any) -> None:
     event = await anext(backend.events())
     assert (event.kind, event.policy) == (DataplaneEventKind.ACQUIRE, "trap")
     assert event.reason == f"acquire for {A.inner} -> {B.inner} proto 1 (reqid 31)"
+
+
+def _acquire_message(policy: Any) -> Any:
+    msg = xfrm_user_acquire()
+    for key, value in policy.to_message().items():
+        if key not in ("header", "attrs") and not key.startswith("__"):
+            msg[f"policy_{key}"] = value
+    msg.update(XfrmSelector(2, A.inner, B.inner, 32, 32, 1).to_fields("sel_"))
+    msg["attrs"] = [("XFRMA_TMPL", [t.to_value() for t in policy.templates])]
+    return _decoded(msg, XfrmMsgType.ACQUIRE)
+
+
+async def test_a_child_sa_installs_over_a_trap_entry_and_the_trap_comes_back(kernel_and_backend: Any) -> None:
+    """The kernel holds one policy per selector and direction: the Child SA's entries (better
+    priority) take the trap's place while it lives, the trap's return when it goes."""
+    kernel, backend = kernel_and_backend
+    record, _ = record_pair()
+    traps = [
+        dataclasses.replace(p, id=f"trap-{p.direction.name.lower()}", child_sa="", priority=1500)
+        for p in protect_policies(record)
+    ]
+    for trap in traps:
+        await backend.install_policy(trap)
+    trap_entries = dict(kernel.policies)
+    assert sorted(p.priority for p in trap_entries.values()) == [1500, 1500]
+    await backend.install_child_sa(record, protect_policies(record))
+    assert sorted(p.priority for p in kernel.policies.values()) == [1000, 1000]
+    # the Child SA's SA expired hard: an acquire on its entry is the trap's to answer
+    (out_entry,) = [p for p in kernel.policies.values() if p.direction == 1]
+    backend.process_kernel_message(XfrmMsgType.ACQUIRE, _acquire_message(out_entry))
+    event = await anext(backend.events())
+    while event.kind != DataplaneEventKind.ACQUIRE:
+        event = await anext(backend.events())
+    assert event.policy == "trap-out"
+    # a failing delete leaves the Child SA's entries in place
+    kernel.fail_at = kernel.changes + 2
+    with pytest.raises(Unsupported):
+        await backend.delete_child_sa(record.id)
+    assert sorted(p.priority for p in kernel.policies.values()) == [1000, 1000]
+    kernel.fail_at = None
+    await backend.delete_child_sa(record.id)
+    assert kernel.policies == trap_entries and kernel.sas == {}
+    for trap in traps:
+        await backend.delete_policy(trap.id)
+    assert kernel.policies == {}
+
+
+async def test_a_trap_installed_under_a_live_child_sa_waits(kernel_and_backend: Any) -> None:
+    kernel, backend = kernel_and_backend
+    record, _ = record_pair()
+    await backend.install_child_sa(record, protect_policies(record))
+    child_entries = dict(kernel.policies)
+    trap = dataclasses.replace(protect_policies(record)[0], id="trap", child_sa="", priority=1500)
+    await backend.install_policy(trap)
+    assert kernel.policies == child_entries  # the trap waits underneath
+    with pytest.raises(AlreadyExists, match="belongs to policy"):  # same priority: a real conflict
+        await backend.install_policy(dataclasses.replace(trap, id="rival", priority=1000))
+    await backend.delete_child_sa(record.id)
+    assert [p.priority for p in kernel.policies.values()] == [1500]
+    await backend.delete_policy("trap")
+    assert kernel.policies == {}
 
 
 async def test_counters_report_both_directions(kernel_and_backend: Any) -> None:

@@ -155,3 +155,19 @@ def test_keys_never_appear_in_reprs_or_errors() -> None:
     with pytest.raises(InvalidArgument) as refused:
         xfrm_sa_from_association(bad, reqid=1)
     assert "xxxxx" not in str(refused.value)
+
+
+def test_ah_over_ipv4_pads_its_icv_to_32_bits() -> None:
+    """RFC 4302 §3.3.3.2.1: IPv4 AH aligns to 32 bits (ALIGN4), as strongSwan programs it;
+    Linux's default 64-bit alignment would make every AH packet fail at the peer."""
+    for mode in (Mode.TUNNEL, Mode.TRANSPORT):
+        assert sa_for("ah-sha256", mode=mode).flags & XfrmStateFlag.ALIGN4
+    assert not sa_for("aes128-sha256").flags & XfrmStateFlag.ALIGN4
+    v6 = security_association(
+        0x1234,
+        Direction.OUT,
+        Peer("2001:db8::1", "fd00::1"),
+        Peer("2001:db8::2", "fd00::2"),
+        TRANSFORMS_BY_LABEL["ah-sha256"],
+    )
+    assert not xfrm_sa_from_association(v6, reqid=5).flags & XfrmStateFlag.ALIGN4

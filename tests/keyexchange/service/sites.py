@@ -30,6 +30,12 @@ KX_PORT, DP_PORT = 50061, 50062
 # which dataplane the sites run: the dataplane service ("real") or the contract stand-in
 DATAPLANE = os.environ.get("KXS_DATAPLANE", "real")
 REPO = Path(__file__).resolve().parents[3]
+# Python in the kernel VM (tests/vm) runs 13-30x slower: a service needs far longer to start there
+IN_VM = os.environ.get("ESPLANADE_IN_VM") == "1"
+START_TIMEOUT = 150.0 if IN_VM else 30.0
+POLL_INTERVAL = 0.3 if IN_VM else 0.02  # one vCPU there: polling must not starve the services
+# a restarted service is reached within 2 s (gRPC's default reconnect backoff grows to 120 s)
+CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2_000)]
 
 
 def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -47,8 +53,9 @@ def struct(d: dict[str, Any]) -> struct_pb2.Struct:
 
 
 class Site:
-    def __init__(self, ns: str, index: int, wan_ip: str, inner_ip: str, base: Path) -> None:
+    def __init__(self, ns: str, index: int, wan_ip: str, inner_ip: str, base: Path, backend: str = "userspace") -> None:
         self.ns = ns
+        self.backend = backend  # of the dataplane service: "userspace" (TUN esp0) or "kernel" (XFRM)
         self.index = index
         self.wan_ip = wan_ip
         self.inner_ip = inner_ip
@@ -96,13 +103,15 @@ class Site:
             ESPLANADE_KEYEXCHANGE__INSTANCE=f"kx{self.index}",
             ESPLANADE_KEYEXCHANGE__COUNTERS_INTERVAL_SECONDS="1",
             PYTHONPATH=str(REPO),
+            PYTHONUNBUFFERED="1",  # the log files show everything up to a kill -9
         )
         env.update(extra)
         return env
 
-    def start_dataplane(self, *extra: str) -> None:
+    def start_dataplane(self, *extra: str, wait: bool = True) -> None:
+        """Start the dataplane; `wait=False` returns at once (then `wait_dataplane()`)."""
         if DATAPLANE == "real" and not extra:
-            self._start_real_dataplane()
+            self._start_real_dataplane(wait=wait)
             return
         cmd = [
             sys.executable,
@@ -128,22 +137,28 @@ class Site:
         nsx(self.ns, "ip", "link", "set", "esp0", "up")
         nsx(self.ns, "ip", "link", "set", "esp0", "mtu", "1400")
 
-    def _start_real_dataplane(self) -> None:
-        """The dataplane service (`esplanade serve dataplane`, userspace backend) on this site's store."""
+    def _start_real_dataplane(self, *, wait: bool = True, **extra: str) -> None:
+        """The dataplane service (`esplanade serve dataplane`, `self.backend`) on this site's store."""
         env = self.env(
             ESPLANADE_ENDPOINTS__DATAPLANE=f"0.0.0.0:{DP_PORT}",
             ESPLANADE_DATAPLANE__NODE=f"dp{self.index}",
-            ESPLANADE_DATAPLANE__BACKEND="userspace",
+            ESPLANADE_DATAPLANE__BACKEND=self.backend,
             ESPLANADE_DATAPLANE__WORKERS="1",
             ESPLANADE_DATAPLANE__LISTEN_ADDRESSES=f'["{self.wan_ip}"]',
             ESPLANADE_DATAPLANE__FLOW_LOG_PATH=str(self.base / "flows.jsonl"),
+            ESPLANADE_DATAPLANE__KERNEL_STATE_FILE=str(self.base / "dataplane-kernel.json"),
+            **extra,
         )
         cmd = [sys.executable, "-m", "esplanade.cli.main", "serve", "dataplane"]
         with open(self.dp_log, "ab") as log:
             self.dp = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns, *cmd], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
             )
-        wait_until(self._dp_serving, timeout=30, what=f"{self.ns} dataplane serving")
+        if wait:
+            self.wait_dataplane()
+
+    def wait_dataplane(self) -> None:
+        wait_until(self._dp_serving, timeout=START_TIMEOUT, interval=POLL_INTERVAL, what=f"{self.ns} dataplane serving")
 
     def _dp_serving(self) -> bool:
         if self.dp is not None and self.dp.poll() is not None:
@@ -152,6 +167,8 @@ class Site:
             self.dp_stub().GetStatus(dataplane_pb2.GetStatusRequest(), timeout=2)
         except grpc.RpcError:
             return False
+        if self.backend == "kernel":
+            return True
         return nsx(self.ns, "ip", "link", "show", "esp0", check=False).returncode == 0
 
     def _has_tun(self) -> bool:
@@ -159,7 +176,8 @@ class Site:
             raise AssertionError(f"dataplane died: {self.dp_log.read_text(errors='replace')[-2000:]}")
         return nsx(self.ns, "ip", "link", "show", "esp0", check=False).returncode == 0
 
-    def start_keyexchange(self, **extra: str) -> None:
+    def start_keyexchange(self, *, wait: bool = True, **extra: str) -> None:
+        """Start keyexchange; `wait=False` returns at once (then `wait_keyexchange()`)."""
         profile = os.environ.get("KXS_PROFILE_KEYEXCHANGE")  # bench: cProfile output path
         prefix = ["-m", "cProfile", "-o", profile] if profile else []
         cmd = [sys.executable, *prefix, "-m", "esplanade.cli.main", "serve", "keyexchange"]
@@ -171,7 +189,13 @@ class Site:
                 env=self.env(**extra),
                 cwd=REPO,
             )
-        wait_until(self._kx_serving, timeout=30, what=f"{self.ns} keyexchange serving")
+        if wait:
+            self.wait_keyexchange()
+
+    def wait_keyexchange(self) -> None:
+        wait_until(
+            self._kx_serving, timeout=START_TIMEOUT, interval=POLL_INTERVAL, what=f"{self.ns} keyexchange serving"
+        )
 
     def _kx_serving(self) -> bool:
         if self.kx is not None and self.kx.poll() is not None:
@@ -188,6 +212,13 @@ class Site:
             os.kill(self.kx.pid, signal.SIGKILL)
             self.kx.wait(10)
             self.kx = None
+
+    def stop_dataplane(self) -> None:
+        """SIGTERM to the dataplane process alone (a graceful stop) and wait for it."""
+        if self.dp is not None and self.dp.poll() is None:
+            self.dp.send_signal(signal.SIGTERM)
+            self.dp.wait(60)
+        self.dp = None
 
     def stop(self) -> None:
         for proc in (self.kx, self.dp):
@@ -207,12 +238,12 @@ class Site:
     # -- gRPC --------------------------------------------------------------------------------------
     def kx_stub(self) -> keyexchange_pb2_grpc.KeyExchangeStub:
         if self._kx_channel is None:
-            self._kx_channel = grpc.insecure_channel(f"{self.mgmt_ip}:{KX_PORT}")
+            self._kx_channel = grpc.insecure_channel(f"{self.mgmt_ip}:{KX_PORT}", CHANNEL_OPTIONS)
         return keyexchange_pb2_grpc.KeyExchangeStub(self._kx_channel)
 
     def dp_stub(self) -> dataplane_pb2_grpc.DataplaneStub:
         if self._dp_channel is None:
-            self._dp_channel = grpc.insecure_channel(f"{self.mgmt_ip}:{DP_PORT}")
+            self._dp_channel = grpc.insecure_channel(f"{self.mgmt_ip}:{DP_PORT}", CHANNEL_OPTIONS)
         return dataplane_pb2_grpc.DataplaneStub(self._dp_channel)
 
     def drops(self) -> dict[str, int]:

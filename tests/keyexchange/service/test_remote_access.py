@@ -89,8 +89,15 @@ def test_client_gets_virtual_ip_and_split_routes_only(ra: tuple[Site, Site]) -> 
     child = sa.children[0]
     assert child.local_ts == [f"{vip}/32"] and child.remote_ts == [SPLIT]
     assert gw.established("rw")[0].virtual_ips == [vip]
-    addrs = nsx(client.ns, "ip", "-4", "addr", "show", "dev", "esp0").stdout
-    assert f"{vip}/32" in addrs
+    # keyexchange configures the address on its netconfig thread, just after the IKE SA is up
+    wait_until(
+        lambda: (
+            f"{vip}/32" in nsx(client.ns, "ip", "-4", "addr", "show", "dev", "esp0").stdout
+            and f"src {vip}" in nsx(client.ns, "ip", "-4", "route", "show", "dev", "esp0").stdout
+        ),
+        timeout=10,
+        what="the virtual IP and its split route on esp0",
+    )
     routes = nsx(client.ns, "ip", "-4", "route", "show", "dev", "esp0").stdout
     assert routes.split()[0] == SPLIT and f"src {vip}" in routes and "default" not in routes, routes
     # inside the split: through the tunnel, from the virtual IP

@@ -150,6 +150,10 @@ class Reconciler:
     # -- running ------------------------------------------------------------------------
     async def run(self) -> None:
         revision = await self._initial_sync()
+        finish = getattr(self.backend, "finish_initial_sync", None)
+        if finish is not None:  # the kernel backend removes what a predecessor left and nobody wants
+            async with self._lock:
+                await finish()
         self.ready.set()
         await asyncio.gather(
             self._follow(CHILD_PREFIX, revision + 1, self._apply_children, self._resync_children),

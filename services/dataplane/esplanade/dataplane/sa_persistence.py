@@ -46,6 +46,12 @@ class SaPersistence(Protocol):
         exception may leave some claimed)."""
         ...
 
+    async def adopt_outbound(self, child_sa: str, spi: int, last_sent: int, block: int) -> int:
+        """An outbound SA that kept sending without us (the kernel's, across a restart of this
+        process) becomes ours: the stored bound is raised to at least `last_sent + block` and
+        this instance holds it. Returns the bound."""
+        ...
+
     async def reserve(self, child_sa: str, spi: int, upto: int) -> int | None:
         """Make `upto` durable; return the bound the sender may use (>= upto), or None when the
         numbers belong to someone else (another instance sends under this SA: refuse)."""
@@ -97,6 +103,12 @@ class MemorySaPersistence:
 
     async def start_children(self, claims: Sequence[ChildClaim], block: int) -> list[tuple[int, int, int]]:
         return [await self.start_child(c.child_sa, c.outbound_spi, c.inbound_spi, block, c.first_floor) for c in claims]
+
+    async def adopt_outbound(self, child_sa: str, spi: int, last_sent: int, block: int) -> int:
+        upto = max(self.sequence.get(spi, 0), last_sent + block)
+        self.sequence[spi] = upto
+        self.writes += 1
+        return upto
 
     async def reserve(self, child_sa: str, spi: int, upto: int) -> int | None:
         current = self.sequence.get(spi, 0)

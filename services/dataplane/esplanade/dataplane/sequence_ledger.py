@@ -185,6 +185,24 @@ class StoreSaPersistence:
             next_seq, reserved = await self.start_outbound(claim.child_sa, claim.outbound_spi, block)
             out[i] = (next_seq, reserved, await self.replay_floor(claim.child_sa, claim.inbound_spi))
 
+    async def adopt_outbound(self, child_sa: str, spi: int, last_sent: int, block: int) -> int:
+        key = schema.sequence_reservation(spi)
+        kv = await self.store.get(key)
+        for _ in range(CAS_ATTEMPTS):
+            upto = max(_upto(_decode(kv)), last_sent + block)
+            try:
+                revision = await self.store.put(
+                    key, self._document(child_sa, upto), expect_mod_revision=kv.mod_revision if kv else 0
+                )
+            except CasConflict as conflict:
+                kv = conflict.current
+                continue
+            self._revisions[spi] = revision
+            self._written[spi] = upto
+            self.writes += 1
+            return upto
+        raise SequenceLedgerError(f"{key} kept changing; sequence numbers not adopted")
+
     async def reserve(self, child_sa: str, spi: int, upto: int) -> int | None:
         key = schema.sequence_reservation(spi)
         written = self._written.get(spi, 0)

@@ -22,6 +22,8 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from esplanade.config.settings import Settings
 from esplanade.dataplane.backend import DataplaneBackend, DataplaneError
@@ -31,14 +33,13 @@ from esplanade.dataplane.flow_telemetry import FlowTelemetry
 from esplanade.dataplane.ike_relay import IkeRelay
 from esplanade.dataplane.ike_sockets import IkeSocket
 from esplanade.dataplane.kernel.backend import KernelXfrmBackend
+from esplanade.dataplane.kernel.state_journal import KernelStateJournal
 from esplanade.dataplane.node_membership import NodeMembership
 from esplanade.dataplane.ownership import SaOwnership
 from esplanade.dataplane.policy_enforcement import PolicyEnforcer
 from esplanade.dataplane.reconciler import Reconciler
 from esplanade.dataplane.sequence_ledger import StoreSaPersistence
 from esplanade.dataplane.servicer import SERVICE_NAME, DataplaneServicer, EventHub, ServicerParts, publish_event
-from esplanade.dataplane.userspace.backend import UserspaceBackend, UserspaceBackendSettings, default_workers
-from esplanade.dataplane.userspace.datapath import DatapathSettings
 from esplanade.journal.flow_log import FlowLog
 from esplanade.policy.access_view import AccessView
 from esplanade.policy.decision_events import DecisionEvents
@@ -46,6 +47,9 @@ from esplanade.runtime.service_host import ServiceContext, run_service
 from esplanade.store.base import Store
 from esplanade.store.factory import open_sealer, open_store
 from esplanade.v1 import dataplane_pb2_grpc
+
+if TYPE_CHECKING:  # imported when chosen: the kernel backend never loads the userspace datapath
+    from esplanade.dataplane.userspace.backend import UserspaceBackend
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,14 @@ class DataplaneNode:
     enforcer: PolicyEnforcer | None = None
 
 
+def default_workers(configured: int) -> int:
+    return configured or max(1, len(os.sched_getaffinity(0)))
+
+
+def userspace_backend(runtime: DataplaneNode) -> UserspaceBackend | None:
+    return cast("UserspaceBackend", runtime.backend) if runtime.choice.name == "userspace" else None
+
+
 def node_name(settings: Settings) -> str:
     return settings.dataplane.node or socket.gethostname()
 
@@ -79,10 +91,26 @@ def bind_address(settings: Settings) -> str:
     return listen[0] if listen else "0.0.0.0"
 
 
+def kernel_state_file(settings: Settings) -> Path:
+    dp = settings.dataplane
+    return dp.kernel_state_file or Path(f"/run/esplanade/dataplane-kernel-{node_name(settings)}.json")
+
+
 def build_backend(settings: Settings, choice: BackendChoice, persistence: StoreSaPersistence) -> DataplaneBackend:
     dp = settings.dataplane
     if choice.name == "kernel":
-        return KernelXfrmBackend(reason=choice.reason, capabilities=choice.capabilities)
+        return KernelXfrmBackend(
+            reason=choice.reason,
+            capabilities=choice.capabilities,
+            keep_on_stop=dp.kernel_keep_on_stop,
+            persistence=persistence,
+            sequence_block=dp.sequence_block,
+            replay_block=dp.replay_block,
+            journal=KernelStateJournal(kernel_state_file(settings)),
+        )
+    from esplanade.dataplane.userspace.backend import UserspaceBackend, UserspaceBackendSettings
+    from esplanade.dataplane.userspace.datapath import DatapathSettings
+
     datapath = DatapathSettings(
         tun_name=dp.tun_name,
         workers=default_workers(dp.workers),
@@ -114,7 +142,8 @@ async def serve(settings: Settings) -> None:
         raise SystemExit(1) from None
     runtime = DataplaneNode(settings, node, choice, store, backend, persistence)
     stop = asyncio.Event()
-    if isinstance(backend, UserspaceBackend):
+    userspace = userspace_backend(runtime)
+    if userspace is not None:
 
         def on_failure(reason: str) -> None:
             # A stop of the whole process group (systemd, `kill -TERM -pgid`) ends the workers
@@ -127,7 +156,7 @@ async def serve(settings: Settings) -> None:
 
             asyncio.get_running_loop().call_later(STOP_GRACE, confirm)
 
-        backend.on_failure = on_failure
+        userspace.on_failure = on_failure
     try:
         await run_service(
             "dataplane",
@@ -201,9 +230,10 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
     port500 = IkeSocket(address, dp.ike_port, relay.deliver)
     runtime.sockets.append(port500)
     relay.set_sender(dp.ike_port, port500.send)
-    if isinstance(backend, UserspaceBackend):
-        backend.set_ike_handler(relay.deliver)
-        relay.set_sender(dp.udp_port, backend.send_ike)
+    userspace = userspace_backend(runtime)
+    if userspace is not None:
+        userspace.set_ike_handler(relay.deliver)
+        relay.set_sender(dp.udp_port, userspace.send_ike)
     else:  # the kernel decapsulates ESP-in-UDP on this socket and hands IKE up
         port4500 = IkeSocket(address, dp.udp_port, relay.deliver, esp_in_udp=True)
         runtime.sockets.append(port4500)

@@ -61,33 +61,58 @@ SUBSCRIBER_QUEUE = 1024
 SERVICE_NAME = "esplanade.v1.Dataplane"
 
 
+# Advice that stays true until the Child SA goes: a watcher that connects later (keyexchange
+# reconnecting after this dataplane restarted and reinstalled its SAs) still gets it.
+STANDING_KINDS = ("soft_expire", "sequence_exhausted")
+
+
 class EventHub:
     """Fan-out of dataplane events to every WatchEvents call (a slow watcher loses its oldest).
 
     A subscriber may name the kinds it wants (keyexchange wants expiries and acquires, not the
-    installed/deleted of every Child SA): an event nobody wants is not even converted."""
+    installed/deleted of every Child SA): an event nobody wants is not even converted.
+
+    The last soft_expire / sequence_exhausted of each Child SA stands until the Child SA is
+    deleted (or expires hard): a new subscriber receives the standing ones first, so a rekey
+    a restarted dataplane asked for is not lost while keyexchange reconnects. Standing kinds,
+    and the deletions that end them, are therefore always wanted."""
 
     def __init__(self) -> None:
         # queue -> the kinds it wants (None: every kind)
         self._subscribers: dict[asyncio.Queue[dataplane_pb2.DataplaneEvent], frozenset[str] | None] = {}
+        self._standing: dict[str, dataplane_pb2.DataplaneEvent] = {}
         self.published = 0
 
     def wants(self, kind: str) -> bool:
+        if kind in STANDING_KINDS or kind in ("deleted", "hard_expire"):
+            return True
         return any(kinds is None or kind in kinds for kinds in self._subscribers.values())
 
     def publish(self, event: dataplane_pb2.DataplaneEvent) -> None:
         self.published += 1
+        if event.child_sa:
+            if event.kind in STANDING_KINDS:
+                self._standing[event.child_sa] = event
+            elif event.kind in ("deleted", "hard_expire"):
+                self._standing.pop(event.child_sa, None)
         for queue, kinds in self._subscribers.items():
-            if kinds is not None and event.kind not in kinds:
-                continue
-            if queue.full():
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    queue.get_nowait()
-            queue.put_nowait(event)
+            if kinds is None or event.kind in kinds:
+                self._put(queue, event)
+
+    @staticmethod
+    def _put(queue: asyncio.Queue[dataplane_pb2.DataplaneEvent], event: dataplane_pb2.DataplaneEvent) -> None:
+        if queue.full():
+            with contextlib.suppress(asyncio.QueueEmpty):
+                queue.get_nowait()
+        queue.put_nowait(event)
 
     def subscribe(self, kinds: frozenset[str] | None = None) -> asyncio.Queue[dataplane_pb2.DataplaneEvent]:
         queue: asyncio.Queue[dataplane_pb2.DataplaneEvent] = asyncio.Queue(SUBSCRIBER_QUEUE)
-        self._subscribers[queue] = kinds or None
+        wanted = kinds or None
+        for event in self._standing.values():
+            if wanted is None or event.kind in wanted:
+                self._put(queue, event)
+        self._subscribers[queue] = wanted
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue[dataplane_pb2.DataplaneEvent]) -> None:

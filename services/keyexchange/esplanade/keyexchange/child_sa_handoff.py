@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from esplanade.ipsec.sa import ChildSaRecord
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.spd import PolicyAction, PolicyDirection, SpdPolicy
-from esplanade.ipsec.transforms import Mode
+from esplanade.ipsec.transforms import IpProto, Mode
 from esplanade.keyexchange.ikev2.events import (
     ChildSaDeleted,
     ChildSaEstablished,
@@ -154,15 +154,27 @@ def policies_for(record: ChildSaRecord) -> list[SpdPolicy]:
                     tunnel_src=(out.src if outward else out.dst) if out.mode == Mode.TUNNEL else "",
                     tunnel_dst=(out.dst if outward else out.src) if out.mode == Mode.TUNNEL else "",
                     reqid=out.reqid,
+                    if_id=out.if_id if outward else record.inbound.if_id,
                 )
             )
     return policies
 
 
 def trap_policies(
-    connection: str, child: str, local_ts: tuple[TrafficSelector, ...], remote_ts: tuple[TrafficSelector, ...]
+    connection: str,
+    child: str,
+    local_ts: tuple[TrafficSelector, ...],
+    remote_ts: tuple[TrafficSelector, ...],
+    *,
+    tunnel: tuple[str, str] = ("", ""),
+    mode: Mode = Mode.TUNNEL,
+    protocol: IpProto = IpProto.ESP,
+    if_id: int = 0,
 ) -> list[SpdPolicy]:
-    """start_action=trap: an outbound entry without SAs whose traffic triggers an acquire."""
+    """start_action=trap: an outbound entry without SAs whose traffic triggers an acquire.
+
+    `tunnel` = (local, remote) outer addresses when the connection names exactly one of each:
+    a kernel template then describes the SA the acquire asks for, as strongSwan's does."""
     return [
         SpdPolicy(
             id=f"{connection}.{child}.trap{index}.out",
@@ -172,8 +184,13 @@ def trap_policies(
             action=PolicyAction.PROTECT,
             priority=selector_priority(local, remote) + TRAP_PRIORITY_OFFSET,
             connection=connection,
+            protocol=protocol,
+            mode=mode,
+            tunnel_src=tunnel[0] if mode == Mode.TUNNEL else "",
+            tunnel_dst=tunnel[1] if mode == Mode.TUNNEL else "",
             reqid=reqid_of(connection, child),
             trap=True,
+            if_id=if_id,
         )
         for index, (local, remote) in enumerate(itertools.product(local_ts, remote_ts))
     ]

@@ -100,10 +100,18 @@ class ChildConfig:
     dpd_action: DpdAction = "clear"
     close_action: CloseAction = "none"
     replay_window: int = 32
+    ah_proposals: tuple[ProposalSpec, ...] = ()  # AH instead of ESP (integrity only, RFC 4302)
+    if_id_in: int = 0  # XFRM interface id of the inbound SA and policies (route-based VPN)
+    if_id_out: int = 0
+
+    @property
+    def proposals(self) -> tuple[ProposalSpec, ...]:
+        """What this child offers and accepts: its AH proposals if it has any, else ESP."""
+        return self.ah_proposals or self.esp_proposals
 
     @property
     def pfs_group(self) -> int:
-        for p in self.esp_proposals:
+        for p in self.proposals:
             if p.ke:
                 return int(p.ke[0])
         return 0
@@ -375,6 +383,20 @@ def _child(name: str, d: Mapping[str, Any], f: str) -> ChildConfig:
         raise ConfigError(f"{f}.esp_proposals", str(exc)) from None
     if any(p.has_additional_ke for p in esp):
         esp = _with_classic_fallback(esp)
+    try:
+        ah = tuple(ProposalSpec.parse(p, ProtocolId.AH) for p in _list(d.get("ah_proposals", ())))
+    except ProposalSyntaxError as exc:
+        raise ConfigError(f"{f}.ah_proposals", str(exc)) from None
+    if ah and "esp_proposals" in d:
+        raise ConfigError(f"{f}.ah_proposals", "AH and ESP together (an SA bundle) are not supported; choose one")
+    if_ids = {}
+    for key in ("if_id_in", "if_id_out"):
+        try:
+            if_ids[key] = int(d.get(key, 0))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{f}.{key}", "must be an XFRM interface id (0..2^32-1)") from None
+        if not 0 <= if_ids[key] <= 0xFFFFFFFF:
+            raise ConfigError(f"{f}.{key}", "must be an XFRM interface id (0..2^32-1)")
     mode_s = d.get("mode", "tunnel")
     if mode_s not in ("tunnel", "transport"):
         raise ConfigError(f"{f}.mode", "must be tunnel or transport")
@@ -416,4 +438,7 @@ def _child(name: str, d: Mapping[str, Any], f: str) -> ChildConfig:
         start_action=start,
         dpd_action=dpd,
         close_action=close,
+        ah_proposals=ah,
+        if_id_in=if_ids["if_id_in"],
+        if_id_out=if_ids["if_id_out"],
     )

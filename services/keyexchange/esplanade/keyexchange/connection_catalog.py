@@ -14,10 +14,12 @@ whose traffic the dataplane reports as an acquire.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from esplanade.ipsec.transforms import IpProto
 from esplanade.keyexchange.child_sa_handoff import trap_policies
 from esplanade.keyexchange.config import ConnectionConfig, PoolConfig
 from esplanade.keyexchange.connection_documents import (
@@ -46,6 +48,18 @@ CONNECTIONS = schema.prefix("config", "connections")
 POOLS = schema.prefix("config", "pools")
 CERTS = schema.prefix("config", "certs")
 CAS = schema.prefix("config", "cas")
+
+
+def trap_tunnel(cfg: ConnectionConfig) -> tuple[str, str]:
+    """(local, remote) outer addresses of a trap template: only when the connection names
+    exactly one address of each side, of one family (else the acquire leaves them open)."""
+    if len(cfg.local_addrs) != 1 or len(cfg.remote_addrs) != 1:
+        return "", ""
+    try:
+        local, remote = (ipaddress.ip_address(a) for a in (cfg.local_addrs[0], cfg.remote_addrs[0]))
+    except ValueError:
+        return "", ""
+    return (str(local), str(remote)) if local.version == remote.version else ("", "")
 
 
 class ConnectionCatalog:
@@ -203,7 +217,16 @@ class ConnectionCatalog:
         if cfg is not None:
             for child in cfg.children:
                 if child.start_action == "trap":
-                    for p in trap_policies(cfg.name, child.name, child.local_ts, child.remote_ts):
+                    for p in trap_policies(
+                        cfg.name,
+                        child.name,
+                        child.local_ts,
+                        child.remote_ts,
+                        tunnel=trap_tunnel(cfg),
+                        mode=child.mode,
+                        protocol=IpProto.AH if child.ah_proposals else IpProto.ESP,
+                        if_id=child.if_id_out,
+                    ):
                         wanted.append(p)
                         self.trap_connection[p.id] = (cfg.name, child.name)
         old = set(self.traps.get(name, []))

@@ -36,7 +36,14 @@ Deliver = Callable[[bytes, Address, Address], None]
 NON_ESP_MARKER = b"\x00\x00\x00\x00"
 RELAY_QUEUE = 8192  # datagrams waiting for a stream; beyond that they are dropped (IKE retransmits)
 BATCH_MAX = 64  # datagrams per RelayIkeBatch message
-CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    # a restarted dataplane must get its relay and event streams back within seconds; gRPC's
+    # default reconnect backoff grows to 120 s, during which every call fails at once
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
 
 
 def stream_channel(target: str, settings: GrpcSettings) -> grpc.aio.Channel:

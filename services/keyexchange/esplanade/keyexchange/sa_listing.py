@@ -26,7 +26,7 @@ def _ke_name(ke: int) -> str:
 def _suite_names(suite: Suite | None) -> tuple[str, str, str, str, list[str]]:
     if suite is None:
         return "", "", "", "", []
-    encr = suite.encr.name
+    encr = suite.encr.name if suite.encr is not None else ""
     integ = suite.integ.name if suite.integ else ""
     prf = "" if suite.prf is None else suite.prf.name.lower()
     return encr, integ, prf, _ke_name(suite.ke), [_ke_name(k) for _, k in suite.additional_ke]

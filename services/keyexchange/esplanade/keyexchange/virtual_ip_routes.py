@@ -14,14 +14,20 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
-from esplanade.dataplane.userspace.netconfig import LinkConfigurator, NetConfigError
 from esplanade.keyexchange.ikev2.events import Event, IkeSaDeleted, IkeSaEstablished
 
+if TYPE_CHECKING:  # pyroute2 and netconfig load when a virtual IP first needs them (slow imports)
+    from esplanade.dataplane.userspace.netconfig import LinkConfigurator
+
 log = logging.getLogger(__name__)
+
+
+def link_configurator() -> LinkConfigurator:
+    from esplanade.dataplane.userspace.netconfig import LinkConfigurator
+
+    return LinkConfigurator()
 
 
 @dataclass
@@ -31,7 +37,7 @@ class _Applied:
 
 
 class VirtualIpRoutes:
-    def __init__(self, tun: str, configurator: Callable[[], LinkConfigurator] = LinkConfigurator) -> None:
+    def __init__(self, tun: str, configurator: Callable[[], LinkConfigurator] = link_configurator) -> None:
         self.tun = tun
         self.configurator = configurator
         self.applied: dict[str, _Applied] = {}  # IKE SA id -> what we configured for it
@@ -59,6 +65,8 @@ class VirtualIpRoutes:
             self.applied[new] = self.applied.pop(old)
 
     def _apply(self, ev: IkeSaEstablished) -> None:
+        from esplanade.dataplane.userspace.netconfig import NetConfigError
+
         done = _Applied()
         try:
             with self.configurator() as cfg:
@@ -80,6 +88,11 @@ class VirtualIpRoutes:
         )
 
     def _remove(self, ike: str) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        from esplanade.dataplane.userspace.netconfig import NetConfigError
+
         done = self.applied.pop(ike, None)
         if done is None:
             return

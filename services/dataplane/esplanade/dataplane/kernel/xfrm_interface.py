@@ -11,13 +11,16 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from esplanade.dataplane.backend import AlreadyExists, DataplaneError, InvalidArgument, NotFound, Unsupported
 
 
 def _iproute(netns: str | None) -> Any:
+    # imported here: the whole pyroute2 package (IPRoute and the rest) costs seconds to import
+    # in a slow interpreter, and most dataplanes never create an interface
+    from pyroute2 import AsyncIPRoute
+
     return AsyncIPRoute(netns=netns) if netns else AsyncIPRoute()
 
 

@@ -22,12 +22,20 @@ Mapping decisions (the same KEYMAT layout as the userspace engine, so the wire m
   count from `created_at`: an SA installed late (restart, failover) gets what is left.
 - ESP-in-UDP: XFRMA_ENCAP UDP_ENCAP_ESPINUDP with the ports of this SA's direction
   (`src_port` is the UDP source port of packets from `src`).
+- Sequence numbers at install (`initial_replay`): the NEWSA request itself carries them
+  (XFRMA_REPLAY_ESN_VAL / XFRMA_REPLAY_VAL; the kernel copies them in `xfrm_state_construct`),
+  so an outbound SA reinstalled from the sequence ledger never sends a single packet with a
+  lower number, and an inbound one starts with its replay floor already in the window.
+  `replay_thresh` / `etimer_thresh` (XFRMA_REPLAY_THRESH / XFRMA_ETIMER_THRESH, jiffies) ask
+  for XFRM_MSG_NEWAE events on the AEVENTS group. These three describe how the SA starts,
+  not what it is: they take no part in `==` and dumps leave them unset.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import socket
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from esplanade.dataplane.backend import InvalidArgument, Unsupported
@@ -153,10 +161,18 @@ class XfrmSa:
     mark: tuple[int, int] | None = None  # (value, mask)
     if_id: int = 0
     tfcpad: int = 0
+    initial_replay: XfrmReplayState | None = field(default=None, compare=False)
+    replay_thresh: int = field(default=0, compare=False)  # NEWAE every this many packets (0: kernel default)
+    etimer_thresh: int | None = field(default=None, compare=False)  # NEWAE timer, jiffies (0: none)
 
     @property
     def family(self) -> int:
         return family_of(self.dst)
+
+    def same_keyed_sa(self, other: XfrmSa) -> bool:
+        """Equal in everything but the lifetime: the same SA, installed earlier (its seconds
+        lifetimes were computed then) or by a predecessor of this process."""
+        return replace(self, lifetime=other.lifetime) == other
 
     @property
     def id(self) -> XfrmSaId:
@@ -194,14 +210,21 @@ class XfrmSa:
             attrs.append(("XFRMA_ALG_CRYPT", _algo_value(self.crypt, None)))
         if self.auth is not None:
             attrs.append(("XFRMA_ALG_AUTH_TRUNC", _algo_value(self.auth, "alg_trunc_len")))
+        start = self.initial_replay
         if self.uses_replay_esn:
             words = (self.replay_window + 31) // 32
-            attrs.append(
-                (
-                    "XFRMA_REPLAY_ESN_VAL",
-                    {"bmp_len": words, "replay_window": self.replay_window, "bmp": [0] * words},
-                )
-            )
+            value: dict[str, Any] = {"bmp_len": words, "replay_window": self.replay_window, "bmp": [0] * words}
+            if start is not None:
+                value.update(oseq=start.oseq, seq=start.seq, oseq_hi=start.oseq_hi, seq_hi=start.seq_hi)
+                value["bmp"] = (list(start.bitmap) + [0] * words)[:words]
+            attrs.append(("XFRMA_REPLAY_ESN_VAL", value))
+        elif start is not None:
+            bitmap = start.bitmap[0] if start.bitmap else 0
+            attrs.append(("XFRMA_REPLAY_VAL", {"oseq": start.oseq, "seq": start.seq, "bitmap": bitmap}))
+        if self.replay_thresh:
+            attrs.append(("XFRMA_REPLAY_THRESH", self.replay_thresh))
+        if self.etimer_thresh is not None:
+            attrs.append(("XFRMA_ETIMER_THRESH", self.etimer_thresh))
         if self.encap is not None:
             attrs.append(
                 (
@@ -296,6 +319,17 @@ class XfrmReplayState:
     @property
     def last_sent(self) -> int:
         return self.oseq_hi << 32 | self.oseq
+
+    @classmethod
+    def sending_after(cls, last_sent: int) -> XfrmReplayState:
+        """Outbound: the next packet carries `last_sent + 1` (the kernel increments first)."""
+        return cls(oseq=last_sent & 0xFFFFFFFF, oseq_hi=last_sent >> 32)
+
+    @classmethod
+    def receiving_above(cls, floor: int, window: int) -> XfrmReplayState:
+        """Inbound: every number at or below `floor` counts as received (a full window)."""
+        words = max(1, (window + 31) // 32)
+        return cls(seq=floor & 0xFFFFFFFF, seq_hi=floor >> 32, replay_window=window, bitmap=(0xFFFFFFFF,) * words)
 
     @property
     def highest_received(self) -> int:
@@ -418,6 +452,15 @@ def _replay_window(sa: SecurityAssociation) -> int:
     return window
 
 
+def _state_flags(sa: SecurityAssociation, tunnel: bool, family: int) -> XfrmStateFlag:
+    flags = XfrmStateFlag.AF_UNSPEC if tunnel else XfrmStateFlag(0)
+    if sa.protocol == IpProto.AH and family == socket.AF_INET:
+        # RFC 4302 §3.3.3.2.1: the ICV of AH over IPv4 is padded to 32 bits; Linux pads to
+        # 64 bits (right only for IPv6) unless told ALIGN4, as strongSwan and Libreswan do
+        flags |= XfrmStateFlag.ALIGN4
+    return flags
+
+
 def xfrm_sa_from_association(sa: SecurityAssociation, *, reqid: int, elapsed: float = 0.0) -> XfrmSa:
     """The kernel SA for one direction of a Child SA; raises InvalidArgument/Unsupported."""
     try:
@@ -454,7 +497,7 @@ def xfrm_sa_from_association(sa: SecurityAssociation, *, reqid: int, elapsed: fl
         auth=auth,
         esn=sa.esn,
         replay_window=_replay_window(sa),
-        flags=XfrmStateFlag.AF_UNSPEC if tunnel else 0,
+        flags=_state_flags(sa, tunnel, src_family),
         encap=XfrmEncap(sa.encap.src_port, sa.encap.dst_port) if sa.encap else None,
         lifetime=_kernel_lifetime(sa, elapsed),
         mark=(sa.mark, 0xFFFFFFFF) if sa.mark else None,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from esplanade.ipsec.sa import ChildSaRecord, Lifetime, SecurityAssociation, UdpEncap
 from esplanade.ipsec.selectors import TrafficSelector
-from esplanade.ipsec.transforms import Direction, EsnId, IpProto, Mode
+from esplanade.ipsec.transforms import Direction, EsnId, IpProto, Mode, ProtocolId
 from esplanade.keyexchange.ikev2.crypto.keymat import ChildKeys
 from esplanade.keyexchange.ikev2.proposals import Suite
 
@@ -40,6 +40,11 @@ class ChildSa:
     nonces: tuple[bytes, bytes] = field(default=(b"", b""), repr=False)
     rekey_of: str = ""
 
+    @property
+    def protocol(self) -> ProtocolId:
+        """ESP or AH: what the SA payload negotiated (and what DELETE and REKEY_SA name)."""
+        return self.suite.protocol
+
     def sas(
         self,
         local: tuple[str, int],
@@ -47,19 +52,22 @@ class ChildSa:
         encap: bool,
         replay_window: int,
         lifetime: Lifetime = Lifetime(),
+        if_ids: tuple[int, int] = (0, 0),
     ) -> tuple[SecurityAssociation, SecurityAssociation]:
+        """(inbound, outbound); `if_ids` = (in, out) XFRM interface ids (route-based VPN)."""
         k = self.keys
         # §2.17: initiator->responder keys first
         encr_in, integ_in, encr_out, integ_out = (
             (k.encr_r, k.integ_r, k.encr_i, k.integ_i) if self.initiator else (k.encr_i, k.integ_i, k.encr_r, k.integ_r)
         )
         esn = self.suite.esn == EsnId.ESN
+        protocol = IpProto.AH if self.suite.protocol == ProtocolId.AH else IpProto.ESP
         inbound = SecurityAssociation(
             spi=self.spi_in,
             direction=Direction.IN,
             src=remote[0],
             dst=local[0],
-            protocol=IpProto.ESP,
+            protocol=protocol,
             mode=self.mode,
             encr=self.suite.encr,
             encr_key=encr_in,
@@ -71,13 +79,14 @@ class ChildSa:
             lifetime=lifetime,
             local_ts=self.local_ts,
             remote_ts=self.remote_ts,
+            if_id=if_ids[0],
         )
         outbound = SecurityAssociation(
             spi=self.spi_out,
             direction=Direction.OUT,
             src=local[0],
             dst=remote[0],
-            protocol=IpProto.ESP,
+            protocol=protocol,
             mode=self.mode,
             encr=self.suite.encr,
             encr_key=encr_out,
@@ -89,6 +98,7 @@ class ChildSa:
             lifetime=lifetime,
             local_ts=self.local_ts,
             remote_ts=self.remote_ts,
+            if_id=if_ids[1],
         )
         return inbound, outbound
 
@@ -103,8 +113,9 @@ class ChildSa:
         wall_time: float,
         replay_window: int = 32,
         lifetime: Lifetime = Lifetime(),
+        if_ids: tuple[int, int] = (0, 0),
     ) -> ChildSaRecord:
-        inbound, outbound = self.sas(local, remote, encap, replay_window, lifetime)
+        inbound, outbound = self.sas(local, remote, encap, replay_window, lifetime, if_ids)
         return ChildSaRecord(
             id=self.id,
             connection=connection,

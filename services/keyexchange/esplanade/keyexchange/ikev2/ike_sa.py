@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from esplanade.ipsec.sa import ChildSaRecord, Lifetime
 from esplanade.ipsec.selectors import IPAddress
-from esplanade.ipsec.transforms import IntegAlgorithm
+from esplanade.ipsec.transforms import IntegAlgorithm, ProtocolId
 from esplanade.keyexchange.config import ConnectionConfig, PoolConfig
 from esplanade.keyexchange.ikev2.access import AccessGrant
 from esplanade.keyexchange.ikev2.auth.identity import Identity
@@ -303,14 +303,14 @@ class IkeSa:
     def install_keys(self, keys: IkeKeys) -> None:
         assert self.suite is not None
         self.keys = keys
-        self.out_cipher, self.in_cipher = sk_ciphers(keys, self.suite.encr, self.suite.integ, self.initiator)
+        self.out_cipher, self.in_cipher = sk_ciphers(keys, self.suite.cipher, self.suite.integ, self.initiator)
 
     def derive_keys(self, skeyseed: bytes) -> None:
         assert self.suite is not None
         self.skeyseed = skeyseed  # kept for the strongSwan key cross-check; never logged
         self.install_keys(
             derive_ike_keys(
-                self.prf, self.suite.encr, self.suite.integ, skeyseed, self.ni, self.nr, self.spi_i, self.spi_r
+                self.prf, self.suite.cipher, self.suite.integ, skeyseed, self.ni, self.nr, self.spi_i, self.spi_r
             )
         )
 
@@ -714,16 +714,22 @@ class IkeSa:
     # -- children -------------------------------------------------------------------------
     def child_record(self, c: ChildSa, wall: float | None = None) -> ChildSaRecord:
         replay, lifetime = self._child_limits(c)
+        try:
+            cfg = self.config.child(c.name)
+            if_ids = (cfg.if_id_in, cfg.if_id_out)
+        except KeyError:
+            if_ids = (0, 0)
         return c.record(
             self.config.name,
             self.id,
             self.remote_identity_text(),
             self.local,
             self.remote,
-            self.encap,
+            self.encap and c.protocol == ProtocolId.ESP,  # AH never crosses NAT (RFC 3948)
             self.hooks.wall_time() if wall is None else wall,
             replay,
             lifetime,
+            if_ids,
         )
 
     def _child_limits(self, c: ChildSa) -> tuple[int, Lifetime]:

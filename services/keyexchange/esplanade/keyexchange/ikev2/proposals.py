@@ -122,6 +122,14 @@ class ProposalSpec:
                 esn.append(EsnId.ESN if word == "esn" else EsnId.NO_ESN)
             else:
                 raise ProposalSyntaxError(f"unknown algorithm {word!r} in proposal {text!r}")
+        if protocol == ProtocolId.AH:
+            if encr:
+                raise ProposalSyntaxError(f"AH proposal {text!r}: AH has no encryption algorithm")
+            if not integ:
+                raise ProposalSyntaxError(f"AH proposal {text!r} has no integrity algorithm")
+            if prf:
+                raise ProposalSyntaxError("a PRF is an IKE transform")
+            return cls(protocol, (), tuple(integ), (), tuple(ke), (), tuple(esn) or (EsnId.NO_ESN,))
         if not encr:
             raise ProposalSyntaxError(f"proposal {text!r} has no encryption algorithm")
         aead = [a.aead for a in encr]
@@ -194,10 +202,10 @@ class ProposalSpec:
 
 @dataclass(frozen=True, slots=True)
 class Suite:
-    """Negotiated transforms: exactly one per type present."""
+    """Negotiated transforms: exactly one per type present (`encr` None only for AH)."""
 
     protocol: ProtocolId
-    encr: EncrAlgorithm
+    encr: EncrAlgorithm | None
     integ: IntegAlgorithm | None = None
     prf: PrfId | None = None
     ke: KeId = KeId.NONE
@@ -206,8 +214,15 @@ class Suite:
     number: int = 1
     spi: bytes = field(default=b"")
 
+    @property
+    def cipher(self) -> EncrAlgorithm:
+        """The encryption algorithm of an IKE or ESP suite (AH has none)."""
+        if self.encr is None:
+            raise ValueError(f"a {self.protocol.name} suite has no encryption algorithm")
+        return self.encr
+
     def to_proposal(self) -> Proposal:
-        t = [_encr_transform(self.encr)]
+        t = [_encr_transform(self.encr)] if self.encr is not None else []
         if self.prf is not None:
             t.append(Transform(TransformType.PRF, self.prf))
         if self.integ is not None:
@@ -220,7 +235,7 @@ class Suite:
         return Proposal(self.number, self.protocol, self.spi, tuple(t))
 
     def describe(self) -> str:
-        parts = [self.encr.name]
+        parts = [self.encr.name] if self.encr is not None else []
         if self.integ:
             parts.append(self.integ.name)
         if self.prf is not None:
@@ -311,7 +326,7 @@ def match_proposal(
     tab = _table(spec)
     rx_encr = rx.get(_T_ENCR, set())
     encr = next((a for key, a in tab.encr if key in rx_encr), None)
-    if encr is None:
+    if encr is None and (tab.encr or rx_encr):  # only AH (no encryption on either side) goes without
         return None
     rx_integ = _ids(rx, _T_INTEG) - {0}
     integ = None
@@ -397,7 +412,7 @@ def verify_chosen(chosen: Proposal, offered: Sequence[Proposal], *, ignore_ke: b
 def spec_of_proposal(p: Proposal) -> ProposalSpec | None:
     """A spec that accepts exactly the transforms of `p` (used to decode a choice)."""
     encr = tuple(a for a in (_received_encr(t) for t in p.transforms_of(TransformType.ENCR)) if a)
-    if not encr:
+    if not encr and p.protocol != ProtocolId.AH:
         return None
     integ = []
     for t in p.transforms_of(TransformType.INTEG):

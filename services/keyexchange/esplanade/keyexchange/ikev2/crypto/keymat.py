@@ -84,13 +84,14 @@ def child_keymat(
     sk_d: bytes,
     ni: bytes,
     nr: bytes,
-    encr: EncrAlgorithm,
+    encr: EncrAlgorithm | None,
     integ: IntegAlgorithm | None,
     shared: list[bytes] | None = None,
 ) -> ChildKeys:
-    """KEYMAT = prf+(SK_d, [g^ir (new) |] Ni | Nr [| SK(1) ...]) (§2.17, RFC 9370 §2.2.3)."""
+    """KEYMAT = prf+(SK_d, [g^ir (new) |] Ni | Nr [| SK(1) ...]) (§2.17, RFC 9370 §2.2.3).
+    AH (`encr` None) takes only integrity keys, as ESP without encryption would."""
     seed = (shared[0] + ni + nr + b"".join(shared[1:])) if shared else ni + nr
-    e = encr.keymat_bytes
+    e = encr.keymat_bytes if encr is not None else 0
     a = integ.key_bytes if integ is not None else 0
     km = prf.plus(sk_d, seed, 2 * (e + a))
     return ChildKeys(km[:e], km[e : e + a], km[e + a : 2 * e + a], km[2 * e + a :])

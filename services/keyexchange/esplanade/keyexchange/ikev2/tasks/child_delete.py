@@ -30,7 +30,7 @@ class ChildDelete(Task):
         return ike.established or ike.state.value == "rekeyed"
 
     def build_request(self, ike: IkeSa) -> list[Payload] | None:
-        spis = []
+        spis: dict[ProtocolId, list[bytes]] = {}  # one Delete payload per protocol (§3.11)
         for spi in self.spis_in:
             c = ike.find_child_by_spi(spi, inbound=True)
             if c is not None:
@@ -39,10 +39,10 @@ class ChildDelete(Task):
                 c.state = ChildState.DELETING
             elif not self.quiet:
                 continue
-            spis.append(struct.pack("!I", spi))
+            spis.setdefault(c.protocol if c is not None else ProtocolId.ESP, []).append(struct.pack("!I", spi))
         if not spis:
             return None
-        return [DeletePayload(ProtocolId.ESP, tuple(spis))]
+        return [DeletePayload(protocol, tuple(values)) for protocol, values in spis.items()]
 
     def process_response(self, ike: IkeSa, msg: Message, now: float) -> bool:
         for spi in self.spis_in:
@@ -59,18 +59,18 @@ class ChildDelete(Task):
         pass
 
     def process_request(self, ike: IkeSa, msg: Message, now: float) -> list[Payload] | None:
-        reply: list[bytes] = []
+        reply: dict[ProtocolId, list[bytes]] = {}
         for d in msg.payloads:
             if not isinstance(d, DeletePayload) or d.protocol not in (ProtocolId.ESP, ProtocolId.AH):
                 continue
             for raw in d.spis:
                 spi = struct.unpack("!I", raw)[0]
                 c = ike.find_child_by_spi(spi, inbound=False)
-                if c is None:
+                if c is None or c.protocol != d.protocol:
                     continue
                 if c.state != ChildState.DELETING:
                     # §1.4.1: answer with our inbound SPI unless we are deleting it ourselves
-                    reply.append(struct.pack("!I", c.spi_in))
+                    reply.setdefault(c.protocol, []).append(struct.pack("!I", c.spi_in))
                 rekeyed = any(o.rekey_of == c.id for o in ike.children.values())
                 ike.remove_child(c, "rekeyed" if rekeyed else "deleted by peer")
-        return [DeletePayload(ProtocolId.ESP, tuple(reply))] if reply else []
+        return [DeletePayload(protocol, tuple(spis)) for protocol, spis in reply.items()]

@@ -37,7 +37,7 @@ def spi_bytes(spi: int) -> bytes:
 
 
 def offered_proposals(cfg: ChildConfig, spi_in: int, with_ke: bool, first_ke: int = 0) -> list[Proposal]:
-    specs = cfg.esp_proposals if with_ke else tuple(p.without_ke() for p in cfg.esp_proposals)
+    specs = cfg.proposals if with_ke else tuple(p.without_ke() for p in cfg.proposals)
     if with_ke and first_ke:
         from esplanade.ipsec.transforms import KeId
 
@@ -101,9 +101,9 @@ def responder_select(
     tsr_p = _get(msg, TsrPayload)
     if not isinstance(sa, SaPayload) or not isinstance(tsi_p, TsiPayload) or not isinstance(tsr_p, TsrPayload):
         raise NegotiationError(NotifyType.INVALID_SYNTAX, "Child SA request without SA, TSi and TSr")
-    esp = [p for p in sa.proposals if p.protocol == ProtocolId.ESP and len(p.spi) == 4]
+    esp = [p for p in sa.proposals if p.protocol in (ProtocolId.ESP, ProtocolId.AH) and len(p.spi) == 4]
     if not esp:
-        raise NegotiationError(NotifyType.NO_PROPOSAL_CHOSEN, "no ESP proposal with a 4-byte SPI")
+        raise NegotiationError(NotifyType.NO_PROPOSAL_CHOSEN, "no ESP or AH proposal with a 4-byte SPI")
     ts_failure = ""
     proposal_failure = ""
     policy_failure = ""
@@ -131,9 +131,10 @@ def responder_select(
                 continue
         ke = _get(msg, KePayload)
         prefer = ke.group if isinstance(ke, KePayload) else 0
-        suite = select(esp, cfg.esp_proposals, ignore_ke=ignore_ke, prefer_ke=prefer)
+        suite = select(esp, cfg.proposals, ignore_ke=ignore_ke, prefer_ke=prefer)
         if suite is None:
-            proposal_failure = f"no acceptable ESP proposal for child {cfg.name}"
+            protocol = "AH" if cfg.ah_proposals else "ESP"
+            proposal_failure = f"no acceptable {protocol} proposal for child {cfg.name}"
             continue
         transport = notify_of(msg.payloads, NotifyType.USE_TRANSPORT_MODE) is not None
         mode = Mode.TRANSPORT if transport and cfg.mode == Mode.TRANSPORT else Mode.TUNNEL
@@ -211,7 +212,7 @@ def initiator_verify(
     if not isinstance(sa, SaPayload) or not isinstance(tsi_p, TsiPayload) or not isinstance(tsr_p, TsrPayload):
         raise NegotiationError(NotifyType.INVALID_SYNTAX, "Child SA response without SA, TSi and TSr")
     if len(sa.proposals) != 1 or len(sa.proposals[0].spi) != 4:
-        raise NegotiationError(NotifyType.NO_PROPOSAL_CHOSEN, "response must choose exactly one ESP proposal")
+        raise NegotiationError(NotifyType.NO_PROPOSAL_CHOSEN, "response must choose exactly one proposal")
     suite = verify_chosen(sa.proposals[0], offered, ignore_ke=ignore_ke)
     if suite is None:
         raise NegotiationError(NotifyType.NO_PROPOSAL_CHOSEN, "responder chose a proposal we did not offer")

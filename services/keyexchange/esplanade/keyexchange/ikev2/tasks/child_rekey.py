@@ -51,7 +51,9 @@ class ChildRekey(ChildCreate):
     def extra_payloads(self, ike: IkeSa) -> list[Payload]:
         assert self.rekey_of is not None
         return [
-            NotifyPayload(NotifyType.REKEY_SA, protocol=ProtocolId.ESP, spi=struct.pack("!I", self.rekey_of.spi_in))
+            NotifyPayload(
+                NotifyType.REKEY_SA, protocol=self.rekey_of.protocol, spi=struct.pack("!I", self.rekey_of.spi_in)
+            )
         ]
 
     def _done(self, ike: IkeSa) -> None:
@@ -111,7 +113,8 @@ class ChildRekey(ChildCreate):
         spi = struct.unpack("!I", n.spi)[0]
         old = ike.find_child_by_spi(spi, inbound=False)
         if old is None or old.state in (ChildState.DELETED,):
-            return [NotifyPayload(NotifyType.CHILD_SA_NOT_FOUND, protocol=ProtocolId.ESP, spi=n.spi)]
+            protocol = ProtocolId(n.protocol) if n.protocol in (ProtocolId.ESP, ProtocolId.AH) else ProtocolId.ESP
+            return [NotifyPayload(NotifyType.CHILD_SA_NOT_FOUND, protocol=protocol, spi=n.spi)]
         if old.state in (ChildState.DELETING, ChildState.REKEYED) or ike.state == IkeState.REKEYING:
             return [NotifyPayload(NotifyType.TEMPORARY_FAILURE)]
         self.rekey_of = old

@@ -60,7 +60,7 @@ def _new_sa(
     skeyseed = skeyseed_rekey(old.prf, old.keys.sk_d, shared, ni, nr)
     new.shared_secrets = list(shared)
     new.skeyseed = skeyseed
-    new.install_keys(derive_ike_keys(new.prf, suite.encr, suite.integ, skeyseed, ni, nr, spi_i, spi_r))
+    new.install_keys(derive_ike_keys(new.prf, suite.cipher, suite.integ, skeyseed, ni, nr, spi_i, spi_r))
     new.rekey_of = old.id
     new.candidate_configs = old.candidate_configs
     new.state = IkeState.ESTABLISHED
