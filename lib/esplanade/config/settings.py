@@ -149,14 +149,30 @@ class DataplaneSettings(Section):
     )
     replay_block: int = Field(
         1 << 16,
-        ge=1024,
-        description="Inbound replay floor persisted this far ahead of the highest accepted number.",
+        ge=64,
+        description="Inbound replay floor persisted this far ahead of the highest accepted number"
+        " (after a failover the new owner drops up to this many of the peer's packets).",
     )
     path_mtu: int = Field(1500, ge=1280, le=65535, description="MTU of the outer path toward the peers.")
     realtime_priority: int = Field(
         0, ge=0, le=99, description="SCHED_FIFO priority of the userspace workers (0: normal scheduling)."
     )
     lease_seconds: int = Field(5, ge=1, description="Membership lease TTL (failover bound).")
+    lease_margin_seconds: float = Field(
+        0.5, ge=0, description="A lease counts as ours until last keepalive send time + TTL - this margin."
+    )
+    ownership: Literal["single", "rendezvous"] = Field(
+        "single",
+        description="`single`: this node carries every SA in the store; `rendezvous`: nodes sharing the store"
+        " split the SAs by rendezvous hashing (owner records under each node's lease).",
+    )
+    steering_interface: str = Field(
+        "", description="Scale-out: interface where the owner adds each tunnel's local address (empty: none)."
+    )
+    steering_inner: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Scale-out: tunnel address -> inner gateway addresses (`lan0=10.9.0.1/24`) that move with it.",
+    )
     flow_log_path: Path = Field(
         Path("/var/lib/esplanade/flows.jsonl"), description="Local flow log (never in the store)."
     )

@@ -85,6 +85,8 @@ class Reconciler:
         self._lock = asyncio.Lock()
         # child id -> policy key -> (kv, revision): policies waiting for the Child SA they name
         self._awaiting_child: dict[str, dict[str, tuple[KeyValue, int]]] = {}
+        # called after a Child SA record appeared, changed or went (scale-out ownership follows)
+        self.on_records_changed: list[Callable[[], None]] = []
 
     # -- waiting for writes -------------------------------------------------------------
     async def wait_applied(self, key: str, revision: int) -> DataplaneError | None:
@@ -199,8 +201,29 @@ class Reconciler:
                 error = DataplaneError(f"store: {exc}")
                 log.error("Child SA %s: %s", child_id, exc)
             self._done(key, revision, error)
+        for callback in self.on_records_changed:
+            callback()
         if child_id in self._awaiting_child:
             await self._release_waiting(child_id)
+
+    async def reevaluate(self, child_ids: list[str], *, offline: bool = False) -> dict[str, str]:
+        """Ownership changed: install what this node now carries among `child_ids`, remove what
+        it no longer carries. `offline`: the store is out of reach (lease no longer provable),
+        touch only the backend. Returns the errors by Child SA id."""
+        errors: dict[str, str] = {}
+        async with self._lock:
+            for child_id in child_ids:
+                record = self.records.get(child_id)
+                try:
+                    if record is not None and self.ownership.owns(record):
+                        await self._install_child(record)
+                    else:
+                        await self._uninstall_child(child_id, offline=offline)
+                except (DataplaneError, StoreError) as exc:
+                    errors[child_id] = str(exc)
+                    self.errors[schema.child_sa(child_id)] = str(exc)
+                    log.error("Child SA %s: %s", child_id, exc)
+        return errors
 
     async def _install_child(self, record: ChildSaRecord) -> None:
         installed = self.installed.get(record.id)
@@ -219,12 +242,14 @@ class Reconciler:
         self.installed[record.id] = record
         await self._write_ack(record)
 
-    async def _uninstall_child(self, child_id: str) -> None:
+    async def _uninstall_child(self, child_id: str, *, offline: bool = False) -> None:
         record = self.installed.get(child_id)
         if record is None:
             return
         await self.backend.delete_child_sa(child_id)
         del self.installed[child_id]
+        if offline:
+            return  # the ack goes with the lease; the ledger keys stay for the next owner
         with contextlib.suppress(StoreError):
             await self.store.delete(schema.install_ack(child_id, self.node))
         if child_id not in self.records:  # gone from the store, not merely moved

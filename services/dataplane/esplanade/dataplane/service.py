@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from esplanade.config.settings import Settings
@@ -31,11 +32,15 @@ from esplanade.dataplane.ike_sockets import IkeSocket
 from esplanade.dataplane.kernel.backend import KernelXfrmBackend
 from esplanade.dataplane.node_membership import NodeMembership
 from esplanade.dataplane.ownership import SaOwnership
+from esplanade.dataplane.ownership_metrics import OwnershipMetrics
+from esplanade.dataplane.ownership_sync import OwnershipSync
 from esplanade.dataplane.reconciler import Reconciler
 from esplanade.dataplane.sequence_ledger import StoreSaPersistence
 from esplanade.dataplane.servicer import SERVICE_NAME, DataplaneServicer, EventHub, ServicerParts, publish_event
+from esplanade.dataplane.tunnel_steering import SteeringSettings, TunnelSteering
 from esplanade.dataplane.userspace.backend import UserspaceBackend, UserspaceBackendSettings, default_workers
 from esplanade.dataplane.userspace.datapath import DatapathSettings
+from esplanade.dataplane.userspace.netconfig import LinkConfigurator
 from esplanade.runtime.service_host import ServiceContext, run_service
 from esplanade.store.base import Store
 from esplanade.store.factory import open_sealer, open_store
@@ -150,18 +155,38 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
             "backend": runtime.choice.name,
             "capacity": {"workers": default_workers(dp.workers) if runtime.choice.name == "userspace" else 0},
             "pid": os.getpid(),
+            "ownership": dp.ownership,
+            # a rendezvous member takes SAs only once its reconciler has read the store
+            "accepting": dp.ownership == "single",
         },
+        margin=dp.lease_margin_seconds,
+    )
+    ownership = SaOwnership(
+        runtime.node, mode=dp.ownership, lease_id=lambda: membership.lease_id, lease_valid=membership.lease_valid
     )
     reconciler = Reconciler(
         runtime.store,
         sealer,
         backend,
         runtime.node,
-        ownership=SaOwnership(runtime.node),
+        ownership=ownership,
         persistence=runtime.persistence,
         lease=lambda: membership.lease_id,
     )
     membership.on_new_lease.append(reconciler.rewrite_acks)
+    steering: TunnelSteering | None = None
+    sync: OwnershipSync | None = None
+    if dp.ownership == "rendezvous":
+        if dp.steering_interface:
+            links = LinkConfigurator()
+            ctx.on_stop.append(_closer(links))
+            steering = TunnelSteering(SteeringSettings(dp.steering_interface, dict(dp.steering_inner)), links._ipr)
+            steering.sweep()
+        metrics = OwnershipMetrics(runtime.node)
+        sync = OwnershipSync(
+            runtime.store, ownership, membership, reconciler, steering=steering, on_moved=metrics.moved
+        )
+        metrics.observe(sync)
     relay.ike_port, relay.natt_port = dp.ike_port, dp.udp_port
 
     address = bind_address(settings)
@@ -185,6 +210,21 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
         for sock in runtime.sockets:
             for name, count in sock.counters.items():
                 out[f"udp{sock.port}_{name}"] = str(count)
+        if sync is not None:
+            counters = sync.counters
+            out.update(
+                ownership=dp.ownership,
+                lease_valid=str(membership.lease_valid()).lower(),
+                owned_sas=str(sync.owned_count()),
+                members=",".join(sorted(sync.accepting_members())),
+                ownership_claims=str(counters.claims),
+                ownership_releases=str(counters.releases),
+                ownership_failovers=str(counters.failovers),
+                ownership_suspensions=str(counters.suspensions),
+                ownership_claim_conflicts=str(counters.claim_conflicts),
+            )
+        if steering is not None:
+            out.update(steering.status())
         return out
 
     servicer = DataplaneServicer(
@@ -209,13 +249,35 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
     async def membership_then_reconcile() -> None:
         registered = asyncio.create_task(membership.run())
         await membership.registered.wait()
+        tasks = [asyncio.create_task(reconciler.run())]
         try:
-            await reconciler.run()
+            if sync is not None:
+                tasks.append(asyncio.create_task(sync.run()))
+                await reconciler.ready.wait()
+                await sync.ready.wait()
+                membership.document["accepting"] = True
+                await membership.update()
+            await asyncio.gather(*tasks)
         finally:
+            for task in tasks:
+                task.cancel()
             registered.cancel()
+
+    async def leave() -> None:
+        if sync is not None:
+            await sync.leave(membership.leave)
+        else:
+            await membership.leave()
 
     ctx.readiness.append(reconciler.ready.is_set)
     ctx.readiness.append(lambda: not getattr(backend, "failed", ""))
     ctx.spawn(pump_events(), "dataplane-events")
     ctx.spawn(membership_then_reconcile(), "dataplane-reconciler")
-    ctx.on_stop.append(membership.leave)
+    ctx.on_stop.append(leave)
+
+
+def _closer(links: LinkConfigurator) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        links.close()
+
+    return close
