@@ -28,6 +28,7 @@ import base64
 import contextlib
 import json
 import secrets
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from pyroute2 import NetNS, netns
 from demo.manual_sites import SiteService, TunnelKeys, random_kek
 from esplanade.v1 import dataplane_pb2, ipsec_pb2
 from tests.conditions import wait_until
+from tests.etcd_server import ETCDCTL_BINARY as ETCDCTL
 from tests.etcd_server import EtcdServer
 from tests.netns_topology import IFA_F_NODAD, Node, Topology, inside_netns
 
@@ -95,9 +97,7 @@ class Tunnel:
         return self.keys.spi_ba
 
 
-def _sa(
-    spi: int, src: str, dst: str, key: bytes, encr: str, local: str, remote: str
-) -> ipsec_pb2.SecurityAssociation:
+def _sa(spi: int, src: str, dst: str, key: bytes, encr: str, local: str, remote: str) -> ipsec_pb2.SecurityAssociation:
     sa = ipsec_pb2.SecurityAssociation(
         spi=spi,
         src=src,
@@ -306,9 +306,8 @@ class ScaleCluster:
         )
         self.peer.start()
         for i, node in enumerate(self.dp_nodes):
-            member = ClusterNode(
-                i, node, SiteService(node, self.workdir, f"dp{i}", self.kek, store="etcd", settings=self.node_settings(i))
-            )
+            service = SiteService(node, self.workdir, f"dp{i}", self.kek, store="etcd", settings=self.node_settings(i))
+            member = ClusterNode(i, node, service)
             member.service.etcd_endpoint = self.etcd.endpoint
             self.members.append(member)
         for member in self.members[: self.nodes if nodes is None else nodes]:
@@ -354,6 +353,57 @@ class ScaleCluster:
         records = self.etcd_get("/esplanade/v1/dataplane/owners/")
         by_child = {key.rsplit("/", 1)[1]: value.get("node", "") for key, value in records.items()}
         return {t.index: by_child[t.child_id] for t in self.tunnel_list if t.child_id in by_child}
+
+    def owner_history(self) -> list[tuple[str, str, str]]:
+        """Every event on `dataplane/owners/` since revision 1: (PUT|DELETE, child id, node)."""
+        assert self.etcd is not None
+        command = [
+            ETCDCTL,
+            f"--endpoints={self.etcd.client_url}",
+            "watch",
+            "--prefix",
+            "/esplanade/v1/dataplane/owners/",
+            "--rev",
+            "1",
+            "-w",
+            "json",
+        ]
+        with inside_netns(self.etcd_ns):
+            try:
+                out = subprocess.run(command, capture_output=True, timeout=2, env={"ETCDCTL_API": "3"}).stdout
+            except subprocess.TimeoutExpired as expired:  # watch never ends by itself
+                out = expired.stdout or b""
+        return self.parse_watch(out.decode() if isinstance(out, bytes) else out)
+
+    @staticmethod
+    def parse_watch(text: str) -> list[tuple[str, str, str]]:
+        events = []
+        for line in text.splitlines():
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            for event in json.loads(line).get("Events") or []:
+                kv = event["kv"]
+                child = base64.b64decode(kv["key"]).decode().rsplit("/", 1)[1]
+                if event.get("type") == 1:
+                    events.append(("DELETE", child, ""))
+                else:
+                    value = json.loads(base64.b64decode(kv.get("value", "")) or b"{}")
+                    events.append(("PUT", child, str(value.get("node", ""))))
+        return events
+
+    def owner_history_violations(self) -> list[str]:
+        """A claim over a live claim would show as two PUTs without a DELETE between them."""
+        current: dict[str, str] = {}
+        problems = []
+        for kind, child, node in self.owner_history():
+            if kind == "PUT":
+                if child in current and current[child] != node:
+                    problems.append(f"{child}: {node} claimed while {current[child]} held it")
+                current[child] = node
+            else:
+                current.pop(child, None)
+        return problems
 
     def members_in_store(self) -> dict[str, dict[str, Any]]:
         records = self.etcd_get("/esplanade/v1/dataplane/nodes/")

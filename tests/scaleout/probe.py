@@ -11,6 +11,7 @@ Three threads (sender, echo, receiver) with sockets made inside the namespaces.
 from __future__ import annotations
 
 import bisect
+import itertools
 import selectors
 import socket
 import struct
@@ -130,4 +131,4 @@ class EchoProbe:
         lo = bisect.bisect_left(arrivals, start)
         hi = bisect.bisect_right(arrivals, end)
         points = [start, *arrivals[lo:hi], end]
-        return max(b - a for a, b in zip(points, points[1:], strict=False))
+        return max(b - a for a, b in itertools.pairwise(points))

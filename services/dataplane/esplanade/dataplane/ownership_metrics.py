@@ -4,8 +4,9 @@
     esplanade.dataplane.ownership_moves    counter  SAs claimed or released        {node, kind, reason}
     esplanade.dataplane.failovers          counter  SAs taken over from a dead node {node}
 
-`reason`: rebalance (a member joined or left), failover (the owner's lease expired),
-partition (our own lease stopped being provable), leave (graceful stop), deleted.
+`kind` claimed (reason `claim`) or released (reason rebalance: a member joined or left;
+partition: our own lease stopped being provable; leave: graceful stop). A claim counts as a
+failover too once the previous owner turns out to have vanished with its lease.
 """
 
 from __future__ import annotations
@@ -45,5 +46,6 @@ class OwnershipMetrics:
 
     def moved(self, kind: str, reason: str, count: int) -> None:
         self._moves.add(count, {"node": self.node, "kind": kind, "reason": reason})
-        if kind == "claimed" and reason == "failover":
-            self._failovers.add(count, {"node": self.node})
+
+    def failed_over(self, count: int) -> None:
+        self._failovers.add(count, {"node": self.node})

@@ -110,6 +110,7 @@ class OwnershipSync:
         *,
         steering: AddressSteering | None = None,
         on_moved: Callable[[str, str, int], None] | None = None,
+        on_failover: Callable[[int], None] | None = None,
     ) -> None:
         self.store = store
         self.ownership = ownership
@@ -120,11 +121,15 @@ class OwnershipSync:
         self.members: dict[str, Member] = {}
         self.counters = OwnershipCounters()
         self.on_moved = on_moved  # (kind, reason, count) for metrics
+        self.on_failover = on_failover  # SAs taken over from a node that died or was cut off
         self.ready = asyncio.Event()
         self.leaving = False
         self._dirty = asyncio.Event()
         self._revisions: dict[str, int] = {}  # owner key -> newest revision applied (deletes too)
-        self._orphans: set[str] = set()  # child ids whose owner vanished with its lease
+        self._previous_owner: dict[str, str] = {}  # child id -> the other node whose record was deleted
+        # claimed from a node still listed as member: a failover if that member vanishes soon after
+        # (its member key and owner records go in one revision, but two watches report them)
+        self._claimed_from: dict[str, tuple[str, float]] = {}
         self._deadline: asyncio.TimerHandle | None = None
         self._suspended = False
         self.passes = 0
@@ -210,8 +215,23 @@ class OwnershipSync:
     def _member_event(self, kv: KeyValue, put: bool) -> None:
         if put:
             self._put_member(kv)
-        else:
-            self.members.pop(kv.key[len(NODES_PREFIX) :], None)
+            return
+        gone = self.members.pop(kv.key[len(NODES_PREFIX) :], None)
+        if gone is None or gone.document.get("leaving"):
+            return
+        now = time.monotonic()
+        failed_over = [c for c, (node, at) in self._claimed_from.items() if node == gone.node and now - at < 10]
+        for child in failed_over:
+            del self._claimed_from[child]
+        self._count_failovers(len(failed_over))
+
+    def _count_failovers(self, count: int) -> None:
+        if not count:
+            return
+        self.counters.failovers += count
+        self.counters.moved("failover", count)
+        if self.on_failover is not None:
+            self.on_failover(count)
 
     def _member_resync(self, item: Resync) -> None:
         self.members.clear()
@@ -226,7 +246,6 @@ class OwnershipSync:
         document = _decode(kv)
         child = kv.key[len(OWNERS_PREFIX) :]
         self.ownership.owners[child] = OwnerRecord(str(document.get("node", "")), kv.lease, kv.mod_revision)
-        self._orphans.discard(child)
 
     def _delete_owner(self, key: str, revision: int) -> None:
         if self._revisions.get(key, 0) >= revision:
@@ -234,8 +253,8 @@ class OwnershipSync:
         self._revisions[key] = revision
         child = key[len(OWNERS_PREFIX) :]
         previous = self.ownership.owners.pop(child, None)
-        if previous is not None and previous.node != self.node and previous.node not in self.members:
-            self._orphans.add(child)  # its node is gone: a failover, not a hand-over
+        if previous is not None and previous.node != self.node:
+            self._previous_owner[child] = previous.node
 
     def _owner_event(self, kv: KeyValue, put: bool) -> None:
         if put:
@@ -362,17 +381,23 @@ class OwnershipSync:
             return
         await self.reconciler.reevaluate(claimed)
         self._steer()
-        failovers = sum(1 for child in claimed if child in self._orphans)
-        self._orphans.difference_update(claimed)
+        now = time.monotonic()
+        failovers = 0
+        for child in claimed:
+            previous = self._previous_owner.pop(child, None)
+            if previous is None:
+                continue
+            if previous not in self.members:
+                failovers += 1
+            else:
+                self._claimed_from[child] = (previous, now)
+        for child in [c for c, (_, at) in self._claimed_from.items() if now - at > 10]:
+            del self._claimed_from[child]
         self.counters.claims += len(claimed)
-        self.counters.failovers += failovers
-        if failovers:
-            self.counters.moved("failover", failovers)
-            if self.on_moved is not None:
-                self.on_moved("claimed", "failover", failovers)
-        if len(claimed) > failovers and self.on_moved is not None:
-            self.on_moved("claimed", "rebalance", len(claimed) - failovers)
-        log.info("dataplane node %s claimed %d SAs (%d after a failover)", self.node, len(claimed), failovers)
+        self._count_failovers(failovers)
+        if self.on_moved is not None:
+            self.on_moved("claimed", "claim", len(claimed))
+        log.info("dataplane node %s claimed %d SAs", self.node, len(claimed))
 
     async def _create_record(self, child: str, lease: int) -> bool:
         key = schema.sa_owner(child)
@@ -405,4 +430,7 @@ class OwnershipSync:
                 self.steering.apply([])
         if installed:
             self.counters.moved("leave", len(installed))
+        self.membership.document.update(accepting=False, leaving=True)
+        with contextlib.suppress(StoreError, TimeoutError):
+            await asyncio.wait_for(self.membership.update(), timeout=1.0)
         await revoke()

@@ -184,7 +184,13 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
             steering.sweep()
         metrics = OwnershipMetrics(runtime.node)
         sync = OwnershipSync(
-            runtime.store, ownership, membership, reconciler, steering=steering, on_moved=metrics.moved
+            runtime.store,
+            ownership,
+            membership,
+            reconciler,
+            steering=steering,
+            on_moved=metrics.moved,
+            on_failover=metrics.failed_over,
         )
         metrics.observe(sync)
     relay.ike_port, relay.natt_port = dp.ike_port, dp.udp_port
