@@ -117,6 +117,29 @@ class IkeDispatcher:
         self.sas[ike.id] = ike
         self._by_spi[ike.spi_i if ike.initiator else ike.spi_r] = ike
 
+    def adopt(self, sa: IkeSa, now: float) -> None:
+        """Take over an IKE SA restored from another instance's state (`IkeSa.from_state`)."""
+        if sa.id in self.sas:
+            raise ValueError(f"IKE SA {sa.id} is already here")
+        sa.hooks = self.hooks
+        self._register(sa)
+        for child in sa.children.values():
+            self._spis_in_use.add(child.spi_in)
+        for address in sa.assigned_ips:
+            for pool in sa.config.pools:
+                self._leases.setdefault(pool.name, {})[address] = sa.id
+        self._schedule(sa)
+
+    def release(self, ike_id: str) -> IkeSa | None:
+        """Forget an IKE SA without a word to the peer: another instance carries it on."""
+        sa = self.sas.pop(ike_id, None)
+        if sa is None:
+            return None
+        self._by_spi.pop(sa.spi_i if sa.initiator else sa.spi_r, None)
+        self._release(sa)
+        self._deadlines.pop(ike_id, None)
+        return sa
+
     def half_open_count(self, ip: str | None = None) -> int:
         """Responder IKE SAs that answered IKE_SA_INIT but are not authenticated yet (O(1))."""
         return len(self._half_open) if ip is None else self._half_open_ips.get(ip, 0)
