@@ -194,6 +194,11 @@ class KeyexchangeSettings(Section):
         10, ge=0, description="Half-open IKE SAs before COOKIEs are demanded (RFC 7296 §2.6)."
     )
     lease_seconds: int = Field(5, ge=1, description="Membership lease TTL for IKE SA takeover.")
+    share_ike_sas: bool = Field(
+        False,
+        description="Scale-out: persist every IKE SA after each completed exchange (`sas/ike/`), own it under"
+        " this instance's lease (`keyexchange/owners/`) and take over those of instances that died.",
+    )
     cookie_threshold_ip: int = Field(
         3, ge=0, description="Half-open IKE SAs from one address before COOKIEs are demanded of it (0: off)."
     )

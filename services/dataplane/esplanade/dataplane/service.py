@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from esplanade.config.settings import Settings
 from esplanade.dataplane.backend import DataplaneBackend, DataplaneError
 from esplanade.dataplane.backend_selection import BackendChoice, choose_backend
+from esplanade.dataplane.ike_owner_routes import IkeOwnerRoutes
 from esplanade.dataplane.ike_relay import IkeRelay
 from esplanade.dataplane.ike_sockets import IkeSocket
 from esplanade.dataplane.kernel.backend import KernelXfrmBackend
@@ -279,6 +280,7 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
     ctx.readiness.append(lambda: not getattr(backend, "failed", ""))
     ctx.spawn(pump_events(), "dataplane-events")
     ctx.spawn(membership_then_reconcile(), "dataplane-reconciler")
+    ctx.spawn(IkeOwnerRoutes(runtime.store, relay).run(), "dataplane-ike-owner-routes")
     ctx.on_stop.append(leave)
 
 

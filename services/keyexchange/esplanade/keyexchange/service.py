@@ -33,6 +33,7 @@ from esplanade.keyexchange.dataplane_follower import DataplaneFollower
 from esplanade.keyexchange.engine_driver import IkeEngine
 from esplanade.keyexchange.ike_event_feed import EventFeed
 from esplanade.keyexchange.ike_metrics import IkeMetrics
+from esplanade.keyexchange.ike_sa_sharing import IkeSaSharing
 from esplanade.keyexchange.ike_spans import NegotiationSpans
 from esplanade.keyexchange.ike_transports import DataplaneRelay, IkeSockets
 from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
@@ -80,9 +81,13 @@ class KeyExchangeNode:
             id_prefix=self.id_prefix,
             allocate_spi=self.spis.take,
             now=time.monotonic(),
+            new_ike_spi=lambda: self.sharing.choose_spi() if self.sharing is not None else os.urandom(8),
         )
         self.engine = IkeEngine(dispatcher)
         self.handoff = ChildSaHandoff(store, sealer, self.spis, self.engine.inbound_sa_installed)
+        self.sharing: IkeSaSharing | None = None
+        if kx.share_ike_sas:
+            self.sharing = IkeSaSharing(store, sealer, self.engine, self.handoff, self.instance, lambda: self.lease_id)
         self.handoff.on_write_failed = self._write_failed
         self.catalog = ConnectionCatalog(store, sealer, self.engine)
         self.feed = EventFeed(lambda ike: self.engine.connection_of.get(ike, ""))
@@ -136,6 +141,8 @@ class KeyExchangeNode:
                     await self.register()
                     self.spis.forget_reserved()
                     await self.spis.fill()
+                    if self.sharing is not None:
+                        self.sharing.lease_renewed()
             except StoreError as exc:
                 log.warning("lease keepalive failed: %s", exc)
 
@@ -153,6 +160,7 @@ class KeyExchangeNode:
             (self.handoff.follow_acks(), "kx-acks"),
             (self.follower.poll_counters(), "kx-counters"),
             (self.sweep(), "kx-sweep"),
+            *(((self.sharing.run(), "kx-ike-sharing"),) if self.sharing is not None else ()),
             *((self.follower.follow_events(t), f"kx-dp-events:{t}") for t in self.follower.targets),
         ]
         for coro, name in tasks:
@@ -185,9 +193,21 @@ class KeyExchangeNode:
             except StoreError as exc:
                 log.warning("sweep failed: %s", exc)
 
+    async def _shared_ike_prefixes(self) -> set[str]:
+        """`<ike id>.` of every IKE SA whose state is in the store, and the ids of its Child SAs
+        (which keep their first IKE SA's name across IKE rekeys): another instance carries or
+        may take over them, so they are no orphans."""
+        states, _ = await self.store.range(schema.prefix("sas", "ike"))
+        live: set[str] = set()
+        for kv in states:
+            live.add(kv.key[len(schema.prefix("sas", "ike")) :] + ".")
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                live.update(str(child["id"]) for child in json.loads(kv.value).get("children", []))
+        return live
+
     async def find_orphans(self) -> dict[str, tuple[int, set[str]]]:
         """Child SA records of keyexchange boots that are not running any more."""
-        live = {self.id_prefix}
+        live = {self.id_prefix} | await self._shared_ike_prefixes()
         instances, _ = await self.store.range(schema.prefix("keyexchange", "instances"))
         for kv in instances:
             with contextlib.suppress(Exception):
@@ -210,7 +230,7 @@ class KeyExchangeNode:
 
     async def sweep_orphans(self) -> int:
         """Delete Child SA records of previous boots that nothing carries traffic on any more."""
-        live_prefixes = {self.id_prefix}
+        live_prefixes = {self.id_prefix} | await self._shared_ike_prefixes()
         instances, _ = await self.store.range(schema.prefix("keyexchange", "instances"))
         for kv in instances:
             with contextlib.suppress(Exception):

@@ -46,6 +46,7 @@ class IkeDispatcher:
         wall_time: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         now: float = 0.0,
+        new_ike_spi: Callable[[], bytes] | None = None,
     ) -> None:
         self.configs: dict[str, ConnectionConfig] = {c.name: c for c in configs}
         self.cookie_threshold = cookie_threshold
@@ -79,6 +80,7 @@ class IkeDispatcher:
             rng=rng or random.Random(),  # noqa: S311 - lifetime jitter, not key material
             install_timeout=install_timeout,
             ack_initiator_installs=ack_initiator_installs,
+            new_ike_spi=new_ike_spi if new_ike_spi is not None else lambda: os.urandom(8),
         )
 
     # -- bookkeeping ----------------------------------------------------------------------------

@@ -159,6 +159,9 @@ class EngineHooks:
     # Initiator rekeys: delete the old Child SA only once the new inbound SA is acknowledged
     # too, so the peer never switches to an SA our dataplane cannot decrypt yet.
     ack_initiator_installs: bool = False
+    # Our IKE SPIs when we initiate (SPIi): several keyexchange instances behind one relay pick
+    # SPIs that the relay's rendezvous hashing routes back to themselves.
+    new_ike_spi: Callable[[], bytes] = field(default=lambda: os.urandom(8))
 
 
 HALF_OPEN_TIMEOUT = 30.0
@@ -188,7 +191,7 @@ class IkeSa:
         self.local = local
         self.remote = remote
         self.hooks = hooks
-        self.spi_i = spi_i if spi_i is not None else os.urandom(8)
+        self.spi_i = spi_i if spi_i is not None else hooks.new_ike_spi()
         # the responder picks its SPI now; the initiator learns SPIr from the IKE_SA_INIT response
         self.spi_r = spi_r if initiator else os.urandom(8)
         self.state = IkeState.CREATED
