@@ -16,7 +16,7 @@ import traceback
 from bench.records import Figure
 from bench.report import write_results
 
-BENCHMARKS: list[str] = ["esp_fastpath", "dataplane_throughput", "ike_setup_rate"]
+BENCHMARKS: list[str] = ["esp_fastpath", "dataplane_throughput", "ike_setup_rate", "scaleout"]
 
 
 def main(argv: list[str]) -> int:

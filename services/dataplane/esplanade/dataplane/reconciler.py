@@ -41,6 +41,7 @@ APPLIED_MEMORY = 4096
 # prefixes are watched separately, so a policy can arrive just before the record written in
 # the same transaction (a rekey re-pointing its policies). Then it is applied regardless.
 CHILD_WAIT_SECONDS = 2.0
+PREPARE_IN_FLIGHT = 64  # store round trips in flight when many SAs are installed at once
 
 
 class UpdatableBackend(Protocol):
@@ -209,23 +210,51 @@ class Reconciler:
     async def reevaluate(self, child_ids: list[str], *, offline: bool = False) -> dict[str, str]:
         """Ownership changed: install what this node now carries among `child_ids`, remove what
         it no longer carries. `offline`: the store is out of reach (lease no longer provable),
-        touch only the backend. Returns the errors by Child SA id."""
+        touch only the backend. Installs reserve their sequence blocks and write their acks
+        concurrently (`prepare` below); the backend calls themselves stay in order. Returns the
+        errors by Child SA id."""
         errors: dict[str, str] = {}
         async with self._lock:
+            installs = [
+                r
+                for r in (self.records.get(c) for c in child_ids)
+                if r is not None and self.ownership.owns(r) and r.id not in self.installed
+            ]
+            await self._prepare(installs)
+            acks: list[ChildSaRecord] = []
             for child_id in child_ids:
                 record = self.records.get(child_id)
                 try:
                     if record is not None and self.ownership.owns(record):
-                        await self._install_child(record)
+                        await self._install_child(record, ack=False)
+                        acks.append(record)
                     else:
                         await self._uninstall_child(child_id, offline=offline)
                 except (DataplaneError, StoreError) as exc:
                     errors[child_id] = str(exc)
                     self.errors[schema.child_sa(child_id)] = str(exc)
                     log.error("Child SA %s: %s", child_id, exc)
+            for start in range(0, len(acks), PREPARE_IN_FLIGHT):
+                results = await asyncio.gather(
+                    *(self._write_ack(r) for r in acks[start : start + PREPARE_IN_FLIGHT]), return_exceptions=True
+                )
+                for record, result in zip(acks[start : start + PREPARE_IN_FLIGHT], results, strict=True):
+                    if isinstance(result, StoreError):
+                        errors[record.id] = f"ack not written: {result}"
         return errors
 
-    async def _install_child(self, record: ChildSaRecord) -> None:
+    async def _prepare(self, records: list[ChildSaRecord]) -> None:
+        prepare = getattr(self.persistence, "prepare", None)
+        block = getattr(getattr(self.backend, "settings", None), "sequence_block", 0)
+        if prepare is None or not block or len(records) < 2:
+            return
+        for start in range(0, len(records), PREPARE_IN_FLIGHT):
+            chunk = records[start : start + PREPARE_IN_FLIGHT]
+            await asyncio.gather(
+                *(prepare(r.id, r.outbound.spi, r.inbound.spi, block) for r in chunk), return_exceptions=True
+            )
+
+    async def _install_child(self, record: ChildSaRecord, *, ack: bool = True) -> None:
         installed = self.installed.get(record.id)
         if installed == record:
             return
@@ -235,12 +264,14 @@ class Reconciler:
             if same_spis and update is not None:
                 await update(record)
                 self.installed[record.id] = record
-                await self._write_ack(record)
+                if ack:
+                    await self._write_ack(record)
                 return
             await self._uninstall_child(record.id)
         await self.backend.install_child_sa(record)
         self.installed[record.id] = record
-        await self._write_ack(record)
+        if ack:
+            await self._write_ack(record)
 
     async def _uninstall_child(self, child_id: str, *, offline: bool = False) -> None:
         record = self.installed.get(child_id)

@@ -74,11 +74,25 @@ class StoreSaPersistence:
         self._revisions: dict[int, int] = {}  # SPI -> mod_revision of our last write
         self._written: dict[int, int] = {}  # SPI -> the value of our last write
         self.writes = 0
+        # reservations made ahead for installs about to happen (a node taking over many SAs):
+        # (child_sa, spi) -> (next_seq, upto) of start_outbound, (child_sa, spi) -> replay floor
+        self._started: dict[tuple[str, int], tuple[int, int]] = {}
+        self._floors: dict[tuple[str, int], int] = {}
+
+    async def prepare(self, child_sa: str, outbound_spi: int, inbound_spi: int, block: int) -> None:
+        """Reserve the first sequence block and read the replay floor of an SA about to be
+        installed, so many installs can do their store round trips concurrently; the install's
+        own `start_outbound` / `replay_floor` then take these (once)."""
+        self._started[(child_sa, outbound_spi)] = await self.start_outbound(child_sa, outbound_spi, block)
+        self._floors[(child_sa, inbound_spi)] = await self.replay_floor(child_sa, inbound_spi)
 
     def _document(self, child_sa: str, upto: int) -> bytes:
         return encode_document({"upto": upto, "child_sa": child_sa, "holder": self.incarnation, "node": self.node})
 
     async def start_outbound(self, child_sa: str, spi: int, block: int) -> tuple[int, int]:
+        prepared = self._started.pop((child_sa, spi), None)
+        if prepared is not None and self._written.get(spi) == prepared[1]:
+            return prepared  # reserved by `prepare` and nobody wrote since (it would have raised the mark)
         key = schema.sequence_reservation(spi)
         kv = await self.store.get(key)
         for _ in range(CAS_ATTEMPTS):
@@ -131,6 +145,9 @@ class StoreSaPersistence:
         raise SequenceLedgerError(f"{key} kept changing; sequence block not reserved")
 
     async def replay_floor(self, child_sa: str, spi: int) -> int:
+        prepared = self._floors.pop((child_sa, spi), None)
+        if prepared is not None:
+            return prepared
         document = _decode(await self.store.get(schema.replay_high_water(spi)))
         if document.get("child_sa", child_sa) != child_sa:
             return 0  # the floor of an earlier SA that used this SPI
