@@ -88,6 +88,8 @@ def _iperf_all(cluster: ScaleCluster, seconds: int) -> dict[int, float]:
                     "-t",
                     str(seconds),
                     "-J",
+                    "--connect-timeout",
+                    "3000",
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -97,7 +99,13 @@ def _iperf_all(cluster: ScaleCluster, seconds: int) -> dict[int, float]:
         ]
         out: dict[int, float] = {}
         for t, client in enumerate(clients):
-            stdout, _ = client.communicate(timeout=seconds + 60)
+            try:
+                stdout, _ = client.communicate(timeout=seconds + 30)
+            except subprocess.TimeoutExpired:
+                client.kill()
+                client.communicate()
+                print(f"   iperf3 through tunnel {t} stalled; counted as 0", flush=True)
+                stdout = ""
             report: dict[str, Any] = json.loads(stdout or "{}")
             received = report.get("end", {}).get("sum_received", {}).get("bits_per_second", 0.0)
             out[t] = float(received) / 1e6

@@ -104,6 +104,9 @@ class IkeSaSharing:
         self._wake = asyncio.Event()
         self._takeover = asyncio.Event()
         self.counters: dict[str, int] = {"writes": 0, "takeovers": 0, "takeover_failures": 0, "deletes": 0}
+        self.counters["suspensions"] = 0
+        self.suspended = False
+        self._released: set[str] = set()  # ours, forgotten here while the lease was not provable
         engine.after_flush.append(self.after_flush)
         engine.listeners.append(self.on_event)
 
@@ -192,6 +195,26 @@ class IkeSaSharing:
         self._owned.discard(ike_id)
         self.counters["deletes"] += 1
 
+    def suspend(self) -> None:
+        """Our lease is no longer provable: forget our IKE SAs here (their state stays in the
+        store) so that we never speak for an IKE SA a survivor may already carry."""
+        if self.suspended:
+            return
+        self.suspended = True
+        released = [ike_id for ike_id in list(self.engine.dispatcher.sas) if ike_id in self._owned]
+        self._released.update(released)
+        for ike_id in released:
+            self.engine.dispatcher.release(ike_id)
+            self._written.pop(ike_id, None)
+        self.counters["suspensions"] += 1
+        log.error("keyexchange lease not provable: stopped carrying %d IKE SAs", len(released))
+
+    def resume(self) -> None:
+        """The lease is provable again: owner records still ours are restored from the store."""
+        if self.suspended:
+            self.suspended = False
+            self._takeover.set()
+
     def lease_renewed(self) -> None:
         """A new lease: our owner records went with the old one; write them again."""
         self._owned.clear()
@@ -259,9 +282,21 @@ class IkeSaSharing:
     async def take_over_orphaned(self) -> int:
         states, _ = await self.store.range(IKE_PREFIX)
         taken = 0
+        if self.suspended:
+            return 0
         for kv in states:
             ike_id = kv.key[len(IKE_PREFIX) :]
-            if ike_id in self.owners or ike_id in self.engine.dispatcher.sas:
+            if ike_id in self.engine.dispatcher.sas:
+                continue
+            owner = self.owners.get(ike_id)
+            if owner == self.instance:
+                # ours: restore it only if a suspension released it (never one we deleted or
+                # replaced by a rekey, whose state is about to go)
+                if ike_id in self._released and ike_id in self._owned and await self._restore(ike_id, kv):
+                    taken += 1
+                self._released.discard(ike_id)
+                continue
+            if owner is not None or self._pending.get(ike_id, {}) is None:
                 continue
             try:
                 document = decode_document(kv.key, kv.value)
@@ -274,6 +309,13 @@ class IkeSaSharing:
                 taken += 1
         return taken
 
+    async def _restore(self, ike_id: str, kv: KeyValue) -> bool:
+        try:
+            document = decode_document(kv.key, kv.value)
+        except (TypeError, ValueError):
+            return False
+        return await self._adopt(ike_id, kv, document)
+
     async def _take_over(self, ike_id: str, kv: KeyValue, document: dict[str, Any]) -> bool:
         owner_key = schema.ike_sa_owner(ike_id)
         owner = {"instance": self.instance, "spi_i": document["spi_i"], "taken_over": True}
@@ -285,6 +327,10 @@ class IkeSaSharing:
             return False
         self._owned.add(ike_id)
         self.owners[ike_id] = self.instance
+        return await self._adopt(ike_id, kv, document)
+
+    async def _adopt(self, ike_id: str, kv: KeyValue, document: dict[str, Any]) -> bool:
+        owner_key = schema.ike_sa_owner(ike_id)
         config = self.engine.dispatcher.configs.get(str(document.get("connection", "")))
         try:
             if config is None:

@@ -26,6 +26,7 @@ import re
 import socket
 import time
 
+from esplanade.cluster.lease_clock import LeaseClock
 from esplanade.config.settings import Settings
 from esplanade.keyexchange.child_sa_handoff import ChildSaHandoff
 from esplanade.keyexchange.connection_catalog import ConnectionCatalog
@@ -70,6 +71,7 @@ class KeyExchangeNode:
         self.boot = os.urandom(3).hex()
         self.id_prefix = f"{self.instance}-{self.boot}."
         self.lease_id = 0
+        self.lease_clock = LeaseClock(margin=min(0.5, kx.lease_seconds / 4))
         self.spis = SpiReservations(store, self.instance, size=kx.spi_pool, lease=lambda: self.lease_id)
         dispatcher = IkeDispatcher(
             [],
@@ -124,17 +126,28 @@ class KeyExchangeNode:
 
     # -- membership --------------------------------------------------------------------------
     async def register(self) -> None:
+        sent_at = time.monotonic()
         lease = await self.store.grant_lease(self.settings.keyexchange.lease_seconds)
         self.lease_id = lease.id
+        self.lease_clock.granted(lease.id, lease.ttl, sent_at)
         doc = {"boot": self.boot, "id_prefix": self.id_prefix, "started_at": time.time()}
         await self.store.put(schema.keyexchange_instance(self.instance), encode_document(doc), lease=lease.id)
 
     async def keep_registered(self) -> None:
-        interval = max(0.5, self.settings.keyexchange.lease_seconds / 3)
+        ttl = self.settings.keyexchange.lease_seconds
+        interval = max(0.1, ttl / 4)
         while True:
             await asyncio.sleep(interval)
+            if self.sharing is not None and not self.lease_clock.valid(time.monotonic()):
+                self.sharing.suspend()  # a survivor may take our IKE SAs over: stop speaking for them
             try:
-                await self.store.keepalive(self.lease_id)
+                sent_at = time.monotonic()
+                answer = await asyncio.wait_for(self.store.keepalive(self.lease_id), timeout=interval)
+                self.lease_clock.renewed(self.lease_id, answer, sent_at)
+                if self.sharing is not None:
+                    self.sharing.resume()
+            except TimeoutError:
+                log.warning("lease keepalive unanswered")
             except LeaseNotFound:
                 log.warning("keyexchange lease lost: registering again, reserving SPIs anew")
                 with contextlib.suppress(StoreError):
