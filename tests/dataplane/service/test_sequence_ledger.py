@@ -75,3 +75,12 @@ async def test_replay_floors_only_rise_and_belong_to_their_child_sa(store: Store
     assert await ledger.replay_floor("another", SPI) == 0  # an earlier SA's floor is not ours
     await ledger.forget("c1", SPI, SPI + 1)
     assert await store.get(schema.replay_high_water(SPI)) is None
+
+
+async def test_a_graceful_hand_over_sets_the_floor_to_the_exact_top(store: Store) -> None:
+    old, new = StoreSaPersistence(store, "n1"), StoreSaPersistence(store, "n2")
+    await old.persist_replay_floor("c1", SPI, 65536 + 700)  # block-ahead while it was running
+    await old.hand_over_replay_floor("c1", SPI, 700)  # removed: it accepted nothing above 700
+    assert await new.replay_floor("c1", SPI) == 700
+    await old.hand_over_replay_floor("another", SPI, 5)  # never the floor of another SA
+    assert await new.replay_floor("c1", SPI) == 700

@@ -338,13 +338,34 @@ class OwnershipSync:
         ids = [child for child, _ in releases]
         self.ownership.releasing.update(ids)
         try:
+            records_before = {child: self.reconciler.installed.get(child) for child in ids}
             await self.reconciler.reevaluate(ids)  # the senders stop here
             self._steer()  # and the addresses go before anyone else may claim them
+            await self._hand_over_floors(records_before)
             for start in range(0, len(releases), CLAIMS_IN_FLIGHT):
                 chunk = releases[start : start + CLAIMS_IN_FLIGHT]
                 await asyncio.gather(*(self._delete_record(child, reason) for child, reason in chunk))
         finally:
             self.ownership.releasing.difference_update(ids)
+
+    async def _hand_over_floors(self, removed: dict[str, ChildSaRecord | None]) -> None:
+        """The inbound SAs just removed accept nothing more: give the next owner their exact
+        replay top instead of the block-ahead floor, so the peer's traffic is not dropped
+        (up to a block of it) after a graceful hand-over."""
+        tops: dict[str, int] = getattr(self.reconciler.backend, "final_replay_tops", {})
+        hand_over = getattr(self.reconciler.persistence, "hand_over_replay_floor", None)
+        if hand_over is None:
+            return
+        jobs = []
+        for child, record in removed.items():
+            top = tops.pop(child, None)
+            if record is not None and top is not None and child in self.reconciler.records:
+                jobs.append(hand_over(child, record.inbound.spi, top))
+        for start in range(0, len(jobs), CLAIMS_IN_FLIGHT):
+            results = await asyncio.gather(*jobs[start : start + CLAIMS_IN_FLIGHT], return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):  # the block-ahead floor stays: safe, only higher
+                    log.warning("replay floor not handed over: %s", result)
 
     async def _delete_record(self, child: str, reason: str) -> None:
         owner = self.ownership.owners.get(child)
@@ -422,12 +443,16 @@ class OwnershipSync:
         """Graceful stop: stop carrying everything, then give the lease up (survivors claim at once)."""
         self.leaving = True
         installed = list(self.reconciler.installed)
+        records_before = {child: self.reconciler.installed.get(child) for child in installed}
         self.ownership.releasing.update(installed)
         with contextlib.suppress(Exception):
             await self.reconciler.reevaluate(installed, offline=True)
         if self.steering is not None:
             with contextlib.suppress(Exception):
                 self.steering.apply([])
+        if self.membership.lease_valid():  # the owner records are still ours: hand the floors over
+            with contextlib.suppress(StoreError, TimeoutError):
+                await asyncio.wait_for(self._hand_over_floors(records_before), timeout=1.0)
         if installed:
             self.counters.moved("leave", len(installed))
         self.membership.document.update(accepting=False, leaving=True)

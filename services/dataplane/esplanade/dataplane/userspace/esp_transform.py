@@ -584,7 +584,9 @@ class EspTransform:
             self._recompute_timer()
         known = self.owners.pop(child_sa, None) is not None
         self._invalidate()
-        return {"ok": True, "removed": child is not None or known}
+        # the last number the inbound SA accepted: a graceful hand-over gives it to the next owner
+        top = child.inbound.replay.top if child is not None else None
+        return {"ok": True, "removed": child is not None or known, "replay_top": top}
 
     def _op_install_policy(self, message: dict[str, Any], now: float) -> dict[str, object]:
         policy = policy_from_document(message["policy"])
