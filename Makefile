@@ -4,14 +4,16 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+# The stamp covers the C hot loop too: an editable install compiles it only at install time.
+ESPFAST_SOURCES := $(wildcard services/dataplane/esplanade/dataplane/fastpath/csrc/*.[ch]) hatch_build.py
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt $(ESPFAST_SOURCES) | sha1sum | cut -c1-12)
 
 .PHONY: demo test bench lint typecheck proto docs chart-docs venv system-packages clean
 
 system-packages:
 	./scripts/install-system-packages.sh
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt $(ESPFAST_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'

@@ -9,14 +9,21 @@ per packet. Esplanade figures name strongSwan as their peer, strongSwan figures 
     ESPLANADE_BENCH_SECONDS (default 5)    length of each iperf3 run
     ESPLANADE_BENCH_TRANSFORMS             e.g. "aes128gcm16,aes256gcm16,chacha20poly1305"
     ESPLANADE_BENCH_REALTIME               SCHED_FIFO priority for both datapaths (default 0: off)
+    ESPLANADE_BENCH_SAS                    Child SAs for the 1-vs-2-worker comparison (default 4, 0: skip)
+
+Besides the side-by-side records, the first transform is measured with several Child SAs (one
+iperf3 client each, inbound SPIs alternating parity) on 1 and on 2 workers:
+`tcp_throughput.esplanade-<transform>-<n>sas-2workers` names the 1-worker figure as its peer.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 from bench.records import Figure
-from bench.throughput import records, run_scenarios
+from bench.throughput import records, run_esplanade, run_scenarios
 
 GROUP = "dataplane"
 
@@ -27,12 +34,12 @@ def run() -> list[Figure]:
     transforms = [t for t in os.environ.get("ESPLANADE_BENCH_TRANSFORMS", "aes128gcm16").split(",") if t]
     scenarios = ["bare"]
     for transform in transforms:
-        scenarios += [f"esplanade-{transform}", f"strongswan-{transform}"]
+        scenarios += [f"esplanade-{transform}", f"esplanade-python-{transform}", f"strongswan-{transform}"]
     results = run_scenarios(scenarios, seconds, realtime=realtime)
     missing = [s for s in scenarios if s not in results]
     if missing:
         raise RuntimeError(f"scenarios failed: {', '.join(missing)} (see the log above)")
-    return [
+    figures = [
         Figure(
             name=record["name"],
             value=float(record["value"]),
@@ -44,3 +51,24 @@ def run() -> list[Figure]:
         )
         for record in records(results)
     ]
+    sas = int(os.environ.get("ESPLANADE_BENCH_SAS", "4"))
+    if sas > 0 and transforms:
+        scenario = f"esplanade-{transforms[0]}"
+        with tempfile.TemporaryDirectory(prefix="esplanade-bench-") as tmp:
+            one = run_esplanade(scenario, seconds, 1, 1, Path(tmp), realtime, sas)
+            two = run_esplanade(scenario, seconds, 1, 2, Path(tmp), realtime, sas)
+        base = f"{scenario}-{sas}sas"
+        figures.append(Figure(f"tcp_throughput.{base}-1worker", one.tcp_mbps, "Mbit/s", None, None, True, GROUP))
+        figures.append(
+            Figure(
+                f"tcp_throughput.{base}-2workers", two.tcp_mbps, "Mbit/s", f"{base}-1worker", one.tcp_mbps, True, GROUP
+            )
+        )
+        for label, result in (("1worker", one), ("2workers", two)):
+            for side in ("sender", "receiver"):
+                value = getattr(result, f"cpu_us_per_packet_{side}")
+                if value is not None:
+                    figures.append(
+                        Figure(f"cpu_per_packet_{side}.{base}-{label}", value, "µs", None, None, False, GROUP)
+                    )
+    return figures

@@ -30,9 +30,11 @@ numbers with the load average printed on stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +57,9 @@ SCENARIOS = (
     "esplanade-aes128gcm16",
     "esplanade-aes256gcm16",
     "esplanade-chacha20poly1305",
+    "esplanade-python-aes128gcm16",
+    "esplanade-python-aes256gcm16",
+    "esplanade-python-chacha20poly1305",
     "strongswan-aes128gcm16",
     "strongswan-aes256gcm16",
     "strongswan-chacha20poly1305",
@@ -149,10 +154,55 @@ def measure(
     udp = _iperf(a, target, source, seconds, "-u", "-l", "64", "-b", "0")
     udp_sum = udp["end"]["sum"]
     result.udp64_pps = (udp_sum["packets"] - udp_sum.get("lost_packets", 0)) / max(udp_sum["seconds"], 1e-9)
+    result.notes.append(f"load average after: {os.getloadavg()[0]:.2f}")
     log(
-        f"{result.scenario}: TCP {result.tcp_mbps:.0f} Mbit/s ({result.tcp_retransmits} retr), "
+        f"{result.scenario} (load {os.getloadavg()[0]:.2f}): "
+        f"TCP {result.tcp_mbps:.0f} Mbit/s ({result.tcp_retransmits} retr), "
         f"UDP64 {result.udp64_pps:.0f} pps, RTT {result.rtt_us:.0f} µs, "
         f"CPU/pkt {result.cpu_us_per_packet_sender} / {result.cpu_us_per_packet_receiver} µs"
+    )
+
+
+def measure_tcp_pairs(
+    result: Result,
+    a: Node,
+    b: Node,
+    pairs: list[tuple[str, str]],
+    seconds: int,
+    parallel: int,
+    cpu_pids: tuple[list[int], list[int]],
+    packet_counters: Any,
+) -> None:
+    """TCP only, one iperf3 client per (source, target) pair at once (one Child SA each): the sum."""
+    for _, target in pairs:
+        _iperf_server(b, target)
+    ticks0 = (_cpu_ticks(cpu_pids[0]), _cpu_ticks(cpu_pids[1]))
+    packets0 = packet_counters()
+    clients = [
+        a.popen(
+            ["iperf3", "-c", target, "-B", source, "-t", str(seconds), "-J", "-P", str(parallel)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for source, target in pairs
+    ]
+    reports = [json.loads(c.communicate(timeout=seconds + 30)[0] or "{}") for c in clients]
+    ticks1 = (_cpu_ticks(cpu_pids[0]), _cpu_ticks(cpu_pids[1]))
+    packets1 = packet_counters()
+    for report in reports:
+        if "error" in report or "end" not in report:
+            raise RuntimeError(f"iperf3 failed: {report.get('error', report)}")
+    result.tcp_mbps = sum(r["end"]["sum_received"]["bits_per_second"] for r in reports) / 1e6
+    result.tcp_retransmits = sum(int(r["end"]["sum_sent"].get("retransmits", 0)) for r in reports)
+    sent, received = packets1[0] - packets0[0], packets1[1] - packets0[1]
+    if sent > 0:
+        result.cpu_us_per_packet_sender = (ticks1[0] - ticks0[0]) / CLK_TCK / sent * 1e6
+    if received > 0:
+        result.cpu_us_per_packet_receiver = (ticks1[1] - ticks0[1]) / CLK_TCK / received * 1e6
+    log(
+        f"{result.scenario} ({len(pairs)} SAs, load {os.getloadavg()[0]:.2f}): TCP {result.tcp_mbps:.0f} Mbit/s "
+        f"({result.tcp_retransmits} retr), CPU/pkt {result.cpu_us_per_packet_sender} / "
+        f"{result.cpu_us_per_packet_receiver} µs"
     )
 
 
@@ -198,12 +248,18 @@ def run_passthrough(
     return result
 
 
-def run_esplanade(scenario: str, seconds: int, parallel: int, workers: int, workdir: Path, realtime: int = 0) -> Result:
-    """The real dataplane service on both nodes, one manually keyed SA pair installed over gRPC."""
+def run_esplanade(
+    scenario: str, seconds: int, parallel: int, workers: int, workdir: Path, realtime: int = 0, sas: int = 1
+) -> Result:
+    """The real dataplane service on both nodes, manually keyed SA pairs installed over gRPC: one,
+    or with `sas` > 1 one per address pair 10.80.1.k <-> 10.80.2.k (inbound SPIs alternating odd
+    and even, so with two workers each worker owns half of them), one iperf3 client each."""
     result = Result(scenario)
-    encr = scenario.split("-", 1)[1]
+    encr = transform_of(scenario)
+    hot_path = "python" if scenario.startswith("esplanade-python-") else "compiled"
     kek = random_kek()
     settings = {
+        "ESPLANADE_DATAPLANE__HOT_PATH": hot_path,
         "ESPLANADE_DATAPLANE__WORKERS": str(workers),
         "ESPLANADE_DATAPLANE__REALTIME_PRIORITY": str(realtime),
         "ESPLANADE_TELEMETRY__LOG_LEVEL": "warning",
@@ -215,26 +271,66 @@ def run_esplanade(scenario: str, seconds: int, parallel: int, workers: int, work
         try:
             site_a.start()
             site_b.start()
-            keys = TunnelKeys.generate(encr, KEYMAT_BYTES[encr])
-            install_tunnel(site_a, site_b, keys)
+            pairs = [(a.site_addr, b.site_addr)]
+            all_keys = [TunnelKeys.generate(encr, KEYMAT_BYTES[encr])]
+            if sas == 1:
+                install_tunnel(site_a, site_b, all_keys[0])
+            else:
+                pairs = [
+                    (a.site_addr.rsplit(".", 1)[0] + f".{k + 1}", b.site_addr.rsplit(".", 1)[0] + f".{k + 1}")
+                    for k in range(sas)
+                ]
+                all_keys = []
+                for k, (source, target) in enumerate(pairs):
+                    if k:
+                        a.run(["ip", "addr", "add", f"{source}/32", "dev", "lo"], check=True)
+                        b.run(["ip", "addr", "add", f"{target}/32", "dev", "lo"], check=True)
+                    generated = TunnelKeys.generate(encr, KEYMAT_BYTES[encr])
+                    keys = dataclasses.replace(
+                        generated, spi_ab=generated.spi_ab & ~1 | k % 2, spi_ba=generated.spi_ba & ~1 | k % 2
+                    )
+                    install_tunnel(
+                        site_a, site_b, keys, child_id=f"manual-ab-{k}", networks=(f"{source}/32", f"{target}/32")
+                    )
+                    all_keys.append(keys)
             assert site_a.proc is not None and site_b.proc is not None
             pids = (_children(site_a.proc.pid), _children(site_b.proc.pid))
 
-            def sa_packets(site: SiteService, spi: int, direction: int) -> int:
+            def sa_packets(site: SiteService, spis: set[int], direction: int) -> int:
                 with site.client() as stub:
                     reply = stub.GetCounters(dataplane_pb2.GetCountersRequest(), timeout=10)
-                return sum(c.packets for c in reply.sas if c.spi == spi and c.direction == direction)
+                return sum(c.packets for c in reply.sas if c.spi in spis and c.direction == direction)
 
             def packets() -> tuple[int, int]:
+                spis = {k.spi_ab for k in all_keys}
                 return (
-                    sa_packets(site_a, keys.spi_ab, ipsec_pb2.DIRECTION_OUT),
-                    sa_packets(site_b, keys.spi_ab, ipsec_pb2.DIRECTION_IN),
+                    sa_packets(site_a, spis, ipsec_pb2.DIRECTION_OUT),
+                    sa_packets(site_b, spis, ipsec_pb2.DIRECTION_IN),
                 )
 
-            measure(result, a, b, a.site_addr, b.site_addr, seconds, parallel, pids, packets)
+            if sas == 1:
+                measure(result, a, b, a.site_addr, b.site_addr, seconds, parallel, pids, packets)
+            else:
+                measure_tcp_pairs(result, a, b, pairs, seconds, parallel, pids, packets)
             with site_a.client() as stub:
                 details = stub.GetStatus(dataplane_pb2.GetStatusRequest(), timeout=10).details
             result.notes.append(f"offloads used: {details.get('offloads', '')}")
+            result.notes.append(f"hot path: {details.get('hot_path', '')} ({details.get('hot_path_reason', '')})")
+            for site in (site_a, site_b):
+                with site.client() as stub:
+                    workers_seen = json.loads(
+                        stub.GetStatus(dataplane_pb2.GetStatusRequest(), timeout=10).details.get("worker_status", "[]")
+                    )
+                for w in workers_seen:
+                    loop = w.get("loop") or {}
+                    result.notes.append(
+                        f"{site.name} worker {w.get('worker')}: "
+                        + ", ".join(
+                            f"{k} {loop.get(k)}"
+                            for k in ("packets_out", "datagrams_in", "handed_off_out", "handed_off_in", "wakeups")
+                        )
+                    )
+            log(f"{scenario}: " + "; ".join(result.notes))
         finally:
             site_a.stop()
             site_b.stop()
@@ -265,6 +361,11 @@ def run_strongswan(scenario: str, seconds: int, parallel: int, workdir: Path, re
             for proc in node.processes:
                 stop_process(proc)
     return result
+
+
+def transform_of(scenario: str) -> str:
+    """esplanade-aes128gcm16, esplanade-python-aes128gcm16, strongswan-aes128gcm16 -> aes128gcm16"""
+    return scenario.rsplit("-", 1)[1]
 
 
 def records(results: dict[str, Result]) -> list[dict[str, Any]]:
@@ -299,11 +400,13 @@ def records(results: dict[str, Result]) -> list[dict[str, Any]]:
         if scenario.startswith("strongswan"):
             peer_name, peer = "bare-veth", bare
         else:
-            transform = "aes128gcm16" if scenario.endswith("passthrough") else scenario.split("-", 1)[1]
+            transform = "aes128gcm16" if scenario.endswith("passthrough") else transform_of(scenario)
             peer_name = f"strongswan-{transform}"
             peer = results.get(peer_name)
         label = scenario if not scenario.startswith("strongswan") else f"{STRONGSWAN}-{scenario.split('-', 1)[1]}"
         add(f"tcp_throughput.{label}", r.tcp_mbps, "Mbit/s", "higher", peer_name, peer.tcp_mbps if peer else None)
+        if bare and peer is not bare:
+            add(f"tcp_share_of_bare.{label}", r.tcp_mbps, "Mbit/s", "higher", "bare-veth", bare.tcp_mbps)
         add(f"udp64_rate.{label}", r.udp64_pps, "packets/s", "higher", peer_name, peer.udp64_pps if peer else None)
         if bare:
             peer_rtt = rtt_added(peer) if peer and peer is not bare else None
@@ -316,7 +419,7 @@ def records(results: dict[str, Result]) -> list[dict[str, Any]]:
 
 
 def run_scenarios(
-    wanted: list[str], seconds: int, parallel: int = 1, workers: int = 1, realtime: int = 0
+    wanted: list[str], seconds: int, parallel: int = 1, workers: int = 1, realtime: int = 0, sas: int = 1
 ) -> dict[str, Result]:
     """Measure each scenario in turn on a fresh test bed; a scenario that fails is logged and left out."""
     log(f"kernel {os.uname().release}, {os.cpu_count()} cpus, load {os.getloadavg()}")
@@ -330,7 +433,7 @@ def run_scenarios(
                 elif scenario == "esplanade-passthrough":
                     results[scenario] = run_passthrough(scenario, seconds, parallel, workers, Path(tmp), realtime)
                 elif scenario.startswith("esplanade"):
-                    results[scenario] = run_esplanade(scenario, seconds, parallel, workers, Path(tmp), realtime)
+                    results[scenario] = run_esplanade(scenario, seconds, parallel, workers, Path(tmp), realtime, sas)
                 else:
                     results[scenario] = run_strongswan(scenario, seconds, parallel, Path(tmp), realtime)
             except Exception as exc:  # one broken scenario must not hide the others
@@ -344,7 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--only", default=",".join(SCENARIOS))
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--parallel", type=int, default=1, help="TCP streams per iperf3 client")
+    parser.add_argument(
+        "--sas", type=int, default=1, help="Esplanade only: Child SAs, one iperf3 client each (TCP throughput only)"
+    )
     parser.add_argument("--output", type=Path)
     parser.add_argument(
         "--realtime",
@@ -357,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(wanted) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios {sorted(unknown)}")
-    results = run_scenarios(wanted, args.seconds, args.parallel, args.workers, args.realtime)
+    results = run_scenarios(wanted, args.seconds, args.parallel, args.workers, args.realtime, args.sas)
     output = records(results)
     text = json.dumps(output, indent=1, ensure_ascii=False)
     if args.output:

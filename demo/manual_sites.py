@@ -182,9 +182,18 @@ def _sa(
 
 
 def child_sa_for(
-    local: Node, remote: Node, keys: TunnelKeys, *, local_is_a: bool, udp: bool, child_id: str
+    local: Node,
+    remote: Node,
+    keys: TunnelKeys,
+    *,
+    local_is_a: bool,
+    udp: bool,
+    child_id: str,
+    networks: tuple[str, str] | None = None,
 ) -> ipsec_pb2.ChildSa:
-    """The Child SA as `local` installs it (inbound = what `remote` sends)."""
+    """The Child SA as `local` installs it (inbound = what `remote` sends). `networks`: (local,
+    remote) traffic selectors instead of the two site networks."""
+    local_net, remote_net = networks or (local.site_net, remote.site_net)
     spi_in, spi_out = (keys.spi_ba, keys.spi_ab) if local_is_a else (keys.spi_ab, keys.spi_ba)
     key_in, key_out = (keys.key_ba, keys.key_ab) if local_is_a else (keys.key_ab, keys.key_ba)
     ik_in, ik_out = (keys.integ_key_ba, keys.integ_key_ab) if local_is_a else (keys.integ_key_ab, keys.integ_key_ba)
@@ -194,32 +203,25 @@ def child_sa_for(
         child="net",
         ike_sa="manual",
         identity=remote.name,
-        inbound=_sa(
-            spi_in, remote.underlay_addr, local.underlay_addr, key_in, keys, ik_in, local.site_net, remote.site_net, udp
-        ),
+        inbound=_sa(spi_in, remote.underlay_addr, local.underlay_addr, key_in, keys, ik_in, local_net, remote_net, udp),
         outbound=_sa(
-            spi_out,
-            local.underlay_addr,
-            remote.underlay_addr,
-            key_out,
-            keys,
-            ik_out,
-            local.site_net,
-            remote.site_net,
-            udp,
+            spi_out, local.underlay_addr, remote.underlay_addr, key_out, keys, ik_out, local_net, remote_net, udp
         ),
         created_at=time.time(),
     )
 
 
-def tunnel_policies(local: Node, remote: Node, child_id: str) -> list[ipsec_pb2.SpdPolicy]:
+def tunnel_policies(
+    local: Node, remote: Node, child_id: str, networks: tuple[str, str] | None = None
+) -> list[ipsec_pb2.SpdPolicy]:
     """OUT and IN PROTECT policies; the template's outer addresses as seen in each direction."""
+    local_net, remote_net = networks or (local.site_net, remote.site_net)
     return [
         ipsec_pb2.SpdPolicy(
             id=f"{child_id}-{name}",
             direction=direction,
-            local_ts=ipsec_pb2.TrafficSelector(text=local.site_net),
-            remote_ts=ipsec_pb2.TrafficSelector(text=remote.site_net),
+            local_ts=ipsec_pb2.TrafficSelector(text=local_net),
+            remote_ts=ipsec_pb2.TrafficSelector(text=remote_net),
             action=ipsec_pb2.POLICY_ACTION_PROTECT,
             priority=1000,
             child_sa=child_id,
@@ -234,15 +236,23 @@ def tunnel_policies(local: Node, remote: Node, child_id: str) -> list[ipsec_pb2.
 
 
 def install_tunnel(
-    a: SiteService, b: SiteService, keys: TunnelKeys | None = None, *, udp: bool = True, child_id: str = "manual-ab"
+    a: SiteService,
+    b: SiteService,
+    keys: TunnelKeys | None = None,
+    *,
+    udp: bool = True,
+    child_id: str = "manual-ab",
+    networks: tuple[str, str] | None = None,
 ) -> TunnelKeys:
-    """Install the SA pair and its policies on both sites through the Dataplane gRPC API."""
+    """Install the SA pair and its policies on both sites through the Dataplane gRPC API.
+    `networks`: (a's side, b's side) selectors instead of the two site networks."""
     keys = keys or TunnelKeys.generate()
     for site, peer, is_a in ((a, b, True), (b, a, False)):
+        nets = None if networks is None else (networks if is_a else (networks[1], networks[0]))
         with site.client() as stub:
-            child = child_sa_for(site.node, peer.node, keys, local_is_a=is_a, udp=udp, child_id=child_id)
+            child = child_sa_for(site.node, peer.node, keys, local_is_a=is_a, udp=udp, child_id=child_id, networks=nets)
             stub.InstallChildSa(dataplane_pb2.InstallChildSaRequest(child_sa=child), timeout=20)
-            for policy in tunnel_policies(site.node, peer.node, child_id):
+            for policy in tunnel_policies(site.node, peer.node, child_id, nets):
                 stub.InstallPolicy(dataplane_pb2.InstallPolicyRequest(policy=policy), timeout=20)
     return keys
 
@@ -261,14 +271,20 @@ def counters_text(site: SiteService) -> str:
 
 @contextlib.contextmanager
 def manual_sites(
-    workdir: Path, *, udp: bool = True, prefix: str = DEMO_PREFIX, settings: dict[str, str] | None = None
+    workdir: Path,
+    *,
+    udp: bool = True,
+    prefix: str = DEMO_PREFIX,
+    settings: dict[str, str] | None = None,
+    settings_b: dict[str, str] | None = None,
 ) -> Iterator[tuple[Topology, SiteService, SiteService, TunnelKeys]]:
-    """Two sites with a manually keyed tunnel between them, torn down afterwards."""
+    """Two sites with a manually keyed tunnel between them, torn down afterwards. `settings`
+    (ESPLANADE_* variables) go to both sites, `settings_b` on top of them to site b only."""
     kek = random_kek()
     with Topology(prefix, 2) as topo:
         a, b = topo.nodes
         site_a = SiteService(a, workdir, "site-a", kek, settings=dict(settings or {}))
-        site_b = SiteService(b, workdir, "site-b", kek, settings=dict(settings or {}))
+        site_b = SiteService(b, workdir, "site-b", kek, settings={**(settings or {}), **(settings_b or {})})
         try:
             site_a.start()
             site_b.start()

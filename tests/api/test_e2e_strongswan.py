@@ -1,50 +1,176 @@
-"""E2E acceptance (INCOMPLETE: needs the keyexchange service, being integrated in parallel).
+"""The whole platform driven through the REST API and `esplanade ctl`, with a real strongSwan peer.
 
-A connection defined through the API brings up a tunnel with a real strongSwan peer, shows in
-`esplanade ctl sas` with live counters, `terminate` makes strongSwan log the delete, and the
-SSE stream carries the up/down events.
-
-What it needs from keyexchange (gRPC contract, proto/esplanade/v1/keyexchange.proto):
-- LoadConnection(validate_only=true) validating the API's document shape (connection
-  documents as stored under config/connections/<name>: swanctl names; `psk` sealed in the
-  store, plaintext in the validation call; `local.certs` / `remote.cacerts` are certificate
-  and CA ids under config/certs/ and config/cas/);
-- keyexchange instances loading connections from the store (watch config/connections/);
-- Initiate/Terminate/Rekey/ListSas/WatchEvents as in the fake (tests/api/fake_services.py).
-The lead finishes it: start keyexchange + dataplane (userspace) in a netns pair with the
-strongSwan reference (/work/shared/reference/strongswan-pair/), then run the steps below.
+Site A runs `esplanade up` (keyexchange, dataplane on the userspace backend, policy, api) in
+one namespace; strongSwan 5.9.8 (charon with kernel-libipsec) runs in another. A connection
+defined through the API brings up the tunnel; `esplanade ctl sas` shows it with live
+counters; `esplanade ctl terminate` makes strongSwan log the delete; the SSE stream of
+`esplanade ctl events` carried the up and down events.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-pytestmark = [pytest.mark.strongswan, pytest.mark.netns]
+from tests.conditions import wait_until
+from tests.keyexchange.interop import PSK, Charon, ss_conn
+from tests.platform_process import Platform
+
+pytestmark = [pytest.mark.strongswan, pytest.mark.netns, pytest.mark.slow]
+
+NS_ES, NS_SS = "apie-es", "apie-ss"
+ES_IP, SS_IP = "198.18.71.1", "198.18.71.2"
+ES_INNER, SS_INNER = "10.71.1.1", "10.71.2.1"
+ES_NET, SS_NET = "10.71.1.0/24", "10.71.2.0/24"
+ES_ID, SS_ID = "es.api-e2e.test", "ss.api-e2e.test"
 
 
-def _has(module: str) -> bool:
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def namespaces() -> Iterator[None]:
+    for ns in (NS_ES, NS_SS):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    sh("ip", "netns", "add", NS_ES)
+    sh("ip", "netns", "add", NS_SS)
+    sh("ip", "link", "add", "apie0", "netns", NS_ES, "type", "veth", "peer", "name", "apie1", "netns", NS_SS)
+    for ns, dev, wan, inner in ((NS_ES, "apie0", ES_IP, ES_INNER), (NS_SS, "apie1", SS_IP, SS_INNER)):
+        sh("ip", "-n", ns, "addr", "add", f"{wan}/24", "dev", dev)
+        sh("ip", "-n", ns, "addr", "add", f"{inner}/32", "dev", "lo")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "link", "set", dev, "up")
     try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
+        yield
+    finally:
+        for ns in (NS_ES, NS_SS):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-KEYEXCHANGE_SERVICE = _has("esplanade.keyexchange.service")
-DATAPLANE_SERVICE = _has("esplanade.dataplane.service")
+@pytest.fixture
+def charon(namespaces: None, tmp_path: Path) -> Iterator[Charon]:
+    peer = Charon(tmp_path / "charon", ns=NS_SS)
+    peer.start(log_level=2)
+    secrets = f'    ike-pair {{\n        id-a = {SS_ID}\n        id-b = {ES_ID}\n        secret = "{PSK}"\n    }}'
+    peer.load(
+        ss_conn(local_id=SS_ID, remote_id=ES_ID, local_ip=SS_IP, remote_ip=ES_IP, local_ts=SS_NET, remote_ts=ES_NET),
+        secrets,
+    )
+    try:
+        yield peer
+    finally:
+        peer.stop()
 
 
-# Both services are merged now; the steps below are not written yet (the module doc: the lead
-# finishes them). tests/keyexchange/service/ has the pieces: sites.Site runs keyexchange and the
-# dataplane service in a netns with their gRPC reachable, interop.Charon runs strongSwan.
-@pytest.mark.skip(reason="not written yet: the API e2e steps below (see module doc)")
-def test_tunnel_through_the_api() -> None:  # pragma: no cover - finished by the lead
-    # 1. netns pair "api-e2e-a"/"api-e2e-b", strongSwan in b (swanctl.conf: PSK, 10.1/16 <-> 10.2/16).
-    # 2. esplanade services in a: store, policy, keyexchange (transport=socket), dataplane userspace, api.
-    # 3. POST /api/v1/connections {name: gw, remote_addrs: [b], psk, children: {net: {...}}}.
-    # 4. `esplanade ctl initiate gw`; wait_until `ctl sas` shows ESTABLISHED/INSTALLED; ping 10.2.0.1
-    #    through the tunnel; `ctl counters` bytes_out grows.
-    # 5. GET /api/v1/events?limit=... collects ike_up/child_up; `ctl terminate <ike>`;
-    #    strongSwan's log shows "received DELETE for IKE_SA"; the stream shows ike_down.
-    raise NotImplementedError("finished when keyexchange is merged")
+@pytest.fixture
+def platform(namespaces: None, tmp_path: Path) -> Iterator[Platform]:
+    site = Platform(NS_ES, tmp_path / "esplanade")
+    site.start()
+    try:
+        wait_until(site.all_serving, timeout=90, what="all four services SERVING")
+        yield site
+    finally:
+        site.stop()
+
+
+def _sas(platform: Platform) -> list[dict[str, Any]]:
+    result = platform.ctl("sas", "-o", "json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return list(json.loads(result.stdout))
+
+
+def _child_bytes(platform: Platform) -> tuple[int, int]:
+    (ike,) = _sas(platform)
+    (child,) = ike["children"]
+    return int(child["bytes_in"]), int(child["bytes_out"])
+
+
+def _ping(count: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", NS_ES, "ping", "-c", str(count), "-i", "0.2", "-W", "2", "-I", ES_INNER, SS_INNER],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_tunnel_through_the_api(platform: Platform, charon: Charon, tmp_path: Path) -> None:
+    connection = {
+        "name": "gw",
+        "local_addrs": [ES_IP],
+        "remote_addrs": [SS_IP],
+        "local": {"auth": "psk", "id": ES_ID},
+        "remote": {"auth": "psk", "id": SS_ID},
+        "psk": PSK,
+        "proposals": ["aes256gcm16-prfsha256-ecp256"],
+        "children": {"net": {"local_ts": [ES_NET], "remote_ts": [SS_NET], "esp_proposals": ["aes256gcm16"]}},
+    }
+    spec = tmp_path / "gw.yaml"
+    spec.write_text(yaml.safe_dump(connection))
+    created = platform.ctl("connections", "create", "-f", str(spec))
+    assert created.returncode == 0, created.stdout + created.stderr
+    shown = platform.ctl("connections", "get", "gw", "-o", "json")
+    assert PSK not in shown.stdout and json.loads(shown.stdout)["psk"] == {"set": True}
+
+    events_log = tmp_path / "events.jsonl"
+    with events_log.open("wb") as sink:
+        follower = platform.ctl_popen("events", "-o", "json", stdout=sink)
+        try:
+            # A policy change is an event too: once one shows, the stream is subscribed.
+            def marker_seen() -> bool:
+                status, _ = platform.api("PUT", "/api/v1/groups/stream-marker", {"description": "sync"})
+                assert status in (200, 201), status
+                return "stream-marker" in events_log.read_text()
+
+            wait_until(marker_seen, timeout=30, interval=0.5, what="the SSE stream is live")
+            initiated = platform.ctl("initiate", "gw")
+            assert initiated.returncode == 0, initiated.stdout + initiated.stderr
+            wait_until(
+                lambda: (
+                    print(_sas(platform))
+                    or any(c.get("state") == "INSTALLED" for s in _sas(platform) for c in s["children"])
+                ),
+                timeout=30,
+                what="the Child SA installed, as esplanade ctl sas shows it",
+            )
+            table = platform.ctl("sas")
+            assert "gw" in table.stdout and "ESTABLISHED" in table.stdout and SS_IP in table.stdout
+
+            before = _child_bytes(platform)
+            ping = _ping(5)
+            assert ping.returncode == 0, ping.stdout + ping.stderr
+            wait_until(
+                lambda: all(a > b for a, b in zip(_child_bytes(platform), before, strict=True)),
+                timeout=15,
+                what="live counters grow in both directions",
+            )
+            ss_counts = charon.swanctl("--list-sas", "--raw")
+            assert "bytes-in" in ss_counts and "packets-out" in ss_counts
+
+            (ike,) = _sas(platform)
+            terminated = platform.ctl("terminate", ike["id"])
+            assert terminated.returncode == 0, terminated.stdout + terminated.stderr
+            wait_until(
+                lambda: "received DELETE for IKE_SA" in charon.log_text() or "deleting IKE_SA" in charon.log_text(),
+                timeout=20,
+                what="strongSwan logs the delete",
+            )
+            wait_until(lambda: not _sas(platform), timeout=20, what="no SA left in esplanade ctl sas")
+            wait_until(
+                lambda: '"ike_down"' in events_log.read_text() or "ike_down" in events_log.read_text(),
+                timeout=20,
+                what="the ike_down event on the SSE stream",
+            )
+        finally:
+            follower.terminate()
+            follower.wait(10)
+    kinds = events_log.read_text()
+    for kind in ("ike_up", "child_up", "ike_down"):
+        assert kind in kinds, f"{kind} missing from the event stream:\n{kinds[-2000:]}"

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from demo.manual_sites import SiteService, manual_sites
+from demo.manual_sites import SiteService, manual_sites, random_kek
 from esplanade.v1 import dataplane_pb2, ipsec_pb2
 from tests.conditions import wait_until
+from tests.dataplane.compiled_module import requires_compiled, skip_without_compiled
 from tests.dataplane.e2e.underlay_capture import UnderlayCapture
 from tests.netns_topology import Node
 
@@ -50,9 +51,21 @@ def packets(site: SiteService, direction: int) -> int:
     return sum(c.packets for c in counters(site).sas if c.direction == direction)
 
 
+def hot_path(name: str) -> dict[str, str]:
+    return {"ESPLANADE_DATAPLANE__HOT_PATH": name}
+
+
+def worker_hot_paths(site: SiteService) -> set[str]:
+    with site.client() as stub:
+        details = stub.GetStatus(dataplane_pb2.GetStatusRequest(), timeout=10).details
+    return {w["hot_path"] for w in json.loads(details["worker_status"])} | {details["hot_path"]}
+
+
+@pytest.mark.parametrize("hot", ["compiled", "python"])
 @pytest.mark.parametrize("udp", [True, False], ids=["esp-in-udp", "plain-esp"])
-def test_ping_and_tcp_across_two_sites(tmp_path: Path, udp: bool) -> None:
-    with manual_sites(tmp_path, udp=udp, prefix=PREFIX) as (topo, site_a, site_b, keys):
+def test_ping_and_tcp_across_two_sites(tmp_path: Path, udp: bool, hot: str) -> None:
+    skip_without_compiled(hot)
+    with manual_sites(tmp_path, udp=udp, prefix=PREFIX, settings=hot_path(hot)) as (topo, site_a, site_b, keys):
         a, b = topo.nodes
         expression = "udp port 4500 or esp or icmp or tcp port 5201"
         with UnderlayCapture(a, tmp_path / "ul.pcap", expression) as capture:
@@ -70,12 +83,37 @@ def test_ping_and_tcp_across_two_sites(tmp_path: Path, udp: bool) -> None:
         with site_a.client() as stub:
             status = stub.GetStatus(dataplane_pb2.GetStatusRequest(), timeout=10)
         assert (status.backend, status.child_sas, status.policies) == ("userspace", 1, 2)
+        assert worker_hot_paths(site_a) == worker_hot_paths(site_b) == {hot}
+        assert status.details["hot_path_reason"] == f"dataplane.hot_path is {hot}"
         assert "userspace backend selected by configuration" in status.backend_reason
         assert status.details["outer"] == "udp+raw"
         # the TUN's MTU and the route's come from AES-GCM's overhead: 1500 - 20 - 8 - 8 - 8 - 16 - 2
         assert status.details["tun_mtu"] == "1438"
         route = a.run(["ip", "route", "show", b.site_net]).stdout
         assert "dev esp0" in route and f"src {a.site_addr}" in route and "mtu 1438" in route, route
+
+
+@requires_compiled
+@pytest.mark.parametrize("hot_a", ["compiled", "python"])
+def test_a_compiled_site_and_a_python_site_carry_ping_and_tcp(tmp_path: Path, hot_a: str) -> None:
+    """Same wire format: each end's hot path decrypts what the other's sealed (TSO and GRO on the
+    compiled side, plain reads and merged writes on the Python side)."""
+    hot_b = "python" if hot_a == "compiled" else "compiled"
+    with manual_sites(tmp_path, prefix=PREFIX, settings=hot_path(hot_a), settings_b=hot_path(hot_b)) as (
+        topo,
+        site_a,
+        site_b,
+        _,
+    ):
+        a, b = topo.nodes
+        assert worker_hot_paths(site_a) == {hot_a} and worker_hot_paths(site_b) == {hot_b}
+        assert ping(a, a.site_addr, b.site_addr) == 5
+        assert ping(b, b.site_addr, a.site_addr) == 5
+        report = iperf3_tcp(a, b)
+        assert report["end"]["sum_received"]["bytes"] > 2_000_000
+        assert packets(site_b, ipsec_pb2.DIRECTION_IN) > 1000
+        drops = {d.reason: d.packets for d in counters(site_b).drops}
+        assert not drops.get("icv_failure") and not drops.get("malformed"), drops
 
 
 def test_a_discard_policy_keeps_traffic_off_the_underlay(tmp_path: Path) -> None:
@@ -138,3 +176,41 @@ def test_cleartext_from_the_protected_peer_subnet_is_discarded(tmp_path: Path) -
             with site.client() as stub:
                 stub.DeletePolicy(dataplane_pb2.DeletePolicyRequest(id="manual-ab-in"), timeout=20)
         assert ping(b, b.site_addr, a.site_addr, count=3) == 3
+
+
+@requires_compiled  # its peer runs the compiled loop
+def test_without_the_compiled_module_auto_falls_back_to_python_and_compiled_refuses_to_start(
+    tmp_path: Path,
+) -> None:
+    """As if the package had been built without a C compiler: the import of the extension fails in
+    the service (a sitecustomize blocks it). `auto` runs the Python lanes and says why; the tunnel
+    carries ping and TCP (against a compiled peer); `compiled` does not start at all."""
+    blocker = tmp_path / "no-espfast"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['esplanade.dataplane.fastpath._espfast'] = None  # ImportError on import\n"
+    )
+    without = {"PYTHONPATH": str(blocker), "ESPLANADE_DATAPLANE__HOT_PATH": "auto"}
+    with manual_sites(
+        tmp_path, prefix=PREFIX, settings=without, settings_b={**hot_path("compiled"), "PYTHONPATH": ""}
+    ) as (
+        topo,
+        site_a,
+        site_b,
+        _,
+    ):
+        a, b = topo.nodes
+        with site_a.client() as stub:
+            details = stub.GetStatus(dataplane_pb2.GetStatusRequest(), timeout=10).details
+        assert details["hot_path"] == "python"
+        assert "compiled module is not available" in details["hot_path_reason"]
+        assert worker_hot_paths(site_a) == {"python"} and worker_hot_paths(site_b) == {"compiled"}
+        assert ping(a, a.site_addr, b.site_addr) == 5
+        report = iperf3_tcp(a, b)
+        assert report["end"]["sum_received"]["bytes"] > 2_000_000
+        refused = SiteService(
+            a, tmp_path, "refused", random_kek(), settings={**without, "ESPLANADE_DATAPLANE__HOT_PATH": "compiled"}
+        )
+        with pytest.raises(AssertionError, match="exited"):
+            refused.start(timeout=20)
+        assert "hot_path is compiled, but" in refused.log()

@@ -283,3 +283,72 @@ def test_gso_runs_and_gro_segments(sizes: list[int], tags: list[int]) -> None:
         spans_c = PacketBatch.from_segments(buffer, len(buffer), max(1, len(packets[0])))
         assert spans_c.to_list() == spans_python.to_list() and bytes(spans_c.spans) == bytes(spans_python.spans)
         assert b"".join(spans_c.to_list()) == bytes(buffer)
+
+
+@given(
+    nbytes=st.integers(0, 5000),
+    segment=st.integers(1, 1600),
+    offset=st.integers(0, 70000),
+    tag=st.integers(0, 2**32 - 1),
+)
+@settings(max_examples=200, deadline=None)
+def test_segment_spans_at_an_offset_agree_with_python(nbytes: int, segment: int, offset: int, tag: int) -> None:
+    """Several GRO reads in one buffer: each read's spans start at its offset (C and Python alike)."""
+    from esplanade.dataplane.fastpath import packet_batch as pb
+
+    ours = pb.segment_spans(nbytes, segment, tag, offset)
+    original = pb._compiled
+    try:
+        pb._compiled = lambda: None
+        theirs = pb.segment_spans(nbytes, segment, tag, offset)
+    finally:
+        pb._compiled = original
+    assert bytes(ours) == bytes(theirs)
+    words = memoryview(ours).cast("I")
+    assert sum(words[1::3]) == nbytes and all(w >= offset for w in words[0::3])
+
+
+def test_select_by_tag_turns_frame_decisions_into_packet_slots() -> None:
+    from array import array
+
+    from esplanade.dataplane.fastpath import PacketBatch
+    from esplanade.dataplane.fastpath.esp_batch import SKIP, select_by_tag
+
+    batch = PacketBatch.from_packets([b"a", b"b", b"c", b"d"], [0, 0, 2, 1])
+    which = select_by_tag(batch, array("H", [7, SKIP, 3]))
+    assert list(memoryview(which).cast("B").cast("H")) == [7, 7, 3, SKIP]
+    with pytest.raises(IndexError):
+        select_by_tag(batch, array("H", [7]))
+
+
+def _syn(mss: int, v6: bool, options: bytes | None = None, flags: str = "S") -> bytes:
+    opts = [("NOP", None), ("MSS", mss), ("SAckOK", b"")] if options is None else []
+    tcp = TCP(sport=40000, dport=5201, flags=flags, options=opts)
+    if options is not None:
+        tcp = TCP(sport=40000, dport=5201, flags=flags, dataofs=5 + len(options) // 4) / Raw(options)
+    ip: Any = IPv6(src="fd00::1", dst="fd00::2") if v6 else IP(src="10.1.0.1", dst="10.2.0.1")
+    return bytes(ip / tcp)
+
+
+@given(
+    mss=st.integers(0, 0xFFFF),
+    v6=st.booleans(),
+    flags=st.sampled_from(["S", "SA", "A", "PA"]),
+    junk=st.one_of(st.none(), st.binary(min_size=0, max_size=40).map(lambda b: b[: len(b) // 4 * 4])),
+)
+@settings(max_examples=300, deadline=None)
+def test_clamp_mss_matches_the_datapath_clamp(mss: int, v6: bool, flags: str, junk: bytes | None) -> None:
+    """The C clamp (in place, on a batch) against `userspace.mtu.MssClamp` (packet by packet)."""
+    from esplanade.dataplane.fastpath import PacketBatch
+    from esplanade.dataplane.fastpath.tun_frames import clamp_mss
+    from esplanade.dataplane.userspace.mtu import MssClamp
+
+    packet = _syn(mss, v6, junk, flags)
+    reference = MssClamp(1438)
+    expected = reference.apply([packet])
+    batch = PacketBatch.from_packets([packet, packet[:30], packet])
+    clamped = clamp_mss(batch, reference.mss_v4, reference.mss_v6)
+    assert clamped == 2 * reference.clamped
+    assert batch.to_list() == [expected[0], packet[:30], expected[0]]
+    if reference.clamped:
+        assert with_checksums(batch.to_list()[0]) == batch.to_list()[0]  # the checksum still verifies

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from esplanade.dataplane.esp.sa_state import ReplayPersistence, SequenceReservation
+from esplanade.dataplane.fastpath.hot_path import HotPathSetting
 from esplanade.dataplane.userspace.esp_transform import EspTransform
 from esplanade.dataplane.userspace.sa_messages import association_document, policy_document
 from esplanade.dataplane.userspace.transform import WorkerContext
@@ -149,12 +150,25 @@ def policies(
     ]
 
 
-def make_transform(fast_lane: bool = True, *, block: int = 1 << 20, replay_block: int = 1 << 16) -> EspTransform:
+# The hot path `make_transform` and `keyed_pair` build when not told (test modules parametrize it).
+DEFAULT_HOT_PATH: list[HotPathSetting] = ["python"]
+
+
+def make_transform(
+    fast_lane: bool = True,
+    *,
+    block: int = 1 << 20,
+    replay_block: int = 1 << 16,
+    hot_path: HotPathSetting | None = None,
+    context: WorkerContext | None = None,
+) -> EspTransform:
+    hot_path = hot_path or DEFAULT_HOT_PATH[0]
     return EspTransform(
-        WorkerContext(0, 1),
+        context or WorkerContext(0, 1),
         reservation=SequenceReservation(block=block, low_water=block // 4),
         replay_persistence=ReplayPersistence(block=replay_block),
         fast_lane=fast_lane,
+        hot_path=hot_path,
     )
 
 
@@ -171,10 +185,12 @@ def keyed_pair(
     now: float = 0.0,
     block: int = 1 << 20,
     replay_block: int = 1 << 16,
+    hot_path: HotPathSetting | None = None,
+    hot_path_b: HotPathSetting | None = None,
     **install: Any,
 ) -> tuple[EspTransform, EspTransform]:
-    a = make_transform(fast_lane, block=block, replay_block=replay_block)
-    b = make_transform(fast_lane, block=block, replay_block=replay_block)
+    a = make_transform(fast_lane, block=block, replay_block=replay_block, hot_path=hot_path)
+    b = make_transform(fast_lane, block=block, replay_block=replay_block, hot_path=hot_path_b or hot_path)
     for transform, side in ((a, "a"), (b, "b")):
         control(transform, "install_sa", now, **install_message(keys, side, **install))
         for policy in policies(side):

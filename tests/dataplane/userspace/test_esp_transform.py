@@ -4,7 +4,9 @@ lane checked against the engine's general path (identical bytes, drops and state
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,9 +19,11 @@ from esplanade.ipsec.sa import Lifetime
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.spd import PolicyAction, PolicyDirection, SpdPolicy
 from esplanade.ipsec.transforms import ENCR_AES_CBC_128, ENCR_CHACHA20_POLY1305, INTEG_HMAC_SHA2_256_128
+from tests.dataplane.compiled_module import skip_without_compiled
 from tests.dataplane.userspace.esp_pairs import (
     A_ADDR,
     B_ADDR,
+    DEFAULT_HOT_PATH,
     SPI_AB,
     SPI_BA,
     Keys,
@@ -33,6 +37,15 @@ from tests.dataplane.userspace.packet_builders import tcp_segments, udp_datagram
 
 A_HOST, B_HOST = "10.1.0.5", "10.2.0.9"
 UDP_FROM_B = (B_ADDR, 4500)
+
+
+@pytest.fixture(autouse=True, params=["python", "compiled"])
+def hot_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs on both hot paths: the Python lanes and the compiled loop."""
+    skip_without_compiled(request.param)
+    DEFAULT_HOT_PATH[0] = request.param
+    yield request.param
+    DEFAULT_HOT_PATH[0] = "python"
 
 
 def a_to_b(count: int = 4, size: int = 400) -> list[bytes]:
@@ -191,6 +204,31 @@ def test_lifetime_events_come_out_of_the_timer() -> None:
     assert drops(a) == {"lifetime": 1}
 
 
+def test_identity_filter_drops_what_the_identity_may_not_reach() -> None:
+    """The identity's packet filter (on top of the SA's selectors) on both hot paths; it survives
+    an update of the SA and can be lifted."""
+    keys = Keys()
+    a, b = keyed_pair(keys)
+    control(b, "set_filter", child_sa="c1", selectors=[f"{B_HOST}/32[tcp/5201]"])
+    allowed = tcp_segments(3, 500, src=A_HOST, dst=B_HOST)
+    denied = a_to_b(2, 100) + tcp_segments(1, 500, src=A_HOST, dst=B_HOST, dport=22)
+
+    def deliver(packets: list[bytes], now: float) -> list[bytes]:
+        return b.inbound_batch([((A_ADDR, 4500), d[1]) for d in a.outbound_batch(packets, now)], now)
+
+    assert deliver(allowed + denied, 1.0) == allowed
+    assert drops(b) == {"identity_filter": 3}
+    keys.lifetime = Lifetime(soft_seconds=100, hard_seconds=200)
+    control(b, "update_sa", 2.0, **install_message(keys, "b"))
+    assert deliver(denied + allowed, 2.0) == allowed
+    assert drops(b) == {"identity_filter": 6}
+    control(b, "set_filter", child_sa="c1", selectors=None)
+    assert deliver(denied, 3.0) == denied
+    assert drops(b) == {"identity_filter": 6}
+    assert b.handle_control("set_filter", {"child_sa": "c1", "selectors": ["nonsense"]}, 3.0)["ok"] is False
+    assert b.handle_control("set_filter", {"child_sa": "nope", "selectors": None}, 3.0)["ok"] is False
+
+
 # -- the fast lane against the engine's general path ------------------------------------------
 def _malformed(keys: Keys, seq: int, kind: int) -> bytes:
     """An authentic ESP packet (right key, right ICV) whose content is wrong in one way."""
@@ -220,6 +258,7 @@ def _malformed(keys: Keys, seq: int, kind: int) -> bytes:
     st.integers(min_value=0, max_value=2**32 - 1),
 )
 def test_fast_lane_matches_the_engine_packet_for_packet(suite: str, script: list[int], seed: int) -> None:
+    """The Python fast lane, or the compiled loop (by the `hot_path` fixture), against the engine."""
     rng = random.Random(seed)
     if suite == "aes128-sha256":
         keys = Keys(
@@ -237,7 +276,7 @@ def test_fast_lane_matches_the_engine_packet_for_packet(suite: str, script: list
     # small blocks: sequence reservations, their exhaustion and replay-floor requests happen often
     small = {"block": 64, "replay_block": 32, "reserved": rng.randrange(20, 120)}
     fast_a, fast_b = keyed_pair(keys, fast_lane=True, **small)
-    slow_a, slow_b = keyed_pair(keys, fast_lane=False, **small)
+    slow_a, slow_b = keyed_pair(keys, fast_lane=False, hot_path="python", **small)
     assert bool(fast_b.lanes_in_use()) == keys.encr.aead
     sent: list[bytes] = []
     now = 1.0
@@ -275,5 +314,6 @@ def test_fast_lane_matches_the_engine_packet_for_packet(suite: str, script: list
     assert (fast_in.replay.top, fast_in.replay.blocks) == (slow_in.replay.top, slow_in.replay.blocks)
     assert fast_b.drain_messages() == slow_b.drain_messages()
     assert fast_a.drain_messages() == slow_a.drain_messages()
+    assert fast_a.drain_events() == slow_a.drain_events()
     assert drops(fast_a) == drops(slow_a)
     assert DropReason.REPLAY  # the enum the counters use

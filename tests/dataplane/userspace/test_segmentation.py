@@ -208,3 +208,45 @@ def test_any_interleaving_of_runs_survives_merge_and_split(runs: list[tuple[int,
         original = [p for p in packets if TCP(p[20:]).sport == 1000 + flow]
         returned = [p for p in back if TCP(p[20:]).sport == 1000 + flow]
         assert returned == original
+
+
+def _tso_frame(packet: bytes, gso_type: GsoType = GsoType.TCPV4, gso_size: int = 100) -> bytes:
+    header = VnetHeader(
+        flags=VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        gso_type=gso_type,
+        gso_size=gso_size,
+        hdr_len=40,
+        csum_start=20,
+        csum_offset=16,
+    )
+    return header.pack() + packet
+
+
+def test_tso_frame_with_tcp_data_offset_below_five_is_a_counted_drop() -> None:
+    """Was an IndexError out of split_super_packet (a dead worker); now a drop like the C split."""
+    good = tcp_segments(1, 1000)[0]
+    for offset in range(5):
+        bad = bytearray(good)
+        bad[32] = offset << 4 | (bad[32] & 0x0F)
+        for cut in (40, 41, 52, len(bad)):
+            packets, dropped = frames_to_packets([_tso_frame(bytes(bad[:cut]))])
+            assert (packets, dropped) == ([], 1), (offset, cut)
+
+
+def test_tso_frame_with_bad_ip_header_length_or_version_is_a_counted_drop() -> None:
+    good = tcp_segments(1, 1000)[0]
+    for first in (0x40, 0x41, 0x44, 0x00, 0x70, 0xF5):
+        bad = bytes((first,)) + good[1:]
+        packets, dropped = frames_to_packets([_tso_frame(bad), _tso_frame(bad, GsoType.UDP_L4)])
+        assert (packets, dropped) == ([], 2), hex(first)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(min_size=0, max_size=200),
+    st.sampled_from([GsoType.TCPV4, GsoType.TCPV6, GsoType.UDP_L4]),
+    st.integers(0, 2000),
+)
+def test_split_never_raises_anything_but_segmentation_error(packet: bytes, gso_type: GsoType, size: int) -> None:
+    packets, dropped = frames_to_packets([_tso_frame(packet, gso_type, size)])
+    assert dropped + (len(packets) > 0) >= 1

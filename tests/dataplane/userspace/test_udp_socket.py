@@ -10,6 +10,7 @@ import pytest
 from esplanade.dataplane.userspace.outer_transport import Datagram
 from esplanade.dataplane.userspace.udp_socket import EspUdpSocket, UdpSocketSettings
 from tests.conditions import wait_until
+from tests.dataplane.compiled_module import requires_compiled
 from tests.netns_topology import Topology, inside_netns
 
 pytestmark = pytest.mark.netns
@@ -140,3 +141,79 @@ def test_other_gso_errors_are_drops() -> None:
     room.gso = True
     assert room.send_batch([(("198.51.100.1", 4500), _esp(0x800, i, 300)) for i in range(4)]) == 0
     assert room.drops["send_enobufs"] == 4 and fake.sent == []
+
+
+@requires_compiled
+@pytest.mark.parametrize("offloads", [True, False])
+def test_compiled_send_and_receive_loops(scratch: str, offloads: bool) -> None:
+    """`send_payloads` (one compiled call, a sendmsg per GSO run) and `recv_gro` (one compiled call
+    for several reads): the same datagrams as the per-call paths; a read that mixes SPIs, IKE, a
+    keep-alive and plain-ESP destinations are handed back to the caller."""
+    from esplanade.dataplane.fastpath import PacketBatch
+
+    with inside_netns(scratch):
+        rx = EspUdpSocket.open(UdpSocketSettings(bind_address="127.0.0.1", port=4500, gso=offloads, gro=offloads))
+        tx = EspUdpSocket.open(UdpSocketSettings(bind_address="127.0.0.1", port=4501, gso=offloads, gro=offloads))
+    try:
+        payloads = [_esp(0x1234, i, 1000) for i in range(30)] + [_esp(0x1234, 30, 500)]
+        others = [_esp(0x99, 1, 800), _esp(0x99, 2, 800)]
+        batch = PacketBatch.from_packets([*payloads, *others, b"\x01" * 700], [0] * 31 + [1, 1, 2])
+        endpoints = [("127.0.0.1", 4500), ("127.0.0.1", 4500), ("192.0.2.9", 0)]
+        sent, plain = tx.send_payloads(batch.data, batch.spans, batch.count, endpoints)
+        assert sent == 33 and plain == [(("192.0.2.9", 0), b"\x01" * 700)]
+        assert tx.counters["gso_sends"] == (2 if offloads else 0)
+        buf, spans = bytearray(), bytearray()
+        got: list[bytes] = []
+
+        def enough() -> bool:
+            count, _, spis, odd = rx.recv_gro(buf, spans, 8, {0x1234})
+            got.extend(PacketBatch(buf, spans, count).to_list())
+            for at, nbytes, segment, endpoint, _ in odd:
+                assert endpoint == ("127.0.0.1", 4501)
+                got.extend(bytes(buf[o : min(o + segment, at + nbytes)]) for o in range(at, at + nbytes, segment))
+            assert set(spis) <= {0x1234}
+            return len(got) >= 33
+
+        wait_until(enough, timeout=5, what="33 datagrams")
+        assert sorted(got) == sorted(payloads + others)
+        assert not tx.drops and not rx.drops
+    finally:
+        rx.close()
+        tx.close()
+
+
+class _RefusingRuns:
+    """Stands in for `_espfast` when every GSO run comes back refused with one errno."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def send_runs(self, fd: int, data: bytearray, spans: bytearray, count: int, *rest: object) -> tuple[int, int, list]:  # type: ignore[type-arg]
+        from esplanade.dataplane.fastpath import PacketBatch
+
+        runs = PacketBatch(data, spans, count).gso_runs(64, 65000)
+        return 0, 0, [(offset, length, segment, n, tag, self.code) for offset, length, segment, n, tag in runs]
+
+
+@pytest.mark.parametrize(
+    ("code", "stays_on", "delivered"),
+    [(errno.EIO, False, 6), (errno.EINVAL, True, 6), (errno.EMSGSIZE, True, 6), (errno.ENOBUFS, True, 0)],
+)
+def test_runs_refused_by_the_compiled_send_fall_back_like_send_batch(
+    monkeypatch: pytest.MonkeyPatch, code: int, stays_on: bool, delivered: int
+) -> None:
+    from esplanade.dataplane.fastpath import PacketBatch
+    from esplanade.dataplane.userspace import udp_socket
+
+    monkeypatch.setattr(udp_socket, "load_compiled", lambda: (_RefusingRuns(code), ""))
+    fake = _GsoRefusingSocket(code)
+    fake.fileno = lambda: -1  # type: ignore[attr-defined]
+    room = EspUdpSocket(fake, UdpSocketSettings())  # type: ignore[arg-type]
+    room.gso = True
+    payloads = [_esp(0x800, i, 300) for i in range(6)]
+    batch = PacketBatch.from_packets(payloads)
+    sent, plain = room.send_payloads(batch.data, batch.spans, batch.count, [("198.51.100.1", 4500)])
+    assert (sent, plain) == (delivered, [])
+    assert fake.sent == (payloads if delivered else [])
+    assert room.gso is stays_on
+    assert room.drops == ({} if delivered else {"send_enobufs": 6})

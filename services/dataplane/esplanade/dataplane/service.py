@@ -91,7 +91,9 @@ def build_backend(settings: Settings, choice: BackendChoice, persistence: StoreS
         realtime_priority=dp.realtime_priority,
     )
     return UserspaceBackend(
-        UserspaceBackendSettings(datapath, sequence_block=dp.sequence_block, replay_block=dp.replay_block),
+        UserspaceBackendSettings(
+            datapath, sequence_block=dp.sequence_block, replay_block=dp.replay_block, hot_path=dp.hot_path
+        ),
         persistence,
         reason=choice.reason,
     )

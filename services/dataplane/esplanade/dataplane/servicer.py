@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -328,6 +329,10 @@ class DataplaneServicer(dataplane_pb2_grpc.DataplaneServicer):
     async def GetStatus(self, request: dataplane_pb2.GetStatusRequest, context: Any) -> dataplane_pb2.GetStatusResponse:
         status = self.parts.backend.status()
         details = {**status.details, **self.parts.relay.status(), **self.parts.details()}
+        worker_status = getattr(self.parts.backend, "worker_status", None)
+        if worker_status is not None:
+            workers = [worker_summary(w) for w in await worker_status()]
+            details["worker_status"] = json.dumps(workers, separators=(",", ":"))[:8000]
         not_installed = self.parts.reconciler.errors
         if not_installed:
             details["not_installed"] = "; ".join(f"{k}: {v}" for k, v in sorted(not_installed.items()))[:2000]
@@ -383,3 +388,23 @@ class DataplaneServicer(dataplane_pb2_grpc.DataplaneServicer):
 
 def publish_event(hub: EventHub, event: DataplaneEvent, node: str) -> None:
     hub.publish(event_to_proto(event, node, time.time()))
+
+
+def worker_summary(status: dict[str, Any]) -> dict[str, object]:
+    """What GetStatus shows of one userspace worker: its hot path and why, loop and room counters."""
+    transform = status.get("transform") or {}
+    outer = status.get("outer") or {}
+    hot = transform.get("hot_path") or {}
+    compiled = transform.get("compiled") or {}
+    return {
+        "worker": status.get("worker"),
+        "hot_path": hot.get("active"),
+        "hot_path_reason": hot.get("reason"),
+        "batch_rooms": status.get("batch_rooms"),
+        "loop": status.get("loop"),
+        "tun_drops": (status.get("tun") or {}).get("drops"),
+        "outer": {"counters": outer.get("counters"), "drops": outer.get("drops")},
+        "transform_drops": transform.get("drops"),
+        "flows": compiled.get("flows"),
+        "error": status.get("error"),
+    }

@@ -55,9 +55,12 @@ class _RelayStream:
         self.queue: asyncio.Queue[dataplane_pb2.IkeDatagram | None] = asyncio.Queue(RELAY_QUEUE)
         self.connected = False
 
-    async def _outgoing(self) -> AsyncIterator[dataplane_pb2.IkeDatagram]:
+    @staticmethod
+    async def _outgoing(
+        queue: asyncio.Queue[dataplane_pb2.IkeDatagram | None],
+    ) -> AsyncIterator[dataplane_pb2.IkeDatagram]:
         while True:
-            item = await self.queue.get()
+            item = await queue.get()
             if item is None:
                 return
             yield item
@@ -66,10 +69,14 @@ class _RelayStream:
         backoff = Backoff(base=0.05, cap=self.relay.backoff_max)
         while True:
             channel = stream_channel(self.target, self.relay.grpc)
+            # Each attempt gets its own queue: the request iterator of a failed call may still be
+            # waiting on its queue, and a shared one would let it swallow the next call's datagrams.
+            queue: asyncio.Queue[dataplane_pb2.IkeDatagram | None] = asyncio.Queue(RELAY_QUEUE)
+            self.queue = queue
             try:
                 stub = dataplane_pb2_grpc.DataplaneStub(channel)
                 # a stable stream key across reconnects: the dataplane routes IKE SAs by it
-                call = stub.RelayIke(self._outgoing(), metadata=(("esplanade-instance", self.relay.instance),))
+                call = stub.RelayIke(self._outgoing(queue), metadata=(("esplanade-instance", self.relay.instance),))
                 self.connected = True
                 first = True
                 async for dg in call:
@@ -83,9 +90,11 @@ class _RelayStream:
                     log.warning("IKE relay to dataplane %s lost: %s", self.target, exc.code().name)
             finally:
                 self.connected = False
-                # datagrams queued for a dead stream are stale by the time it is back: IKE retransmits
-                while not self.queue.empty():
-                    self.queue.get_nowait()
+                # datagrams queued for a dead stream are stale by the time it is back: IKE retransmits;
+                # the None ends that call's request iterator
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(None)
                 with contextlib.suppress(Exception):
                     await channel.close()
             self.relay.counters["reconnects"] = self.relay.counters.get("reconnects", 0) + 1

@@ -15,6 +15,7 @@ import contextlib
 import importlib.machinery
 import importlib.util
 import os
+import socket
 import struct
 import sys
 import time
@@ -193,12 +194,53 @@ def tun_frames(frames: list[bytes], merge_udp: bool, junk: list[int]) -> None:
         MODULE.gso_runs(spans, count, 1 + len(frames), 1 + len(data))
     gro = PacketBatch.from_segments(data, len(data), 1 + (junk[0] if junk else 7) % 1500)
     coalesce_frames(gro, merge_udp)
+    table = array("H", junk[:3] or [0]).tobytes() if all(0 <= j < 1 << 16 for j in junk[:3]) else b"\0\0"
+    offset = (junk[1] if len(junk) > 1 else 0) & 0xFFFFF
     for call in (
         lambda: MODULE.split_frames(data, spans, count, bytearray(), bytearray()),
         lambda: MODULE.coalesce(data, spans, count, merge_udp, bytearray(), bytearray()),
+        lambda: MODULE.clamp_mss(data, spans, count, 1398, 1378),
+        lambda: MODULE.select_by_tag(spans, count, table),
+        lambda: MODULE.segment_spans(len(data), 1 + (junk[0] if junk else 7) % 1500, 0, offset),
     ):
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, IndexError):
             call()
+    syn = [inner(4, 6, f, 0) for f in frames] + [inner(6, 6, f, 0) for f in frames]
+    clamp_data, clamp_spans, clamp_count = spans_for(syn, [])
+    MODULE.clamp_mss(clamp_data, clamp_spans, clamp_count, 536, 1220)
+    # the UDP room's send and receive loops, on loopback: junk spans, junk destinations
+    rx, tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        rx.setsockopt(17, 104, 1)  # UDP_GRO
+        port = rx.getsockname()[1]
+        dest = struct.pack("=H", socket.AF_INET) + port.to_bytes(2, "big") + bytes((127, 0, 0, 1)) + bytes(8)
+        good = spans_for([f[:1400] for f in frames], [])
+        for dests in ((dest,), (dest, None, b"\x02")):
+            with contextlib.suppress(ValueError, TypeError):
+                MODULE.send_runs(tx.fileno(), good[0], good[1], good[2], dests, bool(junk), 1 + len(junk), 65000)
+            with contextlib.suppress(ValueError, TypeError):
+                MODULE.send_runs(tx.fileno(), data, spans, count, dests, True, 64, 65000)
+        reads, room = 1 + len(junk) % 8, 1 + (junk[0] if junk else 9) % 70000
+        MODULE.recv_gro(rx.fileno(), bytearray(), bytearray(), reads, room, {0x01010101})
+    finally:
+        rx.close()
+        tx.close()
+    # the TUN room's read and write loops, on a pipe: frames in, the same frames out
+    read_end, write_end = os.pipe()
+    try:
+        os.set_blocking(read_end, False)
+        os.set_blocking(write_end, False)
+        written, errnos = MODULE.write_frames(write_end, data, spans_for(frames, [])[1], len(frames))
+        assert written + len(errnos) == len(frames)
+        buf, out_spans = bytearray(), bytearray()
+        got, _ = MODULE.read_frames(read_end, buf, out_spans, 1 + len(junk), 1 + (junk[-1] if junk else 100) % 5000)
+        assert got <= 1 + len(junk)
+        with contextlib.suppress(ValueError):
+            MODULE.write_frames(write_end, data, spans, count)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 @given(tables=st.lists(st.tuples(*[st.integers(-2, 300)] * 2, *[st.binary(max_size=40)] * 7), max_size=4))

@@ -30,7 +30,7 @@ import math
 from array import array
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 from esplanade.dataplane.esp.counters import DropReason, TrafficCounters
 from esplanade.dataplane.esp.esp_codec import decrypt_esp, encrypt_esp
@@ -56,6 +56,7 @@ KIND_AES_GCM = 1
 KIND_CHACHA20_POLY1305 = 2
 _AEAD_KINDS = {EncrId.AES_GCM_16: KIND_AES_GCM, EncrId.CHACHA20_POLY1305: KIND_CHACHA20_POLY1305}
 _MAX_IP = 0xFFFF
+Which: TypeAlias = "array[int] | bytearray"  # u16 per packet: the outbound slot index, or SKIP
 _UDP_HEADER = 8
 
 
@@ -80,7 +81,7 @@ class EspBatchCore(Protocol):
 
     def set_identity(self, spi: int, identity: IdentityFilter | None) -> None: ...
 
-    def encrypt(self, packets: PacketsIn, now: float, which: array[int] | None = None) -> PacketBatch: ...
+    def encrypt(self, packets: PacketsIn, now: float, which: Which | None = None) -> PacketBatch: ...
 
     def decrypt(
         self, payloads: PacketsIn, now: float, wall_now: float | None = None, non_esp: list[int] | None = None
@@ -89,6 +90,8 @@ class EspBatchCore(Protocol):
     def drain_flows(self) -> list[FlowRecord]: ...
 
     def compiled_spis(self) -> set[int]: ...
+
+    def outbound_sas(self) -> list[OutboundSa]: ...
 
 
 def slot_kind(sa: OutboundSa | InboundSa, association: SecurityAssociation) -> int:
@@ -128,6 +131,10 @@ class _CoreBase:
 
     def outbound_index(self, spi: int) -> int:
         return self._out_index[spi]
+
+    def outbound_sas(self) -> list[OutboundSa]:
+        """The outbound SAs by slot index (what `which` selects)."""
+        return list(self._outbound)
 
     def _add_outbound(self, sa: OutboundSa) -> int:
         if sa.spi in self._out_index:
@@ -240,7 +247,7 @@ class CompiledEspBatch(_CoreBase):
         slot.filter = self._counts(identity)
         self._track_identity(spi, identity)
 
-    def encrypt(self, packets: PacketsIn, now: float, which: array[int] | None = None) -> PacketBatch:
+    def encrypt(self, packets: PacketsIn, now: float, which: Which | None = None) -> PacketBatch:
         data, spans = bytearray(), bytearray()
         if isinstance(packets, PacketBatch):
             n = self._m.encrypt_batch(
@@ -314,13 +321,16 @@ class PythonEspBatch(_CoreBase):
             raise KeyError(spi)
         self._track_identity(spi, identity)
 
-    def encrypt(self, packets: PacketsIn, now: float, which: array[int] | None = None) -> PacketBatch:
+    def encrypt(self, packets: PacketsIn, now: float, which: Which | None = None) -> PacketBatch:
         outbound = self._outbound
         flows = self.flows
         out: list[bytes] = []
         tags: list[int] = []
+        selection = memoryview(which).cast("B").cast("H") if which is not None else None
         for i, packet in enumerate(packets):
-            index = which[i] if which is not None else 0
+            index = selection[i] if selection is not None else 0
+            if index == SKIP:
+                continue
             sa = outbound[index]
             data = bytes(packet)
             esp = encrypt_esp(sa, data, now)
@@ -374,6 +384,21 @@ class PythonEspBatch(_CoreBase):
 
     def compiled_spis(self) -> set[int]:
         return set()
+
+
+SKIP = 0xFFFF  # a `which` entry that leaves its packet out (the caller dropped or handed it off)
+
+
+def select_by_tag(packets: PacketBatch, per_tag: array[int]) -> array[int] | bytearray:
+    """`which` for `encrypt` when the decision was taken per tag (per TUN frame a batch was split
+    from): packet i gets per_tag[tag of i]; SKIP leaves it out."""
+    from esplanade.dataplane.fastpath.hot_path import load_compiled
+
+    module = load_compiled()[0]
+    if module is not None:
+        selected: bytearray = module.select_by_tag(packets.spans, packets.count, per_tag)
+        return selected
+    return array("H", [per_tag[tag] for tag in packets.tags()])
 
 
 def outbound_selection(indices: Sequence[int]) -> array[int]:

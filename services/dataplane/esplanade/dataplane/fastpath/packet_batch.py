@@ -17,7 +17,7 @@ slicing it.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 SPAN_WORDS = 3
@@ -44,16 +44,9 @@ class PacketBatch:
     @classmethod
     def from_segments(cls, data: bytearray, nbytes: int, segment: int, tag: int = 0) -> PacketBatch:
         """A GRO read: `nbytes` of `data` holding datagrams of `segment` bytes (the last may be shorter)."""
-        if segment < 1 or not 0 <= nbytes <= len(data):
+        spans = segment_spans(nbytes, segment, tag)
+        if nbytes > len(data):
             raise ValueError("bad GRO segment layout")
-        module = _compiled()
-        if module is not None:
-            spans = module.segment_spans(nbytes, segment, tag)
-        else:
-            words = array("I")
-            for at in range(0, nbytes, segment):
-                words.extend((at, min(segment, nbytes - at), tag))
-            spans = bytearray(words.tobytes())
         return cls(data, spans, len(spans) // SPAN_BYTES)
 
     @classmethod
@@ -122,6 +115,11 @@ class PacketBatch:
             i = j
         return out
 
+    def spans_list(self) -> list[tuple[int, int, int]]:
+        """(offset, length, tag) of every packet."""
+        w = self._span_words()
+        return [(w[j], w[j + 1], w[j + 2]) for j in range(0, SPAN_WORDS * self.count, SPAN_WORDS)]
+
     def tags(self) -> list[int]:
         w = self._span_words()
         return [w[j + 2] for j in range(0, SPAN_WORDS * self.count, SPAN_WORDS)]
@@ -139,7 +137,27 @@ class PacketBatch:
 PacketsIn = Sequence[BytesLike] | PacketBatch
 
 
-def _compiled() -> Any:
-    from esplanade.dataplane.fastpath.hot_path import load_compiled
+def segment_spans(nbytes: int, segment: int, tag: int = 0, offset: int = 0) -> bytearray:
+    """Spans of the datagrams of one GRO read lying at `offset` of its buffer (`segment` bytes each,
+    the last may be shorter); several reads into one buffer make one batch by concatenating these."""
+    if segment < 1 or nbytes < 0 or offset < 0:
+        raise ValueError("bad GRO segment layout")
+    module = _compiled()
+    if module is not None:
+        spans: bytearray = module.segment_spans(nbytes, segment, tag, offset)
+        return spans
+    words = array("I")
+    for at in range(0, nbytes, segment):
+        words.extend((offset + at, min(segment, nbytes - at), tag))
+    return bytearray(words.tobytes())
 
-    return load_compiled()[0]
+
+_LOADER: list[Callable[[], tuple[Any, str]]] = []  # hot_path.load_compiled, once imported
+
+
+def _compiled() -> Any:
+    if not _LOADER:  # imported late: hot_path imports this module
+        from esplanade.dataplane.fastpath.hot_path import load_compiled
+
+        _LOADER.append(load_compiled)
+    return _LOADER[0]()[0]

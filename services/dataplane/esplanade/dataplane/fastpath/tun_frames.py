@@ -38,6 +38,14 @@ def split_frames(frames: PacketsIn) -> tuple[PacketBatch, int]:
     return PacketBatch(data, spans, n), dropped
 
 
+def clamp_mss(packets: PacketBatch, mss_v4: int, mss_v6: int) -> int:
+    """Lower the MSS option of every TCP SYN / SYN-ACK in the batch in place (checksum updated,
+    RFC 1624), as `userspace.mtu.MssClamp` does packet by packet; returns how many changed."""
+    module = _module()
+    clamped: int = module.clamp_mss(packets.data, packets.spans, packets.count, mss_v4, mss_v6)  # type: ignore[attr-defined]
+    return clamped
+
+
 def coalesce_frames(packets: PacketsIn, merge_udp: bool = False) -> PacketBatch:
     """Inner packets -> TUN frames (virtio_net_hdr + packet), mergeable runs merged (tags: first packet)."""
     module = _module()

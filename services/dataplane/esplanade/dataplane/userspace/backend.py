@@ -50,16 +50,19 @@ from esplanade.dataplane.backend import (
     Unsupported,
 )
 from esplanade.dataplane.esp.sa_state import InboundSa, OutboundSa
+from esplanade.dataplane.fastpath.hot_path import HotPathSetting, HotPathStatus, hot_path_status
 from esplanade.dataplane.sa_persistence import SaPersistence
 from esplanade.dataplane.userspace.cleartext_guard import CleartextGuard
 from esplanade.dataplane.userspace.datapath import DatapathSettings, DatapathStartError, UserspaceDatapath
 from esplanade.dataplane.userspace.esp_transform import make_esp_transform
 from esplanade.dataplane.userspace.netconfig import NetConfigError
+from esplanade.dataplane.userspace.offloads import TunOffloadMode
 from esplanade.dataplane.userspace.sa_messages import association_document, policy_document
 from esplanade.dataplane.userspace.transform import PacketTransform, WorkerContext
 from esplanade.dataplane.userspace.tunnel_routes import TunnelRoutes
 from esplanade.dataplane.userspace.worker_channel import WorkerChannel, WorkerGone
 from esplanade.ipsec.sa import ChildSaRecord
+from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.spd import SpdPolicy
 from esplanade.ipsec.transforms import IpProto, Mode
 
@@ -78,10 +81,13 @@ class UserspaceBackendSettings:
     datapath: DatapathSettings
     sequence_block: int = 1 << 20
     replay_block: int = 1 << 16
+    hot_path: HotPathSetting = "auto"  # dataplane.hot_path
 
 
-def build_transform(context: WorkerContext, sequence_block: int, replay_block: int) -> PacketTransform:
-    return make_esp_transform(context, sequence_block=sequence_block, replay_block=replay_block)
+def build_transform(
+    context: WorkerContext, sequence_block: int, replay_block: int, hot_path: HotPathSetting = "python"
+) -> PacketTransform:
+    return make_esp_transform(context, sequence_block=sequence_block, replay_block=replay_block, hot_path=hot_path)
 
 
 def owner_of(record: ChildSaRecord, workers: int) -> int:
@@ -128,6 +134,7 @@ class UserspaceBackend:
         self.on_failure: Callable[[str], None] | None = None
         self.persist_failures = 0
         self.final_replay_tops: dict[str, int] = {}  # Child SA id -> last accepted number, once removed
+        self.hot_path: HotPathStatus | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     @property
@@ -140,8 +147,19 @@ class UserspaceBackend:
         if self.datapath is not None:
             return
         s = self.settings
-        factory = partial(build_transform, sequence_block=s.sequence_block, replay_block=s.replay_block)
-        datapath = UserspaceDatapath(replace(s.datapath, forward_ike=True, ipsec_bypass=True), factory)
+        hot = hot_path_status(s.hot_path)
+        if s.hot_path == "compiled" and hot.active != "compiled":
+            raise DataplaneError(f"dataplane.hot_path is compiled, but {hot.reason}")
+        self.hot_path = hot
+        # The workers resolve the same choice (hot.active), so the TUN hands super-packets
+        # (TSO/USO) only to workers that split them in C; the Python lanes read plain packets.
+        tun_mode = TunOffloadMode.TSO if hot.active == "compiled" else s.datapath.tun_offload_mode
+        factory = partial(
+            build_transform, sequence_block=s.sequence_block, replay_block=s.replay_block, hot_path=hot.active
+        )
+        datapath = UserspaceDatapath(
+            replace(s.datapath, forward_ike=True, ipsec_bypass=True, tun_offload_mode=tun_mode), factory
+        )
         try:
             datapath.start()
         except DatapathStartError as exc:
@@ -225,6 +243,9 @@ class UserspaceBackend:
             "failed": self.failed,
             "cleartext_guard": self.guard.status(),
         }
+        if self.hot_path is not None:
+            details["hot_path"] = self.hot_path.active
+            details["hot_path_reason"] = self.hot_path.reason
         if datapath is not None:
             details["outer"] = datapath.settings.outer.value + ("+raw" if datapath.settings.plain_esp else "")
             if datapath.sizes is not None:
@@ -412,6 +433,22 @@ class UserspaceBackend:
             del self._children[child_sa_id]
             self._refresh_routes(None, child_sa_id)
         self._emit(DataplaneEvent(DataplaneEventKind.DELETED, child_sa=child_sa_id, spi=record.inbound.spi))
+
+    async def set_identity_filter(self, child_sa_id: str, selectors: list[TrafficSelector] | None) -> None:
+        """What may leave the Child SA's inbound packets after decapsulation (the identity's packet
+        filter, on top of the SA's selectors); None lifts it. Applied by the owning worker: in C on
+        the compiled lane, by the engine's general path on the Python lanes; denials are the
+        `identity_filter` drop reason. The filter stays across updates of the SA."""
+        async with self._lock:
+            record = self._children.get(child_sa_id)
+            if record is None:
+                raise NotFound(f"Child SA {child_sa_id!r} is not installed")
+            texts = None if selectors is None else [str(s) for s in selectors]
+            reply = await self._channel(owner_of(record, self.workers)).request(
+                {"op": "set_filter", "child_sa": child_sa_id, "selectors": texts}
+            )
+            if not reply.get("ok"):
+                raise InvalidArgument(f"filter of Child SA {child_sa_id!r} refused: {reply.get('error')}")
 
     def _refresh_routes(self, record: ChildSaRecord | None, child_sa_id: str = "") -> None:
         if self.routes is None:

@@ -30,14 +30,16 @@ raw sockets rather than the TUN + UDP/ESP rooms.
 from __future__ import annotations
 
 import ipaddress
+import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography.exceptions import InvalidTag
 
 from esplanade.dataplane.backend import DataplaneEvent, DataplaneEventKind
-from esplanade.dataplane.esp.counters import DropReason
+from esplanade.dataplane.esp.counters import DropReason, TrafficCounters
 from esplanade.dataplane.esp.esp_codec import PADDING, decrypt_esp, encrypt_esp
 from esplanade.dataplane.esp.events import (
     EspEvent,
@@ -51,14 +53,20 @@ from esplanade.dataplane.esp.packet import parse_flow
 from esplanade.dataplane.esp.replay import ReplayWindow
 from esplanade.dataplane.esp.sa_state import InboundSa, OutboundSa, ReplayPersistence, SequenceReservation
 from esplanade.dataplane.esp.spd import InboundSaTable, Spd
+from esplanade.dataplane.fastpath import PacketBatch, make_esp_batch_core
+from esplanade.dataplane.fastpath.esp_batch import SKIP, select_by_tag
+from esplanade.dataplane.fastpath.hot_path import HotPathSetting
 from esplanade.dataplane.userspace.aead_lane import TRAILERS, OpenLane, SealLane, open_lane_for, seal_lane_for
+from esplanade.dataplane.userspace.compiled_lane import CompiledLane
 from esplanade.dataplane.userspace.mtu import esp_overhead, inner_mtu
 from esplanade.dataplane.userspace.outer_transport import Datagram, Endpoint
 from esplanade.dataplane.userspace.sa_messages import association_from_document, policy_from_document
 from esplanade.dataplane.userspace.transform import WorkerContext
 from esplanade.ipsec.sa import SecurityAssociation
+from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.spd import PolicyAction
 from esplanade.ipsec.transforms import ENCR_AES_GCM_16_128, Direction, IpProto, Mode
+from esplanade.policy.filters import PacketFilter
 
 # The most ESP adds to an inner packet with AES-GCM / ChaCha20-Poly1305: SPI+seq 8, IV 8,
 # ICV 16, pad length + next header 2, padding up to 3. (`inner_mtu` is exact; this is the
@@ -83,6 +91,7 @@ _REFUSAL_NAMES = {
     _MALFORMED: "malformed_inner",
 }
 _NOWHERE: Endpoint = ("", 0)
+VNET_HDR_LEN = 10  # the virtio_net_hdr in front of every TUN frame (vnet_header.VNET_HDR_LEN)
 
 # (code, SA to seal with, outer endpoint, owner worker or -1, policy id, fast lane of the SA)
 Decision = tuple[int, OutboundSa | None, Endpoint, int, str, SealLane | None]
@@ -91,6 +100,15 @@ Decision = tuple[int, OutboundSa | None, Endpoint, int, str, SealLane | None]
 def endpoint_of(association: SecurityAssociation) -> Endpoint:
     """Where the SA's packets go: (peer address, UDP port), port 0 for plain ESP."""
     return (association.dst, association.encap.dst_port if association.encap is not None else 0)
+
+
+class SealedFrames(NamedTuple):
+    """What `seal_frames` made of one TUN read."""
+
+    esp: PacketBatch  # ESP payloads, tags = slot index
+    endpoints: list[Endpoint]  # by slot index
+    datagrams: list[Datagram]  # ESP packets of SAs the compiled core does not hold (engine path)
+    handoffs: list[tuple[int, bytes]]  # (owner worker, inner packet) for SAs owned elsewhere
 
 
 class _OwnedChild:
@@ -112,9 +130,15 @@ class EspTransform:
         reservation: SequenceReservation | None = None,
         replay_persistence: ReplayPersistence | None = None,
         fast_lane: bool = True,
+        hot_path: HotPathSetting = "python",
     ) -> None:
-        """`fast_lane=False` sends every packet through the engine's general path (tests compare both)."""
+        """`fast_lane=False` sends every packet through the engine's general path (tests compare both).
+        `hot_path` (`dataplane.hot_path`): "compiled" runs the batches in the compiled loop
+        (`compiled_lane`; HotPathUnavailable without it), "auto" when it imports, "python" never."""
         self.context = context
+        core, hot_status = make_esp_batch_core(hot_path)
+        self.hot_path_status = hot_status
+        self.compiled: CompiledLane | None = CompiledLane(core, hot_status) if hot_status.active == "compiled" else None
         self.fast_lane = fast_lane
         self._seal_lanes: dict[int, SealLane] = {}  # id(OutboundSa) -> its fast lane
         self._open_lanes: dict[int, OpenLane] = {}  # inbound SPI -> the fast lane of its SA
@@ -134,9 +158,17 @@ class EspTransform:
         self._events: list[DataplaneEvent] = []
         self._timer: float | None = None
         self._acquired: dict[str, float] = {}
+        # Identity filters (`set_filter`) by inbound SPI. On the Python lanes a filtered SA takes
+        # the engine's general path and each decapsulated packet is checked here; the compiled
+        # lane applies the same filter in C (`compiled_lane.CompiledLane.set_filter`).
+        self._filters: dict[int, PacketFilter] = {}
+        self.filter_denied = 0  # Python lanes; the compiled lane counts in its filter tables
+        self.wall_clock = time.time  # timed filter parts follow the wall clock
 
     # -- PacketTransform: outbound ------------------------------------------------------
     def outbound_batch(self, packets: Sequence[bytes], now: float) -> list[Datagram]:
+        if self.compiled is not None:
+            return self._outbound_compiled(packets, now)
         out: list[Datagram] = []
         append = out.append
         tcp_cache, udp_cache = self._tcp_cache, self._udp_cache
@@ -250,6 +282,8 @@ class EspTransform:
 
     # -- PacketTransform: inbound -------------------------------------------------------
     def inbound_batch(self, datagrams: Sequence[Datagram], now: float) -> list[bytes]:
+        if self.compiled is not None:
+            return self._inbound_compiled(datagrams, now)
         out: list[bytes] = []
         append = out.append
         by_spi = self.table.by_spi
@@ -354,10 +388,220 @@ class EspTransform:
                     continue
             inner = decrypt_esp(sa, esp, now)
             if inner is not None:
+                packet_filter = self._filters.get(spi) if self._filters else None
+                if packet_filter is not None and not packet_filter.allows_packet(inner, self.wall_clock()):
+                    self.filter_denied += 1
+                    continue
                 append(inner)
         for sa in touched:
             self._collect(sa)
         return out
+
+    # -- the compiled lane: list door, TUN frames, GRO segments --------------------------
+    @property
+    def batch_native(self) -> bool:
+        """True when `seal_frames` / `open_segments` run (the compiled loop is active)."""
+        return self.compiled is not None
+
+    def _decision_at(self, buf: bytes | bytearray, base: int, end: int, now: float) -> Decision:
+        """The SPD decision for the IP packet at `buf[base:end]`, through the flow cache."""
+        n = end - base
+        b0 = buf[base] if n >= 40 else 0
+        cache: dict[bytes, Decision] | None = None
+        key = b""
+        if b0 == 0x45:
+            if not buf[base + 6] & 0x3F and not buf[base + 7]:  # not a fragment
+                proto = buf[base + 9]
+                cache = self._tcp_cache if proto == 6 else self._udp_cache if proto == 17 else None
+                key = bytes(buf[base + 12 : base + 24])
+        elif b0 >> 4 == 6 and n >= 44:
+            proto = buf[base + 6]
+            cache = self._tcp_cache if proto == 6 else self._udp_cache if proto == 17 else None
+            key = bytes(buf[base + 8 : base + 44])
+        if cache is not None:
+            decision = cache.get(key)
+            if decision is not None:
+                return decision
+        packet = buf if base == 0 and end == len(buf) and isinstance(buf, bytes) else bytes(buf[base:end])
+        decision = self._decide(packet, now)
+        if cache is not None and decision[0] != _NO_SA:  # no SA yet: look again (ACQUIRE)
+            if len(cache) >= FLOW_CACHE_LIMIT:
+                cache.clear()
+            cache[key] = decision
+        return decision
+
+    def _outbound_compiled(self, packets: Sequence[bytes], now: float) -> list[Datagram]:
+        lane = self.compiled
+        assert lane is not None
+        slot_of = lane.slot_of
+        which = array("H")
+        kept: list[bytes] = []
+        engine: list[Datagram] = []
+        touched: dict[int, OutboundSa] = {}
+        for packet in packets:
+            decision = self._decision_at(packet, 0, len(packet), now)
+            sa = decision[1]
+            if sa is None:
+                self.drops[_REFUSAL_NAMES[decision[0]]] += 1
+                continue
+            touched[id(sa)] = sa
+            slot = slot_of.get(id(sa), -1)
+            if slot < 0:  # an SA the core does not hold: the engine seals it
+                esp = encrypt_esp(sa, bytes(packet), now)
+                if esp is not None:
+                    engine.append((decision[2], esp))
+                continue
+            kept.append(packet)
+            which.append(slot)
+        out: list[Datagram] = []
+        if kept:
+            sealed = lane.core.encrypt(kept, now, which)
+            endpoints = lane.slot_endpoints
+            out = [(endpoints[tag], esp) for esp, tag in zip(sealed.to_list(), sealed.tags(), strict=True)]
+            lane.count_batch()
+        for sa in touched.values():
+            self._collect(sa)
+        return out + engine if engine else out
+
+    def seal_frames(self, frames: PacketBatch | Sequence[bytes], packets: PacketBatch, now: float) -> SealedFrames:
+        """TUN frames (virtio_net_hdr + packet) already split into `packets` (tags: frame index)
+        -> ESP payloads. The SPD decides once per frame (every segment of a TSO frame has the
+        frame's addresses and ports); the compiled core seals every packet in one call."""
+        lane = self.compiled
+        assert lane is not None
+        slot_of = lane.slot_of
+        me = self.context.index
+        if not isinstance(frames, PacketBatch):
+            frames = PacketBatch.from_packets(frames)
+        data = frames.data
+        per_frame = array("H", bytes(2 * frames.count))
+        uniform = -1  # the one slot every frame uses, -2 when they differ
+        aside: dict[int, tuple[int, Decision]] = {}  # frame -> (code, decision): dropped, handed off, engine
+        touched: dict[int, OutboundSa] = {}
+        for i, (offset, length, _) in enumerate(frames.spans_list()):
+            decision = self._decision_at(data, offset + VNET_HDR_LEN, offset + length, now)
+            sa = decision[1]
+            slot = slot_of.get(id(sa), -1) if sa is not None else -1
+            if slot < 0:
+                per_frame[i] = SKIP
+                aside[i] = (decision[0] if sa is None else _PROTECT, decision)
+                uniform = -2
+                continue
+            assert sa is not None
+            touched[id(sa)] = sa
+            per_frame[i] = slot
+            if uniform == -1:
+                uniform = slot
+            elif uniform != slot:
+                uniform = -2
+        which: array[int] | bytearray | None
+        if uniform == 0:
+            which = None
+        elif uniform > 0:
+            which = array("H", (uniform,)) * packets.count
+        else:
+            which = select_by_tag(packets, per_frame)
+        datagrams: list[Datagram] = []
+        handoffs: list[tuple[int, bytes]] = []
+        if aside:
+            for packet, tag in zip(packets, packets.tags(), strict=True):
+                entry = aside.get(tag)
+                if entry is None:
+                    continue
+                code, decision = entry
+                sa = decision[1]
+                if code == _PROTECT and sa is not None:  # an SA the core does not hold
+                    touched[id(sa)] = sa
+                    sealed_one = encrypt_esp(sa, bytes(packet), now)
+                    if sealed_one is not None:
+                        datagrams.append((decision[2], sealed_one))
+                elif code == _NOT_OWNER and 0 <= decision[3] != me:
+                    handoffs.append((decision[3], bytes(packet)))
+                else:
+                    self.drops[_REFUSAL_NAMES[code]] += 1
+        esp = lane.core.encrypt(packets, now, which)
+        lane.count_batch()
+        for sa in touched.values():
+            self._collect(sa)
+        return SealedFrames(esp, lane.slot_endpoints, datagrams, handoffs)
+
+    def _inbound_compiled(self, datagrams: Sequence[Datagram], now: float) -> list[bytes]:
+        lane = self.compiled
+        assert lane is not None
+        by_spi = self.table.by_spi
+        table_counters = self.table.counters
+        kept: list[bytes] = []
+        touched: dict[int, InboundSa] = {}
+        for endpoint, esp in datagrams:
+            if len(esp) < 8:
+                table_counters.drop(DropReason.MALFORMED)
+                continue
+            spi = int.from_bytes(esp[0:4], "big")
+            sa = by_spi.get(spi)
+            if sa is None:
+                table_counters.drop(DropReason.UNKNOWN_SPI)
+                continue
+            if (sa.encap is None) != (endpoint[1] == 0):
+                self.drops["encapsulation_mismatch"] += 1
+                continue
+            kept.append(esp)
+            touched[spi] = sa
+        if not kept:
+            return []
+        inner = lane.core.decrypt(kept, now)
+        lane.count_batch()
+        for sa in touched.values():
+            self._collect(sa)
+        return inner.to_list()
+
+    def open_segments(self, batch: PacketBatch, segment: int, nbytes: int, now: float) -> PacketBatch | None:
+        """A UDP GRO read (datagrams of `segment` bytes in `batch.data[:nbytes]`) -> inner packets,
+        in one call, when `whole_read` takes it; None when not."""
+        spi = self.whole_read(batch.data, 0, nbytes, segment)
+        if spi < 0:
+            return None
+        return self.open_reads(batch, (spi,), now)
+
+    def whole_read(self, data: bytearray, at: int, nbytes: int, segment: int) -> int:
+        """The SPI of a UDP GRO read at `data[at : at + nbytes]` (datagrams of `segment` bytes) when
+        the compiled door can take it whole: every datagram carries the SPI of one UDP-encapsulated
+        SA this worker owns. -1 when not (mixed SPIs, IKE or keep-alives, runts, another owner,
+        plain-ESP SAs): the caller then takes the datagram-by-datagram door, which decides each
+        datagram exactly."""
+        lane = self.compiled
+        if lane is None or nbytes < 8 or segment < 8:
+            return -1
+        spi = int.from_bytes(data[at : at + 4], "big")
+        if spi not in lane.udp_spis:
+            return -1
+        context = self.context
+        if context.count > 1 and spi % context.count != context.index:
+            return -1
+        count = -(-nbytes // segment)
+        if count > 1:
+            end = at + nbytes
+            for j in range(at, at + 4):  # every datagram starts with the same SPI (C speed: strided slices)
+                if data[j:end:segment] != data[j : j + 1] * count:
+                    return -1
+        return spi
+
+    def gro_accept(self) -> set[int]:
+        """The SPIs whose GRO reads the compiled door takes whole: this worker's UDP-encapsulated
+        SAs (`whole_read`'s rule, applied by the compiled receive loop)."""
+        return self.compiled.udp_spis if self.compiled is not None else set()
+
+    def open_reads(self, batch: PacketBatch, spis: Sequence[int] | set[int], now: float) -> PacketBatch:
+        """Decrypt a batch of whole reads (`whole_read` said yes to each; `spis`: their SPIs) in one call."""
+        lane = self.compiled
+        assert lane is not None
+        inner = lane.core.decrypt(batch, now)
+        lane.count_batch()
+        by_spi = self.table.by_spi
+        for spi in spis:
+            sa = by_spi.get(spi)
+            if sa is not None:
+                self._collect(sa)
+        return inner
 
     # -- timers, events -----------------------------------------------------------------
     def get_timer(self) -> float | None:
@@ -439,6 +683,8 @@ class EspTransform:
             "drops": dict(self.drops),
             "flow_cache": len(self._tcp_cache) + len(self._udp_cache),
             "fast_lane": self.lanes_in_use(),
+            "hot_path": self.hot_path_status.as_dict(),
+            "compiled": self.compiled.status() if self.compiled is not None else None,
         }
 
     # -- SaSteering ---------------------------------------------------------------------
@@ -465,7 +711,9 @@ class EspTransform:
         self._tcp_cache.clear()
         self._udp_cache.clear()
 
-    def _build(self, message: dict[str, Any], now: float) -> tuple[InboundSa, OutboundSa]:
+    def _build(
+        self, message: dict[str, Any], now: float
+    ) -> tuple[InboundSa, OutboundSa, SecurityAssociation, SecurityAssociation]:
         inbound = association_from_document(message["inbound"], "inbound")
         outbound = association_from_document(message["outbound"], "outbound")
         for association in (inbound, outbound):
@@ -487,9 +735,16 @@ class EspTransform:
             reserved_upto=int(message.get("reserved_upto", 0)),
             reservation=self.reservation,
         )
-        return in_sa, out_sa
+        return in_sa, out_sa, inbound, outbound
 
-    def _adopt(self, child_sa: str, in_sa: InboundSa, out_sa: OutboundSa) -> None:
+    def _adopt(
+        self,
+        child_sa: str,
+        in_sa: InboundSa,
+        out_sa: OutboundSa,
+        in_association: SecurityAssociation,
+        out_association: SecurityAssociation,
+    ) -> None:
         self.children[child_sa] = _OwnedChild(child_sa, in_sa, out_sa)
         self.owners[child_sa] = self.context.index
         self.table.by_spi[in_sa.spi] = in_sa
@@ -506,6 +761,10 @@ class EspTransform:
             open_lane = open_lane_for(in_sa)
             if open_lane is not None:
                 self._open_lanes[in_sa.spi] = open_lane
+        if self.compiled is not None:
+            self.compiled.install(in_sa, in_association, out_sa, out_association, (association_dst, port))
+        if in_sa.spi in self._filters:  # an update keeps the identity's filter
+            self._apply_filter(in_sa, self._filters[in_sa.spi])
         self._invalidate()
         self._recompute_timer()
         self._collect(out_sa)
@@ -520,6 +779,8 @@ class EspTransform:
                         self.removed_drops[str(reason)] += count
         self.endpoints.pop(id(child.outbound), None)
         self._seal_lanes.pop(id(child.outbound), None)
+        if self.compiled is not None:
+            self.compiled.remove(child.inbound, child.outbound)
         if self.table.by_spi.get(child.inbound.spi) is child.inbound:
             del self.table.by_spi[child.inbound.spi]
             self._open_lanes.pop(child.inbound.spi, None)
@@ -530,10 +791,10 @@ class EspTransform:
             return {"ok": False, "error": f"worker {self.context.index} does not own Child SA {child_sa!r}"}
         if child_sa in self.children:
             return {"ok": False, "error": f"Child SA {child_sa!r} is already installed"}
-        in_sa, out_sa = self._build(message, now)
+        in_sa, out_sa, in_association, out_association = self._build(message, now)
         if in_sa.spi in self.table.by_spi:
             return {"ok": False, "error": f"inbound SPI {in_sa.spi:#010x} is already installed"}
-        self._adopt(child_sa, in_sa, out_sa)
+        self._adopt(child_sa, in_sa, out_sa, in_association, out_association)
         return {"ok": True}
 
     def _op_update_sa(self, message: dict[str, Any], now: float) -> dict[str, object]:
@@ -541,7 +802,7 @@ class EspTransform:
         old = self.children.get(child_sa)
         if old is None:
             return {"ok": False, "error": f"Child SA {child_sa!r} is not installed here"}
-        in_sa, out_sa = self._build(message, now)
+        in_sa, out_sa, in_association, out_association = self._build(message, now)
         if in_sa.spi != old.inbound.spi or out_sa.spi != old.outbound.spi:
             return {"ok": False, "error": "an update keeps both SPIs (a new SPI is a new Child SA)"}
         # The same SA with new parameters: it keeps its counters, sequence numbers and window.
@@ -561,7 +822,7 @@ class EspTransform:
         in_sa.persist_mark = old.inbound.persist_mark
         self._forget(old, keep_totals=False)  # the counters live on in the new SAs
         del self.children[child_sa]
-        self._adopt(child_sa, in_sa, out_sa)
+        self._adopt(child_sa, in_sa, out_sa, in_association, out_association)
         return {"ok": True}
 
     def _op_sa_owner(self, message: dict[str, Any], now: float) -> dict[str, object]:
@@ -575,10 +836,42 @@ class EspTransform:
         self._invalidate()
         return {"ok": True}
 
+    def _apply_filter(self, in_sa: InboundSa, packet_filter: PacketFilter | None) -> None:
+        if self.compiled is not None:
+            self.compiled.set_filter(in_sa, packet_filter)
+        elif packet_filter is not None:
+            self._open_lanes.pop(in_sa.spi, None)  # the general path checks the filter
+        elif self.fast_lane:
+            open_lane = open_lane_for(in_sa)
+            if open_lane is not None:
+                self._open_lanes[in_sa.spi] = open_lane
+
+    def _op_set_filter(self, message: dict[str, Any], now: float) -> dict[str, object]:
+        """The identity's packet filter for a Child SA's inbound packets: {"child_sa", "selectors":
+        [traffic selector text, ...] (what may pass after decapsulation) or null (no filter)}."""
+        child_sa = str(message["child_sa"])
+        child = self.children.get(child_sa)
+        if child is None:
+            return {"ok": False, "error": f"Child SA {child_sa!r} is not installed here"}
+        texts = message.get("selectors")
+        packet_filter: PacketFilter | None = None
+        if texts is not None:
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                return {"ok": False, "error": "selectors: a list of traffic selector texts, or null"}
+            packet_filter = PacketFilter([TrafficSelector.parse(t) for t in texts])
+        spi = child.inbound.spi
+        if packet_filter is None:
+            self._filters.pop(spi, None)
+        else:
+            self._filters[spi] = packet_filter
+        self._apply_filter(child.inbound, packet_filter)
+        return {"ok": True}
+
     def _op_remove_sa(self, message: dict[str, Any], now: float) -> dict[str, object]:
         child_sa = str(message["child_sa"])
         child = self.children.pop(child_sa, None)
         if child is not None:
+            self._filters.pop(child.inbound.spi, None)
             self._forget(child)
             self.spd.unbind_outbound(child_sa)
             self._recompute_timer()
@@ -615,9 +908,16 @@ class EspTransform:
         sas: list[dict[str, object]] = []
         drops: Counter[str] = Counter(self.drops)
         drops.update(self.removed_drops)
-        for reason, count in self.table.counters.drops.items():
-            if count:
-                drops[str(reason)] += count
+        denied = self.filter_denied + (self.compiled.filter_denied() if self.compiled is not None else 0)
+        if denied:
+            drops["identity_filter"] += denied
+        table_drops: list[TrafficCounters] = [self.table.counters]
+        if self.compiled is not None:
+            table_drops.append(self.compiled.core.table_counters)
+        for table_counters in table_drops:
+            for reason, count in table_counters.drops.items():
+                if count:
+                    drops[str(reason)] += count
         for child in self.children.values():
             for direction, sa in (("in", child.inbound), ("out", child.outbound)):
                 c = sa.counters
@@ -647,6 +947,7 @@ class EspTransform:
         "remove_policy": _op_remove_policy,
         "grant_sequence": _op_grant_sequence,
         "counters": _op_counters,
+        "set_filter": _op_set_filter,
     }
 
 
@@ -655,10 +956,12 @@ def make_esp_transform(
     *,
     sequence_block: int = 1 << 20,
     replay_block: int = 1 << 16,
+    hot_path: HotPathSetting = "python",
 ) -> EspTransform:
     """The factory the datapath calls in every worker."""
     return EspTransform(
         context,
         reservation=SequenceReservation(block=sequence_block, low_water=max(1, sequence_block // 4)),
         replay_persistence=ReplayPersistence(block=replay_block),
+        hot_path=hot_path,
     )

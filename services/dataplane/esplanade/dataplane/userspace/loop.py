@@ -47,6 +47,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from esplanade.dataplane.fastpath.hot_path import load_compiled
+from esplanade.dataplane.fastpath.tun_frames import split_frames
+from esplanade.dataplane.userspace.batch_rooms import BatchRooms
 from esplanade.dataplane.userspace.handoff import Mailbox
 from esplanade.dataplane.userspace.mtu import IcmpErrorSender, MssClamp, MtuGuard
 from esplanade.dataplane.userspace.offloads import DatapathFeatures
@@ -54,6 +57,7 @@ from esplanade.dataplane.userspace.outer_transport import Datagram, IkeArrival, 
 from esplanade.dataplane.userspace.segmentation import SegmentationError, coalesce_for_tun, split_super_packet
 from esplanade.dataplane.userspace.transform import ControlledTransform, PacketTransform, SaSteering
 from esplanade.dataplane.userspace.tun import TunQueue
+from esplanade.dataplane.userspace.udp_socket import EspUdpSocket
 from esplanade.dataplane.userspace.vnet_header import VNET_HDR_LEN, VnetHeader, VnetHeaderError
 
 log = logging.getLogger(__name__)
@@ -144,11 +148,28 @@ class DatapathLoop:
         self._error_streak: dict[int, int] = {}
         self._controlled = parts.transform if isinstance(parts.transform, ControlledTransform) else None
         self._control_backlog: deque[bytes] = deque()
+        self.merge_udp = self._merge_udp
+        self.steer = self._steer
+        # TSO/USO super-packets are split in C whenever the compiled module is there
+        self._c_split = bool(int(f.tun_offload)) and load_compiled()[0] is not None
+        self.rooms: BatchRooms | None = None
+        if getattr(parts.transform, "batch_native", False) and f.vnet_hdr and parts.mtu_guard is None:
+            udp = parts.outer if isinstance(parts.outer, EspUdpSocket) else None
+            self.rooms = BatchRooms(self, parts.transform, udp)  # type: ignore[arg-type]
+
+    def log_exception(self, message: str, *args: object) -> None:
+        log.exception(message, *args)
 
     # -- outbound -------------------------------------------------------------------------
     def _inner_packets(self, frames: list[bytes]) -> list[bytes]:
         if not self._vnet:
             return frames
+        if self._c_split:
+            batch, dropped = split_frames(frames)
+            if dropped:
+                self.counters.errors["tun_frame_malformed"] += dropped
+            self.counters.super_frames_split += sum(1 for f in frames if f[0] or f[1])
+            return batch.to_list()
         packets: list[bytes] = []
         for frame in frames:
             if self._plain_reads and not frame[0] and not frame[1]:
@@ -215,6 +236,9 @@ class DatapathLoop:
         if datagrams:
             self._send(datagrams)
 
+    def send(self, datagrams: list[Datagram]) -> None:
+        self._send(datagrams)
+
     def _send(self, datagrams: list[Datagram]) -> None:
         p = self.parts
         raw = p.raw_outer
@@ -238,6 +262,18 @@ class DatapathLoop:
     def _receive(self, outer: OuterTransport) -> bool:
         p = self.parts
         datagrams = outer.recv_batch(p.batch)
+        self.forward_ike(outer)
+        if not datagrams:
+            return False
+        self.counters.outer_batches += 1
+        if self._steer:
+            datagrams = self._steer_inbound(datagrams)
+        self._decrypt_and_write(datagrams, p.clock())
+        return len(datagrams) >= p.batch
+
+    def forward_ike(self, outer: OuterTransport) -> None:
+        """IKE that arrived on `outer` goes to the sink or the parent."""
+        p = self.parts
         take_arrivals = getattr(outer, "take_ike_arrivals", None)
         ike: list[IkeArrival] = (
             take_arrivals() if take_arrivals is not None else [IkeArrival(r, m, "", 0) for r, m in outer.take_ike()]
@@ -260,13 +296,12 @@ class DatapathLoop:
                 self.counters.ike_forwarded += len(ike)
             else:
                 self.counters.errors["ike_without_sink"] += len(ike)
-        if not datagrams:
-            return False
-        self.counters.outer_batches += 1
-        if self._steer:
-            datagrams = self._steer_inbound(datagrams)
-        self._decrypt_and_write(datagrams, p.clock())
-        return len(datagrams) >= p.batch
+
+    def steer_inbound(self, datagrams: list[Datagram]) -> list[Datagram]:
+        return self._steer_inbound(datagrams)
+
+    def decrypt_and_write(self, datagrams: list[Datagram], now: float) -> None:
+        self._decrypt_and_write(datagrams, now)
 
     def _steer_inbound(self, datagrams: list[Datagram]) -> list[Datagram]:
         mailbox = self.parts.mailbox
@@ -301,7 +336,9 @@ class DatapathLoop:
         if p.mss_clamp is not None:
             packets = p.mss_clamp.apply(packets)
         self.counters.packets_in += len(packets)
-        if self._merge:
+        if self.rooms is not None:
+            self.rooms.write_packets(packets)
+        elif self._merge:
             frames = coalesce_for_tun(packets, self._merge_udp)
             self.counters.tun_frames_written += p.tun.write_batch(frames)
         else:
@@ -407,6 +444,7 @@ class DatapathLoop:
             transform_status = {"error": "status() failed"}
         return {
             "worker": p.index,
+            "batch_rooms": self.rooms.description() if self.rooms is not None else None,
             "loop": self.counters.as_dict(),
             "tun": {
                 "frames_read": p.tun.frames_read,
@@ -496,9 +534,10 @@ class DatapathLoop:
     def run(self) -> None:
         p = self.parts
         ep = select.epoll()
+        rooms = self.rooms
         handlers: dict[int, Callable[[], bool]] = {
-            p.tun.fileno(): self.tun_to_outer,
-            p.outer.fileno(): self.outer_to_tun,
+            p.tun.fileno(): rooms.tun_to_outer if rooms is not None else self.tun_to_outer,
+            p.outer.fileno(): rooms.udp_to_tun if rooms is not None and rooms.udp is not None else self.outer_to_tun,
         }
         if p.raw_outer is not None:
             handlers[p.raw_outer.fileno()] = self.raw_to_tun

@@ -248,13 +248,22 @@ def split_super_packet(header: VnetHeader, packet: bytes) -> list[bytes]:
         raise SegmentationError("GSO frame with gso_size 0")
     if not packet:
         raise SegmentationError("empty GSO frame")
-    v6 = packet[0] >> 4 == 6
+    # Every length below comes from the wire (the host's stack, or whoever writes to the TUN):
+    # each is checked before use, so a bad frame is a SegmentationError (a counted drop).
+    version = packet[0] >> 4
+    if version not in (4, 6):
+        raise SegmentationError(f"GSO frame of IP version {version}")
+    v6 = version == 6
     l3 = 40 if v6 else (packet[0] & 0x0F) * 4
+    if l3 < 20:
+        raise SegmentationError("IPv4 header length below 5 words")
     if len(packet) < l3 + 8:
         raise SegmentationError("GSO frame shorter than its headers")
     if header.gso_type in (GsoType.TCPV4, GsoType.TCPV6):
         if len(packet) < l3 + 20:
             raise SegmentationError("TCP GSO frame shorter than its headers")
+        if packet[l3 + 12] >> 4 < 5:
+            raise SegmentationError("TCP data offset below 5 words")
         return _split_tcp(packet, l3, header.gso_size, v6)
     if header.gso_type == GsoType.UDP_L4:
         return _split_udp(packet, l3, header.gso_size, v6)

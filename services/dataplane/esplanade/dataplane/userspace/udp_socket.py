@@ -25,6 +25,7 @@ import struct
 from collections import Counter, deque
 from dataclasses import dataclass
 
+from esplanade.dataplane.fastpath.hot_path import load_compiled
 from esplanade.dataplane.userspace.outer_transport import Datagram, Endpoint, IkeArrival
 from esplanade.dataplane.userspace.socket_filters import SO_ATTACH_REUSEPORT_CBPF, attach, reuseport_spi_program
 
@@ -44,12 +45,22 @@ DEFAULT_GSO_SEGMENTS = 64  # UDP_MAX_SEGMENTS on every kernel since 4.18
 IKE_INBOX_LIMIT = 1024
 
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+# plain ints: the socket module's IntFlag members make every `&` a Python-level enum call
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 _PKTINFO_CMSG_SPACE = socket.CMSG_SPACE(20)  # in6_pktinfo (20) >= in_pktinfo (12)
 _INT = struct.Struct("i")
 _U16 = struct.Struct("H")
 IP_PKTINFO = 8
 IPV6_RECVPKTINFO = 49
 IPV6_PKTINFO = 50
+
+
+# A raw control message (level, type, data): IP_PKTINFO or IPV6_PKTINFO.
+PacketInfo = tuple[int, int, bytes]
+# A read `recv_gro` left to the caller: (offset in the buffer, bytes, GRO segment, sender, PKTINFO or None).
+OddRead = tuple[int, int, int, Endpoint, PacketInfo | None]
+GRO_READ_MAX = 1 << 16  # one UDP read, GRO batch or not: at most 64 KiB
 
 
 def _local_from_cmsg(level: int, kind: int, data: bytes) -> str | None:
@@ -118,6 +129,7 @@ class EspUdpSocket:
         self.local_info = False
         self._buf = bytearray(65536)
         self._view = memoryview(self._buf)
+        self._sockaddrs: dict[Endpoint, bytes] = {}
         v6 = sock.family == socket.AF_INET6
         self._max_total = MAX_UDP_PAYLOAD + (20 if v6 else 0)  # the IPv6 payload length excludes its header
 
@@ -223,7 +235,7 @@ class EspUdpSocket:
         calls = 0
         while len(out) < limit:
             try:
-                nbytes, ancdata, msg_flags, address = recv(buffers, gro_space, socket.MSG_DONTWAIT)
+                nbytes, ancdata, msg_flags, address = recv(buffers, gro_space, _MSG_DONTWAIT)
             except BlockingIOError:
                 break
             except InterruptedError:
@@ -235,7 +247,7 @@ class EspUdpSocket:
                     break
                 continue
             calls += 1
-            if msg_flags & socket.MSG_TRUNC:
+            if msg_flags & _MSG_TRUNC:
                 self.drops["recv_truncated"] += 1
                 continue
             endpoint: Endpoint = (address[0], address[1])
@@ -258,6 +270,33 @@ class EspUdpSocket:
                 else:
                     self._classify(endpoint, payload, out, local)
         return out
+
+    @staticmethod
+    def local_address(pktinfo: PacketInfo | None) -> str:
+        """The local address in a read's IP_PKTINFO / IPV6_PKTINFO control message, "" when unknown."""
+        return _local_from_cmsg(*pktinfo) or "" if pktinfo is not None else ""
+
+    def recv_gro(
+        self, buf: bytearray, spans: bytearray, max_reads: int, accept: set[int]
+    ) -> tuple[int, int, list[int], list[OddRead]]:
+        """Up to `max_reads` reads in one compiled call (`_espfast.recv_gro`): the datagrams of
+        every read that carries one SPI of `accept` become spans into `buf` (count, reads, their
+        SPIs); the other reads stay in `buf` for the caller (`OddRead`s). Errors are counted drops."""
+        module = load_compiled()[0]
+        assert module is not None, "recv_gro runs with the compiled module only"
+        fd = self.sock.fileno()
+        count, reads, spis, odd, errnos = module.recv_gro(fd, buf, spans, max_reads, GRO_READ_MAX, accept)
+        for err in errnos:
+            reason = "truncated" if err == errno.EMSGSIZE else "runt" if not err else _errname(OSError(err, ""))
+            self.drops[f"recv_{reason}" if err else "runt"] += 1
+        if reads:
+            self.counters["reads"] += reads
+            self.counters["datagrams_whole"] += count
+        return count, reads, spis, odd
+
+    def classify(self, endpoint: Endpoint, payload: bytes, out: list[Datagram], local: str = "") -> None:
+        """ESP goes to `out`; IKE to the IKE inbox; keep-alives and runts are counted."""
+        self._classify(endpoint, payload, out, local)
 
     def _classify(self, endpoint: Endpoint, payload: bytes, out: list[Datagram], local: str = "") -> None:
         if len(payload) >= MIN_ESP_BYTES and not payload.startswith(NON_ESP_MARKER):
@@ -332,7 +371,82 @@ class EspUdpSocket:
             i = j
         return sent
 
-    def _send_one(self, endpoint: Endpoint, payload: bytes) -> bool:
+    @property
+    def max_gso_bytes(self) -> int:
+        return self._max_total
+
+    def sockaddr(self, endpoint: Endpoint) -> bytes | None:
+        """`endpoint` packed as this socket's sockaddr (IPv4 v4-mapped on a dual-stack socket),
+        None for port 0 (plain ESP: another room's). Cached."""
+        packed = self._sockaddrs.get(endpoint)
+        if packed is None and endpoint[1]:
+            host, port = endpoint
+            if self.sock.family == socket.AF_INET6:
+                v4 = "." in host
+                address = socket.inet_pton(socket.AF_INET6, "::ffff:" + host if v4 else host)
+                packed = struct.pack("=H", socket.AF_INET6) + port.to_bytes(2, "big") + bytes(4) + address + bytes(4)
+            else:
+                address = socket.inet_pton(socket.AF_INET, host)
+                packed = struct.pack("=H", socket.AF_INET) + port.to_bytes(2, "big") + address + bytes(8)
+            if len(self._sockaddrs) >= 4096:
+                self._sockaddrs.clear()
+            self._sockaddrs[endpoint] = packed
+        return packed
+
+    def send_payloads(
+        self, data: bytearray, spans: bytearray, count: int, endpoints: list[Endpoint]
+    ) -> tuple[int, list[Datagram]]:
+        """Send a batch of ESP payloads (tags: index into `endpoints`) in one compiled call: one
+        sendmsg(UDP_SEGMENT) per GSO run. Returns (payloads sent, plain-ESP datagrams for the raw
+        room). A refused GSO send falls back as `send_batch` does (EIO: GSO off; EINVAL,
+        EMSGSIZE: one by one); other failures are counted drops."""
+        module = load_compiled()[0]
+        assert module is not None, "send_payloads runs with the compiled module only"
+        dests = tuple(self.sockaddr(e) for e in endpoints)
+        sent, sends, aside = module.send_runs(
+            self.sock.fileno(), data, spans, count, dests, self.gso, self.max_segments, self._max_total
+        )
+        self.counters["gso_sends"] += sends if self.gso else 0
+        plain: list[Datagram] = []
+        view = memoryview(data)
+        for offset, length, segment, n, tag, err in aside:
+            run = view[offset : offset + length]
+            endpoint = endpoints[tag]
+            if not err:  # plain ESP
+                plain.extend((endpoint, bytes(run[at : at + segment])) for at in range(0, length, segment))
+                continue
+            if err == errno.EIO:
+                self.gso = False
+                self.gso_note = "disabled after EIO: the egress device cannot checksum UDP GSO"
+            elif err not in (errno.EINVAL, errno.EMSGSIZE) or n == 1:
+                self.drops[f"send_{errno.errorcode.get(err, 'error').lower()}"] += n
+                continue
+            self.counters[f"gso_fallback_{errno.errorcode.get(err, 'error').lower()}"] += 1
+            sent += sum(1 for at in range(0, length, segment) if self._send_one(endpoint, run[at : at + segment]))
+        return sent, plain
+
+    def send_run(self, run: memoryview, segment: int, count: int, endpoint: Endpoint) -> int:
+        """Send `count` ESP packets lying back to back in `run` (each `segment` bytes but a shorter
+        last one) to one endpoint: one sendmsg with UDP_SEGMENT, or one per packet without GSO."""
+        if count > 1 and self.gso:
+            try:
+                self.sock.sendmsg([run], [(SOL_UDP, UDP_SEGMENT, _U16.pack(segment))], 0, endpoint)
+                self.counters["gso_sends"] += 1
+                return count
+            except OSError as exc:
+                code = exc.errno
+                if code == errno.EIO:
+                    self.gso = False
+                    self.gso_note = "disabled after EIO: the egress device cannot checksum UDP GSO"
+                elif code not in (errno.EINVAL, errno.EMSGSIZE, errno.EINTR):
+                    self.drops[f"send_{_errname(exc)}"] += count
+                    return 0
+                self.counters[f"gso_fallback_{_errname(exc)}"] += 1
+        if count == 1:
+            return int(self._send_one(endpoint, run))
+        return sum(1 for at in range(0, len(run), segment) if self._send_one(endpoint, run[at : at + segment]))
+
+    def _send_one(self, endpoint: Endpoint, payload: bytes | memoryview) -> bool:
         try:
             self.sock.sendto(payload, endpoint)
             return True
@@ -342,7 +456,7 @@ class EspUdpSocket:
             self.drops[f"send_{_errname(exc)}"] += 1
             return False
 
-    def _retry_one(self, endpoint: Endpoint, payload: bytes) -> bool:
+    def _retry_one(self, endpoint: Endpoint, payload: bytes | memoryview) -> bool:
         try:
             self.sock.sendto(payload, endpoint)
             return True

@@ -948,3 +948,60 @@ long ef_coalesce_write(const ef_span *pkts, const ef_coalesce_state *st, uint8_t
     }
     return (long)st->nitems;
 }
+
+/* -- MSS clamping ---------------------------------------------------------------------------------- */
+static uint16_t csum_update16(uint16_t old_sum, uint16_t old_word, uint16_t new_word) {
+    uint32_t total = (uint32_t)(uint16_t)~old_sum + (uint16_t)~old_word + new_word;
+    total = (total & 0xFFFF) + (total >> 16);
+    total = (total & 0xFFFF) + (total >> 16);
+    return (uint16_t)~total;
+}
+
+int ef_clamp_mss(uint8_t *p, size_t n, uint16_t mss4, uint16_t mss6) {
+    size_t l4, end, pos;
+    uint16_t limit;
+    if (n < 40) return 0;
+    if ((p[0] >> 4) == 4) {
+        if (p[9] != 6 || (p[6] & 0x1F) || p[7]) return 0; /* not TCP, or a non-initial fragment */
+        l4 = (size_t)(p[0] & 0x0F) * 4;
+        if (l4 < 20) return 0;
+        limit = mss4;
+    } else if ((p[0] >> 4) == 6) {
+        if (p[6] != 6 || n < 60) return 0;
+        l4 = 40;
+        limit = mss6;
+    } else {
+        return 0;
+    }
+    if (n < l4 + 20 || !(p[l4 + 13] & 0x02)) return 0; /* SYN only */
+    end = l4 + (size_t)(p[l4 + 12] >> 4) * 4;
+    if (end > n) return 0;
+    pos = l4 + 20;
+    while (pos < end) {
+        uint8_t kind = p[pos], size;
+        if (kind == 0) return 0;
+        if (kind == 1) {
+            pos++;
+            continue;
+        }
+        if (pos + 1 >= end) return 0;
+        size = p[pos + 1];
+        if (size < 2 || pos + size > end) return 0;
+        if (kind == 2 && size == 4) {
+            uint16_t mss = (uint16_t)(p[pos + 2] << 8 | p[pos + 3]);
+            uint16_t sum = (uint16_t)(p[l4 + 16] << 8 | p[l4 + 17]), new_sum;
+            if (mss <= limit) return 0;
+            if ((pos + 2 - l4) & 1) /* the value straddles two 16-bit words: it adds byte-swapped */
+                new_sum = csum_update16(sum, (uint16_t)(mss << 8 | mss >> 8), (uint16_t)(limit << 8 | limit >> 8));
+            else
+                new_sum = csum_update16(sum, mss, limit);
+            p[pos + 2] = (uint8_t)(limit >> 8);
+            p[pos + 3] = (uint8_t)limit;
+            p[l4 + 16] = (uint8_t)(new_sum >> 8);
+            p[l4 + 17] = (uint8_t)new_sum;
+            return 1;
+        }
+        pos += size;
+    }
+    return 0;
+}

@@ -173,6 +173,10 @@ long ef_split_size(const uint8_t *frame, size_t len, size_t *bytes);
 /* Split/complete one frame: `count` packets into out, their lengths into lens. -1 on error. */
 long ef_split_frame(const uint8_t *frame, size_t len, uint8_t *out, size_t out_cap, uint32_t *lens, size_t max_count);
 
+/* Lower the MSS option of a TCP SYN (or SYN-ACK) in place to mss4 (IPv4) / mss6 (IPv6), with the
+ * TCP checksum updated incrementally (RFC 1624). 1 when changed, 0 otherwise (never reads past n). */
+int ef_clamp_mss(uint8_t *p, size_t n, uint16_t mss4, uint16_t mss6);
+
 typedef struct {
     const uint8_t *data;
     uint32_t len;

@@ -17,8 +17,23 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include <arpa/inet.h>
+#include <errno.h>
 #include <math.h>
+#include <netinet/in.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
 
 #include <openssl/crypto.h>
 #include <openssl/opensslv.h>
@@ -951,9 +966,12 @@ static int enter_batch(void) {
     return 0;
 }
 
+#define EF_SKIP 0xFFFF /* a `which` entry that leaves the packet out */
+
 /* -- encrypt ------------------------------------------------------------------------------------- */
 /* encrypt_batch(slots, which, packets, spans, count, now, out, out_spans, flows) -> int
- * slots: tuple of outbound Slots; which: None (all slot 0) or a u16 buffer, one per packet. */
+ * slots: tuple of outbound Slots; which: None (all slot 0) or a u16 buffer, one per packet;
+ * 0xFFFF leaves that packet out (no output, no count). */
 static PyObject *encrypt_batch(PyObject *mod, PyObject *args) {
     PyObject *slots, *which, *packets, *spans, *out, *out_spans, *flows_obj, *now_obj = NULL, *result = NULL;
     Py_ssize_t count;
@@ -1000,6 +1018,7 @@ static PyObject *encrypt_batch(PyObject *mod, PyObject *args) {
         uint16_t k = 0;
         Slot *s;
         if (have_which) memcpy(&k, (uint8_t *)wv.buf + 2 * i, 2);
+        if (k == EF_SKIP) continue;
         if (k >= nslots) {
             PyErr_SetString(PyExc_IndexError, "which: slot index out of range");
             goto done;
@@ -1026,6 +1045,7 @@ static PyObject *encrypt_batch(PyObject *mod, PyObject *args) {
         uint64_t seq;
         long sealed;
         if (have_which) memcpy(&k, (uint8_t *)wv.buf + 2 * i, 2);
+        if (k == EF_SKIP) continue; /* the caller's decision (no SA, handed off): counted there */
         s = (Slot *)PyTuple_GET_ITEM(slots, k);
         if (s->kind == SLOT_PYTHON) {
             PyObject *pkt = input_bytes(&in, i), *esp;
@@ -1521,15 +1541,17 @@ static PyObject *gso_runs(PyObject *mod, PyObject *args) {
     return out;
 }
 
-/* segment_spans(nbytes, segment, tag) -> bytearray: spans cutting a GRO read into its datagrams. */
+/* segment_spans(nbytes, segment, tag, offset=0) -> bytearray: spans cutting a GRO read (lying at
+ * `offset` of its buffer) into its datagrams. */
 static PyObject *segment_spans(PyObject *mod, PyObject *args) {
-    Py_ssize_t nbytes, segment;
+    Py_ssize_t nbytes, segment, offset = 0;
     unsigned long tag;
     PyObject *out;
     size_t n;
     uint32_t *w;
-    if (!PyArg_ParseTuple(args, "nnk", &nbytes, &segment, &tag)) return NULL;
-    if (nbytes < 0 || segment < 1 || nbytes > UINT32_MAX || tag > UINT32_MAX) {
+    if (!PyArg_ParseTuple(args, "nnk|n", &nbytes, &segment, &tag, &offset)) return NULL;
+    if (nbytes < 0 || segment < 1 || offset < 0 || (uint64_t)nbytes + (uint64_t)offset > UINT32_MAX ||
+        tag > UINT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "bad segment_spans arguments");
         return NULL;
     }
@@ -1539,11 +1561,453 @@ static PyObject *segment_spans(PyObject *mod, PyObject *args) {
     w = (uint32_t *)PyByteArray_AS_STRING(out);
     for (size_t k = 0; k < n; k++) {
         size_t at = k * (size_t)segment, len = (size_t)nbytes - at < (size_t)segment ? (size_t)nbytes - at : (size_t)segment;
-        w[3 * k] = (uint32_t)at;
+        w[3 * k] = (uint32_t)(at + (size_t)offset);
         w[3 * k + 1] = (uint32_t)len;
         w[3 * k + 2] = (uint32_t)tag;
     }
     return out;
+}
+
+/* -- the TUN room's syscalls, one call per batch ------------------------------------------------ */
+/* read_frames(fd, buf, spans, limit, frame_max) -> (count, errno)
+ * Reads up to `limit` frames from a non-blocking descriptor into `buf`, back to back, each given
+ * `frame_max` bytes of room, and their spans (offset, length, index) into `spans`; both bytearrays
+ * are grown once to their full size and then reused. Stops at EAGAIN (errno 0), at end of file,
+ * or at another error (its errno, after the frames read before it). */
+static PyObject *read_frames(PyObject *mod, PyObject *args) {
+    int fd, err = 0;
+    PyObject *buf, *spans;
+    Py_ssize_t limit, frame_max;
+    Py_buffer bv, sv;
+    size_t at = 0, n = 0;
+    if (!PyArg_ParseTuple(args, "iO!O!nn", &fd, &PyByteArray_Type, &buf, &PyByteArray_Type, &spans, &limit,
+                          &frame_max))
+        return NULL;
+    if (limit < 1 || frame_max < 1 || frame_max > (1 << 20) || limit > 4096) {
+        PyErr_SetString(PyExc_ValueError, "bad read_frames arguments");
+        return NULL;
+    }
+    if (grow(buf, (size_t)limit * (size_t)frame_max) < 0 || grow(spans, (size_t)limit * SPAN_BYTES) < 0) return NULL;
+    if (PyObject_GetBuffer(buf, &bv, PyBUF_WRITABLE) < 0) return NULL;
+    if (PyObject_GetBuffer(spans, &sv, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&bv);
+        return NULL;
+    }
+    while (n < (size_t)limit && at + (size_t)frame_max <= (size_t)bv.len && (n + 1) * SPAN_BYTES <= (size_t)sv.len) {
+        ssize_t r = read(fd, (uint8_t *)bv.buf + at, (size_t)frame_max);
+        uint32_t w[SPAN_WORDS];
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) err = errno;
+            break;
+        }
+        if (r == 0) break;
+        w[0] = (uint32_t)at;
+        w[1] = (uint32_t)r;
+        w[2] = (uint32_t)n;
+        memcpy((uint8_t *)sv.buf + n * SPAN_BYTES, w, SPAN_BYTES);
+        at += (size_t)r;
+        n++;
+    }
+    PyBuffer_Release(&bv);
+    PyBuffer_Release(&sv);
+    return Py_BuildValue("(ni)", (Py_ssize_t)n, err);
+}
+
+/* recv_gro(fd, buf, spans, max_reads, read_max, accept) -> (count, reads, spis, odd, errnos)
+ * The UDP room's receive loop: up to `max_reads` recvmsg(2) calls (UDP_GRO batches) into `buf`,
+ * back to back, each given `read_max` bytes of room, until EAGAIN. A read whose datagrams all
+ * start with one SPI found in the set `accept` (the UDP-encapsulated SAs this worker owns) is
+ * cut into spans (offset, length, 0) in `spans`: `count` of them, their SPIs in `spis`. Every
+ * other read stays in the buffer for the caller, listed in `odd` as (offset, nbytes, segment,
+ * (address, port), pktinfo) with pktinfo the raw IP_PKTINFO/IPV6_PKTINFO control message or
+ * None. Truncated reads are dropped; `errnos` lists failed calls (ICMP errors queued on the
+ * socket), which do not end the loop before max_reads calls. */
+static PyObject *recv_gro(PyObject *mod, PyObject *args) {
+    int fd;
+    PyObject *buf, *spans, *accept, *spis = NULL, *odd = NULL, *errnos = NULL, *result = NULL;
+    Py_ssize_t max_reads, read_max;
+    Py_buffer bv, sv;
+    int have_b = 0, have_s = 0;
+    size_t at = 0, count = 0, reads = 0;
+    long calls = 0;
+    uint32_t last_spi = 0;
+    int have_last = 0;
+    if (!PyArg_ParseTuple(args, "iO!O!nnO!", &fd, &PyByteArray_Type, &buf, &PyByteArray_Type, &spans, &max_reads,
+                          &read_max, &PySet_Type, &accept))
+        return NULL;
+    if (max_reads < 1 || max_reads > 1024 || read_max < 1 || read_max > (1 << 20)) {
+        PyErr_SetString(PyExc_ValueError, "bad recv_gro arguments");
+        return NULL;
+    }
+    /* at most read_max / 8 + 1 datagrams of at least 8 bytes per accepted read */
+    if (grow(buf, (size_t)max_reads * (size_t)read_max) < 0 ||
+        grow(spans, (size_t)max_reads * ((size_t)read_max / 8 + 1) * SPAN_BYTES) < 0)
+        return NULL;
+    spis = PyList_New(0);
+    odd = PyList_New(0);
+    errnos = PyList_New(0);
+    if (spis == NULL || odd == NULL || errnos == NULL) goto done;
+    if (PyObject_GetBuffer(buf, &bv, PyBUF_WRITABLE) < 0) goto done;
+    have_b = 1;
+    if (PyObject_GetBuffer(spans, &sv, PyBUF_WRITABLE) < 0) goto done;
+    have_s = 1;
+    while (calls < max_reads && at + (size_t)read_max <= (size_t)bv.len) {
+        struct sockaddr_storage from;
+        union {
+            char buf[CMSG_SPACE(sizeof(int)) + CMSG_SPACE(sizeof(struct in6_pktinfo))];
+            struct cmsghdr align;
+        } control;
+        struct iovec iov = {(uint8_t *)bv.buf + at, (size_t)read_max};
+        struct msghdr msg;
+        struct cmsghdr *c;
+        const uint8_t *p = (const uint8_t *)bv.buf + at;
+        PyObject *pktinfo = Py_None;
+        ssize_t r;
+        size_t nbytes, segment, n, k;
+        uint32_t spi;
+        int uniform = 1;
+        memset(&msg, 0, sizeof(msg));
+        msg.msg_name = &from;
+        msg.msg_namelen = sizeof(from);
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.buf;
+        msg.msg_controllen = sizeof(control.buf);
+        r = recvmsg(fd, &msg, MSG_DONTWAIT);
+        if (r < 0) {
+            PyObject *e;
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            calls++;
+            e = PyLong_FromLong(errno);
+            if (e == NULL || PyList_Append(errnos, e) < 0) {
+                Py_XDECREF(e);
+                goto done;
+            }
+            Py_DECREF(e);
+            continue;
+        }
+        calls++;
+        nbytes = (size_t)r;
+        if ((msg.msg_flags & MSG_TRUNC) || nbytes == 0) {
+            PyObject *e = PyLong_FromLong((msg.msg_flags & MSG_TRUNC) ? EMSGSIZE : 0);
+            if (e == NULL || PyList_Append(errnos, e) < 0) {
+                Py_XDECREF(e);
+                goto done;
+            }
+            Py_DECREF(e);
+            continue;
+        }
+        reads++;
+        segment = nbytes;
+        for (c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
+                int g;
+                memcpy(&g, CMSG_DATA(c), sizeof(int));
+                if (g > 0 && (size_t)g < nbytes) segment = (size_t)g;
+            } else if ((c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO) ||
+                       (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO)) {
+                size_t len = c->cmsg_len - CMSG_LEN(0);
+                if (pktinfo == Py_None) {
+                    pktinfo = Py_BuildValue("(iiy#)", c->cmsg_level, c->cmsg_type, (const char *)CMSG_DATA(c),
+                                            (Py_ssize_t)len);
+                    if (pktinfo == NULL) goto done;
+                }
+            }
+        }
+        n = (nbytes + segment - 1) / segment;
+        spi = nbytes >= 8 && segment >= 8 ? (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]
+                                          : 0;
+        if (spi == 0 || nbytes - (n - 1) * segment < 8) uniform = 0;
+        for (k = 1; uniform && k < n; k++)
+            if (memcmp(p, p + k * segment, 4) != 0) uniform = 0;
+        if (uniform && !(have_last && spi == last_spi)) {
+            PyObject *key = PyLong_FromUnsignedLong(spi);
+            int found;
+            if (key == NULL) goto done;
+            found = PySet_Contains(accept, key);
+            if (found > 0 && PyList_Append(spis, key) < 0) found = -1;
+            Py_DECREF(key);
+            if (found < 0) goto done;
+            uniform = found;
+            if (found) {
+                last_spi = spi;
+                have_last = 1;
+            }
+        }
+        if (uniform) {
+            if ((count + n) * SPAN_BYTES > (size_t)sv.len) { /* cannot happen: sized above */
+                PyErr_SetString(PyExc_RuntimeError, "_espfast: recv_gro span bound miscomputed");
+                Py_XDECREF(pktinfo == Py_None ? NULL : pktinfo);
+                goto done;
+            }
+            for (k = 0; k < n; k++) {
+                uint32_t w[SPAN_WORDS];
+                size_t off = k * segment;
+                w[0] = (uint32_t)(at + off);
+                w[1] = (uint32_t)(nbytes - off < segment ? nbytes - off : segment);
+                w[2] = 0;
+                memcpy((uint8_t *)sv.buf + (count + k) * SPAN_BYTES, w, SPAN_BYTES);
+            }
+            count += n;
+            if (pktinfo != Py_None) Py_DECREF(pktinfo);
+        } else {
+            char host[INET6_ADDRSTRLEN] = "";
+            int port = 0;
+            PyObject *entry;
+            if (from.ss_family == AF_INET) {
+                struct sockaddr_in *a = (struct sockaddr_in *)&from;
+                inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
+                port = ntohs(a->sin_port);
+            } else if (from.ss_family == AF_INET6) {
+                struct sockaddr_in6 *a = (struct sockaddr_in6 *)&from;
+                inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
+                port = ntohs(a->sin6_port);
+            }
+            entry = Py_BuildValue("(nnn(si)O)", (Py_ssize_t)at, (Py_ssize_t)nbytes, (Py_ssize_t)segment, host, port,
+                                  pktinfo);
+            if (pktinfo != Py_None) Py_DECREF(pktinfo);
+            if (entry == NULL || PyList_Append(odd, entry) < 0) {
+                Py_XDECREF(entry);
+                goto done;
+            }
+            Py_DECREF(entry);
+        }
+        at += nbytes;
+    }
+    result = Py_BuildValue("(nnOOO)", (Py_ssize_t)count, (Py_ssize_t)reads, spis, odd, errnos);
+done:
+    if (have_b) PyBuffer_Release(&bv);
+    if (have_s) PyBuffer_Release(&sv);
+    Py_XDECREF(spis);
+    Py_XDECREF(odd);
+    Py_XDECREF(errnos);
+    return result;
+}
+
+/* send_runs(fd, data, spans, count, dests, gso, max_segments, max_bytes) -> (sent, sends, aside)
+ * The UDP room's send loop for a batch of ESP payloads (tags: slot index): runs of contiguous
+ * payloads with one tag, all of the first one's size but a shorter last one (as gso_runs plans
+ * them), each sent with one sendmsg(2) carrying UDP_SEGMENT (`gso` true and more than one
+ * payload) or one sendto(2) per payload. `dests[tag]` is the packed sockaddr of the slot's
+ * endpoint, or None for a slot the caller sends itself (plain ESP). Runs not sent - None
+ * destination, or a failed call - come back in `aside` as (offset, length, segment, count,
+ * tag, errno) with errno 0 for a None destination; the caller falls back or counts them. */
+static PyObject *send_runs(PyObject *mod, PyObject *args) {
+    int fd, gso;
+    Py_buffer dv, sv;
+    Py_ssize_t count, max_segments, max_bytes, sent = 0, sends = 0;
+    PyObject *dests, *aside = NULL, *result = NULL;
+    size_t i = 0;
+    if (!PyArg_ParseTuple(args, "iy*y*nO!pnn", &fd, &dv, &sv, &count, &PyTuple_Type, &dests, &gso, &max_segments,
+                          &max_bytes))
+        return NULL;
+    if (count < 0 || (size_t)count * SPAN_BYTES > (size_t)sv.len || max_segments < 1 || max_bytes < 1) {
+        PyErr_SetString(PyExc_ValueError, "bad send_runs arguments");
+        goto done;
+    }
+    aside = PyList_New(0);
+    if (aside == NULL) goto done;
+    while (i < (size_t)count) {
+        uint32_t first[SPAN_WORDS], w[SPAN_WORDS];
+        size_t j = i + 1, total, end, n;
+        PyObject *dest;
+        int err = 0;
+        memcpy(first, (uint8_t *)sv.buf + i * SPAN_BYTES, SPAN_BYTES);
+        if ((uint64_t)first[0] + first[1] > (uint64_t)dv.len) {
+            PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
+            goto done;
+        }
+        total = first[1];
+        end = (size_t)first[0] + first[1];
+        while (j < (size_t)count && j - i < (size_t)max_segments) {
+            memcpy(w, (uint8_t *)sv.buf + j * SPAN_BYTES, SPAN_BYTES);
+            if (w[2] != first[2] || w[0] != end || w[1] > first[1] || total + w[1] > (size_t)max_bytes) break;
+            total += w[1];
+            end += w[1];
+            j++;
+            if (w[1] < first[1]) break;
+        }
+        n = j - i;
+        dest = first[2] < (uint32_t)PyTuple_GET_SIZE(dests) ? PyTuple_GET_ITEM(dests, first[2]) : Py_None;
+        if (dest != Py_None && (!PyBytes_Check(dest) || PyBytes_GET_SIZE(dest) < (Py_ssize_t)sizeof(sa_family_t))) {
+            PyErr_SetString(PyExc_TypeError, "send_runs: a destination is not a packed sockaddr");
+            goto done;
+        }
+        if (dest != Py_None) {
+            const uint8_t *p = (const uint8_t *)dv.buf + first[0];
+            struct sockaddr *to = (struct sockaddr *)PyBytes_AS_STRING(dest);
+            socklen_t tolen = (socklen_t)PyBytes_GET_SIZE(dest);
+            if (gso && n > 1) {
+                union {
+                    char buf[CMSG_SPACE(sizeof(uint16_t))];
+                    struct cmsghdr align;
+                } control;
+                struct iovec iov = {(void *)p, total};
+                struct msghdr msg;
+                struct cmsghdr *c;
+                uint16_t segment = (uint16_t)first[1];
+                memset(&msg, 0, sizeof(msg));
+                memset(&control, 0, sizeof(control));
+                msg.msg_name = to;
+                msg.msg_namelen = tolen;
+                msg.msg_iov = &iov;
+                msg.msg_iovlen = 1;
+                msg.msg_control = control.buf;
+                msg.msg_controllen = sizeof(control.buf);
+                c = CMSG_FIRSTHDR(&msg);
+                c->cmsg_level = SOL_UDP;
+                c->cmsg_type = UDP_SEGMENT;
+                c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+                memcpy(CMSG_DATA(c), &segment, sizeof(segment));
+                if (sendmsg(fd, &msg, 0) < 0 && (errno != EINTR || sendmsg(fd, &msg, 0) < 0)) {
+                    err = errno;
+                } else {
+                    sent += (Py_ssize_t)n;
+                    sends++;
+                }
+            } else {
+                for (size_t k = 0; k < n; k++) {
+                    size_t off = (size_t)first[1] * k, len = total - off < first[1] ? total - off : first[1];
+                    if (sendto(fd, p + off, len, 0, to, tolen) < 0 &&
+                        (errno != EINTR || sendto(fd, p + off, len, 0, to, tolen) < 0)) {
+                        err = errno; /* the rest of this run comes back to the caller */
+                        first[0] += (uint32_t)off;
+                        total -= off;
+                        n -= k;
+                        break;
+                    }
+                    sent++;
+                    sends++;
+                }
+            }
+        }
+        if (dest == Py_None || err) {
+            PyObject *entry = Py_BuildValue("(kknnki)", (unsigned long)first[0], (unsigned long)total,
+                                            (Py_ssize_t)first[1], (Py_ssize_t)n, (unsigned long)first[2], err);
+            if (entry == NULL || PyList_Append(aside, entry) < 0) {
+                Py_XDECREF(entry);
+                goto done;
+            }
+            Py_DECREF(entry);
+        }
+        i = j;
+    }
+    result = Py_BuildValue("(nnO)", sent, sends, aside);
+done:
+    Py_XDECREF(aside);
+    PyBuffer_Release(&dv);
+    PyBuffer_Release(&sv);
+    return result;
+}
+
+/* write_frames(fd, data, spans, count) -> (written, errnos)
+ * One write(2) per span (a TUN frame each); `errnos` lists the errno of every write that failed
+ * (empty when all went through). */
+static PyObject *write_frames(PyObject *mod, PyObject *args) {
+    int fd;
+    Py_buffer dv, sv;
+    Py_ssize_t count, written = 0;
+    PyObject *errnos = NULL, *result = NULL;
+    if (!PyArg_ParseTuple(args, "iy*y*n", &fd, &dv, &sv, &count)) return NULL;
+    if (count < 0 || (size_t)count * SPAN_BYTES > (size_t)sv.len) {
+        PyErr_SetString(PyExc_ValueError, "count exceeds the spans");
+        goto done;
+    }
+    errnos = PyList_New(0);
+    if (errnos == NULL) goto done;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint32_t w[SPAN_WORDS];
+        ssize_t r;
+        memcpy(w, (uint8_t *)sv.buf + (size_t)i * SPAN_BYTES, SPAN_BYTES);
+        if ((uint64_t)w[0] + w[1] > (uint64_t)dv.len) {
+            PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
+            goto done;
+        }
+        r = write(fd, (const uint8_t *)dv.buf + w[0], w[1]);
+        if (r < 0 && errno == EINTR) r = write(fd, (const uint8_t *)dv.buf + w[0], w[1]);
+        if (r >= 0) {
+            written++;
+        } else {
+            PyObject *e = PyLong_FromLong(errno);
+            if (e == NULL || PyList_Append(errnos, e) < 0) {
+                Py_XDECREF(e);
+                goto done;
+            }
+            Py_DECREF(e);
+        }
+    }
+    result = Py_BuildValue("(nO)", written, errnos);
+done:
+    Py_XDECREF(errnos);
+    PyBuffer_Release(&dv);
+    PyBuffer_Release(&sv);
+    return result;
+}
+
+/* select_by_tag(spans, count, table) -> bytearray: u16 per packet, table[tag] (table: u16 per tag).
+ * Turns one decision per TUN frame into encrypt_batch's `which` for the packets split from it. */
+static PyObject *select_by_tag(PyObject *mod, PyObject *args) {
+    Py_buffer sv, tv;
+    Py_ssize_t count;
+    PyObject *out = NULL;
+    size_t ntags;
+    if (!PyArg_ParseTuple(args, "y*ny*", &sv, &count, &tv)) return NULL;
+    ntags = (size_t)tv.len / 2;
+    if (count < 0 || (size_t)count * SPAN_BYTES > (size_t)sv.len) {
+        PyErr_SetString(PyExc_ValueError, "count exceeds the spans");
+        goto done;
+    }
+    out = PyByteArray_FromStringAndSize(NULL, count * 2 + 1);
+    if (out == NULL) goto done;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint32_t w[SPAN_WORDS];
+        uint16_t k;
+        memcpy(w, (uint8_t *)sv.buf + (size_t)i * SPAN_BYTES, SPAN_BYTES);
+        if (w[2] >= ntags) {
+            PyErr_SetString(PyExc_IndexError, "select_by_tag: a tag outside the table");
+            Py_CLEAR(out);
+            goto done;
+        }
+        memcpy(&k, (uint8_t *)tv.buf + 2 * (size_t)w[2], 2);
+        memcpy(PyByteArray_AS_STRING(out) + 2 * i, &k, 2);
+    }
+    if (PyByteArray_Resize(out, count * 2) < 0) Py_CLEAR(out);
+done:
+    PyBuffer_Release(&sv);
+    PyBuffer_Release(&tv);
+    return out;
+}
+
+/* clamp_mss(data, spans, count, mss4, mss6) -> int: MSS of TCP SYNs lowered in place; how many. */
+static PyObject *clamp_mss(PyObject *mod, PyObject *args) {
+    Py_buffer dv, sv;
+    Py_ssize_t count;
+    int mss4, mss6;
+    long clamped = 0;
+    if (!PyArg_ParseTuple(args, "w*y*nii", &dv, &sv, &count, &mss4, &mss6)) return NULL;
+    if (count < 0 || (size_t)count * SPAN_BYTES > (size_t)sv.len || mss4 < 0 || mss4 > 0xFFFF || mss6 < 0 ||
+        mss6 > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "bad clamp_mss arguments");
+        PyBuffer_Release(&dv);
+        PyBuffer_Release(&sv);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint32_t w[SPAN_WORDS];
+        memcpy(w, (uint8_t *)sv.buf + (size_t)i * SPAN_BYTES, SPAN_BYTES);
+        if ((uint64_t)w[0] + w[1] > (uint64_t)dv.len) {
+            PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
+            PyBuffer_Release(&dv);
+            PyBuffer_Release(&sv);
+            return NULL;
+        }
+        clamped += ef_clamp_mss((uint8_t *)dv.buf + w[0], w[1], (uint16_t)mss4, (uint16_t)mss6);
+    }
+    PyBuffer_Release(&dv);
+    PyBuffer_Release(&sv);
+    return PyLong_FromLong(clamped);
 }
 
 /* -- module -------------------------------------------------------------------------------------- */
@@ -1592,7 +2056,15 @@ static PyMethodDef module_methods[] = {
     {"split_frames", split_frames, METH_VARARGS, "split_frames(frames, spans, count, out, out_spans) -> (n, dropped)"},
     {"coalesce", coalesce, METH_VARARGS, "coalesce(packets, spans, count, merge_udp, out, out_spans) -> int"},
     {"gso_runs", gso_runs, METH_VARARGS, "gso_runs(spans, count, max_segments, max_bytes) -> [(offset, length, segment, count, tag)]"},
-    {"segment_spans", segment_spans, METH_VARARGS, "segment_spans(nbytes, segment, tag) -> bytearray"},
+    {"segment_spans", segment_spans, METH_VARARGS, "segment_spans(nbytes, segment, tag, offset=0) -> bytearray"},
+    {"read_frames", read_frames, METH_VARARGS, "read_frames(fd, buf, spans, limit, frame_max) -> (count, errno)"},
+    {"recv_gro", recv_gro, METH_VARARGS,
+     "recv_gro(fd, buf, spans, max_reads, read_max, accept) -> (count, reads, spis, odd, errnos)"},
+    {"send_runs", send_runs, METH_VARARGS,
+     "send_runs(fd, data, spans, count, dests, gso, max_segments, max_bytes) -> (sent, sends, aside)"},
+    {"write_frames", write_frames, METH_VARARGS, "write_frames(fd, data, spans, count) -> (written, errnos)"},
+    {"select_by_tag", select_by_tag, METH_VARARGS, "select_by_tag(spans, count, table) -> bytearray of u16"},
+    {"clamp_mss", clamp_mss, METH_VARARGS, "clamp_mss(data, spans, count, mss4, mss6) -> int"},
     {"build_info", build_info, METH_NOARGS, "OpenSSL version and build flags."},
     {NULL}};
 
