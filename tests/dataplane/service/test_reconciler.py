@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from esplanade.dataplane.backend import BackendStatus, DataplaneEvent, NotFound, SaCounters, Unsupported
+from esplanade.dataplane.backend import (
+    BackendStatus,
+    DataplaneError,
+    DataplaneEvent,
+    NotFound,
+    SaCounters,
+    Unsupported,
+)
 from esplanade.dataplane.ownership import SaOwnership
 from esplanade.dataplane.reconciler import Reconciler
 from esplanade.dataplane.sa_persistence import MemorySaPersistence
@@ -218,3 +225,41 @@ async def test_a_policy_naming_a_child_sa_not_seen_yet_waits_for_it(store: Store
     await reconciler._apply_policy(kv.key, kv, kv.mod_revision)  # type: ignore[union-attr]
     assert "p2" not in backend.policies
     await async_wait_until(lambda: _async_value("p2" in backend.policies), timeout=5, what="applied after the bound")
+
+
+class BatchingBackend(FakeBackend):
+    """A backend with `install_child_sas`: fresh installs arrive together."""
+
+    async def install_child_sas(self, records: list[ChildSaRecord]) -> dict[str, DataplaneError]:
+        self.calls.append("batch " + " ".join(r.id for r in records))
+        failures: dict[str, DataplaneError] = {}
+        for rec in records:
+            if rec.inbound.mode == Mode.TRANSPORT:
+                failures[rec.id] = Unsupported("no transport mode here")
+            else:
+                self.children[rec.id] = rec
+        return failures
+
+
+async def test_fresh_installs_go_together_after_the_removals_and_failures_stay_per_sa(store: Store) -> None:
+    sealer = Sealer(Keyring.generate())
+    backend = BatchingBackend()
+    reconciler = Reconciler(
+        store, sealer, backend, "n1", ownership=SaOwnership("n1"), persistence=MemorySaPersistence()
+    )
+    await put_record(store, sealer, record("gone", 0x8000))
+    await reconciler._apply_child(schema.child_sa("gone"), await store.get(schema.child_sa("gone")), 1)
+    await store.delete(schema.child_sa("gone"))
+    reconciler.records.pop("gone")
+    for rec in (record("a", 0x9000), record("b", 0x9100), record("t", 0x9200, mode=Mode.TRANSPORT)):
+        await put_record(store, sealer, rec)
+        reconciler.records[rec.id] = rec
+    backend.calls.clear()
+
+    errors = await reconciler.reevaluate(["a", "gone", "b", "t"])
+
+    assert backend.calls == ["delete gone", "batch a b t"]
+    assert set(errors) == {"t"} and "transport" in errors["t"]
+    assert set(reconciler.installed) == {"a", "b"}
+    assert await store.get(schema.install_ack("a", "n1")) is not None
+    assert await store.get(schema.install_ack("t", "n1")) is None

@@ -42,6 +42,7 @@ APPLIED_MEMORY = 4096
 # the same transaction (a rekey re-pointing its policies). Then it is applied regardless.
 CHILD_WAIT_SECONDS = 2.0
 PREPARE_IN_FLIGHT = 64  # store round trips in flight when many SAs are installed at once
+INSTALLS_IN_FLIGHT = 256  # worker installs in flight together (`install_child_sas`)
 
 
 class UpdatableBackend(Protocol):
@@ -211,7 +212,8 @@ class Reconciler:
         """Ownership changed: install what this node now carries among `child_ids`, remove what
         it no longer carries. `offline`: the store is out of reach (lease no longer provable),
         touch only the backend. Installs reserve their sequence blocks and write their acks
-        concurrently (`prepare` below); the backend calls themselves stay in order. Returns the
+        concurrently (`prepare` below). Removals and updates go first, one by one; then the
+        fresh installs, together where the backend can (`install_child_sas`). Returns the
         errors by Child SA id."""
         errors: dict[str, str] = {}
         async with self._lock:
@@ -222,18 +224,12 @@ class Reconciler:
             ]
             await self._prepare(installs)
             acks: list[ChildSaRecord] = []
-            for child_id in child_ids:
-                record = self.records.get(child_id)
-                try:
-                    if record is not None and self.ownership.owns(record):
-                        await self._install_child(record, ack=False)
-                        acks.append(record)
-                    else:
-                        await self._uninstall_child(child_id, offline=offline)
-                except (DataplaneError, StoreError) as exc:
-                    errors[child_id] = str(exc)
-                    self.errors[schema.child_sa(child_id)] = str(exc)
-                    log.error("Child SA %s: %s", child_id, exc)
+            fresh = {r.id for r in installs}
+            for child_id in [c for c in child_ids if c not in fresh]:  # removals and updates free SPIs first
+                await self._apply(child_id, acks, errors, offline=offline)
+            batched = await self._install_batch(installs, acks, errors)
+            for child_id in [c for c in child_ids if c in fresh and c not in batched]:
+                await self._apply(child_id, acks, errors, offline=offline)
             for start in range(0, len(acks), PREPARE_IN_FLIGHT):
                 results = await asyncio.gather(
                     *(self._write_ack(r) for r in acks[start : start + PREPARE_IN_FLIGHT]), return_exceptions=True
@@ -242,6 +238,47 @@ class Reconciler:
                     if isinstance(result, StoreError):
                         errors[record.id] = f"ack not written: {result}"
         return errors
+
+    async def _apply(self, child_id: str, acks: list[ChildSaRecord], errors: dict[str, str], *, offline: bool) -> None:
+        record = self.records.get(child_id)
+        try:
+            if record is not None and self.ownership.owns(record):
+                await self._install_child(record, ack=False)
+                acks.append(record)
+            else:
+                await self._uninstall_child(child_id, offline=offline)
+        except (DataplaneError, StoreError) as exc:
+            errors[child_id] = str(exc)
+            self.errors[schema.child_sa(child_id)] = str(exc)
+            log.error("Child SA %s: %s", child_id, exc)
+
+    async def _install_batch(
+        self, installs: list[ChildSaRecord], acks: list[ChildSaRecord], errors: dict[str, str]
+    ) -> set[str]:
+        """Fresh installs through the backend's `install_child_sas`, if it has one, so their
+        worker round trips overlap; returns the ids it handled (the rest go one by one)."""
+        install_many = getattr(self.backend, "install_child_sas", None)
+        if install_many is None or len(installs) < 2:
+            return set()
+        handled: set[str] = set()
+        for start in range(0, len(installs), INSTALLS_IN_FLIGHT):
+            chunk = [  # ownership may have moved during the store round trips
+                r
+                for r in installs[start : start + INSTALLS_IN_FLIGHT]
+                if self.records.get(r.id) is r and self.ownership.owns(r) and r.id not in self.installed
+            ]
+            failures: dict[str, DataplaneError] = await install_many(chunk)
+            for record in chunk:
+                handled.add(record.id)
+                failure = failures.get(record.id)
+                if failure is None:
+                    self.installed[record.id] = record
+                    acks.append(record)
+                    continue
+                errors[record.id] = str(failure)
+                self.errors[schema.child_sa(record.id)] = str(failure)
+                log.error("Child SA %s: %s", record.id, failure)
+        return handled
 
     async def _prepare(self, records: list[ChildSaRecord]) -> None:
         prepare = getattr(self.persistence, "prepare", None)
