@@ -42,7 +42,8 @@ APPLIED_MEMORY = 4096
 # the same transaction (a rekey re-pointing its policies). Then it is applied regardless.
 CHILD_WAIT_SECONDS = 2.0
 PREPARE_IN_FLIGHT = 64  # store round trips in flight when many SAs are installed at once
-INSTALLS_IN_FLIGHT = 256  # worker installs in flight together (`install_child_sas`)
+INSTALLS_IN_FLIGHT = 32  # worker installs in flight together (`install_child_sas`): well inside the
+# worker request timeout (5 s) even at ~100 ms an install on a starved machine
 
 
 class UpdatableBackend(Protocol):

@@ -766,7 +766,12 @@ class EspTransform:
         if in_sa.spi in self._filters:  # an update keeps the identity's filter
             self._apply_filter(in_sa, self._filters[in_sa.spi])
         self._invalidate()
-        self._recompute_timer()
+        # the earliest deadline can only move earlier with a new SA: no scan of every SA per install
+        # (an update's replaced SAs may leave it too early, which costs one spurious wake-up)
+        marks = [m for sa in (out_sa, in_sa) if (m := sa.get_timer()) is not None]
+        if self._timer is not None:
+            marks.append(self._timer)
+        self._timer = min(marks) if marks else None
         self._collect(out_sa)
         self._collect(in_sa)
 
