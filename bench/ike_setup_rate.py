@@ -40,7 +40,10 @@ from tests.keyexchange import interop as ix
 from tests.keyexchange.service.sites import DATAPLANE, Site, nsx, sh, struct
 
 ESP = "aes256gcm16"
-NS_A = "kxs-ba"
+# netns names and the site's management index, overridable so parallel runs do not collide
+NETNS_PREFIX = os.environ.get("ESPLANADE_BENCH_NETNS_PREFIX", "kxs-b")
+SITE_INDEX = int(os.environ.get("ESPLANADE_BENCH_SITE_INDEX", "16"))
+NS_A = f"{NETNS_PREFIX}a"
 A_IP, B_IP = "198.18.16.1", "198.18.16.2"
 A_NET, B_NET = "10.97.1.0/24", "10.97.2.0/24"
 A_ID, B_ID = "a.bench.test", "b.bench.test"
@@ -157,7 +160,7 @@ async def esplanade_initiator(site: Site, seconds: float, workers: int) -> dict[
 
 def measure(seconds: float, workers: int) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="kxs-bench-"))
-    site = Site("kxs-bb", 16, B_IP, "10.97.2.1", base / "site")
+    site = Site(f"{NETNS_PREFIX}b", SITE_INDEX, B_IP, "10.97.2.1", base / "site")
     sh("ip", "netns", "del", NS_A, check=False)
     site.create_netns()
     sh("ip", "netns", "add", NS_A)

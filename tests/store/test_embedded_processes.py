@@ -154,3 +154,22 @@ async def test_leases_get_their_full_ttl_again_when_the_store_restarts(tmp_path:
             return await store.get("/restart/key") is None
 
         await async_wait_until(expired, timeout=5, what="the lease to expire without keepalives")
+
+
+async def test_another_processs_write_rings_the_watch_without_waiting_for_a_poll(
+    tmp_path: Path, workers: list[Worker]
+) -> None:
+    db = tmp_path / "bell.db"
+    async with EmbeddedStore(db, poll_interval=3600) as store:  # a poll would come far too late
+        watch = WatchCollector(store.watch("/bell/", 1))
+        try:
+            writer = Worker("write", str(db), "/bell/", "1")
+            workers.append(writer)
+
+            async def seen() -> bool:
+                return len(watch.events) >= 5
+
+            await async_wait_until(seen, timeout=30, what="the other process's writes, through the doorbell")
+            assert all(e.kv.key.startswith("/bell/") for e in watch.events)
+        finally:
+            await watch.stop()

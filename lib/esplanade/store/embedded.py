@@ -23,9 +23,18 @@ kill -9 but may lose the last commits on power loss, and this store holds things
 never go back (outbound ESP sequence-number reservations: reuse means nonce reuse under
 AES-GCM). Group commit pays for the fsync.
 
+Writers of several processes take turns through an exclusive flock on `<path>.writer` held
+around each transaction: the kernel hands the turn over the moment it is released, where
+SQLite's busy handler would sleep 1, 2, 5, 10... ms between retries of a locked database.
+
 Reads run on a small reader thread pool (WAL readers never wait for the writer). Watches
-wake at once on this process's writes and poll `meta.revision` (one indexed row) every
-`poll_interval` for other processes' writes.
+wake at once on this process's writes; other processes' writes ring this one's doorbell
+(`doorbell.py`, a Unix datagram socket per open store) with the revision they committed,
+and `meta.revision` (one indexed row) is polled every `poll_interval` besides, should a ring
+be lost. The writer tells which
+keys each of its revisions wrote, so a watch skips the read when every new revision is one
+of this process's and none touched its prefix (a service's own bookkeeping writes cost its
+watches nothing).
 
 Leases. Deadlines are CLOCK_MONOTONIC seconds, a clock every process on the machine
 shares. Every process sweeps expired leases (`lease_sweep_interval`): in one write
@@ -72,6 +81,7 @@ from esplanade.store.base import (
     WatchBatch,
     WatchItem,
 )
+from esplanade.store.doorbell import Doorbell
 from esplanade.store.request_rules import encode_key
 from esplanade.store.sqlite_log import (
     SCHEMA_SQL,
@@ -102,6 +112,8 @@ T = TypeVar("T")
 
 _GROUP_COMMIT_MAX = 256
 _WATCH_REVISIONS_PER_FETCH = 1000
+_OWN_REVISIONS_KEPT = 4096  # keys of this process's latest revisions, for watches to skip reads
+_OWN_SKIP_MAX = 256  # a watch further behind than this reads, whoever wrote
 
 
 @dataclass(slots=True)
@@ -136,7 +148,7 @@ class _Writer(threading.Thread):
         path: Path,
         busy_timeout: float,
         synchronous: str,
-        on_commit: Callable[[int], None],
+        on_commit: Callable[[int, int, list[tuple[int, bytes]]], None],
     ) -> None:
         super().__init__(name=f"esplanade-store-writer:{path.name}", daemon=True)
         self.path = path
@@ -145,6 +157,7 @@ class _Writer(threading.Thread):
         self._synchronous = synchronous
         self._on_commit = on_commit
         self._db: sqlite3.Connection | None = None
+        self._turn: IO[bytes] | None = None  # flock: one writer at a time across processes
         self.ready = threading.Event()
         self.open_error: BaseException | None = None
 
@@ -155,6 +168,10 @@ class _Writer(threading.Thread):
             self.open_error = database_error(self.path, exc)
             self.ready.set()
             return
+        try:
+            self._turn = open(self.path.with_name(self.path.name + ".writer"), "ab")  # noqa: SIM115 - held while open
+        except OSError:
+            self._turn = None  # SQLite's own locking still serializes; only the hand-over is slower
         self.ready.set()
         try:
             stop = False
@@ -175,6 +192,8 @@ class _Writer(threading.Thread):
                 self._run(batch)
         finally:
             self._db.close()
+            if self._turn is not None:
+                self._turn.close()
             # Anything queued after the stop marker fails instead of hanging its caller.
             while True:
                 try:
@@ -189,6 +208,21 @@ class _Writer(threading.Thread):
             request.loop.call_soon_threadsafe(_deliver, request.future, result, error)
 
     def _run(self, batch: list[_WriteRequest]) -> None:
+        turn = self._turn
+        if turn is None:
+            self._transaction(batch)
+            return
+        try:
+            fcntl.flock(turn.fileno(), fcntl.LOCK_EX)
+        except OSError:
+            self._transaction(batch)
+            return
+        try:
+            self._transaction(batch)
+        finally:
+            fcntl.flock(turn.fileno(), fcntl.LOCK_UN)
+
+    def _transaction(self, batch: list[_WriteRequest]) -> None:
         db = self._db
         assert db is not None
         outcomes: list[tuple[Any, BaseException | None]] = []
@@ -203,7 +237,7 @@ class _Writer(threading.Thread):
             state = WriteState(revision=start)
             now = time.monotonic()
             for request in batch:
-                before = state.revision
+                before, written = state.revision, len(state.written)
                 db.execute("SAVEPOINT op")
                 try:
                     result = request.apply(db, state, now)
@@ -213,6 +247,7 @@ class _Writer(threading.Thread):
                     db.execute("ROLLBACK TO op")
                     db.execute("RELEASE op")
                     state.revision = before
+                    del state.written[written:]
                     outcomes.append((None, exc))
                     continue
                 db.execute("RELEASE op")
@@ -229,7 +264,7 @@ class _Writer(threading.Thread):
         for request, (result, error) in zip(batch, outcomes, strict=True):
             self._reply(request, result, error)
         if state.revision != start:
-            self._on_commit(state.revision)
+            self._on_commit(start, state.revision, state.written)
 
 
 class EmbeddedStore(Store):
@@ -265,10 +300,14 @@ class EmbeddedStore(Store):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock_file: IO[bytes] | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._doorbell: Doorbell | None = None
+        self._wake = asyncio.Event()  # a ring from another process, or close
         self._closed = asyncio.Event()
         self._known_revision = 0
         self._revision_changed = asyncio.Event()
         self._watchers = 0
+        self._own: dict[int, tuple[bytes, ...]] = {}  # revision this process wrote -> its keys
+        self.watch_reads = 0  # event reads the watches made (the skipped ones are not)
 
     def __repr__(self) -> str:
         return f"EmbeddedStore({str(self.path)!r})"
@@ -279,6 +318,7 @@ class EmbeddedStore(Store):
             return
         self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
+        self._wake = asyncio.Event()
         self._revision_changed = asyncio.Event()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -293,6 +333,10 @@ class EmbeddedStore(Store):
             await self._teardown()
             raise writer.open_error
         self._writer = writer
+        doorbell = Doorbell(self.path.with_name(self.path.name + ".bell"))
+        if await asyncio.to_thread(doorbell.open):
+            self._doorbell = doorbell
+            self._loop.add_reader(doorbell.fileno(), self._rung)
         try:
             await self._read(self._create_schema)
             if first_opener:
@@ -331,8 +375,16 @@ class EmbeddedStore(Store):
         if schema != SCHEMA_VERSION:
             raise StoreError(f"embedded store {self.path} has schema {schema}, this version reads {SCHEMA_VERSION}")
 
+    def _rung(self) -> None:
+        revision = self._doorbell.drain() if self._doorbell is not None else 0
+        if revision:
+            self._revision_seen(revision)  # committed: the watches read up to it at once
+        else:
+            self._wake.set()  # a ring without a revision: the poller reads it
+
     async def close(self) -> None:
         self._closed.set()
+        self._wake.set()
         self._revision_changed.set()
         if self._poller is not None:
             self._poller.cancel()
@@ -342,6 +394,12 @@ class EmbeddedStore(Store):
         await self._teardown()
 
     async def _teardown(self) -> None:
+        doorbell, self._doorbell = self._doorbell, None
+        if doorbell is not None:
+            if self._loop is not None:
+                with contextlib.suppress(RuntimeError, ValueError):
+                    self._loop.remove_reader(doorbell.fileno())
+            doorbell.close()
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.requests.put(None)
@@ -394,11 +452,37 @@ class EmbeddedStore(Store):
         writer.requests.put(_WriteRequest(apply, future, loop))
         return await future
 
-    def _committed_threadsafe(self, revision: int) -> None:
+    def _committed_threadsafe(self, start: int, revision: int, written: list[tuple[int, bytes]]) -> None:
+        doorbell = self._doorbell
+        if doorbell is not None:
+            doorbell.ring_others(revision)
         loop = self._loop
         if loop is not None:
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._revision_seen, revision)
+                loop.call_soon_threadsafe(self._committed, start, revision, written)
+
+    def _committed(self, start: int, revision: int, written: list[tuple[int, bytes]]) -> None:
+        """This process's writer committed revisions start+1..revision, writing `written`."""
+        keys: dict[int, list[bytes]] = {r: [] for r in range(start + 1, revision + 1)}
+        for at, key in written:
+            keys[at].append(key)
+        own = self._own
+        for at, touched in keys.items():
+            own[at] = tuple(touched)
+        while len(own) > _OWN_REVISIONS_KEPT:
+            del own[next(iter(own))]
+        self._revision_seen(revision)
+
+    def _nothing_for(self, start: bytes, after: int, upto: int) -> bool:
+        """Were after+1..upto all written by this process, none under the prefix `start`?"""
+        if not start or upto - after > _OWN_SKIP_MAX:
+            return False
+        own = self._own
+        for revision in range(after + 1, upto + 1):
+            keys = own.get(revision)
+            if keys is None or any(key.startswith(start) for key in keys):
+                return False
+        return True
 
     def _revision_seen(self, revision: int) -> None:
         if revision > self._known_revision:
@@ -423,7 +507,8 @@ class EmbeddedStore(Store):
             except (StoreError, ValueError):
                 pass  # the file may be briefly locked or gone; the next round retries
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closed.wait(), self.poll_interval)
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            self._wake.clear()
 
     async def _auto_compact(self) -> None:
         if self.auto_compact_retain <= 0:
@@ -486,6 +571,7 @@ class EmbeddedStore(Store):
         self, prefix: str, clause: str, params: tuple[bytes, ...], start_revision: int
     ) -> AsyncIterator[WatchItem]:
         self._watchers += 1
+        raw_prefix = encode_key(prefix) if prefix else b""
         try:
             last = start_revision - 1 if start_revision else await self._read(read_revision)
             while not self._closed.is_set():
@@ -494,7 +580,11 @@ class EmbeddedStore(Store):
                     changed = self._revision_changed
                     await changed.wait()
                     continue
+                if self._nothing_for(raw_prefix, last, target):
+                    last = target
+                    continue
                 upto = min(target, last + _WATCH_REVISIONS_PER_FETCH)
+                self.watch_reads += 1
                 try:
                     fetched = await self._read(
                         functools.partial(fetch_events, clause=clause, params=params, after=last, upto=upto)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,7 @@ class WriteState:
 
     revision: int
     seq: int = 0
+    written: list[tuple[int, bytes]] = field(default_factory=list)  # (revision, key) of every log row
 
     def next_revision(self) -> int:
         self.revision += 1
@@ -151,6 +152,7 @@ def _write_put(db: sqlite3.Connection, state: WriteState, key: bytes, value: byt
     cur = _current(db, key)
     revision = state.revision
     state.seq += 1
+    state.written.append((revision, key))
     log_id = db.execute(
         "INSERT INTO log (revision, seq, key, deleted, create_revision, prev_revision, version, lease, value)"
         " VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?)",
@@ -170,6 +172,7 @@ def _write_put(db: sqlite3.Connection, state: WriteState, key: bytes, value: byt
 
 def _write_delete(db: sqlite3.Connection, state: WriteState, key: bytes, cur: _Current) -> None:
     state.seq += 1
+    state.written.append((state.revision, key))
     db.execute(
         "INSERT INTO log (revision, seq, key, deleted, create_revision, prev_revision, version, lease, value)"
         " VALUES (?, ?, ?, 1, 0, ?, 0, 0, x'')",

@@ -319,12 +319,19 @@ Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
 class WatchDataplaneEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    KINDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """only events of these kinds (DataplaneEvent.kind); empty: every kind"""
+
     def __init__(
         self,
+        *,
+        kinds: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kinds", b"kinds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -399,3 +406,25 @@ class IkeDatagram(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IkeDatagram: _TypeAlias = IkeDatagram  # noqa: Y015
+
+@_typing.final
+class IkeDatagramBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATAGRAMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def datagrams(self) -> _containers.RepeatedCompositeFieldContainer[Global___IkeDatagram]:
+        """in the order they were received or are to be sent"""
+
+    def __init__(
+        self,
+        *,
+        datagrams: _abc.Iterable[Global___IkeDatagram] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datagrams", b"datagrams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IkeDatagramBatch: _TypeAlias = IkeDatagramBatch  # noqa: Y015

@@ -84,6 +84,11 @@ class DataplaneStub:
                 request_serializer=esplanade_dot_v1_dot_dataplane__pb2.IkeDatagram.SerializeToString,
                 response_deserializer=esplanade_dot_v1_dot_dataplane__pb2.IkeDatagram.FromString,
                 _registered_method=True)
+        self.RelayIkeBatch = channel.stream_stream(
+                '/esplanade.v1.Dataplane/RelayIkeBatch',
+                request_serializer=esplanade_dot_v1_dot_dataplane__pb2.IkeDatagramBatch.SerializeToString,
+                response_deserializer=esplanade_dot_v1_dot_dataplane__pb2.IkeDatagramBatch.FromString,
+                _registered_method=True)
 
 
 class DataplaneServicer:
@@ -151,6 +156,15 @@ class DataplaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RelayIkeBatch(self, request_iterator, context):
+        """The same relay with several datagrams per stream message (each side sends what it has
+        queued at that moment): fewer messages under load. Same routing and semantics as RelayIke;
+        a client falls back to RelayIke when a dataplane answers UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DataplaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +217,11 @@ def add_DataplaneServicer_to_server(servicer, server):
                     servicer.RelayIke,
                     request_deserializer=esplanade_dot_v1_dot_dataplane__pb2.IkeDatagram.FromString,
                     response_serializer=esplanade_dot_v1_dot_dataplane__pb2.IkeDatagram.SerializeToString,
+            ),
+            'RelayIkeBatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.RelayIkeBatch,
+                    request_deserializer=esplanade_dot_v1_dot_dataplane__pb2.IkeDatagramBatch.FromString,
+                    response_serializer=esplanade_dot_v1_dot_dataplane__pb2.IkeDatagramBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -475,6 +494,33 @@ class Dataplane:
             '/esplanade.v1.Dataplane/RelayIke',
             esplanade_dot_v1_dot_dataplane__pb2.IkeDatagram.SerializeToString,
             esplanade_dot_v1_dot_dataplane__pb2.IkeDatagram.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RelayIkeBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/esplanade.v1.Dataplane/RelayIkeBatch',
+            esplanade_dot_v1_dot_dataplane__pb2.IkeDatagramBatch.SerializeToString,
+            esplanade_dot_v1_dot_dataplane__pb2.IkeDatagramBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,11 @@ class DataplaneStub:
     """UDP 4500 carries IKE (behind the non-ESP marker) and ESP-in-UDP. The dataplane owns the
     socket, as the kernel's UDP_ENCAP_ESPINUDP does, and relays IKE both ways over this stream.
     """
+    RelayIkeBatch: _grpc.StreamStreamMultiCallable[_dataplane_pb2.IkeDatagramBatch, _dataplane_pb2.IkeDatagramBatch]
+    """The same relay with several datagrams per stream message (each side sends what it has
+    queued at that moment): fewer messages under load. Same routing and semantics as RelayIke;
+    a client falls back to RelayIke when a dataplane answers UNIMPLEMENTED.
+    """
 
 @_typing.type_check_only
 class DataplaneAsyncStub(DataplaneStub):
@@ -60,6 +65,11 @@ class DataplaneAsyncStub(DataplaneStub):
     RelayIke: _aio.StreamStreamMultiCallable[_dataplane_pb2.IkeDatagram, _dataplane_pb2.IkeDatagram]  # type: ignore[assignment]
     """UDP 4500 carries IKE (behind the non-ESP marker) and ESP-in-UDP. The dataplane owns the
     socket, as the kernel's UDP_ENCAP_ESPINUDP does, and relays IKE both ways over this stream.
+    """
+    RelayIkeBatch: _aio.StreamStreamMultiCallable[_dataplane_pb2.IkeDatagramBatch, _dataplane_pb2.IkeDatagramBatch]  # type: ignore[assignment]
+    """The same relay with several datagrams per stream message (each side sends what it has
+    queued at that moment): fewer messages under load. Same routing and semantics as RelayIke;
+    a client falls back to RelayIke when a dataplane answers UNIMPLEMENTED.
     """
 
 class DataplaneServicer(metaclass=_abc_1.ABCMeta):
@@ -134,6 +144,17 @@ class DataplaneServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_dataplane_pb2.IkeDatagram], _abc.AsyncIterator[_dataplane_pb2.IkeDatagram]]:
         """UDP 4500 carries IKE (behind the non-ESP marker) and ESP-in-UDP. The dataplane owns the
         socket, as the kernel's UDP_ENCAP_ESPINUDP does, and relays IKE both ways over this stream.
+        """
+
+    @_abc_1.abstractmethod
+    def RelayIkeBatch(
+        self,
+        request_iterator: _MaybeAsyncIterator[_dataplane_pb2.IkeDatagramBatch],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dataplane_pb2.IkeDatagramBatch], _abc.AsyncIterator[_dataplane_pb2.IkeDatagramBatch]]:
+        """The same relay with several datagrams per stream message (each side sends what it has
+        queued at that moment): fewer messages under load. Same routing and semantics as RelayIke;
+        a client falls back to RelayIke when a dataplane answers UNIMPLEMENTED.
         """
 
 def add_DataplaneServicer_to_server(servicer: DataplaneServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

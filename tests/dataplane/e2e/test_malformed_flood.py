@@ -53,6 +53,21 @@ class Crafter:
         }
 
 
+def kernel_receive_losses(node: Node) -> int:
+    """Datagrams the kernel of `node`'s namespace dropped before any socket read them: UDP
+    receive errors (buffer full), failed IP reassemblies (the 60,000-byte datagrams) and raw
+    sockets' drops. Under CPU load the reader falls behind; what the kernel dropped the
+    dataplane never saw, so it cannot count it."""
+    snmp = node.run(["cat", "/proc/net/snmp"], check=True).stdout.splitlines()
+    rows = {
+        names.split(":")[0]: dict(zip(names.split()[1:], values.split()[1:], strict=True))
+        for names, values in zip(snmp[::2], snmp[1::2], strict=True)
+    }
+    raw = node.run(["cat", "/proc/net/raw"], check=True).stdout.splitlines()[1:]
+    raw_drops = sum(int(line.split()[-1]) for line in raw if line.strip())
+    return int(rows["Udp"]["InErrors"]) + int(rows["Ip"]["ReasmFails"]) + raw_drops
+
+
 def flood(b: Node, a: Node, udp_sa: Crafter, raw_sa: Crafter, stop: threading.Event, sent: Counter[str]) -> None:
     rng = random.Random(1)
     with inside_netns(b.name):
@@ -90,6 +105,7 @@ def test_malformed_flood_is_counted_and_traffic_keeps_flowing(tmp_path: Path) ->
         udp_sa, raw_sa = Crafter(udp_keys.spi_ba, udp_keys.key_ba), Crafter(raw_keys.spi_ba, raw_keys.key_ba)
 
         stop, sent = threading.Event(), Counter[str]()
+        losses_before = kernel_receive_losses(a)
         flooder = threading.Thread(target=flood, args=(b, a, udp_sa, raw_sa, stop, sent), daemon=True)
         flooder.start()
         try:
@@ -99,6 +115,7 @@ def test_malformed_flood_is_counted_and_traffic_keeps_flowing(tmp_path: Path) ->
         finally:
             stop.set()
             flooder.join(30)
+        lost = kernel_receive_losses(a) - losses_before
         received = int(re.search(r"(\d+) received", out.stdout).group(1))  # type: ignore[union-attr]
         assert sum(sent.values()) > 5000, sent
         assert received >= 140, f"protected traffic stalled during the flood: {out.stdout[-300:]}"
@@ -112,12 +129,15 @@ def test_malformed_flood_is_counted_and_traffic_keeps_flowing(tmp_path: Path) ->
         for reason in ("malformed", "icv_failure", "unknown_spi", "runt", "encapsulation_mismatch"):
             assert drops.get(reason, 0) > 0, (reason, drops)
         # every authentic malformed packet is a counted "malformed" drop of its SA (wrong padding,
-        # bad next header, inner length beyond the payload), minus what the sockets never saw
+        # bad next header, inner length beyond the payload), minus what the kernel dropped before
+        # the dataplane could read it (never more than `lost` of any kind)
+        assert lost < sum(sent.values()) // 2, f"the kernel dropped {lost} of {sum(sent.values())}: no test left"
         authentic = sum(
             sent[f"{p}_{k}"] for p in ("udp", "raw") for k in ("wrong_padding", "bad_next_header", "oversized_inner")
         )
         per_sa = {(c.child_sa, c.direction): c for c in reply.sas}
         assert per_sa, "the SAs are still installed"
-        assert drops["malformed"] >= authentic * 0.9, (drops, sent)
-        assert drops["icv_failure"] >= (sent["udp_oversized_datagram"] + sent["raw_oversized_datagram"]) * 0.9
-        assert drops["encapsulation_mismatch"] >= sent["raw_wrong_encapsulation"] * 0.9
+        assert drops["malformed"] >= authentic - lost, (drops, sent, lost)
+        oversized = sent["udp_oversized_datagram"] + sent["raw_oversized_datagram"]
+        assert drops["icv_failure"] >= oversized - lost, (drops, sent, lost)
+        assert drops["encapsulation_mismatch"] >= sent["raw_wrong_encapsulation"] - lost, (drops, sent, lost)

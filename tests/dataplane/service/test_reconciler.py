@@ -230,15 +230,16 @@ async def test_a_policy_naming_a_child_sa_not_seen_yet_waits_for_it(store: Store
 class BatchingBackend(FakeBackend):
     """A backend with `install_child_sas`: fresh installs arrive together."""
 
-    async def install_child_sas(self, records: list[ChildSaRecord]) -> dict[str, DataplaneError]:
+    async def install_child_sas(self, records: list[ChildSaRecord]) -> list[DataplaneError | None]:
         self.calls.append("batch " + " ".join(r.id for r in records))
-        failures: dict[str, DataplaneError] = {}
+        outcomes: list[DataplaneError | None] = []
         for rec in records:
             if rec.inbound.mode == Mode.TRANSPORT:
-                failures[rec.id] = Unsupported("no transport mode here")
+                outcomes.append(Unsupported("no transport mode here"))
             else:
                 self.children[rec.id] = rec
-        return failures
+                outcomes.append(None)
+        return outcomes
 
 
 async def test_fresh_installs_go_together_after_the_removals_and_failures_stay_per_sa(store: Store) -> None:

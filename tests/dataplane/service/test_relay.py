@@ -9,7 +9,9 @@ import grpc
 import pytest
 
 from demo.manual_sites import SiteService, TunnelKeys, child_sa_for
+from esplanade.dataplane.backend import DataplaneEvent, DataplaneEventKind
 from esplanade.dataplane.ike_relay import IkeRelay
+from esplanade.dataplane.servicer import EventHub, publish_event
 from esplanade.v1 import dataplane_pb2, dataplane_pb2_grpc
 from tests.dataplane.service.relay_client import RelayClient
 from tests.netns_topology import Topology, inside_netns
@@ -55,9 +57,43 @@ def test_runts_and_datagrams_without_a_client_are_counted() -> None:
 
 
 # -- the real service ------------------------------------------------------------------------
+def test_a_batch_takes_what_is_queued_and_a_closed_stream_ends_after_it() -> None:
+    async def scenario() -> None:
+        relay = IkeRelay()
+        stream = relay.attach("kx")
+        for spi in range(1, 4):
+            relay.deliver("198.18.0.1", 500, "198.18.0.2", 500, ike_message(spi))
+        batch = await stream.next_batch()
+        assert batch is not None and [d.payload[:8] for d in batch] == [spi.to_bytes(8, "big") for spi in (1, 2, 3)]
+        for spi in range(10):
+            relay.deliver("198.18.0.1", 4500, "198.18.0.2", 4500, ike_message(100 + spi))
+        assert len(await stream.next_batch(limit=4) or []) == 4  # at most `limit`, the rest stays queued
+        stream.close()
+        assert len(await stream.next_batch() or []) == 6  # what was queued still leaves
+        assert await stream.next_batch() is None
+
+    asyncio.run(scenario())
+
+
+def test_watchers_get_only_the_kinds_they_asked_for() -> None:
+    async def scenario() -> None:
+        hub = EventHub()
+        every = hub.subscribe()
+        expiries = hub.subscribe(frozenset({"soft_expire"}))
+        publish_event(hub, DataplaneEvent(DataplaneEventKind.INSTALLED, child_sa="c1"), "n1")
+        publish_event(hub, DataplaneEvent(DataplaneEventKind.SOFT_EXPIRE, child_sa="c1"), "n1")
+        assert [every.get_nowait().kind for _ in range(every.qsize())] == ["installed", "soft_expire"]
+        assert [expiries.get_nowait().kind for _ in range(expiries.qsize())] == ["soft_expire"]
+        hub.unsubscribe(every)
+        assert not hub.wants("installed") and hub.wants("soft_expire")
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.netns
+@pytest.mark.parametrize("batched", [False, True], ids=["RelayIke", "RelayIkeBatch"])
 async def test_ike_on_500_and_4500_reaches_the_client_and_its_answers_leave_from_the_same_port(
-    two_sites: tuple[Topology, SiteService, SiteService],
+    two_sites: tuple[Topology, SiteService, SiteService], batched: bool
 ) -> None:
     topo, site_a, _ = two_sites
     a, b = topo.nodes
@@ -69,7 +105,7 @@ async def test_ike_on_500_and_4500_reaches_the_client_and_its_answers_leave_from
         peer4500.bind((b.underlay_addr, 4600))  # node b's own dataplane holds 4500
         for sock in (peer500, peer4500):
             sock.settimeout(5)
-        async with RelayClient(site_a.target, instance="kx-test") as client:
+        async with RelayClient(site_a.target, instance="kx-test", batched=batched) as client:
             await client.connected.wait()
             init = ike_message(0x1122334455667788, b"sa-init")
             auth = ike_message(0x1122334455667788, b"auth")
@@ -111,6 +147,13 @@ async def test_ike_on_500_and_4500_reaches_the_client_and_its_answers_leave_from
             peer500.sendto(init, (a.underlay_addr, 500))
             follow = await client.receive()
             assert follow.payload == init and client.pending() == 0
+
+            # several datagrams sent together all leave, in order
+            for n in range(3):
+                client.send_nowait(a.underlay_addr, 500, b.underlay_addr, 5500, f"burst-{n}".encode())
+            for n in range(3):
+                data, _ = await asyncio.to_thread(peer500.recvfrom, 2048)
+                assert data == f"burst-{n}".encode()
     finally:
         peer500.close()
         peer4500.close()
@@ -138,3 +181,20 @@ async def test_watch_events_reports_installs_and_deletes(two_sites: tuple[Topolo
         "site-b",
     )
     assert (deleted.kind, deleted.child_sa) == ("deleted", "watched")
+
+
+@pytest.mark.netns
+async def test_watch_events_with_kinds_reports_only_those(two_sites: tuple[Topology, SiteService, SiteService]) -> None:
+    topo, _, site_b = two_sites
+    a, b = topo.nodes
+    keys = TunnelKeys.generate()
+    async with grpc.aio.insecure_channel(site_b.target) as channel:
+        stub = dataplane_pb2_grpc.DataplaneStub(channel)
+        events = stub.WatchEvents(dataplane_pb2.WatchDataplaneEventsRequest(kinds=["deleted"]))
+        child = child_sa_for(b, a, keys, local_is_a=False, udp=True, child_id="filtered")
+        await asyncio.wait_for(events.initial_metadata(), 10)
+        await stub.InstallChildSa(dataplane_pb2.InstallChildSaRequest(child_sa=child), timeout=20)
+        await stub.DeleteChildSa(dataplane_pb2.DeleteChildSaRequest(id="filtered"), timeout=20)
+        first = await asyncio.wait_for(events.read(), 10)
+        events.cancel()
+    assert (first.kind, first.child_sa) == ("deleted", "filtered")  # its "installed" was not sent

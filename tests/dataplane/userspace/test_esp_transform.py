@@ -229,6 +229,47 @@ def test_identity_filter_drops_what_the_identity_may_not_reach() -> None:
     assert b.handle_control("set_filter", {"child_sa": "nope", "selectors": None}, 3.0)["ok"] is False
 
 
+def test_set_filters_applies_many_and_reports_each_failure() -> None:
+    a, b = keyed_pair(Keys())
+    reply = b.handle_control(
+        "set_filters",
+        {
+            "filters": [
+                {"child_sa": "c1", "selectors": [f"{B_HOST}/32[tcp/5201]"]},
+                {"child_sa": "nope", "selectors": None},
+                {"child_sa": "c1", "selectors": ["nonsense"]},
+            ]
+        },
+        1.0,
+    )
+    assert reply["ok"] is True and set(reply["errors"]) == {"nope", "c1"}  # type: ignore[arg-type]
+    denied = tcp_segments(1, 100, src=A_HOST, dst=B_HOST, dport=22)
+    assert b.inbound_batch([((A_ADDR, 4500), d[1]) for d in a.outbound_batch(denied, 1.0)], 1.0) == []
+    assert drops(b) == {"identity_filter": 1}  # the first, valid filter of c1 stands
+    assert b.handle_control("set_filters", {"filters": "x"}, 1.0)["ok"] is False
+
+
+def test_filter_drops_reports_denials_per_child_sa_with_sampled_headers(hot_path: str) -> None:
+    """What the policy enforcer polls: per-Child-SA denial counts and the headers of denied
+    packets, drained by each call: every one (bounded) on the Python lanes, the last one per SA
+    on the compiled lane."""
+    a, b = keyed_pair(Keys())
+    control(b, "set_filter", child_sa="c1", selectors=[f"{B_HOST}/32[tcp/5201]"])
+    denied = tcp_segments(2, 100, src=A_HOST, dst=B_HOST, dport=22)
+    b.inbound_batch([((A_ADDR, 4500), d[1]) for d in a.outbound_batch(denied, 1.0)], 1.0)
+    reply = b.handle_control("filter_drops", {}, 1.0)
+    assert reply["denied"] == {"c1": 2}
+    samples = reply["samples"]
+    assert isinstance(samples, list)
+    if hot_path == "python":
+        assert [child for child, _ in samples] == ["c1", "c1"]
+    else:
+        assert [child for child, _ in samples] == ["c1"]
+    assert bytes.fromhex(samples[-1][1]) == denied[-1][:64]
+    again = b.handle_control("filter_drops", {}, 1.5)
+    assert again["denied"] == {"c1": 2} and again["samples"] == []  # counts stay, samples drain
+
+
 # -- the fast lane against the engine's general path ------------------------------------------
 def _malformed(keys: Keys, seq: int, kind: int) -> bytes:
     """An authentic ESP packet (right key, right ICV) whose content is wrong in one way."""

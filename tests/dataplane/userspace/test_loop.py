@@ -261,3 +261,42 @@ def test_control_channel_status_events_and_stop() -> None:
             thread.join(5)
         parent.close()
         child.close()
+
+
+class IkeSendingOuter(FakeOuter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ike_sent: list[tuple[tuple[str, int], bytes, str | None]] = []
+
+    def send_ike(self, endpoint: tuple[str, int], message: bytes, local: str | None = None) -> bool:
+        self.ike_sent.append((endpoint, message, local))
+        return True
+
+
+def test_send_ike_is_answered_with_an_id_and_posted_without_one() -> None:
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tun, outer = FakeTun(), IkeSendingOuter()
+    loop = DatapathLoop(_parts(tun, outer, control=child))
+    thread = threading.Thread(target=loop.run)
+    thread.start()
+    try:
+        parent.settimeout(5)
+        send = {"op": "send_ike", "remote_addr": "198.18.0.2", "remote_port": 4500, "local_addr": "198.18.0.1"}
+        parent.send(json.dumps({**send, "payload": b"posted".hex()}).encode())
+        parent.send(json.dumps({"op": "send_ike", "payload": "zz"}).encode())  # malformed, posted
+        parent.send(json.dumps({**send, "payload": b"asked".hex(), "id": 7}).encode())
+        answers = [json.loads(parent.recv(1 << 20))]
+        parent.send(json.dumps({"op": "stop", "id": 8}).encode())
+        thread.join(5)
+        assert not thread.is_alive()
+        # the posted ones were sent (or counted), and only the request with an id was answered
+        assert answers == [{"op": "reply", "id": 7, "ok": True}]
+        assert [m for _, m, _ in outer.ike_sent] == [b"posted", b"asked"]
+        assert outer.ike_sent[0][0] == ("198.18.0.2", 4500)
+        assert loop.counters.errors["ike_send_failed"] == 1
+    finally:
+        if thread.is_alive():
+            loop.running = False
+            thread.join(5)
+        parent.close()
+        child.close()

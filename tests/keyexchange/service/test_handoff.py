@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from esplanade.keyexchange.child_sa_handoff import ChildSaHandoff
+from esplanade.keyexchange.child_sa_handoff import ChildSaHandoff, StoreStep, merge_steps
 from esplanade.keyexchange.ikev2.events import ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, InstallInboundSa
 from esplanade.keyexchange.spi_reservations import SpiReservations
 from esplanade.store import schema
+from esplanade.store.base import MAX_TXN_OPS, Compare, Delete, Put
 from esplanade.store.embedded import EmbeddedStore
 from esplanade.store.sealing import Keyring, Sealer
 from tests.keyexchange.peers import pair
@@ -170,3 +171,82 @@ async def test_two_instances_never_reserve_the_same_spi(store: EmbeddedStore, mo
     owners = await _keys(store, "spi")
     assert all(owners[f"{spi:08x}"]["instance"] == "kx-a" for spi in a)
     assert all(owners[f"{spi:08x}"]["instance"] == "kx-b" for spi in b)
+
+
+def test_merged_steps_keep_the_conditions_and_the_last_op_of_each_key() -> None:
+    a = StoreStep([Compare("/s/1", 5)], [Put("/r/1", b"a"), Put("/p/x", b"one")])
+    b = StoreStep([], [Delete("/r/1"), Put("/p/x", b"two"), Put("/p/y", b"y")])
+    merged = merge_steps([a, b])
+    assert merged is not None
+    conditions, ops = merged
+    assert conditions == [Compare("/s/1", 5)]
+    assert sorted(ops, key=lambda op: op.key) == [Put("/p/x", b"two"), Put("/p/y", b"y"), Delete("/r/1")]
+    assert merge_steps([a, StoreStep([Compare("/s/1", 6)], [])]) is None  # one key, two revisions
+    many = [StoreStep([], [Put(f"/k/{i}", b"v")]) for i in range(MAX_TXN_OPS + 1)]
+    assert merge_steps(many) is None
+
+
+async def test_queued_steps_of_one_traffic_share_transactions_and_end_as_one_by_one(store: EmbeddedStore) -> None:
+    net, a, _b = pair(id_prefix="kx1.", a_over={"unique": "never"}, b_over={"unique": "never"})
+    for _ in range(6):
+        a.engine.initiate("ab", net.now)
+    net.run()
+    established = a.of(ChildSaEstablished)
+    h = await _handoff(store)
+    before = await store.ping()
+    for ev in established:  # no drain in between: they queue behind the first commit
+        h.handle(ev)
+    for ev in established[:4]:
+        h.handle(ChildSaDeleted(ev.ike_sa, ev.child_id))
+    await h.drain()
+    assert await store.ping() - before < len(established) + 4  # fewer transactions than steps
+    assert h.counters.get("merged_commits", 0) >= 1
+    assert set(await _keys(store, "sas", "child")) == {established[4].child_id, established[5].child_id}
+    assert {p["child_sa"] for p in (await _keys(store, "spd")).values()} == {established[5].child_id}
+    spis = {k for k, v in (await _keys(store, "spi")).items() if "child_sa" in v}
+    assert spis == {f"{ev.record.inbound.spi:08x}" for ev in established[4:]}
+
+
+async def test_a_lost_spi_reservation_fails_only_its_own_child_sa(store: EmbeddedStore) -> None:
+    net, a, _b = pair(id_prefix="kx1.", a_over={"unique": "never"}, b_over={"unique": "never"})
+    for _ in range(3):
+        a.engine.initiate("ab", net.now)
+    net.run()
+    first, second, third = a.of(ChildSaEstablished)
+    h = await _handoff(store)
+    failed: list[str] = []
+    h.on_write_failed = lambda ike, child, reason: failed.append(child)
+    h.handle(first)
+    await h.drain()
+    # someone else took the second one's reserved SPI meanwhile
+    await store.put(schema.spi_allocation(second.record.inbound.spi), b'{"instance": "other"}')
+    h.handle(second)
+    h.handle(third)
+    await h.drain()
+    assert failed == [second.child_id]
+    assert set(await _keys(store, "sas", "child")) == {first.child_id, third.child_id}
+    assert {p["child_sa"] for p in (await _keys(store, "spd")).values()} == {third.child_id}
+    assert (await _keys(store, "spi"))[f"{second.record.inbound.spi:08x}"] == {"instance": "other"}  # left alone
+    h.handle(ChildSaDeleted(third.ike_sa, third.child_id))
+    await h.drain()
+    assert {p["child_sa"] for p in (await _keys(store, "spd")).values()} == {first.child_id}
+
+
+async def test_a_child_sa_deleted_before_its_install_failed_spares_the_spi_key_it_never_held(
+    store: EmbeddedStore,
+) -> None:
+    net, a, _b = pair(id_prefix="kx1.", a_over={"unique": "never"}, b_over={"unique": "never"})
+    for _ in range(2):
+        a.engine.initiate("ab", net.now)
+    net.run()
+    first, second = a.of(ChildSaEstablished)
+    h = await _handoff(store)
+    await store.put(schema.spi_allocation(first.record.inbound.spi), b'{"instance": "other"}')
+    h.handle(first)
+    h.handle(ChildSaDeleted(first.ike_sa, first.child_id))  # queued with its install: one batch
+    h.handle(second)
+    await h.drain()
+    assert [child for _ike, child, _why in h.failures] == [first.child_id]
+    assert (await _keys(store, "spi"))[f"{first.record.inbound.spi:08x}"] == {"instance": "other"}
+    assert set(await _keys(store, "sas", "child")) == {second.child_id}
+    assert {p["child_sa"] for p in (await _keys(store, "spd")).values()} == {second.child_id}

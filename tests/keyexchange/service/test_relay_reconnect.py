@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import pytest
 
 from esplanade.config.settings import GrpcSettings
 from esplanade.keyexchange.ike_transports import DataplaneRelay
@@ -39,7 +40,17 @@ class RecordingDataplane(dataplane_pb2_grpc.DataplaneServicer):  # type: ignore[
         yield  # an (empty) response stream
 
 
-async def test_datagrams_sent_after_failed_attempts_all_arrive() -> None:
+class RecordingBatchDataplane(RecordingDataplane):
+    async def RelayIkeBatch(self, request_iterator: Any, context: Any) -> AsyncIterator[dataplane_pb2.IkeDatagramBatch]:
+        self.attached.set()
+        async for batch in request_iterator:
+            self.received.extend(bytes(datagram.payload) for datagram in batch.datagrams)
+        return
+        yield  # an (empty) response stream
+
+
+@pytest.mark.parametrize("servicer", [RecordingDataplane, RecordingBatchDataplane], ids=["RelayIke", "RelayIkeBatch"])
+async def test_datagrams_sent_after_failed_attempts_all_arrive(servicer: type[RecordingDataplane]) -> None:
     port = free_port()
     relay = DataplaneRelay([f"127.0.0.1:{port}"], GrpcSettings(), deliver=lambda *_: None, backoff_max=0.05)
     await relay.start()
@@ -47,7 +58,7 @@ async def test_datagrams_sent_after_failed_attempts_all_arrive() -> None:
         await asyncio.sleep(0.5)  # no server yet: several attempts fail with UNAVAILABLE
         assert relay.counters.get("reconnects", 0) >= 2
         server = grpc.aio.server()
-        dataplane = RecordingDataplane()
+        dataplane = servicer()
         dataplane_pb2_grpc.add_DataplaneServicer_to_server(dataplane, server)
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()

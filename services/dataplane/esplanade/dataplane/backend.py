@@ -98,3 +98,13 @@ class DataplaneBackend(Protocol):
     def counters(self) -> list[SaCounters]: ...
 
     def events(self) -> AsyncIterator[DataplaneEvent]: ...
+
+
+@dataclass
+class FilterDrops:
+    """What a backend's identity filters and selector checks dropped (`policy_enforcement`):
+    per Child SA, cumulative while it is installed, and samples of denied packets' headers."""
+
+    denied: dict[str, int] = field(default_factory=dict)  # identity filter
+    outside_selectors: dict[str, int] = field(default_factory=dict)  # outside the SA's selectors
+    samples: list[tuple[str, bytes]] = field(default_factory=list)  # (Child SA, header)

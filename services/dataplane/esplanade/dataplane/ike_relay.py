@@ -19,6 +19,10 @@ instances). A stream's key is the `esplanade-instance` metadata of the call (the
 name, stable across reconnects), or a per-connection token.
 
 Nothing here parses IKE beyond those 8 bytes; anything shorter is dropped and counted.
+
+Two stream shapes carry the same datagrams: `RelayIke` (one datagram per message) and
+`RelayIkeBatch` (each message holds every datagram queued for the stream at that moment, so
+a busy relay sends a few messages instead of many). A stream's queue is the same for both.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from esplanade.v1 import dataplane_pb2
 log = logging.getLogger(__name__)
 
 STREAM_QUEUE = 1024
+BATCH_MAX = 64  # datagrams per RelayIkeBatch message
 IKE_SPI_BYTES = 8
 
 # (local address, remote address, remote port, message) -> sent?
@@ -45,8 +50,31 @@ IkeSender = Callable[[str, str, int, bytes], Awaitable[bool]]
 @dataclass(eq=False)
 class RelayStream:
     key: str
-    queue: asyncio.Queue[dataplane_pb2.IkeDatagram] = field(default_factory=lambda: asyncio.Queue(STREAM_QUEUE))
+    # datagrams for the client; None marks the end (the client closed its side)
+    queue: asyncio.Queue[dataplane_pb2.IkeDatagram | None] = field(default_factory=lambda: asyncio.Queue(STREAM_QUEUE))
     delivered: int = 0
+
+    async def next_batch(self, limit: int = BATCH_MAX) -> list[dataplane_pb2.IkeDatagram] | None:
+        """Wait for a datagram, then take it with whatever else is queued (up to `limit`);
+        None once the stream was closed."""
+        first = await self.queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        queue = self.queue
+        while len(batch) < limit and not queue.empty():
+            item = queue.get_nowait()
+            if item is None:
+                queue.put_nowait(None)  # end after this batch
+                break
+            batch.append(item)
+        return batch
+
+    def close(self) -> None:
+        """The client is done sending: what waits for datagrams ends."""
+        if self.queue.full():
+            self.queue.get_nowait()  # the stream ends: its oldest datagram would not leave anyway
+        self.queue.put_nowait(None)
 
 
 class IkeRelay:

@@ -11,6 +11,17 @@ lease and goes when the Child SA goes.
 Writers that need to know the outcome of their write (the gRPC servicer) wait with
 `wait_applied(key, revision)`: it resolves with None once a revision at or after theirs was
 applied, or with the DataplaneError the backend raised.
+
+Work comes in watch batches, and a batch is applied as one: only the newest event of each key
+counts (a policy re-pointed three times in one batch is installed once), Child SAs leave
+before new ones come (an SPI may pass from one to the next), and the new ones are installed
+together (`install_child_sas`: one ledger transaction, their worker messages at once) with
+their acks in one store transaction; the acks and ledger entries of the Child SAs that go
+are deleted in one transaction too.
+
+Scale-out: when ownership moves (`ownership_sync`), `reevaluate` installs what this node now
+carries among the Child SAs it names and removes what it no longer carries, through the same
+batches; offline (the lease no longer provable) it touches the backend only.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from esplanade.dataplane.backend import DataplaneBackend, DataplaneError, InvalidArgument
@@ -29,25 +40,46 @@ from esplanade.dataplane.sa_persistence import SaPersistence
 from esplanade.ipsec.sa import ChildSaRecord
 from esplanade.ipsec.spd import SpdPolicy
 from esplanade.store import schema
-from esplanade.store.base import KeyValue, Resync, Store, StoreError, WatchBatch
+from esplanade.store.base import MAX_TXN_OPS, Compare, Delete, KeyValue, Put, Resync, Store, StoreError, WatchBatch
 from esplanade.store.sealing import Sealer, SealingError, decode_document, encode_document
 
 log = logging.getLogger(__name__)
 
 CHILD_PREFIX = schema.prefix("sas", "child")
+ACK_PREFIX = schema.prefix("dataplane", "acks")
 SPD_PREFIX = schema.prefix("spd")
 APPLIED_MEMORY = 4096
 # A policy that names a Child SA the watch has not shown yet waits this long for it: the two
 # prefixes are watched separately, so a policy can arrive just before the record written in
 # the same transaction (a rekey re-pointing its policies). Then it is applied regardless.
 CHILD_WAIT_SECONDS = 2.0
-PREPARE_IN_FLIGHT = 64  # store round trips in flight when many SAs are installed at once
-INSTALLS_IN_FLIGHT = 32  # worker installs in flight together (`install_child_sas`): well inside the
-# worker request timeout (5 s) even at ~100 ms an install on a starved machine
+
+
+BATCH_MAX = 64  # Child SAs per install batch (two store ops each stay within MAX_TXN_OPS)
+# Child SAs per batch when ownership moves (a take-over of thousands): their worker installs are
+# in flight together and stay well inside the worker request timeout (5 s) even at ~100 ms an
+# install on a starved machine (256 did not).
+REEVALUATE_BATCH = 32
 
 
 class UpdatableBackend(Protocol):
     async def update_child_sa(self, record: ChildSaRecord) -> None: ...
+
+
+class BatchBackend(Protocol):
+    async def install_child_sas(self, records: list[ChildSaRecord]) -> list[DataplaneError | None]: ...
+
+
+Event = tuple[str, KeyValue | None, int]  # (key, kv or None for a delete, revision)
+
+
+def newest_per_key(events: Iterable[Event]) -> dict[str, tuple[KeyValue | None, int]]:
+    """The newest event of each key, in the order of those newest events."""
+    latest: dict[str, tuple[KeyValue | None, int]] = {}
+    for key, kv, revision in events:
+        latest.pop(key, None)
+        latest[key] = (kv, revision)
+    return latest
 
 
 def child_id_of(key: str) -> str:
@@ -88,7 +120,11 @@ class Reconciler:
         self._lock = asyncio.Lock()
         # child id -> policy key -> (kv, revision): policies waiting for the Child SA they name
         self._awaiting_child: dict[str, dict[str, tuple[KeyValue, int]]] = {}
-        # called after a Child SA record appeared, changed or went (scale-out ownership follows)
+        # Called with each Child SA installed or updated here (before its ack is written) and
+        # with the id of each one removed: the policy enforcer puts the identity filter on it.
+        self.on_installed: list[Callable[[ChildSaRecord], Awaitable[None]]] = []
+        self.on_removed: list[Callable[[str], Awaitable[None]]] = []
+        # called after Child SA records appeared, changed or went (scale-out ownership follows)
         self.on_records_changed: list[Callable[[], None]] = []
 
     # -- waiting for writes -------------------------------------------------------------
@@ -125,8 +161,8 @@ class Reconciler:
         revision = await self._initial_sync()
         self.ready.set()
         await asyncio.gather(
-            self._follow(CHILD_PREFIX, revision + 1, self._apply_child, self._resync_children),
-            self._follow(SPD_PREFIX, revision + 1, self._apply_policy, self._resync_policies),
+            self._follow(CHILD_PREFIX, revision + 1, self._apply_children, self._resync_children),
+            self._follow(SPD_PREFIX, revision + 1, self._apply_policies, self._resync_policies),
         )
 
     async def _initial_sync(self) -> int:
@@ -143,10 +179,8 @@ class Reconciler:
         # The two reads are not one snapshot; watching both from the older revision replays
         # what changed in between, and applying a record twice is a no-op.
         revision = min(revision, children_revision)
-        for kv in policies:
-            await self._apply_policy(kv.key, kv, kv.mod_revision)
-        for kv in children:
-            await self._apply_child(kv.key, kv, kv.mod_revision)
+        await self._apply_policies([(kv.key, kv, kv.mod_revision) for kv in policies])
+        await self._apply_children([(kv.key, kv, kv.mod_revision) for kv in children])
         log.info(
             "reconciled from the store: %d Child SAs, %d policies installed",
             len(self.installed),
@@ -158,16 +192,19 @@ class Reconciler:
         self,
         prefix: str,
         start: int,
-        apply: Callable[[str, KeyValue | None, int], Awaitable[None]],
+        apply: Callable[[list[Event]], Awaitable[None]],
         resync: Callable[[Resync], Awaitable[None]],
     ) -> None:
         async for item in self.store.watch(prefix, start):
             if isinstance(item, Resync):
                 await resync(item)
             elif isinstance(item, WatchBatch):
-                for event in item.events:
-                    kv = event.kv if event.type.value == "put" else None
-                    await apply(event.kv.key, kv, event.kv.mod_revision)
+                await apply(
+                    [
+                        (event.kv.key, event.kv if event.type.value == "put" else None, event.kv.mod_revision)
+                        for event in item.events
+                    ]
+                )
 
     # -- Child SAs ----------------------------------------------------------------------
     def _decode_child(self, kv: KeyValue) -> ChildSaRecord:
@@ -178,175 +215,232 @@ class Reconciler:
         return record
 
     async def _apply_child(self, key: str, kv: KeyValue | None, revision: int) -> None:
-        async with self._lock:
-            error: DataplaneError | None = None
-            child_id = child_id_of(key)
-            try:
-                if kv is None:
-                    self.records.pop(child_id, None)
-                    await self._uninstall_child(child_id)
-                else:
-                    try:
-                        record = self._decode_child(kv)
-                    except (SealingError, KeyError, TypeError, ValueError) as exc:
-                        raise InvalidArgument(
-                            f"{key} is not a readable Child SA: {type(exc).__name__}: {exc}"
-                        ) from None
-                    self.records[child_id] = record
-                    if self.ownership.owns(record):
-                        await self._install_child(record)
-                    else:
-                        await self._uninstall_child(child_id)
-            except DataplaneError as exc:
-                error = exc
-                log.error("Child SA %s: %s", child_id, exc)
-            except StoreError as exc:
-                error = DataplaneError(f"store: {exc}")
-                log.error("Child SA %s: %s", child_id, exc)
-            self._done(key, revision, error)
-        for callback in self.on_records_changed:
-            callback()
-        if child_id in self._awaiting_child:
-            await self._release_waiting(child_id)
+        await self._apply_children([(key, kv, revision)])
+
+    async def _apply_children(self, events: list[Event]) -> None:
+        latest = list(newest_per_key(events).items())
+        for at in range(0, len(latest), BATCH_MAX):
+            chunk = latest[at : at + BATCH_MAX]
+            async with self._lock:
+                errors = await self._apply_chunk(chunk)
+                for key, (_, revision) in chunk:
+                    error = errors.get(key)
+                    if error is not None:
+                        log.error("Child SA %s: %s", child_id_of(key), error)
+                    self._done(key, revision, error)
+            for callback in self.on_records_changed:
+                callback()
+            for key, _ in chunk:
+                if child_id_of(key) in self._awaiting_child:
+                    await self._release_waiting(child_id_of(key))
 
     async def reevaluate(self, child_ids: list[str], *, offline: bool = False) -> dict[str, str]:
         """Ownership changed: install what this node now carries among `child_ids`, remove what
         it no longer carries. `offline`: the store is out of reach (lease no longer provable),
-        touch only the backend. Installs reserve their sequence blocks and write their acks
-        concurrently (`prepare` below). Removals and updates go first, one by one; then the
-        fresh installs, together where the backend can (`install_child_sas`). Returns the
-        errors by Child SA id."""
-        errors: dict[str, str] = {}
-        async with self._lock:
-            installs = [
-                r
-                for r in (self.records.get(c) for c in child_ids)
-                if r is not None and self.ownership.owns(r) and r.id not in self.installed
-            ]
-            await self._prepare(installs)
-            acks: list[ChildSaRecord] = []
-            fresh = {r.id for r in installs}
-            for child_id in [c for c in child_ids if c not in fresh]:  # removals and updates free SPIs first
-                await self._apply(child_id, acks, errors, offline=offline)
-            batched = await self._install_batch(installs, acks, errors)
-            for child_id in [c for c in child_ids if c in fresh and c not in batched]:
-                await self._apply(child_id, acks, errors, offline=offline)
-            for start in range(0, len(acks), PREPARE_IN_FLIGHT):
-                results = await asyncio.gather(
-                    *(self._write_ack(r) for r in acks[start : start + PREPARE_IN_FLIGHT]), return_exceptions=True
-                )
-                for record, result in zip(acks[start : start + PREPARE_IN_FLIGHT], results, strict=True):
-                    if isinstance(result, StoreError):
-                        errors[record.id] = f"ack not written: {result}"
+        touch only the backend. Removals go first (they free SPIs), then the installs in
+        batches (`install_child_sas`, acks in one transaction each). Returns the errors by
+        Child SA id."""
+        errors: dict[str, DataplaneError] = {}
+        leaving = [c for c in child_ids if not self._carried(c)]
+        for at in range(0, len(leaving), REEVALUATE_BATCH):
+            async with self._lock:
+                keys = [schema.child_sa(c) for c in leaving[at : at + REEVALUATE_BATCH] if not self._carried(c)]
+                errors.update(await self._uninstall_children(keys, offline=offline))
+        staying = [c for c in child_ids if self._carried(c)]
+        for at in range(0, len(staying), REEVALUATE_BATCH):
+            async with self._lock:  # ownership may have moved while the lock was free: ask again
+                wanted = [
+                    (schema.child_sa(c), self.records[c])
+                    for c in staying[at : at + REEVALUATE_BATCH]
+                    if self._carried(c)
+                ]
+                errors.update(await self._install_children(wanted))
+        for key, error in errors.items():
+            self.errors[key] = str(error)
+            log.error("Child SA %s: %s", child_id_of(key), error)
+        return {child_id_of(key): str(error) for key, error in errors.items()}
+
+    def _carried(self, child_id: str) -> bool:
+        record = self.records.get(child_id)
+        return record is not None and self.ownership.owns(record)
+
+    async def _apply_chunk(self, chunk: list[tuple[str, tuple[KeyValue | None, int]]]) -> dict[str, DataplaneError]:
+        """Removals first, then the installs together; each key's error (absent: applied)."""
+        errors: dict[str, DataplaneError] = {}
+        leaving: list[str] = []
+        wanted: list[tuple[str, ChildSaRecord]] = []
+        for key, (kv, _) in chunk:
+            child_id = child_id_of(key)
+            if kv is None:
+                self.records.pop(child_id, None)
+                leaving.append(key)
+                continue
+            try:
+                record = self._decode_child(kv)
+            except (SealingError, KeyError, TypeError, ValueError) as exc:
+                errors[key] = InvalidArgument(f"{key} is not a readable Child SA: {type(exc).__name__}: {exc}")
+                continue
+            self.records[child_id] = record
+            if self.ownership.owns(record):
+                wanted.append((key, record))
+            else:
+                leaving.append(key)
+        errors.update(await self._uninstall_children(leaving))
+        errors.update(await self._install_children(wanted))
         return errors
 
-    async def _apply(self, child_id: str, acks: list[ChildSaRecord], errors: dict[str, str], *, offline: bool) -> None:
-        record = self.records.get(child_id)
-        try:
-            if record is not None and self.ownership.owns(record):
-                await self._install_child(record, ack=False)
-                acks.append(record)
-            else:
-                await self._uninstall_child(child_id, offline=offline)
-        except (DataplaneError, StoreError) as exc:
-            errors[child_id] = str(exc)
-            self.errors[schema.child_sa(child_id)] = str(exc)
-            log.error("Child SA %s: %s", child_id, exc)
-
-    async def _install_batch(
-        self, installs: list[ChildSaRecord], acks: list[ChildSaRecord], errors: dict[str, str]
-    ) -> set[str]:
-        """Fresh installs through the backend's `install_child_sas`, if it has one, so their
-        worker round trips overlap; returns the ids it handled (the rest go one by one)."""
+    async def _install_children(self, wanted: list[tuple[str, ChildSaRecord]]) -> dict[str, DataplaneError]:
+        errors: dict[str, DataplaneError] = {}
+        acked: list[ChildSaRecord] = []
+        fresh: list[tuple[str, ChildSaRecord]] = []
+        for key, record in wanted:
+            installed = self.installed.get(record.id)
+            if installed == record:
+                continue
+            try:
+                if installed is not None:
+                    same_spis = (installed.inbound.spi, installed.outbound.spi) == (
+                        record.inbound.spi,
+                        record.outbound.spi,
+                    )
+                    update = getattr(self.backend, "update_child_sa", None)
+                    if same_spis and update is not None:
+                        await update(record)
+                        self.installed[record.id] = record
+                        await self._installed(record)
+                        acked.append(record)
+                        continue
+                    errors.update(await self._uninstall_children([key]))
+                    if key in errors:
+                        continue
+                fresh.append((key, record))
+            except DataplaneError as exc:
+                errors[key] = exc
         install_many = getattr(self.backend, "install_child_sas", None)
-        if install_many is None or len(installs) < 2:
-            return set()
-        handled: set[str] = set()
-        for start in range(0, len(installs), INSTALLS_IN_FLIGHT):
-            chunk = [  # ownership may have moved during the store round trips
-                r
-                for r in installs[start : start + INSTALLS_IN_FLIGHT]
-                if self.records.get(r.id) is r and self.ownership.owns(r) and r.id not in self.installed
-            ]
-            failures: dict[str, DataplaneError] = await install_many(chunk)
-            for record in chunk:
-                handled.add(record.id)
-                failure = failures.get(record.id)
-                if failure is None:
-                    self.installed[record.id] = record
-                    acks.append(record)
-                    continue
-                errors[record.id] = str(failure)
-                self.errors[schema.child_sa(record.id)] = str(failure)
-                log.error("Child SA %s: %s", record.id, failure)
-        return handled
+        if install_many is not None and fresh:
+            outcomes: list[DataplaneError | None] = await install_many([record for _, record in fresh])
+        else:
+            outcomes = []
+            for _, record in fresh:
+                try:
+                    await self.backend.install_child_sa(record)
+                    outcomes.append(None)
+                except DataplaneError as exc:
+                    outcomes.append(exc)
+        for (key, record), outcome in zip(fresh, outcomes, strict=True):
+            if outcome is not None:
+                errors[key] = outcome
+                continue
+            self.installed[record.id] = record
+            try:
+                await self._installed(record)  # before the ack: keyexchange answers the peer on it
+            except DataplaneError as exc:
+                errors[key] = exc
+                continue
+            acked.append(record)
+        if acked:
+            try:
+                await self._write_acks(acked)
+            except StoreError as exc:
+                for record in acked:
+                    errors[schema.child_sa(record.id)] = DataplaneError(f"store: {exc}")
+        return errors
 
-    async def _prepare(self, records: list[ChildSaRecord]) -> None:
-        prepare = getattr(self.persistence, "prepare", None)
-        block = getattr(getattr(self.backend, "settings", None), "sequence_block", 0)
-        if prepare is None or not block or len(records) < 2:
-            return
-        for start in range(0, len(records), PREPARE_IN_FLIGHT):
-            chunk = records[start : start + PREPARE_IN_FLIGHT]
-            await asyncio.gather(
-                *(prepare(r.id, r.outbound.spi, r.inbound.spi, block) for r in chunk), return_exceptions=True
-            )
+    async def _installed(self, record: ChildSaRecord) -> None:
+        for hook in self.on_installed:
+            await hook(record)
 
-    async def _install_child(self, record: ChildSaRecord, *, ack: bool = True) -> None:
-        installed = self.installed.get(record.id)
-        if installed == record:
-            return
-        if installed is not None:
-            same_spis = (installed.inbound.spi, installed.outbound.spi) == (record.inbound.spi, record.outbound.spi)
-            update = getattr(self.backend, "update_child_sa", None)
-            if same_spis and update is not None:
-                await update(record)
-                self.installed[record.id] = record
-                if ack:
-                    await self._write_ack(record)
-                return
-            await self._uninstall_child(record.id)
-        await self.backend.install_child_sa(record)
-        self.installed[record.id] = record
-        if ack:
-            await self._write_ack(record)
+    async def _uninstall_child(self, child_id: str) -> None:
+        error = (await self._uninstall_children([schema.child_sa(child_id)])).get(schema.child_sa(child_id))
+        if error is not None:
+            raise error
 
-    async def _uninstall_child(self, child_id: str, *, offline: bool = False) -> None:
-        record = self.installed.get(child_id)
-        if record is None:
-            return
-        await self.backend.delete_child_sa(child_id)
-        del self.installed[child_id]
-        if offline:
-            return  # the ack goes with the lease; the ledger keys stay for the next owner
-        with contextlib.suppress(StoreError):
-            await self.store.delete(schema.install_ack(child_id, self.node))
-        if child_id not in self.records:  # gone from the store, not merely moved
+    async def _uninstall_children(self, keys: list[str], *, offline: bool = False) -> dict[str, DataplaneError]:
+        """Take the Child SAs out of the backend; delete their acks, and the ledger entries of
+        those gone from the store, in one transaction (`offline`: the backend only; the acks
+        go with the lease, the ledger keys stay for the next owner)."""
+        errors: dict[str, DataplaneError] = {}
+        gone: list[ChildSaRecord] = []
+        for key in keys:
+            child_id = child_id_of(key)
+            record = self.installed.get(child_id)
+            if record is None:
+                continue
+            try:
+                await self.backend.delete_child_sa(child_id)
+            except DataplaneError as exc:
+                errors[key] = exc
+                continue
+            del self.installed[child_id]
+            gone.append(record)
+            try:
+                for hook in self.on_removed:
+                    await hook(child_id)
+            except DataplaneError as exc:  # it is out of the backend all the same: its ack goes
+                errors[key] = exc
+        if not gone or offline:
+            return errors
+        conditions: list[Compare] = []
+        ops: list[Put | Delete] = [Delete(schema.install_ack(r.id, self.node)) for r in gone]
+        unplanned: list[ChildSaRecord] = []
+        for record in gone:
+            if record.id in self.records:
+                continue  # moved to another node, not gone: its ledger entries stay
+            plan = self.persistence.forget_ops(record.id, record.inbound.spi, record.outbound.spi)
+            if plan is None or len(conditions) + len(plan[0]) > MAX_TXN_OPS or len(ops) + len(plan[1]) > MAX_TXN_OPS:
+                unplanned.append(record)
+                continue
+            conditions += plan[0]
+            ops += plan[1]
+        try:
+            committed = (await self.store.commit(conditions, ops)).succeeded
+        except (StoreError, ValueError):
+            committed = False
+        if not committed:  # someone else's write in between: each by itself, reading first
+            with contextlib.suppress(StoreError, ValueError):
+                await self.store.commit([], [op for op in ops if op.key.startswith(ACK_PREFIX)])
+            unplanned = [r for r in gone if r.id not in self.records]
+        for record in unplanned:
             with contextlib.suppress(Exception):
-                await self.persistence.forget(child_id, record.inbound.spi, record.outbound.spi)
+                await self.persistence.forget(record.id, record.inbound.spi, record.outbound.spi)
+        return errors
+
+    async def _write_acks(self, records: list[ChildSaRecord]) -> None:
+        now = time.time()
+        ops: list[Put | Delete] = [
+            Put(
+                schema.install_ack(record.id, self.node),
+                encode_document(
+                    {
+                        "node": self.node,
+                        "inbound_spi": record.inbound.spi,
+                        "outbound_spi": record.outbound.spi,
+                        "installed_at": now,
+                    }
+                ),
+                lease=self.lease(),
+            )
+            for record in records
+        ]
+        for at in range(0, len(ops), MAX_TXN_OPS):
+            await self.store.commit([], ops[at : at + MAX_TXN_OPS])
 
     async def _write_ack(self, record: ChildSaRecord) -> None:
-        document = {
-            "node": self.node,
-            "inbound_spi": record.inbound.spi,
-            "outbound_spi": record.outbound.spi,
-            "installed_at": time.time(),
-        }
-        await self.store.put(schema.install_ack(record.id, self.node), encode_document(document), lease=self.lease())
+        await self._write_acks([record])
 
     async def rewrite_acks(self, lease: int) -> None:
         """The node's lease changed: the acks went with the old one; write them again."""
-        for record in list(self.installed.values()):
-            await self._write_ack(record)
+        await self._write_acks(list(self.installed.values()))
 
     async def _resync_children(self, item: Resync) -> None:
         present = {kv.key: kv for kv in item.kvs}
+        events: list[Event] = []
         for child_id in list(self.records.keys() | self.installed.keys()):
             key = schema.child_sa(child_id)
             if key not in present:
-                await self._apply_child(key, None, item.revision)
-        for kv in item.kvs:
-            await self._apply_child(kv.key, kv, item.revision)
+                events.append((key, None, item.revision))
+        events += [(kv.key, kv, item.revision) for kv in item.kvs]
+        await self._apply_children(events)
 
     # -- policies -----------------------------------------------------------------------
     @staticmethod
@@ -357,39 +451,81 @@ class Reconciler:
             raise ValueError(f"{kv.key} holds policy {policy.id!r}")
         return policy
 
+    async def _apply_policies(self, events: list[Event]) -> None:
+        await self._apply_policy_batch(newest_per_key(events), wait_for_child=True)
+
+    async def _apply_policy_batch(
+        self, latest: Mapping[str, tuple[KeyValue | None, int]], *, wait_for_child: bool
+    ) -> None:
+        install_many = getattr(self.backend, "install_policies", None)
+        if install_many is None:
+            for key, (kv, revision) in latest.items():
+                await self._apply_policy(key, kv, revision, wait_for_child=wait_for_child)
+            return
+        # A watch batch as one: removals and no-ops as they come, the installs together.
+        async with self._lock:
+            wanted: list[tuple[str, SpdPolicy, int]] = []
+            for key, (kv, revision) in latest.items():
+                policy = await self._policy_event(key, kv, revision, wait_for_child=wait_for_child)
+                if policy is not None:
+                    wanted.append((key, policy, revision))
+            if not wanted:
+                return
+            outcomes: list[DataplaneError | None] = await install_many([policy for _, policy, _ in wanted])
+            for (key, policy, revision), error in zip(wanted, outcomes, strict=True):
+                self._installed_policy(key, policy, revision, error)
+
     async def _apply_policy(self, key: str, kv: KeyValue | None, revision: int, *, wait_for_child: bool = True) -> None:
         async with self._lock:
+            policy = await self._policy_event(key, kv, revision, wait_for_child=wait_for_child)
+            if policy is None:
+                return
             error: DataplaneError | None = None
-            policy_id = policy_id_of(key)
-            for waiting in self._awaiting_child.values():
-                waiting.pop(key, None)  # a newer event for this policy supersedes a waiting one
             try:
-                if kv is None:
-                    self.policies.pop(policy_id, None)
-                    if policy_id in self.installed_policies:
-                        await self.backend.delete_policy(policy_id)
-                        del self.installed_policies[policy_id]
-                else:
-                    try:
-                        policy = self._decode_policy(kv)
-                    except (SealingError, KeyError, TypeError, ValueError) as exc:
-                        raise InvalidArgument(f"{key} is not a readable policy: {type(exc).__name__}: {exc}") from None
-                    if (
-                        wait_for_child
-                        and self.ready.is_set()
-                        and policy.child_sa
-                        and policy.child_sa not in self.records
-                    ):
-                        self._await_child(policy.child_sa, key, kv, revision)
-                        return
-                    self.policies[policy_id] = policy
-                    if self.ownership.carries_policy(policy) and self.installed_policies.get(policy_id) != policy:
-                        await self.backend.install_policy(policy)
-                        self.installed_policies[policy_id] = policy
+                await self.backend.install_policy(policy)
             except DataplaneError as exc:
                 error = exc
-                log.error("policy %s: %s", policy_id, exc)
-            self._done(key, revision, error)
+            self._installed_policy(key, policy, revision, error)
+
+    async def _policy_event(
+        self, key: str, kv: KeyValue | None, revision: int, *, wait_for_child: bool
+    ) -> SpdPolicy | None:
+        """Apply one policy event (under `self._lock`) up to the backend install: the policy to
+        install, for the caller to hand to the backend and then `_installed_policy`; None when
+        the event is done with (removed, unchanged, waiting for its Child SA, or an error)."""
+        error: DataplaneError | None = None
+        policy_id = policy_id_of(key)
+        for waiting in self._awaiting_child.values():
+            waiting.pop(key, None)  # a newer event for this policy supersedes a waiting one
+        try:
+            if kv is None:
+                self.policies.pop(policy_id, None)
+                if policy_id in self.installed_policies:
+                    await self.backend.delete_policy(policy_id)
+                    del self.installed_policies[policy_id]
+            else:
+                try:
+                    policy = self._decode_policy(kv)
+                except (SealingError, KeyError, TypeError, ValueError) as exc:
+                    raise InvalidArgument(f"{key} is not a readable policy: {type(exc).__name__}: {exc}") from None
+                if wait_for_child and self.ready.is_set() and policy.child_sa and policy.child_sa not in self.records:
+                    self._await_child(policy.child_sa, key, kv, revision)
+                    return None
+                self.policies[policy_id] = policy
+                if self.ownership.carries_policy(policy) and self.installed_policies.get(policy_id) != policy:
+                    return policy
+        except DataplaneError as exc:
+            error = exc
+            log.error("policy %s: %s", policy_id, exc)
+        self._done(key, revision, error)
+        return None
+
+    def _installed_policy(self, key: str, policy: SpdPolicy, revision: int, error: DataplaneError | None) -> None:
+        if error is None:
+            self.installed_policies[policy.id] = policy
+        else:
+            log.error("policy %s: %s", policy.id, error)
+        self._done(key, revision, error)
 
     def _await_child(self, child_id: str, key: str, kv: KeyValue, revision: int) -> None:
         self._awaiting_child.setdefault(child_id, {})[key] = (kv, revision)
@@ -397,15 +533,17 @@ class Reconciler:
         loop.call_later(CHILD_WAIT_SECONDS, lambda: loop.create_task(self._release_waiting(child_id)))
 
     async def _release_waiting(self, child_id: str) -> None:
-        """The Child SA arrived (or the wait ran out): apply the policies that named it."""
-        for key, (kv, revision) in self._awaiting_child.pop(child_id, {}).items():
-            await self._apply_policy(key, kv, revision, wait_for_child=False)
+        """The Child SA arrived (or the wait ran out): apply the policies that named it, together."""
+        waiting = self._awaiting_child.pop(child_id, {})
+        if waiting:
+            await self._apply_policy_batch(waiting, wait_for_child=False)
 
     async def _resync_policies(self, item: Resync) -> None:
         present = {kv.key for kv in item.kvs}
+        events: list[Event] = []
         for policy_id in list(self.policies.keys() | self.installed_policies.keys()):
             key = schema.spd_policy(policy_id)
             if key not in present:
-                await self._apply_policy(key, None, item.revision)
-        for kv in item.kvs:
-            await self._apply_policy(kv.key, kv, item.revision)
+                events.append((key, None, item.revision))
+        events += [(kv.key, kv, item.revision) for kv in item.kvs]
+        await self._apply_policies(events)

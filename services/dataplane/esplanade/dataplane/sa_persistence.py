@@ -11,13 +11,39 @@ for tests and for a dataplane run without a store.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+from esplanade.store.base import Compare, Delete
+
+
+class ChildClaim(NamedTuple):
+    """What a new Child SA claims at install: the outbound SPI's sequence block, the inbound
+    SPI's replay floor, and `first_floor`, the floor its inbound SA asks to persist as soon as
+    it starts from 0 (0: none), which may be persisted with the claim."""
+
+    child_sa: str
+    outbound_spi: int
+    inbound_spi: int
+    first_floor: int = 0
 
 
 class SaPersistence(Protocol):
     async def start_outbound(self, child_sa: str, spi: int, block: int) -> tuple[int, int]:
         """(next_seq, reserved_upto) for a new outbound SA: it starts after every number ever
         reserved under `spi`, and one block is already durable when this returns."""
+        ...
+
+    async def start_child(
+        self, child_sa: str, outbound_spi: int, inbound_spi: int, block: int, first_floor: int = 0
+    ) -> tuple[int, int, int]:
+        """`start_outbound` of the outbound SA and `replay_floor` of the inbound one, in as few
+        store round trips as the implementation can: (next_seq, reserved_upto, replay_floor)."""
+        ...
+
+    async def start_children(self, claims: Sequence[ChildClaim], block: int) -> list[tuple[int, int, int]]:
+        """`start_child` of several Child SAs, in order; all or nothing is not promised (an
+        exception may leave some claimed)."""
         ...
 
     async def reserve(self, child_sa: str, spi: int, upto: int) -> int | None:
@@ -37,6 +63,14 @@ class SaPersistence(Protocol):
         """The Child SA is gone for good: drop its records."""
         ...
 
+    def forget_ops(
+        self, child_sa: str, inbound_spi: int, outbound_spi: int
+    ) -> tuple[list[Compare], list[Delete]] | None:
+        """`forget` as part of the caller's store transaction: (conditions, deletes) to commit
+        with the caller's own ops, or None when only `forget` can do it. Should that transaction
+        fail, the caller calls `forget`."""
+        ...
+
 
 class MemorySaPersistence:
     """`SaPersistence` in memory: correct within one process, forgets everything on exit."""
@@ -51,6 +85,18 @@ class MemorySaPersistence:
         self.sequence[spi] = start + block
         self.writes += 1
         return start + 1, start + block
+
+    async def start_child(
+        self, child_sa: str, outbound_spi: int, inbound_spi: int, block: int, first_floor: int = 0
+    ) -> tuple[int, int, int]:
+        next_seq, reserved = await self.start_outbound(child_sa, outbound_spi, block)
+        floor = await self.replay_floor(child_sa, inbound_spi)
+        if first_floor and not floor:
+            await self.persist_replay_floor(child_sa, inbound_spi, first_floor)
+        return next_seq, reserved, floor
+
+    async def start_children(self, claims: Sequence[ChildClaim], block: int) -> list[tuple[int, int, int]]:
+        return [await self.start_child(c.child_sa, c.outbound_spi, c.inbound_spi, block, c.first_floor) for c in claims]
 
     async def reserve(self, child_sa: str, spi: int, upto: int) -> int | None:
         current = self.sequence.get(spi, 0)
@@ -70,3 +116,10 @@ class MemorySaPersistence:
     async def forget(self, child_sa: str, inbound_spi: int, outbound_spi: int) -> None:
         self.sequence.pop(outbound_spi, None)
         self.replay.pop(inbound_spi, None)
+
+    def forget_ops(
+        self, child_sa: str, inbound_spi: int, outbound_spi: int
+    ) -> tuple[list[Compare], list[Delete]] | None:
+        self.sequence.pop(outbound_spi, None)
+        self.replay.pop(inbound_spi, None)
+        return [], []  # nothing of it is in a store

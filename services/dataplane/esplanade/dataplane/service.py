@@ -35,6 +35,7 @@ from esplanade.dataplane.node_membership import NodeMembership
 from esplanade.dataplane.ownership import SaOwnership
 from esplanade.dataplane.ownership_metrics import OwnershipMetrics
 from esplanade.dataplane.ownership_sync import OwnershipSync
+from esplanade.dataplane.policy_enforcement import PolicyEnforcer
 from esplanade.dataplane.reconciler import Reconciler
 from esplanade.dataplane.sequence_ledger import StoreSaPersistence
 from esplanade.dataplane.servicer import SERVICE_NAME, DataplaneServicer, EventHub, ServicerParts, publish_event
@@ -42,6 +43,8 @@ from esplanade.dataplane.tunnel_steering import SteeringSettings, TunnelSteering
 from esplanade.dataplane.userspace.backend import UserspaceBackend, UserspaceBackendSettings, default_workers
 from esplanade.dataplane.userspace.datapath import DatapathSettings
 from esplanade.dataplane.userspace.netconfig import LinkConfigurator
+from esplanade.policy.access_view import AccessView
+from esplanade.policy.decision_events import DecisionEvents
 from esplanade.runtime.service_host import ServiceContext, run_service
 from esplanade.store.base import Store
 from esplanade.store.factory import open_sealer, open_store
@@ -66,6 +69,8 @@ class DataplaneNode:
     events: EventHub = field(default_factory=EventHub)
     sockets: list[IkeSocket] = field(default_factory=list)
     failure: str = ""
+    decisions: DecisionEvents | None = None  # drop events of the identity filters (the flow log subscribes)
+    enforcer: PolicyEnforcer | None = None
 
 
 def node_name(settings: Settings) -> str:
@@ -196,6 +201,12 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
             on_failover=metrics.failed_over,
         )
         metrics.observe(sync)
+    access = AccessView(runtime.store)
+    decisions = DecisionEvents(f"dataplane/{runtime.node}")
+    enforcer = PolicyEnforcer(backend, access, decisions)
+    runtime.decisions, runtime.enforcer = decisions, enforcer
+    reconciler.on_installed.append(enforcer.on_installed)
+    reconciler.on_removed.append(enforcer.on_removed)
     relay.ike_port, relay.natt_port = dp.ike_port, dp.udp_port
 
     address = bind_address(settings)
@@ -215,6 +226,9 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
             "lease_renewals": str(membership.renewals),
             "ledger_writes": str(runtime.persistence.writes),
             "incarnation": runtime.persistence.incarnation,
+            "policy_filters": str(len(enforcer.applied)),
+            "policy_filter_updates": str(enforcer.filter_updates),
+            "policy_revision": str(access.table.revision),
         }
         for sock in runtime.sockets:
             for name, count in sock.counters.items():
@@ -258,6 +272,8 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
     async def membership_then_reconcile() -> None:
         registered = asyncio.create_task(membership.run())
         await membership.registered.wait()
+        # The policy view first: an SA installed from the store gets its filter before its ack.
+        await access.ready.wait()
         tasks = [asyncio.create_task(reconciler.run())]
         try:
             if sync is not None:
@@ -281,6 +297,9 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
     ctx.readiness.append(reconciler.ready.is_set)
     ctx.readiness.append(lambda: not getattr(backend, "failed", ""))
     ctx.spawn(pump_events(), "dataplane-events")
+    ctx.spawn(access.run(), "policy-access-view")
+    ctx.spawn(enforcer.run(), "policy-enforcer")
+    ctx.spawn(decisions.run(), "decision-events")
     ctx.spawn(membership_then_reconcile(), "dataplane-reconciler")
     ctx.spawn(IkeOwnerRoutes(runtime.store, relay).run(), "dataplane-ike-owner-routes")
     ctx.on_stop.append(leave)

@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -36,7 +36,7 @@ from esplanade.dataplane.backend import (
     InvalidArgument,
     NotFound,
 )
-from esplanade.dataplane.ike_relay import IkeRelay
+from esplanade.dataplane.ike_relay import IkeRelay, RelayStream
 from esplanade.dataplane.proto_mapping import (
     check_id,
     child_sa_from_proto,
@@ -61,27 +61,36 @@ SERVICE_NAME = "esplanade.v1.Dataplane"
 
 
 class EventHub:
-    """Fan-out of dataplane events to every WatchEvents call (a slow watcher loses its oldest)."""
+    """Fan-out of dataplane events to every WatchEvents call (a slow watcher loses its oldest).
+
+    A subscriber may name the kinds it wants (keyexchange wants expiries and acquires, not the
+    installed/deleted of every Child SA): an event nobody wants is not even converted."""
 
     def __init__(self) -> None:
-        self._subscribers: set[asyncio.Queue[dataplane_pb2.DataplaneEvent]] = set()
+        # queue -> the kinds it wants (None: every kind)
+        self._subscribers: dict[asyncio.Queue[dataplane_pb2.DataplaneEvent], frozenset[str] | None] = {}
         self.published = 0
+
+    def wants(self, kind: str) -> bool:
+        return any(kinds is None or kind in kinds for kinds in self._subscribers.values())
 
     def publish(self, event: dataplane_pb2.DataplaneEvent) -> None:
         self.published += 1
-        for queue in self._subscribers:
+        for queue, kinds in self._subscribers.items():
+            if kinds is not None and event.kind not in kinds:
+                continue
             if queue.full():
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()
             queue.put_nowait(event)
 
-    def subscribe(self) -> asyncio.Queue[dataplane_pb2.DataplaneEvent]:
+    def subscribe(self, kinds: frozenset[str] | None = None) -> asyncio.Queue[dataplane_pb2.DataplaneEvent]:
         queue: asyncio.Queue[dataplane_pb2.DataplaneEvent] = asyncio.Queue(SUBSCRIBER_QUEUE)
-        self._subscribers.add(queue)
+        self._subscribers[queue] = kinds or None
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue[dataplane_pb2.DataplaneEvent]) -> None:
-        self._subscribers.discard(queue)
+        self._subscribers.pop(queue, None)
 
 
 @dataclass
@@ -349,7 +358,7 @@ class DataplaneServicer(dataplane_pb2_grpc.DataplaneServicer):
     async def WatchEvents(
         self, request: dataplane_pb2.WatchDataplaneEventsRequest, context: Any
     ) -> AsyncIterator[dataplane_pb2.DataplaneEvent]:
-        queue = self.parts.events.subscribe()
+        queue = self.parts.events.subscribe(frozenset(request.kinds))
         # the client may await the initial metadata to know it misses nothing from here on
         await context.send_initial_metadata(())
         try:
@@ -360,34 +369,66 @@ class DataplaneServicer(dataplane_pb2_grpc.DataplaneServicer):
 
     # -- IKE relay ----------------------------------------------------------------------
     async def RelayIke(self, request_iterator: Any, context: Any) -> AsyncIterator[dataplane_pb2.IkeDatagram]:
-        metadata = dict(context.invocation_metadata() or ())
-        stream = self.parts.relay.attach(str(metadata.get("esplanade-instance", "")))
-        log.info("IKE relay client connected (%s); %d connected", stream.key, self.parts.relay.connected)
+        stream = self._attach(context)
 
         async def outgoing() -> None:
             async for datagram in request_iterator:
                 await self.parts.relay.send(datagram)
 
-        sender = asyncio.create_task(outgoing())
+        sender = self._sending(stream, outgoing())
         try:
             while True:
-                getter = asyncio.ensure_future(stream.queue.get())
-                done, _ = await asyncio.wait({getter, sender}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    yield getter.result()
-                    continue
-                getter.cancel()
-                return  # the client closed its side
+                datagram = await stream.queue.get()
+                if datagram is None:
+                    return  # the client closed its side
+                yield datagram
         finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sender
-            self.parts.relay.detach(stream)
-            log.info("IKE relay client %s disconnected", stream.key)
+            await self._detach(stream, sender)
+
+    async def RelayIkeBatch(self, request_iterator: Any, context: Any) -> AsyncIterator[dataplane_pb2.IkeDatagramBatch]:
+        stream = self._attach(context)
+
+        async def outgoing() -> None:
+            async for batch in request_iterator:
+                self.parts.relay.counters["batches_from_clients"] += 1
+                for datagram in batch.datagrams:
+                    await self.parts.relay.send(datagram)
+
+        sender = self._sending(stream, outgoing())
+        try:
+            while True:
+                datagrams = await stream.next_batch()
+                if datagrams is None:
+                    return
+                self.parts.relay.counters["batches_to_clients"] += 1
+                yield dataplane_pb2.IkeDatagramBatch(datagrams=datagrams)
+        finally:
+            await self._detach(stream, sender)
+
+    def _attach(self, context: Any) -> RelayStream:
+        metadata = dict(context.invocation_metadata() or ())
+        stream = self.parts.relay.attach(str(metadata.get("esplanade-instance", "")))
+        log.info("IKE relay client connected (%s); %d connected", stream.key, self.parts.relay.connected)
+        return stream
+
+    @staticmethod
+    def _sending(stream: RelayStream, outgoing: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run the client's side of the stream; when it ends, so does ours."""
+        sender = asyncio.create_task(outgoing)
+        sender.add_done_callback(lambda _: stream.close())
+        return sender
+
+    async def _detach(self, stream: RelayStream, sender: asyncio.Task[None]) -> None:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sender
+        self.parts.relay.detach(stream)
+        log.info("IKE relay client %s disconnected", stream.key)
 
 
 def publish_event(hub: EventHub, event: DataplaneEvent, node: str) -> None:
-    hub.publish(event_to_proto(event, node, time.time()))
+    if hub.wants(event.kind.value):
+        hub.publish(event_to_proto(event, node, time.time()))
 
 
 def worker_summary(status: dict[str, Any]) -> dict[str, object]:

@@ -25,22 +25,25 @@ One transaction per step, so the dataplane never sees half of one:
 Acks: one watch on `dataplane/acks/`; the first ack for a Child SA (any node) releases it:
 `on_ack(ike_sa, child_id)`, which the engine turns into `inbound_sa_installed`.
 
-Store work is pipelined: each traffic (the SPD entries a Child SA carries) has its own chain of
-steps, in event order; chains of different traffic run concurrently, so many setups share the
-store's group commits.
+Store work is pipelined: each event is planned at once, in event order (its ops computed and
+the in-memory view of what the store holds updated), and its transaction joins the chain of
+its traffic (the SPD entries a Child SA carries). A chain commits in order, and what queued up
+behind a commit in flight goes in the next one together (the newest op of each key; the
+conditions of all): duplicates and rekeys of one traffic share transactions under load, and
+chains of different traffic run concurrently. Should a merged transaction fail, its steps are
+committed one by one, so a lost SPI reservation fails only its own Child SA: that one's SPD
+entries then go back to whoever else carries them (its record never reached the store).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import itertools
 import logging
 import zlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 from esplanade.ipsec.sa import ChildSaRecord
 from esplanade.ipsec.selectors import TrafficSelector
@@ -55,7 +58,17 @@ from esplanade.keyexchange.ikev2.events import (
 )
 from esplanade.keyexchange.spi_reservations import SpiReservations
 from esplanade.store import schema
-from esplanade.store.base import Compare, Delete, Put, Resync, Store, StoreError, WatchBatch
+from esplanade.store.base import (
+    MAX_REQUEST_BYTES,
+    MAX_TXN_OPS,
+    Compare,
+    Delete,
+    Put,
+    Resync,
+    Store,
+    StoreError,
+    WatchBatch,
+)
 from esplanade.store.sealing import Sealer, encode_document
 
 log = logging.getLogger(__name__)
@@ -63,6 +76,41 @@ log = logging.getLogger(__name__)
 AckCallback = Callable[[str, str], None]
 TRAP_PRIORITY_OFFSET = 500  # trap entries lose to installed ones on the same traffic
 REKEYED_INBOUND_GRACE = 1.0  # seconds a replaced Child SA's inbound SA outlives its DELETE
+MERGE_MAX = 16  # steps of one chain merged into one transaction (limits permitting)
+
+
+@dataclass
+class StoreStep:
+    """One event's store transaction, planned; `committed(revision)` or `failed(reason)` follows."""
+
+    conditions: list[Compare]
+    ops: list[Put | Delete]
+    committed: Callable[[int], None] = lambda revision: None
+    failed: Callable[[str], None] = lambda reason: None
+    # (child id, SPI key) a delete step releases: left alone should that child's install fail
+    releases: tuple[str, str] = ("", "")
+
+
+def merge_steps(steps: list[StoreStep]) -> tuple[list[Compare], list[Put | Delete]] | None:
+    """One transaction doing what `steps` do in order: their conditions, and the last op of
+    each key (Put and Delete are unconditional, so that is the state the sequence leaves).
+    None when they cannot be one (a key compared at two revisions, or a store limit)."""
+    compared: dict[str, int] = {}
+    for step in steps:
+        for cond in step.conditions:
+            if compared.setdefault(cond.key, cond.mod_revision) != cond.mod_revision:
+                return None
+    last: dict[str, Put | Delete] = {}
+    for step in steps:
+        for op in step.ops:
+            last.pop(op.key, None)
+            last[op.key] = op
+    conditions = [Compare(key, revision) for key, revision in compared.items()]
+    ops = list(last.values())
+    size = sum(len(c.key) for c in conditions) + sum(len(o.key) + len(getattr(o, "value", b"")) for o in ops)
+    if len(conditions) > MAX_TXN_OPS or len(ops) > MAX_TXN_OPS or size > MAX_REQUEST_BYTES // 2:
+        return None
+    return conditions, ops
 
 
 def selector_priority(local: TrafficSelector, remote: TrafficSelector) -> int:
@@ -151,9 +199,11 @@ class ChildSaHandoff:
         self.carriers: dict[str, list[str]] = {}
         self._awaiting_ack: dict[str, str] = {}  # child id -> IKE SA id
         self._acked: set[str] = set()
-        self._chains: dict[str, asyncio.Task[None]] = {}
+        self._queues: dict[str, list[StoreStep]] = {}  # chain -> steps waiting for its commit in flight
+        self._runners: dict[str, asyncio.Task[None]] = {}
         self._delayed: set[asyncio.Task[None]] = set()
         self._group_of: dict[str, str] = {}  # child id -> the chain its store steps run on
+        self._lost_installs: set[str] = set()  # failed installs whose delete was planned already
         self.counters: dict[str, int] = {}
         self.failures: list[tuple[str, str, str]] = []  # (ike, child, reason) of writes that failed
         self.on_write_failed: Callable[[str, str, str], None] = lambda ike, child, reason: None
@@ -203,24 +253,24 @@ class ChildSaHandoff:
     def _count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
 
-    # -- events -> chained store steps ----------------------------------------------------
+    # -- events -> planned steps, committed per chain -------------------------------------
     def handle(self, event: Event) -> None:
         if isinstance(event, InstallInboundSa):
             if event.record is not None:
                 group = self._group(event.record)
-                self._chain(group, self._write_responder(event.ike_sa, event.record))
+                self._enqueue(group, self._plan_responder(event.ike_sa, event.record))
         elif isinstance(event, ChildSaEstablished):
             if event.child_id not in self._group_of:
                 group = self._group(event.record)
-                self._chain(group, self._write_initiator(event.ike_sa, event.record, ""))
+                self._enqueue(group, self._plan_initiator(event.ike_sa, event.record, ""))
         elif isinstance(event, ChildSaRekeyed):
             self.successor[event.old_child_id] = event.new_child_id
             if event.new_child_id not in self._group_of:
                 group = self._group(event.record)
-                self._chain(group, self._write_initiator(event.ike_sa, event.record, event.old_child_id))
+                self._enqueue(group, self._plan_initiator(event.ike_sa, event.record, event.old_child_id))
         elif isinstance(event, ChildSaDeleted):
             group = self._group_of.pop(event.child_id, "")
-            self._chain(group or event.ike_sa, self._delete(event.child_id))
+            self._enqueue(group or event.ike_sa, self._plan_delete(event.child_id))
 
     def _group(self, record: ChildSaRecord) -> str:
         """Steps are chained per traffic (the SPD entries a Child SA carries), not per IKE SA:
@@ -234,32 +284,63 @@ class ChildSaHandoff:
         self._group_of[record.id] = group
         return group
 
-    def _chain(self, key: str, step: Coroutine[Any, Any, None]) -> None:
-        previous = self._chains.get(key)
+    def _enqueue(self, key: str, step: StoreStep | None) -> None:
+        if step is None:
+            return
+        self._queues.setdefault(key, []).append(step)
+        if key not in self._runners:
+            self._runners[key] = asyncio.get_running_loop().create_task(self._run_chain(key), name=f"handoff:{key}")
 
-        async def run() -> None:
-            if previous is not None:
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await previous
+    async def _run_chain(self, key: str) -> None:
+        try:
+            while True:
+                queue = self._queues.get(key)
+                if not queue:
+                    break
+                batch = queue[:MERGE_MAX]
+                del queue[: len(batch)]
+                try:
+                    await self._commit_steps(batch)
+                except Exception:
+                    log.exception("store step failed")
+        finally:
+            self._queues.pop(key, None)
+            self._runners.pop(key, None)
+
+    async def _commit_steps(self, steps: list[StoreStep]) -> None:
+        merged = merge_steps(steps) if len(steps) > 1 else None
+        if merged is not None:
             try:
-                await step
-            except StoreError as exc:
-                log.warning("store step failed: %s", exc)
-            except Exception:
-                log.exception("store step failed")
-            finally:
-                if self._chains.get(key) is task:
-                    del self._chains[key]
-
-        task = asyncio.get_running_loop().create_task(run(), name=f"handoff:{key}")
-        self._chains[key] = task
+                result = await self.store.commit(*merged)
+            except (StoreError, ValueError):
+                result = None
+            if result is not None and result.succeeded:
+                self._count("merged_commits")
+                for step in steps:
+                    step.committed(result.revision)
+                return
+        for step in steps:  # one by one: a failure is then that step's own
+            ops = step.ops
+            child, spi_key = step.releases
+            if child in self._lost_installs:  # its install failed: the SPI key is not ours
+                self._lost_installs.discard(child)
+                ops = [op for op in ops if op.key != spi_key]
+            try:
+                result = await self.store.commit(step.conditions, ops)
+            except (StoreError, ValueError) as exc:
+                step.failed(f"store write failed: {exc}")
+                continue
+            if result.succeeded:
+                step.committed(result.revision)
+            else:
+                step.failed("inbound SPI reservation lost (spi/ key changed)")
 
     async def drain(self) -> None:
         """Wait until every queued store step has run (tests, shutdown)."""
-        while self._chains or self._delayed:
-            await asyncio.gather(*self._chains.values(), *self._delayed, return_exceptions=True)
+        while self._runners or self._delayed:
+            await asyncio.gather(*self._runners.values(), *self._delayed, return_exceptions=True)
 
-    # -- writing ---------------------------------------------------------------------------
+    # -- planning ----------------------------------------------------------------------------
     def _with_reqid(self, record: ChildSaRecord) -> ChildSaRecord:
         reqid = reqid_of(record.connection, record.child)
         return replace(
@@ -275,23 +356,42 @@ class ChildSaHandoff:
     def _policy_ops(self, policies: list[SpdPolicy]) -> list[Put | Delete]:
         return [Put(schema.spd_policy(p.id), encode_document(p.to_document())) for p in policies]
 
-    async def _commit(
+    def _install_step(
         self, ike: str, record: ChildSaRecord, conditions: list[Compare], ops: list[Put | Delete]
-    ) -> int | None:
+    ) -> StoreStep:
         self._awaiting_ack[record.id] = ike
-        try:
-            result = await self.store.commit(conditions, ops)
-        except (StoreError, ValueError) as exc:
-            self._write_failed(ike, record.id, f"store write failed: {exc}")
-            return None
-        if not result.succeeded:
-            self._write_failed(ike, record.id, "inbound SPI reservation lost (spi/ key changed)")
-            return None
-        self.spis.installed(record.inbound.spi, result.revision)
+        return StoreStep(
+            conditions,
+            ops,
+            committed=lambda revision: self._record_committed(record, revision),
+            failed=lambda reason: self._install_failed(ike, record.id, reason),
+        )
+
+    def _record_committed(self, record: ChildSaRecord, revision: int) -> None:
         self._count("records_written")
+        written = self.written.get(record.id)
+        if written is None:
+            return  # deleted meanwhile: its delete (planned already) releases the SPI
+        written.revision = revision
+        self.spis.installed(record.inbound.spi, revision)
         if record.id in self._acked:
             self._ack(record.id)
-        return result.revision
+
+    def _install_failed(self, ike: str, child_id: str, reason: str) -> None:
+        """The record never reached the store: take back what its plan assumed, and hand its SPD
+        entries to whoever else carries them (its SPI key is not ours: it is left alone)."""
+        written = self.written.pop(child_id, None)
+        if written is None:
+            self._lost_installs.add(child_id)  # deleted meanwhile: its delete step must spare the SPI key
+        else:
+            for old, new in list(self.successor.items()):
+                if new == child_id:
+                    del self.successor[old]
+            group = self._group_of.get(child_id, "")
+            moved = self._release_policies(child_id, written, None)
+            if moved:
+                self._enqueue(group or ike, StoreStep([], moved, failed=lambda why: log.warning("%s", why)))
+        self._write_failed(ike, child_id, reason)
 
     def _write_failed(self, ike: str, child: str, reason: str) -> None:
         self._awaiting_ack.pop(child, None)
@@ -300,48 +400,42 @@ class ChildSaHandoff:
         log.warning("Child SA %s not written: %s", child, reason)
         self.on_write_failed(ike, child, reason)
 
-    async def _write_responder(self, ike: str, record: ChildSaRecord) -> None:
+    def _plan_responder(self, ike: str, record: ChildSaRecord) -> StoreStep:
         record = self._with_reqid(record)
         conditions, ops = self._record_ops(record)
         policies = policies_for(record)
         if not record.rekey_of:
             ops += self._policy_ops(policies) + self._orphan_ops(policies)
-        revision = await self._commit(ike, record, conditions, ops)
-        if revision is None:
-            return
-        self.written[record.id] = WrittenChild(record, revision, tuple(p.id for p in policies))
+        step = self._install_step(ike, record, conditions, ops)
+        self.written[record.id] = WrittenChild(record, 0, tuple(p.id for p in policies))
         self._carry(record.id, policies)
         if record.rekey_of:
             self.successor[record.rekey_of] = record.id
         else:
             self.policies.update((p.id, p) for p in policies)
+        return step
 
-    async def _write_initiator(self, ike: str, record: ChildSaRecord, old: str) -> None:
+    def _plan_initiator(self, ike: str, record: ChildSaRecord, old: str) -> StoreStep:
         record = self._with_reqid(record)
         if old:
             record = replace(record, rekey_of=old)
         conditions, ops = self._record_ops(record)
         policies = policies_for(record)
         ops += self._policy_ops(policies) + self._orphan_ops(policies)
-        revision = await self._commit(ike, record, conditions, ops)
-        if revision is None:
-            return
-        self.written[record.id] = WrittenChild(record, revision, tuple(p.id for p in policies))
+        step = self._install_step(ike, record, conditions, ops)
+        self.written[record.id] = WrittenChild(record, 0, tuple(p.id for p in policies))
         self._carry(record.id, policies)
         self.policies.update((p.id, p) for p in policies)
+        return step
 
     def _carry(self, child_id: str, policies: list[SpdPolicy]) -> None:
         for p in policies:
             self.carriers.setdefault(p.id, []).append(child_id)
 
-    async def _delete(self, child_id: str) -> None:
-        self._awaiting_ack.pop(child_id, None)
-        self._acked.discard(child_id)
-        written = self.written.pop(child_id, None)
-        if written is None:
-            return
-        ops: list[Put | Delete] = [Delete(schema.child_sa(child_id)), self.spis.release_op(written.record.inbound.spi)]
-        heir_id = self.successor.pop(child_id, None)
+    def _release_policies(self, child_id: str, written: WrittenChild, heir_id: str | None) -> list[Put | Delete]:
+        """The SPD entries `child_id` carries go to its successor if it has one, else to the
+        newest other Child SA on the same traffic, else away: the ops, and the view updated."""
+        ops: list[Put | Delete] = []
         moved: list[SpdPolicy] = []
         for pid in written.policies:
             carriers = self.carriers.get(pid, [])
@@ -352,7 +446,6 @@ class ChildSaHandoff:
                 if not carriers:
                     self.carriers.pop(pid, None)
                 continue  # carried by another Child SA already
-            # its successor if it has one, else the newest other Child SA on the same traffic
             heir = heir_id if heir_id in carriers else (carriers[-1] if carriers else None)
             if heir is not None:
                 moved.append(replace(current, child_sa=heir))
@@ -362,31 +455,53 @@ class ChildSaHandoff:
                 self.carriers.pop(pid, None)
         ops += self._policy_ops(moved)
         self.policies.update((p.id, p) for p in moved)
+        return ops
+
+    def _plan_delete(self, child_id: str) -> StoreStep | None:
+        self._awaiting_ack.pop(child_id, None)
+        self._acked.discard(child_id)
+        written = self.written.pop(child_id, None)
+        if written is None:
+            return None
+        spi_release = self.spis.release_op(written.record.inbound.spi)
+        record_ops: list[Put | Delete] = [Delete(schema.child_sa(child_id)), spi_release]
+        releases = (child_id, spi_release.key)
+        heir_id = self.successor.pop(child_id, None)
+        moved = self._release_policies(child_id, written, heir_id)
         if heir_id is not None and heir_id in self.written:
             # A rekeyed SA: its traffic moves now, but its inbound SA stays a moment longer, for
             # the packets the peer sent before its own dataplane switched (it learns of the
             # switch through its store, a few milliseconds later than the DELETE exchange).
-            record_ops, ops = ops[:2], ops[2:]
-            if ops and not await self._commit_quietly(child_id, ops):
-                return
+            def later_delete(revision: int) -> None:
+                async def later() -> None:
+                    await asyncio.sleep(REKEYED_INBOUND_GRACE)
+                    if await self._commit_quietly(child_id, record_ops):
+                        self._count("records_deleted")
 
-            async def later() -> None:
-                await asyncio.sleep(REKEYED_INBOUND_GRACE)
-                if await self._commit_quietly(child_id, record_ops):
-                    self._count("records_deleted")
+                task = asyncio.get_running_loop().create_task(later(), name=f"handoff-grace:{child_id}")
+                self._delayed.add(task)
+                task.add_done_callback(self._delayed.discard)
 
-            task = asyncio.get_running_loop().create_task(later(), name=f"handoff-grace:{child_id}")
-            self._delayed.add(task)
-            task.add_done_callback(self._delayed.discard)
-            return
-        if await self._commit_quietly(child_id, ops):
-            self._count("records_deleted")
+            if not moved:
+                later_delete(0)
+                return None
+            return StoreStep([], moved, committed=later_delete, failed=lambda why: self._delete_failed(child_id, why))
+        return StoreStep(
+            [],
+            record_ops + moved,
+            committed=lambda revision: self._count("records_deleted"),
+            failed=lambda why: self._delete_failed(child_id, why),
+            releases=releases,
+        )
+
+    def _delete_failed(self, child_id: str, reason: str) -> None:
+        log.warning("cannot delete Child SA %s from the store: %s", child_id, reason)
 
     async def _commit_quietly(self, child_id: str, ops: list[Put | Delete]) -> bool:
         try:
             await self.store.commit([], ops)
         except (StoreError, ValueError) as exc:
-            log.warning("cannot delete Child SA %s from the store: %s", child_id, exc)
+            self._delete_failed(child_id, str(exc))
             return False
         return True
 

@@ -26,6 +26,8 @@ from esplanade.v1 import dataplane_pb2, dataplane_pb2_grpc, ipsec_pb2
 log = logging.getLogger(__name__)
 
 COUNTERS_DEADLINE = 2.0
+# the event kinds the IKE core acts on (installed/deleted of every Child SA are not asked for)
+FOLLOWED_KINDS = ("soft_expire", "hard_expire", "sequence_exhausted", "acquire")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +112,7 @@ class DataplaneFollower:
         while True:
             stub = dataplane_pb2_grpc.DataplaneStub(self.stream_channels[target])
             try:
-                async for ev in stub.WatchEvents(dataplane_pb2.WatchDataplaneEventsRequest()):
+                async for ev in stub.WatchEvents(dataplane_pb2.WatchDataplaneEventsRequest(kinds=FOLLOWED_KINDS)):
                     backoff.reset()
                     self.on_event(ev)
             except grpc.aio.AioRpcError as exc:

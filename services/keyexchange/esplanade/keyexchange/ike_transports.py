@@ -1,10 +1,11 @@
 """How IKE datagrams reach the engine and leave it.
 
 - `DataplaneRelay` (transport `relay`, the default): the dataplane owns UDP 500 and 4500 and
-  relays IKE over the `Dataplane.RelayIke` bidi stream; payloads travel WITHOUT the non-ESP
-  marker (the dataplane strips and adds it on 4500). One stream per dataplane node,
-  reconnected with exponential backoff; a reply leaves through the node the peer last
-  spoke through (else the first connected one).
+  relays IKE over the `Dataplane.RelayIkeBatch` bidi stream (each message carries every
+  datagram queued at that moment; `RelayIke`, one per message, with a dataplane that answers
+  UNIMPLEMENTED); payloads travel WITHOUT the non-ESP marker (the dataplane strips and adds
+  it on 4500). One stream per dataplane node, reconnected with exponential backoff; a reply
+  leaves through the node the peer last spoke through (else the first connected one).
 - `IkeSockets` (transport `socket`): keyexchange binds UDP 500 and 4500 itself; ESP arriving
   on its 4500 socket is counted and dropped (no dataplane behind it).
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 Deliver = Callable[[bytes, Address, Address], None]
 NON_ESP_MARKER = b"\x00\x00\x00\x00"
 RELAY_QUEUE = 8192  # datagrams waiting for a stream; beyond that they are dropped (IKE retransmits)
+BATCH_MAX = 64  # datagrams per RelayIkeBatch message
 CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
 
 
@@ -47,13 +49,14 @@ def stream_channel(target: str, settings: GrpcSettings) -> grpc.aio.Channel:
 
 
 class _RelayStream:
-    """One dataplane node's RelayIke stream."""
+    """One dataplane node's relay stream (RelayIkeBatch, or RelayIke with an older dataplane)."""
 
     def __init__(self, target: str, relay: DataplaneRelay) -> None:
         self.target = target
         self.relay = relay
         self.queue: asyncio.Queue[dataplane_pb2.IkeDatagram | None] = asyncio.Queue(RELAY_QUEUE)
         self.connected = False
+        self.batched = True  # until the dataplane says it has no RelayIkeBatch
 
     @staticmethod
     async def _outgoing(
@@ -65,38 +68,78 @@ class _RelayStream:
                 return
             yield item
 
+    @staticmethod
+    async def _outgoing_batches(
+        queue: asyncio.Queue[dataplane_pb2.IkeDatagram | None],
+    ) -> AsyncIterator[dataplane_pb2.IkeDatagramBatch]:
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < BATCH_MAX and not queue.empty():
+                item = queue.get_nowait()
+                if item is None:
+                    yield dataplane_pb2.IkeDatagramBatch(datagrams=batch)
+                    return
+                batch.append(item)
+            yield dataplane_pb2.IkeDatagramBatch(datagrams=batch)
+
     async def run(self) -> None:
         backoff = Backoff(base=0.05, cap=self.relay.backoff_max)
+        carried: list[dataplane_pb2.IkeDatagram] = []  # queued when the dataplane said UNIMPLEMENTED
         while True:
             channel = stream_channel(self.target, self.relay.grpc)
             # Each attempt gets its own queue: the request iterator of a failed call may still be
             # waiting on its queue, and a shared one would let it swallow the next call's datagrams.
             queue: asyncio.Queue[dataplane_pb2.IkeDatagram | None] = asyncio.Queue(RELAY_QUEUE)
+            for dg in carried:
+                queue.put_nowait(dg)
+            carried = []
             self.queue = queue
+            retry_now = False
             try:
                 stub = dataplane_pb2_grpc.DataplaneStub(channel)
                 # a stable stream key across reconnects: the dataplane routes IKE SAs by it
-                call = stub.RelayIke(self._outgoing(queue), metadata=(("esplanade-instance", self.relay.instance),))
+                metadata = (("esplanade-instance", self.relay.instance),)
                 self.connected = True
                 first = True
-                async for dg in call:
-                    if first:
-                        log.info("IKE relay to dataplane %s connected", self.target)
-                        backoff.reset()
-                        first = False
-                    self.relay.received(self, dg)
+                if self.batched:
+                    batches = stub.RelayIkeBatch(self._outgoing_batches(queue), metadata=metadata)
+                    async for batch in batches:
+                        if first:
+                            log.info("IKE relay to dataplane %s connected", self.target)
+                            backoff.reset()
+                            first = False
+                        for dg in batch.datagrams:
+                            self.relay.received(self, dg)
+                else:
+                    call = stub.RelayIke(self._outgoing(queue), metadata=metadata)
+                    async for dg in call:
+                        if first:
+                            log.info("IKE relay to dataplane %s connected (one datagram per message)", self.target)
+                            backoff.reset()
+                            first = False
+                        self.relay.received(self, dg)
             except grpc.aio.AioRpcError as exc:
-                if self.connected:
+                if self.batched and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self.batched, retry_now = False, True
+                elif self.connected:
                     log.warning("IKE relay to dataplane %s lost: %s", self.target, exc.code().name)
             finally:
                 self.connected = False
                 # datagrams queued for a dead stream are stale by the time it is back: IKE retransmits;
-                # the None ends that call's request iterator
+                # the None ends that call's request iterator. Falling back to RelayIke at once,
+                # they go with the next call.
                 while not queue.empty():
-                    queue.get_nowait()
+                    item = queue.get_nowait()
+                    if retry_now and item is not None:
+                        carried.append(item)
                 queue.put_nowait(None)
                 with contextlib.suppress(Exception):
                     await channel.close()
+            if retry_now:
+                continue
             self.relay.counters["reconnects"] = self.relay.counters.get("reconnects", 0) + 1
             await asyncio.sleep(backoff.next_delay())
 

@@ -39,8 +39,11 @@ from esplanade.keyexchange.ike_spans import NegotiationSpans
 from esplanade.keyexchange.ike_transports import DataplaneRelay, IkeSockets
 from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
 from esplanade.keyexchange.keyexchange_servicer import KeyExchangeServicer
+from esplanade.keyexchange.remote_access_policy import RemoteAccessPolicy
 from esplanade.keyexchange.spi_reservations import SpiReservations
 from esplanade.keyexchange.virtual_ip_routes import VirtualIpRoutes
+from esplanade.policy.access_view import AccessView
+from esplanade.policy.decision_events import DecisionEvents
 from esplanade.runtime.service_host import ServiceContext, run_service
 from esplanade.store import schema
 from esplanade.store.base import Delete, LeaseNotFound, Store, StoreError
@@ -72,7 +75,11 @@ class KeyExchangeNode:
         self.id_prefix = f"{self.instance}-{self.boot}."
         self.lease_id = 0
         self.lease_clock = LeaseClock(margin=min(0.5, kx.lease_seconds / 4))
+        self._access_task: asyncio.Task[None] | None = None
         self.spis = SpiReservations(store, self.instance, size=kx.spi_pool, lease=lambda: self.lease_id)
+        self.access = AccessView(store)
+        self.decisions = DecisionEvents(f"keyexchange/{self.instance}")  # the flow log subscribes here
+        self.access_policy = RemoteAccessPolicy(self.access, self.decisions)
         dispatcher = IkeDispatcher(
             [],
             cookie_threshold=kx.cookie_threshold,
@@ -84,6 +91,7 @@ class KeyExchangeNode:
             allocate_spi=self.spis.take,
             now=time.monotonic(),
             new_ike_spi=lambda: self.sharing.choose_spi() if self.sharing is not None else os.urandom(8),
+            access_for=self.access_policy.grant_for,
         )
         self.engine = IkeEngine(dispatcher)
         self.handoff = ChildSaHandoff(store, sealer, self.spis, self.engine.inbound_sa_installed)
@@ -98,6 +106,7 @@ class KeyExchangeNode:
         self.engine.listeners += [self.handoff.handle, self.feed.publish, self.metrics.observe, self.spans.observe]
         self.virtual_ips = VirtualIpRoutes(settings.dataplane.tun_name)
         self.engine.listeners.append(self.virtual_ips.handle)
+        self.engine.listeners.append(self.access_policy.handle)
         targets = [settings.endpoints.dataplane]
         self.follower = DataplaneFollower(
             targets,
@@ -165,6 +174,15 @@ class KeyExchangeNode:
         await self.spis.fill()
         self.handoff.adopt_orphans(await self.find_orphans())
         revision = await self.catalog.load_all()
+        access_task = asyncio.get_running_loop().create_task(self.access.run(), name="kx-policy-access")
+        self._access_task = access_task
+        # No remote user is admitted before the policy is known.
+        ready = asyncio.get_running_loop().create_task(self.access.ready.wait())
+        await asyncio.wait([ready, access_task], return_when=asyncio.FIRST_COMPLETED)
+        if not self.access.ready.is_set():
+            ready.cancel()
+            access_task.result()  # raises what stopped the policy view
+            raise RuntimeError("the policy view stopped before it was ready")
         await self.transport.start()
         self.engine.start(self.transport)
         tasks = [
@@ -174,6 +192,7 @@ class KeyExchangeNode:
             (self.follower.poll_counters(), "kx-counters"),
             (self.sweep(), "kx-sweep"),
             *(((self.sharing.run(), "kx-ike-sharing"),) if self.sharing is not None else ()),
+            (self.decisions.run(), "kx-decision-events"),
             *((self.follower.follow_events(t), f"kx-dp-events:{t}") for t in self.follower.targets),
         ]
         for coro, name in tasks:
@@ -186,6 +205,8 @@ class KeyExchangeNode:
             log.info("initiated %d connection(s) with start_action=start", len(started))
 
     async def stop(self) -> None:
+        if self._access_task is not None:
+            self._access_task.cancel()
         self.transport.close()
         self.engine.close()
         await self.handoff.drain()

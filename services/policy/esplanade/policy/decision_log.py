@@ -40,9 +40,10 @@ class DecisionEvent:
     kind: DecisionKind
     action: Action
     identity: str
-    flow: FiveTuple
+    flow: FiveTuple | None  # None: a drop counted where the packet was not sampled (compiled lane)
     rule: str
     reason: str
+    child_sa: str = ""  # the Child SA the packet came through (drops), or that was set up
 
     @classmethod
     def from_decision(cls, kind: DecisionKind, identity: str, flow: FiveTuple, decision: Decision) -> DecisionEvent:
@@ -54,6 +55,8 @@ FlowKey = tuple[DecisionKind, Action, str, int, str, str, int]
 
 def flow_key(event: DecisionEvent) -> FlowKey:
     f = event.flow
+    if f is None:  # unsampled: one flow per SA and reason
+        return (event.kind, event.action, event.identity, -1, event.child_sa, event.reason, 0)
     return (event.kind, event.action, event.identity, f.protocol, str(f.src), str(f.dst), f.dst_port)
 
 
@@ -81,10 +84,36 @@ class LogRecord:
         if self.event is None:
             return f"{self.count} events of other flows in the last {self.at - self.first_seen:g}s"
         e = self.event
+        if e.flow is not None:
+            flow = str(e.flow) + (f" via {e.child_sa}" if e.child_sa else "")
+        elif e.kind == DecisionKind.DROP:
+            flow = f"via {e.child_sa} (flow not sampled)"
+        else:
+            flow = f"via {e.child_sa}"
         if not self.aggregated:
-            return f"{e.kind.value} {e.action.value} {e.identity} {e.flow} rule={e.rule}: {e.reason}"
+            return f"{e.kind.value} {e.action.value} {e.identity} {flow} rule={e.rule}: {e.reason}"
         span = self.at - self.first_seen
-        return f"{self.count} {_PLURAL[(e.kind, e.action)]} of flow {e.identity} {e.flow} in the last {span:g}s"
+        return f"{self.count} {_PLURAL[(e.kind, e.action)]} of flow {e.identity} {flow} in the last {span:g}s"
+
+    def to_document(self) -> dict[str, object]:
+        """The record as plain data (what a JSON log line or the flow log carries)."""
+        doc: dict[str, object] = {
+            "count": self.count,
+            "aggregated": self.aggregated,
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+        }
+        e = self.event
+        if e is None:
+            doc["kind"] = "other"
+            return doc
+        doc.update(kind=e.kind.value, action=e.action.value, identity=e.identity, rule=e.rule, reason=e.reason)
+        if e.child_sa:
+            doc["child_sa"] = e.child_sa
+        if e.flow is not None:
+            f = e.flow
+            doc.update(protocol=f.protocol, src=str(f.src), dst=str(f.dst), src_port=f.src_port, dst_port=f.dst_port)
+        return doc
 
 
 @dataclass(slots=True)
@@ -111,20 +140,25 @@ class DecisionLog:
     max_pending: int = 10_000  # records kept for a caller that does not drain them
     records_dropped: int = 0  # records lost because `max_pending` was reached
 
-    def record(self, event: DecisionEvent, now: float) -> None:
+    def record(self, event: DecisionEvent, now: float, count: int = 1) -> None:
+        """`count` events of the same flow at once (a counter's growth); < 1 records nothing."""
+        if count < 1:
+            return
         self._roll(now)
         key = flow_key(event)
         flow = self._flows.get(key)
         if flow is None:
             if len(self._flows) >= self.max_flows:
-                self._other_events += 1
+                self._other_events += count
                 return
             flow = self._flows[key] = _Flow(event, now, now)
             if self._take_token(now):
                 self._emit(LogRecord(now, 1, event, now, now, aggregated=False))
-                return
+                count -= 1
+                if not count:
+                    return
         flow.last_seen = now
-        flow.unreported += 1
+        flow.unreported += count
 
     def records(self, now: float) -> list[LogRecord]:
         """Every record due by `now` (closing the interval if it has ended)."""

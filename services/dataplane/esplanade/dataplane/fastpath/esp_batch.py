@@ -372,6 +372,7 @@ class PythonEspBatch(_CoreBase):
                     header.version, header.dst, header.proto, header.dst_port
                 ):
                     counts.denied += 1
+                    counts.last_denied = bytes(inner[:64])
                     continue
                 counts.allowed += 1
             flows.add(spi, INBOUND, header, len(inner))

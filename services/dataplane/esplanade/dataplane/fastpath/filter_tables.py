@@ -74,11 +74,17 @@ def compile_tables(table: SelectorTable) -> list[CompiledTable]:
 class FilterCounts:
     """Packets an identity's filter let through or dropped (the pure-Python twin of `_espfast.Filter`)."""
 
-    __slots__ = ("allowed", "denied")
+    __slots__ = ("allowed", "denied", "last_denied")
 
     def __init__(self) -> None:
         self.allowed = 0
         self.denied = 0
+        self.last_denied: bytes | None = None
+
+    def take_denied(self) -> bytes | None:
+        """The head (64 bytes) of the last packet denied since the previous call, or None."""
+        head, self.last_denied = self.last_denied, None
+        return head
 
     def load(self, tables: list[CompiledTable]) -> None:
         """The Python hot path checks the `SelectorTable` itself."""

@@ -32,7 +32,8 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -44,6 +45,7 @@ from esplanade.dataplane.backend import (
     DataplaneError,
     DataplaneEvent,
     DataplaneEventKind,
+    FilterDrops,
     InvalidArgument,
     NotFound,
     SaCounters,
@@ -51,7 +53,7 @@ from esplanade.dataplane.backend import (
 )
 from esplanade.dataplane.esp.sa_state import InboundSa, OutboundSa
 from esplanade.dataplane.fastpath.hot_path import HotPathSetting, HotPathStatus, hot_path_status
-from esplanade.dataplane.sa_persistence import SaPersistence
+from esplanade.dataplane.sa_persistence import ChildClaim, SaPersistence
 from esplanade.dataplane.userspace.cleartext_guard import CleartextGuard
 from esplanade.dataplane.userspace.datapath import DatapathSettings, DatapathStartError, UserspaceDatapath
 from esplanade.dataplane.userspace.esp_transform import make_esp_transform
@@ -121,10 +123,12 @@ class UserspaceBackend:
         self.guard = CleartextGuard(settings.datapath.tun_name)
         self._channels: list[WorkerChannel] = []
         self._children: dict[str, ChildSaRecord] = {}
-        # SPI indexes over _children (an install checks its SPIs in O(1), not against every SA)
-        self._by_inbound_spi: dict[int, str] = {}
-        self._by_outbound: dict[tuple[int, str], str] = {}
         self._policies: dict[str, SpdPolicy] = {}
+        # indexes, so that a change costs the same with ten SAs installed as with ten thousand
+        self._inbound_spis: dict[int, str] = {}  # inbound SPI -> Child SA
+        self._outbound_spis: dict[tuple[int, str], str] = {}  # (outbound SPI, peer) -> Child SA
+        self._endpoint_count: Counter[str] = Counter()  # peers (outbound destinations) of the Child SAs
+        self._policies_of: dict[str, set[str]] = {}  # Child SA -> ids of the policies that name it
         self._lock = asyncio.Lock()
         self._queue: asyncio.Queue[DataplaneEvent | None] = asyncio.Queue(EVENT_QUEUE_SIZE)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -185,6 +189,8 @@ class UserspaceBackend:
             channel.detach()
         self._channels = []
         await self.guard.stop()
+        if self.routes is not None:
+            self.routes.close()
         if self.datapath is not None:
             datapath, self.datapath = self.datapath, None
             for handle in datapath.pool.workers:
@@ -292,27 +298,38 @@ class UserspaceBackend:
             OutboundSa(record.outbound, 0.0)
         except ValueError as exc:
             raise InvalidArgument(f"Child SA {record.id!r}: {exc}") from None
-        other = self._by_inbound_spi.get(record.inbound.spi, record.id)
+        self._check_spis(record, self._inbound_spis, self._outbound_spis)
+
+    @staticmethod
+    def _check_spis(record: ChildSaRecord, inbound: dict[int, str], outbound: dict[tuple[int, str], str]) -> None:
+        other = inbound.get(record.inbound.spi, record.id)
         if other != record.id:
             raise AlreadyExists(f"inbound SPI {record.inbound.spi:#010x} already belongs to Child SA {other!r}")
-        other = self._by_outbound.get((record.outbound.spi, record.outbound.dst), record.id)
+        other = outbound.get((record.outbound.spi, record.outbound.dst), record.id)
         if other != record.id:
             raise AlreadyExists(
                 f"outbound SPI {record.outbound.spi:#010x} to {record.outbound.dst} already belongs"
                 f" to Child SA {other!r}"
             )
 
-    def _add_child(self, record: ChildSaRecord) -> None:
+    def _adopt(self, record: ChildSaRecord) -> None:
         self._children[record.id] = record
-        self._by_inbound_spi[record.inbound.spi] = record.id
-        self._by_outbound[(record.outbound.spi, record.outbound.dst)] = record.id
+        self._inbound_spis[record.inbound.spi] = record.id
+        self._outbound_spis[(record.outbound.spi, record.outbound.dst)] = record.id
+        self._endpoint_count[record.outbound.dst] += 1
 
-    def _remove_child(self, child_sa_id: str) -> None:
-        record = self._children.pop(child_sa_id)
-        if self._by_inbound_spi.get(record.inbound.spi) == child_sa_id:
-            del self._by_inbound_spi[record.inbound.spi]
-        if self._by_outbound.get((record.outbound.spi, record.outbound.dst)) == child_sa_id:
-            del self._by_outbound[(record.outbound.spi, record.outbound.dst)]
+    def _drop(self, child_sa_id: str) -> ChildSaRecord | None:
+        record = self._children.pop(child_sa_id, None)
+        if record is None:
+            return None
+        if self._inbound_spis.get(record.inbound.spi) == child_sa_id:
+            del self._inbound_spis[record.inbound.spi]
+        if self._outbound_spis.get((record.outbound.spi, record.outbound.dst)) == child_sa_id:
+            del self._outbound_spis[(record.outbound.spi, record.outbound.dst)]
+        self._endpoint_count[record.outbound.dst] -= 1
+        if self._endpoint_count[record.outbound.dst] <= 0:
+            del self._endpoint_count[record.outbound.dst]
+        return record
 
     def check_child_sa(self, record: ChildSaRecord) -> None:
         """Raise the DataplaneError `install_child_sa` would raise for this record, changing nothing."""
@@ -326,8 +343,8 @@ class UserspaceBackend:
         elapsed = max(0.0, self._wall_clock() - record.created_at) if record.created_at > 0 else 0.0
         return self._monotonic() - elapsed
 
-    async def _sa_message(self, op: str, record: ChildSaRecord, owner: int, fresh: bool) -> dict[str, Any]:
-        message: dict[str, Any] = {
+    def _sa_document(self, op: str, record: ChildSaRecord, owner: int) -> dict[str, Any]:
+        return {
             "op": op,
             "child_sa": record.id,
             "owner": owner,
@@ -335,101 +352,123 @@ class UserspaceBackend:
             "outbound": association_document(record.outbound, "outbound"),
             "created_at": self._created_monotonic(record),
         }
-        if fresh:
-            try:
-                next_seq, reserved = await self.persistence.start_outbound(
-                    record.id, record.outbound.spi, self.settings.sequence_block
-                )
-                floor = await self.persistence.replay_floor(record.id, record.inbound.spi)
-            except Exception as exc:
-                raise DataplaneError(
-                    f"Child SA {record.id!r}: cannot reserve sequence numbers: {type(exc).__name__}: {exc}"
-                ) from None
-            message.update(next_seq=next_seq, reserved_upto=reserved, replay_floor=floor)
-        return message
 
     async def _broadcast(self, messages: list[tuple[int, dict[str, Any]]]) -> list[str]:
         """Send each (worker, message); return the errors (empty: every worker applied its message)."""
+        return (await self._broadcast_groups([messages]))[0]
+
+    async def _broadcast_groups(self, groups: list[list[tuple[int, dict[str, Any]]]]) -> list[list[str]]:
+        """Send every group's (worker, message) pairs at once; return each group's errors."""
+        flat = [pair for group in groups for pair in group]
         results = await asyncio.gather(
-            *(self._channel(index).request(message) for index, message in messages), return_exceptions=True
+            *(self._channel(index).request(message) for index, message in flat), return_exceptions=True
         )
-        errors = []
-        for (index, _), result in zip(messages, results, strict=True):
-            if isinstance(result, BaseException):
-                errors.append(f"worker {index}: {result}")
-            elif not result.get("ok"):
-                errors.append(f"worker {index}: {result.get('error', 'refused')}")
-        return errors
+        out: list[list[str]] = []
+        at = 0
+        for group in groups:
+            errors = []
+            for (index, _), result in zip(group, results[at : at + len(group)], strict=True):
+                if isinstance(result, BaseException):
+                    errors.append(f"worker {index}: {result}")
+                elif not result.get("ok"):
+                    errors.append(f"worker {index}: {result.get('error', 'refused')}")
+            at += len(group)
+            out.append(errors)
+        return out
 
     async def install_child_sa(self, record: ChildSaRecord) -> None:
-        failures = await self.install_child_sas([record])
-        if record.id in failures:
-            raise failures[record.id]
+        error = (await self.install_child_sas([record]))[0]
+        if error is not None:
+            raise error
 
-    async def install_child_sas(self, records: Sequence[ChildSaRecord]) -> dict[str, DataplaneError]:
-        """Install several Child SAs, each exactly as `install_child_sa` would (checked, its
-        sequence block reserved and replay floor read before its worker hears of it), with their
-        worker messages in flight together: a node taking over thousands of SAs does not wait a
-        worker round trip per SA. Returns the failures by Child SA id; the others are installed
-        (an already installed identical record counts as installed)."""
-        failures: dict[str, DataplaneError] = {}
-        installed: list[tuple[ChildSaRecord, bool]] = []
+    async def install_child_sas(self, records: list[ChildSaRecord]) -> list[DataplaneError | None]:
+        """Install several Child SAs, each all or nothing on its own: one ledger transaction for
+        their sequence blocks, their worker messages sent together. Returns each one's error."""
+        results: list[DataplaneError | None] = [None] * len(records)
+        events: list[DataplaneEvent] = []
         async with self._lock:
-            batch: list[tuple[ChildSaRecord, dict[str, Any], list[tuple[int, dict[str, Any]]]]] = []
-            batch_spis: set[tuple[str, int, str]] = set()  # SPIs taken by earlier records of this batch
-            for record in records:
+            fresh: list[int] = []
+            inbound, outbound = dict(self._inbound_spis), dict(self._outbound_spis)  # with this batch's
+            for i, record in enumerate(records):
                 existing = self._children.get(record.id)
                 if existing is not None:
                     if existing != record:
-                        failures[record.id] = AlreadyExists(
-                            f"Child SA {record.id!r} is already installed with other content"
-                        )
+                        results[i] = AlreadyExists(f"Child SA {record.id!r} is already installed with other content")
                     continue
-                spis = {("in", record.inbound.spi, ""), ("out", record.outbound.spi, record.outbound.dst)}
                 try:
                     self._check(record)
-                    if spis & batch_spis:
-                        raise AlreadyExists(f"Child SA {record.id!r}: an SPI of another Child SA in the same batch")
-                    owner = owner_of(record, self.workers)
-                    install = await self._sa_message("install_sa", record, owner, fresh=True)
+                    self._check_spis(record, inbound, outbound)
                 except DataplaneError as exc:
-                    failures[record.id] = exc
+                    results[i] = exc
                     continue
-                messages = [(owner, install)] + [
-                    (index, {"op": "sa_owner", "child_sa": record.id, "owner": owner})
-                    for index in range(self.workers)
-                    if index != owner
-                ]
-                batch_spis |= spis
-                batch.append((record, install, messages))
-            results = await asyncio.gather(*(self._broadcast(messages) for _, _, messages in batch))
-            for (record, install, _), errors in zip(batch, results, strict=True):
-                if errors:
-                    await self._broadcast(
-                        [(i, {"op": "remove_sa", "child_sa": record.id}) for i in range(self.workers)]
-                    )
-                    failures[record.id] = DataplaneError(f"Child SA {record.id!r} not installed: {'; '.join(errors)}")
-                    continue
-                self._add_child(record)
-                self._refresh_routes(record)
-                installed.append((record, install["replay_floor"] > 0))
-        for record, restarted in installed:
-            self._emit_installed(record, restarted)
-        return failures
-
-    def _emit_installed(self, record: ChildSaRecord, restarted: bool) -> None:
-        self._emit(DataplaneEvent(DataplaneEventKind.INSTALLED, child_sa=record.id, spi=record.inbound.spi))
-        if restarted:
-            # Our inbound window starts above anything we may have accepted before the crash;
-            # a peer sending slowly may stay below it for a while. A rekey resets both ends.
-            self._emit(
-                DataplaneEvent(
-                    DataplaneEventKind.SOFT_EXPIRE,
-                    child_sa=record.id,
-                    spi=record.inbound.spi,
-                    reason="reinstalled after a restart with a raised replay floor: rekey recommended",
+                inbound[record.inbound.spi] = record.id
+                outbound[(record.outbound.spi, record.outbound.dst)] = record.id
+                fresh.append(i)
+            if not fresh:
+                return results
+            try:
+                claims = await self.persistence.start_children(
+                    [
+                        ChildClaim(
+                            records[i].id,
+                            records[i].outbound.spi,
+                            records[i].inbound.spi,
+                            # the floor the worker's inbound SA asks for as it starts: durable with the claim
+                            self.settings.replay_block if records[i].inbound.replay_window else 0,
+                        )
+                        for i in fresh
+                    ],
+                    self.settings.sequence_block,
                 )
-            )
+            except Exception as exc:
+                for i in fresh:
+                    results[i] = DataplaneError(
+                        f"Child SA {records[i].id!r}: cannot reserve sequence numbers: {type(exc).__name__}: {exc}"
+                    )
+                return results
+            groups: list[list[tuple[int, dict[str, Any]]]] = []
+            floors: list[int] = []
+            for i, (next_seq, reserved, floor) in zip(fresh, claims, strict=True):
+                record = records[i]
+                owner = owner_of(record, self.workers)
+                install = self._sa_document("install_sa", record, owner)
+                install.update(next_seq=next_seq, reserved_upto=reserved, replay_floor=floor)
+                groups.append(
+                    [(owner, install)]
+                    + [
+                        (index, {"op": "sa_owner", "child_sa": record.id, "owner": owner})
+                        for index in range(self.workers)
+                        if index != owner
+                    ]
+                )
+                floors.append(floor)
+            outcomes = await self._broadcast_groups(groups)
+            undo: list[tuple[int, dict[str, Any]]] = []
+            for i, errors, floor in zip(fresh, outcomes, floors, strict=True):
+                record = records[i]
+                if errors:
+                    undo += [(w, {"op": "remove_sa", "child_sa": record.id}) for w in range(self.workers)]
+                    results[i] = DataplaneError(f"Child SA {record.id!r} not installed: {'; '.join(errors)}")
+                    continue
+                self._adopt(record)
+                self._refresh_routes(record)
+                events.append(DataplaneEvent(DataplaneEventKind.INSTALLED, child_sa=record.id, spi=record.inbound.spi))
+                if floor > 0:
+                    # Our inbound window starts above anything we may have accepted before the crash;
+                    # a peer sending slowly may stay below it for a while. A rekey resets both ends.
+                    events.append(
+                        DataplaneEvent(
+                            DataplaneEventKind.SOFT_EXPIRE,
+                            child_sa=record.id,
+                            spi=record.inbound.spi,
+                            reason="reinstalled after a restart with a raised replay floor: rekey recommended",
+                        )
+                    )
+            if undo:
+                await self._broadcast(undo)
+        for event in events:
+            self._emit(event)
+        return results
 
     async def update_child_sa(self, record: ChildSaRecord) -> None:
         """Replace the parameters of an installed Child SA with the same SPIs (lifetimes, NAT
@@ -444,12 +483,12 @@ class UserspaceBackend:
                 raise InvalidArgument(f"Child SA {record.id!r}: an update keeps both SPIs")
             self._check(record)
             owner = owner_of(record, self.workers)
-            errors = await self._broadcast([(owner, await self._sa_message("update_sa", record, owner, fresh=False))])
+            errors = await self._broadcast([(owner, self._sa_document("update_sa", record, owner))])
             if errors:
-                restore = await self._sa_message("update_sa", existing, owner, fresh=False)
-                await self._broadcast([(owner, restore)])
+                await self._broadcast([(owner, self._sa_document("update_sa", existing, owner))])
                 raise DataplaneError(f"Child SA {record.id!r} not updated: {'; '.join(errors)}")
-            self._add_child(record)
+            self._drop(record.id)
+            self._adopt(record)
             self._refresh_routes(record)
 
     async def delete_child_sa(self, child_sa_id: str) -> None:
@@ -479,7 +518,7 @@ class UserspaceBackend:
             if errors:  # a worker that cannot remove an SA is broken: fail closed
                 self._fail(f"Child SA {child_sa_id!r} could not be removed: {'; '.join(errors)}")
                 raise DataplaneError(f"Child SA {child_sa_id!r} not removed: {'; '.join(errors)}")
-            self._remove_child(child_sa_id)
+            self._drop(child_sa_id)
             self._refresh_routes(None, child_sa_id)
         self._emit(DataplaneEvent(DataplaneEventKind.DELETED, child_sa=child_sa_id, spi=record.inbound.spi))
 
@@ -499,11 +538,57 @@ class UserspaceBackend:
             if not reply.get("ok"):
                 raise InvalidArgument(f"filter of Child SA {child_sa_id!r} refused: {reply.get('error')}")
 
+    async def set_identity_filters(self, filters: dict[str, list[TrafficSelector] | None]) -> dict[str, str]:
+        """`set_identity_filter` for many Child SAs at once (one message per worker, each distinct
+        filter built once); returns the Child SAs whose filter was not applied, with why."""
+        errors: dict[str, str] = {}
+        per_worker: dict[int, list[dict[str, object]]] = {}
+        async with self._lock:
+            for child_sa_id, selectors in filters.items():
+                record = self._children.get(child_sa_id)
+                if record is None:
+                    errors[child_sa_id] = "not installed"
+                    continue
+                texts = None if selectors is None else [str(s) for s in selectors]
+                per_worker.setdefault(owner_of(record, self.workers), []).append(
+                    {"child_sa": child_sa_id, "selectors": texts}
+                )
+            workers = list(per_worker)
+            replies = await asyncio.gather(
+                *(self._channel(w).request({"op": "set_filters", "filters": per_worker[w]}) for w in workers),
+                return_exceptions=True,
+            )
+        for worker, reply in zip(workers, replies, strict=True):
+            if isinstance(reply, BaseException):
+                errors.update({str(f["child_sa"]): f"worker {worker}: {reply}" for f in per_worker[worker]})
+            elif not reply.get("ok"):
+                errors.update({str(f["child_sa"]): str(reply.get("error")) for f in per_worker[worker]})
+            else:
+                errors.update({str(k): str(v) for k, v in dict(reply.get("errors", {})).items()})
+        return errors
+
+    async def identity_filter_drops(self) -> FilterDrops:
+        """Packets the identity filters denied and packets outside an SA's selectors, per Child SA
+        (cumulative while it is installed), and (Child SA, packet header) samples of denied packets
+        since the last call."""
+        drops = FilterDrops()
+        for channel in self._channels:
+            try:
+                reply = await channel.request({"op": "filter_drops"})
+            except WorkerGone:
+                continue
+            for field_name, into in (("denied", drops.denied), ("outside_selectors", drops.outside_selectors)):
+                for child_sa, count in dict(reply.get(field_name, {})).items():
+                    into[str(child_sa)] = into.get(str(child_sa), 0) + int(count)
+            for child_sa, header in reply.get("samples", []):
+                drops.samples.append((str(child_sa), bytes.fromhex(str(header))))
+        return drops
+
     def _refresh_routes(self, record: ChildSaRecord | None, child_sa_id: str = "") -> None:
         if self.routes is None:
             return
         child_id = record.id if record is not None else child_sa_id
-        policies = [p for p in self._policies.values() if p.child_sa == child_id]
+        policies = [self._policies[pid] for pid in self._policies_of.get(child_id, ())]
         if policies:
             self.routes.update_child(policies, record)
 
@@ -515,50 +600,92 @@ class UserspaceBackend:
             raise Unsupported(f"policy {policy.id!r}: the userspace backend carries ESP tunnel mode only")
 
     def _endpoints(self) -> set[str]:
-        return {c.outbound.dst for c in self._children.values()}
+        return set(self._endpoint_count)
+
+    def _set_policy(self, policy: SpdPolicy) -> None:
+        self._unset_policy(policy.id)
+        self._policies[policy.id] = policy
+        if policy.child_sa:
+            self._policies_of.setdefault(policy.child_sa, set()).add(policy.id)
+
+    def _unset_policy(self, policy_id: str) -> None:
+        previous = self._policies.pop(policy_id, None)
+        if previous is not None and previous.child_sa:
+            named = self._policies_of.get(previous.child_sa)
+            if named is not None:
+                named.discard(policy_id)
+                if not named:
+                    del self._policies_of[previous.child_sa]
 
     async def install_policy(self, policy: SpdPolicy) -> None:
+        error = (await self.install_policies([policy]))[0]
+        if error is not None:
+            raise error
+
+    async def install_policies(self, policies: list[SpdPolicy]) -> list[DataplaneError | None]:
+        """Install or replace several policies (distinct ids), each all or nothing on its own:
+        their worker messages go out together, one round of replies for all. Returns each
+        one's error (None: installed, or already installed as it is)."""
+        results: list[DataplaneError | None] = [None] * len(policies)
         async with self._lock:
-            previous = self._policies.get(policy.id)
-            if previous == policy:
-                return
-            self.check_policy(policy)
-            message = {"op": "install_policy", "policy": policy_document(policy)}
-            errors = await self._broadcast([(i, message) for i in range(self.workers)])
-            if not errors and self.routes is not None:
+            todo: list[int] = []
+            for i, policy in enumerate(policies):
+                if self._policies.get(policy.id) == policy:
+                    continue
                 try:
-                    if previous is not None:
-                        self.routes.replace_policy(
-                            previous, policy, self._children.get(policy.child_sa), self._endpoints()
-                        )
-                    else:
-                        self.routes.add_policy(policy, self._children.get(policy.child_sa), self._endpoints())
-                except (NetConfigError, ValueError) as exc:
-                    errors.append(f"routes: {exc}")
-                    if previous is not None:
-                        with contextlib.suppress(NetConfigError, ValueError):
-                            self.routes.add_policy(previous, self._children.get(previous.child_sa), self._endpoints())
-            if not errors:
-                try:
-                    await self.guard.add(policy)
+                    self.check_policy(policy)
                 except DataplaneError as exc:
-                    errors.append(f"cleartext guard: {exc}")
-                    if self.routes is not None:
-                        with contextlib.suppress(NetConfigError, ValueError):
-                            self.routes.remove_policy(policy)
-                            if previous is not None:
-                                self.routes.add_policy(
-                                    previous, self._children.get(previous.child_sa), self._endpoints()
-                                )
-            if errors:
-                undo: dict[str, Any] = (
-                    {"op": "install_policy", "policy": policy_document(previous)}
-                    if previous is not None
-                    else {"op": "remove_policy", "policy_id": policy.id}
-                )
-                await self._broadcast([(i, undo) for i in range(self.workers)])
-                raise DataplaneError(f"policy {policy.id!r} not installed: {'; '.join(errors)}")
-            self._policies[policy.id] = policy
+                    results[i] = exc
+                    continue
+                todo.append(i)
+            if not todo:
+                return results
+            groups = [
+                [(w, {"op": "install_policy", "policy": policy_document(policies[i])}) for w in range(self.workers)]
+                for i in todo
+            ]
+            sent = await self._broadcast_groups(groups)
+            for i, errors in zip(todo, sent, strict=True):
+                try:
+                    await self._settle_policy(policies[i], errors)
+                except DataplaneError as exc:
+                    results[i] = exc
+        return results
+
+    async def _settle_policy(self, policy: SpdPolicy, errors: list[str]) -> None:
+        """The workers took `policy` (or reported `errors`): routes and cleartext guard follow,
+        or everything goes back to the previous version (DataplaneError)."""
+        previous = self._policies.get(policy.id)
+        if not errors and self.routes is not None:
+            try:
+                if previous is not None:
+                    self.routes.replace_policy(previous, policy, self._children.get(policy.child_sa), self._endpoints())
+                else:
+                    self.routes.add_policy(policy, self._children.get(policy.child_sa), self._endpoints())
+            except (NetConfigError, ValueError) as exc:
+                errors.append(f"routes: {exc}")
+                if previous is not None:
+                    with contextlib.suppress(NetConfigError, ValueError):
+                        self.routes.add_policy(previous, self._children.get(previous.child_sa), self._endpoints())
+        if not errors:
+            try:
+                await self.guard.add(policy)
+            except DataplaneError as exc:
+                errors.append(f"cleartext guard: {exc}")
+                if self.routes is not None:
+                    with contextlib.suppress(NetConfigError, ValueError):
+                        self.routes.remove_policy(policy)
+                        if previous is not None:
+                            self.routes.add_policy(previous, self._children.get(previous.child_sa), self._endpoints())
+        if errors:
+            undo: dict[str, Any] = (
+                {"op": "install_policy", "policy": policy_document(previous)}
+                if previous is not None
+                else {"op": "remove_policy", "policy_id": policy.id}
+            )
+            await self._broadcast([(i, undo) for i in range(self.workers)])
+            raise DataplaneError(f"policy {policy.id!r} not installed: {'; '.join(errors)}")
+        self._set_policy(policy)
 
     async def delete_policy(self, policy_id: str) -> None:
         async with self._lock:
@@ -571,7 +698,7 @@ class UserspaceBackend:
             if errors:
                 self._fail(f"policy {policy_id!r} could not be removed: {'; '.join(errors)}")
                 raise DataplaneError(f"policy {policy_id!r} not removed: {'; '.join(errors)}")
-            del self._policies[policy_id]
+            self._unset_policy(policy_id)
             await self.guard.remove(policy_id)
             if self.routes is not None:
                 try:
@@ -717,9 +844,14 @@ class UserspaceBackend:
         self._ike_handler = handler
 
     async def send_ike(self, local_addr: str, remote_addr: str, remote_port: int, payload: bytes) -> bool:
-        """Send an IKE message from UDP 4500 (the workers' socket), non-ESP marker added."""
+        """Send an IKE message from UDP 4500 (the workers' socket), non-ESP marker added.
+
+        Posted, not requested: the relay sends a stream message's datagrams one after the other,
+        and a round trip to the worker for each would hold the next ones back. True once the
+        worker has it; a send the worker then fails is counted there (`ike_send_failed`), and
+        IKE retransmits."""
         try:
-            reply = await self._channel(0).request(
+            await self._channel(0).post(
                 {
                     "op": "send_ike",
                     "local_addr": local_addr,
@@ -730,7 +862,7 @@ class UserspaceBackend:
             )
         except (WorkerGone, DataplaneError):
             return False
-        return bool(reply.get("ok"))
+        return True
 
     # -- events -------------------------------------------------------------------------
     async def events(self) -> AsyncIterator[DataplaneEvent]:

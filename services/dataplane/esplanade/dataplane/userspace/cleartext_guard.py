@@ -13,6 +13,13 @@ delivers or forwards against its XFRM policies even when it has no ESP:
   bypass (`kernel.socket_options.bypass_ipsec`), so a "protect everything" policy never
   blocks the ESP and IKE between the gateways.
 
+Several SPD entries can ask for the same kernel policy (the IN and the FWD entry of one Child
+SA have the same selectors; so do the Child SAs of many peers on one connection, and an entry
+re-pointed at a new Child SA asks for what it asked before): a kernel policy is shared, held
+by every entry that wants it, updated only when its content changes and deleted with its last
+holder. Re-pointing an entry (every rekey, every new SA on the same traffic) therefore costs
+no netlink message at all, and removing one entry never lifts the guard another still needs.
+
 Without NETLINK_XFRM (a kernel without XFRM, or no CAP_NET_ADMIN) the guard reports itself
 off in the status and the SPD still governs everything that passes through the datapath.
 """
@@ -55,7 +62,11 @@ class CleartextGuard:
         self.proc_sys = proc_sys
         self._sock: XfrmSocket | None = None
         self._client: XfrmClient | None = None
-        self._installed: dict[str, list[XfrmPolicy]] = {}  # SPD policy id -> its kernel policies
+        self._installed: dict[str, list[XfrmPolicy]] = {}  # SPD policy id -> the kernel policies it wants
+        self._kernel: dict[XfrmPolicyKey, XfrmPolicy] = {}  # what we put into the kernel, by its key
+        self._holders: dict[XfrmPolicyKey, list[str]] = {}  # key -> SPD ids wanting it, latest last
+        self.netlink_updates = 0
+        self.netlink_deletes = 0
         self.swept = 0
         self.note = "not started"
 
@@ -112,35 +123,79 @@ class CleartextGuard:
             await self.remove(policy.id)
             return
         wanted = self._kernel_policies(policy)
-        previous = self._installed.get(policy.id, [])
-        done: list[XfrmPolicy] = []
+        changed: list[tuple[XfrmPolicyKey, XfrmPolicy | None]] = []  # (key, what the kernel had)
         try:
             for kernel_policy in wanted:
+                before = self._kernel.get(kernel_policy.key)
+                if before == kernel_policy:
+                    continue  # held already, as wanted: nothing to tell the kernel
                 client.update_policy(kernel_policy)  # create or replace: idempotent after a crash
-                done.append(kernel_policy)
+                self.netlink_updates += 1
+                self._kernel[kernel_policy.key] = kernel_policy
+                changed.append((kernel_policy.key, before))
         except DataplaneError:
-            kept = {p.key for p in previous}
-            for kernel_policy in done:
-                if kernel_policy.key not in kept:
-                    self._delete(kernel_policy.key)
+            for key, before in reversed(changed):
+                if before is None:
+                    self._kernel.pop(key, None)
+                    self._delete(key)
+                else:
+                    self._put(before)
             raise
+        previous = self._installed.get(policy.id, [])
+        self._installed[policy.id] = wanted
+        for kernel_policy in wanted:
+            holders = self._holders.setdefault(kernel_policy.key, [])
+            if policy.id in holders:
+                holders.remove(policy.id)
+            holders.append(policy.id)
         wanted_keys = {p.key for p in wanted}
         for old in previous:
             if old.key not in wanted_keys:
-                self._delete(old.key)
-        self._installed[policy.id] = wanted
+                self._release(old.key, policy.id)
 
     async def remove(self, policy_id: str) -> None:
         for kernel_policy in self._installed.pop(policy_id, []):
-            self._delete(kernel_policy.key)
+            self._release(kernel_policy.key, policy_id)
+
+    def _release(self, key: XfrmPolicyKey, policy_id: str) -> None:
+        """`policy_id` no longer wants `key`: delete it with its last holder, else leave (or put
+        back) what the latest remaining holder wants."""
+        holders = self._holders.get(key, [])
+        if policy_id in holders:
+            holders.remove(policy_id)
+        if not holders:
+            self._holders.pop(key, None)
+            self._kernel.pop(key, None)
+            self._delete(key)
+            return
+        latest = next((p for p in self._installed.get(holders[-1], []) if p.key == key), None)
+        if latest is not None and self._kernel.get(key) != latest:
+            self._put(latest)
+
+    def _put(self, kernel_policy: XfrmPolicy) -> None:
+        if self._client is None:
+            return
+        try:
+            self._client.update_policy(kernel_policy)
+            self.netlink_updates += 1
+            self._kernel[kernel_policy.key] = kernel_policy
+        except DataplaneError as exc:
+            log.warning("cleartext guard policy %s not restored: %s", kernel_policy.key, exc)
 
     def _delete(self, key: XfrmPolicyKey) -> None:
         if self._client is None:
             return
         try:
             self._client.delete_policy(key)
+            self.netlink_deletes += 1
         except DataplaneError as exc:
             log.warning("cleartext guard policy %s not removed: %s", key, exc)
 
+    def kernel_policies(self) -> list[XfrmPolicy]:
+        """The kernel policies the guard holds now (one per key, however many entries want it)."""
+        return list(self._kernel.values())
+
     def status(self) -> str:
-        return f"{self.note} ({len(self._installed)} policies)" if self.active else self.note
+        if not self.active:
+            return self.note
+        return f"{self.note} ({len(self._installed)} policies, {len(self._kernel)} kernel policies)"

@@ -74,6 +74,8 @@ from esplanade.policy.filters import PacketFilter
 AEAD_OVERHEAD = 37
 FLOW_CACHE_LIMIT = 1 << 16
 ACQUIRE_INTERVAL = 1.0  # at most one ACQUIRE per trap policy per second
+MAX_DENIED_SAMPLES = 64  # headers of filter-denied packets kept between two `filter_drops`
+DENIED_SAMPLE_BYTES = 64  # enough for the IPv4/IPv6 header and the ports
 
 _PROTECT = 0
 _BYPASS = 1
@@ -163,6 +165,10 @@ class EspTransform:
         # lane applies the same filter in C (`compiled_lane.CompiledLane.set_filter`).
         self._filters: dict[int, PacketFilter] = {}
         self.filter_denied = 0  # Python lanes; the compiled lane counts in its filter tables
+        self._denied_by_spi: Counter[int] = Counter()  # Python lanes, per inbound SPI
+        # Headers of packets the Python lanes' filters denied, for the decision log (bounded:
+        # a flood adds counts, not memory); drained by the `filter_drops` op.
+        self._denied_samples: list[tuple[int, bytes]] = []
         self.wall_clock = time.time  # timed filter parts follow the wall clock
 
     # -- PacketTransform: outbound ------------------------------------------------------
@@ -391,6 +397,9 @@ class EspTransform:
                 packet_filter = self._filters.get(spi) if self._filters else None
                 if packet_filter is not None and not packet_filter.allows_packet(inner, self.wall_clock()):
                     self.filter_denied += 1
+                    self._denied_by_spi[spi] += 1
+                    if len(self._denied_samples) < MAX_DENIED_SAMPLES:
+                        self._denied_samples.append((spi, bytes(inner[:DENIED_SAMPLE_BYTES])))
                     continue
                 append(inner)
         for sa in touched:
@@ -872,11 +881,75 @@ class EspTransform:
         self._apply_filter(child.inbound, packet_filter)
         return {"ok": True}
 
+    def _op_set_filters(self, message: dict[str, Any], now: float) -> dict[str, object]:
+        """`set_filter` for many Child SAs: {"filters": [{"child_sa", "selectors"}, ...]}; SAs that
+        share a selector list share one parsed filter. Replies the per-SA errors (others applied)."""
+        filters = message.get("filters")
+        if not isinstance(filters, list):
+            return {"ok": False, "error": "filters: a list of {child_sa, selectors}"}
+        built: dict[tuple[str, ...], PacketFilter] = {}
+        errors: dict[str, str] = {}
+        for item in filters:
+            child_sa = str(item.get("child_sa", "")) if isinstance(item, dict) else ""
+            child = self.children.get(child_sa)
+            if child is None:
+                errors[child_sa] = f"Child SA {child_sa!r} is not installed here"
+                continue
+            texts = item.get("selectors")
+            packet_filter: PacketFilter | None = None
+            if texts is not None:
+                if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                    errors[child_sa] = "selectors: a list of traffic selector texts, or null"
+                    continue
+                key = tuple(texts)
+                if key not in built:
+                    try:
+                        built[key] = PacketFilter([TrafficSelector.parse(t) for t in texts])
+                    except ValueError as exc:
+                        errors[child_sa] = f"selectors: {exc}"
+                        continue
+                packet_filter = built[key]
+            spi = child.inbound.spi
+            if packet_filter is None:
+                self._filters.pop(spi, None)
+            else:
+                self._filters[spi] = packet_filter
+            self._apply_filter(child.inbound, packet_filter)
+        return {"ok": True, "errors": errors}
+
+    def _op_filter_drops(self, message: dict[str, Any], now: float) -> dict[str, object]:
+        """Packets the identity filters denied and packets outside the SA's selectors: per Child SA
+        (cumulative, SAs installed here), and the headers of up to `MAX_DENIED_SAMPLES` packets
+        denied since the last call (Python lanes; the compiled lane keeps the last one per SA)."""
+        denied: dict[str, int] = {}
+        outside: dict[str, int] = {}
+        compiled_filters = self.compiled.filters if self.compiled is not None else {}
+        by_spi: dict[int, str] = {}
+        for child in self.children.values():
+            spi = child.inbound.spi
+            by_spi[spi] = child.id
+            mismatch = child.inbound.counters.drops.get(DropReason.POLICY_MISMATCH, 0)
+            if mismatch:
+                outside[child.id] = mismatch
+            count = self._denied_by_spi.get(spi, 0)
+            identity = compiled_filters.get(spi)
+            if identity is not None:
+                count += identity.denied
+                head = identity.counts.take_denied()
+                if head is not None:  # the compiled lane keeps the last denied packet per SA
+                    self._denied_samples.append((spi, bytes(head)))
+            if count:
+                denied[child.id] = count
+        samples = [[by_spi[spi], header.hex()] for spi, header in self._denied_samples if spi in by_spi]
+        self._denied_samples = []
+        return {"ok": True, "denied": denied, "outside_selectors": outside, "samples": samples}
+
     def _op_remove_sa(self, message: dict[str, Any], now: float) -> dict[str, object]:
         child_sa = str(message["child_sa"])
         child = self.children.pop(child_sa, None)
         if child is not None:
             self._filters.pop(child.inbound.spi, None)
+            self._denied_by_spi.pop(child.inbound.spi, None)
             self._forget(child)
             self.spd.unbind_outbound(child_sa)
             self._recompute_timer()
@@ -953,6 +1026,8 @@ class EspTransform:
         "grant_sequence": _op_grant_sequence,
         "counters": _op_counters,
         "set_filter": _op_set_filter,
+        "filter_drops": _op_filter_drops,
+        "set_filters": _op_set_filters,
     }
 
 

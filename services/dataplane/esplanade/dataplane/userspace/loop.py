@@ -24,7 +24,8 @@ goes on.
 
 Control channel (SOCK_SEQPACKET to the parent, JSON): {"op": "status"} is answered with the
 worker's counters, {"op": "stop"} ends the loop, {"op": "send_ike", ...} sends an IKE message
-from the UDP/4500 socket (non-ESP marker added). Any other op goes to the transform when it
+from the UDP/4500 socket (non-ESP marker added; answered only when it carries an "id", else a
+failure is counted under `ike_send_failed`). Any other op goes to the transform when it
 implements `ControlledTransform` (SAs, policies, sequence grants); its answer comes back as
 {"op": "reply", "id": <the request's id>, "ok": ...}. Replies echo the request's "id".
 Pushed unasked: transform events as {"op": "events", ...}, the transform's own upward
@@ -495,7 +496,11 @@ class DatapathLoop:
         elif op == "status":
             self._control_send({"op": "status", "id": request_id, "status": self.status()})
         elif op == "send_ike":
-            self._control_send({"op": "reply", "id": request_id, **self._send_ike(message)})
+            sent = self._send_ike(message)
+            if request_id is not None:
+                self._control_send({"op": "reply", "id": request_id, **sent})
+            elif not sent["ok"]:  # posted without an id: nobody waits for the answer, count it
+                self.counters.errors["ike_send_failed"] += 1
         elif self._controlled is not None and isinstance(op, str):
             try:
                 reply = self._controlled.handle_control(op, message, self.parts.clock())

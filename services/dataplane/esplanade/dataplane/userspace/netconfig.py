@@ -85,6 +85,9 @@ def _loop_running() -> bool:
 class LinkConfigurator:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
+        # name -> ifindex, looked up once per configurator (a link dump each time otherwise);
+        # a long-lived configurator is dropped after any netlink error, and its cache with it
+        self._indexes: dict[str, int] = {}
         if _loop_running():
             self._ipr: Any = _NetlinkThread(netns)
         else:
@@ -105,9 +108,13 @@ class LinkConfigurator:
         return f" in netns {self.netns}" if self.netns else ""
 
     def index_of(self, name: str) -> int:
+        index = self._indexes.get(name)
+        if index is not None:
+            return index
         found = self._ipr.link_lookup(ifname=name)
         if not found:
             raise NetConfigError(f"no interface {name}{self._where()}")
+        self._indexes[name] = int(found[0])
         return int(found[0])
 
     def _request(self, what: str, call: Any, *args: Any, **kwargs: Any) -> Any:

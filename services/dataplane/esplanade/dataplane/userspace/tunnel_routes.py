@@ -13,11 +13,15 @@ Per route:
 - a pinned host route to the tunnel endpoint when the remote network contains it (a "protect
   everything" policy), so ESP and IKE to the peer do not loop back into the TUN.
 
-All netlink work goes through `netconfig.LinkConfigurator` (pyroute2), never `ip`.
+All netlink work goes through `netconfig.LinkConfigurator` (pyroute2), never `ip`. One
+configurator (one netlink socket) is opened at the first change that needs the kernel and kept
+until `close()`; a change that leaves every route as it is (a policy joining a network that is
+routed already, a re-pointed policy whose Child SA has the same MTU) sends no netlink message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -60,6 +64,24 @@ class TunnelRoutes:
         self._configurator = configurator
         self._routes: dict[Network, _Route] = {}
         self._pins: dict[str, set[Network]] = {}  # endpoint -> routes that cover it
+        self._links: LinkConfigurator | None = None
+        self._stack = contextlib.ExitStack()
+        self.netlink_opens = 0  # configurators opened (one, unless a netlink error reset it)
+
+    def _open(self) -> LinkConfigurator:
+        if self._links is None:
+            self._links = self._stack.enter_context(self._configurator())
+            self.netlink_opens += 1
+        return self._links
+
+    def _reset(self) -> None:
+        """After a netlink error: the next change opens a fresh socket (and looks the TUN up again)."""
+        self.close()
+
+    def close(self) -> None:
+        self._links = None
+        self._stack.close()
+        self._stack = contextlib.ExitStack()
 
     def routes(self) -> list[dict[str, object]]:
         return [
@@ -86,28 +108,36 @@ class TunnelRoutes:
         """Route the policy's remote networks into the TUN. All or nothing (NetConfigError)."""
         if not routed(policy):
             return
+        networks = policy.remote_ts.networks()
+        if all(network in self._routes for network in networks):
+            for network in networks:  # routed already for other policies: no netlink work
+                self._routes[network].policies.add(policy.id)
+            return
         added: list[Network] = []
-        with self._configurator() as links:
+        try:
+            links = self._open()
             source = self._source_in(links, policy)
             mtu = self.mtu_for(child)
-            try:
-                for network in policy.remote_ts.networks():
-                    route = self._routes.get(network)
-                    if route is None:
-                        for endpoint in sorted(endpoints | ({policy.tunnel_dst} if policy.tunnel_dst else set())):
-                            if ipaddress.ip_address(endpoint) in network:
-                                self._pin(links, endpoint, network)
-                        links.replace_route(str(network), self.tun, source=source, mtu=mtu)
-                        self._routes[network] = _Route(network, {policy.id}, source, mtu)
-                        added.append(network)
-                    else:
-                        route.policies.add(policy.id)
-            except (NetConfigError, ValueError):
+            for network in networks:
+                route = self._routes.get(network)
+                if route is None:
+                    for endpoint in sorted(endpoints | ({policy.tunnel_dst} if policy.tunnel_dst else set())):
+                        if ipaddress.ip_address(endpoint) in network:
+                            self._pin(links, endpoint, network)
+                    links.replace_route(str(network), self.tun, source=source, mtu=mtu)
+                    self._routes[network] = _Route(network, {policy.id}, source, mtu)
+                    added.append(network)
+                else:
+                    route.policies.add(policy.id)
+        except (NetConfigError, ValueError):
+            self._reset()
+            with contextlib.suppress(NetConfigError, ValueError):
+                links = self._open()
                 for network in added:
                     self._drop(links, network, policy.id)
-                for route in self._routes.values():
-                    route.policies.discard(policy.id)
-                raise
+            for route in self._routes.values():
+                route.policies.discard(policy.id)
+            raise
 
     def replace_policy(
         self, previous: SpdPolicy, policy: SpdPolicy, child: ChildSaRecord | None, endpoints: set[str]
@@ -125,26 +155,31 @@ class TunnelRoutes:
     def remove_policy(self, policy: SpdPolicy) -> None:
         if not routed(policy):
             return
-        with self._configurator() as links:
-            for network in list(self._routes):
-                self._drop(links, network, policy.id)
+        for network in list(self._routes):
+            route = self._routes[network]
+            if policy.id not in route.policies:
+                continue
+            if len(route.policies) > 1:  # other policies keep the route: no netlink work
+                route.policies.discard(policy.id)
+                continue
+            self._drop(self._open(), network, policy.id)
 
     def update_child(self, policies: list[SpdPolicy], child: ChildSaRecord | None) -> None:
         """The Child SA these policies name changed: set their routes' MTU to its transforms."""
         mtu = self.mtu_for(child)
-        with self._configurator() as links:
-            for policy in policies:
-                if not routed(policy):
+        for policy in policies:
+            if not routed(policy):
+                continue
+            for network in policy.remote_ts.networks():
+                route = self._routes.get(network)
+                if route is None or route.mtu == mtu:
                     continue
-                for network in policy.remote_ts.networks():
-                    route = self._routes.get(network)
-                    if route is None or route.mtu == mtu:
-                        continue
-                    try:
-                        links.replace_route(str(network), self.tun, source=route.source, mtu=mtu)
-                        route.mtu = mtu
-                    except NetConfigError as exc:  # the old MTU stays: too large, never wrong direction
-                        log.warning("route MTU of %s not updated: %s", network, exc)
+                try:
+                    self._open().replace_route(str(network), self.tun, source=route.source, mtu=mtu)
+                    route.mtu = mtu
+                except NetConfigError as exc:  # the old MTU stays: too large, never wrong direction
+                    self._reset()
+                    log.warning("route MTU of %s not updated: %s", network, exc)
 
     # -- internals ----------------------------------------------------------------------
     def _drop(self, links: LinkConfigurator, network: Network, policy_id: str) -> None:

@@ -63,6 +63,16 @@ class WorkerChannel:
         finally:
             self._pending.pop(request_id, None)
 
+    async def post(self, message: dict[str, Any], deadline: float = REQUEST_TIMEOUT) -> None:
+        """Send `message` without an id: the worker acts on it and answers nothing (what it
+        cannot do it counts). Returns once the message is in the channel."""
+        if self.closed:
+            raise WorkerGone(f"worker {self.index} is gone")
+        try:
+            await self._send(message, deadline)
+        except TimeoutError:
+            raise WorkerGone(f"worker {self.index} did not take {message.get('op')!r} in {deadline}s") from None
+
     async def _send(self, message: dict[str, Any], seconds: float) -> None:
         data = json.dumps(message).encode()
         until = self._loop.time() + seconds

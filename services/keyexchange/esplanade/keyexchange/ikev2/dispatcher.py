@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 
 from esplanade.ipsec.selectors import IPAddress
 from esplanade.keyexchange.config import ConnectionConfig, PoolConfig
+from esplanade.keyexchange.ikev2.access import AccessGrant
 from esplanade.keyexchange.ikev2.constants import IKE_HEADER_LEN, NATT_PORT, ExchangeType, NotifyType
 from esplanade.keyexchange.ikev2.cookies import CookieJar
 from esplanade.keyexchange.ikev2.errors import IkeError, ParseError
@@ -47,6 +48,7 @@ class IkeDispatcher:
         rng: random.Random | None = None,
         now: float = 0.0,
         new_ike_spi: Callable[[], bytes] | None = None,
+        access_for: Callable[[IkeSa], AccessGrant | None] | None = None,
     ) -> None:
         self.configs: dict[str, ConnectionConfig] = {c.name: c for c in configs}
         self.cookie_threshold = cookie_threshold
@@ -81,6 +83,7 @@ class IkeDispatcher:
             install_timeout=install_timeout,
             ack_initiator_installs=ack_initiator_installs,
             new_ike_spi=new_ike_spi if new_ike_spi is not None else lambda: os.urandom(8),
+            access_for=access_for,
         )
 
     # -- bookkeeping ----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from esplanade.ipsec.selectors import IPAddress
 from esplanade.ipsec.transforms import IntegAlgorithm
 from esplanade.keyexchange.config import ConnectionConfig, PoolConfig
 from esplanade.keyexchange.ikev2 import ike_sa_state
+from esplanade.keyexchange.ikev2.access import AccessGrant
 from esplanade.keyexchange.ikev2.auth.identity import Identity
 from esplanade.keyexchange.ikev2.child_sa import ChildSa, ChildState
 from esplanade.keyexchange.ikev2.constants import NATT_PORT, ExchangeType, NotifyType
@@ -162,6 +163,8 @@ class EngineHooks:
     # Our IKE SPIs when we initiate (SPIi): several keyexchange instances behind one relay pick
     # SPIs that the relay's rendezvous hashing routes back to themselves.
     new_ike_spi: Callable[[], bytes] = field(default=lambda: os.urandom(8))
+    # Responder: what the access policy grants an authenticated peer (`ikev2.access`).
+    access_for: Callable[[IkeSa], AccessGrant | None] | None = None
 
 
 HALF_OPEN_TIMEOUT = 30.0
@@ -221,6 +224,7 @@ class IkeSa:
         self.peer_certs: list[Any] = []
         self.virtual_ips: list[str] = []
         self.assigned_ips: list[str] = []  # responder: handed out from a pool
+        self.access: AccessGrant | None = None  # responder: the policy's grant to the peer (None: not governed)
         self.dns: list[str] = []
         self.split_subnets: list[str] = []
         self.children: dict[str, ChildSa] = {}
@@ -802,7 +806,13 @@ class IkeSa:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def select_config_for(self, peer: Identity) -> None:
-        """Responder: switch to the candidate connection whose remote identity fits the peer."""
+        """Responder: switch to the candidate connection whose remote identity fits the peer; one
+        that names the peer exactly wins over a `%any` one (a site's connector is not a remote user)."""
+        candidates = (self.config, *(c for c in self.candidate_configs if c is not self.config))
+        exact = next((c for c in candidates if not c.remote.id.is_any and c.remote.id.matches(peer)), None)
+        if exact is not None:
+            self.config = exact
+            return
         if self.config.remote.id.matches(peer):
             return
         for cfg in self.candidate_configs:
@@ -854,6 +864,7 @@ class IkeSa:
         self.nat_local, self.nat_remote = old.nat_local, old.nat_remote
         self.virtual_ips, self.dns, self.split_subnets = old.virtual_ips, old.dns, old.split_subnets
         self.assigned_ips = old.assigned_ips
+        self.access = old.access
         self._child_seq = old._child_seq
 
     def notify_error_in(self, msg: Message) -> NotifyPayload | None:

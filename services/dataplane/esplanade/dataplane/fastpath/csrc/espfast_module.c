@@ -158,16 +158,21 @@ static int add_drops(PyObject *counters, uint64_t *deltas) {
 }
 
 /* -- Filter ------------------------------------------------------------------------------------- */
+#define DENIED_SAMPLE 64 /* bytes of the last denied packet kept for the decision log */
+
 typedef struct {
     PyObject_HEAD ef_filter filter;
     void *memory;
     unsigned long long denied;
     unsigned long long allowed;
+    uint8_t last_denied[DENIED_SAMPLE]; /* the head of the last packet denied since take_denied() */
+    size_t last_denied_len;             /* 0: none */
 } FilterObject;
 
 static int Filter_init(FilterObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTuple(args, "")) return -1;
     memset(&self->filter, 0xFF, sizeof(self->filter.index));
+    self->last_denied_len = 0;
     self->filter.ntables = 0;
     self->filter.tables = NULL;
     return 0;
@@ -319,8 +324,19 @@ static PyObject *Filter_allows(FilterObject *self, PyObject *packet) {
     return PyBool_FromLong(ok);
 }
 
+static PyObject *Filter_take_denied(FilterObject *self, PyObject *unused) {
+    PyObject *head;
+    (void)unused;
+    if (self->last_denied_len == 0) Py_RETURN_NONE;
+    head = PyBytes_FromStringAndSize((const char *)self->last_denied, (Py_ssize_t)self->last_denied_len);
+    self->last_denied_len = 0;
+    return head;
+}
+
 static PyMethodDef Filter_methods[] = {
     {"load", (PyCFunction)Filter_load, METH_O, "Replace the tables (see filter_tables.py)."},
+    {"take_denied", (PyCFunction)Filter_take_denied, METH_NOARGS,
+     "The head of the last packet denied since the previous call, or None."},
     {"allows_packet", (PyCFunction)Filter_allows, METH_O, "Parse an inner packet and check it."},
     {NULL}};
 
@@ -1264,6 +1280,8 @@ static int deliver(Outputs *o, Slot *s, FlowTableObject *flows, size_t len) {
         FilterObject *f = (FilterObject *)s->filter;
         if (!parsed || !ef_filter_allows(&f->filter, &h)) {
             f->denied++;
+            f->last_denied_len = len < DENIED_SAMPLE ? len : DENIED_SAMPLE;
+            memcpy(f->last_denied, p, f->last_denied_len);
             return 0;
         }
         f->allowed++;

@@ -184,7 +184,7 @@ class ChildCreate(Task):
             return [NotifyPayload(NotifyType.INVALID_SYNTAX)]
         try:
             ccfg, suite, tsi, tsr, mode = cn.responder_select(
-                ike, msg, ignore_ke=False, assigned_ips=ike.assigned_ips or None
+                ike, msg, ignore_ke=False, assigned_ips=ike.assigned_ips or None, access=cn.current_access(ike)
             )
         except NegotiationError as exc:
             ike.emit(NegotiationFailed(ike.id, exc.notify, exc.reason, self.name))

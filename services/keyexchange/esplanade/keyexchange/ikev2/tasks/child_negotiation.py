@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from esplanade.ipsec.selectors import TrafficSelector, narrow
 from esplanade.ipsec.transforms import Mode, ProtocolId
 from esplanade.keyexchange.config import ChildConfig
+from esplanade.keyexchange.ikev2.access import AccessDecided, AccessGrant
 from esplanade.keyexchange.ikev2.child_sa import ChildSa
 from esplanade.keyexchange.ikev2.constants import NotifyType, known_notify
 from esplanade.keyexchange.ikev2.crypto.keymat import child_keymat
@@ -76,10 +77,25 @@ def _get(msg: Message, cls: type[Payload]) -> Payload | None:
     return None
 
 
+def current_access(ike: IkeSa) -> AccessGrant | None:
+    """The access policy's grant to an authenticated initiator, as of now (None: not governed)."""
+    if ike.initiator or ike.peer_id is None or ike.hooks.access_for is None:
+        return None
+    return ike.hooks.access_for(ike)
+
+
 def responder_select(
-    ike: IkeSa, msg: Message, *, ignore_ke: bool, assigned_ips: list[str] | None = None
+    ike: IkeSa,
+    msg: Message,
+    *,
+    ignore_ke: bool,
+    assigned_ips: list[str] | None = None,
+    access: AccessGrant | None = None,
 ) -> tuple[ChildConfig, Suite, tuple[TrafficSelector, ...], tuple[TrafficSelector, ...], Mode]:
-    """Pick child config, ESP proposal and narrowed selectors for a request; NegotiationError if none."""
+    """Pick child config, ESP proposal and narrowed selectors for a request; NegotiationError if none.
+
+    With an `access` grant the responder's selectors are narrowed to it too (`ikev2.access`); the
+    decision is reported as `AccessDecided`, a refusal is TS_UNACCEPTABLE."""
     sa = _get(msg, SaPayload)
     tsi_p = _get(msg, TsiPayload)
     tsr_p = _get(msg, TsrPayload)
@@ -90,6 +106,7 @@ def responder_select(
         raise NegotiationError(NotifyType.NO_PROPOSAL_CHOSEN, "no ESP proposal with a 4-byte SPI")
     ts_failure = ""
     proposal_failure = ""
+    policy_failure = ""
     for cfg in ike.config.children:
         remote_allowed = list(cfg.remote_ts)
         if assigned_ips:
@@ -104,6 +121,14 @@ def responder_select(
                 f" do not fit child {cfg.name}"
             )
             continue
+        if access is not None:
+            tsr = narrow(tsr, list(access.selectors))
+            if not tsr:
+                policy_failure = (
+                    f"policy grants identity '{access.identity}' nothing within"
+                    f" {', '.join(map(str, tsr_p.selectors))} (child {cfg.name})"
+                )
+                continue
         ke = _get(msg, KePayload)
         prefer = ke.group if isinstance(ke, KePayload) else 0
         suite = select(esp, cfg.esp_proposals, ignore_ke=ignore_ke, prefer_ke=prefer)
@@ -112,10 +137,33 @@ def responder_select(
             continue
         transport = notify_of(msg.payloads, NotifyType.USE_TRANSPORT_MODE) is not None
         mode = Mode.TRANSPORT if transport and cfg.mode == Mode.TRANSPORT else Mode.TUNNEL
+        if access is not None:
+            _decided(ike, access, True, cfg.name, tsr, "granted by policy")
         return cfg, suite, tuple(tsi), tuple(tsr), mode
     if proposal_failure:
         raise NegotiationError(NotifyType.NO_PROPOSAL_CHOSEN, proposal_failure)
+    if policy_failure and access is not None:
+        _decided(ike, access, False, "", list(tsr_p.selectors), policy_failure)
+        raise NegotiationError(NotifyType.TS_UNACCEPTABLE, policy_failure)
     raise NegotiationError(NotifyType.TS_UNACCEPTABLE, ts_failure or "no child configuration")
+
+
+def _decided(
+    ike: IkeSa, access: AccessGrant, allowed: bool, child: str, selectors: list[TrafficSelector], reason: str
+) -> None:
+    ike.emit(
+        AccessDecided(
+            ike.id,
+            access.identity,
+            ike.remote_identity_text(),
+            (ike.remote[0], ike.remote[1]),
+            allowed,
+            child,
+            tuple(str(ts) for ts in selectors),
+            access.rules,
+            reason,
+        )
+    )
 
 
 def responder_payloads(

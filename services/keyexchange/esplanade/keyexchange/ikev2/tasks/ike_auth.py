@@ -252,6 +252,7 @@ class IkeAuth(Task):
             )
             return [NotifyPayload(NotifyType.AUTHENTICATION_FAILED)]
         ike.initial_contact = notify_of(msg.payloads, NotifyType.INITIAL_CONTACT) is not None
+        ike.access = cn.current_access(ike)
         idr = IdrPayload(cfg.local.id.id_type, cfg.local.id.data)
         certreq = any(isinstance(p, CertreqPayload) for p in msg.payloads)
         out: list[Payload] = [idr, *local_auth_payloads(ike, idr, False, certreq)]
@@ -275,7 +276,7 @@ class IkeAuth(Task):
             return out
         try:
             ccfg, suite, tsi, tsr, mode = cn.responder_select(
-                ike, msg, ignore_ke=True, assigned_ips=ike.assigned_ips or None
+                ike, msg, ignore_ke=True, assigned_ips=ike.assigned_ips or None, access=ike.access
             )
         except NegotiationError as exc:
             out.append(NotifyPayload(exc.notify))
@@ -339,7 +340,11 @@ def build_cp_reply(ike: IkeSa, req: CpPayload) -> CpPayload | None:
             attrs.append(
                 CpAttribute(CfgAttr.INTERNAL_IP4_DNS if d.version == 4 else CfgAttr.INTERNAL_IP6_DNS, d.packed)
             )
-        for s in pool.subnets:
+        # A governed peer learns the routes of what its policy grants, not the pool's subnets.
+        subnets = (
+            pool.subnets if ike.access is None else [r for r in ike.access.routes if r.version == pool.addrs.version]
+        )
+        for s in subnets:
             if s.version == 4:
                 attrs.append(CpAttribute(CfgAttr.INTERNAL_IP4_SUBNET, s.network_address.packed + s.netmask.packed))
             else:

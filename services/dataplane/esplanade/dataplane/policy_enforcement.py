@@ -1,0 +1,239 @@
+"""Zero-trust enforcement: every Child SA of a policy identity carries that identity's filter.
+
+The reconciler calls `on_installed` for each Child SA it installs (before it acks the inbound
+SA, so keyexchange answers the peer only once the filter is in place) and `on_removed` when it
+goes. The `AccessView` (store watch on ``policy/``) calls back with the identities whose
+compiled policy or IKE binding changed; their live SAs get the new filter at once, so revoking a
+rule cuts flows on existing tunnels. Timed rule parts open and close at minute boundaries.
+
+The filter of an SA: the selectors of the compiled parts whose connect-time conditions hold for
+it (its peer's outer address; posture is not known here, so posture-bound parts stay closed)
+and whose time window is open now. A peer whose IKE identity binds to no policy identity is not
+governed (site-to-site); a bound identity with nothing granted gets an empty filter (drop all).
+
+Drops: the backend counts them (`identity_filter` drop reason); every `poll_seconds` the
+per-SA counts and sampled packet headers become `DROP` decision events (aggregated and
+rate-limited by `DecisionEvents`), never store writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from esplanade.dataplane.backend import DataplaneError, FilterDrops
+from esplanade.ipsec.sa import ChildSaRecord
+from esplanade.ipsec.selectors import TrafficSelector
+from esplanade.policy.access_view import Access, AccessView
+from esplanade.policy.conditions import ConnectFacts
+from esplanade.policy.decision_events import DecisionEvents
+from esplanade.policy.decision_log import DecisionEvent, DecisionKind
+from esplanade.policy.evaluator import DEFAULT_DENY, Action, FiveTuple
+from esplanade.policy.filters import parse_inner_packet
+
+log = logging.getLogger(__name__)
+
+DROP_REASON = "identity filter: no rule grants this flow"
+OUTSIDE_REASON = "outside the Child SA's selectors (narrowed to the identity's grant)"
+
+
+class FilteringBackend(Protocol):
+    async def set_identity_filter(self, child_sa_id: str, selectors: list[TrafficSelector] | None) -> None: ...
+
+    async def identity_filter_drops(self) -> FilterDrops: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedFilter:
+    identity: str
+    selectors: tuple[str, ...]
+    timed: bool  # depends on the clock: re-evaluate at minute boundaries
+
+
+def filter_selectors(access: Access, record: ChildSaRecord, wall_now: float) -> tuple[list[TrafficSelector], bool]:
+    """The selectors an SA's decapsulated packets may match, and whether a time window is involved."""
+    try:
+        source = ipaddress.ip_address(record.inbound.src)
+    except ValueError:
+        source = None
+    selectors: list[TrafficSelector] = []
+    timed = False
+    for part in access.compiled.connect_parts(ConnectFacts(source)):
+        window = part.conditions.time_window
+        if window is not None:
+            timed = True
+            if not window.contains(wall_now):
+                continue
+        selectors.extend(part.selectors)
+    return selectors, timed
+
+
+def flow_of(header: bytes) -> FiveTuple | None:
+    parsed = parse_inner_packet(header)
+    if parsed is None:
+        return None
+    make = ipaddress.IPv4Address if parsed.version == 4 else ipaddress.IPv6Address
+    src_port = max(parsed.src_port, 0)
+    dst_port = max(parsed.dst_port, 0)
+    return FiveTuple(make(parsed.src), make(parsed.dst), parsed.proto, src_port, dst_port)
+
+
+class PolicyEnforcer:
+    def __init__(
+        self,
+        backend: object,
+        view: AccessView,
+        decisions: DecisionEvents,
+        *,
+        poll_seconds: float = 1.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend: FilteringBackend | None = backend if hasattr(backend, "set_identity_filter") else None  # type: ignore[assignment]
+        self.view = view
+        self.decisions = decisions
+        self.poll_seconds = poll_seconds
+        self.wall_clock = wall_clock
+        self.records: dict[str, ChildSaRecord] = {}  # installed Child SAs
+        self.applied: dict[str, AppliedFilter] = {}  # Child SA -> the filter it carries
+        self.filter_updates = 0
+        self.errors = 0
+        self._seen: dict[tuple[str, str], int] = {}  # (reason, Child SA) -> count already logged
+        self._lock = asyncio.Lock()
+        view.listeners.append(self.on_access_changed)
+        if self.backend is None:
+            log.warning("this dataplane backend has no identity filters: policy is enforced by IKE narrowing only")
+
+    # -- the reconciler's hooks ----------------------------------------------------------
+    async def on_installed(self, record: ChildSaRecord) -> None:
+        async with self._lock:
+            self.records[record.id] = record
+            await self._apply(record)
+
+    async def on_removed(self, child_sa_id: str) -> None:
+        async with self._lock:
+            self.records.pop(child_sa_id, None)
+            self.applied.pop(child_sa_id, None)
+            for reason in (DROP_REASON, OUTSIDE_REASON):
+                self._seen.pop((reason, child_sa_id), None)
+
+    # -- policy changes ------------------------------------------------------------------
+    async def on_access_changed(self, identities: set[str]) -> None:
+        async with self._lock:
+            affected = []
+            for record in list(self.records.values()):
+                applied = self.applied.get(record.id)
+                access = self.view.lookup(record.identity)
+                now_identity = access.identity if access is not None else None
+                if now_identity in identities or (applied is not None and applied.identity in identities):
+                    affected.append(record)
+            await self._apply_many(affected)
+
+    async def _apply(self, record: ChildSaRecord) -> None:
+        await self._apply_many([record])
+
+    async def _apply_many(self, records: list[ChildSaRecord]) -> None:
+        """Bring the SAs' filters up to date: one batch to the backend when it takes batches."""
+        if self.backend is None or not records:
+            return
+        wall = self.wall_clock()
+        changes: dict[str, tuple[ChildSaRecord, AppliedFilter | None, list[TrafficSelector] | None]] = {}
+        for record in records:
+            access = self.view.lookup(record.identity)
+            current = self.applied.get(record.id)
+            if access is None:
+                if current is not None:
+                    changes[record.id] = (record, None, None)
+                continue
+            selectors, timed = filter_selectors(access, record, wall)
+            applied = AppliedFilter(access.identity, tuple(str(s) for s in selectors), timed)
+            if current != applied:
+                changes[record.id] = (record, applied, selectors)
+        if not changes:
+            return
+        errors: dict[str, str] = {}
+        batch = getattr(self.backend, "set_identity_filters", None)
+        if batch is not None:
+            try:
+                errors = await batch({child: wanted for child, (_, _, wanted) in changes.items()})
+            except DataplaneError as exc:
+                errors = dict.fromkeys(changes, str(exc))
+        else:
+            for child, (_, _, wanted) in changes.items():
+                try:
+                    await self.backend.set_identity_filter(child, wanted)
+                except DataplaneError as exc:
+                    errors[child] = str(exc)
+        for child, (record, new, _) in changes.items():
+            if child in errors:
+                self.errors += 1
+                log.error("identity filter of Child SA %s not applied: %s", child, errors[child])
+                continue
+            self.filter_updates += 1
+            if new is None:
+                self.applied.pop(child, None)
+                log.info("Child SA %s of %s: no longer governed by policy (no filter)", child, record.identity)
+            else:
+                self.applied[child] = new
+                log.info(
+                    "Child SA %s of %s (policy identity %s): filter of %d selectors",
+                    child,
+                    record.identity,
+                    new.identity,
+                    len(new.selectors),
+                )
+
+    # -- running -------------------------------------------------------------------------
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._time_windows())
+            tasks.create_task(self._drops())
+
+    async def _time_windows(self) -> None:
+        while True:
+            wall = self.wall_clock()
+            await asyncio.sleep(math.floor(wall / 60.0) * 60.0 + 60.0 - wall + 0.01)
+            async with self._lock:
+                timed = [self.records[c] for c, a in self.applied.items() if a.timed and c in self.records]
+                await self._apply_many(timed)
+
+    async def _drops(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            await self.poll_drops()
+
+    async def poll_drops(self) -> None:
+        if self.backend is None:
+            return
+        try:
+            drops = await self.backend.identity_filter_drops()
+        except DataplaneError as exc:
+            log.debug("filter drops not readable: %s", exc)
+            return
+        sampled: dict[str, int] = {}
+        for child_id, header in drops.samples:
+            applied = self.applied.get(child_id)
+            if applied is None:
+                continue
+            event = DecisionEvent(
+                DecisionKind.DROP, Action.DENY, applied.identity, flow_of(header), DEFAULT_DENY, DROP_REASON, child_id
+            )
+            self.decisions.record(event)
+            sampled[child_id] = sampled.get(child_id, 0) + 1
+        for reason, counts in ((DROP_REASON, drops.denied), (OUTSIDE_REASON, drops.outside_selectors)):
+            for child_id, total in counts.items():
+                delta = total - self._seen.get((reason, child_id), 0)
+                self._seen[(reason, child_id)] = total
+                if reason == DROP_REASON:
+                    delta -= sampled.get(child_id, 0)
+                applied = self.applied.get(child_id)
+                if delta > 0 and applied is not None:
+                    event = DecisionEvent(
+                        DecisionKind.DROP, Action.DENY, applied.identity, None, DEFAULT_DENY, reason, child_id
+                    )
+                    self.decisions.record(event, delta)

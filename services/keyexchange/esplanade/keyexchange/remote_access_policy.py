@@ -1,0 +1,54 @@
+"""The access policy at IKE_AUTH: narrowing, split-tunnel routes and the connect decision log.
+
+`RemoteAccessPolicy.grant_for` is the IKE core's `EngineHooks.access_for`: it looks the
+authenticated peer up in the `AccessView` (store watch on ``policy/``) and, for a governed peer,
+returns its compiled selectors (coarsened to what one TS payload holds; the dataplane filter is
+exact) and routes, with the connection's facts (the peer's outer address; posture is not
+reported yet, so posture-bound rules stay closed). `handle` turns the core's `AccessDecided`
+events into CONNECT decision events (`DecisionEvents`: aggregated, rate-limited, never etcd).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from esplanade.keyexchange.ikev2.access import AccessDecided, AccessGrant
+from esplanade.keyexchange.ikev2.events import Event
+from esplanade.keyexchange.ikev2.ike_sa import IkeSa
+from esplanade.policy.access_view import AccessView
+from esplanade.policy.conditions import ConnectFacts
+from esplanade.policy.decision_events import DecisionEvents
+from esplanade.policy.decision_log import DecisionEvent, DecisionKind
+from esplanade.policy.evaluator import DEFAULT_DENY, Action
+
+log = logging.getLogger(__name__)
+
+
+class RemoteAccessPolicy:
+    def __init__(self, view: AccessView, decisions: DecisionEvents) -> None:
+        self.view = view
+        self.decisions = decisions
+
+    def grant_for(self, ike: IkeSa) -> AccessGrant | None:
+        access = self.view.lookup(ike.remote_identity_text())
+        if access is None:
+            return None
+        try:
+            source = ipaddress.ip_address(ike.remote[0])
+        except ValueError:
+            source = None
+        facts = ConnectFacts(source)
+        compiled = access.compiled
+        rules = tuple(sorted({r for part in compiled.connect_parts(facts) for r in part.rules}))
+        return AccessGrant(access.identity, tuple(compiled.selectors(facts)), tuple(compiled.routes(facts)), rules)
+
+    def handle(self, event: Event) -> None:
+        if not isinstance(event, AccessDecided):
+            return
+        action = Action.ALLOW if event.allowed else Action.DENY
+        rule = ",".join(event.rules) if event.allowed else DEFAULT_DENY
+        reason = f"{event.reason}; peer {event.peer_id} at {event.peer[0]}; selectors {' '.join(event.selectors)}"
+        self.decisions.record(
+            DecisionEvent(DecisionKind.CONNECT, action, event.identity, None, rule, reason, event.ike_sa)
+        )

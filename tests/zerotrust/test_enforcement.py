@@ -1,0 +1,187 @@
+"""The dataplane's policy enforcer against a real (embedded) store and a fake filtering backend:
+filters on install, on every policy change (live SAs), none for ungoverned peers, drops -> events."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from esplanade.dataplane.backend import FilterDrops
+from esplanade.dataplane.policy_enforcement import PolicyEnforcer
+from esplanade.ipsec.sa import ChildSaRecord
+from esplanade.ipsec.selectors import TrafficSelector
+from esplanade.policy.access_view import AccessTable, AccessView, ike_id_from_peer_text
+from esplanade.policy.compiler import PolicyCompiler
+from esplanade.policy.decision_events import DecisionEvents
+from esplanade.policy.decision_log import DecisionKind
+from esplanade.policy.decode import encode_document, object_to_document
+from esplanade.policy.policy_file import load_policy_yaml
+from esplanade.store import schema
+from esplanade.store.base import Store
+from esplanade.store.embedded import EmbeddedStore
+from tests.conditions import async_wait_until
+from tests.dataplane.service.test_reconciler import record
+
+POLICY = """
+version: 1
+sites:
+  - {id: hq, networks: [10.50.0.0/16]}
+groups:
+  - {id: eng}
+  - {id: sales}
+identities:
+  - {id: alice, ike_ids: ["email:alice@corp.test"], groups: [eng]}
+  - {id: bob, ike_ids: ["fqdn:bob.corp.test"], groups: [sales]}
+resources:
+  - {id: web, destination: 10.50.1.10, protocol: tcp, ports: [443], site: hq}
+  - {id: crm, destination: 10.50.2.20, protocol: tcp, ports: [8080], site: hq}
+rules:
+  - {id: eng-web, groups: [eng], resources: [web]}
+  - {id: sales-crm, groups: [sales], resources: [crm]}
+"""
+
+
+def holds(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return predicate()
+
+    return check
+
+
+class FilteringBackend:
+    def __init__(self) -> None:
+        self.filters: dict[str, list[str] | None] = {}
+        self.calls = 0
+        self.batches = 0
+        self.denied: dict[str, int] = {}
+        self.samples: list[tuple[str, bytes]] = []
+
+    async def set_identity_filter(self, child_sa_id: str, selectors: list[TrafficSelector] | None) -> None:
+        self.calls += 1
+        self.filters[child_sa_id] = None if selectors is None else sorted(str(s) for s in selectors)
+
+    async def set_identity_filters(self, filters: dict[str, list[TrafficSelector] | None]) -> dict[str, str]:
+        """The batch form (the userspace backend's): one call for every SA a change touches."""
+        self.batches += 1
+        for child_sa_id, selectors in filters.items():
+            await self.set_identity_filter(child_sa_id, selectors)
+        return {}
+
+    async def identity_filter_drops(self) -> FilterDrops:
+        samples, self.samples = self.samples, []
+        return FilterDrops(dict(self.denied), {}, samples)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with EmbeddedStore(tmp_path / "state.db") as opened:
+        yield opened
+
+
+async def write_policy(store: Store, text: str) -> None:
+    """What the policy service leaves in the store: objects and compiled documents."""
+    model = load_policy_yaml(text)
+    compiler = PolicyCompiler()
+    compiler.load(model)
+    old, _ = await store.range(schema.prefix("policy"))
+    wanted: dict[str, bytes] = {}
+    for identity in model.identities.values():
+        wanted[schema.policy_object("identities", identity.id)] = encode_document(object_to_document(identity))
+    for identity, doc in compiler.documents().items():
+        wanted[schema.compiled_policy(identity)] = encode_document(doc)
+    for kv in old:
+        if kv.key not in wanted:
+            await store.delete(kv.key)
+    for key, value in wanted.items():
+        await store.put(key, value)
+
+
+def peer(child_id: str, spi: int, identity: str) -> ChildSaRecord:
+    return dataclasses.replace(record(child_id, spi), identity=identity)
+
+
+async def test_filters_follow_the_policy_on_live_sas(store: Store) -> None:
+    await write_policy(store, POLICY)
+    view = AccessView(store)
+    backend = FilteringBackend()
+    enforcer = PolicyEnforcer(backend, view, DecisionEvents("test"))
+    task = asyncio.create_task(view.run())
+    try:
+        await asyncio.wait_for(view.ready.wait(), 5)
+        await enforcer.on_installed(peer("a1", 0x1000, "alice@corp.test"))
+        await enforcer.on_installed(peer("a2", 0x1100, "alice@corp.test"))  # a second device or rekey
+        await enforcer.on_installed(peer("b1", 0x2000, "bob.corp.test"))
+        await enforcer.on_installed(peer("s1", 0x3000, "site-b.corp.test"))  # not a policy identity
+        web, crm = ["10.50.1.10/32[tcp/443]"], ["10.50.2.20/32[tcp/8080]"]
+        assert backend.filters == {"a1": web, "a2": web, "b1": crm}
+
+        # eng loses its rule: alice's live SAs are cut to nothing in one batch; bob's is not touched
+        calls, batches = backend.calls, backend.batches
+        await write_policy(store, POLICY.replace("  - {id: eng-web, groups: [eng], resources: [web]}\n", ""))
+        await async_wait_until(
+            holds(lambda: backend.filters["a1"] == backend.filters["a2"] == []), timeout=5, what="alice cut"
+        )
+        assert backend.filters["b1"] == crm
+        assert (backend.calls, backend.batches) == (calls + 2, batches + 1)
+
+        # eng is granted web and crm: the live SA widens again
+        await write_policy(store, POLICY.replace("resources: [web]}", "resources: [web, crm]}"))
+        await async_wait_until(
+            holds(lambda: backend.filters["a1"] == ["10.50.1.10/32[tcp/443]", "10.50.2.20/32[tcp/8080]"]),
+            timeout=5,
+            what="alice's filter widened",
+        )
+        # alice's binding goes: her SA is no longer governed (no filter)
+        await write_policy(store, POLICY.replace('ike_ids: ["email:alice@corp.test"], ', ""))
+        await async_wait_until(holds(lambda: backend.filters["a1"] is None), timeout=5, what="alice unbound")
+        await enforcer.on_removed("a1")
+        assert "a1" not in enforcer.applied
+    finally:
+        task.cancel()
+
+
+async def test_drops_become_aggregated_decision_events(store: Store) -> None:
+    await write_policy(store, POLICY)
+    view = AccessView(store)
+    backend = FilteringBackend()
+    decisions = DecisionEvents("test")
+    enforcer = PolicyEnforcer(backend, view, decisions)
+    task = asyncio.create_task(view.run())
+    try:
+        await asyncio.wait_for(view.ready.wait(), 5)
+        await enforcer.on_installed(peer("a1", 0x1000, "alice@corp.test"))
+        header = ipv4_tcp("10.99.0.1", "10.50.1.10", 40000, 22)
+        backend.samples = [("a1", header)]
+        backend.denied = {"a1": 1000}
+        await enforcer.poll_drops()
+        records = list(decisions.recent)
+        first = records[0]
+        assert first.event is not None and first.event.kind == DecisionKind.DROP
+        assert first.event.identity == "alice" and first.event.child_sa == "a1"
+        doc = first.to_document()
+        assert (doc["dst"], doc["dst_port"], doc["protocol"]) == ("10.50.1.10", 22, 6)
+        # 999 unsampled drops: one immediate record, the rest counted, not 999 lines
+        assert len(records) <= 2
+        await enforcer.poll_drops()  # no growth: nothing new
+        assert len(decisions.recent) == len(records)
+    finally:
+        task.cancel()
+
+
+def ipv4_tcp(src: str, dst: str, sport: int, dport: int) -> bytes:
+    ip = bytes([0x45, 0, 0, 40, 0, 1, 0, 0, 64, 6, 0, 0]) + socket.inet_aton(src) + socket.inet_aton(dst)
+    return ip + sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes(16)
+
+
+def test_peer_identity_text_maps_to_the_policy_form() -> None:
+    assert str(ike_id_from_peer_text("Alice@Corp.Test")) == "email:Alice@corp.test"
+    assert str(ike_id_from_peer_text("GW.corp.test")) == "fqdn:gw.corp.test"
+    assert str(ike_id_from_peer_text("192.0.2.7")) == "ip:192.0.2.7"
+    assert str(ike_id_from_peer_text("C=CH, O=Example, CN=alice")) == "dn:C=CH, O=Example, CN=alice"
+    assert ike_id_from_peer_text("%any") is None
+    assert AccessTable().lookup("alice@corp.test") is None

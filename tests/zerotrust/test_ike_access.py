@@ -1,0 +1,73 @@
+"""IKE_AUTH under the access policy (sans-IO, two in-memory peers): narrowing to the grant
+(several selectors per payload), split-tunnel routes from the grant, the connect decision."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from esplanade.ipsec.selectors import TrafficSelector
+from esplanade.keyexchange.config import PoolConfig
+from esplanade.keyexchange.ikev2.access import AccessDecided, AccessGrant
+from esplanade.keyexchange.ikev2.constants import NotifyType
+from esplanade.keyexchange.ikev2.events import ChildSaEstablished, IkeSaEstablished, NegotiationFailed
+from esplanade.keyexchange.ikev2.ike_sa import IkeSa
+from tests.keyexchange.peers import pair
+
+POOL = PoolConfig(
+    "rw",
+    ipaddress.ip_network("10.99.0.0/24"),
+    subnets=(ipaddress.ip_network("10.2.0.0/16"),),
+)
+GRANT = AccessGrant(
+    "alice",
+    (TrafficSelector.parse("10.2.1.5/32[tcp/443]"), TrafficSelector.parse("10.2.1.6/32[udp/53]")),
+    (ipaddress.ip_network("10.2.1.5/32"), ipaddress.ip_network("10.2.1.6/32")),
+    ("eng-web",),
+)
+
+
+def remote_access(grants: dict[str, AccessGrant | None]):  # type: ignore[no-untyped-def]
+    asked: list[str] = []
+
+    def access_for(ike: IkeSa) -> AccessGrant | None:
+        asked.append(ike.remote_identity_text())
+        return grants.get(ike.remote_identity_text())
+
+    net, a, b = pair(
+        a_over={"vips": ["0.0.0.0"], "child_local_ts": "0.0.0.0/0", "child_remote_ts": "0.0.0.0/0"},
+        b_over={"pools": ["rw"], "child_local_ts": "0.0.0.0/0", "child_remote_ts": "10.99.0.0/24"},
+        pools={"rw": POOL},
+        access_for=access_for,
+    )
+    a.engine.initiate("ab", net.now)
+    net.run()
+    return a, b, asked
+
+
+def test_governed_peer_is_narrowed_to_its_grant_and_gets_its_routes() -> None:
+    a, b, asked = remote_access({"a.test": GRANT})
+    assert asked == ["a.test"]  # the responder asks once, for the authenticated initiator
+    est = a.of(IkeSaEstablished)[0]
+    assert est.split_subnets == ("10.2.1.5/32", "10.2.1.6/32")  # not the pool's 10.2.0.0/16
+    record = a.of(ChildSaEstablished)[0].record
+    assert sorted(str(t) for t in record.outbound.remote_ts) == ["10.2.1.5/32[tcp/443]", "10.2.1.6/32[udp/53]"]
+    decided = b.of(AccessDecided)
+    assert len(decided) == 1 and decided[0].allowed and decided[0].identity == "alice"
+    assert decided[0].rules == ("eng-web",)
+
+
+def test_grant_of_nothing_refuses_the_child_sa_with_ts_unacceptable() -> None:
+    a, b, _ = remote_access({"a.test": AccessGrant("bob", (), (), ())})
+    assert a.of(IkeSaEstablished) and not a.of(ChildSaEstablished)
+    assert a.of(NegotiationFailed)[0].notify == NotifyType.TS_UNACCEPTABLE
+    decided = b.of(AccessDecided)
+    assert len(decided) == 1 and not decided[0].allowed and "grants identity 'bob' nothing" in decided[0].reason
+
+
+def test_peer_not_bound_to_a_policy_identity_keeps_the_connection_selectors() -> None:
+    a, b, _ = remote_access({})
+    est = a.of(IkeSaEstablished)[0]
+    assert est.split_subnets == ("10.2.0.0/16",)
+    record = a.of(ChildSaEstablished)[0].record
+    assert [str(t) for t in record.outbound.remote_ts] == ["0.0.0.0/0"]
+    assert not b.of(AccessDecided)
