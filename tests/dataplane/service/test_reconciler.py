@@ -16,7 +16,7 @@ from esplanade.dataplane.backend import (
     SaCounters,
     Unsupported,
 )
-from esplanade.dataplane.ownership import SaOwnership
+from esplanade.dataplane.ownership import OwnerRecord, SaOwnership
 from esplanade.dataplane.reconciler import Reconciler
 from esplanade.dataplane.sa_persistence import MemorySaPersistence
 from esplanade.ipsec.sa import ChildSaRecord, Lifetime, SecurityAssociation, UdpEncap
@@ -264,3 +264,46 @@ async def test_fresh_installs_go_together_after_the_removals_and_failures_stay_p
     assert set(reconciler.installed) == {"a", "b"}
     assert await store.get(schema.install_ack("a", "n1")) is not None
     assert await store.get(schema.install_ack("t", "n1")) is None
+
+
+async def test_reevaluate_moves_sas_through_the_hooks_and_offline_leaves_the_store_alone(store: Store) -> None:
+    """Ownership moved: SAs taken over get the enforcement hook before their ack; SAs given up
+    while the store is out of reach leave the backend only (acks and ledger stay for the next owner)."""
+    sealer = Sealer(Keyring.generate())
+    backend, persistence = BatchingBackend(), MemorySaPersistence()
+    ownership = SaOwnership("n1", mode="rendezvous", lease_id=lambda: 7)
+    reconciler = Reconciler(store, sealer, backend, "n1", ownership=ownership, persistence=persistence, lease=lambda: 0)
+    seen: list[str] = []
+
+    async def installed(rec: ChildSaRecord) -> None:
+        assert await store.get(schema.install_ack(rec.id, "n1")) is None  # the hook goes before the ack
+        seen.append(f"installed {rec.id}")
+
+    async def removed(child_id: str) -> None:
+        seen.append(f"removed {child_id}")
+
+    reconciler.on_installed.append(installed)
+    reconciler.on_removed.append(removed)
+    for rec in (record("a", 0x9000), record("b", 0x9100)):
+        await put_record(store, sealer, rec)
+        reconciler.records[rec.id] = rec
+    assert await reconciler.reevaluate(["a", "b"]) == {}
+    assert backend.calls == []  # not owned yet: nothing to do
+
+    ownership.owners = {c: OwnerRecord("n1", 7, 1) for c in ("a", "b")}
+    assert await reconciler.reevaluate(["a", "b"]) == {}
+    assert backend.calls == ["batch a b"]
+    assert seen == ["installed a", "installed b"]
+    assert await store.get(schema.install_ack("a", "n1")) is not None
+    await persistence.start_child("a", 0x9001, 0x9000, 1000)
+    await store.delete(schema.child_sa("a"))
+    reconciler.records.pop("a")  # gone from the store too: online this would forget its ledger
+
+    ownership.lease_valid = lambda: False  # partition
+    assert await reconciler.reevaluate(["a", "b"], offline=True) == {}
+    assert backend.calls[1:] == ["delete a", "delete b"]
+    assert seen[2:] == ["removed a", "removed b"]
+    assert reconciler.installed == {}
+    assert await store.get(schema.install_ack("a", "n1")) is not None  # goes with the lease
+    assert await store.get(schema.install_ack("b", "n1")) is not None
+    assert 0x9001 in persistence.sequence  # the ledger entries stay

@@ -166,3 +166,13 @@ async def test_a_batch_with_one_key_taken_claims_the_others_in_one_transaction(s
     assert await ledger.start_children(claims, 1000) == [(1, 1000, 0), (1001, 2000, 0), (1, 1000, 0)]
     assert await store.ping() == before + 2  # c1 and c3 together, c2 after reading
     assert ledger.fast_starts == 2
+
+
+async def test_a_floor_asked_for_after_a_hand_over_is_written_again(store: Store) -> None:
+    """The hand-over lowered the durable floor below what this incarnation remembered writing:
+    a later ask for the old floor (the SA back on this node) must reach the store."""
+    ledger = StoreSaPersistence(store, "n1")
+    await ledger.persist_replay_floor("c1", SPI, 65536)
+    await ledger.hand_over_replay_floor("c1", SPI, 700)
+    await ledger.persist_replay_floor("c1", SPI, 65536)
+    assert (await stored(store, schema.replay_high_water(SPI)))["upto"] == 65536
