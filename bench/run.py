@@ -16,7 +16,13 @@ import traceback
 from bench.records import Figure
 from bench.report import write_results
 
-BENCHMARKS: list[str] = ["esp_fastpath", "dataplane_throughput", "ike_setup_rate", "policy_propagation"]
+BENCHMARKS: list[str] = [
+    "esp_fastpath",
+    "dataplane_throughput",
+    "ike_setup_rate",
+    "scaleout",
+    "policy_propagation",
+]
 
 
 def main(argv: list[str]) -> int:

@@ -149,8 +149,9 @@ class DataplaneSettings(Section):
     )
     replay_block: int = Field(
         1 << 16,
-        ge=1024,
-        description="Inbound replay floor persisted this far ahead of the highest accepted number.",
+        ge=64,
+        description="Inbound replay floor persisted this far ahead of the highest accepted number"
+        " (after a failover the new owner drops up to this many of the peer's packets).",
     )
     kernel_state_file: Path | None = Field(
         None,
@@ -168,6 +169,21 @@ class DataplaneSettings(Section):
         0, ge=0, le=99, description="SCHED_FIFO priority of the userspace workers (0: normal scheduling)."
     )
     lease_seconds: int = Field(5, ge=1, description="Membership lease TTL (failover bound).")
+    lease_margin_seconds: float = Field(
+        0.5, ge=0, description="A lease counts as ours until last keepalive send time + TTL - this margin."
+    )
+    ownership: Literal["single", "rendezvous"] = Field(
+        "single",
+        description="`single`: this node carries every SA in the store; `rendezvous`: nodes sharing the store"
+        " split the SAs by rendezvous hashing (owner records under each node's lease).",
+    )
+    steering_interface: str = Field(
+        "", description="Scale-out: interface where the owner adds each tunnel's local address (empty: none)."
+    )
+    steering_inner: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Scale-out: tunnel address -> inner gateway addresses (`lan0=10.9.0.1/24`) that move with it.",
+    )
     flow_log_path: Path = Field(
         Path("/var/lib/esplanade/flows.db"),
         description="Local flow log of this node, an append-only SQLite journal (never in the store).",
@@ -207,6 +223,11 @@ class KeyexchangeSettings(Section):
         10, ge=0, description="Half-open IKE SAs before COOKIEs are demanded (RFC 7296 §2.6)."
     )
     lease_seconds: int = Field(5, ge=1, description="Membership lease TTL for IKE SA takeover.")
+    share_ike_sas: bool = Field(
+        False,
+        description="Scale-out: persist every IKE SA after each completed exchange (`sas/ike/`), own it under"
+        " this instance's lease (`keyexchange/owners/`) and take over those of instances that died.",
+    )
     cookie_threshold_ip: int = Field(
         3, ge=0, description="Half-open IKE SAs from one address before COOKIEs are demanded of it (0: off)."
     )

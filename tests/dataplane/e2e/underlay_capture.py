@@ -48,8 +48,11 @@ class UnderlayCapture:
     """tcpdump on `interface`; on stop it sends a sentinel datagram out of the same interface and
     stops only once the sentinel is in the file, so everything sent before it was written."""
 
-    def __init__(self, node: Node, path: Path, expression: str, interface: str = "ul0", peer: str = "") -> None:
+    def __init__(
+        self, node: Node, path: Path, expression: str, interface: str = "ul0", peer: str = "", snaplen: int = 96
+    ) -> None:
         self.node = node
+        self.snaplen = snaplen
         self.path = path
         self.interface = interface
         self.peer = peer or (node.underlay_addr[:-1] + ("2" if node.underlay_addr.endswith("1") else "1"))
@@ -72,7 +75,7 @@ class UnderlayCapture:
                 "-B",
                 "65536",
                 "-s",
-                "96",
+                str(self.snaplen),
                 "-U",
                 "-w",
                 str(self.path),
@@ -142,14 +145,19 @@ class UnderlayCapture:
 
     # -- reading --------------------------------------------------------------------------
     def frames(self) -> Iterator[bytes]:
+        for _, frame in self.timed_frames():
+            yield frame
+
+    def timed_frames(self) -> Iterator[tuple[float, bytes]]:
+        """(capture time, wall clock seconds; Ethernet frame) in capture order."""
         data = self.path.read_bytes()
         magic, _, _, _, _, _, linktype = _PCAP_HEADER.unpack_from(data)
         assert magic == _PCAP_MAGIC and linktype == _LINKTYPE_ETHERNET, (hex(magic), linktype)
         offset = _PCAP_HEADER.size
         while offset + _RECORD.size <= len(data):
-            _, _, captured, _ = _RECORD.unpack_from(data, offset)
+            seconds, micros, captured, _ = _RECORD.unpack_from(data, offset)
             offset += _RECORD.size
-            yield data[offset : offset + captured]
+            yield seconds + micros / 1e6, data[offset : offset + captured]
             offset += captured
 
     def ip_packets(self) -> Iterator[bytes]:

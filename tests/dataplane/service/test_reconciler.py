@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from esplanade.dataplane.backend import BackendStatus, DataplaneEvent, NotFound, SaCounters, Unsupported
-from esplanade.dataplane.ownership import SaOwnership
+from esplanade.dataplane.backend import (
+    BackendStatus,
+    DataplaneError,
+    DataplaneEvent,
+    NotFound,
+    SaCounters,
+    Unsupported,
+)
+from esplanade.dataplane.ownership import OwnerRecord, SaOwnership
 from esplanade.dataplane.reconciler import Reconciler
 from esplanade.dataplane.sa_persistence import MemorySaPersistence
 from esplanade.ipsec.sa import ChildSaRecord, Lifetime, SecurityAssociation, UdpEncap
@@ -218,3 +225,85 @@ async def test_a_policy_naming_a_child_sa_not_seen_yet_waits_for_it(store: Store
     await reconciler._apply_policy(kv.key, kv, kv.mod_revision)  # type: ignore[union-attr]
     assert "p2" not in backend.policies
     await async_wait_until(lambda: _async_value("p2" in backend.policies), timeout=5, what="applied after the bound")
+
+
+class BatchingBackend(FakeBackend):
+    """A backend with `install_child_sas`: fresh installs arrive together."""
+
+    async def install_child_sas(self, records: list[ChildSaRecord]) -> list[DataplaneError | None]:
+        self.calls.append("batch " + " ".join(r.id for r in records))
+        outcomes: list[DataplaneError | None] = []
+        for rec in records:
+            if rec.inbound.mode == Mode.TRANSPORT:
+                outcomes.append(Unsupported("no transport mode here"))
+            else:
+                self.children[rec.id] = rec
+                outcomes.append(None)
+        return outcomes
+
+
+async def test_fresh_installs_go_together_after_the_removals_and_failures_stay_per_sa(store: Store) -> None:
+    sealer = Sealer(Keyring.generate())
+    backend = BatchingBackend()
+    reconciler = Reconciler(
+        store, sealer, backend, "n1", ownership=SaOwnership("n1"), persistence=MemorySaPersistence()
+    )
+    await put_record(store, sealer, record("gone", 0x8000))
+    await reconciler._apply_child(schema.child_sa("gone"), await store.get(schema.child_sa("gone")), 1)
+    await store.delete(schema.child_sa("gone"))
+    reconciler.records.pop("gone")
+    for rec in (record("a", 0x9000), record("b", 0x9100), record("t", 0x9200, mode=Mode.TRANSPORT)):
+        await put_record(store, sealer, rec)
+        reconciler.records[rec.id] = rec
+    backend.calls.clear()
+
+    errors = await reconciler.reevaluate(["a", "gone", "b", "t"])
+
+    assert backend.calls == ["delete gone", "batch a b t"]
+    assert set(errors) == {"t"} and "transport" in errors["t"]
+    assert set(reconciler.installed) == {"a", "b"}
+    assert await store.get(schema.install_ack("a", "n1")) is not None
+    assert await store.get(schema.install_ack("t", "n1")) is None
+
+
+async def test_reevaluate_moves_sas_through_the_hooks_and_offline_leaves_the_store_alone(store: Store) -> None:
+    """Ownership moved: SAs taken over get the enforcement hook before their ack; SAs given up
+    while the store is out of reach leave the backend only (acks and ledger stay for the next owner)."""
+    sealer = Sealer(Keyring.generate())
+    backend, persistence = BatchingBackend(), MemorySaPersistence()
+    ownership = SaOwnership("n1", mode="rendezvous", lease_id=lambda: 7)
+    reconciler = Reconciler(store, sealer, backend, "n1", ownership=ownership, persistence=persistence, lease=lambda: 0)
+    seen: list[str] = []
+
+    async def installed(rec: ChildSaRecord) -> None:
+        assert await store.get(schema.install_ack(rec.id, "n1")) is None  # the hook goes before the ack
+        seen.append(f"installed {rec.id}")
+
+    async def removed(child_id: str) -> None:
+        seen.append(f"removed {child_id}")
+
+    reconciler.on_installed.append(installed)
+    reconciler.on_removed.append(removed)
+    for rec in (record("a", 0x9000), record("b", 0x9100)):
+        await put_record(store, sealer, rec)
+        reconciler.records[rec.id] = rec
+    assert await reconciler.reevaluate(["a", "b"]) == {}
+    assert backend.calls == []  # not owned yet: nothing to do
+
+    ownership.owners = {c: OwnerRecord("n1", 7, 1) for c in ("a", "b")}
+    assert await reconciler.reevaluate(["a", "b"]) == {}
+    assert backend.calls == ["batch a b"]
+    assert seen == ["installed a", "installed b"]
+    assert await store.get(schema.install_ack("a", "n1")) is not None
+    await persistence.start_child("a", 0x9001, 0x9000, 1000)
+    await store.delete(schema.child_sa("a"))
+    reconciler.records.pop("a")  # gone from the store too: online this would forget its ledger
+
+    ownership.lease_valid = lambda: False  # partition
+    assert await reconciler.reevaluate(["a", "b"], offline=True) == {}
+    assert backend.calls[1:] == ["delete a", "delete b"]
+    assert seen[2:] == ["removed a", "removed b"]
+    assert reconciler.installed == {}
+    assert await store.get(schema.install_ack("a", "n1")) is not None  # goes with the lease
+    assert await store.get(schema.install_ack("b", "n1")) is not None
+    assert 0x9001 in persistence.sequence  # the ledger entries stay

@@ -78,6 +78,15 @@ async def test_replay_floors_only_rise_and_belong_to_their_child_sa(store: Store
     assert await store.get(schema.replay_high_water(SPI)) is None
 
 
+async def test_a_graceful_hand_over_sets_the_floor_to_the_exact_top(store: Store) -> None:
+    old, new = StoreSaPersistence(store, "n1"), StoreSaPersistence(store, "n2")
+    await old.persist_replay_floor("c1", SPI, 65536 + 700)  # block-ahead while it was running
+    await old.hand_over_replay_floor("c1", SPI, 700)  # removed: it accepted nothing above 700
+    assert await new.replay_floor("c1", SPI) == 700
+    await old.hand_over_replay_floor("another", SPI, 5)  # never the floor of another SA
+    assert await new.replay_floor("c1", SPI) == 700
+
+
 async def test_a_new_child_sa_claims_its_block_in_one_transaction(store: Store) -> None:
     ledger = StoreSaPersistence(store, "n1")
     before = await store.ping()
@@ -157,3 +166,13 @@ async def test_a_batch_with_one_key_taken_claims_the_others_in_one_transaction(s
     assert await ledger.start_children(claims, 1000) == [(1, 1000, 0), (1001, 2000, 0), (1, 1000, 0)]
     assert await store.ping() == before + 2  # c1 and c3 together, c2 after reading
     assert ledger.fast_starts == 2
+
+
+async def test_a_floor_asked_for_after_a_hand_over_is_written_again(store: Store) -> None:
+    """The hand-over lowered the durable floor below what this incarnation remembered writing:
+    a later ask for the old floor (the SA back on this node) must reach the store."""
+    ledger = StoreSaPersistence(store, "n1")
+    await ledger.persist_replay_floor("c1", SPI, 65536)
+    await ledger.hand_over_replay_floor("c1", SPI, 700)
+    await ledger.persist_replay_floor("c1", SPI, 65536)
+    assert (await stored(store, schema.replay_high_water(SPI)))["upto"] == 65536

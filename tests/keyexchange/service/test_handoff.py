@@ -152,6 +152,27 @@ async def test_a_replacing_child_sa_and_the_old_ones_delete_in_flight_together(s
     assert set(await _keys(store, "sas", "child")) == {new.child_id}
 
 
+async def test_two_instances_never_reserve_the_same_spi(store: EmbeddedStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scale-out: instances draw SPIs independently; the CAS create in `spi/` settles every collision."""
+    import itertools
+
+    from esplanade.keyexchange import spi_reservations
+
+    # both instances draw from the same short sequence, so most draws collide
+    sequence = itertools.cycle(range(0x1000, 0x1000 + 24))
+    monkeypatch.setattr(spi_reservations.os, "urandom", lambda n: next(sequence).to_bytes(n, "big"))
+    first = SpiReservations(store, "kx-a", size=8)
+    second = SpiReservations(store, "kx-b", size=8)
+    await first.fill()
+    await second.fill()
+    a = {first.take() for _ in range(8)}
+    b = {second.take() for _ in range(8)}
+    assert len(a) == 8 and len(b) == 8 and not a & b
+    owners = await _keys(store, "spi")
+    assert all(owners[f"{spi:08x}"]["instance"] == "kx-a" for spi in a)
+    assert all(owners[f"{spi:08x}"]["instance"] == "kx-b" for spi in b)
+
+
 def test_merged_steps_keep_the_conditions_and_the_last_op_of_each_key() -> None:
     a = StoreStep([Compare("/s/1", 5)], [Put("/r/1", b"a"), Put("/p/x", b"one")])
     b = StoreStep([], [Delete("/r/1"), Put("/p/x", b"two"), Put("/p/y", b"y")])

@@ -8,13 +8,15 @@ leave from the local port it names (500 as they are, 4500 with the marker added;
 of the single byte 0xFF on 4500 is a NAT keep-alive and leaves without it, RFC 3948 §2.3).
 
 Routing over several connected keyexchange instances: every message of an IKE SA carries
-the initiator's SPI (the first 8 bytes of the IKE header, RFC 7296 §3.1), so the stream is
-picked by rendezvous hashing of that SPI over the connected streams: the stream whose
-sha256(stream key || SPI) is highest wins. All messages of one IKE SA go to the same
-instance, and when an instance connects or goes away only the SAs that hash to it move.
-A stream's key is the `esplanade-instance` metadata of the call (stable across reconnects
-of one keyexchange instance), or a per-connection token. Ownership of IKE SAs by
-keyexchange instances (`keyexchange/owners/`) will refine this later.
+the initiator's SPI (the first 8 bytes of the IKE header, RFC 7296 §3.1). If an owner record
+(`keyexchange/owners/<ike id>`, followed by `IkeOwnerRoutes`) names the instance holding the
+IKE SA with that SPI and its stream is connected, the datagram goes there. Otherwise the
+stream is picked by rendezvous hashing of the SPI over the connected streams
+(`esplanade.cluster.rendezvous.choose(spi.hex(), stream keys)`): new IKE SAs spread over the
+instances, an instance that initiates picks SPIs that hash to itself, and after an instance
+died the survivor that takes an IKE SA over is the same rendezvous winner (over the live
+instances). A stream's key is the `esplanade-instance` metadata of the call (the instance
+name, stable across reconnects), or a per-connection token.
 
 Nothing here parses IKE beyond those 8 bytes; anything shorter is dropped and counted.
 
@@ -26,13 +28,13 @@ a busy relay sends a few messages instead of many). A stream's queue is the same
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from esplanade.cluster.rendezvous import choose
 from esplanade.v1 import dataplane_pb2
 
 log = logging.getLogger(__name__)
@@ -75,10 +77,6 @@ class RelayStream:
         self.queue.put_nowait(None)
 
 
-def rendezvous_score(stream_key: str, spi: bytes) -> int:
-    return int.from_bytes(hashlib.sha256(stream_key.encode() + b"\0" + spi).digest()[:8], "big")
-
-
 class IkeRelay:
     def __init__(self, ike_port: int = 500, natt_port: int = 4500) -> None:
         self.ike_port = ike_port
@@ -87,6 +85,7 @@ class IkeRelay:
         self._tokens = itertools.count(1)
         self._senders: dict[int, IkeSender] = {}
         self.counters: Counter[str] = Counter()
+        self.owners: dict[bytes, str] = {}  # IKE initiator SPI -> instance holding the IKE SA
 
     # -- streams ------------------------------------------------------------------------
     def attach(self, key: str = "") -> RelayStream:
@@ -106,13 +105,13 @@ class IkeRelay:
         return len(self._streams)
 
     def choose(self, spi: bytes) -> RelayStream | None:
-        best: RelayStream | None = None
-        best_score = -1
-        for stream in self._streams.values():
-            score = rendezvous_score(stream.key, spi)
-            if score > best_score:
-                best, best_score = stream, score
-        return best
+        by_key = {stream.key: stream for stream in self._streams.values()}  # the newest stream of a key
+        owner = self.owners.get(spi)
+        if owner is not None and owner in by_key:
+            self.counters["routed_by_owner"] += 1
+            return by_key[owner]
+        key = choose(spi.hex(), list(by_key))
+        return by_key[key] if key is not None else None
 
     # -- from the network ---------------------------------------------------------------
     def deliver(self, local_addr: str, local_port: int, remote_addr: str, remote_port: int, payload: bytes) -> None:

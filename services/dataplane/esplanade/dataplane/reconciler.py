@@ -18,6 +18,10 @@ before new ones come (an SPI may pass from one to the next), and the new ones ar
 together (`install_child_sas`: one ledger transaction, their worker messages at once) with
 their acks in one store transaction; the acks and ledger entries of the Child SAs that go
 are deleted in one transaction too.
+
+Scale-out: when ownership moves (`ownership_sync`), `reevaluate` installs what this node now
+carries among the Child SAs it names and removes what it no longer carries, through the same
+batches; offline (the lease no longer provable) it touches the backend only.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ CHILD_WAIT_SECONDS = 2.0
 
 
 BATCH_MAX = 64  # Child SAs per install batch (two store ops each stay within MAX_TXN_OPS)
+# Child SAs per batch when ownership moves (a take-over of thousands): their worker installs are
+# in flight together and stay well inside the worker request timeout (5 s) even at ~100 ms an
+# install on a starved machine (256 did not).
+REEVALUATE_BATCH = 32
 
 
 class UpdatableBackend(Protocol):
@@ -117,6 +125,8 @@ class Reconciler:
         # with the id of each one removed: the policy enforcer puts the identity filter on it.
         self.on_installed: list[Callable[[ChildSaRecord], Awaitable[None]]] = []
         self.on_removed: list[Callable[[str], Awaitable[None]]] = []
+        # called after Child SA records appeared, changed or went (scale-out ownership follows)
+        self.on_records_changed: list[Callable[[], None]] = []
 
     # -- waiting for writes -------------------------------------------------------------
     async def wait_applied(self, key: str, revision: int) -> DataplaneError | None:
@@ -223,9 +233,41 @@ class Reconciler:
                     if error is not None:
                         log.error("Child SA %s: %s", child_id_of(key), error)
                     self._done(key, revision, error)
+            for callback in self.on_records_changed:
+                callback()
             for key, _ in chunk:
                 if child_id_of(key) in self._awaiting_child:
                     await self._release_waiting(child_id_of(key))
+
+    async def reevaluate(self, child_ids: list[str], *, offline: bool = False) -> dict[str, str]:
+        """Ownership changed: install what this node now carries among `child_ids`, remove what
+        it no longer carries. `offline`: the store is out of reach (lease no longer provable),
+        touch only the backend. Removals go first (they free SPIs), then the installs in
+        batches (`install_child_sas`, acks in one transaction each). Returns the errors by
+        Child SA id."""
+        errors: dict[str, DataplaneError] = {}
+        leaving = [c for c in child_ids if not self._carried(c)]
+        for at in range(0, len(leaving), REEVALUATE_BATCH):
+            async with self._lock:
+                keys = [schema.child_sa(c) for c in leaving[at : at + REEVALUATE_BATCH] if not self._carried(c)]
+                errors.update(await self._uninstall_children(keys, offline=offline))
+        staying = [c for c in child_ids if self._carried(c)]
+        for at in range(0, len(staying), REEVALUATE_BATCH):
+            async with self._lock:  # ownership may have moved while the lock was free: ask again
+                wanted = [
+                    (schema.child_sa(c), self.records[c])
+                    for c in staying[at : at + REEVALUATE_BATCH]
+                    if self._carried(c)
+                ]
+                errors.update(await self._install_children(wanted))
+        for key, error in errors.items():
+            self.errors[key] = str(error)
+            log.error("Child SA %s: %s", child_id_of(key), error)
+        return {child_id_of(key): str(error) for key, error in errors.items()}
+
+    def _carried(self, child_id: str) -> bool:
+        record = self.records.get(child_id)
+        return record is not None and self.ownership.owns(record)
 
     async def _apply_chunk(self, chunk: list[tuple[str, tuple[KeyValue | None, int]]]) -> dict[str, DataplaneError]:
         """Removals first, then the installs together; each key's error (absent: applied)."""
@@ -328,9 +370,10 @@ class Reconciler:
         if error is not None:
             raise error
 
-    async def _uninstall_children(self, keys: list[str]) -> dict[str, DataplaneError]:
+    async def _uninstall_children(self, keys: list[str], *, offline: bool = False) -> dict[str, DataplaneError]:
         """Take the Child SAs out of the backend; delete their acks, and the ledger entries of
-        those gone from the store, in one transaction."""
+        those gone from the store, in one transaction (`offline`: the backend only; the acks
+        go with the lease, the ledger keys stay for the next owner)."""
         errors: dict[str, DataplaneError] = {}
         gone: list[ChildSaRecord] = []
         for key in keys:
@@ -350,7 +393,7 @@ class Reconciler:
                     await hook(child_id)
             except DataplaneError as exc:  # it is out of the backend all the same: its ack goes
                 errors[key] = exc
-        if not gone:
+        if not gone or offline:
             return errors
         conditions: list[Compare] = []
         ops: list[Put | Delete] = [Delete(schema.install_ack(r.id, self.node)) for r in gone]

@@ -22,7 +22,10 @@ Outbound SPIs are chosen by the peers, so two Child SAs toward different peers m
 one; they then share one monotonic counter, which is safe (their keys differ).
 
 Replay floors: the highest floor an inbound SA asked for, raised monotonically; a restarted
-inbound SA rejects everything at or below it (`esp.sa_state.InboundSa`).
+inbound SA rejects everything at or below it (`esp.sa_state.InboundSa`). The one exception
+is a graceful hand-over (`hand_over_replay_floor`): the releasing node removed the inbound SA
+first, so its exact window top is a safe floor and the next owner drops none of the peer's
+packets; after a crash the block-ahead floor stands (up to a block and a half dropped).
 
 `forget` deletes both keys when the Child SA is deleted: IKE never reuses keys, so a later
 SA under the same SPI is a new SA. Manually keyed SAs must not be re-created with the keys
@@ -271,6 +274,31 @@ class StoreSaPersistence:
             self.writes += 1
             return
         raise SequenceLedgerError(f"{key} kept changing; replay floor not persisted")
+
+    async def hand_over_replay_floor(self, child_sa: str, spi: int, top: int) -> None:
+        """A graceful hand-over: this node removed the inbound SA (it accepts nothing more) and
+        still holds the owner record; `top` is the last number it accepted. The next owner may
+        accept everything above it, so the floor is set to exactly `top`, below the block-ahead
+        floor. Never used after a crash: then only the block-ahead floor is known to be safe.
+        A floor another node wrote (a later owner) or another SA's floor is left alone."""
+        key = schema.replay_high_water(spi)
+        kv = await self.store.get(key)
+        for _ in range(CAS_ATTEMPTS):
+            document = _decode(kv)
+            if kv is not None and (
+                document.get("child_sa", child_sa) != child_sa or document.get("node", self.node) != self.node
+            ):
+                return
+            value = encode_document({"upto": top, "child_sa": child_sa, "node": self.node, "handover": True})
+            try:  # a conflict is a late block-ahead write of ours (safe, only higher): lower it again
+                revision = await self.store.put(key, value, expect_mod_revision=kv.mod_revision if kv else 0)
+            except CasConflict as conflict:
+                kv = conflict.current
+                continue
+            # what is durable now: a later `persist_replay_floor` must not skip on the higher floor
+            self._replay_seen[spi] = (child_sa, revision, top)
+            self.writes += 1
+            return
 
     def forget_ops(
         self, child_sa: str, inbound_spi: int, outbound_spi: int

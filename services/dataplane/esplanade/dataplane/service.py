@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -30,16 +31,20 @@ from esplanade.dataplane.backend import DataplaneBackend, DataplaneError
 from esplanade.dataplane.backend_selection import BackendChoice, choose_backend
 from esplanade.dataplane.flow_meter import FlowMeter
 from esplanade.dataplane.flow_telemetry import FlowTelemetry
+from esplanade.dataplane.ike_owner_routes import IkeOwnerRoutes
 from esplanade.dataplane.ike_relay import IkeRelay
 from esplanade.dataplane.ike_sockets import IkeSocket
 from esplanade.dataplane.kernel.backend import KernelXfrmBackend
 from esplanade.dataplane.kernel.state_journal import KernelStateJournal
 from esplanade.dataplane.node_membership import NodeMembership
 from esplanade.dataplane.ownership import SaOwnership
+from esplanade.dataplane.ownership_metrics import OwnershipMetrics
+from esplanade.dataplane.ownership_sync import OwnershipSync
 from esplanade.dataplane.policy_enforcement import PolicyEnforcer
 from esplanade.dataplane.reconciler import Reconciler
 from esplanade.dataplane.sequence_ledger import StoreSaPersistence
 from esplanade.dataplane.servicer import SERVICE_NAME, DataplaneServicer, EventHub, ServicerParts, publish_event
+from esplanade.dataplane.tunnel_steering import SteeringSettings, TunnelSteering
 from esplanade.journal.flow_log import FlowLog
 from esplanade.policy.access_view import AccessView
 from esplanade.policy.decision_events import DecisionEvents
@@ -50,6 +55,7 @@ from esplanade.v1 import dataplane_pb2_grpc
 
 if TYPE_CHECKING:  # imported when chosen: the kernel backend never loads the userspace datapath
     from esplanade.dataplane.userspace.backend import UserspaceBackend
+    from esplanade.dataplane.userspace.netconfig import LinkConfigurator
 
 log = logging.getLogger(__name__)
 
@@ -206,18 +212,46 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
             "backend": runtime.choice.name,
             "capacity": {"workers": default_workers(dp.workers) if runtime.choice.name == "userspace" else 0},
             "pid": os.getpid(),
+            "ownership": dp.ownership,
+            # a rendezvous member takes SAs only once its reconciler has read the store
+            "accepting": dp.ownership == "single",
         },
+        margin=dp.lease_margin_seconds,
+    )
+    ownership = SaOwnership(
+        runtime.node, mode=dp.ownership, lease_id=lambda: membership.lease_id, lease_valid=membership.lease_valid
     )
     reconciler = Reconciler(
         runtime.store,
         sealer,
         backend,
         runtime.node,
-        ownership=SaOwnership(runtime.node),
+        ownership=ownership,
         persistence=runtime.persistence,
         lease=lambda: membership.lease_id,
     )
     membership.on_new_lease.append(reconciler.rewrite_acks)
+    steering: TunnelSteering | None = None
+    sync: OwnershipSync | None = None
+    if dp.ownership == "rendezvous":
+        if dp.steering_interface:
+            from esplanade.dataplane.userspace.netconfig import LinkConfigurator  # pyroute2: only when steering
+
+            links = LinkConfigurator()
+            ctx.on_stop.append(_closer(links))
+            steering = TunnelSteering(SteeringSettings(dp.steering_interface, dict(dp.steering_inner)), links._ipr)
+            steering.sweep()
+        metrics = OwnershipMetrics(runtime.node)
+        sync = OwnershipSync(
+            runtime.store,
+            ownership,
+            membership,
+            reconciler,
+            steering=steering,
+            on_moved=metrics.moved,
+            on_failover=metrics.failed_over,
+        )
+        metrics.observe(sync)
     access = AccessView(runtime.store)
     decisions = DecisionEvents(f"dataplane/{runtime.node}")
     enforcer = PolicyEnforcer(backend, access, decisions)
@@ -251,6 +285,21 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
         for sock in runtime.sockets:
             for name, count in sock.counters.items():
                 out[f"udp{sock.port}_{name}"] = str(count)
+        if sync is not None:
+            counters = sync.counters
+            out.update(
+                ownership=dp.ownership,
+                lease_valid=str(membership.lease_valid()).lower(),
+                owned_sas=str(sync.owned_count()),
+                members=",".join(sorted(sync.accepting_members())),
+                ownership_claims=str(counters.claims),
+                ownership_releases=str(counters.releases),
+                ownership_failovers=str(counters.failovers),
+                ownership_suspensions=str(counters.suspensions),
+                ownership_claim_conflicts=str(counters.claim_conflicts),
+            )
+        if steering is not None:
+            out.update(steering.status())
         return out
 
     flows = open_flow_telemetry(settings, runtime.node, backend, reconciler, relay)
@@ -280,10 +329,25 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
         await membership.registered.wait()
         # The policy view first: an SA installed from the store gets its filter before its ack.
         await access.ready.wait()
+        tasks = [asyncio.create_task(reconciler.run())]
         try:
-            await reconciler.run()
+            if sync is not None:
+                tasks.append(asyncio.create_task(sync.run()))
+                await reconciler.ready.wait()
+                await sync.ready.wait()
+                membership.document["accepting"] = True
+                await membership.update()
+            await asyncio.gather(*tasks)
         finally:
+            for task in tasks:
+                task.cancel()
             registered.cancel()
+
+    async def leave() -> None:
+        if sync is not None:
+            await sync.leave(membership.leave)
+        else:
+            await membership.leave()
 
     ctx.readiness.append(reconciler.ready.is_set)
     ctx.readiness.append(lambda: not getattr(backend, "failed", ""))
@@ -294,4 +358,12 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
     ctx.spawn(enforcer.run(), "policy-enforcer")
     ctx.spawn(decisions.run(), "decision-events")
     ctx.spawn(membership_then_reconcile(), "dataplane-reconciler")
-    ctx.on_stop.append(membership.leave)
+    ctx.spawn(IkeOwnerRoutes(runtime.store, relay).run(), "dataplane-ike-owner-routes")
+    ctx.on_stop.append(leave)
+
+
+def _closer(links: LinkConfigurator) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        links.close()
+
+    return close

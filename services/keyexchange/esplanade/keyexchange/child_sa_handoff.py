@@ -238,6 +238,23 @@ class ChildSaHandoff:
         self.orphans = orphans
         self._orphan_of_policy = {pid: cid for cid, (_, pids) in orphans.items() for pid in pids}
 
+    def adopt_written(self, records: list[tuple[ChildSaRecord, int]], policies: list[SpdPolicy]) -> None:
+        """Child SAs of an IKE SA taken over from another instance: what that instance wrote
+        (records at their revisions, the SPD entries pointing at them) becomes ours to rekey,
+        re-point and delete, as if we had written it."""
+        by_child: dict[str, list[SpdPolicy]] = {}
+        for policy in policies:
+            if policy.child_sa:
+                by_child.setdefault(policy.child_sa, []).append(policy)
+        for record, revision in records:
+            carried = by_child.get(record.id, [])
+            self.written[record.id] = WrittenChild(record, revision, tuple(p.id for p in carried))
+            self._acked.add(record.id)
+            self._carry(record.id, carried)
+            self.policies.update((p.id, p) for p in carried)
+            self.orphans.pop(record.id, None)
+        self._orphan_of_policy = {pid: cid for cid, (_, pids) in self.orphans.items() for pid in pids}
+
     def _orphan_ops(self, policies: list[SpdPolicy]) -> list[Put | Delete]:
         ops: list[Put | Delete] = []
         ours = {p.id for p in policies}

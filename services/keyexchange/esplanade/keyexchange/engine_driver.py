@@ -39,6 +39,7 @@ class IkeEngine:
         self.clock = clock
         self.transport: IkeTransport | None = None
         self.listeners: list[EventListener] = []
+        self.after_flush: list[Callable[[], None]] = []  # after each step (IKE SA state persistence)
         self.connection_of: dict[str, str] = {}  # IKE SA id -> connection (kept after it is gone, briefly)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -94,6 +95,11 @@ class IkeEngine:
                         listener(ev)
                     except Exception:
                         log.exception("IKE event listener failed on %s", type(ev).__name__)
+        for callback in self.after_flush:
+            try:
+                callback()
+            except Exception:
+                log.exception("after-flush callback failed")
         self._arm()
 
     def _note(self, ev: Event) -> None:

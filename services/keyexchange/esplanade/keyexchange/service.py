@@ -26,6 +26,7 @@ import re
 import socket
 import time
 
+from esplanade.cluster.lease_clock import LeaseClock
 from esplanade.config.settings import Settings
 from esplanade.keyexchange.child_sa_handoff import ChildSaHandoff
 from esplanade.keyexchange.connection_catalog import ConnectionCatalog
@@ -33,6 +34,7 @@ from esplanade.keyexchange.dataplane_follower import DataplaneFollower
 from esplanade.keyexchange.engine_driver import IkeEngine
 from esplanade.keyexchange.ike_event_feed import EventFeed
 from esplanade.keyexchange.ike_metrics import IkeMetrics
+from esplanade.keyexchange.ike_sa_sharing import IkeSaSharing
 from esplanade.keyexchange.ike_spans import NegotiationSpans
 from esplanade.keyexchange.ike_transports import DataplaneRelay, IkeSockets
 from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
@@ -73,6 +75,7 @@ class KeyExchangeNode:
         self.boot = os.urandom(3).hex()
         self.id_prefix = f"{self.instance}-{self.boot}."
         self.lease_id = 0
+        self.lease_clock = LeaseClock(margin=min(0.5, kx.lease_seconds / 4))
         self._access_task: asyncio.Task[None] | None = None
         self.spis = SpiReservations(store, self.instance, size=kx.spi_pool, lease=lambda: self.lease_id)
         self.access = AccessView(store)
@@ -88,10 +91,14 @@ class KeyExchangeNode:
             id_prefix=self.id_prefix,
             allocate_spi=self.spis.take,
             now=time.monotonic(),
+            new_ike_spi=lambda: self.sharing.choose_spi() if self.sharing is not None else os.urandom(8),
             access_for=self.access_policy.grant_for,
         )
         self.engine = IkeEngine(dispatcher)
         self.handoff = ChildSaHandoff(store, sealer, self.spis, self.engine.inbound_sa_installed)
+        self.sharing: IkeSaSharing | None = None
+        if kx.share_ike_sas:
+            self.sharing = IkeSaSharing(store, sealer, self.engine, self.handoff, self.instance, lambda: self.lease_id)
         self.handoff.on_write_failed = self._write_failed
         self.catalog = ConnectionCatalog(store, sealer, self.engine)
         self.feed = EventFeed(lambda ike: self.engine.connection_of.get(ike, ""))
@@ -138,23 +145,36 @@ class KeyExchangeNode:
 
     # -- membership --------------------------------------------------------------------------
     async def register(self) -> None:
+        sent_at = time.monotonic()
         lease = await self.store.grant_lease(self.settings.keyexchange.lease_seconds)
         self.lease_id = lease.id
+        self.lease_clock.granted(lease.id, lease.ttl, sent_at)
         doc = {"boot": self.boot, "id_prefix": self.id_prefix, "started_at": time.time()}
         await self.store.put(schema.keyexchange_instance(self.instance), encode_document(doc), lease=lease.id)
 
     async def keep_registered(self) -> None:
-        interval = max(0.5, self.settings.keyexchange.lease_seconds / 3)
+        ttl = self.settings.keyexchange.lease_seconds
+        interval = max(0.1, ttl / 4)
         while True:
             await asyncio.sleep(interval)
+            if self.sharing is not None and not self.lease_clock.valid(time.monotonic()):
+                self.sharing.suspend()  # a survivor may take our IKE SAs over: stop speaking for them
             try:
-                await self.store.keepalive(self.lease_id)
+                sent_at = time.monotonic()
+                answer = await asyncio.wait_for(self.store.keepalive(self.lease_id), timeout=interval)
+                self.lease_clock.renewed(self.lease_id, answer, sent_at)
+                if self.sharing is not None:
+                    self.sharing.resume()
+            except TimeoutError:
+                log.warning("lease keepalive unanswered")
             except LeaseNotFound:
                 log.warning("keyexchange lease lost: registering again, reserving SPIs anew")
                 with contextlib.suppress(StoreError):
                     await self.register()
                     self.spis.forget_reserved()
                     await self.spis.fill()
+                    if self.sharing is not None:
+                        self.sharing.lease_renewed()
             except StoreError as exc:
                 log.warning("lease keepalive failed: %s", exc)
 
@@ -181,6 +201,7 @@ class KeyExchangeNode:
             (self.handoff.follow_acks(), "kx-acks"),
             (self.follower.poll_counters(), "kx-counters"),
             (self.sweep(), "kx-sweep"),
+            *(((self.sharing.run(), "kx-ike-sharing"),) if self.sharing is not None else ()),
             (self.decisions.run(), "kx-decision-events"),
             *((self.follower.follow_events(t), f"kx-dp-events:{t}") for t in self.follower.targets),
         ]
@@ -216,9 +237,21 @@ class KeyExchangeNode:
             except StoreError as exc:
                 log.warning("sweep failed: %s", exc)
 
+    async def _shared_ike_prefixes(self) -> set[str]:
+        """`<ike id>.` of every IKE SA whose state is in the store, and the ids of its Child SAs
+        (which keep their first IKE SA's name across IKE rekeys): another instance carries or
+        may take over them, so they are no orphans."""
+        states, _ = await self.store.range(schema.prefix("sas", "ike"))
+        live: set[str] = set()
+        for kv in states:
+            live.add(kv.key[len(schema.prefix("sas", "ike")) :] + ".")
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                live.update(str(child["id"]) for child in json.loads(kv.value).get("children", []))
+        return live
+
     async def find_orphans(self) -> dict[str, tuple[int, set[str]]]:
         """Child SA records of keyexchange boots that are not running any more."""
-        live = {self.id_prefix}
+        live = {self.id_prefix} | await self._shared_ike_prefixes()
         instances, _ = await self.store.range(schema.prefix("keyexchange", "instances"))
         for kv in instances:
             with contextlib.suppress(Exception):
@@ -241,7 +274,7 @@ class KeyExchangeNode:
 
     async def sweep_orphans(self) -> int:
         """Delete Child SA records of previous boots that nothing carries traffic on any more."""
-        live_prefixes = {self.id_prefix}
+        live_prefixes = {self.id_prefix} | await self._shared_ike_prefixes()
         instances, _ = await self.store.range(schema.prefix("keyexchange", "instances"))
         for kv in instances:
             with contextlib.suppress(Exception):

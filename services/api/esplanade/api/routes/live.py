@@ -44,6 +44,7 @@ class ChildSaView(BaseModel):
     established_at: float
     rekey_at: float
     expire_at: float
+    node: str = Field("", description="Dataplane node carrying this Child SA (its owner record; scale-out).")
 
 
 class IkeSaView(BaseModel):
@@ -123,11 +124,29 @@ def ike_view(s: keyexchange_pb2.IkeSaInfo) -> dict[str, Any]:
     }
 
 
+async def dataplane_owners(ctx: ApiContext) -> dict[str, str]:
+    """Child SA id -> the dataplane node carrying it: `dataplane/owners/` (scale-out), else the install acks."""
+    owners_prefix = schema.prefix("dataplane", "owners")
+    kvs, _ = await ctx.store.range(owners_prefix)
+    owners = {kv.key[len(owners_prefix) :]: str(_json_object(kv.value).get("node", "")) for kv in kvs}
+    acks_prefix = schema.prefix("dataplane", "acks")
+    acks, _ = await ctx.store.range(acks_prefix)
+    for kv in acks:
+        child, _, node = kv.key[len(acks_prefix) :].rpartition("/")
+        owners.setdefault(child, node)
+    return owners
+
+
 async def list_sas(ctx: ApiContext, connection: str = "") -> list[dict[str, Any]]:
     reply = await call(
         "keyexchange", ctx.clients.keyexchange.ListSas(keyexchange_pb2.ListSasRequest(connection=connection))
     )
-    return [ike_view(s) for s in reply.ike_sas]
+    views = [ike_view(s) for s in reply.ike_sas]
+    owners = await dataplane_owners(ctx)
+    for view in views:
+        for child in view["children"]:
+            child["node"] = owners.get(child["id"], "")
+    return views
 
 
 async def find_sa(ctx: ApiContext, sa_id: str) -> dict[str, Any]:
@@ -372,6 +391,7 @@ class NodeView(BaseModel):
     name: str
     document: dict[str, Any] = Field(description="What the node announced (backend, capacity, addresses).")
     revision: int
+    owned_sas: int = Field(0, description="Child SAs whose owner record names this node (scale-out).")
 
 
 @router.get("/api/v1/nodes", response_model=Page[NodeView], operation_id="list_nodes", **scoped(Scope.READ_ONLY))
@@ -379,8 +399,15 @@ async def list_nodes(ctx: Context, limit: Limit = 100, cursor: Cursor = None) ->
     """Dataplane nodes that hold a live membership lease."""
     prefix = schema.prefix("dataplane", "nodes")
     kvs, _ = await ctx.store.range(prefix)
+    owned = _owned_counts(await dataplane_owners(ctx))
     items = [
-        {"name": kv.key[len(prefix) :], "document": _json_object(kv.value), "revision": kv.mod_revision} for kv in kvs
+        {
+            "name": kv.key[len(prefix) :],
+            "document": _json_object(kv.value),
+            "revision": kv.mod_revision,
+            "owned_sas": owned.get(kv.key[len(prefix) :], 0),
+        }
+        for kv in kvs
     ]
     return page_of(items, lambda n: n["name"], limit, cursor, ctx.settings.api.max_page_size)
 
@@ -396,7 +423,15 @@ async def get_node(node: Annotated[str, Path(pattern=NAME_PATTERN)], ctx: Contex
     kv = await ctx.store.get(schema.dataplane_node(node))
     if kv is None:
         raise ProblemError(404, f"no dataplane node '{node}'")
-    return {"name": node, "document": _json_object(kv.value), "revision": kv.mod_revision}
+    owned = _owned_counts(await dataplane_owners(ctx)).get(node, 0)
+    return {"name": node, "document": _json_object(kv.value), "revision": kv.mod_revision, "owned_sas": owned}
+
+
+def _owned_counts(owners: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in owners.values():
+        counts[node] = counts.get(node, 0) + 1
+    return counts
 
 
 def _json_object(value: bytes) -> dict[str, Any]:

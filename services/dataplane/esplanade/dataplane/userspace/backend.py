@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 EVENT_QUEUE_SIZE = 4096
 PERSIST_RETRY_MAX = 2.0
 WORKER_WATCH_INTERVAL = 0.5
+FINAL_REPLAY_TOPS_KEPT = 4096  # replay tops of removed Child SAs, kept for a graceful hand-over
 
 IkeHandler = Callable[[str, int, str, int, bytes], None]  # local addr, local port, remote addr, port, message
 
@@ -139,6 +140,7 @@ class UserspaceBackend:
         self.failed: str = ""  # why the datapath stopped working ("" while it runs)
         self.on_failure: Callable[[str], None] | None = None
         self.persist_failures = 0
+        self.final_replay_tops: dict[str, int] = {}  # Child SA id -> last accepted number, once removed
         self.hot_path: HotPathStatus | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -494,9 +496,25 @@ class UserspaceBackend:
             record = self._children.get(child_sa_id)
             if record is None:
                 raise NotFound(f"Child SA {child_sa_id!r} is not installed")
-            errors = await self._broadcast(
-                [(i, {"op": "remove_sa", "child_sa": child_sa_id}) for i in range(self.workers)]
+            messages = [(i, {"op": "remove_sa", "child_sa": child_sa_id}) for i in range(self.workers)]
+            results = await asyncio.gather(
+                *(self._channel(index).request(message) for index, message in messages), return_exceptions=True
             )
+            errors = [
+                f"worker {index}: {result if isinstance(result, BaseException) else result.get('error', 'refused')}"
+                for (index, _), result in zip(messages, results, strict=True)
+                if isinstance(result, BaseException) or not result.get("ok")
+            ]
+            tops = [
+                int(result["replay_top"])
+                for result in results
+                if isinstance(result, dict) and isinstance(result.get("replay_top"), int)
+            ]
+            if tops and not errors:
+                # every worker stopped: nothing above this was ever accepted (graceful hand-over floor)
+                self.final_replay_tops[child_sa_id] = max(tops)
+                while len(self.final_replay_tops) > FINAL_REPLAY_TOPS_KEPT:  # unclaimed (deletes, partitions)
+                    del self.final_replay_tops[next(iter(self.final_replay_tops))]
             if errors:  # a worker that cannot remove an SA is broken: fail closed
                 self._fail(f"Child SA {child_sa_id!r} could not be removed: {'; '.join(errors)}")
                 raise DataplaneError(f"Child SA {child_sa_id!r} not removed: {'; '.join(errors)}")

@@ -775,7 +775,12 @@ class EspTransform:
         if in_sa.spi in self._filters:  # an update keeps the identity's filter
             self._apply_filter(in_sa, self._filters[in_sa.spi])
         self._invalidate()
-        self._recompute_timer()
+        # the earliest deadline can only move earlier with a new SA: no scan of every SA per install
+        # (an update's replaced SAs may leave it too early, which costs one spurious wake-up)
+        marks = [m for sa in (out_sa, in_sa) if (m := sa.get_timer()) is not None]
+        if self._timer is not None:
+            marks.append(self._timer)
+        self._timer = min(marks) if marks else None
         self._collect(out_sa)
         self._collect(in_sa)
 
@@ -950,7 +955,9 @@ class EspTransform:
             self._recompute_timer()
         known = self.owners.pop(child_sa, None) is not None
         self._invalidate()
-        return {"ok": True, "removed": child is not None or known}
+        # the last number the inbound SA accepted: a graceful hand-over gives it to the next owner
+        top = child.inbound.replay.top if child is not None else None
+        return {"ok": True, "removed": child is not None or known, "replay_top": top}
 
     def _op_install_policy(self, message: dict[str, Any], now: float) -> dict[str, object]:
         policy = policy_from_document(message["policy"])

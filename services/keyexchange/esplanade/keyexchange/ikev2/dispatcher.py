@@ -47,6 +47,7 @@ class IkeDispatcher:
         wall_time: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         now: float = 0.0,
+        new_ike_spi: Callable[[], bytes] | None = None,
         access_for: Callable[[IkeSa], AccessGrant | None] | None = None,
     ) -> None:
         self.configs: dict[str, ConnectionConfig] = {c.name: c for c in configs}
@@ -81,6 +82,7 @@ class IkeDispatcher:
             rng=rng or random.Random(),  # noqa: S311 - lifetime jitter, not key material
             install_timeout=install_timeout,
             ack_initiator_installs=ack_initiator_installs,
+            new_ike_spi=new_ike_spi if new_ike_spi is not None else lambda: os.urandom(8),
             access_for=access_for,
         )
 
@@ -119,6 +121,29 @@ class IkeDispatcher:
             self.on_register(ike)
         self.sas[ike.id] = ike
         self._by_spi[ike.spi_i if ike.initiator else ike.spi_r] = ike
+
+    def adopt(self, sa: IkeSa, now: float) -> None:
+        """Take over an IKE SA restored from another instance's state (`IkeSa.from_state`)."""
+        if sa.id in self.sas:
+            raise ValueError(f"IKE SA {sa.id} is already here")
+        sa.hooks = self.hooks
+        self._register(sa)
+        for child in sa.children.values():
+            self._spis_in_use.add(child.spi_in)
+        for address in sa.assigned_ips:
+            for pool in sa.config.pools:
+                self._leases.setdefault(pool.name, {})[address] = sa.id
+        self._schedule(sa)
+
+    def release(self, ike_id: str) -> IkeSa | None:
+        """Forget an IKE SA without a word to the peer: another instance carries it on."""
+        sa = self.sas.pop(ike_id, None)
+        if sa is None:
+            return None
+        self._by_spi.pop(sa.spi_i if sa.initiator else sa.spi_r, None)
+        self._release(sa)
+        self._deadlines.pop(ike_id, None)
+        return sa
 
     def half_open_count(self, ip: str | None = None) -> int:
         """Responder IKE SAs that answered IKE_SA_INIT but are not authenticated yet (O(1))."""

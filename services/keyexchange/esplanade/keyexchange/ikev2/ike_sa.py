@@ -27,6 +27,7 @@ from esplanade.ipsec.sa import ChildSaRecord, Lifetime
 from esplanade.ipsec.selectors import IPAddress
 from esplanade.ipsec.transforms import IntegAlgorithm, ProtocolId
 from esplanade.keyexchange.config import ConnectionConfig, PoolConfig
+from esplanade.keyexchange.ikev2 import ike_sa_state
 from esplanade.keyexchange.ikev2.access import AccessGrant
 from esplanade.keyexchange.ikev2.auth.identity import Identity
 from esplanade.keyexchange.ikev2.child_sa import ChildSa, ChildState
@@ -161,6 +162,9 @@ class EngineHooks:
     # Initiator rekeys: delete the old Child SA only once the new inbound SA is acknowledged
     # too, so the peer never switches to an SA our dataplane cannot decrypt yet.
     ack_initiator_installs: bool = False
+    # Our IKE SPIs when we initiate (SPIi): several keyexchange instances behind one relay pick
+    # SPIs that the relay's rendezvous hashing routes back to themselves.
+    new_ike_spi: Callable[[], bytes] = field(default=lambda: os.urandom(8))
     # Responder: what the access policy grants an authenticated peer (`ikev2.access`).
     access_for: Callable[[IkeSa], AccessGrant | None] | None = None
 
@@ -192,7 +196,7 @@ class IkeSa:
         self.local = local
         self.remote = remote
         self.hooks = hooks
-        self.spi_i = spi_i if spi_i is not None else os.urandom(8)
+        self.spi_i = spi_i if spi_i is not None else hooks.new_ike_spi()
         # the responder picks its SPI now; the initiator learns SPIr from the IKE_SA_INIT response
         self.spi_r = spi_r if initiator else os.urandom(8)
         self.state = IkeState.CREATED
@@ -270,6 +274,40 @@ class IkeSa:
     # -- helpers --------------------------------------------------------------------------
     def __repr__(self) -> str:
         return f"IkeSa({self.id}, {self.config.name}, {self.state.value}, {'I' if self.initiator else 'R'})"
+
+    # -- moving between instances (ike_sa_state.py) ------------------------------------------
+    def quiescent(self) -> bool:
+        """No exchange in progress: `to_state` may capture it."""
+        return ike_sa_state.quiescent(self)
+
+    def to_state(self, now: float, wall: float, seal: ike_sa_state.Seal) -> dict[str, Any]:
+        """This IKE SA as a document (secrets through `seal`); raises NotQuiescent mid-exchange."""
+        return ike_sa_state.state_of(self, now, wall, seal)
+
+    @classmethod
+    def from_state(
+        cls,
+        document: dict[str, Any],
+        config: ConnectionConfig,
+        hooks: EngineHooks,
+        now: float,
+        wall: float,
+        open_: ike_sa_state.Open,
+    ) -> IkeSa:
+        """The IKE SA `to_state` captured, going on with the same message IDs, keys and Child SAs."""
+        ike_id, connection, initiator, local, remote, spi_i, spi_r = ike_sa_state.header_of(document)
+        if config.name != connection:
+            raise ike_sa_state.StateError(f"IKE SA {ike_id} belongs to connection {connection!r}, not {config.name!r}")
+        sa = cls(ike_id, config, initiator, local, remote, now, hooks, spi_i=spi_i, spi_r=spi_r)
+        sa.spi_i, sa.spi_r = spi_i, spi_r
+        try:
+            ike_sa_state.restore_into(sa, document, now, wall, open_)
+        except ike_sa_state.StateError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            problem = type(exc).__name__
+            raise ike_sa_state.StateError(f"IKE SA {ike_id}: stored state is malformed ({problem})") from None
+        return sa
 
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1

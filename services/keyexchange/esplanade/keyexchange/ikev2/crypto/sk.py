@@ -52,6 +52,17 @@ class SkCipher:
         return f"SkCipher({self.encr.name}, {self._integ.name if self._integ else 'AEAD'})"
 
     @property
+    def iv_counter(self) -> int:
+        """The last explicit IV used by `seal` (AEAD); a restored SA continues above it."""
+        return self._counter
+
+    @iv_counter.setter
+    def iv_counter(self, value: int) -> None:
+        if value < self._counter:
+            raise ValueError("the IV counter never goes back")
+        self._counter = value
+
+    @property
     def icv_len(self) -> int:
         if self._aead is not None:
             return 16

@@ -76,6 +76,7 @@ class IkeRekey(Task):
         super().__init__()
         self.nonce = os.urandom(NONCE_LEN)
         self.spi = os.urandom(8)
+        self.spi_chosen = False  # as initiator, the engine picks the SPI (its relay routes by it)
         self.ke: KeyExchange | None = None
         self.ke_method = 0
         self.offered: list[Proposal] = []
@@ -101,6 +102,8 @@ class IkeRekey(Task):
 
     def build_request(self, ike: IkeSa) -> list[Payload] | None:
         assert ike.suite is not None
+        if not self.spi_chosen:
+            self.spi, self.spi_chosen = ike.hooks.new_ike_spi(), True
         if not self.ke_method:
             self.ke_method = int(ike.suite.ke)
         self.ke = new_key_exchange(self.ke_method, initiator=True)
