@@ -12,7 +12,7 @@ PACKAGES=(
   strongswan-charon strongswan-swanctl strongswan-pki
   libcharon-extra-plugins libstrongswan-extra-plugins libstrongswan-standard-plugins
   # test traffic and captures
-  iproute2 iputils-ping iperf3 tcpdump ethtool nftables
+  iproute2 iputils-ping iperf3 tcpdump ethtool nftables curl
   # kernel ESP is proven inside a qemu VM (this kernel has no ESP)
   qemu-system-x86 kmod busybox-static
   # AddressSanitizer fuzzing of the compiled hot loop
