@@ -80,7 +80,8 @@ IkeId = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON true is not the integer 1, "5" is not 5 (a client that sends them has a bug)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class AuthRound(Strict):

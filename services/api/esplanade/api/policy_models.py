@@ -23,7 +23,8 @@ Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,6
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON true is not the integer 1, "5" is not 5 (a client that sends them has a bug)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class IdentityFields(Strict):
