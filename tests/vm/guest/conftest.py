@@ -22,6 +22,7 @@ GUEST_MODULES = (
     "ah6",
     "xfrm_interface",
     "veth",
+    "tun",  # the userspace backend's TUN (tests/vm/guest/test_mixed_backends.py)
     "aesni_intel",
     "chacha20poly1305",
 )
