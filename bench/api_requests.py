@@ -20,6 +20,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.records import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,7 +57,7 @@ async def rate(stack: ApiStack, seconds: float, method: str, path_of: object, bo
         return done / (time.monotonic() - started)
 
 
-def run(backend: str, seconds: float, etcd_endpoint: str | None) -> list[dict[str, object]]:
+def measure(backend: str, seconds: float, etcd_endpoint: str | None) -> list[dict[str, object]]:
     with tempfile.TemporaryDirectory() as tmp, ApiStack(Path(tmp), etcd_endpoint=etcd_endpoint) as stack:
         with stack.client() as client:
             for n in range(CONCURRENCY):
@@ -85,17 +89,24 @@ def main() -> None:
     args = parser.parse_args()
     records: list[dict[str, object]] = []
     if args.backend in ("embedded", "both"):
-        records += run("embedded", args.seconds, None)
+        records += measure("embedded", args.seconds, None)
     if args.backend in ("etcd", "both"):
         with tempfile.TemporaryDirectory() as tmp:
             etcd = EtcdServer(Path(tmp) / "etcd")
             etcd.start()
             try:
-                records += run("etcd", args.seconds, etcd.endpoint)
+                records += measure("etcd", args.seconds, etcd.endpoint)
             finally:
                 etcd.stop()
     for record in records:
         print(json.dumps(record))
+
+
+def run() -> list[Figure]:
+    """For `make bench` (bench/run.py): this script with its defaults, as figures."""
+    from bench.json_lines import figures_from_script  # here: the script also runs as a file
+
+    return figures_from_script("api_requests", "api")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import random
 import statistics
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from esplanade.policy.compiler import PolicyCompiler
 from esplanade.policy.conditions import ConnectFacts
@@ -36,6 +37,9 @@ from esplanade.policy.model import (
     TimeWindow,
 )
 from esplanade.policy.policy_file import export_policy_yaml, load_policy_yaml
+
+if TYPE_CHECKING:
+    from bench.records import Figure
 
 COMMON_PORTS = [22, 53, 80, 443, 389, 636, 1433, 3306, 3389, 5432, 5672, 6379, 8080, 8443, 9200, 27017]
 
@@ -266,6 +270,13 @@ def main() -> None:
     load_policy_yaml(text)
     emit("policy.yaml.load_and_validate", (time.perf_counter() - t0) * 1000, "ms")
     emit("policy.yaml.size", len(text) / 1024, "KiB")
+
+
+def run() -> list[Figure]:
+    """For `make bench` (bench/run.py): this script with its defaults, as figures."""
+    from bench.json_lines import figures_from_script  # here: the script also runs as a file
+
+    return figures_from_script("policy_eval", "policy")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ BENCHMARKS: list[str] = [
     "ike_setup_rate",
     "scaleout",
     "policy_propagation",
+    "policy_eval",
+    "store_ops",
+    "api_requests",
 ]
 
 

@@ -23,6 +23,10 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.records import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -144,6 +148,13 @@ async def main() -> None:
             with EtcdServer(Path(tmp) / "etcd") as server:
                 async with EtcdStore([server.endpoint]) as store:
                     await bench_store("etcd", store, args.seconds)
+
+
+def run() -> list[Figure]:
+    """For `make bench` (bench/run.py): this script with its defaults, as figures."""
+    from bench.json_lines import figures_from_script  # here: the script also runs as a file
+
+    return figures_from_script("store_ops", "store")
 
 
 if __name__ == "__main__":
