@@ -49,6 +49,45 @@ def inside_netns(name: str) -> Iterator[None]:
         netns.popns()
 
 
+@dataclass(frozen=True)
+class LinkEnd:
+    """One side of `linked_pair`: its namespace, veth name, underlay address (/24 on the veth)
+    and inner address (/32 on `lo`)."""
+
+    netns: str
+    device: str
+    underlay: str
+    inner: str
+
+
+@contextlib.contextmanager
+def linked_pair(a: LinkEnd, b: LinkEnd) -> Iterator[None]:
+    """Two namespaces joined by one veth, with the fixed names and addresses a strongSwan peer's
+    configuration names (Topology draws its own). Leftovers of an earlier run are removed first;
+    both namespaces are deleted afterwards."""
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+    def remove() -> None:
+        for end in (a, b):
+            subprocess.run(["ip", "netns", "del", end.netns], capture_output=True)
+
+    remove()
+    ip("netns", "add", a.netns)
+    ip("netns", "add", b.netns)
+    ip("link", "add", a.device, "netns", a.netns, "type", "veth", "peer", "name", b.device, "netns", b.netns)
+    for end in (a, b):
+        ip("-n", end.netns, "addr", "add", f"{end.underlay}/24", "dev", end.device)
+        ip("-n", end.netns, "addr", "add", f"{end.inner}/32", "dev", "lo")
+        ip("-n", end.netns, "link", "set", "lo", "up")
+        ip("-n", end.netns, "link", "set", end.device, "up")
+    try:
+        yield
+    finally:
+        remove()
+
+
 @contextlib.contextmanager
 def scratch_netns(prefix: str) -> Iterator[str]:
     """A fresh namespace with `lo` up, removed afterwards (with anything still running in it)."""

@@ -20,6 +20,7 @@ import yaml
 
 from tests.conditions import wait_until
 from tests.keyexchange.interop import PSK, Charon, ss_conn
+from tests.netns_topology import LinkEnd, linked_pair
 from tests.platform_process import Platform
 
 pytestmark = [pytest.mark.strongswan, pytest.mark.netns, pytest.mark.slow]
@@ -31,27 +32,10 @@ ES_NET, SS_NET = "10.71.1.0/24", "10.71.2.0/24"
 ES_ID, SS_ID = "es.api-e2e.test", "ss.api-e2e.test"
 
 
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def namespaces() -> Iterator[None]:
-    for ns in (NS_ES, NS_SS):
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    sh("ip", "netns", "add", NS_ES)
-    sh("ip", "netns", "add", NS_SS)
-    sh("ip", "link", "add", "apie0", "netns", NS_ES, "type", "veth", "peer", "name", "apie1", "netns", NS_SS)
-    for ns, dev, wan, inner in ((NS_ES, "apie0", ES_IP, ES_INNER), (NS_SS, "apie1", SS_IP, SS_INNER)):
-        sh("ip", "-n", ns, "addr", "add", f"{wan}/24", "dev", dev)
-        sh("ip", "-n", ns, "addr", "add", f"{inner}/32", "dev", "lo")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "-n", ns, "link", "set", dev, "up")
-    try:
+    with linked_pair(LinkEnd(NS_ES, "apie0", ES_IP, ES_INNER), LinkEnd(NS_SS, "apie1", SS_IP, SS_INNER)):
         yield
-    finally:
-        for ns in (NS_ES, NS_SS):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conditions import wait_until
 from tests.keyexchange.interop import Charon, parse_key_dumps, ss_conn
 from tests.log_secrets import find_leaks, logs_under, plant, planted
+from tests.netns_topology import LinkEnd, linked_pair
 from tests.platform_process import Platform
 
 pytestmark = [pytest.mark.strongswan, pytest.mark.netns, pytest.mark.slow]
@@ -63,27 +64,10 @@ METRICS: dict[int, list[str]] = {  # port -> metric families (names as prometheu
 }
 
 
-def sh(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, check=True, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture
 def namespaces() -> Iterator[None]:
-    for ns in (NS_ES, NS_SS):
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    sh("ip", "netns", "add", NS_ES)
-    sh("ip", "netns", "add", NS_SS)
-    sh("ip", "link", "add", "obs0", "netns", NS_ES, "type", "veth", "peer", "name", "obs1", "netns", NS_SS)
-    for ns, dev, wan, inner in ((NS_ES, "obs0", ES_IP, ES_INNER), (NS_SS, "obs1", SS_IP, SS_INNER)):
-        sh("ip", "-n", ns, "addr", "add", f"{wan}/24", "dev", dev)
-        sh("ip", "-n", ns, "addr", "add", f"{inner}/32", "dev", "lo")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "-n", ns, "link", "set", dev, "up")
-    try:
+    with linked_pair(LinkEnd(NS_ES, "obs0", ES_IP, ES_INNER), LinkEnd(NS_SS, "obs1", SS_IP, SS_INNER)):
         yield
-    finally:
-        for ns in (NS_ES, NS_SS):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 @pytest.fixture
