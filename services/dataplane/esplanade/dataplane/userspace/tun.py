@@ -142,8 +142,9 @@ class TunQueue:
         self.frames_read += len(frames)
         return frames
 
-    def write_batch(self, frames: list[bytes]) -> int:
-        """Write every frame; return how many the kernel took. Failures are counted drops."""
+    def write_batch(self, frames: Iterable[bytes | memoryview]) -> int:
+        """Write every frame (bytes, or views into one buffer such as a `PacketBatch`'s); return
+        how many the kernel took. Failures are counted drops."""
         write = os.write
         fd = self.fd
         written = 0
@@ -180,32 +181,12 @@ class TunQueue:
         """`write_batch` for a `PacketBatch` of frames, one compiled call."""
         module = load_compiled()[0]
         if module is None:
-            return self.write_views(iter(frames))
+            return self.write_batch(frames)
         written, errnos = module.write_frames(self.fd, frames.data, frames.spans, frames.count)
         for err in errnos:
             self.drops[f"write_{errno.errorcode.get(err, 'error')}"] += 1
         self.frames_written += written
         return int(written)
-
-    def write_views(self, frames: Iterable[memoryview]) -> int:
-        """`write_batch` for frames that are views into one buffer (a `PacketBatch`)."""
-        write = os.write
-        fd = self.fd
-        written = 0
-        for frame in frames:
-            try:
-                write(fd, frame)
-                written += 1
-            except InterruptedError:
-                try:
-                    write(fd, frame)
-                    written += 1
-                except OSError as exc:
-                    self._count_write_error(exc)
-            except OSError as exc:
-                self._count_write_error(exc)
-        self.frames_written += written
-        return written
 
     def write_packets(self, packets: list[bytes]) -> int:
         """Write plain IP packets (a zero vnet header is added when the device uses one)."""
