@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from esplanade.dataplane.sa_persistence import ChildClaim
@@ -98,11 +98,21 @@ class StoreSaPersistence:
         return encode_document({"upto": upto, "child_sa": child_sa, "holder": self.incarnation, "node": self.node})
 
     async def start_outbound(self, child_sa: str, spi: int, block: int) -> tuple[int, int]:
+        # optimistic: a new SPI has no key yet; a conflict tells us what is there
+        start, upto = await self._raise_bound(
+            child_sa, spi, None, lambda stored: stored + block, "no sequence block reserved"
+        )
+        return start + 1, upto
+
+    async def _raise_bound(
+        self, child_sa: str, spi: int, kv: KeyValue | None, bound_over: Callable[[int], int], failure: str
+    ) -> tuple[int, int]:
+        """Write the bound `bound_over(stored bound)` for `child_sa`, compare-and-swap against
+        `kv` (what we believe is stored), retried on conflicts: (stored bound, new bound)."""
         key = schema.sequence_reservation(spi)
-        kv: KeyValue | None = None  # optimistic: a new SPI has no key yet; a conflict tells us what is there
         for _ in range(CAS_ATTEMPTS):
-            start = _upto(_decode(kv))
-            upto = start + block
+            stored = _upto(_decode(kv))
+            upto = bound_over(stored)
             try:
                 revision = await self.store.put(
                     key, self._document(child_sa, upto), expect_mod_revision=kv.mod_revision if kv else 0
@@ -114,8 +124,8 @@ class StoreSaPersistence:
             self._written[spi] = upto
             self._written_for[spi] = child_sa
             self.writes += 1
-            return start + 1, upto
-        raise SequenceLedgerError(f"{key} kept changing; no sequence block reserved")
+            return stored, upto
+        raise SequenceLedgerError(f"{key} kept changing; {failure}")
 
     async def start_child(
         self, child_sa: str, outbound_spi: int, inbound_spi: int, block: int, first_floor: int = 0
@@ -189,22 +199,11 @@ class StoreSaPersistence:
             out[i] = (next_seq, reserved, await self.replay_floor(claim.child_sa, claim.inbound_spi))
 
     async def adopt_outbound(self, child_sa: str, spi: int, last_sent: int, block: int) -> int:
-        key = schema.sequence_reservation(spi)
-        kv = await self.store.get(key)
-        for _ in range(CAS_ATTEMPTS):
-            upto = max(_upto(_decode(kv)), last_sent + block)
-            try:
-                revision = await self.store.put(
-                    key, self._document(child_sa, upto), expect_mod_revision=kv.mod_revision if kv else 0
-                )
-            except CasConflict as conflict:
-                kv = conflict.current
-                continue
-            self._revisions[spi] = revision
-            self._written[spi] = upto
-            self.writes += 1
-            return upto
-        raise SequenceLedgerError(f"{key} kept changing; sequence numbers not adopted")
+        kv = await self.store.get(schema.sequence_reservation(spi))
+        _, upto = await self._raise_bound(
+            child_sa, spi, kv, lambda stored: max(stored, last_sent + block), "sequence numbers not adopted"
+        )
+        return upto
 
     async def reserve(self, child_sa: str, spi: int, upto: int) -> int | None:
         key = schema.sequence_reservation(spi)
