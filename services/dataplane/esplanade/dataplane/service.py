@@ -1,6 +1,8 @@
 """The dataplane service process: `esplanade serve dataplane`.
 
     serve(settings)
+      0. with `site.inbound: dial-out-only` (a connector), install the inbound firewall
+         (`dial_out_firewall`; removed again on a clean stop).
       1. choose the backend (`choose_backend(settings.dataplane.backend)`; the reason shows in
          GetStatus) and start it. The userspace backend forks its workers here, before gRPC
          and the store client start any thread.
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, cast
 from esplanade.config.settings import Settings
 from esplanade.dataplane.backend import DataplaneBackend, DataplaneError
 from esplanade.dataplane.backend_selection import BackendChoice, choose_backend
+from esplanade.dataplane.dial_out_firewall import DialOutFirewall, FirewallError
 from esplanade.dataplane.flow_meter import FlowMeter
 from esplanade.dataplane.flow_telemetry import FlowTelemetry
 from esplanade.dataplane.ike_owner_routes import IkeOwnerRoutes
@@ -141,10 +144,13 @@ async def serve(settings: Settings) -> None:
     store = open_store(settings.store)
     persistence = StoreSaPersistence(store, node)
     backend = build_backend(settings, choice, persistence)
+    firewall = start_dial_out_firewall(settings)
     try:
         await backend.start()  # forks the userspace workers: no threads may exist yet
     except DataplaneError as exc:
         log.error("dataplane backend %s did not start: %s", choice.name, exc)
+        if firewall is not None:
+            firewall.stop()
         raise SystemExit(1) from None
     runtime = DataplaneNode(settings, node, choice, store, backend, persistence)
     stop = asyncio.Event()
@@ -177,9 +183,24 @@ async def serve(settings: Settings) -> None:
         for sock in runtime.sockets:
             sock.close()
         await backend.stop()
+        if firewall is not None:
+            firewall.stop()
     if runtime.failure:
         log.error("dataplane stopped: %s", runtime.failure)
         sys.exit(1)
+
+
+def start_dial_out_firewall(settings: Settings) -> DialOutFirewall | None:
+    """`site.inbound: dial-out-only` (a connector): the nftables table, before the datapath starts."""
+    if settings.site.inbound != "dial-out-only":
+        return None
+    firewall = DialOutFirewall(settings.site.management_interfaces)
+    try:
+        firewall.start()
+    except FirewallError as exc:
+        log.error("dataplane not started: %s", exc)
+        raise SystemExit(1) from None
+    return firewall
 
 
 def open_flow_telemetry(
