@@ -89,6 +89,17 @@ class Gateway(Site):
         self.audit_path = base / "audit.db"
         self._policy_channel: grpc.Channel | None = None
 
+    def start_dataplane(self, *extra: str, wait: bool = True) -> None:
+        """`ZT_HOT_PATH=python` runs the gateway's dataplane on the pure-Python hot path (the lane a
+        machine without a C compiler gets); default: the service's choice."""
+        hot_path = os.environ.get("ZT_HOT_PATH", "")
+        if hot_path and not extra:
+            self._start_real_dataplane(wait=wait, ESPLANADE_DATAPLANE__HOT_PATH=hot_path)
+            if wait:
+                assert self.dp_details().get("hot_path") == hot_path, self.dp_details()
+        else:
+            super().start_dataplane(*extra, wait=wait)
+
     def start_policy(self) -> None:
         env = self.env(
             ESPLANADE_ENDPOINTS__POLICY=f"0.0.0.0:{POLICY_PORT}",
