@@ -1,6 +1,6 @@
 """`site.inbound: dial-out-only` on a real dataplane service in its own netns: the nftables table is
-there while the service runs and gone after a clean stop; a bad setting is a clear error at start
-and installs nothing."""
+there while the service runs (put back if removed) and gone after a clean stop; a bad setting is a
+clear error at start and installs nothing."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from esplanade.v1 import dataplane_pb2
+from tests.conditions import wait_until
 from tests.keyexchange.service.sites import Site, nsx
 from tests.zerotrust.gateway import DIAL_OUT_ONLY, nft_tables
 
@@ -39,6 +41,10 @@ def test_the_dataplane_owns_the_table_while_it_runs_and_removes_it_on_a_clean_st
     rules = nsx(NS, "nft", "list", "table", "inet", "esplanade_dial_out").stdout
     assert "policy drop" in rules and 'iifname "mgmt0" accept' in rules
     assert site.dp is not None
+    nsx(NS, "nft", "delete", "table", "inet", "esplanade_dial_out")  # someone removes it: it comes back
+    wait_until(lambda: "esplanade_dial_out" in nft_tables(NS), timeout=10, what="the table reinstalled")
+    details = site.dp_stub().GetStatus(dataplane_pb2.GetStatusRequest(), timeout=5).details
+    assert details["dial_out_table_reinstalls"] == "1"
     site.stop()  # SIGTERM: a clean stop
     assert "esplanade_dial_out" not in nft_tables(NS)
     assert "dial-out only: nftables table inet esplanade_dial_out removed" in site.dp_log.read_text()

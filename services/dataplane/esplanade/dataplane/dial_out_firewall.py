@@ -16,11 +16,14 @@ IKE_SA_INIT to 500/4500, an ICMP echo) is dropped. Traffic routed through the co
 users' flows toward the resources it fronts) is forwarded, not input, and is untouched.
 
 Installing is one nftables transaction (``nft -f``): an old table left by a crash is replaced in
-the same transaction, and a failure leaves nothing half-installed.
+the same transaction, and a failure leaves nothing half-installed. While the service runs,
+`keep` checks every `KEEP_INTERVAL` seconds that the table is still there and puts it back (with
+an error in the log) if someone deleted it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import subprocess
@@ -29,6 +32,7 @@ from collections.abc import Callable, Sequence
 log = logging.getLogger(__name__)
 
 TABLE = "esplanade_dial_out"
+KEEP_INTERVAL = 2.0  # seconds between checks that the table is still installed
 Runner = Callable[[list[str], str], subprocess.CompletedProcess[str]]
 
 
@@ -70,6 +74,7 @@ class DialOutFirewall:
         self._run = run
         self._nft = nft
         self.installed = False
+        self.reinstalls = 0  # times `keep` found the table gone and put it back
 
     def start(self) -> None:
         if self._run is _run and shutil.which(self._nft) is None:
@@ -100,3 +105,25 @@ class DialOutFirewall:
             return
         self.installed = False
         log.info("dial-out only: nftables table inet %s removed", TABLE)
+
+    def present(self) -> bool:
+        """Is the table in the namespace (as installed; `nft list table` succeeds)?"""
+        try:
+            result = self._run([self._nft, "list", "table", "inet", TABLE], "")
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return result.returncode == 0
+
+    async def keep(self, interval: float = KEEP_INTERVAL) -> None:
+        """While the service runs: put the table back whenever it went missing."""
+        while True:
+            await asyncio.sleep(interval)
+            if not self.installed or await asyncio.to_thread(self.present):
+                continue
+            log.error("dial-out only: nftables table inet %s was removed behind our back; reinstalling", TABLE)
+            try:
+                await asyncio.to_thread(self.start)
+            except FirewallError as exc:
+                log.error("dial-out only: reinstalling the table failed: %s", exc)
+                continue
+            self.reinstalls += 1

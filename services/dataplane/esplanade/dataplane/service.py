@@ -81,6 +81,7 @@ class DataplaneNode:
     failure: str = ""
     decisions: DecisionEvents | None = None  # drop events of the identity filters (the flow log subscribes)
     enforcer: PolicyEnforcer | None = None
+    firewall: DialOutFirewall | None = None  # site.inbound: dial-out-only
 
 
 def default_workers(configured: int) -> int:
@@ -152,7 +153,7 @@ async def serve(settings: Settings) -> None:
         if firewall is not None:
             firewall.stop()
         raise SystemExit(1) from None
-    runtime = DataplaneNode(settings, node, choice, store, backend, persistence)
+    runtime = DataplaneNode(settings, node, choice, store, backend, persistence, firewall=firewall)
     stop = asyncio.Event()
     userspace = userspace_backend(runtime)
     if userspace is not None:
@@ -321,6 +322,8 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
             )
         if steering is not None:
             out.update(steering.status())
+        if runtime.firewall is not None:
+            out["dial_out_table_reinstalls"] = str(runtime.firewall.reinstalls)
         return out
 
     flows = open_flow_telemetry(settings, runtime.node, backend, reconciler, relay)
@@ -380,6 +383,8 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
     ctx.spawn(decisions.run(), "decision-events")
     ctx.spawn(membership_then_reconcile(), "dataplane-reconciler")
     ctx.spawn(IkeOwnerRoutes(runtime.store, relay).run(), "dataplane-ike-owner-routes")
+    if runtime.firewall is not None:
+        ctx.spawn(runtime.firewall.keep(), "dial-out-firewall")
     ctx.on_stop.append(leave)
 
 
