@@ -1,5 +1,8 @@
 """A zero-trust test bed in netns: an Esplanade gateway (policy + keyexchange + dataplane on one
-embedded store), a private network behind it, strongSwan remote users on a shared WAN segment.
+embedded store), a private network behind it, strongSwan remote users on a shared WAN segment,
+and a connector (an Esplanade site with `site.inbound: dial-out-only`) fronting one more network.
+alice, bob and carol connect through `rw` (exact narrowing), dave (eng, like alice) through
+`rw-coarse` (`access_narrowing: networks`).
 
     zt-u1, zt-u2 ... (charon, kernel-libipsec)      198.18.61.1x/24 --+
                                                                        | bridge ztbr0
@@ -26,6 +29,8 @@ import grpc
 from google.protobuf import struct_pb2
 
 from esplanade.ipsec.sa import ChildSaRecord
+from esplanade.keyexchange.config import ConnectionConfig
+from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
 from esplanade.store import schema
 from esplanade.store.embedded import EmbeddedStore
 from esplanade.store.sealing import Keyring, Sealer
@@ -64,6 +69,7 @@ identities:
   - {{id: alice, ike_ids: ["email:alice@corp.test"], groups: [eng]}}
   - {{id: bob, ike_ids: ["email:bob@corp.test"], groups: [sales]}}
   - {{id: carol, ike_ids: ["email:carol@corp.test"], groups: [contractors]}}
+  - {{id: dave, ike_ids: ["email:dave@corp.test"], groups: [eng]}}
 resources:
   - {{id: web, destination: {WEB}, protocol: tcp, ports: [8443], site: hq}}
   - {{id: crm, destination: {CRM}, protocol: tcp, ports: [9000], site: hq}}
@@ -82,6 +88,17 @@ class Gateway(Site):
         self.policy_log = base / "policy.log"
         self.audit_path = base / "audit.db"
         self._policy_channel: grpc.Channel | None = None
+
+    def start_dataplane(self, *extra: str, wait: bool = True) -> None:
+        """`ZT_HOT_PATH=python` runs the gateway's dataplane on the pure-Python hot path (the lane a
+        machine without a C compiler gets); default: the service's choice."""
+        hot_path = os.environ.get("ZT_HOT_PATH", "")
+        if hot_path and not extra:
+            self._start_real_dataplane(wait=wait, ESPLANADE_DATAPLANE__HOT_PATH=hot_path)
+            if wait:
+                assert self.dp_details().get("hot_path") == hot_path, self.dp_details()
+        else:
+            super().start_dataplane(*extra, wait=wait)
 
     def start_policy(self) -> None:
         env = self.env(
@@ -159,6 +176,12 @@ def gateway_connection() -> dict[str, Any]:
     }
 
 
+def gateway_coarse_connection() -> dict[str, Any]:
+    """Remote access narrowed coarsely: to the site networks holding the grant, address-only (the
+    dataplane's filter stays exact). It names dave exactly, so it wins over `rw`'s %any for him."""
+    return {**gateway_connection(), "remote": {"auth": "psk", "id": "dave@corp.test"}, "access_narrowing": "networks"}
+
+
 def gateway_connector_connection() -> dict[str, Any]:
     """The gateway's side of the connector's uplink: it only ever answers (no remote to dial)."""
     return {
@@ -187,24 +210,22 @@ def connector_uplink() -> dict[str, Any]:
     }
 
 
+DIAL_OUT_ONLY = {"ESPLANADE_SITE__INBOUND": "dial-out-only", "ESPLANADE_SITE__MANAGEMENT_INTERFACES": '["mgmt0"]'}
+
+
 class Connector(Site):
     """An Esplanade site (dataplane + keyexchange) that fronts `APP` and accepts nothing inbound:
-    its namespace's firewall drops every new inbound connection (only replies to what it sent,
-    and the test's management link, get in)."""
-
-    FIREWALL = """
-table inet connector {
-    chain input {
-        type filter hook input priority filter; policy drop;
-        ct state established,related accept
-        iif "lo" accept
-        iifname "mgmt0" accept
-    }
-}
-"""
+    both services run with `site.inbound: dial-out-only` (the dataplane installs its nftables table,
+    keyexchange answers no IKE_SA_INIT); only the test's management link (mgmt0) gets in."""
 
     def __init__(self, base: Path) -> None:
         super().__init__("zt-conn", 62, CONNECTOR_WAN, "10.70.0.1", base)
+
+    def start_dataplane(self, *extra: str, wait: bool = True) -> None:
+        self._start_real_dataplane(wait=wait, **DIAL_OUT_ONLY)
+
+    def start_keyexchange(self, *, wait: bool = True, **extra: str) -> None:
+        super().start_keyexchange(wait=wait, **DIAL_OUT_ONLY, **extra)
 
     def build(self) -> None:
         self.create_netns()
@@ -226,7 +247,6 @@ table inet connector {
         nsx(self.ns, "ip", "addr", "add", "10.70.255.1/30", "dev", "ztapp0")
         nsx(self.ns, "ip", "link", "set", "ztapp0", "up")
         nsx(self.ns, "ip", "route", "add", f"{APP}/32", "via", "10.70.255.2")
-        subprocess.run(["ip", "netns", "exec", self.ns, "nft", "-f", "-"], input=self.FIREWALL, text=True, check=True)
 
     def destroy(self) -> None:
         self.stop()
@@ -381,11 +401,12 @@ def stamped_sender(
     )
 
 
-def tcp_reaches(who: RemoteUser | str, src: str, addr: str, port: int, timeout: float = 2.0) -> bool:
-    """Can a user (or a namespace) open a TCP connection from `src` ("": any) to addr:port?"""
+def tcp_reaches(who: RemoteUser | str, src: str, addr: str, port: int, timeout: float = 2.0, sport: int = 0) -> bool:
+    """Can a user (or a namespace) open a TCP connection from `src` ("": any), port `sport` (0: any),
+    to addr:port?"""
     code = (
         "import socket,sys\n"
-        f"s=socket.socket(); s.settimeout({timeout}); s.bind(('{src}',0))\n"
+        f"s=socket.socket(); s.settimeout({timeout}); s.bind(('{src}',{sport}))\n"
         f"sys.exit(0 if s.connect_ex(('{addr}',{port}))==0 else 1)\n"
     )
     ns = who if isinstance(who, str) else who.ns
@@ -417,6 +438,7 @@ class Bed:
     alice: RemoteUser  # eng
     bob: RemoteUser  # sales
     carol: RemoteUser  # contractors: granted nothing, her Child SA is refused
+    dave: RemoteUser  # eng, through the coarsely narrowed connection `rw-coarse`
     connector: Connector | None
     base: Path
 
@@ -429,7 +451,8 @@ def zero_trust_bed(base: Path, with_connector: bool = True) -> Iterator[Bed]:
     alice = RemoteUser("u1", 1, "alice@corp.test", base)
     bob = RemoteUser("u2", 2, "bob@corp.test", base)
     carol = RemoteUser("u3", 3, "carol@corp.test", base)
-    users = (alice, bob, carol)
+    dave = RemoteUser("u4", 4, "dave@corp.test", base)
+    users = (alice, bob, carol, dave)
     connector = Connector(base / "connector") if with_connector else None
     try:
         build_network(gw)
@@ -442,10 +465,13 @@ def zero_trust_bed(base: Path, with_connector: bool = True) -> Iterator[Bed]:
         nsx(gw.ns, "ip", "route", "add", EDGE_NET, "dev", "esp0", "src", gw.inner_ip)
         gw.start_policy()
         gw.apply_policy(POLICY_YAML)
-        wait_until(lambda: gw.compiled("alice") and gw.compiled("bob"), timeout=10, what="compiled policy")
+        wait_until(
+            lambda: gw.compiled("alice") and gw.compiled("bob") and gw.compiled("dave"), timeout=10, what="compiled"
+        )
         gw.start_keyexchange()
         gw.load_pool("users", {"addrs": POOL})
         gw.load("rw", gateway_connection())
+        gw.load("rw-coarse", gateway_coarse_connection())
         if connector is not None:
             gw.load("edge", gateway_connector_connection())
             connector.start_dataplane()
@@ -454,11 +480,12 @@ def zero_trust_bed(base: Path, with_connector: bool = True) -> Iterator[Bed]:
             connector.load("uplink", connector_uplink())
             connector.kx_stub().Initiate(kx.InitiateRequest(connection="uplink"))
             wait_until(lambda: gw.established("edge") and connector.established("uplink"), timeout=20, what="uplink")
-        for user in (alice, bob):
+        for user in (alice, bob, dave):
             user.connect()
         carol.connect(check=False)
         wait_until(lambda: len(gw.established("rw")) == 2, timeout=20, what="alice and bob up")
-        yield Bed(gw, alice, bob, carol, connector, base)
+        wait_until(lambda: len(gw.established("rw-coarse")) == 1, timeout=20, what="dave up")
+        yield Bed(gw, alice, bob, carol, dave, connector, base)
     finally:
         for user in users:
             user.destroy()
@@ -526,3 +553,29 @@ def checksum(data: bytes) -> int:
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return ~s & 0xFFFF
+
+
+def ike_sa_init(dst: str) -> bytes:
+    """A real IKE_SA_INIT request toward `dst` (what a scanner or a misdirected gateway would send)."""
+    config = ConnectionConfig.from_dict("probe", {**connector_uplink(), "remote_addrs": [dst]})
+    dispatcher = IkeDispatcher([config], now=0.0)
+    dispatcher.initiate("probe", 0.0)
+    return dispatcher.datagrams_to_send()[0].data
+
+
+def udp_answered(ns: str, addr: str, port: int, payload: bytes, timeout: float = 1.5) -> bool:
+    """Does anything answer a datagram sent from namespace `ns` to addr:port (4500: with the
+    non-ESP marker, RFC 3948)? ICMP port-unreachable counts as an answer too."""
+    data = (b"\x00\x00\x00\x00" + payload if port == 4500 else payload).hex()
+    code = (
+        "import socket,sys\n"
+        f"s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('{addr}',{port})); s.settimeout({timeout})\n"
+        f"s.send(bytes.fromhex('{data}'))\n"
+        "try:\n    s.recv(65535)\nexcept socket.timeout:\n    sys.exit(1)\nexcept OSError:\n    sys.exit(0)\n"
+        "sys.exit(0)\n"
+    )
+    return nsx(ns, sys.executable, "-c", code, check=False, timeout=timeout + 10).returncode == 0
+
+
+def nft_tables(ns: str) -> str:
+    return nsx(ns, "nft", "list", "tables", check=False).stdout

@@ -60,6 +60,8 @@ class FilteringBackend:
         self.batches = 0
         self.denied: dict[str, int] = {}
         self.samples: list[tuple[str, bytes]] = []
+        self.outside: dict[str, int] = {}
+        self.outside_samples: list[tuple[str, bytes]] = []
 
     async def set_identity_filter(self, child_sa_id: str, selectors: list[TrafficSelector] | None) -> None:
         self.calls += 1
@@ -74,7 +76,8 @@ class FilteringBackend:
 
     async def identity_filter_drops(self) -> FilterDrops:
         samples, self.samples = self.samples, []
-        return FilterDrops(dict(self.denied), {}, samples)
+        outside_samples, self.outside_samples = self.outside_samples, []
+        return FilterDrops(dict(self.denied), dict(self.outside), samples, outside_samples)
 
 
 @pytest.fixture
@@ -169,6 +172,36 @@ async def test_drops_become_aggregated_decision_events(store: Store) -> None:
         assert len(records) <= 2
         await enforcer.poll_drops()  # no growth: nothing new
         assert len(decisions.recent) == len(records)
+    finally:
+        task.cancel()
+
+
+async def test_drops_outside_the_selectors_are_logged_with_their_flow(store: Store) -> None:
+    """policy_mismatch drops of a governed SA (a client sending what its narrowed selectors do not
+    cover): the sampled header names the flow, the rest are counted per SA, rate-limited."""
+    await write_policy(store, POLICY)
+    view = AccessView(store)
+    backend = FilteringBackend()
+    decisions = DecisionEvents("test")
+    enforcer = PolicyEnforcer(backend, view, decisions)
+    task = asyncio.create_task(view.run())
+    try:
+        await asyncio.wait_for(view.ready.wait(), 5)
+        await enforcer.on_installed(peer("a1", 0x1000, "alice@corp.test"))
+        backend.outside_samples = [("a1", ipv4_tcp("10.99.0.1", "10.50.2.20", 40000, 8080))]
+        backend.outside = {"a1": 5000}  # a spoofed flood: counted, not 5000 lines
+        await enforcer.poll_drops()
+        records = list(decisions.recent)
+        assert 1 <= len(records) <= 2
+        doc = records[0].to_document()
+        assert records[0].event is not None and records[0].event.identity == "alice"
+        assert (doc["src"], doc["dst"], doc["protocol"], doc["dst_port"]) == ("10.99.0.1", "10.50.2.20", 6, 8080)
+        assert "outside the Child SA's selectors" in records[0].message
+        backend.outside = {"a1": 5001}
+        backend.outside_samples = [("a1", ipv4_tcp("10.99.0.1", "10.50.2.21", 40000, 22))]
+        await enforcer.poll_drops()
+        later = [r.to_document() for r in list(decisions.recent)[len(records) :]]
+        assert any(d.get("dst") == "10.50.2.21" and d.get("dst_port") == 22 for d in later), later
     finally:
         task.cancel()
 

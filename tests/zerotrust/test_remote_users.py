@@ -1,12 +1,16 @@
 """Acceptance (issue #6): strongSwan remote users in two groups through an Esplanade gateway
 (policy + keyexchange + dataplane services, real netns, UDP, TUN). Each user gets a virtual IP and
-only the routes of what its group may reach; allowed TCP works, the rest is dropped and logged;
-revoking a rule cuts a live TCP session within a second, with an audit record."""
+only the routes of what its group may reach (exact narrowing); through a coarsely narrowed
+connection a real client's traffic outside its grant reaches the gateway and is dropped and logged
+with its 5-tuple; revoking a rule cuts a live TCP session within a second, with an audit record; a
+dial-out-only connector fronts a resource and answers nothing from outside."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
 
 import pytest
 
@@ -20,16 +24,22 @@ from tests.zerotrust.gateway import (
     CONNECTOR_WAN,
     CRM,
     EDGE_NET,
+    GW_WAN,
+    PRIVATE,
     WEB,
     Bed,
+    Gateway,
     Listener,
     StampedServer,
     decision_lines,
     gateway_record,
+    ike_sa_init,
+    nft_tables,
     send_esp,
     stamped_sender,
     tcp_reaches,
     tcp_syn,
+    udp_answered,
     zero_trust_bed,
 )
 
@@ -83,6 +93,41 @@ def test_allowed_tcp_works_and_the_other_group_gets_a_different_set(bed: Bed) ->
             listener.stop()
 
 
+def test_coarse_narrowing_sends_a_real_clients_denied_flows_to_the_gateways_filter(bed: Bed) -> None:
+    """dave (eng, like alice) connects through `rw-coarse` (`access_narrowing: networks`): his SA
+    and routes cover the site networks, so the real strongSwan client sends every flow toward them
+    through the tunnel; the gateway's per-identity filter passes only web:8443 and drops the rest,
+    counted as identity-filter drops and logged with dave's identity and each flow's 5-tuple."""
+    gw, dave = bed.gw, bed.dave
+    dave_ip = dave.virtual_ip()
+    sas = dave.sas()
+    assert PRIVATE in sas and EDGE_NET in sas and "[tcp/" not in sas  # address-only
+    assert dave.tunnel_routes() == sorted([PRIVATE, EDGE_NET])
+    connects = decision_lines(gw.kx_log, "connect allow dave")
+    assert connects and f"selectors {PRIVATE} {EDGE_NET}" in connects[-1], connects
+    listeners = [Listener(WEB, 8443), Listener(WEB, 9000), Listener(CRM, 8443)]
+    try:
+        before = gw.drops().get("identity_filter", 0)
+        assert tcp_reaches(dave, dave_ip, WEB, 8443)
+        assert not tcp_reaches(dave, dave_ip, WEB, 9000, sport=41001)  # same host, another port
+        assert not tcp_reaches(dave, dave_ip, CRM, 8443, sport=41002)  # the neighbour, listening too
+    finally:
+        for listener in listeners:
+            listener.stop()
+    wait_until(lambda: gw.drops().get("identity_filter", 0) >= before + 2, timeout=10, what="identity-filter drops")
+    for flow in (f"tcp {dave_ip}:41001 -> {WEB}:9000", f"tcp {dave_ip}:41002 -> {CRM}:8443"):
+        wait_until(
+            partial(logged, gw.dp_log, "drop deny dave", flow, "identity filter"),
+            timeout=15,  # the first line of a flow comes at once, later ones per 10 s interval
+            what=f"dave's drop of {flow} in the decision log",
+        )
+
+
+def logged(path: Path, kind: str, *needles: str) -> list[str]:
+    """Decision-log lines of `kind` holding every needle."""
+    return [line for line in decision_lines(path, kind) if all(n in line for n in needles)]
+
+
 def test_revoking_the_rule_cuts_the_live_session_within_a_second(bed: Bed) -> None:
     gw = bed.gw
     alice_ip = bed.alice.virtual_ip()
@@ -124,7 +169,14 @@ def test_revoking_the_rule_cuts_the_live_session_within_a_second(bed: Bed) -> No
 
 
 def test_a_connector_fronts_a_resource_and_accepts_no_inbound_connection(bed: Bed) -> None:
+    """The connector runs with `site.inbound: dial-out-only` (no firewall of the test's own): its
+    dataplane owns the nftables table, its keyexchange only initiates. From the gateway's and a
+    user's namespace no TCP connection to it succeeds and no UDP datagram (IKE_SA_INIT to 500 and
+    4500, or to a closed port) gets any answer, while the allowed user reaches the resource behind it."""
     gw, connector = bed.gw, bed.connector
+    assert connector is not None
+    assert "table inet esplanade_dial_out" in nft_tables(connector.ns)
+    assert nft_tables(connector.ns).count("table") == 1  # the product's table, nothing the test installed
     # the connector dialled out: it is the IKE initiator of its uplink, the gateway the responder
     assert connector.established("uplink")[0].initiator
     assert not gw.established("edge")[0].initiator
@@ -135,7 +187,7 @@ def test_a_connector_fronts_a_resource_and_accepts_no_inbound_connection(bed: Be
     finally:
         app.stop()
     # Nothing gets into the connector from outside, though it has listening sockets on every
-    # address (its services' gRPC, and one more opened for this test).
+    # address (its services' gRPC, and one more opened for this test) and its UDP 500/4500.
     exposed = Listener("0.0.0.0", 7001, ns=connector.ns)
     try:
         ports = listening_ports(connector.ns)
@@ -147,6 +199,13 @@ def test_a_connector_fronts_a_resource_and_accepts_no_inbound_connection(bed: Be
         assert nsx(gw.ns, "ping", "-c", "1", "-W", "1", CONNECTOR_WAN, check=False).returncode != 0
     finally:
         exposed.stop()
+    init = ike_sa_init(CONNECTOR_WAN)
+    assert udp_answered(bed.alice.ns, GW_WAN, 500, ike_sa_init(GW_WAN))  # the probe works: the gateway answers
+    for where in (gw.ns, bed.alice.ns):
+        for port in (500, 4500):
+            assert not udp_answered(where, CONNECTOR_WAN, port, init), f"{where} -> connector udp/{port}"
+        assert not udp_answered(where, CONNECTOR_WAN, 9, b"x")  # a closed port: not even ICMP unreachable
+    assert connector.established("uplink")  # the uplink it dialled is untouched
 
 
 def listening_ports(ns: str) -> set[int]:
@@ -155,29 +214,28 @@ def listening_ports(ns: str) -> set[int]:
 
 
 def test_traffic_a_client_sends_outside_its_grant_is_dropped_and_logged(bed: Bed) -> None:
-    """A client that sends through its tunnel what its policy does not grant (here: packets
-    encrypted with alice's real SA keys toward the other port and the neighbouring host) has
-    them dropped by the gateway's dataplane, counted, and logged as alice's drops. Last in the
-    module: the forged sequence numbers move the SA's replay window past the client's own."""
+    """A client that sends through its tunnel what its SA's (exact) selectors do not cover (here:
+    packets encrypted with alice's real SA keys toward the other port and the neighbouring host)
+    has them dropped by the gateway's dataplane (policy_mismatch), counted, and logged as alice's
+    drops with each flow's 5-tuple. Last in the module: the forged sequence numbers move the SA's
+    replay window past the client's own."""
     gw = bed.gw
     record = gateway_record(gw, "alice@corp.test")
     before = gw.drops().get("policy_mismatch", 0) + gw.drops().get("identity_filter", 0)
     state = EspState(record.inbound)
     state.seq = 1_000_000
     alice_ip = bed.alice.virtual_ip()
-    packets = [tcp_syn(alice_ip, WEB, 9000), tcp_syn(alice_ip, CRM, 8443)]
-    send_esp(bed.alice, record, [state.encrypt(p, 4) for p in packets])
-    wait_until(
-        lambda: gw.drops().get("policy_mismatch", 0) + gw.drops().get("identity_filter", 0) >= before + 2,
-        timeout=5,
-        what="gateway drops",
-    )
-    wait_until(
-        lambda: [
-            line
-            for line in decision_lines(gw.dp_log, "drop deny alice")
-            if record.id in line and "outside the Child SA's selectors" in line
-        ],
-        timeout=15,  # the first line of a flow comes at once, later ones per 10 s interval
-        what="alice's drops in the decision log",
-    )
+    for sent, (dst, port) in enumerate(((WEB, 9000), (CRM, 8443)), start=1):
+        # one at a time: the dataplane samples the last such packet per SA and drop poll
+        send_esp(bed.alice, record, [state.encrypt(tcp_syn(alice_ip, dst, port), 4)])
+        wait_until(partial(drops_at_least, gw, before + sent), timeout=5, what="gateway drops")
+        flow = f"tcp {alice_ip}:40000 -> {dst}:{port}"
+        wait_until(
+            partial(logged, gw.dp_log, "drop deny alice", record.id, flow, "outside the Child SA's selectors"),
+            timeout=15,
+            what=f"alice's drop of {flow} in the decision log",
+        )
+
+
+def drops_at_least(gw: Gateway, count: int) -> bool:
+    return gw.drops().get("policy_mismatch", 0) + gw.drops().get("identity_filter", 0) >= count

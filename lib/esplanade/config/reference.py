@@ -19,10 +19,32 @@ JSON (`ESPLANADE_STORE__ETCD_ENDPOINTS='["10.0.0.5:2379"]'`). Unknown keys are e
 """
 
 
+ACCESS_NARROWING_ROW = (
+    "| `access_narrowing` | `exact`, `networks` | `exact` | How the responder narrows the Child SAs of a "
+    "peer governed by the access policy (docs/policy.md). `exact`: to the granted hosts, protocols and po"
+    "rts, and split-tunnel routes to the granted hosts. `networks`: address-only, to the networks of the "
+    "sites that hold the granted resources (and routes to those networks), so clients that cope badly wit"
+    "h port-specific or many selectors get one per site network; what they send outside their grant reach"
+    "es the gateway and is dropped and logged by the dataplane's exact per-identity filter. Ungoverned pe"
+    "ers (site-to-site) keep their negotiated selectors either way. |"
+)
+CONNECTION_DOCUMENTS = f"""
+## Connection documents
+
+Connections (`config/connections/<name>`, loaded through the API, the CLI or keyexchange's
+LoadConnection) are swanctl-like documents; docs/keyexchange-service.md describes them. The
+zero-trust setting among them:
+
+| key | values | default | meaning |
+|---|---|---|---|
+{ACCESS_NARROWING_ROW}
+"""
+
+
 def configuration_reference() -> str:
     rows = []
     for dotted, default, description in flatten_field_docs():
         env = ENV_PREFIX + dotted.replace(".", ENV_NESTED).upper()
         shown = f"`{default}`" if default not in ("", "[]") else ""
         rows.append(f"| `{dotted}` | `{env}` | {shown} | {description} |")
-    return HEADER + "\n".join(rows) + "\n"
+    return HEADER + "\n".join(rows) + "\n" + CONNECTION_DOCUMENTS

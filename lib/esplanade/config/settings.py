@@ -43,8 +43,16 @@ def _check_ip(value: str) -> str:
     return value
 
 
+def _check_interface(value: str) -> str:
+    """A Linux interface name as nftables' `iifname` takes it: 1-15 characters, no quoting needed."""
+    if not 0 < len(value) <= 15 or not all(c.isalnum() or c in "-_.@:" for c in value) or not value.isascii():
+        raise ValueError(f"{value!r} is not an interface name (1-15 of A-Za-z0-9 - _ . @ :)")
+    return value
+
+
 HostPort = Annotated[str, AfterValidator(_check_host_port)]
 IpAddress = Annotated[str, AfterValidator(_check_ip)]
+InterfaceName = Annotated[str, AfterValidator(_check_interface)]
 
 
 class Section(BaseModel):
@@ -253,6 +261,24 @@ class KeyexchangeSettings(Section):
     )
 
 
+class SiteSettings(Section):
+    """What this host is in the zero-trust topology (read by the dataplane and keyexchange)."""
+
+    inbound: Literal["open", "dial-out-only"] = Field(
+        "open",
+        description="`dial-out-only` (a connector): the dataplane installs and owns the nftables table"
+        " `inet esplanade_dial_out` in its network namespace while it runs (input: loopback, replies"
+        " to what this host sent, IPv6 neighbour discovery and `management_interfaces` accepted;"
+        " every other inbound packet, IPv4 and IPv6, dropped), and keyexchange answers no"
+        " IKE_SA_INIT (it only initiates). `open`: neither.",
+    )
+    management_interfaces: list[InterfaceName] = Field(
+        default_factory=list,
+        description="`dial-out-only`: interfaces where inbound connections are still accepted (the"
+        " services' gRPC and metrics, SSH); empty: none.",
+    )
+
+
 class PolicySettings(Section):
     audit_log_path: Path = Field(
         Path("/var/lib/esplanade/policy-audit.db"),
@@ -291,6 +317,7 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings, description="Telemetry.")
     dataplane: DataplaneSettings = Field(default_factory=DataplaneSettings, description="Dataplane.")
     keyexchange: KeyexchangeSettings = Field(default_factory=KeyexchangeSettings, description="keyexchange.")
+    site: SiteSettings = Field(default_factory=SiteSettings, description="Zero-trust role of this host.")
     policy: PolicySettings = Field(default_factory=PolicySettings, description="Policy service.")
     api: ApiSettings = Field(default_factory=ApiSettings, description="REST API.")
 

@@ -270,6 +270,35 @@ def test_filter_drops_reports_denials_per_child_sa_with_sampled_headers(hot_path
     assert again["denied"] == {"c1": 2} and again["samples"] == []  # counts stay, samples drain
 
 
+def test_filter_drops_samples_the_flow_of_packets_outside_a_governed_sas_selectors() -> None:
+    """A governed SA (one with an identity filter) whose peer sends what its narrowed selectors do
+    not cover: `policy_mismatch` drops, and `filter_drops` gives the count and the header of the
+    last such packet since the previous call (the decision log's 5-tuple), on both hot paths."""
+    a, b = keyed_pair(Keys())
+    control(b, "set_filter", child_sa="c1", selectors=[f"{B_HOST}/32[tcp/5201]"])
+    wide = SpdPolicy(
+        "wide",
+        PolicyDirection.OUT,
+        TrafficSelector.any(),
+        TrafficSelector.from_network("10.9.0.0/16"),
+        priority=1,
+        child_sa="c1",
+    )
+    control(a, "install_policy", policy=policy_document(wide))
+    outside = tcp_segments(1, 100, src=A_HOST, dst="10.9.0.7", dport=22) + tcp_segments(
+        1, 100, src=A_HOST, dst="10.9.0.8", dport=8443
+    )
+    datagrams = a.outbound_batch(outside, 1.0)
+    assert len(datagrams) == 2
+    assert b.inbound_batch([((A_ADDR, 4500), d[1]) for d in datagrams], 1.0) == []
+    assert drops(b) == {"policy_mismatch": 2}
+    reply = b.handle_control("filter_drops", {}, 1.0)
+    assert reply["outside_selectors"] == {"c1": 2} and reply["denied"] == {}
+    assert reply["outside_samples"] == [["c1", outside[-1][:64].hex()]]
+    again = b.handle_control("filter_drops", {}, 1.5)
+    assert again["outside_selectors"] == {"c1": 2} and again["outside_samples"] == []
+
+
 # -- the fast lane against the engine's general path ------------------------------------------
 def _malformed(keys: Keys, seq: int, kind: int) -> bytes:
     """An authentic ESP packet (right key, right ICV) whose content is wrong in one way."""

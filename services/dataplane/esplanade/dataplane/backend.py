@@ -108,3 +108,5 @@ class FilterDrops:
     denied: dict[str, int] = field(default_factory=dict)  # identity filter
     outside_selectors: dict[str, int] = field(default_factory=dict)  # outside the SA's selectors
     samples: list[tuple[str, bytes]] = field(default_factory=list)  # (Child SA, header)
+    # (Child SA, header) of the last packet per SA dropped outside its selectors since the last read
+    outside_samples: list[tuple[str, bytes]] = field(default_factory=list)

@@ -11,9 +11,10 @@ it (its peer's outer address; posture is not known here, so posture-bound parts 
 and whose time window is open now. A peer whose IKE identity binds to no policy identity is not
 governed (site-to-site); a bound identity with nothing granted gets an empty filter (drop all).
 
-Drops: the backend counts them (`identity_filter` drop reason); every `poll_seconds` the
-per-SA counts and sampled packet headers become `DROP` decision events (aggregated and
-rate-limited by `DecisionEvents`), never store writes.
+Drops: the backend counts them (`identity_filter` and, for packets outside the SA's narrowed
+selectors, `policy_mismatch`); every `poll_seconds` the per-SA counts and sampled packet headers
+(of both kinds: the flow's 5-tuple) become `DROP` decision events (aggregated and rate-limited by
+`DecisionEvents`), never store writes. Unsampled drops are logged per SA without a flow.
 """
 
 from __future__ import annotations
@@ -215,22 +216,22 @@ class PolicyEnforcer:
         except DataplaneError as exc:
             log.debug("filter drops not readable: %s", exc)
             return
-        sampled: dict[str, int] = {}
-        for child_id, header in drops.samples:
-            applied = self.applied.get(child_id)
-            if applied is None:
-                continue
-            event = DecisionEvent(
-                DecisionKind.DROP, Action.DENY, applied.identity, flow_of(header), DEFAULT_DENY, DROP_REASON, child_id
-            )
-            self.decisions.record(event)
-            sampled[child_id] = sampled.get(child_id, 0) + 1
+        sampled: dict[tuple[str, str], int] = {}
+        for reason, samples in ((DROP_REASON, drops.samples), (OUTSIDE_REASON, drops.outside_samples)):
+            for child_id, header in samples:
+                applied = self.applied.get(child_id)
+                if applied is None:
+                    continue
+                event = DecisionEvent(
+                    DecisionKind.DROP, Action.DENY, applied.identity, flow_of(header), DEFAULT_DENY, reason, child_id
+                )
+                self.decisions.record(event)
+                sampled[(reason, child_id)] = sampled.get((reason, child_id), 0) + 1
         for reason, counts in ((DROP_REASON, drops.denied), (OUTSIDE_REASON, drops.outside_selectors)):
             for child_id, total in counts.items():
                 delta = total - self._seen.get((reason, child_id), 0)
                 self._seen[(reason, child_id)] = total
-                if reason == DROP_REASON:
-                    delta -= sampled.get(child_id, 0)
+                delta -= sampled.get((reason, child_id), 0)
                 applied = self.applied.get(child_id)
                 if delta > 0 and applied is not None:
                     event = DecisionEvent(

@@ -1,6 +1,8 @@
 """The dataplane service process: `esplanade serve dataplane`.
 
     serve(settings)
+      0. with `site.inbound: dial-out-only` (a connector), install the inbound firewall
+         (`dial_out_firewall`; removed again on a clean stop).
       1. choose the backend (`choose_backend(settings.dataplane.backend)`; the reason shows in
          GetStatus) and start it. The userspace backend forks its workers here, before gRPC
          and the store client start any thread.
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, cast
 from esplanade.config.settings import Settings
 from esplanade.dataplane.backend import DataplaneBackend, DataplaneError
 from esplanade.dataplane.backend_selection import BackendChoice, choose_backend
+from esplanade.dataplane.dial_out_firewall import DialOutFirewall, FirewallError
 from esplanade.dataplane.flow_meter import FlowMeter
 from esplanade.dataplane.flow_telemetry import FlowTelemetry
 from esplanade.dataplane.ike_owner_routes import IkeOwnerRoutes
@@ -78,6 +81,7 @@ class DataplaneNode:
     failure: str = ""
     decisions: DecisionEvents | None = None  # drop events of the identity filters (the flow log subscribes)
     enforcer: PolicyEnforcer | None = None
+    firewall: DialOutFirewall | None = None  # site.inbound: dial-out-only
 
 
 def default_workers(configured: int) -> int:
@@ -141,12 +145,15 @@ async def serve(settings: Settings) -> None:
     store = open_store(settings.store)
     persistence = StoreSaPersistence(store, node)
     backend = build_backend(settings, choice, persistence)
+    firewall = start_dial_out_firewall(settings)
     try:
         await backend.start()  # forks the userspace workers: no threads may exist yet
     except DataplaneError as exc:
         log.error("dataplane backend %s did not start: %s", choice.name, exc)
+        if firewall is not None:
+            firewall.stop()
         raise SystemExit(1) from None
-    runtime = DataplaneNode(settings, node, choice, store, backend, persistence)
+    runtime = DataplaneNode(settings, node, choice, store, backend, persistence, firewall=firewall)
     stop = asyncio.Event()
     userspace = userspace_backend(runtime)
     if userspace is not None:
@@ -177,9 +184,24 @@ async def serve(settings: Settings) -> None:
         for sock in runtime.sockets:
             sock.close()
         await backend.stop()
+        if firewall is not None:
+            firewall.stop()
     if runtime.failure:
         log.error("dataplane stopped: %s", runtime.failure)
         sys.exit(1)
+
+
+def start_dial_out_firewall(settings: Settings) -> DialOutFirewall | None:
+    """`site.inbound: dial-out-only` (a connector): the nftables table, before the datapath starts."""
+    if settings.site.inbound != "dial-out-only":
+        return None
+    firewall = DialOutFirewall(settings.site.management_interfaces)
+    try:
+        firewall.start()
+    except FirewallError as exc:
+        log.error("dataplane not started: %s", exc)
+        raise SystemExit(1) from None
+    return firewall
 
 
 def open_flow_telemetry(
@@ -300,6 +322,8 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
             )
         if steering is not None:
             out.update(steering.status())
+        if runtime.firewall is not None:
+            out["dial_out_table_reinstalls"] = str(runtime.firewall.reinstalls)
         return out
 
     flows = open_flow_telemetry(settings, runtime.node, backend, reconciler, relay)
@@ -359,6 +383,8 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
     ctx.spawn(decisions.run(), "decision-events")
     ctx.spawn(membership_then_reconcile(), "dataplane-reconciler")
     ctx.spawn(IkeOwnerRoutes(runtime.store, relay).run(), "dataplane-ike-owner-routes")
+    if runtime.firewall is not None:
+        ctx.spawn(runtime.firewall.keep(), "dial-out-firewall")
     ctx.on_stop.append(leave)
 
 

@@ -148,6 +148,10 @@ class ConnectionConfig:
     children: tuple[ChildConfig, ...] = ()
     retransmit: RetransmitConfig = field(default_factory=RetransmitConfig)
     unique: Literal["no", "never", "replace", "keep"] = "no"
+    # How a responder narrows the Child SAs of a peer governed by the access policy: to the exact
+    # hosts/protocols/ports granted, or address-only to the site networks holding them (the
+    # dataplane's per-identity filter stays exact either way). Ignored for ungoverned peers.
+    access_narrowing: Literal["exact", "networks"] = "exact"
 
     def child(self, name: str) -> ChildConfig:
         for c in self.children:
@@ -174,7 +178,7 @@ class ConnectionConfig:
             "version", "local_addrs", "remote_addrs", "local_port", "remote_port", "local", "remote",
             "proposals", "dpd_delay", "dpd_timeout", "rekey_time", "reauth_time", "over_time", "rand_time",
             "encap", "fragmentation", "fragment_size", "pools", "vips", "children", "send_certreq", "send_cert",
-            "cacerts", "crls", "keyingtries", "unique", "mobike", "retransmit", "psk",
+            "cacerts", "crls", "keyingtries", "unique", "mobike", "retransmit", "psk", "access_narrowing",
         }  # fmt: skip
         for key in d:
             if key not in known:
@@ -232,6 +236,9 @@ class ConnectionConfig:
         unique = d.get("unique", "no")
         if unique not in ("no", "never", "replace", "keep"):
             raise ConfigError(f"{f}.unique", "must be no, never, replace or keep")
+        access_narrowing = d.get("access_narrowing", "exact")
+        if access_narrowing not in ("exact", "networks"):
+            raise ConfigError(f"{f}.access_narrowing", "must be exact or networks")
         fragment_size = int(d.get("fragment_size", 1280))
         if not 576 <= fragment_size <= 65535:
             raise ConfigError(f"{f}.fragment_size", "must be between 576 and 65535")
@@ -275,6 +282,7 @@ class ConnectionConfig:
             children=children,
             retransmit=retransmit,
             unique=unique,
+            access_narrowing=access_narrowing,
         )
 
 

@@ -6,6 +6,13 @@ returns its compiled selectors (coarsened to what one TS payload holds; the data
 exact) and routes, with the connection's facts (the peer's outer address; posture is not
 reported yet, so posture-bound rules stay closed). `handle` turns the core's `AccessDecided`
 events into CONNECT decision events (`DecisionEvents`: aggregated, rate-limited, never etcd).
+
+The connection's `access_narrowing` says how coarse the narrowing is: ``exact`` (the default)
+narrows to the grant's hosts, protocols and ports; ``networks`` to the site networks that hold
+the granted addresses, address-only (and routes to match), so that a client which copes badly
+with port-specific or many selectors still gets one selector per site network, and what it
+sends outside its grant reaches the gateway and is dropped (and logged with its 5-tuple) by
+the dataplane's exact per-identity filter.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from esplanade.policy.conditions import ConnectFacts
 from esplanade.policy.decision_events import DecisionEvents
 from esplanade.policy.decision_log import DecisionEvent, DecisionKind
 from esplanade.policy.evaluator import DEFAULT_DENY, Action
+from esplanade.policy.selector_sets import routes
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,9 @@ class RemoteAccessPolicy:
         facts = ConnectFacts(source)
         compiled = access.compiled
         rules = tuple(sorted({r for part in compiled.connect_parts(facts) for r in part.rules}))
+        if ike.config.access_narrowing == "networks":
+            coarse = compiled.network_selectors(facts, access.site_networks)
+            return AccessGrant(access.identity, tuple(coarse), tuple(routes(coarse)), rules)
         return AccessGrant(access.identity, tuple(compiled.selectors(facts)), tuple(compiled.routes(facts)), rules)
 
     def handle(self, event: Event) -> None:

@@ -93,6 +93,7 @@ class KeyExchangeNode:
             now=time.monotonic(),
             new_ike_spi=lambda: self.sharing.choose_spi() if self.sharing is not None else os.urandom(8),
             access_for=self.access_policy.grant_for,
+            responder=settings.site.inbound != "dial-out-only",  # a connector only dials out
         )
         self.engine = IkeEngine(dispatcher)
         self.handoff = ChildSaHandoff(store, sealer, self.spis, self.engine.inbound_sa_installed)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from esplanade.policy.compiled import CompiledDocumentError, CompiledPolicy
 from esplanade.policy.decode import parse_ike_id
-from esplanade.policy.model import Identity, IkeId
+from esplanade.policy.model import Identity, IkeId, IPNetwork, Site
 from esplanade.policy.store_state import POLICY_PREFIX, decode_kv, object_key_parts
 from esplanade.store import schema
 from esplanade.store.base import KeyValue, Resync, Store, StoreError, WatchBatch
@@ -63,6 +63,7 @@ class Access:
 
     identity: str  # the policy identity id
     compiled: CompiledPolicy  # empty (no parts) when nothing is granted or the document is unreadable
+    site_networks: tuple[IPNetwork, ...] = ()  # every site's networks (coarse IKE narrowing)
 
     @property
     def grants_nothing(self) -> bool:
@@ -76,6 +77,7 @@ class AccessTable:
         self.identities: dict[str, Identity] = {}
         self.by_ike_id: dict[IkeId, str] = {}
         self.compiled: dict[str, CompiledPolicy] = {}
+        self.sites: dict[str, Site] = {}
         self.revision = 0
 
     def lookup(self, peer_identity: str) -> Access | None:
@@ -86,7 +88,11 @@ class AccessTable:
         identity = self.by_ike_id.get(ike_id)
         if identity is None:
             return None
-        return Access(identity, self.compiled.get(identity) or CompiledPolicy(identity, ()))
+        compiled = self.compiled.get(identity) or CompiledPolicy(identity, ())
+        return Access(identity, compiled, self.site_networks())
+
+    def site_networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(net for site_id in sorted(self.sites) for net in self.sites[site_id].networks)
 
     def load(self, kvs: Iterable[KeyValue]) -> set[str]:
         """Replace everything; returns the policy identities whose access may have changed."""
@@ -95,6 +101,7 @@ class AccessTable:
         self.identities.clear()
         self.by_ike_id.clear()
         self.compiled.clear()
+        self.sites.clear()
         for kv in kvs:
             self.put(kv)
         every = set(before_compiled) | set(self.compiled)
@@ -116,6 +123,14 @@ class AccessTable:
             self.compiled[identity] = compiled
             return {identity}
         parts = object_key_parts(kv.key)
+        if parts is not None and parts[0] == "sites":
+            # sites change no filter (only the coarse narrowing of SAs set up later): nobody to tell
+            site = decode_kv("sites", kv)
+            if isinstance(site, Site):
+                self.sites[site.id] = site
+            else:
+                self.sites.pop(parts[1], None)
+            return set()
         if parts is None or parts[0] != "identities":
             return set()
         obj = decode_kv("identities", kv)
@@ -132,6 +147,9 @@ class AccessTable:
             identity = key[len(COMPILED_PREFIX) :]
             return {identity} if self.compiled.pop(identity, None) is not None else set()
         parts = object_key_parts(key)
+        if parts is not None and parts[0] == "sites":
+            self.sites.pop(parts[1], None)
+            return set()
         if parts is None or parts[0] != "identities":
             return set()
         changed = self._unbind(parts[1])

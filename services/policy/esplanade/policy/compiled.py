@@ -48,7 +48,14 @@ from esplanade.policy.decode import conditions_to_document, decode_conditions
 from esplanade.policy.filters import PacketFilter, TimedPart
 from esplanade.policy.model import NO_CONDITIONS, Conditions, IPNetwork
 from esplanade.policy.problems import PolicyError
-from esplanade.policy.selector_sets import IKE_MAX_SELECTORS, coarsen, routes, selectors_from_spans, span_of
+from esplanade.policy.selector_sets import (
+    IKE_MAX_SELECTORS,
+    coarsen,
+    network_selectors,
+    routes,
+    selectors_from_spans,
+    span_of,
+)
 
 FORMAT = 1
 
@@ -131,6 +138,13 @@ class CompiledPolicy:
         else:
             exact = selectors_from_spans(span_of(ts) for p in parts for ts in p.selectors)
         return coarsen(exact, limit)
+
+    def network_selectors(
+        self, facts: ConnectFacts, networks: Sequence[IPNetwork], limit: int = IKE_MAX_SELECTORS
+    ) -> list[TrafficSelector]:
+        """Coarse IKE narrowing (``access_narrowing: networks``): address-only selectors for the
+        site `networks` holding the granted addresses (`selector_sets.network_selectors`)."""
+        return network_selectors((ts for p in self.connect_parts(facts) for ts in p.selectors), networks, limit)
 
     def routes(self, facts: ConnectFacts, limit: int = 0) -> list[IPNetwork]:
         """Split-tunnel routes (INTERNAL_IP4_SUBNET / INTERNAL_IP6_SUBNET): addresses only."""

@@ -12,6 +12,9 @@ every decapsulated packet; they only let more packets reach that filter.
 
 `routes` is the address part alone as CIDR blocks, for INTERNAL_IP4_SUBNET /
 INTERNAL_IP6_SUBNET (RFC 7296 §3.15.1): a split-tunnel route list cannot carry ports.
+
+`network_selectors` is the coarse narrowing of a connection with ``access_narrowing:
+networks``: address-only selectors for the site networks that hold the granted addresses.
 """
 
 from __future__ import annotations
@@ -186,3 +189,30 @@ def _cidrs(merged: dict[int, list[tuple[int, int]]]) -> list[IPNetwork]:
         for lo, hi in merged[version]:
             nets.extend(ipaddress.summarize_address_range(make_address(version, lo), make_address(version, hi)))
     return nets
+
+
+def network_selectors(
+    selectors: Iterable[TrafficSelector], networks: Iterable[IPNetwork], limit: int = IKE_MAX_SELECTORS
+) -> list[TrafficSelector]:
+    """Address-only selectors covering every address of `selectors`, each widened to the smallest
+    of `networks` (the sites' networks) that holds all its addresses, or left as it is when none
+    does; merged, and coarsened to `limit`. Protocols and ports are left to the packet filter."""
+    by_version: dict[int, list[tuple[int, int]]] = {}
+    for net in networks:
+        by_version.setdefault(net.version, []).append((int(net.network_address), int(net.broadcast_address)))
+    for blocks in by_version.values():
+        blocks.sort(key=lambda b: b[1] - b[0])  # smallest first
+    ranges: dict[int, list[tuple[int, int]]] = {}
+    for ts in selectors:
+        lo, hi = int(ts.start_addr), int(ts.end_addr)
+        for nlo, nhi in by_version.get(ts.version, ()):
+            if nlo <= lo and hi <= nhi:
+                lo, hi = nlo, nhi
+                break
+        ranges.setdefault(ts.version, []).append((lo, hi))
+    out = [
+        selector_of(Span(version, lo, hi, ANY_PROTOCOL, 0, MAX_PORT))
+        for version in sorted(ranges)
+        for lo, hi in merge_ranges(ranges[version])
+    ]
+    return coarsen(out, limit)

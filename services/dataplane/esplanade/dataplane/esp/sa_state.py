@@ -79,6 +79,9 @@ def default_soft_sequence_limit(esn: bool) -> int:
     return (1 << 64) - (1 << 32) if esn else (1 << 32) - (1 << 24)
 
 
+OUTSIDE_SAMPLE_BYTES = 64  # header bytes kept of the last packet dropped outside the selectors
+
+
 class _SaBase:
     """Lifetimes (RFC 4301 §4.4.2.1), counters and the event queue shared by both directions."""
 
@@ -346,6 +349,9 @@ class InboundSa(_SaBase):
         self._init_common(association, Direction.IN, now, created_at)
         self.replay = ReplayWindow(association.replay_window, self.esn, replay_floor)
         self.selectors = SelectorPair(association.local_ts, association.remote_ts)
+        # The head of the last decapsulated packet dropped outside `selectors` (policy_mismatch),
+        # for the decision log's 5-tuple; taken (and cleared) by the dataplane's drop poll.
+        self.last_outside: bytes | None = None
         self.nat_original: bytes | None = None
         if nat_original_addresses is not None:
             o_src, o_dst = (ipaddress.ip_address(a).packed for a in nat_original_addresses)

@@ -86,6 +86,12 @@ class FilterCounts:
         head, self.last_denied = self.last_denied, None
         return head
 
+    def take_outside(self) -> bytes | None:
+        """Always None: the pure-Python engine keeps the packets it drops outside an SA's
+        selectors on the SA (`InboundSa.last_outside`); `_espfast.Filter` keeps the compiled
+        loop's."""
+        return None
+
     def load(self, tables: list[CompiledTable]) -> None:
         """The Python hot path checks the `SelectorTable` itself."""
 

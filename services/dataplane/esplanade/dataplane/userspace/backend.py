@@ -570,7 +570,7 @@ class UserspaceBackend:
     async def identity_filter_drops(self) -> FilterDrops:
         """Packets the identity filters denied and packets outside an SA's selectors, per Child SA
         (cumulative while it is installed), and (Child SA, packet header) samples of denied packets
-        since the last call."""
+        and of packets dropped outside the SA's selectors since the last call."""
         drops = FilterDrops()
         for channel in self._channels:
             try:
@@ -582,6 +582,8 @@ class UserspaceBackend:
                     into[str(child_sa)] = into.get(str(child_sa), 0) + int(count)
             for child_sa, header in reply.get("samples", []):
                 drops.samples.append((str(child_sa), bytes.fromhex(str(header))))
+            for child_sa, header in reply.get("outside_samples", []):
+                drops.outside_samples.append((str(child_sa), bytes.fromhex(str(header))))
         return drops
 
     def _refresh_routes(self, record: ChildSaRecord | None, child_sa_id: str = "") -> None:

@@ -51,7 +51,13 @@ from esplanade.dataplane.esp.events import (
 )
 from esplanade.dataplane.esp.packet import parse_flow
 from esplanade.dataplane.esp.replay import ReplayWindow
-from esplanade.dataplane.esp.sa_state import InboundSa, OutboundSa, ReplayPersistence, SequenceReservation
+from esplanade.dataplane.esp.sa_state import (
+    OUTSIDE_SAMPLE_BYTES,
+    InboundSa,
+    OutboundSa,
+    ReplayPersistence,
+    SequenceReservation,
+)
 from esplanade.dataplane.esp.spd import InboundSaTable, Spd
 from esplanade.dataplane.fastpath import PacketBatch, make_esp_batch_core
 from esplanade.dataplane.fastpath.esp_batch import SKIP, select_by_tag
@@ -385,6 +391,7 @@ class EspTransform:
                                 break
                         if not allowed:
                             c.drop(DropReason.POLICY_MISMATCH)
+                            sa.last_outside = bytes(plaintext[: min(length, OUTSIDE_SAMPLE_BYTES)])
                             continue
                     c.packets += 1
                     c.bytes += length
@@ -919,30 +926,47 @@ class EspTransform:
 
     def _op_filter_drops(self, message: dict[str, Any], now: float) -> dict[str, object]:
         """Packets the identity filters denied and packets outside the SA's selectors: per Child SA
-        (cumulative, SAs installed here), and the headers of up to `MAX_DENIED_SAMPLES` packets
-        denied since the last call (Python lanes; the compiled lane keeps the last one per SA)."""
+        (cumulative, SAs installed here), the headers of up to `MAX_DENIED_SAMPLES` packets
+        denied since the last call (Python lanes; the compiled lane keeps the last one per SA),
+        and of the last packet per SA dropped outside its selectors since the last call
+        (`outside_samples`; the Python engine keeps it on the SA, the compiled loop on the
+        identity filter of an SA that has one)."""
         denied: dict[str, int] = {}
         outside: dict[str, int] = {}
+        outside_samples: list[list[str]] = []
         compiled_filters = self.compiled.filters if self.compiled is not None else {}
         by_spi: dict[int, str] = {}
         for child in self.children.values():
-            spi = child.inbound.spi
+            inbound = child.inbound
+            spi = inbound.spi
             by_spi[spi] = child.id
-            mismatch = child.inbound.counters.drops.get(DropReason.POLICY_MISMATCH, 0)
+            mismatch = inbound.counters.drops.get(DropReason.POLICY_MISMATCH, 0)
             if mismatch:
                 outside[child.id] = mismatch
             count = self._denied_by_spi.get(spi, 0)
+            outside_head, inbound.last_outside = inbound.last_outside, None
             identity = compiled_filters.get(spi)
             if identity is not None:
                 count += identity.denied
                 head = identity.counts.take_denied()
                 if head is not None:  # the compiled lane keeps the last denied packet per SA
                     self._denied_samples.append((spi, bytes(head)))
+                compiled_head = identity.counts.take_outside()
+                if compiled_head is not None:
+                    outside_head = compiled_head
             if count:
                 denied[child.id] = count
+            if outside_head is not None and mismatch:
+                outside_samples.append([child.id, bytes(outside_head).hex()])
         samples = [[by_spi[spi], header.hex()] for spi, header in self._denied_samples if spi in by_spi]
         self._denied_samples = []
-        return {"ok": True, "denied": denied, "outside_selectors": outside, "samples": samples}
+        return {
+            "ok": True,
+            "denied": denied,
+            "outside_selectors": outside,
+            "samples": samples,
+            "outside_samples": outside_samples,
+        }
 
     def _op_remove_sa(self, message: dict[str, Any], now: float) -> dict[str, object]:
         child_sa = str(message["child_sa"])

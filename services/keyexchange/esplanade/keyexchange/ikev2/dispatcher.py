@@ -49,8 +49,12 @@ class IkeDispatcher:
         now: float = 0.0,
         new_ike_spi: Callable[[], bytes] | None = None,
         access_for: Callable[[IkeSa], AccessGrant | None] | None = None,
+        responder: bool = True,
     ) -> None:
+        """`responder=False` (a dial-out-only connector): every IKE_SA_INIT request is dropped
+        unanswered (counted as `dropped_init_not_responder`); this side only initiates."""
         self.configs: dict[str, ConnectionConfig] = {c.name: c for c in configs}
+        self.responder = responder
         self.cookie_threshold = cookie_threshold
         self.cookie_threshold_ip = cookie_threshold_ip
         self.block_threshold = block_threshold
@@ -257,6 +261,9 @@ class IkeDispatcher:
         self._collect(sa, now)
 
     def _receive_init_request(self, data: bytes, local: Address, remote: Address, now: float) -> None:
+        if not self.responder:
+            self.count("dropped_init_not_responder")
+            return
         try:
             msg = decode_message(data)
         except ParseError:

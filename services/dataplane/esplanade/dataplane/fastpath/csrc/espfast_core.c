@@ -361,12 +361,15 @@ int ef_esp_open(ef_inbound *sa, const uint8_t *esp, size_t len, uint8_t *out, si
     if (expected != next_header) return EF_MALFORMED;
     length = ef_inner_ip_length(out, data_len);
     if (length < 0) return EF_MALFORMED;
+    *inner_len = (size_t)length; /* also on EF_POLICY_MISMATCH: the caller may sample the packet */
     if (sa->selectors != NULL) {
         ef_flow_key flow;
-        if (ef_parse_flow(out, (size_t)length, &flow) < 0) return EF_MALFORMED;
+        if (ef_parse_flow(out, (size_t)length, &flow) < 0) {
+            *inner_len = 0;
+            return EF_MALFORMED;
+        }
         if (!ef_selectors_allow_inbound(sa->selectors, &flow)) return EF_POLICY_MISMATCH;
     }
-    *inner_len = (size_t)length;
     return EF_OK;
 }
 

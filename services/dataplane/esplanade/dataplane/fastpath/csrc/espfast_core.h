@@ -104,7 +104,8 @@ typedef struct {
 
 /* esp_codec.decrypt_esp for a tunnel-mode AEAD SA, from the length check to the selector
  * check. `out` receives the plaintext and needs len - EF_AEAD_OVERHEAD bytes (checked).
- * Returns EF_OK with the inner packet at out[0 .. *inner_len), or the drop reason.
+ * Returns EF_OK with the inner packet at out[0 .. *inner_len), or the drop reason (on
+ * EF_POLICY_MISMATCH *inner_len is the dropped inner packet's length too, for sampling).
  * `*accepted` says whether the replay window moved (the caller's persistence mark check).
  */
 int ef_esp_open(ef_inbound *sa, const uint8_t *esp, size_t len, uint8_t *out, size_t out_cap, size_t *inner_len,

@@ -167,12 +167,15 @@ typedef struct {
     unsigned long long allowed;
     uint8_t last_denied[DENIED_SAMPLE]; /* the head of the last packet denied since take_denied() */
     size_t last_denied_len;             /* 0: none */
+    uint8_t last_outside[DENIED_SAMPLE]; /* ... dropped outside its SA's selectors, since take_outside() */
+    size_t last_outside_len;             /* 0: none */
 } FilterObject;
 
 static int Filter_init(FilterObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTuple(args, "")) return -1;
     memset(&self->filter, 0xFF, sizeof(self->filter.index));
     self->last_denied_len = 0;
+    self->last_outside_len = 0;
     self->filter.ntables = 0;
     self->filter.tables = NULL;
     return 0;
@@ -333,10 +336,21 @@ static PyObject *Filter_take_denied(FilterObject *self, PyObject *unused) {
     return head;
 }
 
+static PyObject *Filter_take_outside(FilterObject *self, PyObject *unused) {
+    PyObject *head;
+    (void)unused;
+    if (self->last_outside_len == 0) Py_RETURN_NONE;
+    head = PyBytes_FromStringAndSize((const char *)self->last_outside, (Py_ssize_t)self->last_outside_len);
+    self->last_outside_len = 0;
+    return head;
+}
+
 static PyMethodDef Filter_methods[] = {
     {"load", (PyCFunction)Filter_load, METH_O, "Replace the tables (see filter_tables.py)."},
     {"take_denied", (PyCFunction)Filter_take_denied, METH_NOARGS,
      "The head of the last packet denied since the previous call, or None."},
+    {"take_outside", (PyCFunction)Filter_take_outside, METH_NOARGS,
+     "The head of the last packet of its SA dropped outside the SA's selectors since the previous call, or None."},
     {"allows_packet", (PyCFunction)Filter_allows, METH_O, "Parse an inner packet and check it."},
     {NULL}};
 
@@ -1403,6 +1417,12 @@ static PyObject *decrypt_batch(PyObject *mod, PyObject *args) {
         }
         if (status != EF_OK) {
             s->drops[status]++;
+            if (status == EF_POLICY_MISMATCH && s->filter != NULL && s->filter != Py_None) {
+                /* a governed SA: keep the head for the decision log's 5-tuple (drop path only) */
+                FilterObject *f = (FilterObject *)s->filter;
+                f->last_outside_len = inner_len < DENIED_SAMPLE ? inner_len : DENIED_SAMPLE;
+                memcpy(f->last_outside, o.p + o.at, f->last_outside_len);
+            }
             continue;
         }
         s->packets++;
