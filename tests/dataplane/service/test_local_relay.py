@@ -163,6 +163,7 @@ async def test_garbage_on_the_socket_is_counted_and_dropped(short_dir: Path) -> 
     relay.set_sender(500, send)
     listener = LocalRelayListener(relay, short_dir / "dp.ike.sock")
     await listener.start()
+    assert listener.path.stat().st_mode & 0o777 == 0o600
     loop = asyncio.get_running_loop()
     client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     client.setblocking(False)

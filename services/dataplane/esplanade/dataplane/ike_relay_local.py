@@ -69,11 +69,10 @@ class LocalRelayListener:
             self.path.unlink()  # a predecessor's: nobody listens on it any more
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            old_umask = os.umask(0o177)
-            try:
-                sock.bind(str(self.path))
-            finally:
-                os.umask(old_umask)
+            # connecting needs write permission on the file: with any usual umask nobody else
+            # has it between bind and chmod (the process umask is not ours to change: threads)
+            sock.bind(str(self.path))
+            os.chmod(self.path, 0o600)
             sock.listen(16)
             sock.setblocking(False)
         except OSError:
