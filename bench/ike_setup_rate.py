@@ -158,6 +158,46 @@ async def esplanade_initiator(site: Site, seconds: float, workers: int) -> dict[
     }
 
 
+def netns_cpu(*namespaces: str) -> dict[str, float]:
+    """CPU seconds so far of every process in the namespaces, summed by name (charon A and B
+    apart; the dataplane's workers apart from its main process)."""
+    import subprocess
+
+    out: dict[str, float] = {}
+    for ns in namespaces:
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+                seconds = cpu_seconds(int(pid))
+            except (OSError, ValueError):
+                continue
+            if "charon" in cmdline:
+                name = f"charon_{'a' if ns == NS_A else 'b'}"
+            elif "serve keyexchange" in cmdline:
+                name = "keyexchange"
+            elif "serve dataplane" in cmdline:
+                parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+                try:
+                    forked = "serve dataplane" in Path(f"/proc/{parent}/cmdline").read_text().replace("\0", " ")
+                except OSError:
+                    forked = False
+                name = "dataplane_workers" if forked else "dataplane"
+            else:
+                continue
+            out[name] = out.get(name, 0.0) + seconds
+    return out
+
+
+def cpu_per_setup(before: dict[str, float], after: dict[str, float], setups: int) -> dict[str, float]:
+    """Milliseconds of CPU per counted setup, by process (and their total)."""
+    if not setups:
+        return {}
+    per = {k: round(1000 * (after[k] - before.get(k, 0.0)) / setups, 2) for k in after}
+    per["total"] = round(sum(per.values()), 2)
+    return per
+
+
 def measure(seconds: float, workers: int) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="kxs-bench-"))
     site = Site(f"{NETNS_PREFIX}b", SITE_INDEX, B_IP, "10.97.2.1", base / "site")
@@ -192,7 +232,9 @@ def measure(seconds: float, workers: int) -> dict[str, Any]:
         b.start(extra, log_level=0)
         b.load(charon_conn(B_IP, A_IP, B_ID, A_ID, B_NET, A_NET), SECRETS)
         for name, initiator in (("responder_strongswan", a), ("initiator_strongswan", b)):
+            cpu0 = netns_cpu(NS_A, site.ns)
             results[name] = vici_rate(initiator.vici, seconds, workers)
+            results[name]["cpu_ms_per_setup"] = cpu_per_setup(cpu0, netns_cpu(NS_A, site.ns), results[name]["setups"])
             print(name, results[name], flush=True)
         b.stop()
         site.start_dataplane()
@@ -208,15 +250,19 @@ def measure(seconds: float, workers: int) -> dict[str, Any]:
         site.kx_stub().LoadConnection(kx.LoadConnectionRequest(name="pair", config=struct(esplanade_conn())))
         assert site.kx is not None and site.dp is not None
         kx0, dp0 = cpu_seconds(site.kx.pid), cpu_seconds(site.dp.pid)
+        cpu0 = netns_cpu(NS_A, site.ns)
         r = vici_rate(a.vici, seconds, workers)
         r["keyexchange_cpu_s"] = round(cpu_seconds(site.kx.pid) - kx0, 2)
         r["dataplane_cpu_s"] = round(cpu_seconds(site.dp.pid) - dp0, 2)
+        r["cpu_ms_per_setup"] = cpu_per_setup(cpu0, netns_cpu(NS_A, site.ns), r["setups"])
         results["responder_esplanade"] = r
         print("responder_esplanade", r, flush=True)
         kx0, dp0 = cpu_seconds(site.kx.pid), cpu_seconds(site.dp.pid)
+        cpu0 = netns_cpu(NS_A, site.ns)
         r = asyncio.run(esplanade_initiator(site, seconds, workers))
         r["keyexchange_cpu_s"] = round(cpu_seconds(site.kx.pid) - kx0, 2)
         r["dataplane_cpu_s"] = round(cpu_seconds(site.dp.pid) - dp0, 2)
+        r["cpu_ms_per_setup"] = cpu_per_setup(cpu0, netns_cpu(NS_A, site.ns), r["setups"])
         results["initiator_esplanade"] = r
         print("initiator_esplanade", r, flush=True)
     finally:

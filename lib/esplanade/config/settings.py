@@ -146,6 +146,12 @@ class DataplaneSettings(Section):
     workers: int = Field(0, ge=0, description="Userspace worker processes (0: one per core).")
     udp_port: int = Field(4500, gt=0, lt=65536, description="ESP-in-UDP and IKE NAT-T port (RFC 3948).")
     ike_port: int = Field(500, gt=0, lt=65536, description="IKE port the dataplane relays to keyexchange.")
+    ike_relay_socket: str = Field(
+        "auto",
+        description="Unix socket of the IKE relay for a keyexchange on this host (cheaper than the gRPC"
+        " stream, which stays for the others): `auto` = next to the embedded store file"
+        " (`<store>.ike-<node>.sock`; none with etcd), empty = none, else the path.",
+    )
     listen_addresses: list[IpAddress] = Field(
         default_factory=list, description="Addresses of the UDP 4500 socket (empty: all)."
     )

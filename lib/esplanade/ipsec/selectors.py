@@ -7,6 +7,7 @@ produces them per identity. All three use this one type.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from enum import IntEnum
@@ -68,7 +69,10 @@ class TrafficSelector:
         ``proto`` is a name (tcp, udp, icmp, icmpv6) or a number; ``port`` a number, a range
         ``a-b`` or empty for any port.
         """
-        text = text.strip()
+        return _parse(text.strip())
+
+    @classmethod
+    def _parse_uncached(cls, text: str) -> TrafficSelector:
         proto, start, end = ANY_PROTOCOL, 0, MAX_PORT
         if text.endswith("]") and "[" in text:
             text, spec = text[:-1].split("[", 1)
@@ -102,7 +106,7 @@ class TrafficSelector:
 
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         """The CIDR blocks that exactly cover the address range (for routes)."""
-        return list(ipaddress.summarize_address_range(self.start_addr, self.end_addr))
+        return list(_networks(self.start_addr, self.end_addr))
 
     # -- set arithmetic -----------------------------------------------------------------
     def contains(self, other: TrafficSelector) -> bool:
@@ -164,7 +168,10 @@ class TrafficSelector:
         return self.start_port <= port <= self.end_port
 
     def __str__(self) -> str:
-        nets = self.networks()
+        return _render(self)
+
+    def _render_uncached(self) -> str:
+        nets = _networks(self.start_addr, self.end_addr)
         addr = str(nets[0]) if len(nets) == 1 else f"{self.start_addr}-{self.end_addr}"
         if self.protocol == ANY_PROTOCOL and self.any_port:
             return addr
@@ -178,6 +185,27 @@ class TrafficSelector:
         else:
             port = f"{self.start_port}-{self.end_port}"
         return f"{addr}[{proto}/{port}]"
+
+
+# Selectors are immutable and a service sees the same few over and over (every record,
+# policy and handoff of a connection names them): parsing, rendering and the CIDR cover are
+# computed once per distinct value. Bounded, so a flood of distinct ones only evicts.
+_CACHE_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _parse(text: str) -> TrafficSelector:
+    return TrafficSelector._parse_uncached(text)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _render(ts: TrafficSelector) -> str:
+    return ts._render_uncached()
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _networks(start: IPAddress, end: IPAddress) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.summarize_address_range(start, end))
 
 
 _PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp"}

@@ -27,7 +27,12 @@ Writers of several processes take turns through an exclusive flock on `<path>.wr
 around each transaction: the kernel hands the turn over the moment it is released, where
 SQLite's busy handler would sleep 1, 2, 5, 10... ms between retries of a locked database.
 
-Reads run on a small reader thread pool (WAL readers never wait for the writer). Watches
+Reads run on a small reader thread pool (WAL readers never wait for the writer), except the
+small ones a watch or the poller makes on every commit (the revision, a watch's new events, a
+single key, expired leases): those run on the event loop's own connection, which never waits
+(busy timeout 0) and hands a read that finds the database busy to the pool. A thread hop costs
+more than such a read (the future, the wake-up, the GIL handed back and forth), and the loop
+waits for the answer anyway. Watches
 wake at once on this process's writes; other processes' writes ring this one's doorbell
 (`doorbell.py`, a Unix datagram socket per open store) with the revision they committed,
 and `meta.revision` (one indexed row) is polled every `poll_interval` besides, should a ring
@@ -114,6 +119,9 @@ _GROUP_COMMIT_MAX = 256
 _WATCH_REVISIONS_PER_FETCH = 1000
 _OWN_REVISIONS_KEPT = 4096  # keys of this process's latest revisions, for watches to skip reads
 _OWN_SKIP_MAX = 256  # a watch further behind than this reads, whoever wrote
+_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}) | {
+    getattr(sqlite3, name) for name in ("SQLITE_BUSY_RECOVERY", "SQLITE_BUSY_SNAPSHOT") if hasattr(sqlite3, name)
+}
 
 
 @dataclass(slots=True)
@@ -297,6 +305,7 @@ class EmbeddedStore(Store):
         self._reader_local = threading.local()
         self._reader_dbs: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
+        self._loop_db: sqlite3.Connection | None = None  # small reads on the event loop thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock_file: IO[bytes] | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -413,6 +422,10 @@ class EmbeddedStore(Store):
             with contextlib.suppress(sqlite3.Error):
                 db.close()
         self._reader_local = threading.local()
+        loop_db, self._loop_db = self._loop_db, None
+        if loop_db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                loop_db.close()
         if self._lock_file is not None:
             self._lock_file.close()  # releases the flock
             self._lock_file = None
@@ -442,6 +455,23 @@ class EmbeddedStore(Store):
             return await asyncio.get_running_loop().run_in_executor(readers, run)
         except RuntimeError as exc:  # executor shut down under us
             raise StoreUnavailable("the embedded store is closed") from exc
+
+    async def _read_small(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A read that takes microseconds: on the event loop thread, or, should the database
+        be busy (a WAL recovery by another process, rare), on the reader pool."""
+        if self._readers is None or self._closed.is_set():
+            raise StoreUnavailable("the embedded store is not open")
+        try:
+            db = self._loop_db
+            if db is None:
+                db = self._loop_db = _connect(self.path, 0.0, self._synchronous)
+            return fn(db)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode not in _BUSY_CODES:
+                raise database_error(self.path, exc) from None
+        except sqlite3.Error as exc:
+            raise database_error(self.path, exc) from None
+        return await self._read(fn)
 
     async def _write(self, apply: WriteOp) -> Any:
         writer = self._writer
@@ -496,11 +526,11 @@ class EmbeddedStore(Store):
         while not self._closed.is_set():
             try:
                 if self._watchers:
-                    self._revision_seen(await self._read(read_revision))
+                    self._revision_seen(await self._read_small(read_revision))
                 now = time.monotonic()
                 if now >= next_sweep:
                     next_sweep = now + self.lease_sweep_interval
-                    expired = await self._read(lambda db: expired_leases(db, time.monotonic()))
+                    expired = await self._read_small(lambda db: expired_leases(db, time.monotonic()))
                     if expired:
                         await self._write(op_expire(expired))
                     await self._auto_compact()
@@ -513,17 +543,17 @@ class EmbeddedStore(Store):
     async def _auto_compact(self) -> None:
         if self.auto_compact_retain <= 0:
             return
-        revision, compacted = await self._read(read_revisions)
+        revision, compacted = await self._read_small(read_revisions)
         if revision - compacted > 2 * self.auto_compact_retain:
             await self._write(op_compact(revision - self.auto_compact_retain))
 
     # -- reads --------------------------------------------------------------------------
     async def ping(self) -> int:
-        return await self._read(read_revision)
+        return await self._read_small(read_revision)
 
     async def get(self, key: str) -> KeyValue | None:
         raw = encode_key(key)
-        return await self._read(lambda db: get_current(db, raw))
+        return await self._read_small(lambda db: get_current(db, raw))
 
     async def range(self, prefix: str, *, limit: int = 0) -> tuple[list[KeyValue], int]:
         if limit < 0:
@@ -573,7 +603,7 @@ class EmbeddedStore(Store):
         self._watchers += 1
         raw_prefix = encode_key(prefix) if prefix else b""
         try:
-            last = start_revision - 1 if start_revision else await self._read(read_revision)
+            last = start_revision - 1 if start_revision else await self._read_small(read_revision)
             while not self._closed.is_set():
                 target = self._known_revision
                 if target <= last:
@@ -586,7 +616,7 @@ class EmbeddedStore(Store):
                 upto = min(target, last + _WATCH_REVISIONS_PER_FETCH)
                 self.watch_reads += 1
                 try:
-                    fetched = await self._read(
+                    fetched = await self._read_small(
                         functools.partial(fetch_events, clause=clause, params=params, after=last, upto=upto)
                     )
                 except StoreUnavailable:

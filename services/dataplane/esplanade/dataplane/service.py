@@ -36,6 +36,7 @@ from esplanade.dataplane.flow_meter import FlowMeter
 from esplanade.dataplane.flow_telemetry import FlowTelemetry
 from esplanade.dataplane.ike_owner_routes import IkeOwnerRoutes
 from esplanade.dataplane.ike_relay import IkeRelay
+from esplanade.dataplane.ike_relay_local import socket_path, start_local_relay
 from esplanade.dataplane.ike_sockets import IkeSocket
 from esplanade.dataplane.kernel.backend import KernelXfrmBackend
 from esplanade.dataplane.kernel.state_journal import KernelStateJournal
@@ -295,6 +296,13 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
         runtime.sockets.append(port4500)
         relay.set_sender(dp.udp_port, port4500.send)
 
+    local_relay = await start_local_relay(
+        relay,
+        socket_path(dp.ike_relay_socket, settings.store.backend, settings.store.path, runtime.node),
+    )
+    if local_relay is not None:
+        ctx.on_stop.append(local_relay.close)
+
     def details() -> dict[str, str]:
         out = {
             "lease_renewals": str(membership.renewals),
@@ -304,6 +312,8 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
             "policy_filter_updates": str(enforcer.filter_updates),
             "policy_revision": str(access.table.revision),
         }
+        if local_relay is not None:
+            out.update(local_relay.status())
         for sock in runtime.sockets:
             for name, count in sock.counters.items():
                 out[f"udp{sock.port}_{name}"] = str(count)

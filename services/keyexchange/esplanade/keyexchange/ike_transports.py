@@ -26,6 +26,7 @@ import grpc
 from esplanade.config.settings import GrpcSettings
 from esplanade.keyexchange.ikev2.constants import NATT_PORT
 from esplanade.keyexchange.ikev2.events import Address, Datagram
+from esplanade.rpc.local_relay import INSTANCE_MAX, RECORD_MAX, SOCKET_BUFFER, decode_record, encode_records
 from esplanade.rpc.server import channel_credentials
 from esplanade.store.backoff import Backoff
 from esplanade.v1 import dataplane_pb2, dataplane_pb2_grpc
@@ -53,6 +54,13 @@ def stream_channel(target: str, settings: GrpcSettings) -> grpc.aio.Channel:
     if settings.tls.enabled:
         return grpc.aio.secure_channel(target, channel_credentials(settings.tls), CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(target, CHANNEL_OPTIONS)
+
+
+LOCAL_PROBE_TIMEOUT = 2.0  # GetStatus, connect and hello of the local relay socket
+
+
+class _LocalEnded(Exception):
+    """The local relay socket closed: reconnect (and probe again) like a lost stream."""
 
 
 class _RelayStream:
@@ -107,6 +115,10 @@ class _RelayStream:
             retry_now = False
             try:
                 stub = dataplane_pb2_grpc.DataplaneStub(channel)
+                local = await self._connect_local(stub)
+                if local is not None:
+                    await self._run_local(local, queue, backoff)
+                    raise _LocalEnded
                 # a stable stream key across reconnects: the dataplane routes IKE SAs by it
                 metadata = (("esplanade-instance", self.relay.instance),)
                 self.connected = True
@@ -128,6 +140,9 @@ class _RelayStream:
                             backoff.reset()
                             first = False
                         self.relay.received(self, dg)
+            except _LocalEnded:
+                if self.connected:
+                    log.warning("IKE relay to dataplane %s lost (local socket)", self.target)
             except grpc.aio.AioRpcError as exc:
                 if self.batched and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                     self.batched, retry_now = False, True
@@ -150,6 +165,73 @@ class _RelayStream:
             self.relay.counters["reconnects"] = self.relay.counters.get("reconnects", 0) + 1
             await asyncio.sleep(backoff.next_delay())
 
+    async def _connect_local(self, stub: dataplane_pb2_grpc.DataplaneStub) -> socket.socket | None:
+        """The dataplane's local relay socket (`esplanade.rpc.local_relay`), connected and
+        checked against the token GetStatus names; None: use the gRPC stream."""
+        if not self.relay.local_socket:
+            return None
+        try:
+            status = await stub.GetStatus(dataplane_pb2.GetStatusRequest(), timeout=LOCAL_PROBE_TIMEOUT)
+        except grpc.aio.AioRpcError:
+            return None
+        path, token = status.details.get("ike_relay_socket", ""), status.details.get("ike_relay_token", "")
+        if not path or not token:
+            return None
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            await asyncio.wait_for(loop.sock_connect(sock, path), LOCAL_PROBE_TIMEOUT)
+            await loop.sock_sendall(sock, self.relay.instance.encode()[:INSTANCE_MAX])
+            answer = await asyncio.wait_for(loop.sock_recv(sock, 256), LOCAL_PROBE_TIMEOUT)
+        except (OSError, TimeoutError):
+            sock.close()
+            return None
+        if answer != token.encode():
+            sock.close()  # another dataplane's socket (or a stale file): stay on gRPC
+            self.relay.counters["local_token_mismatch"] = self.relay.counters.get("local_token_mismatch", 0) + 1
+            return None
+        return sock
+
+    async def _run_local(
+        self, sock: socket.socket, queue: asyncio.Queue[dataplane_pb2.IkeDatagram | None], backoff: Backoff
+    ) -> None:
+        """Relay over the local socket until either side ends it."""
+        loop = asyncio.get_running_loop()
+        self.connected = True
+        backoff.reset()
+        log.info("IKE relay to dataplane %s connected (local socket)", self.target)
+
+        async def incoming() -> None:
+            while True:
+                record = await loop.sock_recv(sock, RECORD_MAX)
+                if not record:
+                    return
+                datagrams = decode_record(record)
+                if datagrams is None:
+                    self.relay._count("local_bad_record")
+                    continue
+                for dg in datagrams:
+                    self.relay.received(self, dg)
+
+        async def outgoing() -> None:
+            async for batch in self._outgoing_batches(queue):
+                for record in encode_records(batch.datagrams):
+                    await loop.sock_sendall(sock, record)
+
+        tasks = [asyncio.create_task(incoming()), asyncio.create_task(outgoing())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await task
+            sock.close()
+
     def send(self, dg: dataplane_pb2.IkeDatagram) -> bool:
         try:
             self.queue.put_nowait(dg)
@@ -166,9 +248,11 @@ class DataplaneRelay:
         deliver: Deliver,
         backoff_max: float = 5.0,
         instance: str = "keyexchange",
+        local_socket: bool = True,
     ) -> None:
         self.grpc = grpc_settings
         self.instance = instance
+        self.local_socket = local_socket  # use a dataplane's local relay socket when it has one
         self.deliver = deliver
         self.backoff_max = backoff_max
         self.streams = [_RelayStream(t, self) for t in targets]
