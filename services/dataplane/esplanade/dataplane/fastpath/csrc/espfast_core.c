@@ -4,6 +4,11 @@
 #include <string.h>
 
 #include <openssl/evp.h>
+#include <openssl/opensslv.h>
+#if OPENSSL_VERSION_MAJOR >= 3
+#include <openssl/core_names.h>
+#include <openssl/params.h>
+#endif
 
 static inline uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 static inline uint32_t be32(const uint8_t *p) {
@@ -123,6 +128,18 @@ void ef_aead_free(ef_aead *aead) {
     aead->ctx = NULL;
 }
 
+/* Set (`set`) or get the 16-byte tag through the provider's parameters directly: the same as
+ * EVP_CTRL_AEAD_SET_TAG / GET_TAG, without EVP_CIPHER_CTX_ctrl's translation of the control
+ * into parameters on every packet (OpenSSL 3). 1 on success. */
+static int aead_tag(EVP_CIPHER_CTX *ctx, uint8_t tag[EF_AEAD_ICV], int set) {
+#if OPENSSL_VERSION_MAJOR >= 3
+    OSSL_PARAM params[2] = {OSSL_PARAM_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, tag, EF_AEAD_ICV), OSSL_PARAM_END};
+    return set ? EVP_CIPHER_CTX_set_params(ctx, params) : EVP_CIPHER_CTX_get_params(ctx, params);
+#else
+    return EVP_CIPHER_CTX_ctrl(ctx, set ? EVP_CTRL_AEAD_SET_TAG : EVP_CTRL_AEAD_GET_TAG, EF_AEAD_ICV, tag);
+#endif
+}
+
 /* 1: verified, plaintext in out; 0: ICV failure; -1: EVP error. */
 static int aead_open(ef_aead *a, const uint8_t iv[8], const uint8_t *aad, int aad_len, const uint8_t *ct,
                      size_t ct_len, const uint8_t *tag, uint8_t *out) {
@@ -135,7 +152,7 @@ static int aead_open(ef_aead *a, const uint8_t iv[8], const uint8_t *aad, int aa
     if (EVP_DecryptInit_ex(a->ctx, NULL, NULL, NULL, nonce) != 1) return -1;
     if (EVP_DecryptUpdate(a->ctx, NULL, &n, aad, aad_len) != 1) return -1;
     if (EVP_DecryptUpdate(a->ctx, out, &n, ct, (int)ct_len) != 1) return -1;
-    if (EVP_CIPHER_CTX_ctrl(a->ctx, EVP_CTRL_AEAD_SET_TAG, EF_AEAD_ICV, t) != 1) return -1;
+    if (aead_tag(a->ctx, t, 1) != 1) return -1;
     if (n < 0 || (size_t)n > ct_len) return -1;
     return EVP_DecryptFinal_ex(a->ctx, out + n, &fin) > 0 ? 1 : 0;
 }
@@ -410,7 +427,7 @@ long ef_esp_seal(ef_aead *a, uint32_t spi, uint64_t seq, int esn, const uint8_t 
     if (size && EVP_EncryptUpdate(a->ctx, ct, &n, body, (int)size) != 1) return -1;
     if (EVP_EncryptUpdate(a->ctx, t, &n, t, (int)tail) != 1) return -1;
     if (EVP_EncryptFinal_ex(a->ctx, ct + size + tail, &n) != 1) return -1;
-    if (EVP_CIPHER_CTX_ctrl(a->ctx, EVP_CTRL_AEAD_GET_TAG, EF_AEAD_ICV, ct + size + tail) != 1) return -1;
+    if (aead_tag(a->ctx, ct + size + tail, 0) != 1) return -1;
     return (long)total;
 }
 
