@@ -568,6 +568,12 @@ static inline uint64_t mix64(uint64_t x) {
     return x;
 }
 
+static inline int flow_is(const ef_flow *f, uint32_t spi, int direction, const ef_inner_header *h) {
+    return f->used && f->spi == spi && f->direction == direction && f->version == h->version &&
+           f->protocol == h->protocol && f->src_port == h->src_port && f->dst_port == h->dst_port &&
+           f->src.hi == h->src.hi && f->src.lo == h->src.lo && f->dst.hi == h->dst.hi && f->dst.lo == h->dst.lo;
+}
+
 void ef_flows_add(ef_flows *t, uint32_t spi, int direction, const ef_inner_header *h, uint64_t bytes) {
     ef_inner_header none;
     uint64_t hash;
@@ -575,6 +581,11 @@ void ef_flows_add(ef_flows *t, uint32_t spi, int direction, const ef_inner_heade
     if (h == NULL) {
         memset(&none, 0, sizeof(none));
         h = &none;
+    }
+    if (t->last < t->capacity && flow_is(&t->slots[t->last], spi, direction, h)) { /* a run of one flow */
+        t->slots[t->last].packets++;
+        t->slots[t->last].bytes += bytes;
+        return;
     }
     hash = mix64(((uint64_t)spi << 32 | (uint64_t)direction << 16 | (uint64_t)h->version << 8 | h->protocol) ^
                  mix64(h->src.hi ^ mix64(h->src.lo ^ mix64(h->dst.hi ^ mix64(h->dst.lo)))) ^
@@ -599,13 +610,13 @@ void ef_flows_add(ef_flows *t, uint32_t spi, int direction, const ef_inner_heade
             f->packets = 1;
             f->bytes = bytes;
             t->count++;
+            t->last = i;
             return;
         }
-        if (f->spi == spi && f->direction == direction && f->version == h->version && f->protocol == h->protocol &&
-            f->src_port == h->src_port && f->dst_port == h->dst_port && f->src.hi == h->src.hi &&
-            f->src.lo == h->src.lo && f->dst.hi == h->dst.hi && f->dst.lo == h->dst.lo) {
+        if (flow_is(f, spi, direction, h)) {
             f->packets++;
             f->bytes += bytes;
+            t->last = i;
             return;
         }
     }

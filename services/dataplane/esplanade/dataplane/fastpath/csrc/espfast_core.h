@@ -160,6 +160,7 @@ typedef struct {
     uint32_t capacity; /* a power of two */
     uint32_t count, limit;
     uint64_t overflow_packets, overflow_bytes;
+    uint32_t last; /* the slot of the last packet counted: the next one is usually of the same flow */
 } ef_flows;
 
 /* Count one packet; a new flow past `limit` goes to the overflow counters instead. `h` NULL: unparsed. */
