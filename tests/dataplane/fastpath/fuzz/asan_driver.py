@@ -241,6 +241,95 @@ def tun_frames(frames: list[bytes], merge_udp: bool, junk: list[int]) -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+    pumps(frames, junk)
+
+
+def keyed_core() -> CompiledEspBatch:
+    core = CompiledEspBatch(MODULE, flow_capacity=16)
+    for k, encr in enumerate([ENCR_AES_GCM_16_128, ENCR_AES_CBC_128]):
+        out_a, in_a = associations(0x200 + k, encr, False, 64, Lifetime())
+        core.install_outbound(
+            OutboundSa(out_a, 0.0, reserved_upto=(1 << 32) - 1, random_bytes=lambda n: bytes(n)), out_a
+        )
+        core.install_inbound(InboundSa(in_a, 0.0), in_a)
+    return core
+
+
+KEYED = keyed_core()
+
+
+def pumps(frames: list[bytes], junk: list[int]) -> None:
+    """pump_out and pump_in on a datagram socketpair (the TUN) and loopback UDP: junk frames, a
+    cache taught junk, junk datagrams, an empty and a keyed core."""
+    cache = MODULE.SlotCache()
+    for f in frames:
+        with contextlib.suppress(ValueError):
+            cache.learn(f, 0, len(f), (junk[0] if junk else 0) & 0xFFF)
+        cache.lookup(f, 0, len(f))
+    kernel, datapath = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx, tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for s in (kernel, datapath, rx, tx):
+            s.setblocking(False)
+        rx.bind(("127.0.0.1", 0))
+        rx.setsockopt(17, 104, 1)  # UDP_GRO
+        port = rx.getsockname()[1]
+        dest = struct.pack("=H", socket.AF_INET) + port.to_bytes(2, "big") + bytes((127, 0, 0, 1)) + bytes(8)
+        slots = KEYED.slot_tuple if junk and junk[0] % 2 else ()
+        for f in frames:
+            with contextlib.suppress(OSError):
+                kernel.send(f)
+        b = [bytearray() for _ in range(8)]
+        mss = (1398, 1378) if len(junk) % 2 else (-1, -1)
+        with contextlib.suppress(ValueError, IndexError, RuntimeError):
+            MODULE.pump_out(
+                datapath.fileno(),
+                b[0],
+                b[1],
+                1 + len(junk),
+                1 + (junk[-1] if junk else 100) % 70000,
+                cache,
+                b[2],
+                b[3],
+                *mss,
+                slots,
+                1.0,
+                None,
+                b[4],
+                b[5],
+                tx.fileno(),
+                (dest,) * len(slots),
+                bool(junk),
+                1 + len(junk),
+                65000,
+            )
+        for f in frames:
+            with contextlib.suppress(OSError):
+                tx.sendto(f, ("127.0.0.1", port))
+        if junk and len(frames) > 1:  # authentic ESP of both slots among the junk
+            for payload in KEYED.encrypt(frames, 1.0, array("H", [k % 2 for k in range(len(frames))])).to_list():
+                tx.sendto(payload, ("127.0.0.1", port))
+        MODULE.pump_in(
+            rx.fileno(),
+            b[0],
+            b[1],
+            1 + len(junk) % 8,
+            1 + (junk[0] if junk else 9) % 70000,
+            {0x01010101, 0x200, 0x201},
+            KEYED.inbound_table,
+            1.0,
+            KEYED.flows,
+            b[2],
+            b[3],
+            *mss,
+            bool(junk),
+            b[6],
+            b[7],
+            kernel.fileno(),
+        )
+    finally:
+        for s in (kernel, datapath, rx, tx):
+            s.close()
 
 
 @given(tables=st.lists(st.tuples(*[st.integers(-2, 300)] * 2, *[st.binary(max_size=40)] * 7), max_size=4))

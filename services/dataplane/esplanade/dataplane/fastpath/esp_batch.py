@@ -247,6 +247,21 @@ class CompiledEspBatch(_CoreBase):
         slot.filter = self._counts(identity)
         self._track_identity(spi, identity)
 
+    @property
+    def module(self) -> Any:
+        """The `_espfast` module (its pumps take the parts below)."""
+        return self._m
+
+    @property
+    def slot_tuple(self) -> tuple[Any, ...]:
+        """The outbound Slots in slot order (encrypt_batch's `slots`)."""
+        return self._slot_tuple
+
+    @property
+    def inbound_table(self) -> Any:
+        """The InboundTable (decrypt_batch's `table`)."""
+        return self._table
+
     def encrypt(self, packets: PacketsIn, now: float, which: Which | None = None) -> PacketBatch:
         data, spans = bytearray(), bytearray()
         if isinstance(packets, PacketBatch):

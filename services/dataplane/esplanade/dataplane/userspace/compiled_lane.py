@@ -25,9 +25,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from esplanade.dataplane.esp.sa_state import InboundSa, OutboundSa
-from esplanade.dataplane.fastpath import EspBatchCore, HotPathStatus, IdentityFilter
+from esplanade.dataplane.fastpath import CompiledEspBatch, EspBatchCore, HotPathStatus, IdentityFilter
 from esplanade.dataplane.userspace.outer_transport import Endpoint
 from esplanade.ipsec.sa import SecurityAssociation
 from esplanade.policy.filters import PacketFilter
@@ -71,6 +72,17 @@ class CompiledLane:
         self._endpoint_of: dict[int, Endpoint] = {}
         self.filters: dict[int, IdentityFilter] = {}  # inbound SPI -> its identity filter tables
         self.removed_denied = 0  # packets denied by filters since replaced or removed
+        # flow key of a TUN frame -> slot, for `_espfast.pump_out`: taught by the transform's SPD
+        # lookup (`learn`), emptied with the transform's flow cache and on every slot change
+        self.flow_slots: Any = core.module.SlotCache() if isinstance(core, CompiledEspBatch) else None
+
+    def learn(self, data: bytearray | bytes, offset: int, length: int, slot: int) -> None:
+        if self.flow_slots is not None:
+            self.flow_slots.learn(data, offset, length, slot)
+
+    def forget_flows(self) -> None:
+        if self.flow_slots is not None:
+            self.flow_slots.clear()
 
     # -- SAs ----------------------------------------------------------------------------
     def install(
@@ -122,6 +134,7 @@ class CompiledLane:
         return self.removed_denied + sum(f.denied for f in self.filters.values())
 
     def _reindex(self) -> None:
+        self.forget_flows()
         self.slot_sas = self.core.outbound_sas()
         self.slot_of = {id(sa): index for index, sa in enumerate(self.slot_sas)}
         self.slot_endpoints = [self._endpoint_of[id(sa)] for sa in self.slot_sas]
@@ -151,8 +164,15 @@ class CompiledLane:
             "outbound_slots": len(self.slot_sas),
             "refused": dict(self.refused),
             "filters": len(self.filters),
+            "pump_flow_slots": self._flow_slot_counts(),
             "flows": self.flows.as_dict(),
         }
+
+    def _flow_slot_counts(self) -> dict[str, int] | None:
+        cache = self.flow_slots
+        if cache is None:
+            return None
+        return {"flows": len(cache), "frames_hit": cache.hits, "wakeups_missed": cache.misses}
 
     def status_of_path(self) -> dict[str, object]:
         return {"hot_path": self.hot_path.active, "hot_path_reason": self.hot_path.reason}

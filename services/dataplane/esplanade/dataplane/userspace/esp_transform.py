@@ -506,6 +506,7 @@ class EspTransform:
             assert sa is not None
             touched[id(sa)] = sa
             per_frame[i] = slot
+            lane.learn(data, offset, length, slot)  # the pump seals this flow's next frames itself
             if uniform == -1:
                 uniform = slot
             elif uniform != slot:
@@ -605,6 +606,28 @@ class EspTransform:
         """The SPIs whose GRO reads the compiled door takes whole: this worker's UDP-encapsulated
         SAs (`whole_read`'s rule, applied by the compiled receive loop)."""
         return self.compiled.udp_spis if self.compiled is not None else set()
+
+    def pumped_seal(self, slots: Sequence[int]) -> None:
+        """After `_espfast.pump_out` sealed a wake-up's packets with these slots: what `seal_frames`
+        does after its encrypt call (flow drains, the SAs' events)."""
+        lane = self.compiled
+        assert lane is not None
+        lane.count_batch()
+        sas = lane.slot_sas
+        for slot in slots:
+            self._collect(sas[slot])
+
+    def pumped_open(self, spis: Sequence[int]) -> None:
+        """After `_espfast.pump_in` opened whole reads of these SPIs: what `open_reads` does after
+        its decrypt call."""
+        lane = self.compiled
+        assert lane is not None
+        lane.count_batch()
+        by_spi = self.table.by_spi
+        for spi in spis:
+            sa = by_spi.get(spi)
+            if sa is not None:
+                self._collect(sa)
 
     def open_reads(self, batch: PacketBatch, spis: Sequence[int] | set[int], now: float) -> PacketBatch:
         """Decrypt a batch of whole reads (`whole_read` said yes to each; `spis`: their SPIs) in one call."""
@@ -726,6 +749,8 @@ class EspTransform:
     def _invalidate(self) -> None:
         self._tcp_cache.clear()
         self._udp_cache.clear()
+        if self.compiled is not None:
+            self.compiled.forget_flows()
 
     def _build(
         self, message: dict[str, Any], now: float

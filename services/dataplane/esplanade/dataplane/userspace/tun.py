@@ -172,10 +172,14 @@ class TunQueue:
         if self._frame_buf is None:
             self._frame_buf, self._frame_spans = bytearray(), bytearray()
         count, err = module.read_frames(self.fd, self._frame_buf, self._frame_spans, limit, self.read_size)
+        self.count_reads(count, err)
+        return PacketBatch(self._frame_buf, self._frame_spans, count)
+
+    def count_reads(self, count: int, err: int) -> None:
+        """read_frames' bookkeeping (also run after `_espfast.pump_out`)."""
         if err:
             self.drops[f"read_{errno.errorcode.get(err, 'error')}"] += 1
         self.frames_read += count
-        return PacketBatch(self._frame_buf, self._frame_spans, count)
 
     def write_frames(self, frames: PacketBatch) -> int:
         """`write_batch` for a `PacketBatch` of frames, one compiled call."""
@@ -183,6 +187,10 @@ class TunQueue:
         if module is None:
             return self.write_batch(frames)
         written, errnos = module.write_frames(self.fd, frames.data, frames.spans, frames.count)
+        return self.count_writes(written, errnos)
+
+    def count_writes(self, written: int, errnos: list[int]) -> int:
+        """write_frames' bookkeeping (also run after `_espfast.pump_in`)."""
         for err in errnos:
             self.drops[f"write_{errno.errorcode.get(err, 'error')}"] += 1
         self.frames_written += written

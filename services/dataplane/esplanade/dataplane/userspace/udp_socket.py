@@ -132,6 +132,8 @@ class EspUdpSocket:
         self._sockaddrs: dict[Endpoint, bytes] = {}
         v6 = sock.family == socket.AF_INET6
         self._max_total = MAX_UDP_PAYLOAD + (20 if v6 else 0)  # the IPv6 payload length excludes its header
+        self._dests: tuple[bytes | None, ...] = ()
+        self._dests_of: list[Endpoint] | None = None
 
     # -- set-up ---------------------------------------------------------------------------
     @classmethod
@@ -286,13 +288,17 @@ class EspUdpSocket:
         assert module is not None, "recv_gro runs with the compiled module only"
         fd = self.sock.fileno()
         count, reads, spis, odd, errnos = module.recv_gro(fd, buf, spans, max_reads, GRO_READ_MAX, accept)
+        self.count_reads(count, reads, errnos)
+        return count, reads, spis, odd
+
+    def count_reads(self, count: int, reads: int, errnos: list[int]) -> None:
+        """recv_gro's bookkeeping (also run after `_espfast.pump_in`)."""
         for err in errnos:
             reason = "truncated" if err == errno.EMSGSIZE else "runt" if not err else _errname(OSError(err, ""))
             self.drops[f"recv_{reason}" if err else "runt"] += 1
         if reads:
             self.counters["reads"] += reads
             self.counters["datagrams_whole"] += count
-        return count, reads, spis, odd
 
     def classify(self, endpoint: Endpoint, payload: bytes, out: list[Datagram], local: str = "") -> None:
         """ESP goes to `out`; IKE to the IKE inbox; keep-alives and runts are counted."""
@@ -402,10 +408,30 @@ class EspUdpSocket:
         EMSGSIZE: one by one); other failures are counted drops."""
         module = load_compiled()[0]
         assert module is not None, "send_payloads runs with the compiled module only"
-        dests = tuple(self.sockaddr(e) for e in endpoints)
+        dests = self.destinations(endpoints)
         sent, sends, aside = module.send_runs(
             self.sock.fileno(), data, spans, count, dests, self.gso, self.max_segments, self._max_total
         )
+        return self.settle_runs(data, sent, sends, aside, endpoints)
+
+    def destinations(self, endpoints: list[Endpoint]) -> tuple[bytes | None, ...]:
+        """send_runs' `dests` for a list of slot endpoints (remembered for the last list seen: the
+        compiled lane replaces its list whenever its slots change)."""
+        if endpoints is not self._dests_of:
+            self._dests = tuple(self.sockaddr(e) for e in endpoints)
+            self._dests_of = endpoints
+        return self._dests
+
+    def settle_runs(
+        self,
+        data: bytearray,
+        sent: int,
+        sends: int,
+        aside: list[tuple[int, int, int, int, int, int]],
+        endpoints: list[Endpoint],
+    ) -> tuple[int, list[Datagram]]:
+        """The Python side of send_runs (also run after `_espfast.pump_out`): GSO counters, the
+        fallbacks of refused GSO sends and the plain-ESP runs for the raw room."""
         self.counters["gso_sends"] += sends if self.gso else 0
         plain: list[Datagram] = []
         view = memoryview(data)

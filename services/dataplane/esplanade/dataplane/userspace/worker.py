@@ -58,6 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from esplanade.dataplane.userspace.handoff import Mailbox
+from esplanade.dataplane.userspace.heap_settings import keep_batch_buffers_mapped
 from esplanade.dataplane.userspace.loop import CONTROL_MESSAGE_MAX, DatapathLoop, LoopParts
 from esplanade.dataplane.userspace.transform import PacketTransform, SaSteering, WorkerContext
 
@@ -130,6 +131,7 @@ def _child_main(build: PartsBuilder, context: WorkerContext, control: socket.soc
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops us in order
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    keep_batch_buffers_mapped()
     try:
         parts = build(context, control, mailbox)
         DatapathLoop(parts).run()

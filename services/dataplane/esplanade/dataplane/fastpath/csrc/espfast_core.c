@@ -4,6 +4,11 @@
 #include <string.h>
 
 #include <openssl/evp.h>
+#include <openssl/opensslv.h>
+#if OPENSSL_VERSION_MAJOR >= 3
+#include <openssl/core_names.h>
+#include <openssl/params.h>
+#endif
 
 static inline uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 static inline uint32_t be32(const uint8_t *p) {
@@ -115,12 +120,43 @@ int ef_aead_init(ef_aead *aead, int kind, const uint8_t *key, size_t key_len, co
     }
     memcpy(aead->salt, salt, 4);
     aead->encrypt = encrypt;
+    aead->kind = kind;
     return 0;
 }
 
 void ef_aead_free(ef_aead *aead) {
     if (aead->ctx != NULL) EVP_CIPHER_CTX_free(aead->ctx); /* clears the key schedule */
     aead->ctx = NULL;
+}
+
+/* Set (`set`) or get the 16-byte tag through the provider's parameters directly: the same as
+ * EVP_CTRL_AEAD_SET_TAG / GET_TAG, without EVP_CIPHER_CTX_ctrl's translation of the control
+ * into parameters on every packet (OpenSSL 3). 1 on success. */
+static int aead_tag(EVP_CIPHER_CTX *ctx, uint8_t tag[EF_AEAD_ICV], int set) {
+#if OPENSSL_VERSION_MAJOR >= 3
+    OSSL_PARAM params[2] = {OSSL_PARAM_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, tag, EF_AEAD_ICV), OSSL_PARAM_END};
+    return set ? EVP_CIPHER_CTX_set_params(ctx, params) : EVP_CIPHER_CTX_get_params(ctx, params);
+#else
+    return EVP_CIPHER_CTX_ctrl(ctx, set ? EVP_CTRL_AEAD_SET_TAG : EVP_CTRL_AEAD_GET_TAG, EF_AEAD_ICV, tag);
+#endif
+}
+
+/* Start a message with this 12-byte nonce; 1 on success. AES-GCM on OpenSSL 3 takes the whole
+ * IV through the provider's TLS1_IV_FIXED parameter with length -1 ("restore the whole IV":
+ * the provider's setivfixed copies it and marks it buffered, exactly what an Init with only an
+ * IV does). That skips EVP_CipherInit_ex's per-call EVP_CIPHER_CTX_get_iv_length, which on
+ * OpenSSL 3.0 is a parameter query of its own: 40 ns less per packet here, same bytes (the
+ * differential tests compare every AES-GCM packet with the Python engine). ChaCha20-Poly1305's
+ * provider takes only the 4-byte fixed part that way, so it keeps the Init. */
+static int aead_nonce(ef_aead *a, uint8_t nonce[12]) {
+#if OPENSSL_VERSION_MAJOR >= 3
+    if (a->kind == EF_AEAD_AES_GCM) {
+        OSSL_PARAM params[2] = {
+            OSSL_PARAM_octet_string(OSSL_CIPHER_PARAM_AEAD_TLS1_IV_FIXED, nonce, (size_t)-1), OSSL_PARAM_END};
+        return EVP_CIPHER_CTX_set_params(a->ctx, params);
+    }
+#endif
+    return EVP_CipherInit_ex(a->ctx, NULL, NULL, NULL, nonce, a->encrypt);
 }
 
 /* 1: verified, plaintext in out; 0: ICV failure; -1: EVP error. */
@@ -132,10 +168,10 @@ static int aead_open(ef_aead *a, const uint8_t iv[8], const uint8_t *aad, int aa
     memcpy(nonce, a->salt, 4);
     memcpy(nonce + 4, iv, 8);
     memcpy(t, tag, EF_AEAD_ICV);
-    if (EVP_DecryptInit_ex(a->ctx, NULL, NULL, NULL, nonce) != 1) return -1;
+    if (aead_nonce(a, nonce) != 1) return -1;
     if (EVP_DecryptUpdate(a->ctx, NULL, &n, aad, aad_len) != 1) return -1;
     if (EVP_DecryptUpdate(a->ctx, out, &n, ct, (int)ct_len) != 1) return -1;
-    if (EVP_CIPHER_CTX_ctrl(a->ctx, EVP_CTRL_AEAD_SET_TAG, EF_AEAD_ICV, t) != 1) return -1;
+    if (aead_tag(a->ctx, t, 1) != 1) return -1;
     if (n < 0 || (size_t)n > ct_len) return -1;
     return EVP_DecryptFinal_ex(a->ctx, out + n, &fin) > 0 ? 1 : 0;
 }
@@ -408,12 +444,12 @@ long ef_esp_seal(ef_aead *a, uint32_t spi, uint64_t seq, int esn, const uint8_t 
     for (size_t i = 0; i < padlen; i++) t[tfc + i] = (uint8_t)(i + 1);
     t[tail - 2] = (uint8_t)padlen;
     t[tail - 1] = next_header;
-    if (EVP_EncryptInit_ex(a->ctx, NULL, NULL, NULL, nonce) != 1) return -1;
+    if (aead_nonce(a, nonce) != 1) return -1;
     if (EVP_EncryptUpdate(a->ctx, NULL, &n, aad, aad_len) != 1) return -1;
     if (size && EVP_EncryptUpdate(a->ctx, ct, &n, body, (int)size) != 1) return -1;
     if (EVP_EncryptUpdate(a->ctx, t, &n, t, (int)tail) != 1) return -1;
     if (EVP_EncryptFinal_ex(a->ctx, ct + size + tail, &n) != 1) return -1;
-    if (EVP_CIPHER_CTX_ctrl(a->ctx, EVP_CTRL_AEAD_GET_TAG, EF_AEAD_ICV, ct + size + tail) != 1) return -1;
+    if (aead_tag(a->ctx, ct + size + tail, 0) != 1) return -1;
     return (long)total;
 }
 
@@ -535,6 +571,12 @@ static inline uint64_t mix64(uint64_t x) {
     return x;
 }
 
+static inline int flow_is(const ef_flow *f, uint32_t spi, int direction, const ef_inner_header *h) {
+    return f->used && f->spi == spi && f->direction == direction && f->version == h->version &&
+           f->protocol == h->protocol && f->src_port == h->src_port && f->dst_port == h->dst_port &&
+           f->src.hi == h->src.hi && f->src.lo == h->src.lo && f->dst.hi == h->dst.hi && f->dst.lo == h->dst.lo;
+}
+
 void ef_flows_add(ef_flows *t, uint32_t spi, int direction, const ef_inner_header *h, uint64_t bytes) {
     ef_inner_header none;
     uint64_t hash;
@@ -542,6 +584,11 @@ void ef_flows_add(ef_flows *t, uint32_t spi, int direction, const ef_inner_heade
     if (h == NULL) {
         memset(&none, 0, sizeof(none));
         h = &none;
+    }
+    if (t->last < t->capacity && flow_is(&t->slots[t->last], spi, direction, h)) { /* a run of one flow */
+        t->slots[t->last].packets++;
+        t->slots[t->last].bytes += bytes;
+        return;
     }
     hash = mix64(((uint64_t)spi << 32 | (uint64_t)direction << 16 | (uint64_t)h->version << 8 | h->protocol) ^
                  mix64(h->src.hi ^ mix64(h->src.lo ^ mix64(h->dst.hi ^ mix64(h->dst.lo)))) ^
@@ -566,13 +613,13 @@ void ef_flows_add(ef_flows *t, uint32_t spi, int direction, const ef_inner_heade
             f->packets = 1;
             f->bytes = bytes;
             t->count++;
+            t->last = i;
             return;
         }
-        if (f->spi == spi && f->direction == direction && f->version == h->version && f->protocol == h->protocol &&
-            f->src_port == h->src_port && f->dst_port == h->dst_port && f->src.hi == h->src.hi &&
-            f->src.lo == h->src.lo && f->dst.hi == h->dst.hi && f->dst.lo == h->dst.lo) {
+        if (flow_is(f, spi, direction, h)) {
             f->packets++;
             f->bytes += bytes;
+            t->last = i;
             return;
         }
     }

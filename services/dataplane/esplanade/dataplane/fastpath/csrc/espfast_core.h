@@ -44,6 +44,7 @@ typedef struct {
     EVP_CIPHER_CTX *ctx; /* keyed once; every packet only sets the nonce */
     uint8_t salt[4];
     int encrypt;
+    int kind; /* ef_aead_kind */
 } ef_aead;
 
 /* 0 on success, -1 if OpenSSL refused (unknown kind, wrong key length, no memory). */
@@ -160,6 +161,7 @@ typedef struct {
     uint32_t capacity; /* a power of two */
     uint32_t count, limit;
     uint64_t overflow_packets, overflow_bytes;
+    uint32_t last; /* the slot of the last packet counted: the next one is usually of the same flow */
 } ef_flows;
 
 /* Count one packet; a new flow past `limit` goes to the overflow counters instead. `h` NULL: unparsed. */

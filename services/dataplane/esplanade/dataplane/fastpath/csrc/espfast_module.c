@@ -40,6 +40,8 @@
 
 #include "espfast_core.h"
 
+int ef_pump_init(PyObject *module); /* espfast_pump.c: pump_out, pump_in, SlotCache */
+
 #define SLOT_PYTHON 0
 #define SPAN_WORDS 3
 #define SPAN_BYTES (SPAN_WORDS * sizeof(uint32_t))
@@ -2155,5 +2157,6 @@ PyMODINIT_FUNC PyInit__espfast(void) {
         PyModule_AddIntConstant(m, "SPAN_BYTES", (long)SPAN_BYTES) < 0 ||
         PyModule_AddIntConstant(m, "AEAD_OVERHEAD", EF_AEAD_OVERHEAD) < 0)
         return NULL;
+    if (ef_pump_init(m) < 0) return NULL;
     return m;
 }
