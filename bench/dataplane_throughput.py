@@ -54,9 +54,11 @@ def run() -> list[Figure]:
     sas = int(os.environ.get("ESPLANADE_BENCH_SAS", "4"))
     if sas > 0 and transforms:
         scenario = f"esplanade-{transforms[0]}"
+        # one directory per run: the sites' embedded stores outlive a run, and a second run on
+        # the first one's store finds its Child SAs already there (ALREADY_EXISTS)
         with tempfile.TemporaryDirectory(prefix="esplanade-bench-") as tmp:
-            one = run_esplanade(scenario, seconds, 1, 1, Path(tmp), realtime, sas)
-            two = run_esplanade(scenario, seconds, 1, 2, Path(tmp), realtime, sas)
+            one = run_esplanade(scenario, seconds, 1, 1, Path(tmp, "1worker"), realtime, sas)
+            two = run_esplanade(scenario, seconds, 1, 2, Path(tmp, "2workers"), realtime, sas)
         base = f"{scenario}-{sas}sas"
         figures.append(Figure(f"tcp_throughput.{base}-1worker", one.tcp_mbps, "Mbit/s", None, None, True, GROUP))
         figures.append(
