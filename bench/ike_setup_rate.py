@@ -120,6 +120,8 @@ async def esplanade_initiator(site: Site, seconds: float, workers: int) -> dict[
             return
         latencies.append(time.monotonic() - t0)
         await initiate()
+        if not running:
+            return
         try:
             await stub.Terminate(kx.TerminateRequest(ike_sa=ike), timeout=5)
         except grpc.aio.AioRpcError:
@@ -135,8 +137,11 @@ async def esplanade_initiator(site: Site, seconds: float, workers: int) -> dict[
                 child = key[len(prefix) :].split("/", 1)[0]
                 ike = child.rsplit(".", 1)[0]
                 if ike in started:
-                    asyncio.get_running_loop().create_task(done(ike))
+                    task = asyncio.get_running_loop().create_task(done(ike))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
 
+    pending: set[asyncio.Task[None]] = set()  # done() calls still running
     watcher = asyncio.create_task(follow())
     await asyncio.sleep(0.2)
     t0 = time.monotonic()
@@ -146,6 +151,9 @@ async def esplanade_initiator(site: Site, seconds: float, workers: int) -> dict[
     running = False
     wall = time.monotonic() - t0
     watcher.cancel()
+    # settle the done() calls in flight before the channel goes: a Terminate on a closed
+    # channel is a usage error, not a failed setup
+    await asyncio.gather(*pending, return_exceptions=True)
     await channel.close()
     await store.close()
     lat = sorted(latencies)
