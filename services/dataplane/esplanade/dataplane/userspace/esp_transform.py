@@ -33,7 +33,7 @@ import ipaddress
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from cryptography.exceptions import InvalidTag
@@ -617,7 +617,7 @@ class EspTransform:
         for slot in slots:
             self._collect(sas[slot])
 
-    def pumped_open(self, spis: Sequence[int]) -> None:
+    def pumped_open(self, spis: Iterable[int]) -> None:
         """After `_espfast.pump_in` opened whole reads of these SPIs: what `open_reads` does after
         its decrypt call."""
         lane = self.compiled
@@ -634,12 +634,7 @@ class EspTransform:
         lane = self.compiled
         assert lane is not None
         inner = lane.core.decrypt(batch, now)
-        lane.count_batch()
-        by_spi = self.table.by_spi
-        for spi in spis:
-            sa = by_spi.get(spi)
-            if sa is not None:
-                self._collect(sa)
+        self.pumped_open(spis)  # the same bookkeeping as after a pump's open
         return inner
 
     # -- timers, events -----------------------------------------------------------------
