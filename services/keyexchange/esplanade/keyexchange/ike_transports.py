@@ -162,7 +162,7 @@ class _RelayStream:
                     await channel.close()
             if retry_now:
                 continue
-            self.relay.counters["reconnects"] = self.relay.counters.get("reconnects", 0) + 1
+            self.relay._count("reconnects")
             await asyncio.sleep(backoff.next_delay())
 
     async def _connect_local(self, stub: dataplane_pb2_grpc.DataplaneStub) -> socket.socket | None:
@@ -191,7 +191,7 @@ class _RelayStream:
             return None
         if answer != token.encode():
             sock.close()  # another dataplane's socket (or a stale file): stay on gRPC
-            self.relay.counters["local_token_mismatch"] = self.relay.counters.get("local_token_mismatch", 0) + 1
+            self.relay._count("local_token_mismatch")
             return None
         return sock
 

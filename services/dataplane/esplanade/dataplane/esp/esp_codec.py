@@ -39,7 +39,7 @@ from esplanade.dataplane.esp.packet import (
     PROTO_UDP,
     parse_flow,
 )
-from esplanade.dataplane.esp.sa_state import OUTSIDE_SAMPLE_BYTES, InboundSa, OutboundSa
+from esplanade.dataplane.esp.sa_state import InboundSa, OutboundSa
 
 PADDING = bytes(range(1, 256))  # RFC 4303 §2.4: padding bytes are 1, 2, 3, ...
 _TUNNEL_NEXT_HEADER = {4: PROTO_IPIP, 6: PROTO_IPV6}
@@ -312,8 +312,7 @@ def decrypt_esp(
         # Protocol and ports are unconstrained: the addresses decide, read from the header
         # that inner_ip_length / the rebuild above already checked.
         if not selectors.inbound_allows_addresses(inner):
-            c.drop(DropReason.POLICY_MISMATCH)
-            sa.last_outside = bytes(inner[:OUTSIDE_SAMPLE_BYTES])
+            sa.drop_outside_selectors(inner)
             return None
     else:
         flow = parse_flow(inner)
@@ -321,8 +320,7 @@ def decrypt_esp(
             c.drop(DropReason.MALFORMED)
             return None
         if not selectors.inbound_allows(flow):
-            c.drop(DropReason.POLICY_MISMATCH)
-            sa.last_outside = bytes(inner[:OUTSIDE_SAMPLE_BYTES])
+            sa.drop_outside_selectors(inner)
             return None
     c.packets += 1
     c.bytes += len(inner)

@@ -364,6 +364,11 @@ class InboundSa(_SaBase):
         if self.persist_block:
             self._request_floor()
 
+    def drop_outside_selectors(self, inner: bytes | bytearray | memoryview) -> None:
+        """Count a decapsulated packet outside `selectors` (policy_mismatch) and keep its head."""
+        self.counters.drop(DropReason.POLICY_MISMATCH)
+        self.last_outside = bytes(inner[:OUTSIDE_SAMPLE_BYTES])
+
     def _request_floor(self) -> None:
         upto = self.replay.top + self.persist_block
         self._events.append(PersistReplayFloor(self.spi, upto))

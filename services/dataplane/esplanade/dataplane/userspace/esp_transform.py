@@ -51,13 +51,7 @@ from esplanade.dataplane.esp.events import (
 )
 from esplanade.dataplane.esp.packet import parse_flow
 from esplanade.dataplane.esp.replay import ReplayWindow
-from esplanade.dataplane.esp.sa_state import (
-    OUTSIDE_SAMPLE_BYTES,
-    InboundSa,
-    OutboundSa,
-    ReplayPersistence,
-    SequenceReservation,
-)
+from esplanade.dataplane.esp.sa_state import InboundSa, OutboundSa, ReplayPersistence, SequenceReservation
 from esplanade.dataplane.esp.spd import InboundSaTable, Spd
 from esplanade.dataplane.fastpath import PacketBatch, make_esp_batch_core
 from esplanade.dataplane.fastpath.esp_batch import SKIP, select_by_tag
@@ -390,8 +384,7 @@ class EspTransform:
                                         break
                                 break
                         if not allowed:
-                            c.drop(DropReason.POLICY_MISMATCH)
-                            sa.last_outside = bytes(plaintext[: min(length, OUTSIDE_SAMPLE_BYTES)])
+                            sa.drop_outside_selectors(memoryview(plaintext)[:length])
                             continue
                     c.packets += 1
                     c.bytes += length
