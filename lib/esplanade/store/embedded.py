@@ -28,8 +28,8 @@ around each transaction: the kernel hands the turn over the moment it is release
 SQLite's busy handler would sleep 1, 2, 5, 10... ms between retries of a locked database.
 
 Reads run on a small reader thread pool (WAL readers never wait for the writer), except the
-small ones a watch or the poller makes on every commit (the revision, a watch's new events, a
-single key, expired leases): those run on the event loop's own connection, which never waits
+small ones a watch or the poller makes on every commit (the revision, the new events of a
+watch that keeps up, a single key, expired leases): those run on the event loop's own connection, which never waits
 (busy timeout 0) and hands a read that finds the database busy to the pool. A thread hop costs
 more than such a read (the future, the wake-up, the GIL handed back and forth), and the loop
 waits for the answer anyway. Watches
@@ -119,6 +119,7 @@ _GROUP_COMMIT_MAX = 256
 _WATCH_REVISIONS_PER_FETCH = 1000
 _OWN_REVISIONS_KEPT = 4096  # keys of this process's latest revisions, for watches to skip reads
 _OWN_SKIP_MAX = 256  # a watch further behind than this reads, whoever wrote
+_SMALL_FETCH_REVISIONS = 64  # a watch fetch of at most this many revisions runs on the loop
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}) | {
     getattr(sqlite3, name) for name in ("SQLITE_BUSY_RECOVERY", "SQLITE_BUSY_SNAPSHOT") if hasattr(sqlite3, name)
 }
@@ -616,7 +617,10 @@ class EmbeddedStore(Store):
                 upto = min(target, last + _WATCH_REVISIONS_PER_FETCH)
                 self.watch_reads += 1
                 try:
-                    fetched = await self._read_small(
+                    # a watch that keeps up reads a few revisions (on the loop); one catching up
+                    # reads up to a thousand, which must not stall the loop (the pool)
+                    read = self._read_small if upto - last <= _SMALL_FETCH_REVISIONS else self._read
+                    fetched = await read(
                         functools.partial(fetch_events, clause=clause, params=params, after=last, upto=upto)
                     )
                 except StoreUnavailable:
