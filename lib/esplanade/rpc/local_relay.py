@@ -12,6 +12,13 @@ dataplane routes by instance the same way.
 
 Handshake: client -> server one record, the instance name (UTF-8, at most 255 bytes); server ->
 client one record, the token (ASCII). Then records both ways until either side closes.
+
+Install notices (v1.3): right after this node installed inbound SAs, the dataplane sends every
+local client a record with `installed_child_sas` (and no datagrams). It is the in-band form of
+the store ack `dataplane/acks/<child id>/<node>` (written just after, for restarts and other
+readers): a keyexchange on this host releases the IKE_AUTH / CREATE_CHILD_SA response on the
+first of the two, without the ack's commit and watch on the critical path. An older client
+ignores the unknown field and waits for the store ack as before.
 """
 
 from __future__ import annotations
@@ -45,9 +52,14 @@ def encode_records(datagrams: Iterable[dataplane_pb2.IkeDatagram]) -> list[bytes
     return records
 
 
-def decode_record(record: bytes) -> list[dataplane_pb2.IkeDatagram] | None:
-    """The datagrams of one record; None if it is not an IkeDatagramBatch."""
+def encode_installed(child_ids: Iterable[str]) -> bytes:
+    """One record telling keyexchange these Child SAs' inbound SAs are installed."""
+    return dataplane_pb2.IkeDatagramBatch(installed_child_sas=list(child_ids)).SerializeToString()
+
+
+def decode_record(record: bytes) -> dataplane_pb2.IkeDatagramBatch | None:
+    """One record (datagrams and/or installed Child SAs); None if it is not an IkeDatagramBatch."""
     try:
-        return list(dataplane_pb2.IkeDatagramBatch.FromString(record).datagrams)
+        return dataplane_pb2.IkeDatagramBatch.FromString(record)
     except DecodeError:
         return None

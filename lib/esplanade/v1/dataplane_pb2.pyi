@@ -412,18 +412,26 @@ class IkeDatagramBatch(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DATAGRAMS_FIELD_NUMBER: _builtins.int
+    INSTALLED_CHILD_SAS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def datagrams(self) -> _containers.RepeatedCompositeFieldContainer[Global___IkeDatagram]:
         """in the order they were received or are to be sent"""
+
+    @_builtins.property
+    def installed_child_sas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """v1.3, dataplane -> keyexchange only: Child SAs whose inbound SA this node has just
+        installed (the in-band form of dataplane/acks/<id>/<node>, which still follows in the store)
+        """
 
     def __init__(
         self,
         *,
         datagrams: _abc.Iterable[Global___IkeDatagram] | None = ...,
+        installed_child_sas: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["datagrams", b"datagrams"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datagrams", b"datagrams", "installed_child_sas", b"installed_child_sas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

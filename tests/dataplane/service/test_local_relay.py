@@ -132,6 +132,40 @@ async def test_datagrams_go_both_ways_over_the_local_socket(short_dir: Path) -> 
         await server.stop(0)
 
 
+async def test_install_notices_reach_keyexchange_between_datagrams(short_dir: Path) -> None:
+    relay = IkeRelay()
+    listener = LocalRelayListener(relay, short_dir / "dp.ike.sock")
+    listener.announce_installed(["before-any-client"])  # nobody to tell: nothing happens
+    await listener.start()
+    server, servicer, port = await serve_status(lambda: listener.status())
+    delivered: list[bytes] = []
+    installed: list[str] = []
+    kx = DataplaneRelay(
+        [f"127.0.0.1:{port}"], GrpcSettings(), deliver=lambda d, *_: delivered.append(d), instance="kx-n"
+    )
+    kx.on_installed = installed.append
+    await kx.start()
+    try:
+        await eventually(lambda: kx.connected and relay.connected == 1, timeout=10)
+        listener.announce_installed(["kx-n-1.ike-1.c1"])
+        await eventually(lambda: installed == ["kx-n-1.ike-1.c1"], timeout=10)
+        # notices while the stream is busy with datagrams (some wait for the connection's lock)
+        expected = [f"kx-n-1.ike-{i}.c1" for i in range(2, 202)]
+        for i, child in enumerate(expected):
+            relay.deliver("198.18.0.1", 500, "198.18.0.2", 500, ike_message(i, b"y" * 3000))
+            listener.announce_installed([child])
+            if i % 50 == 0:
+                await asyncio.sleep(0)
+        await eventually(lambda: len(installed) == 201 and len(delivered) == 200, timeout=10)
+        assert sorted(installed[1:]) == sorted(expected)
+        assert relay.counters["installed_notices"] == 201 and kx.counters["installed_notices"] == 201
+        assert servicer.grpc_streams == 0
+    finally:
+        kx.close()
+        await listener.close()
+        await server.stop(0)
+
+
 async def test_a_socket_that_answers_another_token_is_not_used(short_dir: Path) -> None:
     relay = IkeRelay()
     listener = LocalRelayListener(relay, short_dir / "dp.ike.sock")

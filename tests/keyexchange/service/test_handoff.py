@@ -113,6 +113,30 @@ async def test_responder_waits_for_the_ack_and_rekeys_make_before_break(store: E
     assert f"{first.record.inbound.spi:08x}" not in await _keys(store, "spi")  # type: ignore[union-attr]
 
 
+async def test_an_in_band_install_notice_releases_the_response_once_and_only_for_its_child(
+    store: EmbeddedStore,
+) -> None:
+    net, a, b = pair(id_prefix="kx1.")
+    b.auto_ack = False
+    a.engine.initiate("ab", net.now)
+    net.run()
+    acks: list[tuple[str, str]] = []
+    h = await _handoff(store, acks)
+    first = b.held_installs[0]
+    h.handle(first)
+    h.installed_in_band("kx9.other.c1")  # another instance's Child SA on this dataplane: nothing
+    assert not acks
+    h.installed_in_band(first.child_id)  # may come before our commit returns: the record is in
+    assert acks == [(first.ike_sa, first.child_id)]
+    await h.drain()
+    # the store ack (and any node's) that follows changes nothing
+    h._seen_ack(schema.install_ack(first.child_id, "dp1"))
+    h._seen_ack(schema.install_ack(first.child_id, "dp2"))
+    h.installed_in_band(first.child_id)
+    assert acks == [(first.ike_sa, first.child_id)]
+    assert h.counters["acks"] == 1 and h.counters["acks_in_band"] == 3
+
+
 async def test_duplicate_child_sas_keep_the_policies_until_the_last_goes(store: EmbeddedStore) -> None:
     net, a, _b = pair(id_prefix="kx1.", a_over={"unique": "never"}, b_over={"unique": "never"})
     a.engine.initiate("ab", net.now)

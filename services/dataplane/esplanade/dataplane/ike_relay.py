@@ -105,6 +105,8 @@ class IkeRelay:
         return len(self._streams)
 
     def choose(self, spi: bytes) -> RelayStream | None:
+        if len(self._streams) == 1:  # one keyexchange (the usual case): no owner or hash to weigh
+            return next(iter(self._streams.values()))
         by_key = {stream.key: stream for stream in self._streams.values()}  # the newest stream of a key
         owner = self.owners.get(spi)
         if owner is not None and owner in by_key:

@@ -2,7 +2,9 @@
 
 Each connection is one relay stream, attached to `IkeRelay` under the instance name its client
 sends first, exactly like a RelayIkeBatch call: datagrams for the stream go out as records,
-records from the client are sent like the stream's messages. The socket file is created mode
+records from the client are sent like the stream's messages. `announce_installed` sends every
+connected client an install notice (the reconciler calls it right after a worker install,
+before the store ack): records of one connection are sent under its lock, one at a time. The socket file is created mode
 0600 (the services run as one user); a connection that does not say hello within a second is
 dropped.
 """
@@ -20,7 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from esplanade.dataplane.ike_relay import IkeRelay, RelayStream
-from esplanade.rpc.local_relay import INSTANCE_MAX, RECORD_MAX, SOCKET_BUFFER, decode_record, encode_records
+from esplanade.rpc.local_relay import (
+    INSTANCE_MAX,
+    RECORD_MAX,
+    SOCKET_BUFFER,
+    decode_record,
+    encode_installed,
+    encode_records,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,8 @@ class LocalRelayListener:
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._sessions: set[asyncio.Task[None]] = set()
+        self._clients: dict[socket.socket, asyncio.Lock] = {}  # said hello; lock: one record at a time
+        self._notices: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +99,7 @@ class LocalRelayListener:
         return {"ike_relay_socket": str(self.path), "ike_relay_token": self.token}
 
     async def close(self) -> None:
-        tasks = [t for t in (self._accepting, *self._sessions) if t is not None]
+        tasks = [t for t in (self._accepting, *self._sessions, *self._notices) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -126,6 +137,8 @@ class LocalRelayListener:
                 self.relay.counters["local_bad_hello"] += 1
                 return
             await loop.sock_sendall(conn, self.token.encode())
+            lock = asyncio.Lock()
+            self._clients[conn] = lock
             stream = self.relay.attach(hello.decode("utf-8", "replace"))
             self.relay.counters["local_streams"] += 1
             log.info("IKE relay client connected on the local socket (%s)", stream.key)
@@ -137,10 +150,12 @@ class LocalRelayListener:
                     return
                 self.relay.counters["batches_to_clients"] += 1
                 for record in encode_records(datagrams):
-                    await loop.sock_sendall(conn, record)
+                    async with lock:
+                        await loop.sock_sendall(conn, record)
         except (OSError, TimeoutError):
             return
         finally:
+            self._clients.pop(conn, None)
             if receiving is not None:
                 receiving.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -149,6 +164,36 @@ class LocalRelayListener:
                 self.relay.detach(stream)
                 log.info("IKE relay client %s disconnected from the local socket", stream.key)
             conn.close()
+
+    def announce_installed(self, child_ids: list[str]) -> None:
+        """Tell every connected keyexchange that these Child SAs' inbound SAs are installed.
+        Sent at once when the connection is idle; else (a record of its own in progress, a
+        full socket buffer) by a task that waits its turn."""
+        if not self._clients or not child_ids:
+            return
+        record = encode_installed(child_ids)
+        for conn, lock in list(self._clients.items()):
+            if not lock.locked():
+                try:
+                    conn.send(record)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    continue  # the session ends on it by itself
+                else:
+                    self.relay.counters["installed_notices"] += 1
+                    continue
+            task = asyncio.create_task(self._send_later(conn, lock, record), name="ike-relay-local:notice")
+            self._notices.add(task)
+            task.add_done_callback(self._notices.discard)
+
+    async def _send_later(self, conn: socket.socket, lock: asyncio.Lock, record: bytes) -> None:
+        async with lock:
+            if conn not in self._clients:
+                return
+            with contextlib.suppress(OSError):
+                await asyncio.get_running_loop().sock_sendall(conn, record)
+                self.relay.counters["installed_notices"] += 1
 
     async def _receive(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -159,12 +204,12 @@ class LocalRelayListener:
                 return
             if not record:
                 return
-            datagrams = decode_record(record)
-            if datagrams is None:
+            batch = decode_record(record)
+            if batch is None:
                 self.relay.counters["local_bad_record"] += 1
                 continue
             self.relay.counters["batches_from_clients"] += 1
-            for datagram in datagrams:
+            for datagram in batch.datagrams:
                 await self.relay.send(datagram)
 
 

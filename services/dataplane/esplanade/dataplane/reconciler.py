@@ -6,7 +6,9 @@ follows the watch. A put installs (or updates, or replaces) a record, a delete r
 `Resync` (the watch fell behind a compaction) is compared with what is installed and the
 difference applied. Once a Child SA's inbound SA is installed, `dataplane/acks/<id>/<node>`
 says so (keyexchange waits for it before it answers the peer); it lives under the node's
-lease and goes when the Child SA goes.
+lease and goes when the Child SA goes. Just before that write, `on_acknowledged` hands the ids
+to the local IKE relay, which tells a keyexchange on this host in-band (it answers on the first
+of the two).
 
 Writers that need to know the outcome of their write (the gRPC servicer) wait with
 `wait_applied(key, revision)`: it resolves with None once a revision at or after theirs was
@@ -125,6 +127,9 @@ class Reconciler:
         # with the id of each one removed: the policy enforcer puts the identity filter on it.
         self.on_installed: list[Callable[[ChildSaRecord], Awaitable[None]]] = []
         self.on_removed: list[Callable[[str], Awaitable[None]]] = []
+        # Child SAs whose inbound SA was just installed, before their store ack is written:
+        # the local IKE relay tells keyexchange in-band (esplanade.rpc.local_relay)
+        self.on_acknowledged: list[Callable[[list[str]], None]] = []
         # called after Child SA records appeared, changed or went (scale-out ownership follows)
         self.on_records_changed: list[Callable[[], None]] = []
 
@@ -354,6 +359,8 @@ class Reconciler:
                 continue
             acked.append(record)
         if acked:
+            for announce in self.on_acknowledged:
+                announce([record.id for record in acked])
             try:
                 await self._write_acks(acked)
             except StoreError as exc:

@@ -302,6 +302,7 @@ async def setup(ctx: ServiceContext, runtime: DataplaneNode) -> None:
     )
     if local_relay is not None:
         ctx.on_stop.append(local_relay.close)
+        reconciler.on_acknowledged.append(local_relay.announce_installed)
 
     def details() -> dict[str, str]:
         out = {

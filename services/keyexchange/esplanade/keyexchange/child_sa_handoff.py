@@ -22,7 +22,9 @@ One transaction per step, so the dataplane never sees half of one:
 - `ChildSaDeleted`: record and SPI deleted; SPD entries that still point at it move to its
   successor if it has one, else go.
 
-Acks: one watch on `dataplane/acks/`; the first ack for a Child SA (any node) releases it:
+Acks: one watch on `dataplane/acks/`, plus the dataplane's in-band install notices when
+keyexchange relays IKE over its local socket (`installed_in_band`, sent just before the store
+ack); the first word of an install for a Child SA (any node) releases it:
 `on_ack(ike_sa, child_id)`, which the engine turns into `inbound_sa_installed`.
 
 Store work is pipelined: each event is planned at once, in event order (its ops computed and
@@ -547,7 +549,16 @@ class ChildSaHandoff:
 
     def _seen_ack(self, key: str) -> None:
         rest = key[len(schema.prefix("dataplane", "acks")) :]
-        child_id = rest.split("/", 1)[0]
+        self.installed(rest.split("/", 1)[0])
+
+    def installed_in_band(self, child_id: str) -> None:
+        """The local dataplane said it installed this Child SA's inbound SA (its store ack follows)."""
+        self._count("acks_in_band")
+        self.installed(child_id)
+
+    def installed(self, child_id: str) -> None:
+        """A dataplane installed the Child SA's inbound SA: the first word of it (store ack or
+        in-band notice, any node) releases what waits for it; the later ones change nothing."""
         if child_id in self._awaiting_ack:
             self._ack(child_id)
         elif child_id not in self.written:

@@ -6,6 +6,8 @@
   UNIMPLEMENTED); payloads travel WITHOUT the non-ESP marker (the dataplane strips and adds
   it on 4500). One stream per dataplane node, reconnected with exponential backoff; a reply
   leaves through the node the peer last spoke through (else the first connected one).
+  Over the dataplane's local relay socket, the dataplane also says which inbound SAs it has
+  just installed (`on_installed`, before its store ack; `esplanade.rpc.local_relay`).
 - `IkeSockets` (transport `socket`): keyexchange binds UDP 500 and 4500 itself; ESP arriving
   on its 4500 socket is counted and dropped (no dataplane behind it).
 
@@ -19,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import grpc
 
@@ -132,6 +134,8 @@ class _RelayStream:
                             first = False
                         for dg in batch.datagrams:
                             self.relay.received(self, dg)
+                        if batch.installed_child_sas:
+                            self.relay.installed(batch.installed_child_sas)
                 else:
                     call = stub.RelayIke(self._outgoing(queue), metadata=metadata)
                     async for dg in call:
@@ -209,12 +213,14 @@ class _RelayStream:
                 record = await loop.sock_recv(sock, RECORD_MAX)
                 if not record:
                     return
-                datagrams = decode_record(record)
-                if datagrams is None:
+                batch = decode_record(record)
+                if batch is None:
                     self.relay._count("local_bad_record")
                     continue
-                for dg in datagrams:
+                for dg in batch.datagrams:
                     self.relay.received(self, dg)
+                if batch.installed_child_sas:
+                    self.relay.installed(batch.installed_child_sas)
 
         async def outgoing() -> None:
             async for batch in self._outgoing_batches(queue):
@@ -259,6 +265,8 @@ class DataplaneRelay:
         self._route: dict[str, _RelayStream] = {}  # peer address -> the stream it came through
         self._tasks: list[asyncio.Task[None]] = []
         self.counters: dict[str, int] = {}
+        # install notices of the dataplane (child id): the in-band form of its store ack
+        self.on_installed: Callable[[str], None] = lambda child_id: None
 
     def _count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
@@ -281,6 +289,11 @@ class DataplaneRelay:
         self._route[dg.remote_addr] = stream
         data = NON_ESP_MARKER + dg.payload if dg.local_port == NATT_PORT else dg.payload
         self.deliver(data, local, remote)
+
+    def installed(self, child_ids: Iterable[str]) -> None:
+        for child_id in child_ids:
+            self._count("installed_notices")
+            self.on_installed(child_id)
 
     def send(self, d: Datagram) -> None:
         stream = self._route.get(d.remote[0])

@@ -135,6 +135,7 @@ class KeyExchangeNode:
                 backoff_max=kx.relay_backoff_max_seconds,
                 instance=self.instance,
             )
+            self.transport.on_installed = self.handoff.installed_in_band
         else:
             self.transport = IkeSockets([str(a) for a in kx.listen_addresses], self.engine.feed, ike_port=kx.ike_port)
 

@@ -1,0 +1,80 @@
+"""The embedded store commits on the event loop thread when the cross-process writer turn is
+free, and through its writer thread when another writer holds it: both paths give the same
+results, in the order asked, and one loop iteration's writes go as one group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from esplanade.store.base import CasConflict, Put
+from esplanade.store.embedded import EmbeddedStore
+from tests.conditions import async_wait_until
+
+
+async def test_writes_go_inline_when_the_turn_is_free_and_through_the_writer_when_it_is_not(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = EmbeddedStore(path)
+    await store.connect()
+    try:
+        before = store.inline_writes
+        # one iteration's writes: one group commit, each with its own outcome, in order
+        results = await asyncio.gather(
+            store.put("/k/a", b"1"),
+            store.put("/k/a", b"2"),
+            store.put("/k/b", b"x", expect_mod_revision=12345),  # fails alone
+            store.put("/k/c", b"3"),
+            return_exceptions=True,
+        )
+        assert store.inline_writes == before + 1
+        assert isinstance(results[2], CasConflict)
+        assert isinstance(results[0], int) and results[1] == results[0] + 1 and results[3] == results[1] + 1
+        kv = await store.get("/k/a")
+        assert kv is not None and kv.value == b"2"
+        # another writer holds the turn (as a second process would): the writer thread waits for it
+        with open(path.with_name(path.name + ".writer"), "ab") as turn:
+            fcntl.flock(turn.fileno(), fcntl.LOCK_EX)
+            inline = store.inline_writes
+            pending = asyncio.ensure_future(store.commit([], [Put("/k/d", b"4"), Put("/k/e", b"5")]))
+            await asyncio.sleep(0.05)
+            assert not pending.done() and store.inline_writes == inline
+            following = asyncio.ensure_future(store.put("/k/d", b"6"))  # queued behind it, not inline
+            await asyncio.sleep(0.01)
+            assert not following.done()
+            fcntl.flock(turn.fileno(), fcntl.LOCK_UN)
+            await async_wait_until(lambda: _done(pending, following), what="the queued writes")
+        assert store.inline_writes == inline  # they went through the thread, in order
+        assert (await pending).succeeded and await following > (await pending).revision
+        kv = await store.get("/k/d")
+        assert kv is not None and kv.value == b"6"
+        await store.put("/k/f", b"7")  # the turn is free again: inline
+        assert store.inline_writes == inline + 1
+    finally:
+        await store.close()
+
+
+async def _done(*futures: asyncio.Future[Any]) -> bool:
+    return all(f.done() for f in futures)
+
+
+async def test_a_write_asked_for_just_before_close_is_still_committed(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = EmbeddedStore(path)
+    await store.connect()
+    write = asyncio.ensure_future(store.put("/k/last", b"1"))
+    await asyncio.sleep(0)  # the request is made, its hand-over not yet run
+    await store.close()
+    assert await write > 0
+    again = EmbeddedStore(path)
+    await again.connect()
+    try:
+        kv = await again.get("/k/last")
+        assert kv is not None and kv.value == b"1"
+    finally:
+        await again.close()
+    with pytest.raises(Exception):  # noqa: B017 - closed: StoreUnavailable
+        await store.put("/k/after", b"x")
