@@ -51,8 +51,45 @@ uint16_t ef_fold(uint64_t sum) {
 
 /* The folded one's-complement sum of p[0..n) as big-endian 16-bit words (odd tail padded),
  * plus `initial`. Sums native 32-bit loads and swaps at the end (RFC 1071 §2(B)). */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+/* The 32-bit words of p[0..n & ~31) summed into 64 bits, 32 bytes per step: the TCP checksum
+ * of each TSO segment was 5 % of the encrypting worker (perf) with the portable loop below
+ * (54-66 ns per 1400 bytes here); this takes 24-25 ns. Each 64-bit lane takes at most n / 32
+ * words, so nothing overflows for any n a buffer can have. */
+__attribute__((target("avx2"))) static uint64_t sum32_avx2(const uint8_t *p, size_t n) {
+    __m256i zero = _mm256_setzero_si256(), a = zero, b = zero, c = zero, d = zero;
+    uint64_t lanes[4];
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) { /* two loads a step: independent adds */
+        __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(p + i));
+        __m256i w = _mm256_loadu_si256((const __m256i *)(const void *)(p + i + 32));
+        a = _mm256_add_epi64(a, _mm256_unpacklo_epi32(v, zero));
+        b = _mm256_add_epi64(b, _mm256_unpackhi_epi32(v, zero));
+        c = _mm256_add_epi64(c, _mm256_unpacklo_epi32(w, zero));
+        d = _mm256_add_epi64(d, _mm256_unpackhi_epi32(w, zero));
+    }
+    if (i + 32 <= n) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(p + i));
+        a = _mm256_add_epi64(a, _mm256_unpacklo_epi32(v, zero));
+        b = _mm256_add_epi64(b, _mm256_unpackhi_epi32(v, zero));
+    }
+    _mm256_storeu_si256((__m256i *)(void *)lanes, _mm256_add_epi64(_mm256_add_epi64(a, b), _mm256_add_epi64(c, d)));
+    return lanes[0] + lanes[1] + lanes[2] + lanes[3];
+}
+static int have_avx2 = -1; /* decided at the first call */
+#endif
+
 uint32_t ef_sum16(const uint8_t *p, size_t n, uint32_t initial) {
     uint64_t s, a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (have_avx2 < 0) have_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+    if (have_avx2 && n >= 64) {
+        a0 = sum32_avx2(p, n);
+        p += n & ~(size_t)31;
+        n &= 31;
+    }
+#endif
     while (n >= 16) { /* four independent sums: 2.4x the speed of one on this machine */
         uint32_t w[4];
         memcpy(w, p, 16);
