@@ -20,7 +20,9 @@ loop thread itself when this process's writer thread has nothing queued or in fl
 cross-process writer turn (below) is free at once; otherwise it goes to the writer thread as
 one list, which takes every list queued at that moment, waits its turn and answers each caller
 loop with one callback. The inline commit blocks the loop for the transaction and its fsync
-(a fraction of a millisecond here); the thread hop it saves cost more: the writer thread's
+(a fraction of a millisecond here), never for a WAL checkpoint (its connection has
+auto-checkpoint off and asks the writer thread for one every `INLINE_CHECKPOINT_EVERY` commits);
+the thread hop it saves cost more: the writer thread's
 wake-up and the GIL handed back and forth for every statement (py-spy: 16 % of the dataplane's
 and 6 % of keyexchange's CPU in the IKE setup bench). Requests of one loop keep their order
 either way (inline only with nothing queued before them).
