@@ -21,7 +21,8 @@ cross-process writer turn (below) is free at once; otherwise it goes to the writ
 one list, which takes every list queued at that moment, waits its turn and answers each caller
 loop with one callback. The inline commit blocks the loop for the transaction and its fsync
 (a fraction of a millisecond here), never for a WAL checkpoint (its connection has
-auto-checkpoint off and asks the writer thread for one every `INLINE_CHECKPOINT_EVERY` commits);
+auto-checkpoint off and asks the writer thread for one every `INLINE_CHECKPOINT_EVERY` commits,
+which runs it in the writer turn as SQLite would inside a COMMIT);
 the thread hop it saves cost more: the writer thread's
 wake-up and the GIL handed back and forth for every statement (py-spy: 16 % of the dataplane's
 and 6 % of keyexchange's CPU in the IKE setup bench). Requests of one loop keep their order
@@ -130,8 +131,8 @@ log = logging.getLogger(__name__)
 _GROUP_COMMIT_MAX = 256
 # The inline connection never checkpoints the WAL itself (`wal_autocheckpoint = 0`): after this
 # many of its commits it asks the writer thread for a PASSIVE checkpoint instead (SQLite's own
-# auto-checkpoint is every 1000 pages; a setup's commits write a few pages each).
-INLINE_CHECKPOINT_EVERY = 64
+# auto-checkpoint is every 1000 pages; an IKE setup's commits write about ten each).
+INLINE_CHECKPOINT_EVERY = 96
 
 
 class _CheckpointRequest:
@@ -321,14 +322,27 @@ class _Writer(threading.Thread):
                     self._fail(item, StoreUnavailable("the embedded store was closed"))
 
     def _checkpoint(self) -> None:
-        """A PASSIVE checkpoint of what the inline connection wrote: it waits for no reader or
-        writer (SQLite copies what it can; a later one does the rest), off the event loop."""
+        """A PASSIVE checkpoint of what the inline connection wrote, off the event loop, inside
+        the writer turn as SQLite's auto-checkpoint runs inside the COMMIT that triggers it: no
+        commit adds frames meanwhile, so it can finish and the next writer restarts the WAL
+        from its start (a checkpoint racing commits never catches up, and the WAL would grow
+        without end). The loop does not wait for it: an inline commit finds the turn taken and
+        goes through this thread, after it."""
         assert self._db is not None
+        turn = self._turn
+        try:
+            if turn is not None:
+                fcntl.flock(turn.fileno(), fcntl.LOCK_EX)
+        except OSError:
+            turn = None
         try:
             self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except sqlite3.Error as exc:
             log.warning("embedded store %s: WAL checkpoint failed: %s", self.path, exc)
             return
+        finally:
+            if turn is not None:
+                fcntl.flock(turn.fileno(), fcntl.LOCK_UN)
         self.checkpoints += 1
 
     @property
