@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from esplanade.store.base import CasConflict, Put
-from esplanade.store.embedded import EmbeddedStore
+from esplanade.store.embedded import _CHECKPOINT, INLINE_CHECKPOINT_EVERY, EmbeddedStore
 from tests.conditions import async_wait_until
 
 
@@ -78,3 +79,60 @@ async def test_a_write_asked_for_just_before_close_is_still_committed(tmp_path: 
         await again.close()
     with pytest.raises(Exception):  # noqa: B017 - closed: StoreUnavailable
         await store.put("/k/after", b"x")
+
+
+async def test_the_inline_connection_leaves_wal_checkpoints_to_the_writer_thread(tmp_path: Path) -> None:
+    """The loop thread never runs a checkpoint (auto-checkpoint off on its connection); every
+    `INLINE_CHECKPOINT_EVERY` inline commits the writer thread checkpoints instead, and the
+    data is the same through it and after a reopen."""
+    path = tmp_path / "state.db"
+    store = EmbeddedStore(path)
+    await store.connect()
+    try:
+        writer = store._writer
+        assert writer is not None
+        inline, threaded = store.inline_writes, writer.completed
+        writes = 2 * INLINE_CHECKPOINT_EVERY + 1
+        for i in range(writes):
+            await store.put(f"/k/{i % 7}", str(i).encode())
+        # inline unless a checkpoint held the writer turn at that moment (then through the thread)
+        assert (store.inline_writes - inline) + (writer.completed - threaded) == writes
+        assert store.inline_writes - inline > writes // 2
+        assert store._inline_db is not None
+        assert store._inline_db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        await async_wait_until(lambda: _at_least(writer.checkpoints, 2), what="two checkpoints on the writer thread")
+        kv = await store.get("/k/2")
+        assert kv is not None and kv.value == str(max(i for i in range(writes) if i % 7 == 2)).encode()
+        # a checkpoint queued behind writes that go through the thread: they still commit, in order
+        with open(path.with_name(path.name + ".writer"), "ab") as turn:
+            fcntl.flock(turn.fileno(), fcntl.LOCK_EX)
+            pending = asyncio.ensure_future(store.put("/k/t", b"1"))
+            await asyncio.sleep(0.01)
+            writer.requests.put(_CHECKPOINT)
+            following = asyncio.ensure_future(store.put("/k/t", b"2"))
+            await asyncio.sleep(0.01)
+            fcntl.flock(turn.fileno(), fcntl.LOCK_UN)
+            await async_wait_until(lambda: _done(pending, following), what="the queued writes")
+        assert await following > await pending
+        await async_wait_until(lambda: _at_least(writer.checkpoints, 3), what="the queued checkpoint")
+        # the checkpoints complete and the WAL restarts from its start: it does not grow with the
+        # writes (each commit appends at least 3 frames: a log page, a current page, the meta page)
+        writes = 8 * INLINE_CHECKPOINT_EVERY
+        for i in range(writes):
+            await store.put(f"/k/{i % 7}", bytes(1000))
+        page_size = sqlite3.connect(path).execute("PRAGMA page_size").fetchone()[0]
+        wal_frames = path.with_name(path.name + "-wal").stat().st_size // (page_size + 24)
+        assert 0 < wal_frames < 3 * writes  # the most frames between two restarts, not all of them
+    finally:
+        await store.close()
+    again = EmbeddedStore(path)
+    await again.connect()
+    try:
+        kv = await again.get("/k/t")
+        assert kv is not None and kv.value == b"2"
+    finally:
+        await again.close()
+
+
+async def _at_least(value: int, floor: int) -> bool:
+    return value >= floor

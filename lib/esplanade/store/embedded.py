@@ -20,7 +20,10 @@ loop thread itself when this process's writer thread has nothing queued or in fl
 cross-process writer turn (below) is free at once; otherwise it goes to the writer thread as
 one list, which takes every list queued at that moment, waits its turn and answers each caller
 loop with one callback. The inline commit blocks the loop for the transaction and its fsync
-(a fraction of a millisecond here); the thread hop it saves cost more: the writer thread's
+(a fraction of a millisecond here), never for a WAL checkpoint (its connection has
+auto-checkpoint off and asks the writer thread for one every `INLINE_CHECKPOINT_EVERY` commits,
+which runs it in the writer turn as SQLite would inside a COMMIT);
+the thread hop it saves cost more: the writer thread's
 wake-up and the GIL handed back and forth for every statement (py-spy: 16 % of the dataplane's
 and 6 % of keyexchange's CPU in the IKE setup bench). Requests of one loop keep their order
 either way (inline only with nothing queued before them).
@@ -69,6 +72,7 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import logging
 import queue
 import sqlite3
 import threading
@@ -122,8 +126,20 @@ from esplanade.store.sqlite_log import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _GROUP_COMMIT_MAX = 256
+# The inline connection never checkpoints the WAL itself (`wal_autocheckpoint = 0`): after this
+# many of its commits it asks the writer thread for a PASSIVE checkpoint instead (SQLite's own
+# auto-checkpoint is every 1000 pages; an IKE setup's commits write about ten each).
+INLINE_CHECKPOINT_EVERY = 96
+
+
+class _CheckpointRequest:
+    """Queued to the writer thread: checkpoint the WAL (it holds no write, orders nothing)."""
+
+
+_CHECKPOINT = _CheckpointRequest()
 _WATCH_REVISIONS_PER_FETCH = 1000
 _OWN_REVISIONS_KEPT = 4096  # keys of this process's latest revisions, for watches to skip reads
 _OWN_SKIP_MAX = 256  # a watch further behind than this reads, whoever wrote
@@ -237,9 +253,10 @@ class _Writer(threading.Thread):
     ) -> None:
         super().__init__(name=f"esplanade-store-writer:{path.name}", daemon=True)
         self.path = path
-        self.requests: queue.SimpleQueue[list[_WriteRequest] | None] = queue.SimpleQueue()
+        self.requests: queue.SimpleQueue[list[_WriteRequest] | _CheckpointRequest | None] = queue.SimpleQueue()
         self.submitted = 0  # request lists queued (the home loop counts)
         self.completed = 0  # request lists committed or failed (this thread counts)
+        self.checkpoints = 0  # WAL checkpoints run for the inline connection (this thread counts)
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous
         self._home = home
@@ -268,8 +285,12 @@ class _Writer(threading.Thread):
                 first = self.requests.get()
                 if first is None:
                     break
+                if isinstance(first, _CheckpointRequest):
+                    self._checkpoint()
+                    continue
                 batch = list(first)
                 taken = 1
+                checkpoint = False
                 while len(batch) < _GROUP_COMMIT_MAX:
                     try:
                         item = self.requests.get_nowait()
@@ -278,10 +299,15 @@ class _Writer(threading.Thread):
                     if item is None:
                         stop = True
                         break
+                    if isinstance(item, _CheckpointRequest):
+                        checkpoint = True
+                        continue
                     batch += item
                     taken += 1
                 self._run(batch)
                 self.completed += taken
+                if checkpoint:
+                    self._checkpoint()
         finally:
             self._db.close()
             if self._turn is not None:
@@ -292,8 +318,32 @@ class _Writer(threading.Thread):
                     item = self.requests.get_nowait()
                 except queue.Empty:
                     break
-                if item is not None:
+                if isinstance(item, list):
                     self._fail(item, StoreUnavailable("the embedded store was closed"))
+
+    def _checkpoint(self) -> None:
+        """A PASSIVE checkpoint of what the inline connection wrote, off the event loop, inside
+        the writer turn as SQLite's auto-checkpoint runs inside the COMMIT that triggers it: no
+        commit adds frames meanwhile, so it can finish and the next writer restarts the WAL
+        from its start (a checkpoint racing commits never catches up, and the WAL would grow
+        without end). The loop does not wait for it: an inline commit finds the turn taken and
+        goes through this thread, after it."""
+        assert self._db is not None
+        turn = self._turn
+        try:
+            if turn is not None:
+                fcntl.flock(turn.fileno(), fcntl.LOCK_EX)
+        except OSError:
+            turn = None
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            log.warning("embedded store %s: WAL checkpoint failed: %s", self.path, exc)
+            return
+        finally:
+            if turn is not None:
+                fcntl.flock(turn.fileno(), fcntl.LOCK_UN)
+        self.checkpoints += 1
 
     @property
     def idle(self) -> bool:
@@ -371,6 +421,7 @@ class EmbeddedStore(Store):
         self._inline_db: sqlite3.Connection | None = None  # group commits on the loop thread
         self._inline_turn: IO[bytes] | None = None  # its own handle on the writer turn lock
         self.inline_writes = 0  # group commits done on the loop thread
+        self._inline_since_checkpoint = 0  # of them, since the last checkpoint request
         self._readers: ThreadPoolExecutor | None = None
         self._reader_local = threading.local()
         self._reader_dbs: list[sqlite3.Connection] = []
@@ -599,9 +650,11 @@ class EmbeddedStore(Store):
         db = self._inline_db
         if db is None:
             try:
-                db = self._inline_db = _connect(self.path, 0.0, self._synchronous)
+                db = _connect(self.path, 0.0, self._synchronous)
+                db.execute("PRAGMA wal_autocheckpoint = 0")  # the writer thread checkpoints
             except sqlite3.Error:
                 return False
+            self._inline_db = db
         try:
             fcntl.flock(turn.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -616,6 +669,11 @@ class EmbeddedStore(Store):
         self.inline_writes += 1
         if committed is not None:
             self._ring_others(committed[1])
+            self._inline_since_checkpoint += 1
+            writer = self._writer
+            if self._inline_since_checkpoint >= INLINE_CHECKPOINT_EVERY and writer is not None:
+                self._inline_since_checkpoint = 0
+                writer.requests.put(_CHECKPOINT)
         for request, result, error in outcomes:
             _deliver(request.future, result, error)
         if committed is not None:

@@ -44,5 +44,10 @@ def extract_context(carrier: Mapping[str, str]) -> otel_context.Context:
 
 def link_from(carrier: Mapping[str, str]) -> list[Link]:
     """A span link to the producer of a record handed over through the store."""
-    span_context = trace.get_current_span(extract_context(carrier)).get_span_context()
+    return link_in(extract_context(carrier))
+
+
+def link_in(context: otel_context.Context) -> list[Link]:
+    """`link_from` for a carrier already extracted (`extract_context`)."""
+    span_context = trace.get_current_span(context).get_span_context()
     return [Link(span_context)] if span_context.is_valid else []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+
 import pytest
 
 from esplanade.dataplane.esp import (
@@ -20,7 +23,8 @@ from esplanade.dataplane.esp import (
     encrypt,
     make_dummy,
 )
-from esplanade.ipsec.sa import Lifetime, TfcPolicy
+from esplanade.dataplane.esp.sa_state import check_association
+from esplanade.ipsec.sa import Lifetime, SecurityAssociation, TfcPolicy
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.transforms import Direction
 from tests.dataplane.esp.suites import SUITES, sa_pair
@@ -246,3 +250,40 @@ def test_malformed_inner_packets_are_counted_on_send(bad: bytes) -> None:
     assert encrypt(sender, bad, 0.0) is None
     assert sender.counters.drops[DropReason.MALFORMED] == 1
     assert sender.next_seq == 1
+
+
+def _builds(build: Callable[[], object]) -> str:
+    try:
+        build()
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_check_association_refuses_exactly_what_building_the_sa_refuses(suite: str) -> None:
+    """The userspace backend's dry run (`check_association`) and the SA constructors agree:
+    the same error for each broken association, none for a good one."""
+    s = SUITES[suite]
+    out, inb = sa_pair(s, encr_key=bytes(s.encr_key_bytes), integ_key=bytes(s.integ_key_bytes))
+    cases: list[tuple[SecurityAssociation, Direction]] = [(inb, Direction.IN), (out, Direction.OUT)]
+    for sa, direction in list(cases):
+        cases += [
+            (replace(sa, direction=Direction.OUT if direction == Direction.IN else Direction.IN), direction),
+            (replace(sa, dst="2001:db8::2"), direction),
+            (replace(sa, spi=5), direction),
+            (replace(sa, encr_key=sa.encr_key + b"x"), direction),
+            (replace(sa, integ_key=sa.integ_key + b"x"), direction),
+            (replace(sa, replay_window=-1), direction),
+            (replace(sa, integ=None, integ_key=b""), direction),
+            (replace(sa, lifetime=Lifetime(soft_seconds=10, hard_seconds=5)), direction),
+        ]
+    refused = 0
+    for sa, direction in cases:
+        build: Callable[[], object] = (
+            (lambda sa=sa: InboundSa(sa, 0.0)) if direction == Direction.IN else (lambda sa=sa: OutboundSa(sa, 0.0))
+        )
+        expected = _builds(build)
+        assert _builds(lambda sa=sa, direction=direction: check_association(sa, direction)) == expected, (sa, direction)
+        refused += bool(expected)
+    assert refused >= 6

@@ -15,17 +15,18 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from esplanade.ipsec.sa import ChildSaRecord
-from esplanade.telemetry.tracing import extract_context, link_from
+from esplanade.telemetry.tracing import extract_context, link_in
 
 _tracer = trace.get_tracer("esplanade.dataplane")
 
 
 def record_install(record: ChildSaRecord, node: str, started_ns: int, error: str = "") -> None:
     carrier = record.trace_context
+    context = extract_context(carrier) if carrier else None  # parsed once: the parent and the link
     span = _tracer.start_span(
         "dataplane.install_child_sa",
-        context=extract_context(carrier) if carrier else None,
-        links=link_from(carrier) if carrier else None,
+        context=context,
+        links=link_in(context) if context is not None else None,
         kind=SpanKind.CONSUMER,
         start_time=started_ns,
         attributes={"ike.connection": record.connection, "ipsec.child": record.child, "dataplane.node": node},

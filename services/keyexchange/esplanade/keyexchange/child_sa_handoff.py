@@ -40,6 +40,7 @@ entries then go back to whoever else carries them (its record never reached the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import logging
@@ -115,6 +116,7 @@ def merge_steps(steps: list[StoreStep]) -> tuple[list[Compare], list[Put | Delet
     return conditions, ops
 
 
+@functools.lru_cache(maxsize=1024)
 def selector_priority(local: TrafficSelector, remote: TrafficSelector) -> int:
     """Lower wins (XFRM): more specific selectors first."""
     span = sum(n.prefixlen for n in local.networks()[:1]) + sum(n.prefixlen for n in remote.networks()[:1])
@@ -125,6 +127,7 @@ def reqid_of(connection: str, child: str) -> int:
     return (zlib.crc32(f"{connection}/{child}".encode()) & 0x3FFFFFFF) or 1
 
 
+@functools.lru_cache(maxsize=1024)
 def policy_base(connection: str, child: str, index: int, local: TrafficSelector, remote: TrafficSelector) -> str:
     digest = hashlib.sha256(f"{local}|{remote}".encode()).hexdigest()[:8]
     return f"{connection}.{child}.{index}-{digest}"

@@ -16,6 +16,7 @@ successor starts at the persisted `upto + 1`. This is what strongSwan's libipsec
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import os
@@ -37,6 +38,7 @@ from esplanade.dataplane.esp.events import (
 from esplanade.dataplane.esp.replay import ReplayWindow
 from esplanade.dataplane.esp.selector_match import SelectorPair
 from esplanade.ipsec.sa import Lifetime, SecurityAssociation, UdpEncap
+from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.transforms import Direction, IpProto, Mode
 
 RandomBytes = Callable[[int], bytes]
@@ -82,6 +84,50 @@ def default_soft_sequence_limit(esn: bool) -> int:
 OUTSIDE_SAMPLE_BYTES = 64  # header bytes kept of the last packet dropped outside the selectors
 
 
+def _check_direction(association: SecurityAssociation, direction: Direction) -> None:
+    if association.direction != direction:
+        raise ValueError(f"SA {association.spi:#x} is not an {direction.name.lower()}bound SA")
+
+
+def _outer_addresses(
+    association: SecurityAssociation,
+) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    src, dst = ipaddress.ip_address(association.src), ipaddress.ip_address(association.dst)
+    if src.version != dst.version:
+        raise ValueError("SA outer addresses mix IPv4 and IPv6")
+    return src, dst
+
+
+def _transforms(association: SecurityAssociation) -> tuple[EspCipher | None, Hmac | None]:
+    """The cipher suite of an ESP SA, or the integrity algorithm of an AH SA."""
+    if association.protocol == IpProto.ESP:
+        assert association.encr is not None
+        return esp_cipher_for(association.encr, association.encr_key, association.integ, association.integ_key), None
+    assert association.integ is not None
+    return None, integrity_for(association.integ, association.integ_key)
+
+
+@functools.lru_cache(maxsize=256)
+def selector_pair_for(local: tuple[TrafficSelector, ...], remote: tuple[TrafficSelector, ...]) -> SelectorPair:
+    """The compiled selectors of an SA, shared by every SA with the same ones (nothing changes
+    a `SelectorPair` once built; the C engine copies what it needs)."""
+    return SelectorPair(local, remote)
+
+
+def check_association(association: SecurityAssociation, direction: Direction) -> None:
+    """Raise the ValueError that building the `direction` SA (`InboundSa` / `OutboundSa`, with
+    their defaults) from `association` would raise, without building it: the same checks and
+    constructors (addresses, transforms and keys, replay window, selectors), without the
+    per-SA state (counters, events, lifetimes, sequence marks), which cannot fail."""
+    association.validate()
+    _check_direction(association, direction)
+    _outer_addresses(association)
+    _transforms(association)
+    if direction == Direction.IN:
+        ReplayWindow(association.replay_window, association.esn, 0)
+        selector_pair_for(association.local_ts, association.remote_ts)
+
+
 class _SaBase:
     """Lifetimes (RFC 4301 §4.4.2.1), counters and the event queue shared by both directions."""
 
@@ -111,30 +157,18 @@ class _SaBase:
         self, association: SecurityAssociation, direction: Direction, now: float, created_at: float | None
     ) -> None:
         association.validate()
-        if association.direction != direction:
-            raise ValueError(f"SA {association.spi:#x} is not an {direction.name.lower()}bound SA")
+        _check_direction(association, direction)
         self.spi = association.spi
         self.direction = direction
         self.protocol = association.protocol
         self.tunnel = association.mode == Mode.TUNNEL
         self.esn = association.esn
         self.encap = association.encap
-        src, dst = ipaddress.ip_address(association.src), ipaddress.ip_address(association.dst)
-        if src.version != dst.version:
-            raise ValueError("SA outer addresses mix IPv4 and IPv6")
+        src, dst = _outer_addresses(association)
         self.src, self.dst = src.packed, dst.packed
         self.spi_bytes = self.spi.to_bytes(4, "big")
         self.outer_header_bytes = 40 if src.version == 6 else 20
-        if association.protocol == IpProto.ESP:
-            assert association.encr is not None
-            self.cipher = esp_cipher_for(
-                association.encr, association.encr_key, association.integ, association.integ_key
-            )
-            self.integrity = None
-        else:
-            assert association.integ is not None
-            self.cipher = None
-            self.integrity = integrity_for(association.integ, association.integ_key)
+        self.cipher, self.integrity = _transforms(association)
         self.counters = TrafficCounters()
         self.lifetime = association.lifetime
         self.created_at = now if created_at is None else created_at
@@ -348,7 +382,7 @@ class InboundSa(_SaBase):
         before NAT, from NAT-OA (RFC 3948 §3.1.2), for the transport-mode checksum fix-up."""
         self._init_common(association, Direction.IN, now, created_at)
         self.replay = ReplayWindow(association.replay_window, self.esn, replay_floor)
-        self.selectors = SelectorPair(association.local_ts, association.remote_ts)
+        self.selectors = selector_pair_for(association.local_ts, association.remote_ts)
         # The head of the last decapsulated packet dropped outside `selectors` (policy_mismatch),
         # for the decision log's 5-tuple; taken (and cleared) by the dataplane's drop poll.
         self.last_outside: bytes | None = None

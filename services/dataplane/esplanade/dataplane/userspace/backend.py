@@ -51,7 +51,7 @@ from esplanade.dataplane.backend import (
     SaCounters,
     Unsupported,
 )
-from esplanade.dataplane.esp.sa_state import InboundSa, OutboundSa
+from esplanade.dataplane.esp.sa_state import check_association
 from esplanade.dataplane.fastpath.hot_path import HotPathSetting, HotPathStatus, hot_path_status
 from esplanade.dataplane.sa_persistence import ChildClaim, SaPersistence
 from esplanade.dataplane.userspace.cleartext_guard import CleartextGuard
@@ -66,7 +66,7 @@ from esplanade.dataplane.userspace.worker_channel import WorkerChannel, WorkerGo
 from esplanade.ipsec.sa import ChildSaRecord
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.spd import SpdPolicy
-from esplanade.ipsec.transforms import IpProto, Mode
+from esplanade.ipsec.transforms import Direction, IpProto, Mode
 
 log = logging.getLogger(__name__)
 
@@ -293,9 +293,9 @@ class UserspaceBackend:
                 raise Unsupported(f"Child SA {record.id!r}: the userspace backend carries ESP, not AH")
             if sa.mode != Mode.TUNNEL:
                 raise Unsupported(f"Child SA {record.id!r}: the userspace backend carries tunnel mode only")
-        try:  # a dry run of what the owner will build: ciphers, addresses, selectors
-            InboundSa(record.inbound, 0.0)
-            OutboundSa(record.outbound, 0.0)
+        try:  # what building the owner's SAs would refuse: ciphers, addresses, selectors
+            check_association(record.inbound, Direction.IN)
+            check_association(record.outbound, Direction.OUT)
         except ValueError as exc:
             raise InvalidArgument(f"Child SA {record.id!r}: {exc}") from None
         self._check_spis(record, self._inbound_spis, self._outbound_spis)
