@@ -29,7 +29,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from bench.records import Figure
+from bench.records import Figure, ratio_spread
 from bench.throughput import Result, records, run_esplanade, run_scenarios
 
 GROUP = "dataplane"
@@ -50,7 +50,7 @@ def run() -> list[Figure]:
         if missing:
             raise RuntimeError(f"scenarios failed: {', '.join(missing)} (see the log above)")
         complete.append(got)
-    ratios = {t: sorted(_tcp_ratio(r, t) for r in complete) for t in transforms}
+    ratios = {t: [_tcp_ratio(r, t) for r in complete] for t in transforms}
     first = transforms[0] if transforms else ""
     results = sorted(complete, key=lambda r: _tcp_ratio(r, first) if first else 0.0)[len(complete) // 2]
     figures = [
@@ -66,16 +66,7 @@ def run() -> list[Figure]:
         for record in records(results)
     ]
     for transform, spread in ratios.items():
-        for label, value in (("min", spread[0]), ("median", spread[len(spread) // 2]), ("max", spread[-1])):
-            figures.append(
-                Figure(
-                    f"tcp_ratio_rounds.esplanade-{transform}.{label}",
-                    value,
-                    "x strongSwan",
-                    group=GROUP,
-                    notes=f"{len(spread)} same-run sets: " + ", ".join(f"{r:.1f}" for r in spread),
-                )
-            )
+        figures += ratio_spread(f"tcp_ratio_rounds.esplanade-{transform}", spread, GROUP)
     sas = int(os.environ.get("ESPLANADE_BENCH_SAS", "4"))
     if sas > 0 and transforms:
         scenario = f"esplanade-{transforms[0]}"

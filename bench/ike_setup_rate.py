@@ -35,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.ike_rate import PROPOSAL, THRESHOLD, cpu_seconds, thresholds, vici_rate
-from bench.records import Figure
+from bench.records import Figure, ratio_spread
 from tests.keyexchange import interop as ix
 from tests.keyexchange.service.sites import DATAPLANE, Site, nsx, sh, struct
 
@@ -291,9 +291,8 @@ def run() -> list[Figure]:
     figures: list[Figure] = []
     for role in ("responder", "initiator"):
         ours, theirs = f"{role}_esplanade", f"{role}_strongswan"
-        ranked = sorted(sets, key=lambda r: r[ours]["rate"] / r[theirs]["rate"] if r[theirs]["rate"] else 0.0)
+        ranked = sorted(sets, key=lambda r: _ratio(r, role))
         median = ranked[len(ranked) // 2]
-        spread = ", ".join(f"{r[ours]['rate'] / r[theirs]['rate']:.2f}" for r in ranked if r[theirs]["rate"])
         figures.append(
             Figure(
                 f"ike_setup_rate.{role}",
@@ -302,24 +301,23 @@ def run() -> list[Figure]:
                 peer=f"strongSwan 5.9.8 {role}",
                 peer_value=median[theirs]["rate"],
                 group="keyexchange",
-                notes=f"{note}; the median of {len(ranked)} same-run sets, ratios {spread}",
+                notes=f"{note}; the median of {len(ranked)} same-run sets",
             )
         )
-        ratios = sorted(r[ours]["rate"] / r[theirs]["rate"] for r in sets if r[theirs]["rate"])
+        ratios = [_ratio(r, role) for r in ranked if r[theirs]["rate"]]
         if ratios:
-            for label, value in (("min", ratios[0]), ("median", ratios[len(ratios) // 2]), ("max", ratios[-1])):
-                figures.append(
-                    Figure(f"ike_ratio_rounds.{role}.{label}", value, "x strongSwan", group="keyexchange", notes=spread)
-                )
-        for process, value in median[ours]["cpu_ms_per_setup"].items():
-            figures.append(
-                Figure(f"ike_cpu_per_setup.{role}.esplanade.{process}", value, "ms", None, None, False, "keyexchange")
-            )
-        for process, value in median[theirs]["cpu_ms_per_setup"].items():
-            figures.append(
-                Figure(f"ike_cpu_per_setup.{role}.strongswan.{process}", value, "ms", None, None, False, "keyexchange")
-            )
+            figures += ratio_spread(f"ike_ratio_rounds.{role}", ratios, "keyexchange")
+        for side, run in (("esplanade", ours), ("strongswan", theirs)):
+            for process, value in median[run]["cpu_ms_per_setup"].items():
+                name = f"ike_cpu_per_setup.{role}.{side}.{process}"
+                figures.append(Figure(name, value, "ms", None, None, False, "keyexchange"))
     return figures
+
+
+def _ratio(result: dict[str, Any], role: str) -> float:
+    """Esplanade's setup rate over strongSwan's in one same-run set (`role`: responder or initiator)."""
+    theirs = result[f"{role}_strongswan"]["rate"]
+    return float(result[f"{role}_esplanade"]["rate"] / theirs) if theirs else 0.0
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,3 +30,11 @@ class Figure:
         if self.ratio is not None:
             data["ratio"] = round(self.ratio, 3)
         return data
+
+
+def ratio_spread(name: str, ratios: Sequence[float], group: str) -> list[Figure]:
+    """`<name>.min`, `.median` and `.max` of a ratio to strongSwan over several same-run sets."""
+    ordered = sorted(ratios)
+    notes = f"{len(ordered)} same-run sets: " + ", ".join(f"{r:.2f}" for r in ordered)
+    picks = (("min", ordered[0]), ("median", ordered[len(ordered) // 2]), ("max", ordered[-1]))
+    return [Figure(f"{name}.{label}", value, "x strongSwan", group=group, notes=notes) for label, value in picks]
