@@ -58,6 +58,17 @@ async def test_writes_go_inline_when_the_turn_is_free_and_through_the_writer_whe
         await store.close()
 
 
+async def _value_after_reopen(path: Path, key: str) -> bytes | None:
+    """The value of `key` as a new store on the same database reads it (what survived)."""
+    again = EmbeddedStore(path)
+    await again.connect()
+    try:
+        kv = await again.get(key)
+        return None if kv is None else kv.value
+    finally:
+        await again.close()
+
+
 async def _done(*futures: asyncio.Future[Any]) -> bool:
     return all(f.done() for f in futures)
 
@@ -70,13 +81,7 @@ async def test_a_write_asked_for_just_before_close_is_still_committed(tmp_path: 
     await asyncio.sleep(0)  # the request is made, its hand-over not yet run
     await store.close()
     assert await write > 0
-    again = EmbeddedStore(path)
-    await again.connect()
-    try:
-        kv = await again.get("/k/last")
-        assert kv is not None and kv.value == b"1"
-    finally:
-        await again.close()
+    assert await _value_after_reopen(path, "/k/last") == b"1"
     with pytest.raises(Exception):  # noqa: B017 - closed: StoreUnavailable
         await store.put("/k/after", b"x")
 
@@ -125,13 +130,7 @@ async def test_the_inline_connection_leaves_wal_checkpoints_to_the_writer_thread
         assert 0 < wal_frames < 3 * writes  # the most frames between two restarts, not all of them
     finally:
         await store.close()
-    again = EmbeddedStore(path)
-    await again.connect()
-    try:
-        kv = await again.get("/k/t")
-        assert kv is not None and kv.value == b"2"
-    finally:
-        await again.close()
+    assert await _value_after_reopen(path, "/k/t") == b"2"
 
 
 async def _at_least(value: int, floor: int) -> bool:
