@@ -674,10 +674,8 @@ class EmbeddedStore(Store):
             if self._inline_since_checkpoint >= INLINE_CHECKPOINT_EVERY and writer is not None:
                 self._inline_since_checkpoint = 0
                 writer.requests.put(_CHECKPOINT)
-        for request, result, error in outcomes:
-            _deliver(request.future, result, error)
-        if committed is not None:
-            self._committed(*committed)
+        replies = [(request.future, result, error) for request, result, error in outcomes]
+        _deliver_all(replies, self._committed, committed)  # as the writer thread's callback does
         return True
 
     def _ring_others(self, revision: int) -> None:
