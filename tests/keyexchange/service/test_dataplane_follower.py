@@ -102,6 +102,11 @@ def test_metrics_observe_low_cardinality_labels() -> None:
         "esplanade.ike.negotiations"
     ]
     assert all("spi" not in str(attrs).lower() for series in points.values() for attrs, _ in series)
+    # the rekey series of a connection exist, at 0, from its first established IKE SA on
+    assert sorted((attrs["kind"], value) for attrs, value in points["esplanade.ike.rekeys"]) == [
+        ("child", 0),
+        ("ike", 0),
+    ]
 
 
 def test_negotiation_spans() -> None:
