@@ -21,6 +21,7 @@ from esplanade.cli.health_report import health_report
 from esplanade.cli.kek_commands import kek_app
 from esplanade.config.loading import ConfigError, load_settings, require_kek
 from esplanade.config.settings import CONFIG_ENV, Settings, default_config_path
+from esplanade.runtime import garbage_collection
 
 app = typer.Typer(
     name="esplanade",
@@ -76,6 +77,8 @@ def serve(
         raise fail(f"unknown service {service!r}; choose one of {', '.join(SERVICE_MODULES)}")
     settings = settings_or_exit(config)
     module = importlib.import_module(SERVICE_MODULES[service])
+    garbage_collection.tune()
+    garbage_collection.freeze()  # the imported modules; run_service freezes its set-up too
     try:
         asyncio.run(module.serve(settings))
     except ConfigError as exc:

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from esplanade.config.settings import Settings
 from esplanade.rpc.server import ServiceServer
+from esplanade.runtime import garbage_collection
 from esplanade.store.base import Store, StoreError
 from esplanade.telemetry.logs import configure_logging, configure_otlp_logs
 from esplanade.telemetry.metrics import configure_metrics
@@ -92,6 +93,8 @@ async def run_service(
     await _connect_with_retry(store, stop)
     await setup(ctx)
     await server.start()
+    if garbage_collection.tuned():  # a service process: what the set-up built lives as long as it
+        garbage_collection.freeze()
     ctx.spawn(_follow_store_health(ctx, stop), "store-health")
     log.info("%s serving gRPC on port %d", name, port, extra={"grpc_port": port, "metrics_port": metrics_port})
     await stop.wait()

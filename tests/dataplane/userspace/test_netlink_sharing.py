@@ -175,3 +175,33 @@ def test_guard_change_is_all_or_nothing() -> None:
         assert "other.in" not in guard._installed
 
     asyncio.run(scenario())
+
+
+def test_guard_mirrors_are_remembered_per_what_they_depend_on() -> None:
+    """The remembered BLOCK policies are the ones built afresh, for entries that differ in
+    anything the kernel policy depends on (and those that differ only in id or Child SA)."""
+    from esplanade.dataplane.kernel.xfrm_policy import xfrm_policies_from_spd
+    from esplanade.ipsec.spd import PolicyAction
+    from esplanade.ipsec.spd import PolicyDirection as D
+
+    def built(policy: SpdPolicy) -> list[XfrmPolicy]:
+        out: list[XfrmPolicy] = []
+        for direction in (D.IN, D.FWD):
+            block = replace(policy, direction=direction, action=PolicyAction.DISCARD, trap=False, reqid=0)
+            out += xfrm_policies_from_spd(block, reqid=0)
+        return out
+
+    guard, _ = _guard()
+    base = _policy("a.in", "c1", D.IN)
+    variants = [
+        base,
+        replace(base, id="b.in", child_sa="c2"),
+        replace(base, priority=base.priority + 1),
+        replace(base, mark=7),
+        replace(base, if_id=3),
+        _policy("a.in", "c1", D.IN, remote="10.3.0.0/16"),
+        _policy("a.in", "c1", D.IN, remote="10.3.0.0/16"),
+    ]
+    for policy in variants + variants:  # the second round comes from what was remembered
+        assert guard._kernel_policies(policy) == built(policy)
+    assert len(guard._blocks) == 5

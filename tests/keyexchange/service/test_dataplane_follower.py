@@ -102,6 +102,11 @@ def test_metrics_observe_low_cardinality_labels() -> None:
         "esplanade.ike.negotiations"
     ]
     assert all("spi" not in str(attrs).lower() for series in points.values() for attrs, _ in series)
+    # the rekey series of a connection exist, at 0, from its first established IKE SA on
+    assert sorted((attrs["kind"], value) for attrs, value in points["esplanade.ike.rekeys"]) == [
+        ("child", 0),
+        ("ike", 0),
+    ]
 
 
 def test_negotiation_spans() -> None:
@@ -168,3 +173,37 @@ def test_exchange_timeout_is_a_failed_span() -> None:
     assert negotiation.attributes["ike.notify"] == "TIMEOUT"  # type: ignore[index]
     (state,) = tunnels.states()
     assert not state.up and "TIMEOUT" in state.reason and "ike_init" in state.reason
+
+
+def test_exchange_spans_are_skipped_only_while_no_processor_listens() -> None:
+    """Without a span processor the exchange spans (leaves) are not built; the negotiation
+    span still is, and its context still goes into the records (`carrier`). A processor added
+    later gets them again."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from esplanade.keyexchange.ike_spans import NegotiationSpans
+    from esplanade.keyexchange.ikev2.events import ExchangeCompleted
+    from esplanade.telemetry.tracing import spans_recorded
+
+    provider = TracerProvider()
+    net, a, _b = pair()
+    ike = a.engine.initiate("ab", net.now)
+    net.run()
+    spans = NegotiationSpans(a.engine, {sa: "ab" for sa in a.engine.sas}, clock=lambda: net.now)
+    spans.tracer = provider.get_tracer("test")
+    assert not spans_recorded(spans.tracer)
+    exchanges = [ev for ev in a.events if isinstance(ev, ExchangeCompleted)]
+    assert exchanges
+    spans.observe(exchanges[0])
+    carried = spans.carrier(ike)
+    assert carried.get("traceparent", "").startswith("00-")  # the negotiation is there, carried
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    assert spans_recorded(spans.tracer)
+    for ev in exchanges[1:]:
+        spans.observe(ev)
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert names and all(name.startswith("ike.exchange") for name in names)
+    assert spans.carrier(ike) == carried  # the same negotiation throughout

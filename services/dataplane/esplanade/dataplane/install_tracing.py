@@ -15,12 +15,14 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from esplanade.ipsec.sa import ChildSaRecord
-from esplanade.telemetry.tracing import extract_context, link_in
+from esplanade.telemetry.tracing import extract_context, link_in, spans_recorded
 
 _tracer = trace.get_tracer("esplanade.dataplane")
 
 
 def record_install(record: ChildSaRecord, node: str, started_ns: int, error: str = "") -> None:
+    if not spans_recorded(_tracer):
+        return  # a leaf span (its context goes nowhere) that nothing would receive
     carrier = record.trace_context
     context = extract_context(carrier) if carrier else None  # parsed once: the parent and the link
     span = _tracer.start_span(

@@ -36,6 +36,7 @@ class IkeMetrics:
             "esplanade.ike.negotiations", description="IKE negotiations by outcome and reason (notify)"
         )
         self.rekeys = m.create_counter("esplanade.ike.rekeys", description="Completed rekeys (kind: ike, child)")
+        self._rekeys_started: set[str] = set()  # connections whose rekey series exist (at 0 or more)
         m.create_observable_gauge(
             "esplanade.ike.sas", callbacks=[self._ike_sas], description="IKE SAs by connection and state"
         )
@@ -66,8 +67,10 @@ class IkeMetrics:
         if isinstance(ev, IkeSaEstablished):
             if not ev.rekey_of:
                 self.negotiations.add(1, {"connection": connection, "outcome": "established", "reason": ""})
-                for kind in ("ike", "child"):  # counters of known labels start at 0 (Prometheus practice)
-                    self.rekeys.add(0, {"connection": connection, "kind": kind})
+                if connection not in self._rekeys_started:  # known labels start at 0 (Prometheus practice)
+                    self._rekeys_started.add(connection)  # once: the series stay (cumulative)
+                    for kind in ("ike", "child"):
+                        self.rekeys.add(0, {"connection": connection, "kind": kind})
         elif isinstance(ev, NegotiationFailed):
             self.negotiations.add(1, {"connection": connection, "outcome": "failed", "reason": failure_reason(ev)})
         elif isinstance(ev, IkeSaRekeyed):

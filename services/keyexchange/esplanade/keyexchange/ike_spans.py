@@ -35,6 +35,7 @@ from esplanade.keyexchange.ikev2.events import (
     NegotiationFailed,
 )
 from esplanade.keyexchange.tunnel_status import failure_reason
+from esplanade.telemetry.tracing import spans_recorded
 
 
 class NegotiationSpans:
@@ -146,6 +147,8 @@ class NegotiationSpans:
             links: list[Link] = []
         else:
             parent, links = trace.set_span_in_context(trace.INVALID_SPAN), self._links(ev.ike_sa)
+        if not spans_recorded(self.tracer):
+            return  # a leaf nobody would receive (the negotiation span above stays: it is carried)
         span = self.tracer.start_span(
             f"ike.exchange {ev.exchange}",
             context=parent,

@@ -92,7 +92,16 @@ def _check_direction(association: SecurityAssociation, direction: Direction) -> 
 def _outer_addresses(
     association: SecurityAssociation,
 ) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    src, dst = ipaddress.ip_address(association.src), ipaddress.ip_address(association.dst)
+    return _outer_pair(association.src, association.dst)
+
+
+@functools.lru_cache(maxsize=1024)
+def _outer_pair(
+    src_text: str, dst_text: str
+) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The parsed outer addresses, shared per value (every SA between two gateways has the
+    same; addresses are immutable). A ValueError is raised each time, never remembered."""
+    src, dst = ipaddress.ip_address(src_text), ipaddress.ip_address(dst_text)
     if src.version != dst.version:
         raise ValueError("SA outer addresses mix IPv4 and IPv6")
     return src, dst

@@ -35,11 +35,16 @@ from esplanade.dataplane.kernel.xfrm_client import XfrmClient
 from esplanade.dataplane.kernel.xfrm_messages import XfrmPolicyAction, XfrmPolicyDir
 from esplanade.dataplane.kernel.xfrm_policy import XfrmPolicy, XfrmPolicyKey, xfrm_policies_from_spd
 from esplanade.dataplane.kernel.xfrm_socket import XfrmSocket
+from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.spd import PolicyAction, PolicyDirection, SpdPolicy
 
 log = logging.getLogger(__name__)
 
 GUARD_DIRECTIONS = (PolicyDirection.IN, PolicyDirection.FWD)
+BLOCKS_CACHED = 1024  # distinct guards remembered (`CleartextGuard._kernel_policies`)
+
+# What the kernel BLOCK policies of an entry depend on: its selectors, priority, mark, if_id
+_BlockKey = tuple[TrafficSelector, TrafficSelector, int, int, int]
 
 
 def guarded(policy: SpdPolicy) -> bool:
@@ -65,6 +70,7 @@ class CleartextGuard:
         self._installed: dict[str, list[XfrmPolicy]] = {}  # SPD policy id -> the kernel policies it wants
         self._kernel: dict[XfrmPolicyKey, XfrmPolicy] = {}  # what we put into the kernel, by its key
         self._holders: dict[XfrmPolicyKey, list[str]] = {}  # key -> SPD ids wanting it, latest last
+        self._blocks: dict[_BlockKey, tuple[XfrmPolicy, ...]] = {}  # see _kernel_policies
         self.netlink_updates = 0
         self.netlink_deletes = 0
         self.swept = 0
@@ -108,11 +114,21 @@ class CleartextGuard:
         self._close()
 
     def _kernel_policies(self, policy: SpdPolicy) -> list[XfrmPolicy]:
-        out: list[XfrmPolicy] = []
-        for direction in GUARD_DIRECTIONS:
-            block = replace(policy, direction=direction, action=PolicyAction.DISCARD, trap=False, reqid=0)
-            out.extend(xfrm_policies_from_spd(block, reqid=0))
-        return out
+        """The BLOCK policies mirroring `policy`, remembered per what they depend on: every
+        Child SA of one connection (every setup, every rekey) asks for the same ones, and
+        building them parses the selectors' addresses again. A policy that cannot be
+        expressed raises each time (its error names the entry), and is not remembered."""
+        key = (policy.local_ts, policy.remote_ts, policy.priority, policy.mark, policy.if_id)
+        blocks = self._blocks.get(key)
+        if blocks is None:
+            out: list[XfrmPolicy] = []
+            for direction in GUARD_DIRECTIONS:
+                block = replace(policy, direction=direction, action=PolicyAction.DISCARD, trap=False, reqid=0)
+                out.extend(xfrm_policies_from_spd(block, reqid=0))
+            if len(self._blocks) >= BLOCKS_CACHED:
+                self._blocks.clear()
+            blocks = self._blocks[key] = tuple(out)
+        return list(blocks)
 
     async def add(self, policy: SpdPolicy) -> None:
         """Mirror `policy` (replacing an earlier version of it); all or nothing (DataplaneError)."""
