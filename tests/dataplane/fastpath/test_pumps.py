@@ -317,6 +317,47 @@ def test_pump_out_rejects_bad_arguments(tun_pair: tuple[socket.socket, socket.so
         )
 
 
+def test_pump_out_raises_a_failing_steps_own_error(
+    tun_pair: tuple[socket.socket, socket.socket], udp_pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """The pump calls the steps' C cores: a step that fails raises what its Python entry point
+    raises (clamp, seal, send), and an output that aliases an input cannot move it."""
+    module = compiled_module()
+    suite = AEAD_SUITES[0]
+    out_a, _ = sa_pair(suite, encr_key=bytes(range(suite.encr_key_bytes)), integ_key=b"")
+    compiled, _ = both_cores()
+    compiled.install_outbound(outbound(out_a, reserved_upto=MAX32), out_a)
+    kernel, datapath = tun_pair
+    tx, rx = udp_pair
+    frame = frames_of(1)[0]
+    cache = module.SlotCache()
+    assert cache.learn(frame, 0, len(frame), 0)
+    inbound_slot = module.Slot(object(), False, 1, bytes(16), bytes(4), 1, False)
+
+    def run(mss: tuple[int, int], slots: tuple[object, ...], dests: tuple[object, ...], alias: bool) -> Any:
+        b = [bytearray() for _ in range(6)]
+        if alias:
+            b[2] = b[0]
+        kernel.send(frame)
+        args = (datapath.fileno(), b[0], b[1], 64, FRAME_MAX, cache, b[2], b[3], *mss, slots, 5.0, None)
+        return module.pump_out(*args, b[4], b[5], tx.fileno(), dests, False, 64, 65000)
+
+    good = (compiled.slot_tuple, (sockaddr(rx),))
+    with pytest.raises(ValueError, match="bad clamp_mss arguments"):
+        run((1360, 1 << 16), *good, alias=False)
+    with pytest.raises(TypeError, match="slots must be initialised outbound Slots"):
+        run((-1, -1), (inbound_slot,), good[1], alias=False)
+    with pytest.raises(TypeError, match="a destination is not a packed sockaddr"):
+        run((-1, -1), good[0], (b"",), alias=False)
+    with pytest.raises(BufferError):
+        run((-1, -1), *good, alias=True)
+    assert drain(rx) == []
+    (nframes, err, npackets, _, _, _, sealed, used, sent, sends, aside) = run((-1, -1), *good, alias=False)
+    assert (nframes, err, used, aside) == (1, 0, (0,), [])
+    assert sealed == sent == sends == npackets > 0
+    assert len(drain(rx)) == sealed
+
+
 # -- inbound ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(6))
 def test_pump_in_writes_what_the_python_engine_opens(
