@@ -1027,150 +1027,238 @@ static int encrypt_check(PyObject *slots, PyObject *flows_obj) {
     return 0;
 }
 
+/* The state of a seal loop: the slots, the outputs, the slots loaded into the mirror. */
+typedef struct {
+    PyObject *slots;
+    Outputs o;
+    Slot *loaded;
+    double now;
+    PyObject *now_obj; /* made when a slow path or the Python engine needs it */
+    FlowTableObject *flows;
+} Sealer;
+
+/* The ESP bytes packet `n` bytes long may take with slot `s`. */
+static size_t seal_room(const Slot *s, size_t n) {
+    if (s->kind) { /* what does not fit max_esp is dropped, not written */
+        size_t sealed = ef_esp_sealed_length(n, s->pad_to);
+        return sealed < s->max_esp ? sealed : s->max_esp;
+    } else { /* the Python engine: at most an IP packet's worth */
+        size_t body = n > s->pad_to ? n : s->pad_to;
+        return (body < EF_MAX_IP ? body : EF_MAX_IP) + 128;
+    }
+}
+
+static PyObject *sealer_now(Sealer *z) {
+    if (z->now_obj == NULL) z->now_obj = PyFloat_FromDouble(z->now);
+    return z->now_obj;
+}
+
+/* Seal one packet with slot k (< the number of slots): 0 (sealed, dropped or counted) or -1.
+ * obj: the packet's bytes object when it is one (for the Python engine), else NULL. */
+static int seal_one(Sealer *z, uint16_t k, const uint8_t *p, size_t n, PyObject *obj) {
+    Slot *s = (Slot *)PyTuple_GET_ITEM(z->slots, k);
+    int version, nh;
+    uint64_t seq;
+    long sealed;
+    if (s->kind == SLOT_PYTHON) {
+        PyObject *pkt, *esp;
+        if (sealer_now(z) == NULL) return -1;
+        pkt = obj != NULL ? Py_NewRef(obj) : PyBytes_FromStringAndSize((const char *)p, (Py_ssize_t)n);
+        if (pkt == NULL) return -1;
+        esp = PyObject_CallFunctionObjArgs(py_encrypt_esp, s->sa, pkt, z->now_obj, NULL);
+        Py_DECREF(pkt);
+        if (esp == NULL) return -1;
+        if (esp != Py_None) {
+            if (!PyBytes_Check(esp) || emit_bytes(&z->o, esp, k) < 0) {
+                if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "encrypt_esp returned no bytes");
+                Py_DECREF(esp);
+                return -1;
+            }
+            account(z->flows, s->spi, 1, p, n);
+        }
+        Py_DECREF(esp);
+        return 0;
+    }
+    if (slot_load(s, &z->loaded) < 0) return -1;
+    if (z->now >= s->time_mark) { /* outbound_gate */
+        PyObject *r;
+        if (sealer_now(z) == NULL) return -1;
+        r = slow_path(s, s_on_time, z->now_obj);
+        if (r == NULL) return -1;
+        Py_DECREF(r);
+    }
+    if (s->hard_expired) {
+        s->drops[EF_LIFETIME]++;
+        return 0;
+    }
+    version = n ? p[0] >> 4 : 0;
+    nh = version == 4 ? 4 : version == 6 ? 41 : 0;
+    if (!nh || ef_inner_ip_length(p, n) != (long)n) {
+        s->drops[EF_MALFORMED]++;
+        return 0;
+    }
+    if (ef_esp_sealed_length(n, s->pad_to) > s->max_esp) {
+        s->drops[EF_MALFORMED]++;
+        return 0;
+    }
+    if (s->next_seq < s->seq_mark) {
+        seq = s->next_seq++;
+    } else {
+        PyObject *r = slow_path(s, s_take_sequence, NULL);
+        int sign;
+        if (r == NULL) return -1;
+        sign = int_sign(r);
+        seq = sign > 0 ? PyLong_AsUnsignedLongLong(r) : 0;
+        Py_DECREF(r);
+        if (sign == -2 || PyErr_Occurred()) return -1;
+        if (sign < 0) return 0; /* no number may be used: counted by the Python slow path */
+        /* slow_path read back next_seq, which take_sequence advanced */
+    }
+    sealed = ef_esp_seal(&s->aead, s->spi, seq, s->esn, p, n, s->pad_to, (uint8_t)nh, z->o.p + z->o.at,
+                         z->o.cap - z->o.at);
+    if (sealed < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed to seal an ESP packet");
+        return -1;
+    }
+    if (emit(&z->o, (size_t)sealed, k) < 0) return -1;
+    s->packets++;
+    s->bytes += n;
+    if (s->packets >= s->packet_mark || s->bytes >= s->byte_mark) {
+        PyObject *r = slow_path(s, s_on_volume, NULL);
+        if (r == NULL) return -1;
+        Py_DECREF(r);
+    }
+    account(z->flows, s->spi, 1, p, n);
+    return 0;
+}
+
+/* The end of a seal loop (ok: it ran to the end): the mirror written back, the outputs trimmed;
+ * the ESP payloads written, or -1. */
+static Py_ssize_t sealer_finish(Sealer *z, PyObject *out, PyObject *out_spans, int ok) {
+    PyObject *result = ok ? Py_NewRef(Py_None) : NULL;
+    Py_ssize_t count = -1;
+    if (flush_all(&z->loaded) < 0) Py_CLEAR(result);
+    result = outputs_finish(&z->o, out, out_spans, result);
+    if (result != NULL) {
+        count = (Py_ssize_t)z->o.count;
+        Py_DECREF(result);
+    }
+    Py_CLEAR(z->now_obj);
+    return count;
+}
+
+static void sealer_init(Sealer *z, PyObject *slots, double now, PyObject *flows_obj) {
+    memset(z, 0, sizeof(*z));
+    z->slots = slots;
+    z->now = now;
+    z->flows = flows_obj == Py_None ? NULL : (FlowTableObject *)flows_obj;
+}
+
 /* The batch (checked, inside enter_batch): which NULL (all slot 0) or `which_len` bytes of u16. */
 static Py_ssize_t encrypt_inputs(PyObject *slots, const uint8_t *which, size_t which_len, const Inputs *in,
                                  double now, PyObject *out, PyObject *out_spans, PyObject *flows_obj) {
-    PyObject *now_obj = NULL, *result = NULL;
-    Outputs o;
-    Slot *loaded = NULL;
+    Sealer z;
     size_t need = 0, nslots = (size_t)PyTuple_GET_SIZE(slots);
-    FlowTableObject *flows = flows_obj == Py_None ? NULL : (FlowTableObject *)flows_obj;
-    Py_ssize_t count = -1;
+    int ok = 0;
 
-    memset(&o, 0, sizeof(o));
+    sealer_init(&z, slots, now, flows_obj);
     if (which != NULL && which_len < in->n * 2) {
         PyErr_SetString(PyExc_ValueError, "which: one u16 slot index per packet");
         goto done;
     }
     for (size_t i = 0; i < in->n; i++) {
         uint16_t k = 0;
-        Slot *s;
         if (which != NULL) memcpy(&k, which + 2 * i, 2);
         if (k == EF_SKIP) continue;
         if (k >= nslots) {
             PyErr_SetString(PyExc_IndexError, "which: slot index out of range");
             goto done;
         }
-        s = (Slot *)PyTuple_GET_ITEM(slots, k);
-        if (s->kind) { /* what does not fit max_esp is dropped, not written */
-            size_t sealed = ef_esp_sealed_length(in->pkts[i].len, s->pad_to);
-            need += sealed < s->max_esp ? sealed : s->max_esp;
-        } else { /* the Python engine: at most an IP packet's worth */
-            size_t body = in->pkts[i].len > s->pad_to ? in->pkts[i].len : s->pad_to;
-            need += (body < EF_MAX_IP ? body : EF_MAX_IP) + 128;
-        }
+        need += seal_room((Slot *)PyTuple_GET_ITEM(slots, k), in->pkts[i].len);
     }
-    if (outputs_open(&o, out, out_spans, need, in->n) < 0) goto done;
-
+    if (outputs_open(&z.o, out, out_spans, need, in->n) < 0) goto done;
     for (size_t i = 0; i < in->n; i++) {
-        const uint8_t *p = in->pkts[i].data;
-        size_t n = in->pkts[i].len;
         uint16_t k = 0;
-        Slot *s;
-        int version, nh;
-        uint64_t seq;
-        long sealed;
         if (which != NULL) memcpy(&k, which + 2 * i, 2);
         if (k == EF_SKIP) continue; /* the caller's decision (no SA, handed off): counted there */
-        s = (Slot *)PyTuple_GET_ITEM(slots, k);
-        if (s->kind == SLOT_PYTHON) {
-            PyObject *pkt = input_bytes(in, i), *esp;
-            if (pkt == NULL) goto done;
-            if (now_obj == NULL && (now_obj = PyFloat_FromDouble(now)) == NULL) {
-                Py_DECREF(pkt);
-                goto done;
-            }
-            esp = PyObject_CallFunctionObjArgs(py_encrypt_esp, s->sa, pkt, now_obj, NULL);
-            Py_DECREF(pkt);
-            if (esp == NULL) goto done;
-            if (esp != Py_None) {
-                if (!PyBytes_Check(esp) || emit_bytes(&o, esp, k) < 0) {
-                    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "encrypt_esp returned no bytes");
-                    Py_DECREF(esp);
-                    goto done;
-                }
-                account(flows, s->spi, 1, p, n);
-            }
-            Py_DECREF(esp);
-            continue;
-        }
-        if (slot_load(s, &loaded) < 0) goto done;
-        if (now >= s->time_mark) { /* outbound_gate */
-            PyObject *r;
-            if (now_obj == NULL && (now_obj = PyFloat_FromDouble(now)) == NULL) goto done;
-            r = slow_path(s, s_on_time, now_obj);
-            if (r == NULL) goto done;
-            Py_DECREF(r);
-        }
-        if (s->hard_expired) {
-            s->drops[EF_LIFETIME]++;
-            continue;
-        }
-        version = n ? p[0] >> 4 : 0;
-        nh = version == 4 ? 4 : version == 6 ? 41 : 0;
-        if (!nh || ef_inner_ip_length(p, n) != (long)n) {
-            s->drops[EF_MALFORMED]++;
-            continue;
-        }
-        if (ef_esp_sealed_length(n, s->pad_to) > s->max_esp) {
-            s->drops[EF_MALFORMED]++;
-            continue;
-        }
-        if (s->next_seq < s->seq_mark) {
-            seq = s->next_seq++;
-        } else {
-            PyObject *r = slow_path(s, s_take_sequence, NULL);
-            int sign;
-            if (r == NULL) goto done;
-            sign = int_sign(r);
-            seq = sign > 0 ? PyLong_AsUnsignedLongLong(r) : 0;
-            Py_DECREF(r);
-            if (sign == -2 || PyErr_Occurred()) goto done;
-            if (sign < 0) continue; /* no number may be used: counted by the Python slow path */
-            /* slow_path read back next_seq, which take_sequence advanced */
-        }
-        sealed = ef_esp_seal(&s->aead, s->spi, seq, s->esn, p, n, s->pad_to, (uint8_t)nh, o.p + o.at, o.cap - o.at);
-        if (sealed < 0) {
-            PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed to seal an ESP packet");
-            goto done;
-        }
-        if (emit(&o, (size_t)sealed, k) < 0) goto done;
-        s->packets++;
-        s->bytes += n;
-        if (s->packets >= s->packet_mark || s->bytes >= s->byte_mark) {
-            PyObject *r = slow_path(s, s_on_volume, NULL);
-            if (r == NULL) goto done;
-            Py_DECREF(r);
-        }
-        account(flows, s->spi, 1, p, n);
+        if (seal_one(&z, k, in->pkts[i].data, in->pkts[i].len, in->objs[i]) < 0) goto done;
     }
-    result = Py_NewRef(Py_None);
+    ok = 1;
 done:
-    if (flush_all(&loaded) < 0) Py_CLEAR(result);
-    result = outputs_finish(&o, out, out_spans, result);
-    if (result != NULL) {
-        count = (Py_ssize_t)o.count;
-        Py_DECREF(result);
-    }
-    Py_XDECREF(now_obj);
-    return count;
+    return sealer_finish(&z, out, out_spans, ok);
 }
 
-Py_ssize_t ef_encrypt_spans(PyObject *slots, const uint8_t *which, size_t which_len, const uint8_t *data,
-                            size_t data_len, const uint8_t *spans, size_t spans_len, Py_ssize_t count, double now,
-                            PyObject *out, PyObject *out_spans, PyObject *flows) {
+/* The TSO/USO split and the seal in one pass (see espfast_steps.h), with the checks and errors of
+ * split_frames, clamp_mss and encrypt_batch in the order the pump called them. */
+static Py_ssize_t split_seal(PyObject *slots, const uint16_t *frame_slot, const Inputs *in, int mss4, int mss6,
+                             double now, PyObject *out, PyObject *out_spans, PyObject *flows_obj,
+                             Py_ssize_t *npackets, Py_ssize_t *ndropped, Py_ssize_t *nclamped) {
+    Sealer z;
+    ef_split_cursor c;
+    size_t need = 0, npkts = 0, dropped = 0, nslots = (size_t)PyTuple_GET_SIZE(slots);
+    long clamped = 0;
+    int ok = 0;
+
+    for (size_t f = 0; f < in->n; f++) {
+        long count = ef_split_start(&c, (uint8_t *)in->pkts[f].data, in->pkts[f].len);
+        if (count < 0)
+            dropped++;
+        else
+            npkts += (size_t)count;
+    }
+    *npackets = (Py_ssize_t)npkts;
+    *ndropped = (Py_ssize_t)dropped;
+    *nclamped = 0;
+    if (npkts == 0) return 0; /* nothing to clamp or seal: the outputs stay as they were */
+    if (mss4 >= 0 && (mss4 > 0xFFFF || mss6 < 0 || mss6 > 0xFFFF)) {
+        PyErr_SetString(PyExc_ValueError, "bad clamp_mss arguments");
+        return -1;
+    }
+    if (encrypt_check(slots, flows_obj) < 0 || enter_batch() < 0) return -1;
+    sealer_init(&z, slots, now, flows_obj);
+    for (size_t f = 0; f < in->n; f++) {
+        long count = ef_split_start(&c, (uint8_t *)in->pkts[f].data, in->pkts[f].len);
+        Slot *s;
+        if (count < 0) continue;
+        if (frame_slot[f] >= nslots) {
+            PyErr_SetString(PyExc_IndexError, "which: slot index out of range");
+            goto done;
+        }
+        s = (Slot *)PyTuple_GET_ITEM(slots, frame_slot[f]);
+        for (size_t i = 0; i < (size_t)count; i++) need += seal_room(s, ef_split_length(&c, i));
+    }
+    if (outputs_open(&z.o, out, out_spans, need, npkts) < 0) goto done;
+    for (size_t f = 0; f < in->n; f++) {
+        uint8_t *p;
+        if (ef_split_start(&c, (uint8_t *)in->pkts[f].data, in->pkts[f].len) < 0) continue;
+        for (size_t i = 0; (p = ef_split_next(&c)) != NULL; i++) { /* each packet used before the next is built */
+            size_t n = ef_split_length(&c, i);
+            if (mss4 >= 0) clamped += ef_clamp_mss(p, n, (uint16_t)mss4, (uint16_t)mss6);
+            if (seal_one(&z, frame_slot[f], p, n, NULL) < 0) goto done;
+        }
+    }
+    *nclamped = (Py_ssize_t)clamped;
+    ok = 1;
+done:
+    in_batch = 0;
+    return sealer_finish(&z, out, out_spans, ok);
+}
+
+Py_ssize_t ef_split_seal_frames(PyObject *slots, const uint16_t *frame_slot, uint8_t *frames, size_t frames_len,
+                                const uint8_t *spans, size_t spans_len, Py_ssize_t count, int mss4, int mss6,
+                                double now, PyObject *out, PyObject *out_spans, PyObject *flows,
+                                Py_ssize_t *npackets, Py_ssize_t *dropped, Py_ssize_t *clamped) {
     Inputs in;
     Py_ssize_t n = -1;
+    *npackets = *dropped = *clamped = 0;
     if (!PyTuple_Check(slots)) {
         PyErr_SetString(PyExc_TypeError, "slots must be a tuple");
         return -1;
     }
-    if (encrypt_check(slots, flows) < 0 || enter_batch() < 0) return -1;
     memset(&in, 0, sizeof(in));
-    if (inputs_from_spans(&in, data, data_len, spans, spans_len, count) == 0)
-        n = encrypt_inputs(slots, which, which_len, &in, now, out, out_spans, flows);
+    if (inputs_from_spans(&in, frames, frames_len, spans, spans_len, count) == 0)
+        n = split_seal(slots, frame_slot, &in, mss4, mss6, now, out, out_spans, flows, npackets, dropped, clamped);
     inputs_release(&in);
-    in_batch = 0;
     return n;
 }
 

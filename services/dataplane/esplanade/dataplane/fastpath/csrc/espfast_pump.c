@@ -235,9 +235,9 @@ static PyObject *pump_out(PyObject *mod, PyObject *args) {
     Py_ssize_t limit, frame_max, max_segments, max_bytes, nframes = 0, npackets = 0, dropped = 0, clamped = 0,
                                                           super_frames = 0, sealed = 0, sent = 0, sends = 0;
     double now;
-    PyObject *which = NULL, *used = NULL, *aside = NULL, *result = NULL;
+    PyObject *used = NULL, *aside = NULL, *result = NULL;
     uint16_t *frame_slot = NULL;
-    int uniform = -1, miss = 0;
+    int miss = 0;
     if (!PyArg_ParseTuple(args, "iO!O!nnO!O!O!iiO!dOO!O!iO!pnn", &tun_fd, &PyByteArray_Type, &frames,
                           &PyByteArray_Type, &frame_spans, &limit, &frame_max, &SlotCacheType, &cache_obj,
                           &PyByteArray_Type, &packets, &PyByteArray_Type, &packet_spans, &mss4, &mss6, &PyTuple_Type,
@@ -248,24 +248,6 @@ static PyObject *pump_out(PyObject *mod, PyObject *args) {
      * reads it, as the Python-level entry points' buffer arguments lock theirs, so an output that
      * aliases an input fails to grow instead of moving the input under the step. */
     if (ef_read_frames_into(tun_fd, frames, frame_spans, limit, frame_max, &nframes, &read_err) < 0) goto done;
-    if (nframes > 0) {
-        Py_buffer fv, sv;
-        int rc;
-        if (two_views(frames, 0, &fv, frame_spans, &sv) < 0) goto done;
-        rc = ef_split_frames_into(fv.buf, (size_t)fv.len, sv.buf, (size_t)sv.len, nframes, packets, packet_spans,
-                                  &npackets, &dropped);
-        PyBuffer_Release(&fv);
-        PyBuffer_Release(&sv);
-        if (rc < 0) goto done;
-    }
-    if (npackets > 0 && mss4 >= 0) {
-        Py_buffer pv, sv;
-        if (two_views(packets, PyBUF_WRITABLE, &pv, packet_spans, &sv) < 0) goto done;
-        clamped = ef_clamp_mss_spans(pv.buf, (size_t)pv.len, sv.buf, (size_t)sv.len, npackets, mss4, mss6);
-        PyBuffer_Release(&pv);
-        PyBuffer_Release(&sv);
-        if (clamped < 0) goto done;
-    }
     /* one decision per frame, through the cache (bounds: read_frames wrote nframes spans inside `frames`) */
     frame_slot = PyMem_Calloc((size_t)nframes + 1, sizeof(uint16_t));
     if (frame_slot == NULL) {
@@ -298,49 +280,45 @@ static PyObject *pump_out(PyObject *mod, PyObject *args) {
                 continue;
             }
             frame_slot[i] = (uint16_t)s;
-            uniform = uniform == -1 || uniform == s ? s : -2;
         }
-        if (miss) {
+        if (miss)
             cache->misses++;
-            sealed = -1;
-            used = PyTuple_New(0);
-            goto finish;
+        else
+            cache->hits += (unsigned long long)nframes;
+    }
+    if (miss) { /* split and clamp only: the frames and packets wait in their bytearrays for Python */
+        Py_buffer fv, sv;
+        int rc;
+        if (two_views(frames, 0, &fv, frame_spans, &sv) < 0) goto done;
+        rc = ef_split_frames_into(fv.buf, (size_t)fv.len, sv.buf, (size_t)sv.len, nframes, packets, packet_spans,
+                                  &npackets, &dropped);
+        PyBuffer_Release(&fv);
+        PyBuffer_Release(&sv);
+        if (rc < 0) goto done;
+        if (npackets > 0 && mss4 >= 0) {
+            Py_buffer pv, psv;
+            if (two_views(packets, PyBUF_WRITABLE, &pv, packet_spans, &psv) < 0) goto done;
+            clamped = ef_clamp_mss_spans(pv.buf, (size_t)pv.len, psv.buf, (size_t)psv.len, npackets, mss4, mss6);
+            PyBuffer_Release(&pv);
+            PyBuffer_Release(&psv);
+            if (clamped < 0) goto done;
         }
-        cache->hits += (unsigned long long)nframes;
+        sealed = -1;
+        used = PyTuple_New(0);
+        goto finish;
+    }
+    if (nframes > 0) { /* every frame known: split in place, clamped and sealed in one pass */
+        Py_buffer fv, sv;
+        if (two_views(frames, PyBUF_WRITABLE, &fv, frame_spans, &sv) < 0) goto done;
+        sealed = ef_split_seal_frames(slots, frame_slot, fv.buf, (size_t)fv.len, sv.buf, (size_t)sv.len, nframes,
+                                      mss4, mss6, now, esp, esp_spans, flows, &npackets, &dropped, &clamped);
+        PyBuffer_Release(&fv);
+        PyBuffer_Release(&sv);
+        if (sealed < 0) goto done;
     }
     if (npackets == 0) {
         used = PyTuple_New(0);
         goto finish;
-    }
-    if (uniform != 0) { /* per packet: the slot of its frame (split tags are frame indices) */
-        const uint8_t *sp = (const uint8_t *)PyByteArray_AS_STRING(packet_spans);
-        uint16_t *w16;
-        which = PyByteArray_FromStringAndSize(NULL, npackets * 2);
-        if (which == NULL) goto done;
-        w16 = (uint16_t *)PyByteArray_AS_STRING(which);
-        if ((size_t)npackets * PUMP_SPAN_BYTES > (size_t)PyByteArray_GET_SIZE(packet_spans)) {
-            PyErr_SetString(PyExc_RuntimeError, "_espfast pump: packet spans miscounted");
-            goto done;
-        }
-        for (Py_ssize_t k = 0; k < npackets; k++) {
-            uint32_t w[3];
-            memcpy(w, sp + (size_t)k * PUMP_SPAN_BYTES, PUMP_SPAN_BYTES);
-            if (w[2] >= (uint32_t)nframes) {
-                PyErr_SetString(PyExc_RuntimeError, "_espfast pump: a packet of no frame");
-                goto done;
-            }
-            w16[k] = frame_slot[w[2]];
-        }
-    }
-    {
-        Py_buffer pv, sv;
-        if (two_views(packets, 0, &pv, packet_spans, &sv) < 0) goto done;
-        sealed = ef_encrypt_spans(slots, which ? (const uint8_t *)PyByteArray_AS_STRING(which) : NULL,
-                                  which ? (size_t)PyByteArray_GET_SIZE(which) : 0, pv.buf, (size_t)pv.len, sv.buf,
-                                  (size_t)sv.len, npackets, now, esp, esp_spans, flows);
-        PyBuffer_Release(&pv);
-        PyBuffer_Release(&sv);
-        if (sealed < 0) goto done;
     }
     {
         Py_ssize_t nused = 0;
@@ -382,7 +360,6 @@ finish:
     result = Py_BuildValue("(nnnnnnnOnnO)", nframes, (Py_ssize_t)read_err, npackets, dropped, super_frames, clamped,
                            sealed, used, sent, sends, aside);
 done:
-    Py_XDECREF(which);
     Py_XDECREF(used);
     Py_XDECREF(aside);
     PyMem_Free(frame_slot);

@@ -1,11 +1,12 @@
 /* The C cores of the outbound batch steps (espfast_module.c), for the pumps (espfast_pump.c).
  *
- * Each Python-level entry point (read_frames, split_frames, clamp_mss, encrypt_batch,
- * send_runs) is a thin wrapper: it parses its arguments and calls one of these, which does the
- * work with the same bounds checks, counters and errors. The pumps call them directly, without
- * an argument tuple, a format string or a result tuple per step. Spans are native u32 triples
- * (offset, length, tag); `spans`/`spans_len` are the span buffer and its size in bytes, `count`
- * the spans to use. Every function returns -1 with a Python exception set on failure.
+ * The Python-level entry points read_frames, split_frames, clamp_mss and send_runs are thin
+ * wrappers: each parses its arguments and calls one of these, which does the work with the same
+ * bounds checks, counters and errors; encrypt_batch and ef_split_seal_frames share its seal loop.
+ * The pumps call them directly, without an argument tuple, a format string or a result tuple per
+ * step. Spans are native u32 triples (offset, length, tag); `spans`/`spans_len` are the span
+ * buffer and its size in bytes, `count` the spans to use. Every function returns -1 with a
+ * Python exception set on failure.
  */
 #ifndef ESPFAST_STEPS_H
 #define ESPFAST_STEPS_H
@@ -32,13 +33,17 @@ int ef_split_frames_into(const uint8_t *frames, size_t frames_len, const uint8_t
 long ef_clamp_mss_spans(uint8_t *data, size_t data_len, const uint8_t *spans, size_t spans_len, Py_ssize_t count,
                         int mss4, int mss6);
 
-/* encrypt_batch over `count` spans of `data` (which the caller keeps from moving: it must hold a
- * buffer export of the object owning `data`, the slow paths run Python). slots: tuple of
- * outbound Slots; which: NULL (all slot 0) or one u16 per packet (0xFFFF: left out); flows: a
- * FlowTable or None. ESP payloads into the bytearrays `out`/`out_spans`: how many, or -1. */
-Py_ssize_t ef_encrypt_spans(PyObject *slots, const uint8_t *which, size_t which_len, const uint8_t *data,
-                            size_t data_len, const uint8_t *spans, size_t spans_len, Py_ssize_t count, double now,
-                            PyObject *out, PyObject *out_spans, PyObject *flows);
+/* split_frames, clamp_mss and encrypt_batch in one pass over `count` TUN frames of `frames`, for
+ * frames whose slots are known (frame_slot: one per frame): each packet is split in place in its
+ * frame (ef_split_next: no payload copy), clamped (mss4 < 0: not) and sealed before the next one
+ * is built. The ESP payloads are those encrypt_batch makes of split_frames' packets, byte for
+ * byte, in the same order; the frames are consumed (the caller holds a writable export of their
+ * owner). *npackets, *dropped: split_frames' counts; *clamped: clamp_mss's. The ESP payloads
+ * written (0 and the outputs untouched when there is no packet), or -1. */
+Py_ssize_t ef_split_seal_frames(PyObject *slots, const uint16_t *frame_slot, uint8_t *frames, size_t frames_len,
+                                const uint8_t *spans, size_t spans_len, Py_ssize_t count, int mss4, int mss6,
+                                double now, PyObject *out, PyObject *out_spans, PyObject *flows,
+                                Py_ssize_t *npackets, Py_ssize_t *dropped, Py_ssize_t *clamped);
 
 /* send_runs over `count` spans of `data` on `fd`: *sent payloads, *sends calls, *aside a new list
  * of the runs not sent (offset, length, segment, count, tag, errno). dests: a tuple. */
