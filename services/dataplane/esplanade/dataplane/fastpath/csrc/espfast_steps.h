@@ -38,7 +38,7 @@ long ef_clamp_mss_spans(uint8_t *data, size_t data_len, const uint8_t *spans, si
  * frame (ef_split_next: no payload copy), clamped (mss4 < 0: not) and sealed before the next one
  * is built. The ESP payloads are those encrypt_batch makes of split_frames' packets, byte for
  * byte, in the same order; the frames are consumed (the caller holds a writable export of their
- * owner). *npackets, *dropped: split_frames' counts; *clamped: clamp_mss's. The ESP payloads
+ * owner; spans that overlap give other packets, never a write outside the outputs' checked size). *npackets, *dropped: split_frames' counts; *clamped: clamp_mss's. The ESP payloads
  * written (0 and the outputs untouched when there is no packet), or -1. */
 Py_ssize_t ef_split_seal_frames(PyObject *slots, const uint16_t *frame_slot, uint8_t *frames, size_t frames_len,
                                 const uint8_t *spans, size_t spans_len, Py_ssize_t count, int mss4, int mss6,
