@@ -18,14 +18,24 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import IP, UDP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
 from esplanade.dataplane.fastpath import PythonEspBatch
-from esplanade.dataplane.fastpath.tun_frames import coalesce_frames, split_frames
+from esplanade.dataplane.fastpath.tun_frames import clamp_mss, coalesce_frames, split_frames
 from tests.dataplane.esp.suites import sa_pair
-from tests.dataplane.fastpath.test_tun_frames import tcp_flow
+from tests.dataplane.fastpath.test_tun_frames import (
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    GSO_UDP,
+    GSO_UDP_L4,
+    NEEDS_CSUM,
+    super_packets,
+    tcp_flow,
+    vnet,
+)
 from tests.dataplane.fastpath.twins import (
     AEAD_SUITES,
     both_cores,
@@ -110,7 +120,15 @@ def transform_key(frame: bytes) -> bytes | None:
     return None
 
 
-def pump_out(module: Any, core: Any, cache: Any, tun: socket.socket, udp: socket.socket, dest: bytes) -> Any:
+def pump_out(
+    module: Any,
+    core: Any,
+    cache: Any,
+    tun: socket.socket,
+    udp: socket.socket,
+    dest: bytes,
+    mss: tuple[int, int] = (-1, -1),
+) -> Any:
     bufs = [bytearray() for _ in range(6)]
     got = module.pump_out(
         tun.fileno(),
@@ -121,8 +139,7 @@ def pump_out(module: Any, core: Any, cache: Any, tun: socket.socket, udp: socket
         cache,
         bufs[2],
         bufs[3],
-        -1,
-        -1,
+        *mss,
         core.slot_tuple,
         5.0,
         core.flows,
@@ -315,6 +332,123 @@ def test_pump_out_rejects_bad_arguments(tun_pair: tuple[socket.socket, socket.so
             1,
             1,
         )
+
+
+@st.composite
+def known_frames(draw: st.DrawFn) -> bytes:
+    """A TUN frame of a flow the cache can know: a TSO/USO super-packet (any segment size, down to
+    one byte, below the headers' length), a plain one with or without a partial checksum, a SYN
+    (with payload under TSO: every segment clamped) or one the split drops (GSO_UDP)."""
+    kind = draw(st.sampled_from(["super", "super", "plain", "syn", "syn_tso", "dropped"]))
+    if kind in ("super", "plain", "dropped"):
+        packet, mss, v6, udp = draw(super_packets())
+    else:
+        v6, udp, mss = draw(st.booleans()), False, draw(st.sampled_from([1, 100, 1400]))
+        l4: Any = TCP(sport=40000, dport=5201, flags="S", options=[("NOP", None), ("MSS", 1460)])
+        ip: Any = IPv6(src="2001:db8::1", dst="2001:db8::2") if v6 else IP(src="10.0.0.1", dst="10.0.0.2")
+        payload = draw(st.binary(max_size=300)) if kind == "syn_tso" else b""
+        packet = bytes(ip / l4 / Raw(payload))
+    l3 = 40 if v6 else 20
+    if kind == "dropped":
+        return vnet(GSO_UDP, mss, l3, 6) + packet
+    if kind in ("plain", "syn"):
+        flags = draw(st.sampled_from([0, NEEDS_CSUM]))
+        return vnet(GSO_NONE, 0, l3, 6 if udp else 16, flags=flags) + packet
+    gso = GSO_UDP_L4 if udp else GSO_TCPV6 if v6 else GSO_TCPV4
+    return vnet(gso, mss, l3, 6 if udp else 16) + packet
+
+
+@given(
+    frames=st.lists(known_frames().filter(lambda f: len(f) >= 54), min_size=1, max_size=6),  # a flow key
+    slots=st.lists(st.integers(0, 1), min_size=6, max_size=6),
+    clamp=st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_pump_out_split_in_place_seals_what_split_and_encrypt_seal(
+    frames: list[bytes], slots: list[int], clamp: bool
+) -> None:
+    """Every frame known: the pump splits each frame in place and seals each packet before the
+    next is built. The ESP payloads, counts, SA state and flows are those of split_frames, clamp_mss
+    and the pure-Python engine's encrypt of the split packets."""
+    module = compiled_module()
+    suite = AEAD_SUITES[0]
+    pairs = [sa_pair(suite, encr_key=bytes([k]) * suite.encr_key_bytes, integ_key=b"", spi=0x100 + k) for k in range(2)]
+    compiled, python = both_cores()
+    sas: dict[int, list[Any]] = {0: [], 1: []}
+    for n, core in enumerate((compiled, python)):
+        for out_a, _ in pairs:
+            sa = outbound(out_a, reserved_upto=MAX32)
+            sas[n].append(sa)
+            core.install_outbound(sa, out_a)
+    mss = (1300, 1280) if clamp else (-1, -1)
+    kernel, datapath = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tx, rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for sock in (kernel, datapath, tx, rx):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+            sock.setblocking(False)
+        tx.bind(("127.0.0.1", 0))
+        rx.bind(("127.0.0.1", 0))
+        cache = module.SlotCache()
+        for frame, slot in zip(frames, slots, strict=False):
+            assert cache.learn(frame, 0, len(frame), slot)
+        for frame in frames:  # a flow learnt twice takes its last slot, as in the pump
+            kernel.send(frame)
+        (nframes, err, npackets, dropped, _, clamped, sealed, used, sent, _, aside), _ = pump_out(
+            module, compiled, cache, datapath, tx, sockaddr(rx), mss
+        )
+        packets, ref_dropped = split_frames(frames)
+        ref_clamped = clamp_mss(packets, *mss) if clamp else 0
+        frame_slots = [cache.lookup(f, 0, len(f)) for f in frames]
+        which = bytearray(struct.pack(f"={packets.count}H", *(frame_slots[tag] for tag in packets.tags())))
+        expected = python.encrypt(packets, 5.0, which)
+        assert (nframes, err, npackets, dropped, clamped) == (len(frames), 0, packets.count, ref_dropped, ref_clamped)
+        assert (sealed, sent, aside) == (expected.count, expected.count, [])
+        assert sorted(used) == (sorted(set(frame_slots)) if packets.count else [])  # () when nothing to seal
+        assert drain(rx) == expected.to_list()
+        assert [outbound_state(sa) for sa in sas[0]] == [outbound_state(sa) for sa in sas[1]]
+        assert compiled.drain_flows() == python.drain_flows()
+    finally:
+        for sock in (kernel, datapath, tx, rx):
+            sock.close()
+
+
+def test_pump_out_raises_a_failing_steps_own_error(
+    tun_pair: tuple[socket.socket, socket.socket], udp_pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """The pump calls the steps' C cores: a step that fails raises what its Python entry point
+    raises (clamp, seal, send)."""
+    module = compiled_module()
+    suite = AEAD_SUITES[0]
+    out_a, _ = sa_pair(suite, encr_key=bytes(range(suite.encr_key_bytes)), integ_key=b"")
+    compiled, _ = both_cores()
+    compiled.install_outbound(outbound(out_a, reserved_upto=MAX32), out_a)
+    kernel, datapath = tun_pair
+    tx, rx = udp_pair
+    frame = frames_of(1)[0]
+    cache = module.SlotCache()
+    assert cache.learn(frame, 0, len(frame), 0)
+    inbound_slot = module.Slot(object(), False, 1, bytes(16), bytes(4), 1, False)
+
+    def run(mss: tuple[int, int], slots: tuple[object, ...], dests: tuple[object, ...]) -> Any:
+        b = [bytearray() for _ in range(6)]
+        kernel.send(frame)
+        args = (datapath.fileno(), b[0], b[1], 64, FRAME_MAX, cache, b[2], b[3], *mss, slots, 5.0, None)
+        return module.pump_out(*args, b[4], b[5], tx.fileno(), dests, False, 64, 65000)
+
+    good = (compiled.slot_tuple, (sockaddr(rx),))
+    with pytest.raises(ValueError, match="bad clamp_mss arguments"):
+        run((1360, 1 << 16), *good)
+    with pytest.raises(TypeError, match="slots must be initialised outbound Slots"):
+        run((-1, -1), (inbound_slot,), good[1])
+    with pytest.raises(TypeError, match="a destination is not a packed sockaddr"):
+        run((-1, -1), good[0], (b"",))
+    assert drain(rx) == []
+    (nframes, err, npackets, _, _, _, sealed, used, sent, sends, aside) = run((-1, -1), *good)
+    assert (nframes, err, used, aside) == (1, 0, (0,), [])
+    assert sealed == sent == sends == npackets > 0
+    assert len(drain(rx)) == sealed
 
 
 # -- inbound ---------------------------------------------------------------------------------------

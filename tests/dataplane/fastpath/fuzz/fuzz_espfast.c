@@ -7,7 +7,7 @@
  *   0 decap, unauthenticated: the input is an ESP payload under a fixed key
  *   1 decap, authentic: the input is a plaintext, sealed here with the SA's key, so the checks
  *     after the ICV (padding, next header, inner length, selectors) see arbitrary content
- *   2 TSO/USO split of one TUN frame
+ *   2 TSO/USO split of one TUN frame, copied and in place (the same packets)
  *   3 GRO merge of length-prefixed packets
  *   4 inner packet parsing, packet filter, flow table
  *   5 replay window: a run of sequence numbers through check/accept
@@ -146,6 +146,23 @@ static void split(const uint8_t *d, size_t n) {
 #ifdef EF_FUZZ_CANARY
     if (count >= 3) out[bytes] = 0; /* the planted overflow */
 #endif
+    { /* the in-place split of an exact copy gives the same packets, each inside the frame */
+        uint8_t *frame = malloc(n ? n : 1), *p;
+        ef_split_cursor c;
+        size_t at = 0, i = 0;
+        memcpy(frame, d, n);
+        if (ef_split_start(&c, frame, n) != count) abort();
+        while ((p = ef_split_next(&c)) != NULL) {
+            size_t len = ef_split_length(&c, i);
+            if (i >= (size_t)count || len != lens[i] || p < frame || p + len > frame + n ||
+                memcmp(p, out + at, len) != 0)
+                abort();
+            at += len;
+            i++;
+        }
+        if (i != (size_t)count) abort();
+        free(frame);
+    }
     free(out);
     free(lens);
 }

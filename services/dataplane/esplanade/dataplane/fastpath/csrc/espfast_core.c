@@ -1,6 +1,7 @@
 /* The compiled ESP hot loop, pure C (see espfast_core.h). */
 #include "espfast_core.h"
 
+#include <stddef.h>
 #include <string.h>
 
 #include <openssl/evp.h>
@@ -669,25 +670,18 @@ enum { GSO_NONE = 0, GSO_TCPV4 = 1, GSO_UDP = 3, GSO_TCPV6 = 4, GSO_UDP_L4 = 5 }
 #define TCP_PSH 0x08
 #define TCP_CWR 0x80
 
-typedef struct {
-    const uint8_t *p; /* the packet after the vnet header */
-    size_t n;
-    uint8_t flags, gso_type;
-    uint16_t gso_size, csum_start, csum_offset;
-    size_t l3, hlen, payload, count;
-    int v6;
-} split_plan;
+typedef ef_split_cursor split_plan;
 
 static long plan_split(const uint8_t *frame, size_t len, split_plan *s) {
     size_t seg_max;
     if (len < EF_VNET_HDR_LEN) return -1;
-    memset(s, 0, sizeof(*s));
+    memset(s, 0, offsetof(split_plan, head));
     s->flags = frame[0];
     s->gso_type = frame[1] & 0x7F; /* without the ECN bit */
     s->gso_size = le16(frame + 4);
     s->csum_start = le16(frame + 6);
     s->csum_offset = le16(frame + 8);
-    s->p = frame + EF_VNET_HDR_LEN;
+    s->p = (uint8_t *)frame + EF_VNET_HDR_LEN; /* written only by the in-place split */
     s->n = len - EF_VNET_HDR_LEN;
     if (s->gso_type == GSO_NONE) {
         if ((s->flags & F_NEEDS_CSUM) &&
@@ -714,6 +708,12 @@ static long plan_split(const uint8_t *frame, size_t len, split_plan *s) {
     s->count = s->payload ? (s->payload + s->gso_size - 1) / s->gso_size : 1;
     seg_max = s->hlen + (s->payload < s->gso_size ? s->payload : s->gso_size);
     if (seg_max - (s->v6 ? 40 : 0) > EF_MAX_IP) return -1; /* a length field would overflow */
+    s->src = s->v6 ? s->p + 8 : s->p + 12;
+    s->dst = s->v6 ? s->p + 24 : s->p + 16;
+    if (s->gso_type != GSO_UDP_L4) {
+        s->seq0 = be32(s->p + s->l3 + 4);
+        s->flags0 = s->p[s->l3 + 13];
+    }
     return (long)s->count;
 }
 
@@ -738,64 +738,100 @@ static void finish_l3(uint8_t *seg, size_t total, int v6, size_t ip_id_step) {
     put16(seg + 10, (uint16_t)~ef_sum16(seg, ihl, 0));
 }
 
+/* A frame without GSO: its partial checksum completed (the packet is `pkt`, s->n bytes). */
+static void finish_plain(const split_plan *s, uint8_t *pkt) {
+    if (s->flags & F_NEEDS_CSUM) {
+        size_t field = (size_t)s->csum_start + s->csum_offset;
+        uint16_t value = (uint16_t)~ef_sum16(pkt + s->csum_start, s->n - s->csum_start, 0);
+        if (value == 0 && s->csum_offset == 6) value = 0xFFFF;
+        put16(pkt + field, value);
+    }
+}
+
+/* Segment i (its headers and payload already in place at `seg`, `total` bytes): lengths, IP ID,
+ * sequence number, flags, checksums. */
+static void finish_segment(const split_plan *s, uint8_t *seg, size_t i, size_t total) {
+    size_t alen = s->v6 ? 16 : 4;
+    if (s->gso_type == GSO_UDP_L4) {
+        uint16_t value;
+        finish_l3(seg, total, s->v6, i);
+        put16(seg + s->l3 + 4, (uint32_t)(total - s->l3));
+        seg[s->l3 + 6] = seg[s->l3 + 7] = 0;
+        value = (uint16_t)~ef_sum16(seg + s->l3, total - s->l3,
+                                    pseudo_sum(s->src, s->dst, alen, 17, (uint32_t)(total - s->l3)));
+        put16(seg + s->l3 + 6, value ? value : 0xFFFF);
+    } else {
+        uint8_t flags = s->flags0;
+        put32(seg + s->l3 + 4, (uint32_t)(s->seq0 + i * s->gso_size));
+        if (i != s->count - 1) flags &= (uint8_t)~(TCP_FIN | TCP_PSH);
+        if (i != 0) flags &= (uint8_t)~TCP_CWR;
+        seg[s->l3 + 13] = flags;
+        finish_l3(seg, total, s->v6, i);
+        seg[s->l3 + 16] = seg[s->l3 + 17] = 0;
+        put16(seg + s->l3 + 16, (uint16_t)~ef_sum16(seg + s->l3, total - s->l3,
+                                                   pseudo_sum(s->src, s->dst, alen, 6, (uint32_t)(total - s->l3))));
+    }
+}
+
+static size_t segment_length(const split_plan *s, size_t i) {
+    size_t off = i * s->gso_size;
+    if (s->gso_type == GSO_NONE) return s->n;
+    return s->hlen + (s->payload - off < s->gso_size ? s->payload - off : s->gso_size);
+}
+
 long ef_split_frame(const uint8_t *frame, size_t len, uint8_t *out, size_t out_cap, uint32_t *lens, size_t max_count) {
     split_plan s;
     size_t bytes, at = 0;
-    const uint8_t *src, *dst;
-    size_t alen;
-    uint32_t seq0 = 0;
-    uint8_t flags0 = 0;
     long count = ef_split_size(frame, len, &bytes);
     if (count < 0 || bytes > out_cap || (size_t)count > max_count) return -1;
     plan_split(frame, len, &s);
     if (s.gso_type == GSO_NONE) {
         memcpy(out, s.p, s.n);
-        if (s.flags & F_NEEDS_CSUM) {
-            size_t field = (size_t)s.csum_start + s.csum_offset;
-            uint16_t value = (uint16_t)~ef_sum16(out + s.csum_start, s.n - s.csum_start, 0);
-            if (value == 0 && s.csum_offset == 6) value = 0xFFFF;
-            put16(out + field, value);
-        }
+        finish_plain(&s, out);
         lens[0] = (uint32_t)s.n;
         return 1;
     }
-    src = s.v6 ? s.p + 8 : s.p + 12;
-    dst = s.v6 ? s.p + 24 : s.p + 16;
-    alen = s.v6 ? 16 : 4;
-    if (s.gso_type != GSO_UDP_L4) {
-        seq0 = be32(s.p + s.l3 + 4);
-        flags0 = s.p[s.l3 + 13];
-    }
     for (size_t i = 0; i < s.count; i++) {
-        size_t off = i * s.gso_size;
-        size_t chunk = s.payload - off < s.gso_size ? s.payload - off : s.gso_size;
-        size_t total = s.hlen + chunk;
+        size_t total = segment_length(&s, i);
         uint8_t *seg = out + at;
         memcpy(seg, s.p, s.hlen);
-        memcpy(seg + s.hlen, s.p + s.hlen + off, chunk);
-        if (s.gso_type == GSO_UDP_L4) {
-            uint16_t value;
-            finish_l3(seg, total, s.v6, i);
-            put16(seg + s.l3 + 4, (uint32_t)(total - s.l3));
-            seg[s.l3 + 6] = seg[s.l3 + 7] = 0;
-            value = (uint16_t)~ef_sum16(seg + s.l3, total - s.l3,
-                                        pseudo_sum(src, dst, alen, 17, (uint32_t)(total - s.l3)));
-            put16(seg + s.l3 + 6, value ? value : 0xFFFF);
-        } else {
-            uint8_t flags = flags0;
-            put32(seg + s.l3 + 4, (uint32_t)(seq0 + off));
-            if (i != s.count - 1) flags &= (uint8_t)~(TCP_FIN | TCP_PSH);
-            if (i != 0) flags &= (uint8_t)~TCP_CWR;
-            seg[s.l3 + 13] = flags;
-            finish_l3(seg, total, s.v6, i);
-            seg[s.l3 + 16] = seg[s.l3 + 17] = 0;
-            put16(seg + s.l3 + 16, (uint16_t)~ef_sum16(seg + s.l3, total - s.l3,
-                                                       pseudo_sum(src, dst, alen, 6, (uint32_t)(total - s.l3))));
-        }
+        memcpy(seg + s.hlen, s.p + s.hlen + i * s.gso_size, total - s.hlen);
+        finish_segment(&s, seg, i, total);
         lens[i] = (uint32_t)total;
         at += total;
     }
     return count;
+}
+
+long ef_split_start(ef_split_cursor *c, uint8_t *frame, size_t len) {
+    long count = plan_split(frame, len, c);
+    if (count < 0) return -1;
+    if (c->gso_type != GSO_NONE) {
+        if (c->hlen > EF_SPLIT_HEAD_MAX) return -1; /* cannot be: IHL and data offset are 4 bits */
+        memcpy(c->head, c->p, c->hlen);
+        c->src = c->v6 ? c->head + 8 : c->head + 12; /* the frame's own bytes get overwritten */
+        c->dst = c->v6 ? c->head + 24 : c->head + 16;
+    }
+    return count;
+}
+
+size_t ef_split_length(const ef_split_cursor *c, size_t i) { return segment_length(c, i); }
+
+uint8_t *ef_split_next(ef_split_cursor *c) {
+    size_t i = c->next;
+    uint8_t *seg;
+    if (i >= c->count) return NULL;
+    c->next++;
+    if (c->gso_type == GSO_NONE) {
+        finish_plain(c, c->p);
+        return c->p;
+    }
+    /* segment i's payload lies at p + hlen + i * gso_size: its headers go just before it, over
+     * bytes of segment i - 1 (already used) or, for i = 0, over the frame's own headers */
+    seg = c->p + i * c->gso_size;
+    memcpy(seg, c->head, c->hlen);
+    finish_segment(c, seg, i, segment_length(c, i));
+    return seg;
 }
 
 /* -- GRO-style merging for TUN writes (segmentation.py coalesce_for_tun) ------------------------ */

@@ -176,6 +176,31 @@ long ef_split_size(const uint8_t *frame, size_t len, size_t *bytes);
 /* Split/complete one frame: `count` packets into out, their lengths into lens. -1 on error. */
 long ef_split_frame(const uint8_t *frame, size_t len, uint8_t *out, size_t out_cap, uint32_t *lens, size_t max_count);
 
+/* The same split done in place, for a caller that uses each packet before asking for the next
+ * (the seal): segment i is built where its payload lies in the frame, its headers written over
+ * the last bytes of segment i - 1, so no payload is copied. The packets are byte for byte those of
+ * ef_split_frame; the frame is consumed. */
+#define EF_SPLIT_HEAD_MAX 120 /* IPv4 with options + TCP with options */
+typedef struct {
+    uint8_t *p; /* the packet after the vnet header */
+    size_t n;
+    uint8_t flags, gso_type;
+    uint16_t gso_size, csum_start, csum_offset;
+    size_t l3, hlen, payload, count, next;
+    int v6;
+    const uint8_t *src, *dst; /* the pseudo-header's addresses */
+    uint32_t seq0;
+    uint8_t flags0;
+    uint8_t head[EF_SPLIT_HEAD_MAX]; /* the frame's headers, each segment's template */
+} ef_split_cursor;
+
+/* Plan the split of `frame`: how many packets (0..), or -1 for a frame ef_split_frame drops. */
+long ef_split_start(ef_split_cursor *c, uint8_t *frame, size_t len);
+/* The length of packet i (i < count). */
+size_t ef_split_length(const ef_split_cursor *c, size_t i);
+/* Build the next packet in place: its start (length: ef_split_length), NULL past the last. */
+uint8_t *ef_split_next(ef_split_cursor *c);
+
 /* Lower the MSS option of a TCP SYN (or SYN-ACK) in place to mss4 (IPv4) / mss6 (IPv6), with the
  * TCP checksum updated incrementally (RFC 1624). 1 when changed, 0 otherwise (never reads past n). */
 int ef_clamp_mss(uint8_t *p, size_t n, uint16_t mss4, uint16_t mss6);

@@ -39,6 +39,7 @@
 #include <openssl/opensslv.h>
 
 #include "espfast_core.h"
+#include "espfast_steps.h"
 
 int ef_pump_init(PyObject *module); /* espfast_pump.c: pump_out, pump_in, SlotCache */
 
@@ -835,6 +836,34 @@ static void inputs_release(Inputs *in) {
     memset(in, 0, sizeof(*in));
 }
 
+/* Inputs over `count` spans of one buffer (`in` zeroed or released; the caller keeps `data` alive
+ * and unmoved while `in` is used). */
+static int inputs_from_spans(Inputs *in, const uint8_t *data, size_t data_len, const uint8_t *spans,
+                             size_t spans_len, Py_ssize_t count) {
+    if (count < 0 || (size_t)count > spans_len / SPAN_BYTES) {
+        PyErr_SetString(PyExc_ValueError, "count exceeds the spans");
+        return -1;
+    }
+    in->pkts = PyMem_Calloc((size_t)count + 1, sizeof(ef_span));
+    in->objs = PyMem_Calloc((size_t)count + 1, sizeof(PyObject *));
+    if (!in->pkts || !in->objs) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint32_t w[SPAN_WORDS];
+        memcpy(w, spans + (size_t)i * SPAN_BYTES, SPAN_BYTES);
+        if ((uint64_t)w[0] + w[1] > (uint64_t)data_len) {
+            PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
+            return -1;
+        }
+        in->pkts[i].data = data + w[0];
+        in->pkts[i].len = w[1];
+    }
+    in->n = (size_t)count;
+    return 0;
+}
+
 static int inputs_load(Inputs *in, PyObject *packets, PyObject *spans, Py_ssize_t count) {
     memset(in, 0, sizeof(*in));
     if (spans == Py_None) {
@@ -870,35 +899,13 @@ static int inputs_load(Inputs *in, PyObject *packets, PyObject *spans, Py_ssize_
     }
     {
         Py_buffer sv;
+        int r;
         if (PyObject_GetBuffer(packets, &in->whole, PyBUF_SIMPLE) < 0) return -1;
         in->have_whole = 1;
         if (PyObject_GetBuffer(spans, &sv, PyBUF_SIMPLE) < 0) return -1;
-        if (count < 0 || (size_t)count * SPAN_BYTES > (size_t)sv.len) {
-            PyBuffer_Release(&sv);
-            PyErr_SetString(PyExc_ValueError, "count exceeds the spans");
-            return -1;
-        }
-        in->pkts = PyMem_Calloc((size_t)count + 1, sizeof(ef_span));
-        in->objs = PyMem_Calloc((size_t)count + 1, sizeof(PyObject *));
-        if (!in->pkts || !in->objs) {
-            PyBuffer_Release(&sv);
-            PyErr_NoMemory();
-            return -1;
-        }
-        for (Py_ssize_t i = 0; i < count; i++) {
-            uint32_t w[SPAN_WORDS];
-            memcpy(w, (uint8_t *)sv.buf + (size_t)i * SPAN_BYTES, SPAN_BYTES);
-            if ((uint64_t)w[0] + w[1] > (uint64_t)in->whole.len) {
-                PyBuffer_Release(&sv);
-                PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
-                return -1;
-            }
-            in->pkts[i].data = (const uint8_t *)in->whole.buf + w[0];
-            in->pkts[i].len = w[1];
-        }
+        r = inputs_from_spans(in, in->whole.buf, (size_t)in->whole.len, sv.buf, (size_t)sv.len, count);
         PyBuffer_Release(&sv);
-        in->n = (size_t)count;
-        return 0;
+        return r;
     }
 too_big:
     PyErr_SetString(PyExc_ValueError, "packet larger than 4 GiB");
@@ -1004,155 +1011,282 @@ static int enter_batch(void) {
 /* encrypt_batch(slots, which, packets, spans, count, now, out, out_spans, flows) -> int
  * slots: tuple of outbound Slots; which: None (all slot 0) or a u16 buffer, one per packet;
  * 0xFFFF leaves that packet out (no output, no count). */
-static PyObject *encrypt_batch(PyObject *mod, PyObject *args) {
-    PyObject *slots, *which, *packets, *spans, *out, *out_spans, *flows_obj, *now_obj = NULL, *result = NULL;
-    Py_ssize_t count;
-    double now;
-    Inputs in;
-    Outputs o;
-    Py_buffer wv;
-    int have_which = 0;
-    Slot *loaded = NULL;
-    size_t need = 0, nslots;
-    FlowTableObject *flows = NULL;
-
-    memset(&in, 0, sizeof(in));
-    memset(&o, 0, sizeof(o));
-    if (!PyArg_ParseTuple(args, "O!OOOndO!O!O", &PyTuple_Type, &slots, &which, &packets, &spans, &count, &now,
-                          &PyByteArray_Type, &out, &PyByteArray_Type, &out_spans, &flows_obj))
-        return NULL;
-    if (flows_obj != Py_None) {
-        if (!PyObject_TypeCheck(flows_obj, &FlowTableType)) {
-            PyErr_SetString(PyExc_TypeError, "flows must be a FlowTable or None");
-            return NULL;
-        }
-        flows = (FlowTableObject *)flows_obj;
+/* The checks encrypt_batch makes before the batch: outbound Slots, a FlowTable or None. */
+static int encrypt_check(PyObject *slots, PyObject *flows_obj) {
+    if (flows_obj != Py_None && !PyObject_TypeCheck(flows_obj, &FlowTableType)) {
+        PyErr_SetString(PyExc_TypeError, "flows must be a FlowTable or None");
+        return -1;
     }
-    nslots = (size_t)PyTuple_GET_SIZE(slots);
-    for (size_t k = 0; k < nslots; k++) {
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(slots); k++) {
         PyObject *s = PyTuple_GET_ITEM(slots, k);
         if (!PyObject_TypeCheck(s, &SlotType) || !((Slot *)s)->outbound || ((Slot *)s)->sa == NULL) {
             PyErr_SetString(PyExc_TypeError, "slots must be initialised outbound Slots");
-            return NULL;
+            return -1;
         }
     }
-    if (enter_batch() < 0) return NULL;
-    if (inputs_load(&in, packets, spans, count) < 0) goto done;
-    if (which != Py_None) {
-        if (PyObject_GetBuffer(which, &wv, PyBUF_SIMPLE) < 0) goto done;
-        have_which = 1;
-        if ((size_t)wv.len < in.n * 2) {
-            PyErr_SetString(PyExc_ValueError, "which: one u16 slot index per packet");
-            goto done;
-        }
+    return 0;
+}
+
+/* The state of a seal loop: the slots, the outputs, the slots loaded into the mirror. */
+typedef struct {
+    PyObject *slots;
+    Outputs o;
+    Slot *loaded;
+    double now;
+    PyObject *now_obj; /* made when a slow path or the Python engine needs it */
+    FlowTableObject *flows;
+} Sealer;
+
+/* The ESP bytes packet `n` bytes long may take with slot `s`. */
+static size_t seal_room(const Slot *s, size_t n) {
+    if (s->kind) { /* what does not fit max_esp is dropped, not written */
+        size_t sealed = ef_esp_sealed_length(n, s->pad_to);
+        return sealed < s->max_esp ? sealed : s->max_esp;
+    } else { /* the Python engine: at most an IP packet's worth */
+        size_t body = n > s->pad_to ? n : s->pad_to;
+        return (body < EF_MAX_IP ? body : EF_MAX_IP) + 128;
     }
-    for (size_t i = 0; i < in.n; i++) {
+}
+
+static PyObject *sealer_now(Sealer *z) {
+    if (z->now_obj == NULL) z->now_obj = PyFloat_FromDouble(z->now);
+    return z->now_obj;
+}
+
+/* Seal one packet with slot k (< the number of slots): 0 (sealed, dropped or counted) or -1.
+ * obj: the packet's bytes object when it is one (for the Python engine), else NULL. */
+static int seal_one(Sealer *z, uint16_t k, const uint8_t *p, size_t n, PyObject *obj) {
+    Slot *s = (Slot *)PyTuple_GET_ITEM(z->slots, k);
+    int version, nh;
+    uint64_t seq;
+    long sealed;
+    if (s->kind == SLOT_PYTHON) {
+        PyObject *pkt, *esp;
+        if (sealer_now(z) == NULL) return -1;
+        pkt = obj != NULL ? Py_NewRef(obj) : PyBytes_FromStringAndSize((const char *)p, (Py_ssize_t)n);
+        if (pkt == NULL) return -1;
+        esp = PyObject_CallFunctionObjArgs(py_encrypt_esp, s->sa, pkt, z->now_obj, NULL);
+        Py_DECREF(pkt);
+        if (esp == NULL) return -1;
+        if (esp != Py_None) {
+            if (!PyBytes_Check(esp) || emit_bytes(&z->o, esp, k) < 0) {
+                if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "encrypt_esp returned no bytes");
+                Py_DECREF(esp);
+                return -1;
+            }
+            account(z->flows, s->spi, 1, p, n);
+        }
+        Py_DECREF(esp);
+        return 0;
+    }
+    if (slot_load(s, &z->loaded) < 0) return -1;
+    if (z->now >= s->time_mark) { /* outbound_gate */
+        PyObject *r;
+        if (sealer_now(z) == NULL) return -1;
+        r = slow_path(s, s_on_time, z->now_obj);
+        if (r == NULL) return -1;
+        Py_DECREF(r);
+    }
+    if (s->hard_expired) {
+        s->drops[EF_LIFETIME]++;
+        return 0;
+    }
+    version = n ? p[0] >> 4 : 0;
+    nh = version == 4 ? 4 : version == 6 ? 41 : 0;
+    if (!nh || ef_inner_ip_length(p, n) != (long)n) {
+        s->drops[EF_MALFORMED]++;
+        return 0;
+    }
+    if (ef_esp_sealed_length(n, s->pad_to) > s->max_esp) {
+        s->drops[EF_MALFORMED]++;
+        return 0;
+    }
+    if (s->next_seq < s->seq_mark) {
+        seq = s->next_seq++;
+    } else {
+        PyObject *r = slow_path(s, s_take_sequence, NULL);
+        int sign;
+        if (r == NULL) return -1;
+        sign = int_sign(r);
+        seq = sign > 0 ? PyLong_AsUnsignedLongLong(r) : 0;
+        Py_DECREF(r);
+        if (sign == -2 || PyErr_Occurred()) return -1;
+        if (sign < 0) return 0; /* no number may be used: counted by the Python slow path */
+        /* slow_path read back next_seq, which take_sequence advanced */
+    }
+    sealed = ef_esp_seal(&s->aead, s->spi, seq, s->esn, p, n, s->pad_to, (uint8_t)nh, z->o.p + z->o.at,
+                         z->o.cap - z->o.at);
+    if (sealed < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed to seal an ESP packet");
+        return -1;
+    }
+    if (emit(&z->o, (size_t)sealed, k) < 0) return -1;
+    s->packets++;
+    s->bytes += n;
+    if (s->packets >= s->packet_mark || s->bytes >= s->byte_mark) {
+        PyObject *r = slow_path(s, s_on_volume, NULL);
+        if (r == NULL) return -1;
+        Py_DECREF(r);
+    }
+    account(z->flows, s->spi, 1, p, n);
+    return 0;
+}
+
+/* The end of a seal loop (ok: it ran to the end): the mirror written back, the outputs trimmed;
+ * the ESP payloads written, or -1. */
+static Py_ssize_t sealer_finish(Sealer *z, PyObject *out, PyObject *out_spans, int ok) {
+    PyObject *result = ok ? Py_NewRef(Py_None) : NULL;
+    Py_ssize_t count = -1;
+    if (flush_all(&z->loaded) < 0) Py_CLEAR(result);
+    result = outputs_finish(&z->o, out, out_spans, result);
+    if (result != NULL) {
+        count = (Py_ssize_t)z->o.count;
+        Py_DECREF(result);
+    }
+    Py_CLEAR(z->now_obj);
+    return count;
+}
+
+static void sealer_init(Sealer *z, PyObject *slots, double now, PyObject *flows_obj) {
+    memset(z, 0, sizeof(*z));
+    z->slots = slots;
+    z->now = now;
+    z->flows = flows_obj == Py_None ? NULL : (FlowTableObject *)flows_obj;
+}
+
+/* The batch (checked, inside enter_batch): which NULL (all slot 0) or `which_len` bytes of u16. */
+static Py_ssize_t encrypt_inputs(PyObject *slots, const uint8_t *which, size_t which_len, const Inputs *in,
+                                 double now, PyObject *out, PyObject *out_spans, PyObject *flows_obj) {
+    Sealer z;
+    size_t need = 0, nslots = (size_t)PyTuple_GET_SIZE(slots);
+    int ok = 0;
+
+    sealer_init(&z, slots, now, flows_obj);
+    if (which != NULL && which_len < in->n * 2) {
+        PyErr_SetString(PyExc_ValueError, "which: one u16 slot index per packet");
+        goto done;
+    }
+    for (size_t i = 0; i < in->n; i++) {
         uint16_t k = 0;
-        Slot *s;
-        if (have_which) memcpy(&k, (uint8_t *)wv.buf + 2 * i, 2);
+        if (which != NULL) memcpy(&k, which + 2 * i, 2);
         if (k == EF_SKIP) continue;
         if (k >= nslots) {
             PyErr_SetString(PyExc_IndexError, "which: slot index out of range");
             goto done;
         }
-        s = (Slot *)PyTuple_GET_ITEM(slots, k);
-        if (s->kind) { /* what does not fit max_esp is dropped, not written */
-            size_t sealed = ef_esp_sealed_length(in.pkts[i].len, s->pad_to);
-            need += sealed < s->max_esp ? sealed : s->max_esp;
-        } else { /* the Python engine: at most an IP packet's worth */
-            size_t body = in.pkts[i].len > s->pad_to ? in.pkts[i].len : s->pad_to;
-            need += (body < EF_MAX_IP ? body : EF_MAX_IP) + 128;
-        }
+        need += seal_room((Slot *)PyTuple_GET_ITEM(slots, k), in->pkts[i].len);
     }
-    if (outputs_open(&o, out, out_spans, need, in.n) < 0) goto done;
-    now_obj = PyFloat_FromDouble(now);
-    if (now_obj == NULL) goto done;
-
-    for (size_t i = 0; i < in.n; i++) {
-        const uint8_t *p = in.pkts[i].data;
-        size_t n = in.pkts[i].len;
+    if (outputs_open(&z.o, out, out_spans, need, in->n) < 0) goto done;
+    for (size_t i = 0; i < in->n; i++) {
         uint16_t k = 0;
-        Slot *s;
-        int version, nh;
-        uint64_t seq;
-        long sealed;
-        if (have_which) memcpy(&k, (uint8_t *)wv.buf + 2 * i, 2);
+        if (which != NULL) memcpy(&k, which + 2 * i, 2);
         if (k == EF_SKIP) continue; /* the caller's decision (no SA, handed off): counted there */
-        s = (Slot *)PyTuple_GET_ITEM(slots, k);
-        if (s->kind == SLOT_PYTHON) {
-            PyObject *pkt = input_bytes(&in, i), *esp;
-            if (pkt == NULL) goto done;
-            esp = PyObject_CallFunctionObjArgs(py_encrypt_esp, s->sa, pkt, now_obj, NULL);
-            Py_DECREF(pkt);
-            if (esp == NULL) goto done;
-            if (esp != Py_None) {
-                if (!PyBytes_Check(esp) || emit_bytes(&o, esp, k) < 0) {
-                    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "encrypt_esp returned no bytes");
-                    Py_DECREF(esp);
-                    goto done;
-                }
-                account(flows, s->spi, 1, p, n);
-            }
-            Py_DECREF(esp);
-            continue;
-        }
-        if (slot_load(s, &loaded) < 0) goto done;
-        if (now >= s->time_mark) { /* outbound_gate */
-            PyObject *r = slow_path(s, s_on_time, now_obj);
-            if (r == NULL) goto done;
-            Py_DECREF(r);
-        }
-        if (s->hard_expired) {
-            s->drops[EF_LIFETIME]++;
-            continue;
-        }
-        version = n ? p[0] >> 4 : 0;
-        nh = version == 4 ? 4 : version == 6 ? 41 : 0;
-        if (!nh || ef_inner_ip_length(p, n) != (long)n) {
-            s->drops[EF_MALFORMED]++;
-            continue;
-        }
-        if (ef_esp_sealed_length(n, s->pad_to) > s->max_esp) {
-            s->drops[EF_MALFORMED]++;
-            continue;
-        }
-        if (s->next_seq < s->seq_mark) {
-            seq = s->next_seq++;
-        } else {
-            PyObject *r = slow_path(s, s_take_sequence, NULL);
-            int sign;
-            if (r == NULL) goto done;
-            sign = int_sign(r);
-            seq = sign > 0 ? PyLong_AsUnsignedLongLong(r) : 0;
-            Py_DECREF(r);
-            if (sign == -2 || PyErr_Occurred()) goto done;
-            if (sign < 0) continue; /* no number may be used: counted by the Python slow path */
-            /* slow_path read back next_seq, which take_sequence advanced */
-        }
-        sealed = ef_esp_seal(&s->aead, s->spi, seq, s->esn, p, n, s->pad_to, (uint8_t)nh, o.p + o.at, o.cap - o.at);
-        if (sealed < 0) {
-            PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed to seal an ESP packet");
+        if (seal_one(&z, k, in->pkts[i].data, in->pkts[i].len, in->objs[i]) < 0) goto done;
+    }
+    ok = 1;
+done:
+    return sealer_finish(&z, out, out_spans, ok);
+}
+
+/* The TSO/USO split and the seal in one pass (see espfast_steps.h), with the checks and errors of
+ * split_frames, clamp_mss and encrypt_batch in the order the pump called them. */
+static Py_ssize_t split_seal(PyObject *slots, const uint16_t *frame_slot, const Inputs *in, int mss4, int mss6,
+                             double now, PyObject *out, PyObject *out_spans, PyObject *flows_obj,
+                             Py_ssize_t *npackets, Py_ssize_t *ndropped, Py_ssize_t *nclamped) {
+    Sealer z;
+    ef_split_cursor c;
+    size_t need = 0, npkts = 0, dropped = 0, nslots = (size_t)PyTuple_GET_SIZE(slots);
+    long clamped = 0;
+    int ok = 0;
+
+    for (size_t f = 0; f < in->n; f++) {
+        long count = ef_split_start(&c, (uint8_t *)in->pkts[f].data, in->pkts[f].len);
+        if (count < 0)
+            dropped++;
+        else
+            npkts += (size_t)count;
+    }
+    *npackets = (Py_ssize_t)npkts;
+    *ndropped = (Py_ssize_t)dropped;
+    *nclamped = 0;
+    if (npkts == 0) return 0; /* nothing to clamp or seal: the outputs stay as they were */
+    if (mss4 >= 0 && (mss4 > 0xFFFF || mss6 < 0 || mss6 > 0xFFFF)) {
+        PyErr_SetString(PyExc_ValueError, "bad clamp_mss arguments");
+        return -1;
+    }
+    if (encrypt_check(slots, flows_obj) < 0 || enter_batch() < 0) return -1;
+    sealer_init(&z, slots, now, flows_obj);
+    for (size_t f = 0; f < in->n; f++) {
+        long count = ef_split_start(&c, (uint8_t *)in->pkts[f].data, in->pkts[f].len);
+        Slot *s;
+        if (count < 0) continue;
+        if (frame_slot[f] >= nslots) {
+            PyErr_SetString(PyExc_IndexError, "which: slot index out of range");
             goto done;
         }
-        if (emit(&o, (size_t)sealed, k) < 0) goto done;
-        s->packets++;
-        s->bytes += n;
-        if (s->packets >= s->packet_mark || s->bytes >= s->byte_mark) {
-            PyObject *r = slow_path(s, s_on_volume, NULL);
-            if (r == NULL) goto done;
-            Py_DECREF(r);
-        }
-        account(flows, s->spi, 1, p, n);
+        s = (Slot *)PyTuple_GET_ITEM(slots, frame_slot[f]);
+        for (size_t i = 0; i < (size_t)count; i++) need += seal_room(s, ef_split_length(&c, i));
     }
-    result = PyLong_FromSize_t(o.count);
+    if (outputs_open(&z.o, out, out_spans, need, npkts) < 0) goto done;
+    for (size_t f = 0; f < in->n; f++) {
+        uint8_t *p;
+        if (ef_split_start(&c, (uint8_t *)in->pkts[f].data, in->pkts[f].len) < 0) continue;
+        for (size_t i = 0; (p = ef_split_next(&c)) != NULL; i++) { /* each packet used before the next is built */
+            size_t n = ef_split_length(&c, i);
+            if (mss4 >= 0) clamped += ef_clamp_mss(p, n, (uint16_t)mss4, (uint16_t)mss6);
+            if (seal_one(&z, frame_slot[f], p, n, NULL) < 0) goto done;
+        }
+    }
+    *nclamped = (Py_ssize_t)clamped;
+    ok = 1;
 done:
-    if (flush_all(&loaded) < 0) Py_CLEAR(result);
-    if (have_which) PyBuffer_Release(&wv);
-    result = outputs_finish(&o, out, out_spans, result);
-    inputs_release(&in);
-    Py_XDECREF(now_obj);
     in_batch = 0;
-    return result;
+    return sealer_finish(&z, out, out_spans, ok);
+}
+
+Py_ssize_t ef_split_seal_frames(PyObject *slots, const uint16_t *frame_slot, uint8_t *frames, size_t frames_len,
+                                const uint8_t *spans, size_t spans_len, Py_ssize_t count, int mss4, int mss6,
+                                double now, PyObject *out, PyObject *out_spans, PyObject *flows,
+                                Py_ssize_t *npackets, Py_ssize_t *dropped, Py_ssize_t *clamped) {
+    Inputs in;
+    Py_ssize_t n = -1;
+    *npackets = *dropped = *clamped = 0;
+    if (!PyTuple_Check(slots)) {
+        PyErr_SetString(PyExc_TypeError, "slots must be a tuple");
+        return -1;
+    }
+    memset(&in, 0, sizeof(in));
+    if (inputs_from_spans(&in, frames, frames_len, spans, spans_len, count) == 0)
+        n = split_seal(slots, frame_slot, &in, mss4, mss6, now, out, out_spans, flows, npackets, dropped, clamped);
+    inputs_release(&in);
+    return n;
+}
+
+static PyObject *encrypt_batch(PyObject *mod, PyObject *args) {
+    PyObject *slots, *which, *packets, *spans, *out, *out_spans, *flows;
+    Py_ssize_t count, n = -1;
+    double now;
+    Inputs in;
+    Py_buffer wv;
+    int have_which = 0;
+
+    memset(&in, 0, sizeof(in));
+    if (!PyArg_ParseTuple(args, "O!OOOndO!O!O", &PyTuple_Type, &slots, &which, &packets, &spans, &count, &now,
+                          &PyByteArray_Type, &out, &PyByteArray_Type, &out_spans, &flows))
+        return NULL;
+    if (encrypt_check(slots, flows) < 0 || enter_batch() < 0) return NULL;
+    if (inputs_load(&in, packets, spans, count) < 0) goto done;
+    if (which != Py_None) {
+        if (PyObject_GetBuffer(which, &wv, PyBUF_SIMPLE) < 0) goto done;
+        have_which = 1;
+    }
+    n = encrypt_inputs(slots, have_which ? wv.buf : NULL, have_which ? (size_t)wv.len : 0, &in, now, out, out_spans,
+                       flows);
+done:
+    if (have_which) PyBuffer_Release(&wv);
+    inputs_release(&in);
+    in_batch = 0;
+    return n < 0 ? NULL : PyLong_FromSsize_t(n);
 }
 
 /* -- the inbound SA table ------------------------------------------------------------------------ */
@@ -1451,22 +1585,17 @@ done:
 /* -- segmentation -------------------------------------------------------------------------------- */
 /* split_frames(frames, spans, count, out, out_spans) -> (packets, dropped)
  * TUN frames (virtio_net_hdr + packet) -> wire packets; span tags are frame indices. */
-static PyObject *split_frames(PyObject *mod, PyObject *args) {
-    PyObject *frames, *spans, *out, *out_spans, *result = NULL;
-    Py_ssize_t count;
-    Inputs in;
+/* The split over loaded inputs. */
+static int split_inputs(const Inputs *in, PyObject *out, PyObject *out_spans, Py_ssize_t *npackets,
+                        Py_ssize_t *ndropped) {
     Outputs o;
     size_t need = 0, npkts = 0, dropped = 0;
     uint32_t *lens = NULL;
-    memset(&in, 0, sizeof(in));
+    int ok = 0;
     memset(&o, 0, sizeof(o));
-    if (!PyArg_ParseTuple(args, "OOnO!O!", &frames, &spans, &count, &PyByteArray_Type, &out, &PyByteArray_Type,
-                          &out_spans))
-        return NULL;
-    if (inputs_load(&in, frames, spans, count) < 0) goto done;
-    for (size_t i = 0; i < in.n; i++) {
+    for (size_t i = 0; i < in->n; i++) {
         size_t bytes;
-        long c = ef_split_size(in.pkts[i].data, in.pkts[i].len, &bytes);
+        long c = ef_split_size(in->pkts[i].data, in->pkts[i].len, &bytes);
         if (c > 0) {
             need += bytes;
             npkts += (size_t)c;
@@ -1478,8 +1607,8 @@ static PyObject *split_frames(PyObject *mod, PyObject *args) {
         goto done;
     }
     if (outputs_open(&o, out, out_spans, need, npkts) < 0) goto done;
-    for (size_t i = 0; i < in.n; i++) {
-        long c = ef_split_frame(in.pkts[i].data, in.pkts[i].len, o.p + o.at, o.cap - o.at, lens, npkts - o.count);
+    for (size_t i = 0; i < in->n; i++) {
+        long c = ef_split_frame(in->pkts[i].data, in->pkts[i].len, o.p + o.at, o.cap - o.at, lens, npkts - o.count);
         if (c < 0) {
             dropped++;
             continue;
@@ -1487,11 +1616,43 @@ static PyObject *split_frames(PyObject *mod, PyObject *args) {
         for (long k = 0; k < c; k++)
             if (emit(&o, lens[k], (uint32_t)i) < 0) goto done;
     }
-    result = Py_BuildValue("(nn)", (Py_ssize_t)o.count, (Py_ssize_t)dropped);
+    *npackets = (Py_ssize_t)o.count;
+    *ndropped = (Py_ssize_t)dropped;
+    ok = 1;
 done:
-    result = outputs_finish(&o, out, out_spans, result);
-    inputs_release(&in);
     PyMem_Free(lens);
+    {
+        PyObject *r = outputs_finish(&o, out, out_spans, ok ? Py_NewRef(Py_None) : NULL);
+        if (r == NULL) return -1;
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
+int ef_split_frames_into(const uint8_t *frames, size_t frames_len, const uint8_t *spans, size_t spans_len,
+                         Py_ssize_t count, PyObject *out, PyObject *out_spans, Py_ssize_t *npackets,
+                         Py_ssize_t *dropped) {
+    Inputs in;
+    int r;
+    memset(&in, 0, sizeof(in));
+    *npackets = *dropped = 0;
+    r = inputs_from_spans(&in, frames, frames_len, spans, spans_len, count) < 0
+            ? -1
+            : split_inputs(&in, out, out_spans, npackets, dropped);
+    inputs_release(&in);
+    return r;
+}
+
+static PyObject *split_frames(PyObject *mod, PyObject *args) {
+    PyObject *frames, *spans, *out, *out_spans, *result = NULL;
+    Py_ssize_t count, npackets, dropped;
+    Inputs in;
+    if (!PyArg_ParseTuple(args, "OOnO!O!", &frames, &spans, &count, &PyByteArray_Type, &out, &PyByteArray_Type,
+                          &out_spans))
+        return NULL;
+    if (inputs_load(&in, frames, spans, count) == 0 && split_inputs(&in, out, out_spans, &npackets, &dropped) == 0)
+        result = Py_BuildValue("(nn)", npackets, dropped);
+    inputs_release(&in);
     return result;
 }
 
@@ -1614,31 +1775,28 @@ static PyObject *segment_spans(PyObject *mod, PyObject *args) {
  * `frame_max` bytes of room, and their spans (offset, length, index) into `spans`; both bytearrays
  * are grown once to their full size and then reused. Stops at EAGAIN (errno 0), at end of file,
  * or at another error (its errno, after the frames read before it). */
-static PyObject *read_frames(PyObject *mod, PyObject *args) {
-    int fd, err = 0;
-    PyObject *buf, *spans;
-    Py_ssize_t limit, frame_max;
+int ef_read_frames_into(int fd, PyObject *buf, PyObject *spans, Py_ssize_t limit, Py_ssize_t frame_max,
+                        Py_ssize_t *count, int *err) {
     Py_buffer bv, sv;
     size_t at = 0, n = 0;
-    if (!PyArg_ParseTuple(args, "iO!O!nn", &fd, &PyByteArray_Type, &buf, &PyByteArray_Type, &spans, &limit,
-                          &frame_max))
-        return NULL;
+    *count = 0;
+    *err = 0;
     if (limit < 1 || frame_max < 1 || frame_max > (1 << 20) || limit > 4096) {
         PyErr_SetString(PyExc_ValueError, "bad read_frames arguments");
-        return NULL;
+        return -1;
     }
-    if (grow(buf, (size_t)limit * (size_t)frame_max) < 0 || grow(spans, (size_t)limit * SPAN_BYTES) < 0) return NULL;
-    if (PyObject_GetBuffer(buf, &bv, PyBUF_WRITABLE) < 0) return NULL;
+    if (grow(buf, (size_t)limit * (size_t)frame_max) < 0 || grow(spans, (size_t)limit * SPAN_BYTES) < 0) return -1;
+    if (PyObject_GetBuffer(buf, &bv, PyBUF_WRITABLE) < 0) return -1;
     if (PyObject_GetBuffer(spans, &sv, PyBUF_WRITABLE) < 0) {
         PyBuffer_Release(&bv);
-        return NULL;
+        return -1;
     }
     while (n < (size_t)limit && at + (size_t)frame_max <= (size_t)bv.len && (n + 1) * SPAN_BYTES <= (size_t)sv.len) {
         ssize_t r = read(fd, (uint8_t *)bv.buf + at, (size_t)frame_max);
         uint32_t w[SPAN_WORDS];
         if (r < 0) {
             if (errno == EINTR) continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK) err = errno;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) *err = errno;
             break;
         }
         if (r == 0) break;
@@ -1651,7 +1809,19 @@ static PyObject *read_frames(PyObject *mod, PyObject *args) {
     }
     PyBuffer_Release(&bv);
     PyBuffer_Release(&sv);
-    return Py_BuildValue("(ni)", (Py_ssize_t)n, err);
+    *count = (Py_ssize_t)n;
+    return 0;
+}
+
+static PyObject *read_frames(PyObject *mod, PyObject *args) {
+    int fd, err;
+    PyObject *buf, *spans;
+    Py_ssize_t limit, frame_max, n;
+    if (!PyArg_ParseTuple(args, "iO!O!nn", &fd, &PyByteArray_Type, &buf, &PyByteArray_Type, &spans, &limit,
+                          &frame_max))
+        return NULL;
+    if (ef_read_frames_into(fd, buf, spans, limit, frame_max, &n, &err) < 0) return NULL;
+    return Py_BuildValue("(ni)", n, err);
 }
 
 /* recv_gro(fd, buf, spans, max_reads, read_max, accept) -> (count, reads, spis, odd, errnos)
@@ -1834,35 +2004,33 @@ done:
  * endpoint, or None for a slot the caller sends itself (plain ESP). Runs not sent - None
  * destination, or a failed call - come back in `aside` as (offset, length, segment, count,
  * tag, errno) with errno 0 for a None destination; the caller falls back or counts them. */
-static PyObject *send_runs(PyObject *mod, PyObject *args) {
-    int fd, gso;
-    Py_buffer dv, sv;
-    Py_ssize_t count, max_segments, max_bytes, sent = 0, sends = 0;
-    PyObject *dests, *aside = NULL, *result = NULL;
+int ef_send_runs_from(int fd, const uint8_t *data, size_t data_len, const uint8_t *spans, size_t spans_len,
+                      Py_ssize_t count, PyObject *dests, int gso, Py_ssize_t max_segments, Py_ssize_t max_bytes,
+                      Py_ssize_t *sent_out, Py_ssize_t *sends_out, PyObject **aside_out) {
+    Py_ssize_t sent = 0, sends = 0;
+    PyObject *aside = NULL;
     size_t i = 0;
-    if (!PyArg_ParseTuple(args, "iy*y*nO!pnn", &fd, &dv, &sv, &count, &PyTuple_Type, &dests, &gso, &max_segments,
-                          &max_bytes))
-        return NULL;
-    if (count < 0 || (size_t)count * SPAN_BYTES > (size_t)sv.len || max_segments < 1 || max_bytes < 1) {
+    *aside_out = NULL;
+    if (count < 0 || (size_t)count > spans_len / SPAN_BYTES || max_segments < 1 || max_bytes < 1) {
         PyErr_SetString(PyExc_ValueError, "bad send_runs arguments");
-        goto done;
+        return -1;
     }
     aside = PyList_New(0);
-    if (aside == NULL) goto done;
+    if (aside == NULL) return -1;
     while (i < (size_t)count) {
         uint32_t first[SPAN_WORDS], w[SPAN_WORDS];
         size_t j = i + 1, total, end, n;
         PyObject *dest;
         int err = 0;
-        memcpy(first, (uint8_t *)sv.buf + i * SPAN_BYTES, SPAN_BYTES);
-        if ((uint64_t)first[0] + first[1] > (uint64_t)dv.len) {
+        memcpy(first, spans + i * SPAN_BYTES, SPAN_BYTES);
+        if ((uint64_t)first[0] + first[1] > (uint64_t)data_len) {
             PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
             goto done;
         }
         total = first[1];
         end = (size_t)first[0] + first[1];
         while (j < (size_t)count && j - i < (size_t)max_segments) {
-            memcpy(w, (uint8_t *)sv.buf + j * SPAN_BYTES, SPAN_BYTES);
+            memcpy(w, spans + j * SPAN_BYTES, SPAN_BYTES);
             if (w[2] != first[2] || w[0] != end || w[1] > first[1] || total + w[1] > (size_t)max_bytes) break;
             total += w[1];
             end += w[1];
@@ -1876,7 +2044,7 @@ static PyObject *send_runs(PyObject *mod, PyObject *args) {
             goto done;
         }
         if (dest != Py_None) {
-            const uint8_t *p = (const uint8_t *)dv.buf + first[0];
+            const uint8_t *p = data + first[0];
             struct sockaddr *to = (struct sockaddr *)PyBytes_AS_STRING(dest);
             socklen_t tolen = (socklen_t)PyBytes_GET_SIZE(dest);
             if (gso && n > 1) {
@@ -1934,9 +2102,26 @@ static PyObject *send_runs(PyObject *mod, PyObject *args) {
         }
         i = j;
     }
-    result = Py_BuildValue("(nnO)", sent, sends, aside);
+    *sent_out = sent;
+    *sends_out = sends;
+    *aside_out = aside;
+    return 0;
 done:
     Py_XDECREF(aside);
+    return -1;
+}
+
+static PyObject *send_runs(PyObject *mod, PyObject *args) {
+    int fd, gso;
+    Py_buffer dv, sv;
+    Py_ssize_t count, max_segments, max_bytes, sent, sends;
+    PyObject *dests, *aside, *result = NULL;
+    if (!PyArg_ParseTuple(args, "iy*y*nO!pnn", &fd, &dv, &sv, &count, &PyTuple_Type, &dests, &gso, &max_segments,
+                          &max_bytes))
+        return NULL;
+    if (ef_send_runs_from(fd, dv.buf, (size_t)dv.len, sv.buf, (size_t)sv.len, count, dests, gso, max_segments,
+                          max_bytes, &sent, &sends, &aside) == 0)
+        result = Py_BuildValue("(nnN)", sent, sends, aside);
     PyBuffer_Release(&dv);
     PyBuffer_Release(&sv);
     return result;
@@ -2021,33 +2206,36 @@ done:
 }
 
 /* clamp_mss(data, spans, count, mss4, mss6) -> int: MSS of TCP SYNs lowered in place; how many. */
+long ef_clamp_mss_spans(uint8_t *data, size_t data_len, const uint8_t *spans, size_t spans_len, Py_ssize_t count,
+                        int mss4, int mss6) {
+    long clamped = 0;
+    if (count < 0 || (size_t)count > spans_len / SPAN_BYTES || mss4 < 0 || mss4 > 0xFFFF || mss6 < 0 ||
+        mss6 > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "bad clamp_mss arguments");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint32_t w[SPAN_WORDS];
+        memcpy(w, spans + (size_t)i * SPAN_BYTES, SPAN_BYTES);
+        if ((uint64_t)w[0] + w[1] > (uint64_t)data_len) {
+            PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
+            return -1;
+        }
+        clamped += ef_clamp_mss(data + w[0], w[1], (uint16_t)mss4, (uint16_t)mss6);
+    }
+    return clamped;
+}
+
 static PyObject *clamp_mss(PyObject *mod, PyObject *args) {
     Py_buffer dv, sv;
     Py_ssize_t count;
     int mss4, mss6;
-    long clamped = 0;
+    long clamped;
     if (!PyArg_ParseTuple(args, "w*y*nii", &dv, &sv, &count, &mss4, &mss6)) return NULL;
-    if (count < 0 || (size_t)count * SPAN_BYTES > (size_t)sv.len || mss4 < 0 || mss4 > 0xFFFF || mss6 < 0 ||
-        mss6 > 0xFFFF) {
-        PyErr_SetString(PyExc_ValueError, "bad clamp_mss arguments");
-        PyBuffer_Release(&dv);
-        PyBuffer_Release(&sv);
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        uint32_t w[SPAN_WORDS];
-        memcpy(w, (uint8_t *)sv.buf + (size_t)i * SPAN_BYTES, SPAN_BYTES);
-        if ((uint64_t)w[0] + w[1] > (uint64_t)dv.len) {
-            PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
-            PyBuffer_Release(&dv);
-            PyBuffer_Release(&sv);
-            return NULL;
-        }
-        clamped += ef_clamp_mss((uint8_t *)dv.buf + w[0], w[1], (uint16_t)mss4, (uint16_t)mss6);
-    }
+    clamped = ef_clamp_mss_spans(dv.buf, (size_t)dv.len, sv.buf, (size_t)sv.len, count, mss4, mss6);
     PyBuffer_Release(&dv);
     PyBuffer_Release(&sv);
-    return PyLong_FromLong(clamped);
+    return clamped < 0 ? NULL : PyLong_FromLong(clamped);
 }
 
 /* -- module -------------------------------------------------------------------------------------- */

@@ -22,14 +22,14 @@
 #include <string.h>
 
 #include "espfast_core.h"
+#include "espfast_steps.h"
 
 #define PUMP_SPAN_BYTES 12
 #define SLOT_SKIP 0xFFFF
 
 int ef_pump_init(PyObject *module); /* called by PyInit__espfast */
 
-static PyObject *fn_read_frames, *fn_split_frames, *fn_clamp_mss, *fn_encrypt_batch, *fn_send_runs, *fn_recv_gro,
-    *fn_decrypt_batch, *fn_coalesce, *fn_write_frames;
+static PyObject *fn_clamp_mss, *fn_recv_gro, *fn_decrypt_batch, *fn_coalesce, *fn_write_frames;
 
 /* -- the flow -> slot cache ---------------------------------------------------------------------- */
 #define KEY_BYTES 37 /* protocol + IPv6 addresses + ports */
@@ -204,21 +204,20 @@ static PyTypeObject SlotCacheType = {
 };
 
 /* -- helpers ------------------------------------------------------------------------------------- */
-/* Unpack a 2-tuple of ints (n, m) returned by a step. */
-static int two_ints(PyObject *r, Py_ssize_t *a, Py_ssize_t *b) {
-    if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) < 2) {
-        PyErr_SetString(PyExc_RuntimeError, "_espfast pump: unexpected step result");
-        return -1;
-    }
-    *a = PyLong_AsSsize_t(PyTuple_GET_ITEM(r, 0));
-    *b = PyLong_AsSsize_t(PyTuple_GET_ITEM(r, 1));
-    return PyErr_Occurred() ? -1 : 0;
-}
-
 static Py_ssize_t as_count(PyObject *r) {
     Py_ssize_t n = r == NULL ? -1 : PyLong_AsSsize_t(r);
     Py_XDECREF(r);
     return n;
+}
+
+/* A read (flags 0) or writable export of a bytearray and a read export of its spans. */
+static int two_views(PyObject *data, int flags, Py_buffer *dv, PyObject *spans, Py_buffer *sv) {
+    if (PyObject_GetBuffer(data, dv, flags | PyBUF_SIMPLE) < 0) return -1;
+    if (PyObject_GetBuffer(spans, sv, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(dv);
+        return -1;
+    }
+    return 0;
 }
 
 /* -- outbound ------------------------------------------------------------------------------------ */
@@ -227,35 +226,28 @@ static Py_ssize_t as_count(PyObject *r) {
  * -> (nframes, read_errno, npackets, dropped, super_frames, clamped, sealed, used, sent, sends, aside)
  * mss4 < 0: no clamp. sealed: ESP payloads written to esp/esp_spans and sent (send_runs' sent,
  * sends and aside), `used` the slots they used; -1 when a frame missed the cache (nothing
- * sealed: the frames and packets wait in their bytearrays for the caller). */
+ * sealed: the frames and packets wait in their bytearrays for the caller). The steps are the C
+ * cores behind read_frames, split_frames, clamp_mss, encrypt_batch and send_runs
+ * (espfast_steps.h), called directly: a failing step raises what its entry point raises. */
 static PyObject *pump_out(PyObject *mod, PyObject *args) {
-    int tun_fd, udp_fd, mss4, mss6, gso;
+    int tun_fd, udp_fd, mss4, mss6, gso, read_err = 0;
     PyObject *frames, *frame_spans, *cache_obj, *packets, *packet_spans, *slots, *flows, *esp, *esp_spans, *dests;
-    Py_ssize_t limit, frame_max, max_segments, max_bytes, nframes = 0, read_err = 0, npackets = 0, dropped = 0,
-                                                          clamped = 0, super_frames = 0, sealed = 0;
+    Py_ssize_t limit, frame_max, max_segments, max_bytes, nframes = 0, npackets = 0, dropped = 0, clamped = 0,
+                                                          super_frames = 0, sealed = 0, sent = 0, sends = 0;
     double now;
-    PyObject *r = NULL, *which = Py_None, *used = NULL, *sent = NULL, *result = NULL;
+    PyObject *used = NULL, *aside = NULL, *result = NULL;
     uint16_t *frame_slot = NULL;
-    int uniform = -1, miss = 0;
+    int miss = 0;
     if (!PyArg_ParseTuple(args, "iO!O!nnO!O!O!iiO!dOO!O!iO!pnn", &tun_fd, &PyByteArray_Type, &frames,
                           &PyByteArray_Type, &frame_spans, &limit, &frame_max, &SlotCacheType, &cache_obj,
                           &PyByteArray_Type, &packets, &PyByteArray_Type, &packet_spans, &mss4, &mss6, &PyTuple_Type,
                           &slots, &now, &flows, &PyByteArray_Type, &esp, &PyByteArray_Type, &esp_spans, &udp_fd,
                           &PyTuple_Type, &dests, &gso, &max_segments, &max_bytes))
         return NULL;
-    Py_INCREF(which);
-    r = PyObject_CallFunction(fn_read_frames, "iOOnn", tun_fd, frames, frame_spans, limit, frame_max);
-    if (r == NULL || two_ints(r, &nframes, &read_err) < 0) goto done;
-    Py_CLEAR(r);
-    if (nframes > 0) {
-        r = PyObject_CallFunction(fn_split_frames, "OOnOO", frames, frame_spans, nframes, packets, packet_spans);
-        if (r == NULL || two_ints(r, &npackets, &dropped) < 0) goto done;
-        Py_CLEAR(r);
-    }
-    if (npackets > 0 && mss4 >= 0) {
-        clamped = as_count(PyObject_CallFunction(fn_clamp_mss, "OOnii", packets, packet_spans, npackets, mss4, mss6));
-        if (clamped < 0) goto done;
-    }
+    /* The steps' C cores, called directly. Each input bytearray is exported (locked) while a step
+     * reads it, as the Python-level entry points' buffer arguments lock theirs, so an output that
+     * aliases an input fails to grow instead of moving the input under the step. */
+    if (ef_read_frames_into(tun_fd, frames, frame_spans, limit, frame_max, &nframes, &read_err) < 0) goto done;
     /* one decision per frame, through the cache (bounds: read_frames wrote nframes spans inside `frames`) */
     frame_slot = PyMem_Calloc((size_t)nframes + 1, sizeof(uint16_t));
     if (frame_slot == NULL) {
@@ -288,44 +280,46 @@ static PyObject *pump_out(PyObject *mod, PyObject *args) {
                 continue;
             }
             frame_slot[i] = (uint16_t)s;
-            uniform = uniform == -1 || uniform == s ? s : -2;
         }
-        if (miss) {
+        if (miss)
             cache->misses++;
-            sealed = -1;
-            used = PyTuple_New(0);
-            goto finish;
+        else
+            cache->hits += (unsigned long long)nframes;
+    }
+    if (miss) { /* split and clamp only: the frames and packets wait in their bytearrays for Python */
+        Py_buffer fv, sv;
+        int rc;
+        if (two_views(frames, 0, &fv, frame_spans, &sv) < 0) goto done;
+        rc = ef_split_frames_into(fv.buf, (size_t)fv.len, sv.buf, (size_t)sv.len, nframes, packets, packet_spans,
+                                  &npackets, &dropped);
+        PyBuffer_Release(&fv);
+        PyBuffer_Release(&sv);
+        if (rc < 0) goto done;
+        if (npackets > 0 && mss4 >= 0) {
+            Py_buffer pv, psv;
+            if (two_views(packets, PyBUF_WRITABLE, &pv, packet_spans, &psv) < 0) goto done;
+            clamped = ef_clamp_mss_spans(pv.buf, (size_t)pv.len, psv.buf, (size_t)psv.len, npackets, mss4, mss6);
+            PyBuffer_Release(&pv);
+            PyBuffer_Release(&psv);
+            if (clamped < 0) goto done;
         }
-        cache->hits += (unsigned long long)nframes;
+        sealed = -1;
+        used = PyTuple_New(0);
+        goto finish;
+    }
+    if (nframes > 0) { /* every frame known: split in place, clamped and sealed in one pass */
+        Py_buffer fv, sv;
+        if (two_views(frames, PyBUF_WRITABLE, &fv, frame_spans, &sv) < 0) goto done;
+        sealed = ef_split_seal_frames(slots, frame_slot, fv.buf, (size_t)fv.len, sv.buf, (size_t)sv.len, nframes,
+                                      mss4, mss6, now, esp, esp_spans, flows, &npackets, &dropped, &clamped);
+        PyBuffer_Release(&fv);
+        PyBuffer_Release(&sv);
+        if (sealed < 0) goto done;
     }
     if (npackets == 0) {
         used = PyTuple_New(0);
         goto finish;
     }
-    if (uniform != 0) { /* per packet: the slot of its frame (split tags are frame indices) */
-        const uint8_t *sp = (const uint8_t *)PyByteArray_AS_STRING(packet_spans);
-        uint16_t *w16;
-        Py_DECREF(which);
-        which = PyByteArray_FromStringAndSize(NULL, npackets * 2);
-        if (which == NULL) goto done;
-        w16 = (uint16_t *)PyByteArray_AS_STRING(which);
-        if ((size_t)npackets * PUMP_SPAN_BYTES > (size_t)PyByteArray_GET_SIZE(packet_spans)) {
-            PyErr_SetString(PyExc_RuntimeError, "_espfast pump: packet spans miscounted");
-            goto done;
-        }
-        for (Py_ssize_t k = 0; k < npackets; k++) {
-            uint32_t w[3];
-            memcpy(w, sp + (size_t)k * PUMP_SPAN_BYTES, PUMP_SPAN_BYTES);
-            if (w[2] >= (uint32_t)nframes) {
-                PyErr_SetString(PyExc_RuntimeError, "_espfast pump: a packet of no frame");
-                goto done;
-            }
-            w16[k] = frame_slot[w[2]];
-        }
-    }
-    sealed = as_count(PyObject_CallFunction(fn_encrypt_batch, "OOOOndOOO", slots, which, packets, packet_spans,
-                                            npackets, now, esp, esp_spans, flows));
-    if (sealed < 0) goto done;
     {
         Py_ssize_t nused = 0;
         int seen[8] = {-1, -1, -1, -1, -1, -1, -1, -1}; /* the slots used: few per wake-up */
@@ -351,21 +345,23 @@ static PyObject *pump_out(PyObject *mod, PyObject *args) {
         if (used == NULL) goto done;
     }
     if (sealed > 0) {
-        sent = PyObject_CallFunction(fn_send_runs, "iOOnOinn", udp_fd, esp, esp_spans, sealed, dests, gso,
-                                     max_segments, max_bytes);
-        if (sent == NULL) goto done;
+        Py_buffer ev, sv;
+        int rc;
+        if (two_views(esp, 0, &ev, esp_spans, &sv) < 0) goto done;
+        rc = ef_send_runs_from(udp_fd, ev.buf, (size_t)ev.len, sv.buf, (size_t)sv.len, sealed, dests, gso,
+                               max_segments, max_bytes, &sent, &sends, &aside);
+        PyBuffer_Release(&ev);
+        PyBuffer_Release(&sv);
+        if (rc < 0) goto done;
     }
 finish:
     if (used == NULL) goto done;
-    if (sent == NULL) sent = Py_BuildValue("(nnN)", (Py_ssize_t)0, (Py_ssize_t)0, PyList_New(0));
-    if (sent == NULL || !PyTuple_Check(sent) || PyTuple_GET_SIZE(sent) != 3) goto done;
-    result = Py_BuildValue("(nnnnnnnOOOO)", nframes, read_err, npackets, dropped, super_frames, clamped, sealed, used,
-                           PyTuple_GET_ITEM(sent, 0), PyTuple_GET_ITEM(sent, 1), PyTuple_GET_ITEM(sent, 2));
+    if (aside == NULL && (aside = PyList_New(0)) == NULL) goto done;
+    result = Py_BuildValue("(nnnnnnnOnnO)", nframes, (Py_ssize_t)read_err, npackets, dropped, super_frames, clamped,
+                           sealed, used, sent, sends, aside);
 done:
-    Py_XDECREF(r);
-    Py_XDECREF(which);
     Py_XDECREF(used);
-    Py_XDECREF(sent);
+    Py_XDECREF(aside);
     PyMem_Free(frame_slot);
     return result;
 }
@@ -457,9 +453,7 @@ static int take(PyObject *module, const char *name, PyObject **slot) {
 }
 
 int ef_pump_init(PyObject *module) {
-    if (take(module, "read_frames", &fn_read_frames) < 0 || take(module, "split_frames", &fn_split_frames) < 0 ||
-        take(module, "clamp_mss", &fn_clamp_mss) < 0 || take(module, "encrypt_batch", &fn_encrypt_batch) < 0 ||
-        take(module, "send_runs", &fn_send_runs) < 0 || take(module, "recv_gro", &fn_recv_gro) < 0 ||
+    if (take(module, "clamp_mss", &fn_clamp_mss) < 0 || take(module, "recv_gro", &fn_recv_gro) < 0 ||
         take(module, "decrypt_batch", &fn_decrypt_batch) < 0 || take(module, "coalesce", &fn_coalesce) < 0 ||
         take(module, "write_frames", &fn_write_frames) < 0)
         return -1;
