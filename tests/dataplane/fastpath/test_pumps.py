@@ -9,6 +9,8 @@ must take exactly the frames whose SPD decision the transform caches.
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import socket
 import struct
@@ -543,3 +545,32 @@ def test_pump_in_reports_a_failing_step_and_keeps_the_odd_reads(
     )
     assert isinstance(failure, TypeError)
     assert (count, reads, len(odd), ninner, written) == (1, 2, 1, 0, 0)
+
+
+def test_pump_in_clamps_and_reports_failed_tun_writes(udp_pair: tuple[socket.socket, socket.socket]) -> None:
+    """A SYN through the clamp, and TUN writes that fail: counted per frame, not a failure."""
+    module = compiled_module()
+    suite = AEAD_SUITES[0]
+    out_a, in_a = sa_pair(suite, encr_key=bytes(range(suite.encr_key_bytes)), integ_key=b"")
+    compiled, _ = both_cores()
+    compiled.install_inbound(inbound(in_a), in_a)
+    sender = PythonEspBatch()
+    sender.install_outbound(outbound(out_a, reserved_upto=MAX32), out_a)
+    syn = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=5, dport=6, flags="S", options=[("MSS", 1460)]))
+    tx, rx = udp_pair
+    for d in sender.encrypt([syn, bytes(IP() / UDP() / Raw(b"x"))], 1.0).to_list():
+        tx.sendto(d, rx.getsockname())
+    read_end, write_end = os.pipe()
+    b = [bytearray() for _ in range(6)]
+    try:
+        count, reads, _, odd, _, failure, ninner, clamped, written, write_errnos = module.pump_in(
+            rx.fileno(), b[0], b[1], 8, 65536, {in_a.spi}, compiled.inbound_table, 5.0, None, b[2], b[3],
+            1300, 1280, False, b[4], b[5], read_end,
+        )  # fmt: skip
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert failure is None
+    assert (count, reads, odd, ninner, clamped, written) == (2, 2, [], 2, 1, 0)
+    assert write_errnos == [errno.EBADF, errno.EBADF]
+    assert struct.unpack_from("!H", b[2], 20 + 22)[0] == 1300  # the clamped MSS in the opened SYN

@@ -39,6 +39,7 @@
 #include <openssl/opensslv.h>
 
 #include "espfast_core.h"
+#include "espfast_inbound.h"
 #include "espfast_steps.h"
 
 int ef_pump_init(PyObject *module); /* espfast_pump.c: pump_out, pump_in, SlotCache */
@@ -956,14 +957,20 @@ static void outputs_release(Outputs *o) {
     o->have_data = o->have_spans = 0;
 }
 
-/* Unlock the outputs and trim them to what was written (`data` is then exactly the packets). */
-static PyObject *outputs_finish(Outputs *o, PyObject *data, PyObject *spans, PyObject *result) {
+/* Unlock the outputs and, when `ok`, trim them to what was written (`data` is then exactly the
+ * packets). -1 when a trim failed. */
+static int outputs_done(Outputs *o, PyObject *data, PyObject *spans, int ok) {
     int opened = o->have_data && o->have_spans;
     outputs_release(o);
-    if (result != NULL && opened &&
+    if (ok && opened &&
         (PyByteArray_Resize(data, (Py_ssize_t)o->at) < 0 ||
          PyByteArray_Resize(spans, (Py_ssize_t)(o->count * SPAN_BYTES)) < 0))
-        Py_CLEAR(result);
+        return -1;
+    return 0;
+}
+
+static PyObject *outputs_finish(Outputs *o, PyObject *data, PyObject *spans, PyObject *result) {
+    if (outputs_done(o, data, spans, result != NULL) < 0) Py_CLEAR(result);
     return result;
 }
 
@@ -1444,11 +1451,11 @@ static int deliver(Outputs *o, Slot *s, FlowTableObject *flows, size_t len) {
  * ESP payloads (SPI .. ICV) of any SA in the table -> inner packets; span tags are SPIs.
  * non_esp: a list that receives the input index of every NAT keepalive and non-ESP-marker
  * (IKE) datagram instead of counting them as drops. */
-static PyObject *decrypt_batch(PyObject *mod, PyObject *args) {
-    PyObject *packets, *spans, *out, *out_spans, *flows_obj, *non_esp = Py_None, *now_obj = NULL, *result = NULL;
+Py_ssize_t ef_decrypt_batch(PyObject *table_obj, PyObject *packets, PyObject *spans, Py_ssize_t count, double now,
+                            PyObject *out, PyObject *out_spans, PyObject *flows_obj, PyObject *non_esp) {
+    PyObject *now_obj = NULL;
     TableObject *table;
-    Py_ssize_t count;
-    double now;
+    Py_ssize_t result = -1;
     Inputs in;
     Outputs o;
     Slot *loaded = NULL;
@@ -1457,21 +1464,23 @@ static PyObject *decrypt_batch(PyObject *mod, PyObject *args) {
 
     memset(&in, 0, sizeof(in));
     memset(&o, 0, sizeof(o));
-    if (!PyArg_ParseTuple(args, "O!OOndO!O!O|O", &TableType, &table, &packets, &spans, &count, &now, &PyByteArray_Type,
-                          &out, &PyByteArray_Type, &out_spans, &flows_obj, &non_esp))
-        return NULL;
+    if (!PyObject_TypeCheck(table_obj, &TableType) || !PyByteArray_Check(out) || !PyByteArray_Check(out_spans)) {
+        PyErr_SetString(PyExc_TypeError, "decrypt_batch: table must be an InboundTable, out and out_spans bytearrays");
+        return -1;
+    }
+    table = (TableObject *)table_obj;
     if (non_esp != Py_None && !PyList_Check(non_esp)) {
         PyErr_SetString(PyExc_TypeError, "non_esp must be a list or None");
-        return NULL;
+        return -1;
     }
     if (flows_obj != Py_None) {
         if (!PyObject_TypeCheck(flows_obj, &FlowTableType)) {
             PyErr_SetString(PyExc_TypeError, "flows must be a FlowTable or None");
-            return NULL;
+            return -1;
         }
         flows = (FlowTableObject *)flows_obj;
     }
-    if (enter_batch() < 0) return NULL;
+    if (enter_batch() < 0) return -1;
     Py_INCREF(table);
     if (inputs_load(&in, packets, spans, count) < 0) goto done;
     for (size_t i = 0; i < in.n; i++) need += (size_t)in.pkts[i].len + 64; /* transport mode may add an IP header */
@@ -1570,16 +1579,27 @@ static PyObject *decrypt_batch(PyObject *mod, PyObject *args) {
         }
         if (deliver(&o, s, flows, inner_len) < 0) goto done;
     }
-    result = PyLong_FromSize_t(o.count);
+    result = (Py_ssize_t)o.count;
 done:
-    if (flush_all(&loaded) < 0) Py_CLEAR(result);
-    if (add_drops(table->counters, table->drops) < 0) Py_CLEAR(result);
-    result = outputs_finish(&o, out, out_spans, result);
+    if (flush_all(&loaded) < 0) result = -1;
+    if (add_drops(table->counters, table->drops) < 0) result = -1;
+    if (outputs_done(&o, out, out_spans, result >= 0) < 0) result = -1;
     inputs_release(&in);
     Py_XDECREF(now_obj);
     Py_DECREF(table);
     in_batch = 0;
     return result;
+}
+
+static PyObject *decrypt_batch(PyObject *mod, PyObject *args) {
+    PyObject *packets, *spans, *table, *out, *out_spans, *flows, *non_esp = Py_None;
+    Py_ssize_t count, n;
+    double now;
+    if (!PyArg_ParseTuple(args, "O!OOndO!O!O|O", &TableType, &table, &packets, &spans, &count, &now, &PyByteArray_Type,
+                          &out, &PyByteArray_Type, &out_spans, &flows, &non_esp))
+        return NULL;
+    n = ef_decrypt_batch(table, packets, spans, count, now, out, out_spans, flows, non_esp);
+    return n < 0 ? NULL : PyLong_FromSsize_t(n);
 }
 
 /* -- segmentation -------------------------------------------------------------------------------- */
@@ -1658,10 +1678,9 @@ static PyObject *split_frames(PyObject *mod, PyObject *args) {
 
 /* coalesce(packets, spans, count, merge_udp, out, out_spans) -> int
  * Inner packets -> TUN frames with merged TCP (and UDP) runs; span tags are each frame's first packet. */
-static PyObject *coalesce(PyObject *mod, PyObject *args) {
-    PyObject *packets, *spans, *out, *out_spans, *result = NULL;
-    Py_ssize_t count;
-    int merge_udp;
+Py_ssize_t ef_coalesce(PyObject *packets, PyObject *spans, Py_ssize_t count, int merge_udp, PyObject *out,
+                       PyObject *out_spans) {
+    Py_ssize_t result = -1;
     Inputs in;
     Outputs o;
     void *scratch = NULL;
@@ -1671,9 +1690,10 @@ static PyObject *coalesce(PyObject *mod, PyObject *args) {
     long frames;
     memset(&in, 0, sizeof(in));
     memset(&o, 0, sizeof(o));
-    if (!PyArg_ParseTuple(args, "OOnpO!O!", &packets, &spans, &count, &merge_udp, &PyByteArray_Type, &out,
-                          &PyByteArray_Type, &out_spans))
-        return NULL;
+    if (!PyByteArray_Check(out) || !PyByteArray_Check(out_spans)) {
+        PyErr_SetString(PyExc_TypeError, "coalesce: out and out_spans must be bytearrays");
+        return -1;
+    }
     if (inputs_load(&in, packets, spans, count) < 0) goto done;
     scratch = PyMem_Malloc(ef_coalesce_scratch_bytes(in.n) + 16);
     lens = PyMem_Malloc((in.n + 1) * sizeof(uint32_t));
@@ -1691,14 +1711,25 @@ static PyObject *coalesce(PyObject *mod, PyObject *args) {
     }
     for (long k = 0; k < frames; k++)
         if (emit(&o, lens[k], firsts[k]) < 0) goto done;
-    result = PyLong_FromSize_t(o.count);
+    result = (Py_ssize_t)o.count;
 done:
-    result = outputs_finish(&o, out, out_spans, result);
+    if (outputs_done(&o, out, out_spans, result >= 0) < 0) result = -1;
     inputs_release(&in);
     PyMem_Free(scratch);
     PyMem_Free(lens);
     PyMem_Free(firsts);
     return result;
+}
+
+static PyObject *coalesce(PyObject *mod, PyObject *args) {
+    PyObject *packets, *spans, *out, *out_spans;
+    Py_ssize_t count, n;
+    int merge_udp;
+    if (!PyArg_ParseTuple(args, "OOnpO!O!", &packets, &spans, &count, &merge_udp, &PyByteArray_Type, &out,
+                          &PyByteArray_Type, &out_spans))
+        return NULL;
+    n = ef_coalesce(packets, spans, count, merge_udp, out, out_spans);
+    return n < 0 ? NULL : PyLong_FromSsize_t(n);
 }
 
 /* -- helpers for the UDP room ------------------------------------------------------------------- */
@@ -1833,27 +1864,28 @@ static PyObject *read_frames(PyObject *mod, PyObject *args) {
  * (address, port), pktinfo) with pktinfo the raw IP_PKTINFO/IPV6_PKTINFO control message or
  * None. Truncated reads are dropped; `errnos` lists failed calls (ICMP errors queued on the
  * socket), which do not end the loop before max_reads calls. */
-static PyObject *recv_gro(PyObject *mod, PyObject *args) {
-    int fd;
-    PyObject *buf, *spans, *accept, *spis = NULL, *odd = NULL, *errnos = NULL, *result = NULL;
-    Py_ssize_t max_reads, read_max;
+int ef_recv_gro(int fd, PyObject *buf, PyObject *spans, Py_ssize_t max_reads, Py_ssize_t read_max, PyObject *accept,
+                ef_gro_reads *got) {
+    PyObject *spis = NULL, *odd = NULL, *errnos = NULL;
     Py_buffer bv, sv;
-    int have_b = 0, have_s = 0;
+    int have_b = 0, have_s = 0, status = -1;
     size_t at = 0, count = 0, reads = 0;
     long calls = 0;
     uint32_t last_spi = 0;
     int have_last = 0;
-    if (!PyArg_ParseTuple(args, "iO!O!nnO!", &fd, &PyByteArray_Type, &buf, &PyByteArray_Type, &spans, &max_reads,
-                          &read_max, &PySet_Type, &accept))
-        return NULL;
+    memset(got, 0, sizeof(*got));
+    if (!PyByteArray_Check(buf) || !PyByteArray_Check(spans) || !PyAnySet_Check(accept)) {
+        PyErr_SetString(PyExc_TypeError, "recv_gro: buf and spans must be bytearrays, accept a set");
+        return -1;
+    }
     if (max_reads < 1 || max_reads > 1024 || read_max < 1 || read_max > (1 << 20)) {
         PyErr_SetString(PyExc_ValueError, "bad recv_gro arguments");
-        return NULL;
+        return -1;
     }
     /* at most read_max / 8 + 1 datagrams of at least 8 bytes per accepted read */
     if (grow(buf, (size_t)max_reads * (size_t)read_max) < 0 ||
         grow(spans, (size_t)max_reads * ((size_t)read_max / 8 + 1) * SPAN_BYTES) < 0)
-        return NULL;
+        return -1;
     spis = PyList_New(0);
     odd = PyList_New(0);
     errnos = PyList_New(0);
@@ -1986,14 +2018,32 @@ static PyObject *recv_gro(PyObject *mod, PyObject *args) {
         }
         at += nbytes;
     }
-    result = Py_BuildValue("(nnOOO)", (Py_ssize_t)count, (Py_ssize_t)reads, spis, odd, errnos);
+    got->count = (Py_ssize_t)count;
+    got->reads = (Py_ssize_t)reads;
+    got->spis = spis;
+    got->odd = odd;
+    got->errnos = errnos;
+    spis = odd = errnos = NULL;
+    status = 0;
 done:
     if (have_b) PyBuffer_Release(&bv);
     if (have_s) PyBuffer_Release(&sv);
     Py_XDECREF(spis);
     Py_XDECREF(odd);
     Py_XDECREF(errnos);
-    return result;
+    return status;
+}
+
+static PyObject *recv_gro(PyObject *mod, PyObject *args) {
+    int fd;
+    PyObject *buf, *spans, *accept;
+    Py_ssize_t max_reads, read_max;
+    ef_gro_reads got;
+    if (!PyArg_ParseTuple(args, "iO!O!nnO!", &fd, &PyByteArray_Type, &buf, &PyByteArray_Type, &spans, &max_reads,
+                          &read_max, &PySet_Type, &accept))
+        return NULL;
+    if (ef_recv_gro(fd, buf, spans, max_reads, read_max, accept, &got) < 0) return NULL;
+    return Py_BuildValue("(nnNNN)", got.count, got.reads, got.spis, got.odd, got.errnos);
 }
 
 /* send_runs(fd, data, spans, count, dests, gso, max_segments, max_bytes) -> (sent, sends, aside)
@@ -2130,41 +2180,47 @@ static PyObject *send_runs(PyObject *mod, PyObject *args) {
 /* write_frames(fd, data, spans, count) -> (written, errnos)
  * One write(2) per span (a TUN frame each); `errnos` lists the errno of every write that failed
  * (empty when all went through). */
+int ef_write_frames(int fd, const uint8_t *data, size_t data_len, const uint8_t *spans, size_t spans_len,
+                    Py_ssize_t count, Py_ssize_t *written, PyObject *errnos) {
+    *written = 0;
+    if (count < 0 || (size_t)count * SPAN_BYTES > spans_len) {
+        PyErr_SetString(PyExc_ValueError, "count exceeds the spans");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint32_t w[SPAN_WORDS];
+        ssize_t r;
+        memcpy(w, spans + (size_t)i * SPAN_BYTES, SPAN_BYTES);
+        if ((uint64_t)w[0] + w[1] > (uint64_t)data_len) {
+            PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
+            return -1;
+        }
+        r = write(fd, data + w[0], w[1]);
+        if (r < 0 && errno == EINTR) r = write(fd, data + w[0], w[1]);
+        if (r >= 0) {
+            (*written)++;
+        } else {
+            PyObject *e = PyLong_FromLong(errno);
+            if (e == NULL || PyList_Append(errnos, e) < 0) {
+                Py_XDECREF(e);
+                return -1;
+            }
+            Py_DECREF(e);
+        }
+    }
+    return 0;
+}
+
 static PyObject *write_frames(PyObject *mod, PyObject *args) {
     int fd;
     Py_buffer dv, sv;
     Py_ssize_t count, written = 0;
     PyObject *errnos = NULL, *result = NULL;
     if (!PyArg_ParseTuple(args, "iy*y*n", &fd, &dv, &sv, &count)) return NULL;
-    if (count < 0 || (size_t)count * SPAN_BYTES > (size_t)sv.len) {
-        PyErr_SetString(PyExc_ValueError, "count exceeds the spans");
-        goto done;
-    }
     errnos = PyList_New(0);
-    if (errnos == NULL) goto done;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        uint32_t w[SPAN_WORDS];
-        ssize_t r;
-        memcpy(w, (uint8_t *)sv.buf + (size_t)i * SPAN_BYTES, SPAN_BYTES);
-        if ((uint64_t)w[0] + w[1] > (uint64_t)dv.len) {
-            PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
-            goto done;
-        }
-        r = write(fd, (const uint8_t *)dv.buf + w[0], w[1]);
-        if (r < 0 && errno == EINTR) r = write(fd, (const uint8_t *)dv.buf + w[0], w[1]);
-        if (r >= 0) {
-            written++;
-        } else {
-            PyObject *e = PyLong_FromLong(errno);
-            if (e == NULL || PyList_Append(errnos, e) < 0) {
-                Py_XDECREF(e);
-                goto done;
-            }
-            Py_DECREF(e);
-        }
-    }
-    result = Py_BuildValue("(nO)", written, errnos);
-done:
+    if (errnos != NULL && ef_write_frames(fd, (const uint8_t *)dv.buf, (size_t)dv.len, (const uint8_t *)sv.buf,
+                                          (size_t)sv.len, count, &written, errnos) == 0)
+        result = Py_BuildValue("(nO)", written, errnos);
     Py_XDECREF(errnos);
     PyBuffer_Release(&dv);
     PyBuffer_Release(&sv);

@@ -7,7 +7,10 @@
  * Each pump is the datapath's existing chain of compiled calls (read_frames, split_frames,
  * clamp_mss, encrypt_batch, send_runs / recv_gro, decrypt_batch, clamp_mss, coalesce,
  * write_frames) run from C: the same functions with the same arguments and bounds checks,
- * without a Python frame, a PacketBatch or a wrapper per step. Python keeps every decision:
+ * without a Python frame, a PacketBatch or a wrapper per step. Both pumps call the steps' C
+ * bodies (espfast_steps.h, espfast_inbound.h) directly, without an argument tuple or a result
+ * object per step; when every frame hits the cache, pump_out splits each TSO frame in place and
+ * seals each packet before building the next (no payload copy). Python keeps every decision:
  * the outbound pump seals only when every frame of the wake-up hits the flow -> slot cache
  * (`SlotCache`), which holds nothing but what the transform's SPD lookup taught it
  * (`learn`) and is emptied whenever the transform's own flow cache or the core's slots
@@ -22,14 +25,13 @@
 #include <string.h>
 
 #include "espfast_core.h"
+#include "espfast_inbound.h"
 #include "espfast_steps.h"
 
 #define PUMP_SPAN_BYTES 12
 #define SLOT_SKIP 0xFFFF
 
 int ef_pump_init(PyObject *module); /* called by PyInit__espfast */
-
-static PyObject *fn_clamp_mss, *fn_recv_gro, *fn_decrypt_batch, *fn_coalesce, *fn_write_frames;
 
 /* -- the flow -> slot cache ---------------------------------------------------------------------- */
 #define KEY_BYTES 37 /* protocol + IPv6 addresses + ports */
@@ -204,12 +206,6 @@ static PyTypeObject SlotCacheType = {
 };
 
 /* -- helpers ------------------------------------------------------------------------------------- */
-static Py_ssize_t as_count(PyObject *r) {
-    Py_ssize_t n = r == NULL ? -1 : PyLong_AsSsize_t(r);
-    Py_XDECREF(r);
-    return n;
-}
-
 /* A read (flags 0) or writable export of a bytearray and a read export of its spans. */
 static int two_views(PyObject *data, int flags, Py_buffer *dv, PyObject *spans, Py_buffer *sv) {
     if (PyObject_GetBuffer(data, dv, flags | PyBUF_SIMPLE) < 0) return -1;
@@ -376,42 +372,30 @@ done:
 static PyObject *pump_in(PyObject *mod, PyObject *args) {
     int udp_fd, tun_fd, mss4, mss6, merge_udp;
     PyObject *buf, *spans, *accept, *table, *flows, *inner, *inner_spans, *tun_frames, *tun_spans;
-    Py_ssize_t max_reads, read_max, count = 0, ninner = 0, clamped = 0, nframes = 0, written = 0;
+    Py_ssize_t max_reads, read_max, ninner = 0, clamped = 0, nframes = 0, written = 0;
     double now;
-    PyObject *got = NULL, *wr = NULL, *write_errnos = NULL, *failure = NULL, *result = NULL;
+    PyObject *write_errnos = NULL, *failure = NULL, *result = NULL;
+    ef_gro_reads got;
     if (!PyArg_ParseTuple(args, "iO!O!nnO!OdOO!O!iipO!O!i", &udp_fd, &PyByteArray_Type, &buf, &PyByteArray_Type,
                           &spans, &max_reads, &read_max, &PySet_Type, &accept, &table, &now, &flows,
                           &PyByteArray_Type, &inner, &PyByteArray_Type, &inner_spans, &mss4, &mss6, &merge_udp,
                           &PyByteArray_Type, &tun_frames, &PyByteArray_Type, &tun_spans, &tun_fd))
         return NULL;
-    got = PyObject_CallFunction(fn_recv_gro, "iOOnnO", udp_fd, buf, spans, max_reads, read_max, accept);
-    if (got == NULL) return NULL;
-    if (!PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 5) {
-        PyErr_SetString(PyExc_RuntimeError, "_espfast pump: unexpected recv_gro result");
-        goto done;
-    }
-    count = PyLong_AsSsize_t(PyTuple_GET_ITEM(got, 0));
-    if (count < 0) goto done;
-    if (count > 0) {
-        ninner = as_count(PyObject_CallFunction(fn_decrypt_batch, "OOOndOOO", table, buf, spans, count, now, inner,
-                                                inner_spans, flows));
+    if (ef_recv_gro(udp_fd, buf, spans, max_reads, read_max, accept, &got) < 0) return NULL;
+    write_errnos = PyList_New(0);
+    if (write_errnos == NULL) goto done;
+    if (got.count > 0) { /* the steps as C calls: the same checks as their Python-level functions */
+        ninner = ef_decrypt_batch(table, buf, spans, got.count, now, inner, inner_spans, flows, Py_None);
         if (ninner > 0 && mss4 >= 0)
-            clamped = as_count(PyObject_CallFunction(fn_clamp_mss, "OOnii", inner, inner_spans, ninner, mss4, mss6));
+            clamped = ef_clamp_mss_spans((uint8_t *)PyByteArray_AS_STRING(inner), (size_t)PyByteArray_GET_SIZE(inner),
+                                         (const uint8_t *)PyByteArray_AS_STRING(inner_spans),
+                                         (size_t)PyByteArray_GET_SIZE(inner_spans), ninner, mss4, mss6);
         if (ninner > 0 && clamped >= 0)
-            nframes = as_count(PyObject_CallFunction(fn_coalesce, "OOniOO", inner, inner_spans, ninner, merge_udp,
-                                                     tun_frames, tun_spans));
-        if (ninner > 0 && clamped >= 0 && nframes > 0) {
-            wr = PyObject_CallFunction(fn_write_frames, "iOOn", tun_fd, tun_frames, tun_spans, nframes);
-            if (wr != NULL && (!PyTuple_Check(wr) || PyTuple_GET_SIZE(wr) != 2)) {
-                PyErr_SetString(PyExc_RuntimeError, "_espfast pump: unexpected write_frames result");
-                Py_CLEAR(wr);
-            }
-            if (wr != NULL) {
-                written = PyLong_AsSsize_t(PyTuple_GET_ITEM(wr, 0));
-                write_errnos = PyTuple_GET_ITEM(wr, 1);
-                Py_INCREF(write_errnos);
-            }
-        }
+            nframes = ef_coalesce(inner, inner_spans, ninner, merge_udp, tun_frames, tun_spans);
+        if (ninner > 0 && clamped >= 0 && nframes > 0)
+            ef_write_frames(tun_fd, (const uint8_t *)PyByteArray_AS_STRING(tun_frames),
+                            (size_t)PyByteArray_GET_SIZE(tun_frames), (const uint8_t *)PyByteArray_AS_STRING(tun_spans),
+                            (size_t)PyByteArray_GET_SIZE(tun_spans), nframes, &written, write_errnos);
         if (PyErr_Occurred()) { /* the open/merge/write steps: the caller counts it, the odd reads stay */
             PyObject *type, *value, *tb;
             PyErr_Fetch(&type, &value, &tb);
@@ -421,16 +405,17 @@ static PyObject *pump_in(PyObject *mod, PyObject *args) {
             Py_XDECREF(type);
             Py_XDECREF(tb);
             ninner = clamped = written = 0;
+            Py_SETREF(write_errnos, PyList_New(0));
+            if (write_errnos == NULL) goto done;
         }
     }
-    if (write_errnos == NULL) write_errnos = PyList_New(0);
-    if (write_errnos == NULL) goto done;
-    result = Py_BuildValue("(nOOOOOnnnO)", count, PyTuple_GET_ITEM(got, 1), PyTuple_GET_ITEM(got, 2),
-                           PyTuple_GET_ITEM(got, 3), PyTuple_GET_ITEM(got, 4), failure ? failure : Py_None,
-                           ninner < 0 ? 0 : ninner, clamped < 0 ? 0 : clamped, written, write_errnos);
+    result = Py_BuildValue("(nnOOOOnnnO)", got.count, got.reads, got.spis, got.odd, got.errnos,
+                           failure ? failure : Py_None, ninner < 0 ? 0 : ninner, clamped < 0 ? 0 : clamped, written,
+                           write_errnos);
 done:
-    Py_XDECREF(got);
-    Py_XDECREF(wr);
+    Py_XDECREF(got.spis);
+    Py_XDECREF(got.odd);
+    Py_XDECREF(got.errnos);
     Py_XDECREF(write_errnos);
     Py_XDECREF(failure);
     return result;
@@ -447,16 +432,7 @@ static PyMethodDef pump_methods[] = {
      "written, write_errnos)"},
     {NULL}};
 
-static int take(PyObject *module, const char *name, PyObject **slot) {
-    *slot = PyObject_GetAttrString(module, name);
-    return *slot == NULL ? -1 : 0;
-}
-
 int ef_pump_init(PyObject *module) {
-    if (take(module, "clamp_mss", &fn_clamp_mss) < 0 || take(module, "recv_gro", &fn_recv_gro) < 0 ||
-        take(module, "decrypt_batch", &fn_decrypt_batch) < 0 || take(module, "coalesce", &fn_coalesce) < 0 ||
-        take(module, "write_frames", &fn_write_frames) < 0)
-        return -1;
     if (PyType_Ready(&SlotCacheType) < 0) return -1;
     Py_INCREF(&SlotCacheType);
     if (PyModule_AddObject(module, "SlotCache", (PyObject *)&SlotCacheType) < 0) return -1;
