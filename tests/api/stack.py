@@ -137,7 +137,16 @@ class ApiStack:
             self.tokens[scope.value] = token
         self.app = create_app(self.settings, self.store, self.sealer)
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.ports["api"], log_config=None, access_log=False, lifespan="on"
+            self.app,
+            host="127.0.0.1",
+            port=self.ports["api"],
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            # the suites keep one requests.Session per module: with uvicorn's 5 s default, a pooled
+            # connection idle that long (a loaded machine between two tests) can be closed by the
+            # server just as the next request goes out on it (RemoteDisconnected, no retry)
+            timeout_keep_alive=300,
         )
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

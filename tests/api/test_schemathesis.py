@@ -146,7 +146,8 @@ def test_every_operation_conforms(api_schema: Any, stack: ApiStack, admin_sessio
                 raise
             if isinstance(exc, hypothesis.errors.Unsatisfiable):
                 continue  # nothing in this operation can be made invalid (e.g. no parameters)
-            failures.append(f"{operation.label}: {str(exc)[:1500]}")
+            causes = "; ".join(repr(sub)[:500] for sub in getattr(exc, "exceptions", ()))
+            failures.append(f"{operation.label}: {str(exc)[:1500]} {causes}")
     assert not failures, "\n\n".join(failures)
 
 
