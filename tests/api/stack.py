@@ -143,10 +143,6 @@ class ApiStack:
             log_config=None,
             access_log=False,
             lifespan="on",
-            # the suites keep one requests.Session per module: with uvicorn's 5 s default, a pooled
-            # connection idle that long (a loaded machine between two tests) can be closed by the
-            # server just as the next request goes out on it (RemoteDisconnected, no retry)
-            timeout_keep_alive=300,
         )
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

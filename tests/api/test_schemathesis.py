@@ -21,8 +21,10 @@ import schemathesis
 
 # imported (and so rewritten by pytest) at collection, not lazily inside a test: CPython 3.11.7's
 # AST recursion-depth counter can be off after earlier tests, and a late compile then fails
-# with "AST constructor recursion depth mismatch" (a CPython 3.11 bug, seen here in full runs)
+# with "AST constructor recursion depth mismatch" (a CPython 3.11 bug, seen here in full runs).
+# schemathesis.wfc.escalation is what the first call_and_validate imports (auth providers).
 import schemathesis.specs.openapi.schemas
+import schemathesis.wfc.escalation
 from schemathesis.checks import CheckContext
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
