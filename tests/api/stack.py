@@ -137,12 +137,7 @@ class ApiStack:
             self.tokens[scope.value] = token
         self.app = create_app(self.settings, self.store, self.sealer)
         config = uvicorn.Config(
-            self.app,
-            host="127.0.0.1",
-            port=self.ports["api"],
-            log_config=None,
-            access_log=False,
-            lifespan="on",
+            self.app, host="127.0.0.1", port=self.ports["api"], log_config=None, access_log=False, lifespan="on"
         )
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

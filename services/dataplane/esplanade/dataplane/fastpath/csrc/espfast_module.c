@@ -48,6 +48,17 @@ int ef_pump_init(PyObject *module); /* espfast_pump.c: pump_out, pump_in, SlotCa
 #define SPAN_WORDS 3
 #define SPAN_BYTES (SPAN_WORDS * sizeof(uint32_t))
 
+/* Span i of `spans` (offset, length, tag) into w, or -1 (ValueError) when it runs past the end of
+ * the `data_len` bytes it points into. The caller has checked that `spans` holds span i. */
+static inline int span_within(const uint8_t *spans, size_t i, size_t data_len, uint32_t w[SPAN_WORDS]) {
+    memcpy(w, spans + i * SPAN_BYTES, SPAN_BYTES);
+    if ((uint64_t)w[0] + w[1] > (uint64_t)data_len) {
+        PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
+        return -1;
+    }
+    return 0;
+}
+
 static const char *const DROP_NAMES[EF_NREASONS] = {
     "",         "replay",  "icv_failure", "unknown_spi",        "policy_mismatch",
     "malformed", "lifetime", "dummy",       "sequence_exhausted", "sequence_unreserved",
@@ -853,11 +864,7 @@ static int inputs_from_spans(Inputs *in, const uint8_t *data, size_t data_len, c
     }
     for (Py_ssize_t i = 0; i < count; i++) {
         uint32_t w[SPAN_WORDS];
-        memcpy(w, spans + (size_t)i * SPAN_BYTES, SPAN_BYTES);
-        if ((uint64_t)w[0] + w[1] > (uint64_t)data_len) {
-            PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
-            return -1;
-        }
+        if (span_within(spans, (size_t)i, data_len, w) < 0) return -1;
         in->pkts[i].data = data + w[0];
         in->pkts[i].len = w[1];
     }
@@ -2072,11 +2079,7 @@ int ef_send_runs_from(int fd, const uint8_t *data, size_t data_len, const uint8_
         size_t j = i + 1, total, end, n;
         PyObject *dest;
         int err = 0;
-        memcpy(first, spans + i * SPAN_BYTES, SPAN_BYTES);
-        if ((uint64_t)first[0] + first[1] > (uint64_t)data_len) {
-            PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
-            goto done;
-        }
+        if (span_within(spans, i, data_len, first) < 0) goto done;
         total = first[1];
         end = (size_t)first[0] + first[1];
         while (j < (size_t)count && j - i < (size_t)max_segments) {
@@ -2190,11 +2193,7 @@ int ef_write_frames(int fd, const uint8_t *data, size_t data_len, const uint8_t 
     for (Py_ssize_t i = 0; i < count; i++) {
         uint32_t w[SPAN_WORDS];
         ssize_t r;
-        memcpy(w, spans + (size_t)i * SPAN_BYTES, SPAN_BYTES);
-        if ((uint64_t)w[0] + w[1] > (uint64_t)data_len) {
-            PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
-            return -1;
-        }
+        if (span_within(spans, (size_t)i, data_len, w) < 0) return -1;
         r = write(fd, data + w[0], w[1]);
         if (r < 0 && errno == EINTR) r = write(fd, data + w[0], w[1]);
         if (r >= 0) {
@@ -2272,11 +2271,7 @@ long ef_clamp_mss_spans(uint8_t *data, size_t data_len, const uint8_t *spans, si
     }
     for (Py_ssize_t i = 0; i < count; i++) {
         uint32_t w[SPAN_WORDS];
-        memcpy(w, spans + (size_t)i * SPAN_BYTES, SPAN_BYTES);
-        if ((uint64_t)w[0] + w[1] > (uint64_t)data_len) {
-            PyErr_SetString(PyExc_ValueError, "a span runs past the end of its buffer");
-            return -1;
-        }
+        if (span_within(spans, (size_t)i, data_len, w) < 0) return -1;
         clamped += ef_clamp_mss(data + w[0], w[1], (uint16_t)mss4, (uint16_t)mss6);
     }
     return clamped;
