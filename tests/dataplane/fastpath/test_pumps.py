@@ -509,6 +509,22 @@ def test_pump_in_writes_what_the_python_engine_opens(
     assert compiled.table_counters == python.table_counters
 
 
+def test_send_runs_refuses_a_run_that_would_read_past_its_buffer(
+    udp_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A run is sent whole (one GSO send): every span that joins it is bounds-checked, not only
+    its first, so a later span past the end of the data is a ValueError, never an over-read."""
+    module = compiled_module()
+    tx, rx = udp_pair
+    data = bytearray(b"e" * 150)
+    spans = bytearray(struct.pack("=3I", 0, 100, 0) + struct.pack("=3I", 100, 100, 0))
+    with pytest.raises(ValueError, match="runs past the end"):
+        module.send_runs(tx.fileno(), data, spans, 2, (sockaddr(rx),), True, 64, 65000)
+    assert drain(rx) == []
+    spans[16:20] = struct.pack("=I", 50)  # the same run, inside the buffer: one GSO send of two
+    assert module.send_runs(tx.fileno(), data, spans, 2, (sockaddr(rx),), True, 64, 65000)[:2] == (2, 1)
+
+
 def test_pump_in_reports_a_failing_step_and_keeps_the_odd_reads(
     tun_pair: tuple[socket.socket, socket.socket], udp_pair: tuple[socket.socket, socket.socket]
 ) -> None:

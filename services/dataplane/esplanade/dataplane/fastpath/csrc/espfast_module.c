@@ -2085,6 +2085,7 @@ int ef_send_runs_from(int fd, const uint8_t *data, size_t data_len, const uint8_
         while (j < (size_t)count && j - i < (size_t)max_segments) {
             memcpy(w, spans + j * SPAN_BYTES, SPAN_BYTES);
             if (w[2] != first[2] || w[0] != end || w[1] > first[1] || total + w[1] > (size_t)max_bytes) break;
+            if (span_within(spans, j, data_len, w) < 0) goto done; /* the run goes out whole: all of it inside */
             total += w[1];
             end += w[1];
             j++;
