@@ -509,6 +509,17 @@ def test_pump_in_writes_what_the_python_engine_opens(
     assert compiled.table_counters == python.table_counters
 
 
+def receiver_and_sender() -> tuple[Any, PythonEspBatch, int]:
+    """A compiled core with one inbound AES-GCM SA, the Python engine sealing for it, its SPI."""
+    suite = AEAD_SUITES[0]
+    out_a, in_a = sa_pair(suite, encr_key=bytes(range(suite.encr_key_bytes)), integ_key=b"")
+    compiled, _ = both_cores()
+    compiled.install_inbound(inbound(in_a), in_a)
+    sender = PythonEspBatch()
+    sender.install_outbound(outbound(out_a, reserved_upto=MAX32), out_a)
+    return compiled, sender, in_a.spi
+
+
 def test_send_runs_refuses_a_run_that_would_read_past_its_buffer(
     udp_pair: tuple[socket.socket, socket.socket],
 ) -> None:
@@ -529,12 +540,7 @@ def test_pump_in_reports_a_failing_step_and_keeps_the_odd_reads(
     tun_pair: tuple[socket.socket, socket.socket], udp_pair: tuple[socket.socket, socket.socket]
 ) -> None:
     module = compiled_module()
-    suite = AEAD_SUITES[0]
-    out_a, in_a = sa_pair(suite, encr_key=bytes(range(suite.encr_key_bytes)), integ_key=b"")
-    compiled, _ = both_cores()
-    compiled.install_inbound(inbound(in_a), in_a)
-    sender = PythonEspBatch()
-    sender.install_outbound(outbound(out_a, reserved_upto=MAX32), out_a)
+    _, sender, spi = receiver_and_sender()
     tx, rx = udp_pair
     _, datapath = tun_pair
     for d in [*sender.encrypt([bytes(IP() / UDP() / Raw(b"x"))], 1.0).to_list(), b"\x00\x00\x00\x00ike"]:
@@ -546,7 +552,7 @@ def test_pump_in_reports_a_failing_step_and_keeps_the_odd_reads(
         b[1],
         8,
         65536,
-        {in_a.spi},
+        {spi},
         "not a table",
         5.0,
         None,
@@ -566,12 +572,7 @@ def test_pump_in_reports_a_failing_step_and_keeps_the_odd_reads(
 def test_pump_in_clamps_and_reports_failed_tun_writes(udp_pair: tuple[socket.socket, socket.socket]) -> None:
     """A SYN through the clamp, and TUN writes that fail: counted per frame, not a failure."""
     module = compiled_module()
-    suite = AEAD_SUITES[0]
-    out_a, in_a = sa_pair(suite, encr_key=bytes(range(suite.encr_key_bytes)), integ_key=b"")
-    compiled, _ = both_cores()
-    compiled.install_inbound(inbound(in_a), in_a)
-    sender = PythonEspBatch()
-    sender.install_outbound(outbound(out_a, reserved_upto=MAX32), out_a)
+    compiled, sender, spi = receiver_and_sender()
     syn = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=5, dport=6, flags="S", options=[("MSS", 1460)]))
     tx, rx = udp_pair
     for d in sender.encrypt([syn, bytes(IP() / UDP() / Raw(b"x"))], 1.0).to_list():
@@ -580,7 +581,7 @@ def test_pump_in_clamps_and_reports_failed_tun_writes(udp_pair: tuple[socket.soc
     b = [bytearray() for _ in range(6)]
     try:
         count, reads, _, odd, _, failure, ninner, clamped, written, write_errnos = module.pump_in(
-            rx.fileno(), b[0], b[1], 8, 65536, {in_a.spi}, compiled.inbound_table, 5.0, None, b[2], b[3],
+            rx.fileno(), b[0], b[1], 8, 65536, {spi}, compiled.inbound_table, 5.0, None, b[2], b[3],
             1300, 1280, False, b[4], b[5], read_end,
         )  # fmt: skip
     finally:
