@@ -39,7 +39,6 @@
 #include <openssl/opensslv.h>
 
 #include "espfast_core.h"
-#include "espfast_inbound.h"
 #include "espfast_steps.h"
 
 int ef_pump_init(PyObject *module); /* espfast_pump.c: pump_out, pump_in, SlotCache */

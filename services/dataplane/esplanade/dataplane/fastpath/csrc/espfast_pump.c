@@ -8,7 +8,7 @@
  * clamp_mss, encrypt_batch, send_runs / recv_gro, decrypt_batch, clamp_mss, coalesce,
  * write_frames) run from C: the same functions with the same arguments and bounds checks,
  * without a Python frame, a PacketBatch or a wrapper per step. Both pumps call the steps' C
- * bodies (espfast_steps.h, espfast_inbound.h) directly, without an argument tuple or a result
+ * bodies (espfast_steps.h) directly, without an argument tuple or a result
  * object per step; when every frame hits the cache, pump_out splits each TSO frame in place and
  * seals each packet before building the next (no payload copy). Python keeps every decision:
  * the outbound pump seals only when every frame of the wake-up hits the flow -> slot cache
@@ -25,7 +25,6 @@
 #include <string.h>
 
 #include "espfast_core.h"
-#include "espfast_inbound.h"
 #include "espfast_steps.h"
 
 #define PUMP_SPAN_BYTES 12

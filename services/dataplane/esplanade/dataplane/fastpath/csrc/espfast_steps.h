@@ -1,8 +1,9 @@
-/* The C cores of the outbound batch steps (espfast_module.c), for the pumps (espfast_pump.c).
+/* The C cores of the batch steps (espfast_module.c), for the pumps (espfast_pump.c).
  *
- * The Python-level entry points read_frames, split_frames, clamp_mss and send_runs are thin
- * wrappers: each parses its arguments and calls one of these, which does the work with the same
- * bounds checks, counters and errors; encrypt_batch and ef_split_seal_frames share its seal loop.
+ * The Python-level entry points read_frames, split_frames, clamp_mss and send_runs (sending) and
+ * recv_gro, decrypt_batch, coalesce and write_frames (receiving) are thin wrappers: each parses
+ * its arguments and calls one of these, which does the work with the same type and bounds checks,
+ * counters and errors; encrypt_batch and ef_split_seal_frames share its seal loop.
  * The pumps call them directly, without an argument tuple, a format string or a result tuple per
  * step. Spans are native u32 triples (offset, length, tag); `spans`/`spans_len` are the span
  * buffer and its size in bytes, `count` the spans to use. Every function returns -1 with a
@@ -16,6 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* -- sending ------------------------------------------------------------------------------------ */
 /* Up to `limit` reads of `frame_max` bytes from a non-blocking fd into the bytearray `buf` (grown
  * once), spans into the bytearray `spans`: *count frames, *err the errno that stopped it (0 for
  * EAGAIN or end of file). */
@@ -50,5 +52,29 @@ Py_ssize_t ef_split_seal_frames(PyObject *slots, const uint16_t *frame_slot, uin
 int ef_send_runs_from(int fd, const uint8_t *data, size_t data_len, const uint8_t *spans, size_t spans_len,
                       Py_ssize_t count, PyObject *dests, int gso, Py_ssize_t max_segments, Py_ssize_t max_bytes,
                       Py_ssize_t *sent, Py_ssize_t *sends, PyObject **aside);
+
+/* -- receiving ---------------------------------------------------------------------------------- */
+/* recv_gro's result: counts, and new references to its three lists. */
+typedef struct {
+    Py_ssize_t count, reads;
+    PyObject *spis, *odd, *errnos;
+} ef_gro_reads;
+
+/* recv_gro(fd, buf, spans, max_reads, read_max, accept): buf and spans bytearrays, accept a set. */
+int ef_recv_gro(int fd, PyObject *buf, PyObject *spans, Py_ssize_t max_reads, Py_ssize_t read_max, PyObject *accept,
+                ef_gro_reads *got);
+
+/* decrypt_batch(table, packets, spans, count, now, out, out_spans, flows, non_esp) -> inner packets. */
+Py_ssize_t ef_decrypt_batch(PyObject *table, PyObject *packets, PyObject *spans, Py_ssize_t count, double now,
+                            PyObject *out, PyObject *out_spans, PyObject *flows, PyObject *non_esp);
+
+/* coalesce(packets, spans, count, merge_udp, out, out_spans) -> TUN frames. */
+Py_ssize_t ef_coalesce(PyObject *packets, PyObject *spans, Py_ssize_t count, int merge_udp, PyObject *out,
+                       PyObject *out_spans);
+
+/* write_frames(fd, data, spans, count): *written frames went through; the errno of each write that
+ * failed is appended to the list `errnos`. */
+int ef_write_frames(int fd, const uint8_t *data, size_t data_len, const uint8_t *spans, size_t spans_len,
+                    Py_ssize_t count, Py_ssize_t *written, PyObject *errnos);
 
 #endif
