@@ -20,6 +20,7 @@ import uvicorn
 
 from esplanade.api.app import create_app
 from esplanade.api.auth import Scope, new_token, token_document
+from esplanade.api.service import ApiServer
 from esplanade.config.settings import Settings
 from esplanade.journal.audit import AuditLog
 from esplanade.policy.compiled_sync import CompiledSync
@@ -90,8 +91,10 @@ class ApiStack:
 
     def __exit__(self, *exc: object) -> None:
         self.run(self._stop)
+        self.run(self._finish_leftover_tasks)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.loop.close()
 
     def wipe_objects(self) -> None:
         """Delete every configuration and policy object (tokens stay), so that a test case
@@ -139,7 +142,7 @@ class ApiStack:
         config = uvicorn.Config(
             self.app, host="127.0.0.1", port=self.ports["api"], log_config=None, access_log=False, lifespan="on"
         )
-        self.server = uvicorn.Server(config)
+        self.server = ApiServer(config, self.app)
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.server_task = asyncio.create_task(self.server.serve())
         await self.sync.ready.wait()
@@ -155,6 +158,20 @@ class ApiStack:
             await server.stop(0)
         self.policy_audit.close()
         await self.store.close()
+
+    async def _finish_leftover_tasks(self) -> None:
+        """Cancel and await whatever is still running (as asyncio.run does before it closes its
+        loop). A task left pending on a stopped loop is destroyed by the garbage collector at a
+        random point of a later test: when uvicorn's lifespan task was (a stream held the server
+        past _stop's timeout), its GeneratorExit made uvicorn format a traceback, and on CPython
+        3.11 that ast.parse, nested in whatever AST conversion the collection interrupted, failed
+        the latter with "AST constructor recursion depth mismatch"."""
+        current = asyncio.current_task()
+        leftovers = [task for task in asyncio.all_tasks() if task is not current]
+        for task in leftovers:
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
+        await self.loop.shutdown_asyncgens()
 
     # -- helpers ---------------------------------------------------------------------------------
     def client(self, scope: str | None = "admin") -> httpx.Client:

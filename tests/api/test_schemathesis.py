@@ -19,10 +19,10 @@ import pytest
 import requests
 import schemathesis
 
-# imported (and so rewritten by pytest) at collection, not lazily inside a test: CPython 3.11.7's
-# AST recursion-depth counter can be off after earlier tests, and a late compile then fails
-# with "AST constructor recursion depth mismatch" (a CPython 3.11 bug, seen here in full runs).
-# schemathesis.wfc.escalation is what the first call_and_validate imports (auth providers).
+# imported at collection rather than lazily inside a test case, so that pytest's rewrite (an AST
+# conversion) of these modules never runs in the middle of a case. The failure this guarded
+# against ("AST constructor recursion depth mismatch") came from ApiStack leaving a pending
+# task behind; see ApiStack._finish_leftover_tasks.
 import schemathesis.specs.openapi.schemas
 import schemathesis.wfc.escalation
 from schemathesis.checks import CheckContext

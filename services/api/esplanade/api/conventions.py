@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from collections.abc import Callable, Coroutine, Sequence
@@ -45,6 +46,9 @@ class ApiContext:
     audit: AuditLog
     # the services' health (GET /readyz, GET /api/v1/status); None in tests that need none
     readiness: Readiness | None = None
+    # set when the server begins to shut down: open event streams end on it, so that uvicorn's
+    # wait for open connections is not a wait for every SSE client to hang up
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
     documents: SealedDocuments = field(init=False)
 
     def __post_init__(self) -> None:

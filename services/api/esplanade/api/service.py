@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 
 import uvicorn
+from fastapi import FastAPI
 
 from esplanade.api.app import create_app
 from esplanade.api.auth import announce_bootstrap_token, ensure_bootstrap_token
@@ -17,6 +19,25 @@ from esplanade.runtime.service_host import setup_telemetry
 from esplanade.store.factory import open_sealer, open_store
 
 log = logging.getLogger(__name__)
+
+# after this long, requests still running at shutdown are cancelled (Kubernetes sends SIGKILL
+# 30 s after SIGTERM by default; this leaves the rest of the process time to close cleanly)
+GRACEFUL_SHUTDOWN_SECONDS = 10
+
+
+class ApiServer(uvicorn.Server):
+    """uvicorn's server, which first tells open event streams to end when it shuts down:
+    uvicorn waits for open connections to finish, and an SSE stream never finishes by itself."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        ctx = getattr(self.app.state, "ctx", None)
+        if ctx is not None:
+            ctx.stopping.set()
+        await super().shutdown(sockets)
 
 
 async def serve(settings: Settings) -> None:
@@ -32,15 +53,17 @@ async def serve(settings: Settings) -> None:
     if token is not None:
         announce_bootstrap_token(token)
     host, _, port = settings.endpoints.api.rpartition(":")
+    app = create_app(settings, store, sealer, registry=registry)
     config = uvicorn.Config(
-        create_app(settings, store, sealer, registry=registry),
+        app,
         host=host.strip("[]"),
         port=int(port),
         log_config=None,
         access_log=False,
         limit_concurrency=1024,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
-    server = uvicorn.Server(config)
+    server = ApiServer(config, app)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):

@@ -7,7 +7,8 @@ Fan-in of KeyExchange.WatchEvents, Dataplane.WatchEvents and a store watch on ``
     data: {"source": "keyexchange", "kind": "ike_up", "time": ..., "connection": "gw", ...}
 
 A source that fails is retried (with back-off) and reported once as ``event: source_down``.
-Idle streams get a ``: keep-alive`` comment every `api.events_keepalive_seconds`.
+Idle streams get a ``: keep-alive`` comment every `api.events_keepalive_seconds`. When the
+server shuts down, every stream ends with a ``: server stopping`` comment (clients reconnect).
 """
 
 from __future__ import annotations
@@ -97,13 +98,21 @@ def format_event(event: Event) -> str:
 async def event_stream(
     ctx: ApiContext, request: Request, kinds: set[str], sources: set[str], limit: int
 ) -> AsyncIterator[str]:
-    queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=10_000)
+    # None is the end of the stream: the server is stopping
+    queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=10_000)
+
+    def enqueue(event: Event | None) -> None:
+        if queue.full():
+            queue.get_nowait()  # a slow client loses the oldest events, never blocks the sources
+        queue.put_nowait(event)
 
     async def emit(event: Event) -> None:
         if (not kinds or event.get("kind") in kinds) and (not sources or event.get("source") in sources):
-            if queue.full():
-                queue.get_nowait()  # a slow client loses the oldest events, never blocks the sources
-            queue.put_nowait(event)
+            enqueue(event)
+
+    async def end_when_stopping() -> None:
+        await ctx.stopping.wait()
+        enqueue(None)
 
     feeds = {
         "keyexchange": lambda: keyexchange_events(ctx, emit),
@@ -115,6 +124,7 @@ async def event_stream(
         for name, feed in feeds.items()
         if not sources or name in sources
     ]
+    tasks.append(asyncio.create_task(end_when_stopping()))
     sent = 0
     try:
         yield ": connected\n\n"
@@ -126,6 +136,9 @@ async def event_stream(
                     return
                 yield ": keep-alive\n\n"
                 continue
+            if event is None:
+                yield ": server stopping\n\n"
+                return
             yield format_event(event)
             sent += 1
     finally:
