@@ -165,7 +165,8 @@ async def stream_events(
     ] = None,
     limit: Annotated[int, Query(ge=0, le=1_000_000, description="Stop after this many events (0: never).")] = 0,
 ) -> StreamingResponse:
-    """Follow events as Server-Sent Events."""
+    """Follow events as Server-Sent Events. When the server shuts down the stream ends with a
+    `: server stopping` comment: reconnect."""
     kind_set = {k.strip() for k in (kinds or "").split(",") if k.strip()}
     source_set = {s.strip() for s in (sources or "").split(",") if s.strip()}
     return StreamingResponse(
