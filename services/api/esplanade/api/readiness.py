@@ -1,4 +1,4 @@
-"""/healthz and /readyz: live means the process answers; ready means its dependencies do."""
+"""/readyz's checks: the store, and the keyexchange, dataplane and policy services' gRPC health."""
 
 from __future__ import annotations
 
