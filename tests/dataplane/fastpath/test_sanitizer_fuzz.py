@@ -53,6 +53,7 @@ def build_fuzzer(out: Path, canary: bool = False) -> Path:
         *(["-DEF_FUZZ_CANARY"] if canary else []),
         str(HERE / "fuzz" / "fuzz_espfast.c"),
         str(CSRC / "espfast_core.c"),
+        str(CSRC / "espfast_aesgcm.c"),
         "-lcrypto",
         "-o",
         str(target),
@@ -144,7 +145,7 @@ def test_binding_under_asan_with_hypothesis(tmp_path: Path) -> None:
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     module = tmp_path / f"_espfast{suffix}"
     include = sysconfig.get_paths()["include"]
-    sources = [str(CSRC / s) for s in ("espfast_core.c", "espfast_module.c", "espfast_pump.c")]
+    sources = [str(CSRC / s) for s in ("espfast_core.c", "espfast_aesgcm.c", "espfast_module.c", "espfast_pump.c")]
     command = [clang(), *SANITIZE, "-fsanitize=address,undefined", "-shared", "-fPIC", f"-I{include}", *sources]
     subprocess.run([*command, "-lcrypto", "-o", str(module)], check=True, capture_output=True, timeout=300)
     runtime = subprocess.run(
