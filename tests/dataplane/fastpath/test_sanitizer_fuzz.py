@@ -2,8 +2,8 @@
 
 1. libFuzzer (clang -fsanitize=fuzzer,address,undefined; Debian clang 14 with
    libclang-rt-14-dev has it) over the C core: decapsulation (forged and authentic packets),
-   TSO splitting, GRO merging, packet parsing, filter, flow table, replay window, sealing;
-   seeded with valid inputs of each kind. It must finish without a finding.
+   TSO splitting, GRO merging, packet parsing, filter, flow table, replay window, sealing, and
+   the VAES AES-GCM against OpenSSL's (target 7); seeded with valid inputs of each kind. It must finish without a finding.
 2. The same harness with a planted one-byte overflow in the harness (EF_FUZZ_CANARY): the run
    must fail, which proves that a finding fails this test.
 3. The CPython binding built with ASan/UBSan, loaded into a Python with the ASan runtime
@@ -99,6 +99,8 @@ def seed_corpus(directory: Path) -> Path:
     seeds += [bytes((4,)) + p for p in (inner4, inner6)]
     seeds.append(bytes((5, 1, 4)) + struct.pack("!Q", 1 << 32) + struct.pack("!8I", *range(1, 9)))
     seeds.append(bytes((6,)) + b"\x00\x40" + inner4)
+    for key_bits, aad, body in ((0, 8, 0), (1, 12, 61), (2, 20, 1400), (3, 0, 127), (1, 8, 2100)):
+        seeds.append(bytes((7, key_bits, aad, 5, 9)) + bytes(i % 251 for i in range(aad + body)))
     for i, seed in enumerate(seeds):
         (directory / f"seed-{i:03d}").write_bytes(seed)
     return directory

@@ -468,12 +468,12 @@ GCM_TARGET void ef_gcm_seal2(const ef_gcm_key *k, const uint8_t nonce[12], const
         uint8_t block[16];
         joined = 16 - rest < len2 ? 16 - rest : len2;
         memcpy(block, in1 + full1, rest);
-        memcpy(block + rest, in2, joined);
+        if (joined) memcpy(block + rest, in2, joined);
         ctr = ctr_crypt(k, nonce, ctr, block, block, rest + joined);
         memcpy(out + full1, block, rest);
-        memcpy(out + len1, block + rest, joined);
+        if (joined) memcpy(out + len1, block + rest, joined);
     }
-    ctr_crypt(k, nonce, ctr, in2 + joined, out + len1 + joined, len2 - joined);
+    if (len2 > joined) ctr_crypt(k, nonce, ctr, in2 + joined, out + len1 + joined, len2 - joined);
     y = ghash_finish(k, y, out + done, len1 + len2 - done, aad_len, len1 + len2);
     _mm_storeu_si128((__m128i *)tag, _mm_xor_si128(mask, y));
 }
