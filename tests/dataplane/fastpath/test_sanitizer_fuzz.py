@@ -3,7 +3,8 @@
 1. libFuzzer (clang -fsanitize=fuzzer,address,undefined; Debian clang 14 with
    libclang-rt-14-dev has it) over the C core: decapsulation (forged and authentic packets),
    TSO splitting, GRO merging, packet parsing, filter, flow table, replay window, sealing, and
-   the VAES AES-GCM against OpenSSL's (target 7); seeded with valid inputs of each kind. It must finish without a finding.
+   the VAES AES-GCM against OpenSSL's (target 7); seeded with valid inputs of each kind. It
+   must finish without a finding.
 2. The same harness with a planted one-byte overflow in the harness (EF_FUZZ_CANARY): the run
    must fail, which proves that a finding fails this test.
 3. The CPython binding built with ASan/UBSan, loaded into a Python with the ASan runtime
