@@ -182,55 +182,70 @@ GCM_INLINE __m128i lanes_xor(__m256i v) {
     return _mm_xor_si128(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
 }
 
-/* Y' = (Y xor X1) H^8 xor X2 H^7 xor ... xor X8 H for eight byte-reversed blocks in four
- * registers, with Karatsuba's three multiplications per block: a*b = hi<<128 ^ mid<<64 ^ lo
- * with mid = (a1^a0)(b1^b0) ^ hi ^ lo, where (b1^b0) of each power is precomputed and the
- * "^ hi ^ lo" is done once for the sum. VPCLMULQDQ throughput is what bounds GHASH here. */
-GCM_INLINE __m128i ghash8(const ef_gcm_key *k, __m128i y, __m256i x0, __m256i x1, __m256i x2, __m256i x3) {
-    __m256i lo, mid, hi;
-    __m128i l, m, h;
-    x0 = _mm256_xor_si256(x0, _mm256_zextsi128_si256(y));
-#define KARATSUBA(x, j, first)                                                                                         \
+/* Add the products of four registers of two byte-reversed blocks with the power pairs
+ * h_pairs[base .. base + 3] into (lo, mid, hi), Karatsuba style: three multiplications per
+ * block, a*b = hi<<128 ^ mid<<64 ^ lo with mid = (a1^a0)(b1^b0) ^ hi ^ lo, where (b1^b0) of
+ * each power is precomputed (h_folds) and the "^ hi ^ lo" is left to the caller, once for the
+ * sum. */
+#define KARATSUBA_PAIR(x, j)                                                                                           \
     do {                                                                                                               \
         __m256i h_ = _mm256_load_si256((const __m256i *)k->h_pairs[j]);                                               \
         __m256i hk_ = _mm256_load_si256((const __m256i *)k->h_folds[j]);                                              \
         __m256i xk_ = _mm256_xor_si256(x, _mm256_shuffle_epi32(x, 0x4e));                                             \
-        __m256i l_ = _mm256_clmulepi64_epi128(x, h_, 0x00), h2_ = _mm256_clmulepi64_epi128(x, h_, 0x11);             \
-        __m256i m_ = _mm256_clmulepi64_epi128(xk_, hk_, 0x00);                                                        \
-        if (first) {                                                                                                   \
-            lo = l_;                                                                                                   \
-            hi = h2_;                                                                                                  \
-            mid = m_;                                                                                                  \
-        } else {                                                                                                       \
-            lo = _mm256_xor_si256(lo, l_);                                                                             \
-            hi = _mm256_xor_si256(hi, h2_);                                                                            \
-            mid = _mm256_xor_si256(mid, m_);                                                                           \
-        }                                                                                                              \
+        *lo = _mm256_xor_si256(*lo, _mm256_clmulepi64_epi128(x, h_, 0x00));                                           \
+        *hi = _mm256_xor_si256(*hi, _mm256_clmulepi64_epi128(x, h_, 0x11));                                           \
+        *mid = _mm256_xor_si256(*mid, _mm256_clmulepi64_epi128(xk_, hk_, 0x00));                                      \
     } while (0)
-    KARATSUBA(x0, 0, 1);
-    KARATSUBA(x1, 1, 0);
-    KARATSUBA(x2, 2, 0);
-    KARATSUBA(x3, 3, 0);
-#undef KARATSUBA
-    l = lanes_xor(lo);
-    h = lanes_xor(hi);
-    m = _mm_xor_si128(lanes_xor(mid), _mm_xor_si128(l, h));
-    return reduce(l, m, h);
+
+GCM_INLINE void karatsuba4(const ef_gcm_key *k, int base, __m256i x0, __m256i x1, __m256i x2, __m256i x3, __m256i *lo,
+                           __m256i *mid, __m256i *hi) {
+    KARATSUBA_PAIR(x0, base);
+    KARATSUBA_PAIR(x1, base + 1);
+    KARATSUBA_PAIR(x2, base + 2);
+    KARATSUBA_PAIR(x3, base + 3);
+}
+
+GCM_INLINE __m128i karatsuba_reduce(__m256i lo, __m256i mid, __m256i hi) {
+    __m128i l = lanes_xor(lo), h = lanes_xor(hi);
+    return reduce(l, _mm_xor_si128(lanes_xor(mid), _mm_xor_si128(l, h)), h);
+}
+
+/* Y' = (Y xor X1) H^8 xor X2 H^7 xor ... xor X8 H: eight blocks, one reduction. */
+GCM_INLINE __m128i ghash8(const ef_gcm_key *k, __m128i y, __m256i x0, __m256i x1, __m256i x2, __m256i x3) {
+    __m256i lo = _mm256_setzero_si256(), mid = lo, hi = lo;
+    x0 = _mm256_xor_si256(x0, _mm256_zextsi128_si256(y));
+    karatsuba4(k, EF_GCM_POWERS / 2 - 4, x0, x1, x2, x3, &lo, &mid, &hi);
+    return karatsuba_reduce(lo, mid, hi);
+}
+
+/* The same over sixteen blocks (H^16 .. H), one reduction: half the reductions on GHASH's
+ * serial chain per byte. */
+GCM_INLINE __m128i ghash16(const ef_gcm_key *k, __m128i y, __m256i x0, __m256i x1, __m256i x2, __m256i x3, __m256i x4,
+                           __m256i x5, __m256i x6, __m256i x7) {
+    __m256i lo = _mm256_setzero_si256(), mid = lo, hi = lo;
+    karatsuba4(k, 4, x4, x5, x6, x7, &lo, &mid, &hi); /* independent of y: first */
+    x0 = _mm256_xor_si256(x0, _mm256_zextsi128_si256(y));
+    karatsuba4(k, 0, x0, x1, x2, x3, &lo, &mid, &hi);
+    return karatsuba_reduce(lo, mid, hi);
 }
 
 /* Y after absorbing n bytes (a multiple of 16) at p; Y is reflected. */
 static GCM_TARGET __m128i ghash_blocks(const ef_gcm_key *k, __m128i y, const uint8_t *p, size_t n) {
     const __m128i rev = reverse_mask();
     const __m256i rev2 = reverse_mask2();
-    while (n >= 16 * EF_GCM_POWERS) {
-        __m256i x0 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)p), rev2);
-        __m256i x1 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(p + 32)), rev2);
-        __m256i x2 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(p + 64)), rev2);
-        __m256i x3 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(p + 96)), rev2);
-        y = ghash8(k, y, x0, x1, x2, x3);
-        p += 16 * EF_GCM_POWERS;
-        n -= 16 * EF_GCM_POWERS;
+#define LOAD_REVERSED(at) _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(at)), rev2)
+    while (n >= 256) {
+        y = ghash16(k, y, LOAD_REVERSED(p), LOAD_REVERSED(p + 32), LOAD_REVERSED(p + 64), LOAD_REVERSED(p + 96),
+                    LOAD_REVERSED(p + 128), LOAD_REVERSED(p + 160), LOAD_REVERSED(p + 192), LOAD_REVERSED(p + 224));
+        p += 256;
+        n -= 256;
     }
+    if (n >= 128) {
+        y = ghash8(k, y, LOAD_REVERSED(p), LOAD_REVERSED(p + 32), LOAD_REVERSED(p + 64), LOAD_REVERSED(p + 96));
+        p += 128;
+        n -= 128;
+    }
+#undef LOAD_REVERSED
     if (n) {
         size_t m = n / 16;
         __m128i lo = _mm_setzero_si128(), mid = lo, hi = lo;
@@ -404,7 +419,7 @@ static GCM_TARGET uint32_t ctr_crypt(const ef_gcm_key *k, const uint8_t nonce[12
     return ctr + blocks;
 }
 
-/* Counter mode and GHASH together over `chunks` 128-byte chunks from counter `ctr`: GHASH
+/* Counter mode and GHASH together over `chunks` 256-byte chunks from counter `ctr`: GHASH
  * absorbs the output when sealing, the input when opening (before it is overwritten, so
  * in == out works). One pass; the AES rounds of one chunk overlap the multiplications of the
  * previous one in the out-of-order core. Returns y. */
@@ -412,42 +427,66 @@ static GCM_TARGET __m128i ctr_ghash(const ef_gcm_key *k, const uint8_t nonce[12]
                                    uint8_t *out, size_t chunks, __m128i y, int seal) {
     const __m256i mask = _mm256_broadcastsi128_si256(counter_mask()), rev2 = reverse_mask2();
     const __m256i two = _mm256_set_epi32(2, 0, 0, 0, 2, 0, 0, 0);
-    __m256i next;
-    next = _mm256_broadcastsi128_si256(nonce_block(nonce, ctr));
+    __m256i next = _mm256_broadcastsi128_si256(nonce_block(nonce, ctr));
     next = _mm256_add_epi32(next, _mm256_set_epi32(1, 0, 0, 0, 0, 0, 0, 0));
+#define NEXT_COUNTER(b)                                                                                                \
+    do {                                                                                                               \
+        b = _mm256_shuffle_epi8(next, mask);                                                                           \
+        next = _mm256_add_epi32(next, two);                                                                            \
+    } while (0)
     for (; chunks; chunks--) {
-        __m256i b0 = _mm256_shuffle_epi8(next, mask), b1, b2, b3, c0, c1, c2, c3;
-        next = _mm256_add_epi32(next, two);
-        b1 = _mm256_shuffle_epi8(next, mask);
-        next = _mm256_add_epi32(next, two);
-        b2 = _mm256_shuffle_epi8(next, mask);
-        next = _mm256_add_epi32(next, two);
-        b3 = _mm256_shuffle_epi8(next, mask);
-        next = _mm256_add_epi32(next, two);
+        __m256i b0, b1, b2, b3, b4, b5, b6, b7, c0, c1, c2, c3, c4, c5, c6, c7;
+        NEXT_COUNTER(b0);
+        NEXT_COUNTER(b1);
+        NEXT_COUNTER(b2);
+        NEXT_COUNTER(b3);
+        NEXT_COUNTER(b4);
+        NEXT_COUNTER(b5);
+        NEXT_COUNTER(b6);
+        NEXT_COUNTER(b7);
         c0 = _mm256_loadu_si256((const __m256i *)in);
         c1 = _mm256_loadu_si256((const __m256i *)(in + 32));
         c2 = _mm256_loadu_si256((const __m256i *)(in + 64));
         c3 = _mm256_loadu_si256((const __m256i *)(in + 96));
+        c4 = _mm256_loadu_si256((const __m256i *)(in + 128));
+        c5 = _mm256_loadu_si256((const __m256i *)(in + 160));
+        c6 = _mm256_loadu_si256((const __m256i *)(in + 192));
+        c7 = _mm256_loadu_si256((const __m256i *)(in + 224));
         AES_X4(k, b0, b1, b2, b3);
+        AES_X4(k, b4, b5, b6, b7);
         b0 = _mm256_xor_si256(b0, c0);
         b1 = _mm256_xor_si256(b1, c1);
         b2 = _mm256_xor_si256(b2, c2);
         b3 = _mm256_xor_si256(b3, c3);
+        b4 = _mm256_xor_si256(b4, c4);
+        b5 = _mm256_xor_si256(b5, c5);
+        b6 = _mm256_xor_si256(b6, c6);
+        b7 = _mm256_xor_si256(b7, c7);
         _mm256_storeu_si256((__m256i *)out, b0);
         _mm256_storeu_si256((__m256i *)(out + 32), b1);
         _mm256_storeu_si256((__m256i *)(out + 64), b2);
         _mm256_storeu_si256((__m256i *)(out + 96), b3);
+        _mm256_storeu_si256((__m256i *)(out + 128), b4);
+        _mm256_storeu_si256((__m256i *)(out + 160), b5);
+        _mm256_storeu_si256((__m256i *)(out + 192), b6);
+        _mm256_storeu_si256((__m256i *)(out + 224), b7);
         if (seal) {
             c0 = b0;
             c1 = b1;
             c2 = b2;
             c3 = b3;
+            c4 = b4;
+            c5 = b5;
+            c6 = b6;
+            c7 = b7;
         }
-        y = ghash8(k, y, _mm256_shuffle_epi8(c0, rev2), _mm256_shuffle_epi8(c1, rev2), _mm256_shuffle_epi8(c2, rev2),
-                   _mm256_shuffle_epi8(c3, rev2));
-        in += 128;
-        out += 128;
+        y = ghash16(k, y, _mm256_shuffle_epi8(c0, rev2), _mm256_shuffle_epi8(c1, rev2), _mm256_shuffle_epi8(c2, rev2),
+                    _mm256_shuffle_epi8(c3, rev2), _mm256_shuffle_epi8(c4, rev2), _mm256_shuffle_epi8(c5, rev2),
+                    _mm256_shuffle_epi8(c6, rev2), _mm256_shuffle_epi8(c7, rev2));
+        in += 256;
+        out += 256;
     }
+#undef NEXT_COUNTER
     return y;
 }
 
@@ -459,8 +498,8 @@ GCM_INLINE __m128i tag_mask(const ef_gcm_key *k, const uint8_t nonce[12]) {
 GCM_TARGET void ef_gcm_seal2(const ef_gcm_key *k, const uint8_t nonce[12], const uint8_t *aad, size_t aad_len,
                              const uint8_t *in1, size_t len1, const uint8_t *in2, size_t len2, uint8_t *out,
                              uint8_t tag[16]) {
-    size_t chunks = len1 / 128, done = chunks * 128, full1 = len1 & ~(size_t)15, rest = len1 - full1, joined = 0;
-    uint32_t ctr = 2 + 8 * (uint32_t)chunks;
+    size_t chunks = len1 / 256, done = chunks * 256, full1 = len1 & ~(size_t)15, rest = len1 - full1, joined = 0;
+    uint32_t ctr = 2 + 16 * (uint32_t)chunks;
     __m128i mask = tag_mask(k, nonce), y = ghash_aad(k, aad, aad_len);
     y = ctr_ghash(k, nonce, 2, in1, out, chunks, y, 1);
     ctr = ctr_crypt(k, nonce, ctr, in1 + done, out + done, full1 - done);
@@ -481,7 +520,7 @@ GCM_TARGET void ef_gcm_seal2(const ef_gcm_key *k, const uint8_t nonce[12], const
 GCM_TARGET int ef_gcm_open(const ef_gcm_key *k, const uint8_t nonce[12], const uint8_t *aad, size_t aad_len,
                            const uint8_t *ct, size_t len, const uint8_t tag[16], uint8_t *out) {
     uint8_t expected[16];
-    size_t chunks = len / 128, done = chunks * 128;
+    size_t chunks = len / 256, done = chunks * 256;
     __m128i mask = tag_mask(k, nonce), y = ghash_aad(k, aad, aad_len);
     y = ctr_ghash(k, nonce, 2, ct, out, chunks, y, 0);
     y = ghash_finish(k, y, ct + done, len - done, aad_len, len);
@@ -490,7 +529,7 @@ GCM_TARGET int ef_gcm_open(const ef_gcm_key *k, const uint8_t nonce[12], const u
         OPENSSL_cleanse(out, done); /* no unauthenticated plaintext stays behind */
         return 0;
     }
-    ctr_crypt(k, nonce, 2 + 8 * (uint32_t)chunks, ct + done, out + done, len - done);
+    ctr_crypt(k, nonce, 2 + 16 * (uint32_t)chunks, ct + done, out + done, len - done);
     return 1;
 }
 

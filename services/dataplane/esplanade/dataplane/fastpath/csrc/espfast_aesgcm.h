@@ -16,12 +16,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define EF_GCM_POWERS 8 /* blocks per GHASH reduction */
+#define EF_GCM_POWERS 16 /* blocks per GHASH reduction */
 
-/* The expanded key: round keys, H^1..H^8 in GHASH's byte-reversed form, and the same powers in
- * the pairs the 256-bit loop loads. Allocate with ef_gcm_new (32-byte aligned). */
+/* The expanded key: round keys, H^1..H^17 in GHASH's byte-reversed form, and H^16..H^1 in the
+ * pairs the 256-bit loop loads. Allocate with ef_gcm_new (32-byte aligned). */
 typedef struct {
-    uint8_t h_pairs[EF_GCM_POWERS / 2][32]; /* [j] = (H^(8-2j) low lane, H^(7-2j) high lane); 32-aligned */
+    uint8_t h_pairs[EF_GCM_POWERS / 2][32]; /* [j] = (H^(16-2j) low lane, H^(15-2j) high lane); 32-aligned */
     uint8_t h_folds[EF_GCM_POWERS / 2][32]; /* the same, each lane's low 64 bits = its two halves xored */
     uint8_t round_keys[15][16];
     uint8_t h_powers[EF_GCM_POWERS + 1][16]; /* [i] = H^(i+1) (times x^-1, see the .c) */
