@@ -42,7 +42,9 @@ def run(size: int = 1400, iterations: int = 200000) -> list[Figure]:
             [str(binary), str(size), str(iterations)], check=True, capture_output=True, text=True, timeout=600
         )
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
-    evp = {(r["key_bits"], op): r[f"{op}_ns"] for r in rows if r["implementation"] == "openssl" for op in ("seal", "open")}
+    evp = {
+        (r["key_bits"], op): r[f"{op}_ns"] for r in rows if r["implementation"] == "openssl" for op in ("seal", "open")
+    }
     figures = []
     for r in rows:
         for op in ("seal", "open"):

@@ -554,7 +554,6 @@ static GCM_TARGET void derive(ef_gcm_key *k, const uint8_t *key, size_t key_len)
         }
     }
     OPENSSL_cleanse(rk, sizeof(rk));
-    h = power = _mm_setzero_si128();
 }
 
 ef_gcm_key *ef_gcm_new(const uint8_t *key, size_t key_len) {
