@@ -9,15 +9,18 @@
  * coefficient of x^0, modulo P = x^128 + x^7 + x^2 + x + 1. Reversing the 16 bytes of a block
  * turns it into a 128-bit integer whose bit 127 is the x^0 coefficient (bit-reflected). The
  * carry-less product of two reflected values is the reflected 255-bit product one position too
- * far right; a shift left by one fixes that, and the reduction folds the low 128 bits (the
- * coefficients of x^128..x^255) into the high 128 bits with x^128 = x^7 + x^2 + x + 1, in two
- * shift-and-xor phases (the method of Gueron and Kounavis' Intel carry-less multiplication
- * paper, written out here for the reflected layout).
+ * far right. reduce_exact() (key setup only) shifts it left by one and folds the low 128 bits
+ * (the coefficients of x^128..x^255) into the high 128 bits with x^128 = x^7 + x^2 + x + 1 in
+ * two shift-and-xor phases (the method of Gueron and Kounavis' Intel carry-less multiplication
+ * paper, written out for the reflected layout). The bulk skips the shift: unshifted, the
+ * reduction yields a*b*x, so the stored powers of H carry a factor x^-1; and it folds with two
+ * carry-less multiplications by the reflected x^-1 constant instead of the shift phases (the
+ * same bits, checked bit for bit in the tests against OpenSSL).
  *
- * Aggregated reduction: eight blocks are multiplied by H^8..H^1 and their 256-bit products
- * summed unreduced (carry-less sums are xors), then reduced once: GHASH's Horner form
- * (((Y xor X1) H xor X2) H ...) rearranged. The 256-bit registers carry two blocks each, so
- * one VPCLMULQDQ does two of the four 64x64 products of two blocks.
+ * Aggregated reduction: sixteen (or eight) blocks are multiplied by H^16..H^1 and their
+ * 256-bit products summed unreduced (carry-less sums are xors), then reduced once: GHASH's
+ * Horner form (((Y xor X1) H xor X2) H ...) rearranged. The 256-bit registers carry two blocks
+ * each; each block takes three 64x64 multiplications (Karatsuba).
  *
  * The counter blocks keep their 32-bit counter in native (little-endian) order in the last
  * lane dword, where VPADDD wraps it modulo 2^32 exactly like inc32; a byte shuffle turns it
