@@ -1,9 +1,10 @@
 """Hatch build hook: compile the ESP hot loop (`esplanade.dataplane.fastpath._espfast`).
 
 The extension is plain C against the CPython API and OpenSSL's libcrypto, compiled with the
-system compiler (`$CC`, default `cc`) in one command, no setuptools:
+system compiler (`$CC`, default `cc`) in one command (one line), no setuptools:
 
-    cc -O2 -fPIC -shared -I<python include> csrc/espfast_core.c csrc/espfast_module.c csrc/espfast_pump.c -lcrypto
+    cc -O2 -fPIC -shared -I<python include> csrc/espfast_core.c csrc/espfast_aesgcm.c
+        csrc/espfast_module.c csrc/espfast_pump.c -lcrypto
 
 Editable installs (`pip install -e .`) get the module next to its wrapper in
 services/dataplane/esplanade/dataplane/fastpath/; wheels get it force-included (and a
@@ -33,7 +34,12 @@ except ImportError:  # imported outside a build: tests and `python hatch_build.p
     BuildHookInterface = object  # type: ignore[assignment,misc]
 
 PACKAGE_DIR = Path("services/dataplane/esplanade/dataplane/fastpath")
-SOURCES = ("csrc/espfast_core.c", "csrc/espfast_module.c", "csrc/espfast_pump.c")
+SOURCES = (
+    "csrc/espfast_core.c",
+    "csrc/espfast_aesgcm.c",
+    "csrc/espfast_module.c",
+    "csrc/espfast_pump.c",
+)
 WHEEL_DIR = "esplanade/dataplane/fastpath"
 CFLAGS = ("-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers")
 

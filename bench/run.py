@@ -18,6 +18,7 @@ from bench.report import write_results
 
 BENCHMARKS: list[str] = [
     "esp_fastpath",
+    "aesgcm",
     "dataplane_throughput",
     "ike_setup_rate",
     "scaleout",

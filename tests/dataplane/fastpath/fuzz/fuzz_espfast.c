@@ -12,6 +12,9 @@
  *   4 inner packet parsing, packet filter, flow table
  *   5 replay window: a run of sequence numbers through check/accept
  *   6 seal: a body and a TFC size
+ *   7 AES-GCM: the VAES implementation (espfast_aesgcm.c, when this CPU has it) against
+ *     OpenSSL EVP on an arbitrary key, AAD, body and trailer split, in place or not: the same
+ *     ciphertext and tag, both open it, both refuse it with one bit flipped
  *
  * EF_FUZZ_CANARY (test builds only) adds a deliberate one-byte overflow in the harness, reached
  * only when a split yields three or more segments: the test proves with it that a finding
@@ -62,15 +65,12 @@ static void setup(void) {
 
 /* Encrypt `pt` as it is (the trailer included) into an exact-size ESP packet. */
 static uint8_t *seal_raw(uint64_t seq, int esn, const uint8_t *pt, size_t n, size_t *len) {
-    uint8_t nonce[12], aad[12], *out = malloc(n + EF_AEAD_OVERHEAD);
-    int outl, aad_len = esn ? 12 : 8;
-    EVP_CIPHER_CTX *ctx = enc.ctx;
+    uint8_t aad[12], *out = malloc(n + EF_AEAD_OVERHEAD);
+    int aad_len = esn ? 12 : 8;
     if (out == NULL) abort();
     out[0] = SPI >> 24, out[1] = (SPI >> 16) & 0xFF, out[2] = (SPI >> 8) & 0xFF, out[3] = SPI & 0xFF;
     for (int i = 0; i < 4; i++) out[4 + i] = (uint8_t)(seq >> (24 - 8 * i));
     for (int i = 0; i < 8; i++) out[8 + i] = (uint8_t)(seq >> (56 - 8 * i));
-    memcpy(nonce, SALT, 4);
-    memcpy(nonce + 4, out + 8, 8);
     memcpy(aad, out, 4);
     if (esn) {
         for (int i = 0; i < 4; i++) aad[4 + i] = (uint8_t)(seq >> (56 - 8 * i));
@@ -78,11 +78,7 @@ static uint8_t *seal_raw(uint64_t seq, int esn, const uint8_t *pt, size_t n, siz
     } else {
         memcpy(aad + 4, out + 4, 4);
     }
-    if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1 || EVP_EncryptUpdate(ctx, NULL, &outl, aad, aad_len) != 1 ||
-        (n && EVP_EncryptUpdate(ctx, out + 16, &outl, pt, (int)n) != 1) ||
-        EVP_EncryptFinal_ex(ctx, out + 16 + n, &outl) != 1 ||
-        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, 16, out + 16 + n) != 1)
-        abort();
+    if (ef_aead_seal(&enc, out + 8, aad, aad_len, pt, n, pt + n, 0, out + 16, out + 16 + n) != 0) abort();
     *len = n + EF_AEAD_OVERHEAD;
     return out;
 }
@@ -242,20 +238,85 @@ static void seal(const uint8_t *d, size_t n) {
     free(out);
 }
 
+static uint8_t *copy_of(const uint8_t *p, size_t n) {
+    uint8_t *c = malloc(n ? n : 1);
+    if (c == NULL) abort();
+    if (n) memcpy(c, p, n);
+    return c;
+}
+
+static void gcm_vs_evp(const uint8_t *d, size_t n) {
+    ef_aead fast_enc, fast_dec, evp_enc, evp_dec;
+    uint8_t key[32], salt[4], iv[8], *aad, *body, *ct1, *ct2, *pt;
+    size_t key_len, aad_len, m, cut, flip;
+    int policy = ef_gcm_policy_get(), in_place;
+    if (n < 4) return;
+    key_len = d[0] & 1 ? 32 : 16;
+    in_place = d[0] & 2;
+    aad_len = d[1] % 33 < n - 4 ? d[1] % 33 : n - 4;
+    for (size_t i = 0; i < 32; i++) key[i] = (uint8_t)(d[i % n] ^ i);
+    for (size_t i = 0; i < 4; i++) salt[i] = (uint8_t)(d[(i + 7) % n] + 1);
+    for (size_t i = 0; i < 8; i++) iv[i] = (uint8_t)(d[(i + 3) % n] ^ 0x5a);
+    aad = copy_of(d + 4, aad_len);
+    m = n - 4 - aad_len;
+    body = copy_of(d + 4 + aad_len, m);
+    cut = m ? d[2] * 31u % (m + 1) : 0;
+    flip = (size_t)d[3] * 131u % ((m + EF_AEAD_ICV) * 8);
+    ef_gcm_policy_set(EF_GCM_AUTO);
+    if (ef_aead_init(&fast_enc, EF_AEAD_AES_GCM, key, key_len, salt, 1) < 0 ||
+        ef_aead_init(&fast_dec, EF_AEAD_AES_GCM, key, key_len, salt, 0) < 0)
+        abort();
+    ef_gcm_policy_set(EF_GCM_OPENSSL);
+    if (ef_aead_init(&evp_enc, EF_AEAD_AES_GCM, key, key_len, salt, 1) < 0 ||
+        ef_aead_init(&evp_dec, EF_AEAD_AES_GCM, key, key_len, salt, 0) < 0 || evp_enc.gcm != NULL)
+        abort();
+    ef_gcm_policy_set(policy);
+    ct1 = malloc(m + EF_AEAD_ICV); /* exact: ciphertext then tag */
+    ct2 = malloc(m + EF_AEAD_ICV);
+    pt = malloc(m ? m : 1);
+    if (ct1 == NULL || ct2 == NULL || pt == NULL) abort();
+    if (in_place) {
+        if (m) memcpy(ct1, body, m);
+        if (ef_aead_seal(&fast_enc, iv, aad, (int)aad_len, ct1, cut, ct1 + cut, m - cut, ct1, ct1 + m) != 0) abort();
+    } else if (ef_aead_seal(&fast_enc, iv, aad, (int)aad_len, body, cut, body + cut, m - cut, ct1, ct1 + m) != 0) {
+        abort();
+    }
+    if (ef_aead_seal(&evp_enc, iv, aad, (int)aad_len, body, m, body + m, 0, ct2, ct2 + m) != 0) abort();
+    if (memcmp(ct1, ct2, m + EF_AEAD_ICV) != 0) abort(); /* the two implementations disagree */
+    if (ef_aead_open(&fast_dec, iv, aad, (int)aad_len, ct1, m, ct1 + m, pt) != 1 || (m && memcmp(pt, body, m) != 0))
+        abort();
+    if (ef_aead_open(&evp_dec, iv, aad, (int)aad_len, ct2, m, ct2 + m, pt) != 1 || (m && memcmp(pt, body, m) != 0))
+        abort();
+    ct1[flip / 8] ^= (uint8_t)(1u << (flip % 8));
+    ct2[flip / 8] ^= (uint8_t)(1u << (flip % 8));
+    if (ef_aead_open(&fast_dec, iv, aad, (int)aad_len, ct1, m, ct1 + m, in_place ? ct1 : pt) != 0) abort();
+    if (ef_aead_open(&evp_dec, iv, aad, (int)aad_len, ct2, m, ct2 + m, pt) != 0) abort();
+    ef_aead_free(&fast_enc);
+    ef_aead_free(&fast_dec);
+    ef_aead_free(&evp_enc);
+    ef_aead_free(&evp_dec);
+    free(aad);
+    free(body);
+    free(ct1);
+    free(ct2);
+    free(pt);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     uint8_t *d;
     setup();
     if (size < 1) return 0;
     d = malloc(size - 1 ? size - 1 : 1); /* the input without the selector byte, in an exact buffer */
     memcpy(d, data + 1, size - 1);
-    switch (data[0] % 7) {
+    switch (data[0] % 8) {
     case 0: decap(d, size - 1, 0); break;
     case 1: decap(d, size - 1, 1); break;
     case 2: split(d, size - 1); break;
     case 3: merge(d, size - 1); break;
     case 4: inspect(d, size - 1); break;
     case 5: replay(d, size - 1); break;
-    default: seal(d, size - 1); break;
+    case 6: seal(d, size - 1); break;
+    default: gcm_vs_evp(d, size - 1); break;
     }
     free(d);
     return 0;

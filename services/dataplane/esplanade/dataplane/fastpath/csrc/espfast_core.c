@@ -2,6 +2,7 @@
 #include "espfast_core.h"
 
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <openssl/evp.h>
@@ -134,10 +135,31 @@ static uint32_t pseudo_sum(const uint8_t *src, const uint8_t *dst, size_t alen, 
 }
 
 /* -- AEAD ----------------------------------------------------------------------------------- */
+static int gcm_policy = -1; /* -1: not read from the environment yet */
+
+int ef_gcm_policy_get(void) {
+    if (gcm_policy < 0) {
+        const char *v = getenv("ESPLANADE_ESP_AESGCM");
+        gcm_policy = v != NULL && strcmp(v, "openssl") == 0 ? EF_GCM_OPENSSL : EF_GCM_AUTO;
+    }
+    return gcm_policy;
+}
+
+void ef_gcm_policy_set(int policy) { gcm_policy = policy == EF_GCM_OPENSSL ? EF_GCM_OPENSSL : EF_GCM_AUTO; }
+
 int ef_aead_init(ef_aead *aead, int kind, const uint8_t *key, size_t key_len, const uint8_t salt[4], int encrypt) {
     const EVP_CIPHER *cipher = NULL;
     memset(aead, 0, sizeof(*aead));
     if (kind == EF_AEAD_AES_GCM) {
+        if ((key_len == 16 || key_len == 32) && ef_gcm_policy_get() == EF_GCM_AUTO && ef_gcm_supported()) {
+            aead->gcm = ef_gcm_new(key, key_len);
+            if (aead->gcm != NULL) {
+                memcpy(aead->salt, salt, 4);
+                aead->encrypt = encrypt;
+                aead->kind = kind;
+                return 0;
+            } /* no memory: OpenSSL may still have some */
+        }
         if (key_len == 16)
             cipher = EVP_aes_128_gcm();
         else if (key_len == 24)
@@ -165,6 +187,13 @@ int ef_aead_init(ef_aead *aead, int kind, const uint8_t *key, size_t key_len, co
 void ef_aead_free(ef_aead *aead) {
     if (aead->ctx != NULL) EVP_CIPHER_CTX_free(aead->ctx); /* clears the key schedule */
     aead->ctx = NULL;
+    ef_gcm_free(aead->gcm); /* wipes the round keys and the powers of H */
+    aead->gcm = NULL;
+}
+
+const char *ef_aead_implementation(const ef_aead *aead) {
+    if (aead->gcm != NULL) return ef_gcm_name();
+    return aead->ctx != NULL ? "openssl" : NULL;
 }
 
 /* Set (`set`) or get the 16-byte tag through the provider's parameters directly: the same as
@@ -197,14 +226,14 @@ static int aead_nonce(ef_aead *a, uint8_t nonce[12]) {
     return EVP_CipherInit_ex(a->ctx, NULL, NULL, NULL, nonce, a->encrypt);
 }
 
-/* 1: verified, plaintext in out; 0: ICV failure; -1: EVP error. */
-static int aead_open(ef_aead *a, const uint8_t iv[8], const uint8_t *aad, int aad_len, const uint8_t *ct,
-                     size_t ct_len, const uint8_t *tag, uint8_t *out) {
+int ef_aead_open(ef_aead *a, const uint8_t iv[8], const uint8_t *aad, int aad_len, const uint8_t *ct, size_t ct_len,
+                 const uint8_t *tag, uint8_t *out) {
     uint8_t nonce[12], t[EF_AEAD_ICV];
     int n = 0, fin = 0;
-    if (a->ctx == NULL || a->encrypt || ct_len > INT32_MAX) return -1;
+    if ((a->ctx == NULL && a->gcm == NULL) || a->encrypt || ct_len > INT32_MAX || aad_len < 0) return -1;
     memcpy(nonce, a->salt, 4);
     memcpy(nonce + 4, iv, 8);
+    if (a->gcm != NULL) return ef_gcm_open(a->gcm, nonce, aad, (size_t)aad_len, ct, ct_len, tag, out);
     memcpy(t, tag, EF_AEAD_ICV);
 #if OPENSSL_VERSION_MAJOR >= 3
     if (a->kind == EF_AEAD_AES_GCM) {
@@ -432,7 +461,7 @@ int ef_esp_open(ef_inbound *sa, const uint8_t *esp, size_t len, uint8_t *out, si
         memcpy(aad + 4, esp + 4, 4);
         aad_len = 8;
     }
-    r = aead_open(&sa->aead, esp + 8, aad, aad_len, esp + 16, n, esp + len - EF_AEAD_ICV, out);
+    r = ef_aead_open(&sa->aead, esp + 8, aad, aad_len, esp + 16, n, esp + len - EF_AEAD_ICV, out);
     if (r < 0) return EF_CRYPTO_ERROR;
     if (r == 0) return EF_ICV_FAILURE;
     /* Authentic from here on: the window moves even if the content turns out malformed. */
@@ -473,16 +502,14 @@ long ef_esp_seal(ef_aead *a, uint32_t spi, uint64_t seq, int esn, const uint8_t 
     size_t total = ef_esp_sealed_length(size, pad_to);
     size_t tail = total - EF_AEAD_OVERHEAD - size; /* TFC zeros, padding, pad length, next header */
     size_t tfc = pad_to > size ? pad_to - size : 0, padlen = tail - tfc - 2;
-    uint8_t nonce[12], aad[12], *ct = out + EF_ESP_HEADER + EF_AEAD_IV, *t;
-    int n = 0, aad_len;
+    uint8_t aad[12], *ct = out + EF_ESP_HEADER + EF_AEAD_IV, *t;
+    int aad_len;
 
-    if (a->ctx == NULL || !a->encrypt || total > out_cap || total > INT32_MAX) return -1;
+    if ((a->ctx == NULL && a->gcm == NULL) || !a->encrypt || total > out_cap || total > INT32_MAX) return -1;
     put32(out, spi);
     put32(out + 4, (uint32_t)seq);
     put32(out + 8, (uint32_t)(seq >> 32)); /* the explicit IV is the 64-bit sequence number */
     put32(out + 12, (uint32_t)seq);
-    memcpy(nonce, a->salt, 4);
-    memcpy(nonce + 4, out + 8, 8);
     put32(aad, spi);
     if (esn) {
         put32(aad + 4, (uint32_t)(seq >> 32));
@@ -497,13 +524,30 @@ long ef_esp_seal(ef_aead *a, uint32_t spi, uint64_t seq, int esn, const uint8_t 
     for (size_t i = 0; i < padlen; i++) t[tfc + i] = (uint8_t)(i + 1);
     t[tail - 2] = (uint8_t)padlen;
     t[tail - 1] = next_header;
+    if (ef_aead_seal(a, out + 8, aad, aad_len, body, size, t, tail, ct, ct + size + tail) != 0) return -1;
+    return (long)total;
+}
+
+int ef_aead_seal(ef_aead *a, const uint8_t iv[8], const uint8_t *aad, int aad_len, const uint8_t *body, size_t size,
+                 const uint8_t *trailer, size_t tail, uint8_t *ct, uint8_t tag[EF_AEAD_ICV]) {
+    uint8_t nonce[12];
+    int n = 0;
+    if ((a->ctx == NULL && a->gcm == NULL) || !a->encrypt || size > INT32_MAX || tail > INT32_MAX - size ||
+        aad_len < 0)
+        return -1;
+    memcpy(nonce, a->salt, 4);
+    memcpy(nonce + 4, iv, 8);
+    if (a->gcm != NULL) {
+        ef_gcm_seal2(a->gcm, nonce, aad, (size_t)aad_len, body, size, trailer, tail, ct, tag);
+        return 0;
+    }
     if (aead_nonce(a, nonce) != 1) return -1;
     if (EVP_EncryptUpdate(a->ctx, NULL, &n, aad, aad_len) != 1) return -1;
     if (size && EVP_EncryptUpdate(a->ctx, ct, &n, body, (int)size) != 1) return -1;
-    if (EVP_EncryptUpdate(a->ctx, t, &n, t, (int)tail) != 1) return -1;
+    if (tail && EVP_EncryptUpdate(a->ctx, ct + size, &n, trailer, (int)tail) != 1) return -1;
     if (EVP_EncryptFinal_ex(a->ctx, ct + size + tail, &n) != 1) return -1;
-    if (aead_tag(a->ctx, ct + size + tail, 0) != 1) return -1;
-    return (long)total;
+    if (aead_tag(a->ctx, tag, 0) != 1) return -1;
+    return 0;
 }
 
 /* -- the packet filter (filters.py) ------------------------------------------------------------ */

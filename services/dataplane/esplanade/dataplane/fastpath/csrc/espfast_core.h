@@ -14,6 +14,8 @@
 
 #include <openssl/evp.h>
 
+#include "espfast_aesgcm.h"
+
 /* Why a packet was dropped: the order of esplanade.dataplane.esp.counters.DropReason. */
 enum ef_status {
     EF_OK = 0,
@@ -41,15 +43,36 @@ enum ef_status {
 enum ef_aead_kind { EF_AEAD_AES_GCM = 1, EF_AEAD_CHACHA20_POLY1305 = 2 };
 
 typedef struct {
-    EVP_CIPHER_CTX *ctx; /* keyed once; every packet only sets the nonce */
+    EVP_CIPHER_CTX *ctx; /* keyed once; every packet only sets the nonce (NULL when gcm is set) */
+    ef_gcm_key *gcm;     /* AES-GCM-128/256 on a CPU with VAES + VPCLMULQDQ (espfast_aesgcm.h) */
     uint8_t salt[4];
     int encrypt;
     int kind; /* ef_aead_kind */
 } ef_aead;
 
+/* Which AES-GCM implementation new AEAD contexts take: EF_GCM_AUTO (the VAES one when the CPU
+ * has it, else OpenSSL) or EF_GCM_OPENSSL (always EVP). The initial value comes from the
+ * environment variable ESPLANADE_ESP_AESGCM ("openssl" or "auto", read once); contexts already
+ * keyed keep theirs. */
+enum ef_gcm_policy { EF_GCM_AUTO = 0, EF_GCM_OPENSSL = 1 };
+int ef_gcm_policy_get(void);
+void ef_gcm_policy_set(int policy);
+
 /* 0 on success, -1 if OpenSSL refused (unknown kind, wrong key length, no memory). */
 int ef_aead_init(ef_aead *aead, int kind, const uint8_t *key, size_t key_len, const uint8_t salt[4], int encrypt);
 void ef_aead_free(ef_aead *aead);
+/* "vaes-avx2" or "openssl" for a keyed context, NULL before. Never anything about the key. */
+const char *ef_aead_implementation(const ef_aead *aead);
+
+/* One RFC 4106 / 7634 message, nonce = salt || iv: encrypt `body` (size bytes; may be `ct`
+ * itself) then `trailer` (tail bytes; may be ct + size itself) into ct (contiguous) and the
+ * 16-byte tag. 0, or -1 (EVP failure, wrong direction, size over INT32_MAX). */
+int ef_aead_seal(ef_aead *a, const uint8_t iv[8], const uint8_t *aad, int aad_len, const uint8_t *body, size_t size,
+                 const uint8_t *trailer, size_t tail, uint8_t *ct, uint8_t tag[EF_AEAD_ICV]);
+/* 1: verified, plaintext in out (out may be ct); 0: ICV failure (out holds no plaintext
+ * from the VAES path; EVP's partial output is not to be used); -1: EVP error. */
+int ef_aead_open(ef_aead *a, const uint8_t iv[8], const uint8_t *aad, int aad_len, const uint8_t *ct, size_t ct_len,
+                 const uint8_t *tag, uint8_t *out);
 
 /* -- anti-replay window (replay.py: RFC 4303 §3.4.3 + RFC 6479 ring of 64-bit words) ------- */
 typedef struct {

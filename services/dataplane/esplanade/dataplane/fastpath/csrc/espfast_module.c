@@ -647,8 +647,17 @@ static int Slot_set_filter(Slot *self, PyObject *value, void *closure) {
     return 0;
 }
 
+static PyObject *Slot_get_aead_implementation(Slot *self, void *closure) {
+    const char *name = ef_aead_implementation(self->outbound ? &self->aead : &self->in.aead);
+    if (name == NULL) Py_RETURN_NONE;
+    return PyUnicode_FromString(name);
+}
+
 static PyGetSetDef Slot_getset[] = {
-    {"filter", (getter)Slot_get_filter, (setter)Slot_set_filter, "The identity's Filter, or None.", NULL}, {NULL}};
+    {"filter", (getter)Slot_get_filter, (setter)Slot_set_filter, "The identity's Filter, or None.", NULL},
+    {"aead_implementation", (getter)Slot_get_aead_implementation, NULL,
+     "Who runs this SA's AEAD: 'vaes-avx2' (our AES-GCM), 'openssl', or None (a pure-Python slot).", NULL},
+    {NULL}};
 
 static PyMemberDef Slot_members[] = {
     {"sa", T_OBJECT, offsetof(Slot, sa), READONLY, "The Python SA state this slot mirrors."},
@@ -2326,7 +2335,133 @@ static PyObject *build_info(PyObject *mod, PyObject *unused) {
     );
 }
 
+/* -- AES-GCM implementation choice and single-message entry points (tests, diagnostics) ------- */
+static PyObject *aesgcm_policy(PyObject *mod, PyObject *args) {
+    const char *name = NULL, *was = ef_gcm_policy_get() == EF_GCM_OPENSSL ? "openssl" : "auto";
+    if (!PyArg_ParseTuple(args, "|z", &name)) return NULL;
+    if (name != NULL) {
+        if (strcmp(name, "auto") == 0)
+            ef_gcm_policy_set(EF_GCM_AUTO);
+        else if (strcmp(name, "openssl") == 0)
+            ef_gcm_policy_set(EF_GCM_OPENSSL);
+        else {
+            PyErr_SetString(PyExc_ValueError, "the AES-GCM policy is 'auto' or 'openssl'");
+            return NULL;
+        }
+    }
+    return PyUnicode_FromString(was);
+}
+
+static PyObject *aesgcm_accelerated(PyObject *mod, PyObject *unused) {
+    if (!ef_gcm_supported()) Py_RETURN_NONE;
+    return PyUnicode_FromString(ef_gcm_name());
+}
+
+/* Key one AEAD context for a single message; 0, or -1 with ValueError. */
+static int single_aead(ef_aead *a, int kind, Py_buffer *key, Py_buffer *salt, int encrypt) {
+    if ((kind != EF_AEAD_AES_GCM && kind != EF_AEAD_CHACHA20_POLY1305) || salt->len != 4 ||
+        ef_aead_init(a, kind, key->buf, (size_t)key->len, salt->buf, encrypt) < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad AEAD parameters");
+        return -1;
+    }
+    return 0;
+}
+
+/* aead_seal(kind, key, salt, iv, aad, body, trailer=b"", in_place=False) -> (implementation, ct || tag) */
+static PyObject *aead_seal(PyObject *mod, PyObject *args) {
+    int kind, in_place = 0, r = -1;
+    Py_buffer key, salt, iv, aad, body, trailer = {0};
+    PyObject *result = NULL, *out = NULL;
+    ef_aead a;
+    memset(&a, 0, sizeof(a));
+    if (!PyArg_ParseTuple(args, "iy*y*y*y*y*|y*p", &kind, &key, &salt, &iv, &aad, &body, &trailer, &in_place))
+        return NULL;
+    if (iv.len != 8 || aad.len > INT32_MAX || single_aead(&a, kind, &key, &salt, 1) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad AEAD parameters");
+        goto done;
+    }
+    out = PyByteArray_FromStringAndSize(NULL, body.len + trailer.len + EF_AEAD_ICV);
+    if (out == NULL) goto done;
+    {
+        uint8_t *o = (uint8_t *)PyByteArray_AS_STRING(out);
+        const uint8_t *b = body.buf, *t = trailer.buf;
+        if (in_place) { /* the inputs are the output's own bytes, as ef_esp_seal calls it */
+            if (body.len) memcpy(o, body.buf, (size_t)body.len);
+            if (trailer.len) memcpy(o + body.len, trailer.buf, (size_t)trailer.len);
+            b = o;
+            t = o + body.len;
+        }
+        r = ef_aead_seal(&a, iv.buf, aad.buf, (int)aad.len, b, (size_t)body.len, t, (size_t)trailer.len, o,
+                         o + body.len + trailer.len);
+    }
+    if (r != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the AEAD seal failed");
+        goto done;
+    }
+    result = Py_BuildValue("sO", ef_aead_implementation(&a), out);
+done:
+    Py_XDECREF(out);
+    ef_aead_free(&a);
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&salt);
+    PyBuffer_Release(&iv);
+    PyBuffer_Release(&aad);
+    PyBuffer_Release(&body);
+    if (trailer.obj != NULL || trailer.buf != NULL) PyBuffer_Release(&trailer);
+    return result;
+}
+
+/* aead_open(kind, key, salt, iv, aad, ct, tag, in_place=False) -> (implementation, plaintext or None) */
+static PyObject *aead_open(PyObject *mod, PyObject *args) {
+    int kind, in_place = 0, r = -1;
+    Py_buffer key, salt, iv, aad, ct, tag;
+    PyObject *result = NULL, *out = NULL;
+    uint8_t *src;
+    ef_aead a;
+    memset(&a, 0, sizeof(a));
+    if (!PyArg_ParseTuple(args, "iy*y*y*y*y*y*|p", &kind, &key, &salt, &iv, &aad, &ct, &tag, &in_place)) return NULL;
+    if (iv.len != 8 || tag.len != EF_AEAD_ICV || aad.len > INT32_MAX || single_aead(&a, kind, &key, &salt, 0) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad AEAD parameters");
+        goto done;
+    }
+    out = PyByteArray_FromStringAndSize(NULL, ct.len);
+    if (out == NULL) goto done;
+    src = (uint8_t *)ct.buf;
+    if (in_place) {
+        if (ct.len) memcpy(PyByteArray_AS_STRING(out), ct.buf, (size_t)ct.len);
+        src = (uint8_t *)PyByteArray_AS_STRING(out);
+    } else if (ct.len) {
+        memset(PyByteArray_AS_STRING(out), 0, (size_t)ct.len);
+    }
+    r = ef_aead_open(&a, iv.buf, aad.buf, (int)aad.len, src, (size_t)ct.len, tag.buf,
+                     (uint8_t *)PyByteArray_AS_STRING(out));
+    if (r < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the AEAD open failed");
+        goto done;
+    }
+    result = Py_BuildValue("sO", ef_aead_implementation(&a), r == 1 ? out : Py_None);
+done:
+    Py_XDECREF(out);
+    ef_aead_free(&a);
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&salt);
+    PyBuffer_Release(&iv);
+    PyBuffer_Release(&aad);
+    PyBuffer_Release(&ct);
+    PyBuffer_Release(&tag);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
+    {"aesgcm_policy", aesgcm_policy, METH_VARARGS,
+     "aesgcm_policy(policy=None) -> the previous policy: 'auto' (VAES AES-GCM when the CPU has it) or 'openssl', "
+     "for AEAD contexts keyed from now on (default: ESPLANADE_ESP_AESGCM)."},
+    {"aesgcm_accelerated", aesgcm_accelerated, METH_NOARGS,
+     "The name of the accelerated AES-GCM this CPU runs ('vaes-avx2'), or None."},
+    {"aead_seal", aead_seal, METH_VARARGS,
+     "aead_seal(kind, key, salt, iv, aad, body, trailer=b'', in_place=False) -> (implementation, ct + tag)"},
+    {"aead_open", aead_open, METH_VARARGS,
+     "aead_open(kind, key, salt, iv, aad, ct, tag, in_place=False) -> (implementation, plaintext or None)"},
     {"configure", configure, METH_VARARGS, "configure(drop_reasons, encrypt_esp, decrypt_esp)"},
     {"encrypt_batch", encrypt_batch, METH_VARARGS,
      "encrypt_batch(slots, which, packets, spans, count, now, out, out_spans, flows) -> int"},
