@@ -126,6 +126,24 @@ def test_every_length_against_cryptography(aesgcm_implementation: str, key_len: 
             assert open_(key, nonce, flip(aad, rng.randrange(8 * len(aad))), ct, tag, in_place)[1] is None
 
 
+@pytest.mark.parametrize("key_len", [16, 32])
+def test_long_messages_carry_the_counter_across_its_bytes(aesgcm_implementation: str, key_len: int) -> None:
+    """Past 254 blocks (4,064 bytes: data starts at counter 2) the 32-bit counter's low byte
+    carries into the next one: lengths either side of that carry, a 9000-byte jumbo frame and
+    a 65,519-byte payload, against cryptography."""
+    rng = random.Random(100 + key_len)
+    key = rng.randbytes(key_len)
+    oracle = AESGCM(key)
+    for length in (4031, 4032, 4048, 4063, 4064, 4065, 4080, 4096, 9000, 65_519):
+        nonce, aad, pt = rng.randbytes(12), rng.randbytes(8), rng.randbytes(length)
+        cut = rng.randint(0, length)
+        want = oracle.encrypt(nonce, pt, aad)
+        for in_place in (False, True):
+            assert bytes(seal(key, nonce, aad, pt[:cut], pt[cut:], in_place)[1]) == want, (length, in_place)
+            assert bytes(open_(key, nonce, aad, want[:-16], want[-16:], in_place)[1]) == pt, (length, in_place)
+        assert open_(key, nonce, aad, flip(want[:-16], rng.randrange(8 * length)), want[-16:])[1] is None
+
+
 @given(
     key=st.binary(min_size=16, max_size=16) | st.binary(min_size=32, max_size=32),
     nonce=st.binary(min_size=12, max_size=12),
