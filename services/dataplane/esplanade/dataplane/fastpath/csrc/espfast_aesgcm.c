@@ -329,6 +329,14 @@ GCM_INLINE __m128i counter_mask(void) { /* bytes 12..15 reversed: the native cou
     return _mm_set_epi8(12, 13, 14, 15, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
 }
 
+/* The two counter blocks in `*next` (lanes ctr, ctr + 1) in GCM byte order; `*next` moves on
+ * by two. */
+GCM_INLINE __m256i take_counters(__m256i *next, __m256i mask) {
+    __m256i blocks = _mm256_shuffle_epi8(*next, mask);
+    *next = _mm256_add_epi32(*next, _mm256_set_epi32(2, 0, 0, 0, 2, 0, 0, 0));
+    return blocks;
+}
+
 GCM_INLINE __m256i round_key2(const ef_gcm_key *k, int r) {
     return _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)k->round_keys[r]));
 }
@@ -367,21 +375,14 @@ GCM_INLINE __m256i aes_x1(const ef_gcm_key *k, __m256i b) {
 static GCM_TARGET uint32_t ctr_crypt(const ef_gcm_key *k, const uint8_t nonce[12], uint32_t ctr, const uint8_t *in,
                                      uint8_t *out, size_t n) {
     const __m256i mask = _mm256_broadcastsi128_si256(counter_mask());
-    const __m256i two = _mm256_set_epi32(2, 0, 0, 0, 2, 0, 0, 0);
     __m256i next;
     uint32_t blocks = (uint32_t)((n + 15) / 16);
     if (n == 0) return ctr;
     next = _mm256_broadcastsi128_si256(nonce_block(nonce, ctr));
     next = _mm256_add_epi32(next, _mm256_set_epi32(1, 0, 0, 0, 0, 0, 0, 0)); /* lanes: ctr, ctr + 1 */
     while (n >= 128) {
-        __m256i b0 = _mm256_shuffle_epi8(next, mask), b1, b2, b3;
-        next = _mm256_add_epi32(next, two);
-        b1 = _mm256_shuffle_epi8(next, mask);
-        next = _mm256_add_epi32(next, two);
-        b2 = _mm256_shuffle_epi8(next, mask);
-        next = _mm256_add_epi32(next, two);
-        b3 = _mm256_shuffle_epi8(next, mask);
-        next = _mm256_add_epi32(next, two);
+        __m256i b0 = take_counters(&next, mask), b1 = take_counters(&next, mask), b2 = take_counters(&next, mask),
+                b3 = take_counters(&next, mask);
         AES_X4(k, b0, b1, b2, b3);
         b0 = _mm256_xor_si256(b0, _mm256_loadu_si256((const __m256i *)in));
         b1 = _mm256_xor_si256(b1, _mm256_loadu_si256((const __m256i *)(in + 32)));
@@ -399,15 +400,10 @@ static GCM_TARGET uint32_t ctr_crypt(const ef_gcm_key *k, const uint8_t nonce[12
         uint8_t ks[128];
         size_t i = 0, full = n & ~(size_t)15;
         if (n <= 32) {
-            _mm256_storeu_si256((__m256i *)ks, aes_x1(k, _mm256_shuffle_epi8(next, mask)));
+            _mm256_storeu_si256((__m256i *)ks, aes_x1(k, take_counters(&next, mask)));
         } else {
-            __m256i b0 = _mm256_shuffle_epi8(next, mask), b1, b2, b3;
-            next = _mm256_add_epi32(next, two);
-            b1 = _mm256_shuffle_epi8(next, mask);
-            next = _mm256_add_epi32(next, two);
-            b2 = _mm256_shuffle_epi8(next, mask);
-            next = _mm256_add_epi32(next, two);
-            b3 = _mm256_shuffle_epi8(next, mask);
+            __m256i b0 = take_counters(&next, mask), b1 = take_counters(&next, mask),
+                    b2 = take_counters(&next, mask), b3 = take_counters(&next, mask);
             AES_X4(k, b0, b1, b2, b3);
             _mm256_storeu_si256((__m256i *)ks, b0);
             _mm256_storeu_si256((__m256i *)(ks + 32), b1);
@@ -429,24 +425,13 @@ static GCM_TARGET uint32_t ctr_crypt(const ef_gcm_key *k, const uint8_t nonce[12
 static GCM_TARGET __m128i ctr_ghash(const ef_gcm_key *k, const uint8_t nonce[12], uint32_t ctr, const uint8_t *in,
                                    uint8_t *out, size_t chunks, __m128i y, int seal) {
     const __m256i mask = _mm256_broadcastsi128_si256(counter_mask()), rev2 = reverse_mask2();
-    const __m256i two = _mm256_set_epi32(2, 0, 0, 0, 2, 0, 0, 0);
     __m256i next = _mm256_broadcastsi128_si256(nonce_block(nonce, ctr));
     next = _mm256_add_epi32(next, _mm256_set_epi32(1, 0, 0, 0, 0, 0, 0, 0));
-#define NEXT_COUNTER(b)                                                                                                \
-    do {                                                                                                               \
-        b = _mm256_shuffle_epi8(next, mask);                                                                           \
-        next = _mm256_add_epi32(next, two);                                                                            \
-    } while (0)
     for (; chunks; chunks--) {
-        __m256i b0, b1, b2, b3, b4, b5, b6, b7, c0, c1, c2, c3, c4, c5, c6, c7;
-        NEXT_COUNTER(b0);
-        NEXT_COUNTER(b1);
-        NEXT_COUNTER(b2);
-        NEXT_COUNTER(b3);
-        NEXT_COUNTER(b4);
-        NEXT_COUNTER(b5);
-        NEXT_COUNTER(b6);
-        NEXT_COUNTER(b7);
+        __m256i b0 = take_counters(&next, mask), b1 = take_counters(&next, mask), b2 = take_counters(&next, mask),
+                b3 = take_counters(&next, mask), b4 = take_counters(&next, mask), b5 = take_counters(&next, mask),
+                b6 = take_counters(&next, mask), b7 = take_counters(&next, mask);
+        __m256i c0, c1, c2, c3, c4, c5, c6, c7;
         c0 = _mm256_loadu_si256((const __m256i *)in);
         c1 = _mm256_loadu_si256((const __m256i *)(in + 32));
         c2 = _mm256_loadu_si256((const __m256i *)(in + 64));
@@ -489,7 +474,6 @@ static GCM_TARGET __m128i ctr_ghash(const ef_gcm_key *k, const uint8_t nonce[12]
         in += 256;
         out += 256;
     }
-#undef NEXT_COUNTER
     return y;
 }
 
