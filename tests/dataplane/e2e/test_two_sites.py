@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from demo.manual_sites import SiteService, manual_sites, random_kek
+from esplanade.dataplane.fastpath.hot_path import load_compiled
 from esplanade.v1 import dataplane_pb2, ipsec_pb2
 from tests.conditions import wait_until
 from tests.dataplane.compiled_module import requires_compiled, skip_without_compiled
@@ -85,6 +86,12 @@ def test_ping_and_tcp_across_two_sites(tmp_path: Path, udp: bool, hot: str) -> N
         assert (status.backend, status.child_sas, status.policies) == ("userspace", 1, 2)
         assert worker_hot_paths(site_a) == worker_hot_paths(site_b) == {hot}
         assert status.details["hot_path_reason"] == f"dataplane.hot_path is {hot}"
+        if hot == "compiled":  # who runs AES-GCM: our VAES code where this CPU has it, else OpenSSL
+            module, _ = load_compiled()
+            assert module is not None
+            assert status.details["aes_gcm"] == (module.aesgcm_accelerated() or "openssl")
+        else:
+            assert "aes_gcm" not in status.details
         assert "userspace backend selected by configuration" in status.backend_reason
         assert status.details["outer"] == "udp+raw"
         # the TUN's MTU and the route's come from AES-GCM's overhead: 1500 - 20 - 8 - 8 - 8 - 16 - 2

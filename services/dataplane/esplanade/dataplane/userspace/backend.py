@@ -255,6 +255,8 @@ class UserspaceBackend:
         if self.hot_path is not None:
             details["hot_path"] = self.hot_path.active
             details["hot_path_reason"] = self.hot_path.reason
+            if "aes_gcm" in self.hot_path.build:  # the compiled loop: its own AES-GCM or OpenSSL's
+                details["aes_gcm"] = str(self.hot_path.build["aes_gcm"])
         if datapath is not None:
             details["outer"] = datapath.settings.outer.value + ("+raw" if datapath.settings.plain_esp else "")
             if datapath.sizes is not None:

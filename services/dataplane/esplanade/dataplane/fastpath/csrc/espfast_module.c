@@ -2319,8 +2319,10 @@ static PyObject *configure(PyObject *mod, PyObject *args) {
 }
 
 static PyObject *build_info(PyObject *mod, PyObject *unused) {
-    return Py_BuildValue("{s:s,s:s,s:i}", "openssl", OpenSSL_version(OPENSSL_VERSION), "compiled_against",
-                         OPENSSL_VERSION_TEXT, "sanitized",
+    /* aes_gcm: who seals and opens the AES-128/256-GCM SAs keyed from now on */
+    const char *aes_gcm = ef_gcm_policy_get() == EF_GCM_AUTO && ef_gcm_supported() ? ef_gcm_name() : "openssl";
+    return Py_BuildValue("{s:s,s:s,s:s,s:i}", "openssl", OpenSSL_version(OPENSSL_VERSION), "compiled_against",
+                         OPENSSL_VERSION_TEXT, "aes_gcm", aes_gcm, "sanitized",
 #if defined(__SANITIZE_ADDRESS__)
                          1
 #elif defined(__has_feature)
