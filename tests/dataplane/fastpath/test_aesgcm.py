@@ -144,6 +144,21 @@ def test_long_messages_carry_the_counter_across_its_bytes(aesgcm_implementation:
         assert open_(key, nonce, aad, flip(want[:-16], rng.randrange(8 * length)), want[-16:])[1] is None
 
 
+@pytest.mark.parametrize("key_len", [16, 32])
+def test_long_aad_against_cryptography(aesgcm_implementation: str, key_len: int) -> None:
+    """AAD of 128 bytes and more goes through GHASH's eight- and sixteen-block paths (ESP's is
+    8 or 12 bytes; the seal and open take any)."""
+    rng = random.Random(200 + key_len)
+    key = rng.randbytes(key_len)
+    oracle = AESGCM(key)
+    for aad_len in (127, 128, 129, 255, 256, 257, 300, 600):
+        nonce, aad, pt = rng.randbytes(12), rng.randbytes(aad_len), rng.randbytes(rng.randint(0, 700))
+        want = oracle.encrypt(nonce, pt, aad)
+        assert bytes(seal(key, nonce, aad, pt)[1]) == want, aad_len
+        assert bytes(open_(key, nonce, aad, want[:-16], want[-16:])[1]) == pt, aad_len
+        assert open_(key, nonce, flip(aad, rng.randrange(8 * aad_len)), want[:-16], want[-16:])[1] is None
+
+
 @given(
     key=st.binary(min_size=16, max_size=16) | st.binary(min_size=32, max_size=32),
     nonce=st.binary(min_size=12, max_size=12),

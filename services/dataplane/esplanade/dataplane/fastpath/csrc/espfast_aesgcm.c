@@ -33,7 +33,10 @@
 
 #include <openssl/crypto.h>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* The vaes and vpclmulqdq targets need GCC 8 or clang 6; older compilers build the stubs below
+ * (OpenSSL's EVP runs), not a failed extension. */
+#if defined(__x86_64__) && \
+    ((defined(__clang__) && __clang_major__ >= 6) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 8))
 #include <cpuid.h>
 #include <immintrin.h>
 
@@ -216,7 +219,7 @@ GCM_INLINE __m128i karatsuba_reduce(__m256i lo, __m256i mid, __m256i hi) {
 /* Y' = (Y xor X1) H^8 xor X2 H^7 xor ... xor X8 H: eight blocks, one reduction. */
 GCM_INLINE __m128i ghash8(const ef_gcm_key *k, __m128i y, __m256i x0, __m256i x1, __m256i x2, __m256i x3) {
     __m256i lo = _mm256_setzero_si256(), mid = lo, hi = lo;
-    x0 = _mm256_xor_si256(x0, _mm256_zextsi128_si256(y));
+    x0 = _mm256_xor_si256(x0, _mm256_inserti128_si256(_mm256_setzero_si256(), y, 0));
     karatsuba4(k, EF_GCM_POWERS / 2 - 4, x0, x1, x2, x3, &lo, &mid, &hi);
     return karatsuba_reduce(lo, mid, hi);
 }
@@ -227,7 +230,7 @@ GCM_INLINE __m128i ghash16(const ef_gcm_key *k, __m128i y, __m256i x0, __m256i x
                            __m256i x5, __m256i x6, __m256i x7) {
     __m256i lo = _mm256_setzero_si256(), mid = lo, hi = lo;
     karatsuba4(k, 4, x4, x5, x6, x7, &lo, &mid, &hi); /* independent of y: first */
-    x0 = _mm256_xor_si256(x0, _mm256_zextsi128_si256(y));
+    x0 = _mm256_xor_si256(x0, _mm256_inserti128_si256(_mm256_setzero_si256(), y, 0));
     karatsuba4(k, 0, x0, x1, x2, x3, &lo, &mid, &hi);
     return karatsuba_reduce(lo, mid, hi);
 }
@@ -414,6 +417,7 @@ static GCM_TARGET uint32_t ctr_crypt(const ef_gcm_key *k, const uint8_t nonce[12
             _mm_storeu_si128((__m128i *)(out + i), _mm_xor_si128(_mm_loadu_si128((const __m128i *)(in + i)),
                                                                  _mm_loadu_si128((const __m128i *)(ks + i))));
         for (; i < n; i++) out[i] = (uint8_t)(in[i] ^ ks[i]);
+        OPENSSL_cleanse(ks, sizeof(ks)); /* keystream */
     }
     return ctr + blocks;
 }
@@ -498,6 +502,7 @@ GCM_TARGET void ef_gcm_seal2(const ef_gcm_key *k, const uint8_t nonce[12], const
         ctr = ctr_crypt(k, nonce, ctr, block, block, rest + joined);
         memcpy(out + full1, block, rest);
         if (joined) memcpy(out + len1, block + rest, joined);
+        OPENSSL_cleanse(block, sizeof(block)); /* plaintext */
     }
     if (len2 > joined) ctr_crypt(k, nonce, ctr, in2 + joined, out + len1 + joined, len2 - joined);
     y = ghash_finish(k, y, out + done, len1 + len2 - done, aad_len, len1 + len2);
@@ -514,8 +519,10 @@ GCM_TARGET int ef_gcm_open(const ef_gcm_key *k, const uint8_t nonce[12], const u
     _mm_storeu_si128((__m128i *)expected, _mm_xor_si128(mask, y));
     if (CRYPTO_memcmp(expected, tag, 16) != 0) {
         OPENSSL_cleanse(out, done); /* no unauthenticated plaintext stays behind */
+        OPENSSL_cleanse(expected, sizeof(expected)); /* the right tag for this ciphertext */
         return 0;
     }
+    OPENSSL_cleanse(expected, sizeof(expected));
     ctr_crypt(k, nonce, 2 + 16 * (uint32_t)chunks, ct + done, out + done, len - done);
     return 1;
 }

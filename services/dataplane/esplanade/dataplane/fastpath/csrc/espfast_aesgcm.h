@@ -44,8 +44,10 @@ void ef_gcm_free(ef_gcm_key *k);
 void ef_gcm_seal2(const ef_gcm_key *k, const uint8_t nonce[12], const uint8_t *aad, size_t aad_len,
                   const uint8_t *in1, size_t len1, const uint8_t *in2, size_t len2, uint8_t *out, uint8_t tag[16]);
 
-/* Check the tag over aad and ct first; only if it verifies decrypt ct into out (ct == out is
- * fine) and return 1. On a mismatch return 0 without writing out. */
+/* Decrypt ct into out (ct == out is fine) and check the tag over aad and ct: 1 if it verifies.
+ * On a mismatch return 0, with out's first len rounded down to 256 bytes wiped (the fused pass
+ * decrypts those before the tag is known) and the rest untouched: in place, a failed open
+ * destroys that part of the ciphertext. No unauthenticated plaintext is left in out. */
 int ef_gcm_open(const ef_gcm_key *k, const uint8_t nonce[12], const uint8_t *aad, size_t aad_len, const uint8_t *ct,
                 size_t len, const uint8_t tag[16], uint8_t *out);
 

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/opensslv.h>
 #if OPENSSL_VERSION_MAJOR >= 3
@@ -226,10 +227,19 @@ static int aead_nonce(ef_aead *a, uint8_t nonce[12]) {
     return EVP_CipherInit_ex(a->ctx, NULL, NULL, NULL, nonce, a->encrypt);
 }
 
+/* EVP's tag check after its updates wrote n bytes: 1, or 0 with the unauthenticated plaintext
+ * wiped from out (as the VAES path leaves none behind). */
+static int evp_open_final(ef_aead *a, uint8_t *out, size_t ct_len, int n) {
+    int fin = 0;
+    if (EVP_DecryptFinal_ex(a->ctx, out + n, &fin) > 0) return 1;
+    OPENSSL_cleanse(out, ct_len);
+    return 0;
+}
+
 int ef_aead_open(ef_aead *a, const uint8_t iv[8], const uint8_t *aad, int aad_len, const uint8_t *ct, size_t ct_len,
                  const uint8_t *tag, uint8_t *out) {
     uint8_t nonce[12], t[EF_AEAD_ICV];
-    int n = 0, fin = 0;
+    int n = 0;
     if ((a->ctx == NULL && a->gcm == NULL) || a->encrypt || ct_len > INT32_MAX || aad_len < 0) return -1;
     memcpy(nonce, a->salt, 4);
     memcpy(nonce + 4, iv, 8);
@@ -247,7 +257,7 @@ int ef_aead_open(ef_aead *a, const uint8_t iv[8], const uint8_t *aad, int aad_le
         if (EVP_DecryptUpdate(a->ctx, NULL, &n, aad, aad_len) != 1) return -1;
         if (EVP_DecryptUpdate(a->ctx, out, &n, ct, (int)ct_len) != 1) return -1;
         if (n < 0 || (size_t)n > ct_len) return -1;
-        return EVP_DecryptFinal_ex(a->ctx, out + n, &fin) > 0 ? 1 : 0;
+        return evp_open_final(a, out, ct_len, n);
     }
 #endif
     if (aead_nonce(a, nonce) != 1) return -1;
@@ -255,7 +265,7 @@ int ef_aead_open(ef_aead *a, const uint8_t iv[8], const uint8_t *aad, int aad_le
     if (EVP_DecryptUpdate(a->ctx, out, &n, ct, (int)ct_len) != 1) return -1;
     if (aead_tag(a->ctx, t, 1) != 1) return -1;
     if (n < 0 || (size_t)n > ct_len) return -1;
-    return EVP_DecryptFinal_ex(a->ctx, out + n, &fin) > 0 ? 1 : 0;
+    return evp_open_final(a, out, ct_len, n);
 }
 
 /* -- replay window (replay.py) ------------------------------------------------------------ */

@@ -69,8 +69,8 @@ const char *ef_aead_implementation(const ef_aead *aead);
  * 16-byte tag. 0, or -1 (EVP failure, wrong direction, size over INT32_MAX). */
 int ef_aead_seal(ef_aead *a, const uint8_t iv[8], const uint8_t *aad, int aad_len, const uint8_t *body, size_t size,
                  const uint8_t *trailer, size_t tail, uint8_t *ct, uint8_t tag[EF_AEAD_ICV]);
-/* 1: verified, plaintext in out (out may be ct); 0: ICV failure (out holds no plaintext
- * from the VAES path; EVP's partial output is not to be used); -1: EVP error. */
+/* 1: verified, plaintext in out (out may be ct); 0: ICV failure (whatever the open wrote to
+ * out is wiped: no unauthenticated plaintext, and in place part of ct is gone); -1: EVP error. */
 int ef_aead_open(ef_aead *a, const uint8_t iv[8], const uint8_t *aad, int aad_len, const uint8_t *ct, size_t ct_len,
                  const uint8_t *tag, uint8_t *out);
 

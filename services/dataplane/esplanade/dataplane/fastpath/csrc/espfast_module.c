@@ -621,7 +621,11 @@ static int Slot_init(Slot *self, PyObject *args, PyObject *kw) {
     Py_INCREF(filter);
     self->filter = filter;
     return 0;
-fail:
+fail: /* nothing keyed or allocated survives: __init__ may be called again after a failure */
+    ef_aead_free(&self->aead);
+    ef_aead_free(&self->in.aead);
+    PyMem_Free(self->selector_memory);
+    self->selector_memory = NULL;
     PyBuffer_Release(&key);
     PyBuffer_Release(&salt);
     return -1;
