@@ -39,6 +39,7 @@ from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
 from esplanade.keyexchange.ikev2.events import ChildSaEstablished, Event, IkeSaDeleted
 from esplanade.keyexchange.shell.udp import IkeUdpShell
 from tests.keyexchange import interop as ix
+from tests.loop_thread import finish_loop_thread
 
 PROPOSAL = "aes256gcm16-prfsha256-ecp256"
 ESP = "aes256gcm16"
@@ -213,13 +214,11 @@ class BenchPeer:
         }
 
     def close(self) -> None:
-        def stop() -> None:
+        def close_shell() -> None:
             if self.shell is not None:
                 self.shell.close()
-            self.loop.stop()
 
-        self.loop.call_soon_threadsafe(stop)
-        self.thread.join(5)
+        finish_loop_thread(self.loop, self.thread, last=close_shell, timeout=5)
 
 
 def es_config() -> ConnectionConfig:

@@ -35,6 +35,7 @@ from esplanade.store.sealing import Keyring, Sealer
 from esplanade.v1 import dataplane_pb2_grpc, keyexchange_pb2_grpc, policy_pb2_grpc
 from tests.api.fake_services import FakeDataplane, FakeKeyExchange
 from tests.conditions import wait_until
+from tests.loop_thread import finish_loop_thread
 
 T = TypeVar("T")
 
@@ -90,11 +91,10 @@ class ApiStack:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.run(self._stop)
-        self.run(self._finish_leftover_tasks)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        try:
+            self.run(self._stop)
+        finally:
+            finish_loop_thread(self.loop, self.thread)
 
     def wipe_objects(self) -> None:
         """Delete every configuration and policy object (tokens stay), so that a test case
@@ -158,20 +158,6 @@ class ApiStack:
             await server.stop(0)
         self.policy_audit.close()
         await self.store.close()
-
-    async def _finish_leftover_tasks(self) -> None:
-        """Cancel and await whatever is still running (as asyncio.run does before it closes its
-        loop). A task left pending on a stopped loop is destroyed by the garbage collector at a
-        random point of a later test: when uvicorn's lifespan task was (a stream held the server
-        past _stop's timeout), its GeneratorExit made uvicorn format a traceback, and on CPython
-        3.11 that ast.parse, nested in whatever AST conversion the collection interrupted, failed
-        the latter with "AST constructor recursion depth mismatch"."""
-        current = asyncio.current_task()
-        leftovers = [task for task in asyncio.all_tasks() if task is not current]
-        for task in leftovers:
-            task.cancel()
-        await asyncio.gather(*leftovers, return_exceptions=True)
-        await self.loop.shutdown_asyncgens()
 
     # -- helpers ---------------------------------------------------------------------------------
     def client(self, scope: str | None = "admin") -> httpx.Client:

@@ -33,6 +33,7 @@ from esplanade.keyexchange.ikev2.events import (
 from esplanade.keyexchange.shell.udp import IkeUdpShell
 from tests.conditions import wait_until
 from tests.keyexchange.esp_tunnel import EspTunnel, open_tun
+from tests.loop_thread import finish_loop_thread
 
 NS_SS, NS_ES = "ikec-a", "ikec-b"
 SS_IP, ES_IP = "198.18.0.1", "198.18.0.2"
@@ -352,13 +353,11 @@ class EsplanadePeer:
         return [e for e in list(self.events) if isinstance(e, cls)]
 
     def close(self) -> None:
-        def stop() -> None:
+        def close_shell() -> None:
             if self.shell is not None:
                 self.shell.close()
-            self.loop.stop()
 
-        self.loop.call_soon_threadsafe(stop)
-        self.thread.join(5)
+        finish_loop_thread(self.loop, self.thread, last=close_shell, timeout=5)
         os.close(self.tun_fd)
 
 

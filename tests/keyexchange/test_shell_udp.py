@@ -19,6 +19,7 @@ from esplanade.keyexchange.shell.udp import IkeUdpShell
 from tests.conditions import wait_until
 from tests.keyexchange import interop as ix
 from tests.keyexchange.peers import conn
+from tests.loop_thread import finish_loop_thread
 
 pytestmark = pytest.mark.netns
 NS = "ikec-shell"
@@ -70,8 +71,7 @@ def netns_loop() -> Iterator[asyncio.AbstractEventLoop]:
     try:
         yield loop
     finally:
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(5)
+        finish_loop_thread(loop, t, timeout=5)
         subprocess.run(["ip", "netns", "del", NS], capture_output=True, check=False)
 
 
