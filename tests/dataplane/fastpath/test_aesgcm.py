@@ -86,7 +86,7 @@ def test_gcm_spec_test_cases(
             assert name == expected_name(aesgcm_implementation, len(k))
             assert bytes(out) == c + t, (case, cut, in_place)
     for in_place in (False, True):
-        name, plain = open_(k, n, a, c, t, in_place)
+        name, plain, _ = open_(k, n, a, c, t, in_place)
         assert name == expected_name(aesgcm_implementation, len(k))
         assert plain is not None and bytes(plain) == p
         assert open_(k, n, a + b"\x00", c, t, in_place)[1] is None
@@ -178,6 +178,30 @@ def test_arbitrary_messages_against_cryptography(
     plain = open_(key, nonce, aad, want[:-16], want[-16:], in_place)[1]
     assert plain is not None and bytes(plain) == body + trailer
     assert open_(key, nonce, aad, want[:-16], flip(want[-16:], len(body) % 128), in_place)[1] is None
+
+
+@pytest.mark.parametrize("key_len", [16, 24, 32])
+def test_a_failed_open_leaves_no_plaintext_in_its_output(aesgcm_implementation: str, key_len: int) -> None:
+    """On an ICV failure neither path may leave unauthenticated plaintext where the caller would
+    find it: the VAES open wipes the chunks its fused pass decrypted before it knew the tag, the
+    EVP open (AES-192 always; all keys when forced) wipes what EVP wrote. Random plaintext, so no
+    16-byte block of it can appear in the output by chance; in place and not, lengths around
+    the 256-byte chunks and the partial last block."""
+    rng = random.Random(300 + key_len)
+    key = rng.randbytes(key_len)
+    oracle = AESGCM(key)
+    for length in (1, 15, 16, 17, 255, 256, 257, 1400, 4100):
+        nonce, aad, pt = rng.randbytes(12), rng.randbytes(8), rng.randbytes(length)
+        want = oracle.encrypt(nonce, pt, aad)
+        ct, tag = want[:-16], want[-16:]
+        for in_place in (False, True):
+            for forged in ((ct, flip(tag, rng.randrange(128))), (flip(ct, rng.randrange(8 * length)), tag)):
+                _, plain, output = open_(key, nonce, aad, *forged, in_place)
+                assert plain is None
+                assert len(output) == length
+                for start in range(0, length, 16):
+                    block = pt[start : start + 16]
+                    assert bytes(output[start : start + len(block)]) != block, (length, in_place, start)
 
 
 def test_aes192_and_chacha_stay_on_openssl(aesgcm_implementation: str) -> None:

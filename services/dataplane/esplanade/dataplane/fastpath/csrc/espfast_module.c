@@ -2417,7 +2417,9 @@ done:
     return result;
 }
 
-/* aead_open(kind, key, salt, iv, aad, ct, tag, in_place=False) -> (implementation, plaintext or None) */
+/* aead_open(kind, key, salt, iv, aad, ct, tag, in_place=False) -> (implementation, plaintext or None, output)
+ * `output` is the output buffer as the open left it, also after a failed open, so that tests can
+ * check that no unauthenticated plaintext is left in it. */
 static PyObject *aead_open(PyObject *mod, PyObject *args) {
     int kind, in_place = 0, r = -1;
     Py_buffer key, salt, iv, aad, ct, tag;
@@ -2445,7 +2447,7 @@ static PyObject *aead_open(PyObject *mod, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "the AEAD open failed");
         goto done;
     }
-    result = Py_BuildValue("sO", ef_aead_implementation(&a), r == 1 ? out : Py_None);
+    result = Py_BuildValue("sOO", ef_aead_implementation(&a), r == 1 ? out : Py_None, out);
 done:
     Py_XDECREF(out);
     ef_aead_free(&a);
@@ -2467,7 +2469,7 @@ static PyMethodDef module_methods[] = {
     {"aead_seal", aead_seal, METH_VARARGS,
      "aead_seal(kind, key, salt, iv, aad, body, trailer=b'', in_place=False) -> (implementation, ct + tag)"},
     {"aead_open", aead_open, METH_VARARGS,
-     "aead_open(kind, key, salt, iv, aad, ct, tag, in_place=False) -> (implementation, plaintext or None)"},
+     "aead_open(kind, key, salt, iv, aad, ct, tag, in_place=False) -> (implementation, plaintext or None, output)"},
     {"configure", configure, METH_VARARGS, "configure(drop_reasons, encrypt_esp, decrypt_esp)"},
     {"encrypt_batch", encrypt_batch, METH_VARARGS,
      "encrypt_batch(slots, which, packets, spans, count, now, out, out_spans, flows) -> int"},
