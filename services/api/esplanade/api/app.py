@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -46,6 +47,19 @@ without If-Match: 409); cursor pages (`?limit=&cursor=`); errors are RFC 9457
 `application/problem+json` naming the field; DELETE of an absent object is 404."""
 
 
+def native_telemetry_settings() -> dict[str, Any]:
+    """FastAPI >= 0.16x instruments itself once an OpenTelemetry SDK provider is set. Keep its
+    HTTP server span (every request, the parent of the audit span and of the gRPC calls), and
+    turn off what would double ours or leak: its `http.server.request.duration` duplicates
+    `RequestMetrics` (bounded labels, documented), its log records carry validation failures'
+    input values (a rejected PSK would be exported), and its per-request operation spans
+    (dependencies, endpoint, serialization) cost ~30 us each for no operator question.
+    Older FastAPI has no `telemetry` argument; our middleware does it all there."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": True, "metrics": False, "logs": False, "operation_spans": False}}
+
+
 def create_app(
     settings: Settings,
     store: Store,
@@ -84,6 +98,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         dependencies=[Depends(reject_unknown_query)],
+        **native_telemetry_settings(),
     )
     install_problem_handlers(app)
 

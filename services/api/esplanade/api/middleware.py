@@ -120,9 +120,15 @@ class AuditTrail:
                 status = int(message["status"])
             await send(message)
 
-        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        # The parent: the HTTP server span when one is current (FastAPI's own instrumentation,
+        # which already continued the caller's traceparent), else the caller's traceparent. Always
+        # extracting from the headers made this span a second root beside FastAPI's server span.
+        parent = None
+        if not trace.get_current_span().get_span_context().is_valid:
+            carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
+            parent = propagate.extract(carrier)
         tracer = trace.get_tracer("esplanade.api")
-        with tracer.start_as_current_span(f"{scope['method']} {scope['path']}", context=propagate.extract(carrier)):
+        with tracer.start_as_current_span(f"{scope['method']} {scope['path']}", context=parent):
             try:
                 await self.app(scope, receive, watching)
             finally:
