@@ -50,10 +50,11 @@ without If-Match: 409); cursor pages (`?limit=&cursor=`); errors are RFC 9457
 def native_telemetry_settings() -> dict[str, Any]:
     """FastAPI >= 0.16x instruments itself once an OpenTelemetry SDK provider is set. Keep its
     HTTP server span (every request, the parent of the audit span and of the gRPC calls), and
-    turn off what would double ours or leak: its `http.server.request.duration` duplicates
-    `RequestMetrics` (bounded labels, documented), its log records carry validation failures'
-    input values (a rejected PSK would be exported), and its per-request operation spans
-    (dependencies, endpoint, serialization) cost ~30 us each for no operator question.
+    turn off what would double ours: its `http.server.request.duration` duplicates
+    `RequestMetrics` (bounded labels, documented), its log records (validation failures,
+    unhandled exceptions with message and stack) repeat what the problem handlers log, outside
+    our log pipeline, and its per-request operation spans (dependencies, endpoint,
+    serialization) cost ~30 us each for no operator question.
     Older FastAPI has no `telemetry` argument; our middleware does it all there."""
     if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
         return {}
