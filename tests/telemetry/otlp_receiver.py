@@ -36,31 +36,16 @@ class RequestLog:
             self._file.flush()
 
 
-class Traces(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, log: RequestLog) -> None:
-        self.log = log
+def recording(base: type, response: type, signal_name: str, log: RequestLog) -> Any:
+    """A servicer of one export service: each request goes to `log`, answered with an empty
+    (full-success) response."""
 
-    def Export(self, request: Any, context: Any) -> Any:
-        self.log.write("traces", request)
-        return trace_service_pb2.ExportTraceServiceResponse()
+    class Recording(base):  # type: ignore[misc, valid-type]
+        def Export(self, request: Any, context: Any) -> Any:  # the gRPC method's name
+            log.write(signal_name, request)
+            return response()
 
-
-class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
-    def __init__(self, log: RequestLog) -> None:
-        self.log = log
-
-    def Export(self, request: Any, context: Any) -> Any:
-        self.log.write("metrics", request)
-        return metrics_service_pb2.ExportMetricsServiceResponse()
-
-
-class Logs(logs_service_pb2_grpc.LogsServiceServicer):
-    def __init__(self, log: RequestLog) -> None:
-        self.log = log
-
-    def Export(self, request: Any, context: Any) -> Any:
-        self.log.write("logs", request)
-        return logs_service_pb2.ExportLogsServiceResponse()
+    return Recording()
 
 
 def main() -> None:
@@ -70,9 +55,25 @@ def main() -> None:
     args = parser.parse_args()
     log = RequestLog(args.out)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(log), server)
-    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(log), server)
-    logs_service_pb2_grpc.add_LogsServiceServicer_to_server(Logs(log), server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
+        recording(
+            trace_service_pb2_grpc.TraceServiceServicer, trace_service_pb2.ExportTraceServiceResponse, "traces", log
+        ),
+        server,
+    )
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(
+        recording(
+            metrics_service_pb2_grpc.MetricsServiceServicer,
+            metrics_service_pb2.ExportMetricsServiceResponse,
+            "metrics",
+            log,
+        ),
+        server,
+    )
+    logs_service_pb2_grpc.add_LogsServiceServicer_to_server(
+        recording(logs_service_pb2_grpc.LogsServiceServicer, logs_service_pb2.ExportLogsServiceResponse, "logs", log),
+        server,
+    )
     server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()
     stop = threading.Event()
