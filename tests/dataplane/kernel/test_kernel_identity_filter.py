@@ -324,6 +324,45 @@ async def test_a_restarted_dataplane_adopts_the_filter_entries_and_sweeps_them_w
         await third.install_policy(policy)
     await third.finish_initial_sync()
     assert sorted(p.action for p in node.kernel.policies.values()) == [XfrmPolicyAction.ALLOW] * 3
-    assert third.swept["policies"] == 2  # the two allow entries (IN, FWD); the blocks were replaced
+    # the journal's filter held the entries narrowed until the first reconcile was done
+    assert third.adopted["policies"] == len(filtered) and third.swept["policies"] == 0
     assert verdict(node.kernel, XfrmPolicyDir.FWD, "10.2.0.1", "10.1.0.6", 6, 5432) == "allow"
+    await third.stop()
+
+
+async def test_a_successor_keeps_the_entries_narrowed_before_the_enforcer_is_back(tmp_path: Path) -> None:
+    """At start-up the policies may come before the filter: the journal's filter narrows them,
+    so a restart never widens a governed Child SA, not even for a moment."""
+    node = Node(tmp_path)
+    record, _ = child_sa_pair("c", A, B, GCM)
+    policies = gateway_policies(record)
+    first = await node.start_dataplane()
+    await first.install_child_sa(record)
+    for policy in policies:
+        await first.install_policy(policy)
+    await first.set_identity_filter(record.id, [WEB])
+    filtered = dict(node.kernel.policies)
+    await first.stop()
+
+    second = await node.start_dataplane()
+    changes = node.kernel.changes
+    await second.install_child_sa(record)
+    for policy in policies:  # before the enforcer: the journal's filter applies
+        await second.install_policy(policy)
+    assert node.kernel.changes == changes and node.kernel.policies == filtered
+    await second.set_identity_filter(record.id, [DB])  # the enforcer, with today's grant
+    await second.finish_initial_sync()
+    assert verdict(node.kernel, XfrmPolicyDir.FWD, "10.2.0.1", "10.1.0.5", 6, 443) == "block"
+    assert verdict(node.kernel, XfrmPolicyDir.FWD, "10.2.0.1", "10.1.0.6", 6, 5432) == "allow"
+    await second.stop()
+
+    third = await node.start_dataplane()
+    await third.install_child_sa(record)
+    for policy in policies:
+        await third.install_policy(policy)
+    assert verdict(node.kernel, XfrmPolicyDir.FWD, "10.2.0.1", "10.1.0.5", 6, 443) == "block"  # still narrowed
+    await third.finish_initial_sync()  # no filter came: the Child SA is not governed any more
+    assert verdict(node.kernel, XfrmPolicyDir.FWD, "10.2.0.1", "10.1.0.5", 6, 443) == "allow"
+    assert sorted(p.action for p in node.kernel.policies.values()) == [XfrmPolicyAction.ALLOW] * 3
+    assert third.identity_filter(record.id) is None
     await third.stop()

@@ -212,6 +212,8 @@ class KernelXfrmBackend:
         self._marks_task: asyncio.Task[None] | None = None
         # identity filters (`set_identity_filter`): Child SA -> the selectors its inbound entries allow
         self._filters: dict[str, tuple[TrafficSelector, ...]] = {}
+        # a predecessor's filters (journal), narrowing the entries until the first reconcile is done
+        self._inherited_filters: dict[str, tuple[TrafficSelector, ...]] = {}
         self._stat_override = xfrm_stat
         self._stat_reader: XfrmStatReader | None = None
         self._stat_baseline: dict[str, int] = {}
@@ -257,6 +259,7 @@ class KernelXfrmBackend:
         """What the kernel holds before we install anything: candidates for adoption."""
         client = self.client
         self._journaled = self._journal.load() if self._journal is not None else JournalEntries()
+        self._inherited_filters = dict(self._journaled.filters)
         try:
             self._preexisting_sas = {state.sa.id: state for state in client.dump_sas() if state.sa.spi}
             self._preexisting_policies = {p.key: p for p in client.dump_policies()}
@@ -277,6 +280,15 @@ class KernelXfrmBackend:
         """The first reconcile is done: what a predecessor installed and the store no longer
         wants goes; entries nobody listed stay (they are someone else's)."""
         client = self.client
+        for child_sa_id in list(self._inherited_filters):
+            # a predecessor's filter the enforcer did not set again: the Child SA is no longer
+            # governed (or gone), its entries go back to the negotiated ones
+            if child_sa_id in self._children:
+                try:
+                    self._set_filter(child_sa_id, None)
+                except DataplaneError as exc:
+                    log.error("cannot lift the identity filter a predecessor left on %s: %s", child_sa_id, exc)
+            self._inherited_filters.pop(child_sa_id, None)
         for sa_id, state in self._preexisting_sas.items():
             if sa_id in self._journaled.sas and sa_id not in self._sa_owner:
                 with contextlib.suppress(NotFound):
@@ -346,7 +358,7 @@ class KernelXfrmBackend:
         policies = set(self._policy_owner) | {
             key for key in self._journaled.policies if key in self._preexisting_policies
         }
-        self._journal.save(sas, policies)
+        self._journal.save(sas, policies, {**self._inherited_filters, **self._filters})
 
     @property
     def client(self) -> XfrmClient:
@@ -446,10 +458,11 @@ class KernelXfrmBackend:
                 self._keeper.forget(record.inbound.spi, record.outbound.spi)
             raise _fail(exc, rollback) from exc.__cause__
         self._children[record.id] = _InstalledChild(record, reqid, inbound, outbound, installed_policies)
-        if record.rekey_of in self._filters and record.id not in self._filters:
+        inherited = self._current_filter(record.rekey_of) if record.rekey_of else None
+        if inherited is not None and self._current_filter(record.id) is None:
             # a rekey carries its predecessor's filter until the enforcer sets its own: the
             # policies that move over to it stay narrowed
-            self._filters[record.id] = self._filters[record.rekey_of]
+            self._filters[record.id] = inherited
         self._sa_owner[inbound.id] = record.id
         self._sa_owner[outbound.id] = record.id
         for sa_id in adopted:
@@ -741,7 +754,13 @@ class KernelXfrmBackend:
         """The identity filter that narrows this entry: its Child SA's, if it is an inbound PROTECT one."""
         if not policy.child_sa or policy.action != PolicyAction.PROTECT or policy.direction == PolicyDirection.OUT:
             return None
-        return self._filters.get(policy.child_sa)
+        return self._current_filter(policy.child_sa)
+
+    def _current_filter(self, child_sa_id: str) -> tuple[TrafficSelector, ...] | None:
+        """The filter set on a Child SA, else the one a predecessor left on it (first reconcile)."""
+        if child_sa_id in self._filters:
+            return self._filters[child_sa_id]
+        return self._inherited_filters.get(child_sa_id)
 
     @staticmethod
     def _kernel_entries(policy: SpdPolicy, reqid: int, granted: tuple[TrafficSelector, ...] | None) -> list[XfrmPolicy]:
@@ -756,6 +775,7 @@ class KernelXfrmBackend:
         if any(p.policy.child_sa == child_sa_id for p in self._policies.values()):
             return
         self._filters.pop(child_sa_id, None)
+        self._inherited_filters.pop(child_sa_id, None)
 
     async def set_identity_filter(self, child_sa_id: str, selectors: list[TrafficSelector] | None) -> None:
         """What the Child SA's decapsulated packets may reach: its IN and FWD entries become one
@@ -800,16 +820,16 @@ class KernelXfrmBackend:
                 self._program(installed.policy, installed.reqid, wanted, self._policies[installed.policy.id], rollback)
         except DataplaneError as exc:
             raise _fail(exc, rollback) from exc.__cause__
+        self._inherited_filters.pop(child_sa_id, None)
         if granted is None:
             self._filters.pop(child_sa_id, None)
         else:
             self._filters[child_sa_id] = granted
-        if plans:
-            self._save_journal()
+        self._save_journal()
 
     def identity_filter(self, child_sa_id: str) -> tuple[TrafficSelector, ...] | None:
         """The filter a Child SA carries (None: none)."""
-        return self._filters.get(child_sa_id)
+        return self._current_filter(child_sa_id)
 
     def _read_stat(self) -> dict[str, int]:
         try:
