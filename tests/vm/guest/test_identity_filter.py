@@ -5,7 +5,8 @@ Client (side a, 10.1.0.1) -> ESP -> gateway (side b, 10.2.0.1 itself, negotiated
 10.2.0.0/24) -> forwarded to a server namespace (10.2.0.3). A granted host:port receives; a port
 and a host the grant does not name, in the same negotiated network, are dropped by the
 gateway's policy check (XfrmInPolBlock moves); after a revocation the formerly granted flow is
-dropped too; without a filter everything in the negotiated selectors passes again.
+dropped too; without a filter everything in the negotiated selectors passes again. In
+transport mode the BLOCK entry is what drops the rest (without it the packet would pass).
 
 Negative checks are ordered, not timed: the denied packet is sent first and a granted one
 through the same SA after it; once the granted one has arrived, the denied one was decided.
@@ -22,8 +23,10 @@ from functools import partial
 import pytest
 
 from esplanade.dataplane.kernel.backend import KernelXfrmBackend
+from esplanade.dataplane.kernel.xfrm_messages import XfrmPolicyAction
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.spd import PolicyDirection
+from esplanade.ipsec.transforms import Mode
 from tests.conditions import async_wait_until, wait_until
 from tests.dataplane.kernel.backend_harness import started_backend, udp_socket_in
 from tests.dataplane.kernel.child_sa_builders import TRANSFORMS_BY_LABEL, Peer, child_sa_pair, protect_policies
@@ -146,3 +149,32 @@ async def _blocked(backend: KernelXfrmBackend) -> int:
 
 async def _at_least(backend: KernelXfrmBackend, count: int) -> bool:
     return await _blocked(backend) >= count
+
+
+async def test_transport_mode_needs_and_gets_the_block_entry() -> None:
+    """A decapsulated transport-mode packet that matches no policy passes the kernel's check
+    (only tunnel-mode SAs are rejected without one): the BLOCK entry over the negotiated
+    selector is what drops what the filter does not grant."""
+    with netns_pair() as pair, contextlib.ExitStack() as stack:
+        a, b = Peer(pair.a.outer4, pair.a.inner4), Peer(pair.b.outer4, pair.b.inner4)
+        record_a, record_b = child_sa_pair("tr", a, b, TRANSFORMS_BY_LABEL["aes128gcm16"], mode=Mode.TRANSPORT)
+        async with started_backend(pair.a.netns) as backend_a, started_backend(pair.b.netns) as backend_b:
+            await backend_a.install_child_sa(record_a, protect_policies(record_a))
+            await backend_b.install_child_sa(record_b, protect_policies(record_b))
+            await backend_b.set_identity_filter(record_b.id, [TrafficSelector.parse(f"{b.outer}/32[udp/7000]")])
+            receivers = Receivers(stack, {(b.outer, 7000): pair.b.netns, (b.outer, 7001): pair.b.netns})
+            sender = stack.enter_context(udp_socket_in(pair.a.netns, a.outer, 0))
+            base = await _blocked(backend_b)
+            sender.sendto(b"denied", (b.outer, 7001))
+            sender.sendto(b"granted", (b.outer, 7000))
+            wait_until(partial(receivers.take, (b.outer, 7000)), timeout=20, what="the granted packet")
+            assert receivers.take((b.outer, 7001)) == []
+            await async_wait_until(partial(_at_least, backend_b, base + 1), timeout=10, what="the denied packet's drop")
+
+            # without the BLOCK entry (removed behind the backend's back) the denied port is reached
+            (block,) = [p for p in backend_b.client.dump_policies() if p.action == XfrmPolicyAction.BLOCK]
+            backend_b.client.delete_policy(block.key)
+            sender.sendto(b"unguarded", (b.outer, 7001))
+            wait_until(partial(receivers.take, (b.outer, 7001)), timeout=20, what="the unguarded packet")
+            received = {c.spi: c.packets for c in backend_b.counters() if c.direction == "in"}
+            assert received[record_b.inbound.spi] == 3  # every one of them came through the SA

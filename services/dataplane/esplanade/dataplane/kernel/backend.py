@@ -18,6 +18,12 @@ as strongSwan's kernel-netlink does for charon:
   the policy. The backend's own INSTALLED/DELETED events go to the same stream.
 - `counters()` reads bytes, packets and sequence numbers of the installed SAs from one
   SA dump.
+- `set_identity_filter(child_sa, selectors)`: the Child SA's IN and FWD PROTECT entries become
+  ALLOW entries for the granted part of their selectors plus a BLOCK over the rest
+  (`xfrm_policy.narrowed_policies`); the kernel's inbound policy check drops the rest of the
+  decapsulated packets. New entries go in before old ones go out; None restores the negotiated
+  entries. `identity_filter_drops()` can only give the namespace's policy-check counters
+  (`xfrm_stat`), attributed to no Child SA.
 
 Everything the backend programs lives in one network namespace (`netns`, None for its
 own). `stop()` removes what this instance installed unless `keep_on_stop` is set.
