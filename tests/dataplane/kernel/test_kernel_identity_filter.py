@@ -366,3 +366,27 @@ async def test_a_successor_keeps_the_entries_narrowed_before_the_enforcer_is_bac
     assert sorted(p.action for p in node.kernel.policies.values()) == [XfrmPolicyAction.ALLOW] * 3
     assert third.identity_filter(record.id) is None
     await third.stop()
+
+
+def test_the_journal_keeps_filters_and_reads_journals_written_before_them(tmp_path: Path) -> None:
+    journal = KernelStateJournal(tmp_path / "kernel.json")
+    journal.save([], [], {"c-a": (WEB, ts("fd00::/64[udp/53]")), "d-a": ()})
+    assert journal.load().filters == {"c-a": (WEB, ts("fd00::/64[udp/53]")), "d-a": ()}
+    (tmp_path / "kernel.json").write_text('{"version": 1, "sas": [], "policies": []}')
+    assert journal.load().filters == {}
+
+
+async def test_ipv6_entries_are_narrowed_and_a_grant_of_the_other_family_grants_nothing() -> None:
+    kernel = FakeKernel()
+    backend = KernelXfrmBackend(client=kernel, xfrm_stat=dict)  # type: ignore[arg-type]
+    await backend.start()
+    record, _ = child_sa_pair("v6", A, B, GCM)
+    await backend.install_child_sa(record)
+    _, inbound = protect_policies(record, local_ts=ts("fd01::/64"), remote_ts=ts("fd02::1/128"))
+    await backend.install_policy(inbound)
+    await backend.set_identity_filter(record.id, [ts("fd01::5/128[tcp/443]"), WEB])
+    assert verdict(kernel, XfrmPolicyDir.IN, "fd02::1", "fd01::5", 6, 443) == "allow"
+    assert verdict(kernel, XfrmPolicyDir.IN, "fd02::1", "fd01::6", 6, 443) == "block"
+    await backend.set_identity_filter(record.id, [WEB])  # IPv4 only: nothing in this IPv6 entry
+    assert verdict(kernel, XfrmPolicyDir.IN, "fd02::1", "fd01::5", 6, 443) == "block"
+    await backend.stop()
