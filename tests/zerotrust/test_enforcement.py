@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 
 from esplanade.dataplane.backend import FilterDrops
+from esplanade.dataplane.kernel.backend import KernelXfrmBackend
+from esplanade.dataplane.kernel.xfrm_messages import XfrmPolicyDir
 from esplanade.dataplane.policy_enforcement import PolicyEnforcer
 from esplanade.ipsec.sa import ChildSaRecord
 from esplanade.ipsec.selectors import TrafficSelector
+from esplanade.ipsec.spd import PolicyDirection
 from esplanade.policy.access_view import AccessTable, AccessView, ike_id_from_peer_text
 from esplanade.policy.compiler import PolicyCompiler
 from esplanade.policy.decision_events import DecisionEvents
@@ -25,6 +28,9 @@ from esplanade.store import schema
 from esplanade.store.base import Store
 from esplanade.store.embedded import EmbeddedStore
 from tests.conditions import async_wait_until
+from tests.dataplane.kernel.child_sa_builders import TRANSFORMS_BY_LABEL, Peer, child_sa_pair, protect_policies
+from tests.dataplane.kernel.fake_kernel import FakeKernel
+from tests.dataplane.kernel.test_kernel_identity_filter import verdict
 from tests.dataplane.service.test_reconciler import record
 
 POLICY = """
@@ -218,3 +224,44 @@ def test_peer_identity_text_maps_to_the_policy_form() -> None:
     assert str(ike_id_from_peer_text("C=CH, O=Example, CN=alice")) == "dn:C=CH, O=Example, CN=alice"
     assert ike_id_from_peer_text("%any") is None
     assert AccessTable().lookup("alice@corp.test") is None
+
+
+async def test_the_kernel_backend_enforces_the_filters_with_xfrm_policies(store: Store) -> None:
+    """The same enforcer on the kernel backend (fake kernel): the governed SA's FWD entry allows
+    the grant only, a revocation blocks it; drops come back as unattributed namespace counts."""
+    await write_policy(store, POLICY)
+    view = AccessView(store)
+    kernel = FakeKernel()
+    counters = {"XfrmInPolBlock": 10, "XfrmInNoPols": 0, "XfrmInTmplMismatch": 0}
+    backend = KernelXfrmBackend(client=kernel, xfrm_stat=lambda: dict(counters))  # type: ignore[arg-type]
+    await backend.start()
+    decisions = DecisionEvents("test")
+    enforcer = PolicyEnforcer(backend, view, decisions)
+    assert enforcer.backend is backend
+    task = asyncio.create_task(view.run())
+    try:
+        await asyncio.wait_for(view.ready.wait(), 5)
+        gateway, client = Peer("192.0.2.1", "10.50.0.1"), Peer("192.0.2.2", "10.99.0.1")
+        alice, _ = child_sa_pair("alice", gateway, client, TRANSFORMS_BY_LABEL["aes128gcm16"])
+        alice = dataclasses.replace(alice, identity="alice@corp.test")
+        await backend.install_child_sa(alice)
+        await enforcer.on_installed(alice)
+        site, remote = TrafficSelector.parse("10.50.0.0/16"), TrafficSelector.parse("10.99.0.1/32")
+        out, inbound = protect_policies(alice, local_ts=site, remote_ts=remote)
+        for policy in (out, inbound, dataclasses.replace(inbound, id="fwd", direction=PolicyDirection.FWD)):
+            await backend.install_policy(policy)
+        assert verdict(kernel, XfrmPolicyDir.FWD, "10.99.0.1", "10.50.1.10", 6, 443) == "allow"
+        assert verdict(kernel, XfrmPolicyDir.FWD, "10.99.0.1", "10.50.2.20", 6, 8080) == "block"
+
+        await write_policy(store, POLICY.replace("  - {id: eng-web, groups: [eng], resources: [web]}\n", ""))
+        await async_wait_until(
+            holds(lambda: verdict(kernel, XfrmPolicyDir.FWD, "10.99.0.1", "10.50.1.10", 6, 443) == "block"),
+            timeout=5,
+            what="alice's web flow cut in the kernel",
+        )
+        counters["XfrmInPolBlock"] += 4
+        await enforcer.poll_drops()
+        assert enforcer.unattributed_drops == 4 and list(decisions.recent) == []  # no identity to name
+    finally:
+        task.cancel()
+        await backend.stop()

@@ -25,7 +25,8 @@ ACCESS_NARROWING_ROW = (
     "rts, and split-tunnel routes to the granted hosts. `networks`: address-only, to the networks of the "
     "sites that hold the granted resources (and routes to those networks), so clients that cope badly wit"
     "h port-specific or many selectors get one per site network; what they send outside their grant reach"
-    "es the gateway and is dropped and logged by the dataplane's exact per-identity filter. Ungoverned pe"
+    "es the gateway and is dropped and logged by the dataplane's exact per-identity filter (on the kernel"
+    " backend: XFRM policies, drops counted per namespace, not per identity). Ungoverned pe"
     "ers (site-to-site) keep their negotiated selectors either way. |"
 )
 CONNECTION_DOCUMENTS = f"""

@@ -110,3 +110,6 @@ class FilterDrops:
     samples: list[tuple[str, bytes]] = field(default_factory=list)  # (Child SA, header)
     # (Child SA, header) of the last packet per SA dropped outside its selectors since the last read
     outside_samples: list[tuple[str, bytes]] = field(default_factory=list)
+    # drops the backend cannot attribute to a Child SA, by counter name, cumulative since it
+    # started (the kernel backend: its namespace's inbound policy-check drops)
+    unattributed: dict[str, int] = field(default_factory=dict)

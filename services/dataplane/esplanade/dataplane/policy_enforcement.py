@@ -11,10 +11,12 @@ it (its peer's outer address; posture is not known here, so posture-bound parts 
 and whose time window is open now. A peer whose IKE identity binds to no policy identity is not
 governed (site-to-site); a bound identity with nothing granted gets an empty filter (drop all).
 
-Drops: the backend counts them (`identity_filter` and, for packets outside the SA's narrowed
+Drops: the userspace backend counts them (`identity_filter` and, for packets outside the SA's narrowed
 selectors, `policy_mismatch`); every `poll_seconds` the per-SA counts and sampled packet headers
 (of both kinds: the flow's 5-tuple) become `DROP` decision events (aggregated and rate-limited by
-`DecisionEvents`), never store writes. Unsampled drops are logged per SA without a flow.
+`DecisionEvents`), never store writes. Unsampled drops are logged per SA without a flow. The
+kernel backend enforces the filter with XFRM policies and can only report its namespace's
+policy-check drops (`FilterDrops.unattributed`): logged as a count for no identity.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class PolicyEnforcer:
         self.filter_updates = 0
         self.errors = 0
         self._seen: dict[tuple[str, str], int] = {}  # (reason, Child SA) -> count already logged
+        self.unattributed_drops = 0  # drops the backend reports for no Child SA (the kernel backend)
         self._lock = asyncio.Lock()
         view.listeners.append(self.on_access_changed)
         if self.backend is None:
@@ -216,6 +219,7 @@ class PolicyEnforcer:
         except DataplaneError as exc:
             log.debug("filter drops not readable: %s", exc)
             return
+        self._log_unattributed(drops)
         sampled: dict[tuple[str, str], int] = {}
         for reason, samples in ((DROP_REASON, drops.samples), (OUTSIDE_REASON, drops.outside_samples)):
             for child_id, header in samples:
@@ -238,3 +242,18 @@ class PolicyEnforcer:
                         DecisionKind.DROP, Action.DENY, applied.identity, None, DEFAULT_DENY, reason, child_id
                     )
                     self.decisions.record(event, delta)
+
+    def _log_unattributed(self, drops: FilterDrops) -> None:
+        """The kernel backend counts inbound policy-check drops per namespace only: logged as a
+        count that names no identity (they include drops no filter caused)."""
+        total = sum(drops.unattributed.values())
+        delta = total - self.unattributed_drops
+        self.unattributed_drops = total
+        if delta > 0 and self.applied:
+            counters = ", ".join(f"{name} {count}" for name, count in sorted(drops.unattributed.items()) if count)
+            log.info(
+                "dataplane dropped %d decapsulated packets in its policy check (identity filters among other"
+                " causes; not attributed to a Child SA): %s since start",
+                delta,
+                counters,
+            )

@@ -18,6 +18,12 @@ as strongSwan's kernel-netlink does for charon:
   the policy. The backend's own INSTALLED/DELETED events go to the same stream.
 - `counters()` reads bytes, packets and sequence numbers of the installed SAs from one
   SA dump.
+- `set_identity_filter(child_sa, selectors)`: the Child SA's IN and FWD PROTECT entries become
+  ALLOW entries for the granted part of their selectors plus a BLOCK over the rest
+  (`xfrm_policy.narrowed_policies`); the kernel's inbound policy check drops the rest of the
+  decapsulated packets. New entries go in before old ones go out; None restores the negotiated
+  entries. `identity_filter_drops()` can only give the namespace's policy-check counters
+  (`xfrm_stat`), attributed to no Child SA.
 
 Everything the backend programs lives in one network namespace (`netns`, None for its
 own). `stop()` removes what this instance installed unless `keep_on_stop` is set.
@@ -55,6 +61,7 @@ from esplanade.dataplane.backend import (
     DataplaneError,
     DataplaneEvent,
     DataplaneEventKind,
+    FilterDrops,
     InvalidArgument,
     NotFound,
     SaCounters,
@@ -66,7 +73,12 @@ from esplanade.dataplane.kernel.state_journal import JournalEntries, KernelState
 from esplanade.dataplane.kernel.xfrm_client import XfrmClient
 from esplanade.dataplane.kernel.xfrm_interface import create_xfrm_interface, delete_xfrm_interface
 from esplanade.dataplane.kernel.xfrm_messages import XfrmGroup, XfrmMsgType
-from esplanade.dataplane.kernel.xfrm_policy import XfrmPolicy, XfrmPolicyKey, xfrm_policies_from_spd
+from esplanade.dataplane.kernel.xfrm_policy import (
+    XfrmPolicy,
+    XfrmPolicyKey,
+    narrowed_policies,
+    xfrm_policies_from_spd,
+)
 from esplanade.dataplane.kernel.xfrm_sa import (
     XfrmReplayState,
     XfrmSa,
@@ -76,9 +88,11 @@ from esplanade.dataplane.kernel.xfrm_sa import (
 )
 from esplanade.dataplane.kernel.xfrm_selector import XfrmSelector, unpack_address
 from esplanade.dataplane.kernel.xfrm_socket import XfrmEventSocket, XfrmSocket
+from esplanade.dataplane.kernel.xfrm_stat import FILTER_DROP_COUNTERS, XfrmStatReader
 from esplanade.dataplane.sa_persistence import SaPersistence
 from esplanade.ipsec.sa import ChildSaRecord
-from esplanade.ipsec.spd import SpdPolicy
+from esplanade.ipsec.selectors import TrafficSelector
+from esplanade.ipsec.spd import PolicyAction, PolicyDirection, SpdPolicy
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +117,7 @@ class _InstalledChild:
 class _InstalledPolicy:
     policy: SpdPolicy
     kernel: list[XfrmPolicy]
+    reqid: int = 0
 
 
 class _Rollback:
@@ -153,10 +168,12 @@ class KernelXfrmBackend:
         replay_block: int = 1 << 16,
         journal: KernelStateJournal | None = None,
         mark_interval: float = MARK_INTERVAL,
+        xfrm_stat: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         """`client` replaces the netlink client (tests); then no event socket is opened.
         `persistence` ties the kernel's sequence counters to the ledger; `journal` records
-        what this instance installed, for its successor (see the module docstring)."""
+        what this instance installed, for its successor (see the module docstring).
+        `xfrm_stat` replaces the reader of the namespace's XFRM counters (tests)."""
         self.netns = netns
         self._client_override = client
         self._reason = reason
@@ -199,6 +216,13 @@ class KernelXfrmBackend:
         self._preexisting_policies: dict[XfrmPolicyKey, XfrmPolicy] = {}
         self._journaled = JournalEntries()  # what a predecessor installed (ours to replace or remove)
         self._marks_task: asyncio.Task[None] | None = None
+        # identity filters (`set_identity_filter`): Child SA -> the selectors its inbound entries allow
+        self._filters: dict[str, tuple[TrafficSelector, ...]] = {}
+        # a predecessor's filters (journal), narrowing the entries until the first reconcile is done
+        self._inherited_filters: dict[str, tuple[TrafficSelector, ...]] = {}
+        self._stat_override = xfrm_stat
+        self._stat_reader: XfrmStatReader | None = None
+        self._stat_baseline: dict[str, int] = {}
         self.events_dropped = 0
         self.adopted = {"sas": 0, "policies": 0}
         self.replaced = {"sas": 0, "policies": 0}
@@ -211,6 +235,7 @@ class KernelXfrmBackend:
         if self._client_override is not None:
             self._client = self._client_override
             self._read_preexisting_state()
+            self._stat_baseline = self._read_stat()
             return
         where = f"network namespace {self.netns!r}" if self.netns else "this network namespace"
         try:
@@ -227,6 +252,12 @@ class KernelXfrmBackend:
         if self._events_sock is not None:
             self._loop.add_reader(self._events_sock.fileno(), self._read_kernel_events)
         self._read_preexisting_state()
+        if self._stat_override is None:
+            try:
+                self._stat_reader = XfrmStatReader(self.netns)
+            except OSError as exc:
+                log.warning("XFRM counters of %s not readable, identity filter drops not counted: %s", where, exc)
+        self._stat_baseline = self._read_stat()
         if self._keeper is not None and self._mark_interval > 0:
             self._marks_task = self._loop.create_task(self._follow_marks(), name="kernel-sequence-marks")
 
@@ -234,6 +265,7 @@ class KernelXfrmBackend:
         """What the kernel holds before we install anything: candidates for adoption."""
         client = self.client
         self._journaled = self._journal.load() if self._journal is not None else JournalEntries()
+        self._inherited_filters = dict(self._journaled.filters)
         try:
             self._preexisting_sas = {state.sa.id: state for state in client.dump_sas() if state.sa.spi}
             self._preexisting_policies = {p.key: p for p in client.dump_policies()}
@@ -254,6 +286,15 @@ class KernelXfrmBackend:
         """The first reconcile is done: what a predecessor installed and the store no longer
         wants goes; entries nobody listed stay (they are someone else's)."""
         client = self.client
+        for child_sa_id in list(self._inherited_filters):
+            # a predecessor's filter the enforcer did not set again: the Child SA is no longer
+            # governed (or gone), its entries go back to the negotiated ones
+            if child_sa_id in self._children:
+                try:
+                    self._set_filter(child_sa_id, None)
+                except DataplaneError as exc:
+                    log.error("cannot lift the identity filter a predecessor left on %s: %s", child_sa_id, exc)
+            self._inherited_filters.pop(child_sa_id, None)
         for sa_id, state in self._preexisting_sas.items():
             if sa_id in self._journaled.sas and sa_id not in self._sa_owner:
                 with contextlib.suppress(NotFound):
@@ -309,6 +350,9 @@ class KernelXfrmBackend:
             self._events_sock = None
         if self._sock is not None:
             self._sock.close()
+        if self._stat_reader is not None:
+            self._stat_reader.close()
+            self._stat_reader = None
         self._sock = self._client = None
         with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait(None)
@@ -320,7 +364,7 @@ class KernelXfrmBackend:
         policies = set(self._policy_owner) | {
             key for key in self._journaled.policies if key in self._preexisting_policies
         }
-        self._journal.save(sas, policies)
+        self._journal.save(sas, policies, {**self._inherited_filters, **self._filters})
 
     @property
     def client(self) -> XfrmClient:
@@ -334,6 +378,7 @@ class KernelXfrmBackend:
             "netns": self.netns or "",
             "child_sas": str(len(self._children)),
             "policies": str(len(self._policies)),
+            "identity_filters": str(len(self._filters)),
             "events_dropped": str(self.events_dropped),
             "event_overruns": str(self._events_sock.overruns if self._events_sock else 0),
         }
@@ -419,6 +464,11 @@ class KernelXfrmBackend:
                 self._keeper.forget(record.inbound.spi, record.outbound.spi)
             raise _fail(exc, rollback) from exc.__cause__
         self._children[record.id] = _InstalledChild(record, reqid, inbound, outbound, installed_policies)
+        inherited = self._current_filter(record.rekey_of) if record.rekey_of else None
+        if inherited is not None and self._current_filter(record.id) is None:
+            # a rekey carries its predecessor's filter until the enforcer sets its own: the
+            # policies that move over to it stay narrowed
+            self._filters[record.id] = inherited
         self._sa_owner[inbound.id] = record.id
         self._sa_owner[outbound.id] = record.id
         for sa_id in adopted:
@@ -517,6 +567,7 @@ class KernelXfrmBackend:
         del self._children[child_sa_id]
         for sa in (child.inbound, child.outbound):
             self._sa_owner.pop(sa.id, None)
+        self._forget_unused_filter(child_sa_id)
         if not any(p.policy.child_sa == child_sa_id for p in self._policies.values()):
             self._reqids.pop(child_sa_id, None)
         if self._keeper is not None:
@@ -545,13 +596,26 @@ class KernelXfrmBackend:
         self._save_journal()
 
     def _install_policy(self, policy: SpdPolicy, rollback: _Rollback, *, default_reqid: int) -> None:
-        client = self.client
         previous = self._policies.get(policy.id)
         if previous is not None and previous.policy == policy:
             return
         if previous is not None and default_reqid:
             raise AlreadyExists(f"policy {policy.id!r} is already installed")
-        wanted = xfrm_policies_from_spd(policy, reqid=self._reqid_for_policy(policy, default_reqid))
+        reqid = self._reqid_for_policy(policy, default_reqid)
+        wanted = self._kernel_entries(policy, reqid, self._filter_of(policy))
+        self._program(policy, reqid, wanted, previous, rollback)
+
+    def _program(
+        self,
+        policy: SpdPolicy,
+        reqid: int,
+        wanted: list[XfrmPolicy],
+        previous: _InstalledPolicy | None,
+        rollback: _Rollback,
+    ) -> None:
+        """Bring the kernel entries of `policy` from `previous` to `wanted`: entries are added and
+        updated in `wanted`'s order, then the ones no longer wanted are released."""
+        client = self.client
         old = {p.key: p for p in previous.kernel} if previous else {}
         for kp in wanted:
             owner = self._policy_owner.get(kp.key)
@@ -576,8 +640,9 @@ class KernelXfrmBackend:
                     waiting.add(kp.key)
                 continue
             if kp.key in old:
-                client.update_policy(kp)
-                rollback.done(f"update {kp}", partial(client.update_policy, old[kp.key]))
+                if old[kp.key] != kp:
+                    client.update_policy(kp)
+                    rollback.done(f"update {kp}", partial(client.update_policy, old[kp.key]))
             elif kp.key in self._preexisting_policies and (
                 kp == self._preexisting_policies[kp.key] or kp.key in self._journaled.policies
             ):
@@ -598,7 +663,7 @@ class KernelXfrmBackend:
         for key, before in old.items():
             if key not in wanted_keys:
                 self._release(key, policy.id, before, rollback)
-        self._commit_policy(policy, wanted, previous, waiting)
+        self._commit_policy(policy, reqid, wanted, previous, waiting)
 
     def _holder(self, key: XfrmPolicyKey) -> XfrmPolicy:
         """The entry the kernel holds for `key` (of the policy that owns it)."""
@@ -649,6 +714,7 @@ class KernelXfrmBackend:
     def _commit_policy(
         self,
         policy: SpdPolicy,
+        reqid: int,
         kernel: list[XfrmPolicy],
         previous: _InstalledPolicy | None,
         waiting: set[XfrmPolicyKey],
@@ -658,7 +724,7 @@ class KernelXfrmBackend:
             for kp in previous.kernel:
                 if self._policy_owner.get(kp.key) == policy.id:
                     self._policy_owner.pop(kp.key)
-        self._policies[policy.id] = _InstalledPolicy(policy, kernel)
+        self._policies[policy.id] = _InstalledPolicy(policy, kernel, reqid)
         for kp in kernel:
             if kp.key not in waiting:
                 self._policy_owner[kp.key] = policy.id
@@ -677,6 +743,7 @@ class KernelXfrmBackend:
             if policy_id in child.policy_ids:
                 child.policy_ids.remove(policy_id)
         child_sa = installed.policy.child_sa
+        self._forget_unused_filter(child_sa)
         still_used = child_sa in self._children or any(p.policy.child_sa == child_sa for p in self._policies.values())
         if child_sa and not still_used:  # drop a reqid reserved for that Child SA alone
             self._reqids.pop(child_sa, None)
@@ -687,6 +754,110 @@ class KernelXfrmBackend:
         for kp in installed.kernel:
             self._release(kp.key, policy_id, kp, rollback)
         del self._policies[policy_id]
+
+    # -- identity filters ----------------------------------------------------------------
+    def _filter_of(self, policy: SpdPolicy) -> tuple[TrafficSelector, ...] | None:
+        """The identity filter that narrows this entry: its Child SA's, if it is an inbound PROTECT one."""
+        if not policy.child_sa or policy.action != PolicyAction.PROTECT or policy.direction == PolicyDirection.OUT:
+            return None
+        return self._current_filter(policy.child_sa)
+
+    def _current_filter(self, child_sa_id: str) -> tuple[TrafficSelector, ...] | None:
+        """The filter set on a Child SA, else the one a predecessor left on it (first reconcile)."""
+        if child_sa_id in self._filters:
+            return self._filters[child_sa_id]
+        return self._inherited_filters.get(child_sa_id)
+
+    @staticmethod
+    def _kernel_entries(policy: SpdPolicy, reqid: int, granted: tuple[TrafficSelector, ...] | None) -> list[XfrmPolicy]:
+        if granted is None:
+            return xfrm_policies_from_spd(policy, reqid=reqid)
+        return narrowed_policies(policy, reqid=reqid, granted=granted)
+
+    def _forget_unused_filter(self, child_sa_id: str) -> None:
+        """A filter stays while its Child SA is installed or a policy still names it (fail closed)."""
+        if child_sa_id in self._children:
+            return
+        if any(p.policy.child_sa == child_sa_id for p in self._policies.values()):
+            return
+        self._filters.pop(child_sa_id, None)
+        self._inherited_filters.pop(child_sa_id, None)
+
+    async def set_identity_filter(self, child_sa_id: str, selectors: list[TrafficSelector] | None) -> None:
+        """What the Child SA's decapsulated packets may reach: its IN and FWD entries become one
+        ALLOW entry per granted part of their selectors and a BLOCK entry over the rest
+        (`xfrm_policy.narrowed_policies`), enforced by the kernel's inbound policy check. None
+        restores the negotiated entries; an empty list lets nothing through. Policies of the
+        Child SA installed later are narrowed too. All or nothing: a filter that cannot be
+        expressed raises InvalidArgument and leaves the previous one in place."""
+        self._set_filter(child_sa_id, selectors)
+
+    async def set_identity_filters(self, filters: dict[str, list[TrafficSelector] | None]) -> dict[str, str]:
+        """`set_identity_filter` for many Child SAs (each all or nothing on its own); returns the
+        Child SAs whose filter was not applied, with why."""
+        errors: dict[str, str] = {}
+        for child_sa_id, selectors in filters.items():
+            try:
+                self._set_filter(child_sa_id, selectors)
+            except DataplaneError as exc:
+                errors[child_sa_id] = str(exc)
+        return errors
+
+    def _set_filter(self, child_sa_id: str, selectors: list[TrafficSelector] | None) -> None:
+        if child_sa_id not in self._children:
+            raise NotFound(f"Child SA {child_sa_id!r} is not installed")
+        granted = None if selectors is None else tuple(selectors)
+        if granted is not None:
+            for selector in granted:
+                if not isinstance(selector, TrafficSelector):
+                    raise InvalidArgument(f"filter of Child SA {child_sa_id!r}: {selector!r} is not a traffic selector")
+        plans: list[tuple[_InstalledPolicy, list[XfrmPolicy]]] = []
+        for installed in self._policies.values():
+            policy = installed.policy
+            inbound_protect = policy.action == PolicyAction.PROTECT and policy.direction != PolicyDirection.OUT
+            if policy.child_sa != child_sa_id or not inbound_protect:
+                continue
+            wanted = self._kernel_entries(installed.policy, installed.reqid, granted)  # may refuse: nothing done yet
+            if wanted != installed.kernel:
+                plans.append((installed, wanted))
+        rollback = _Rollback()
+        try:
+            for installed, wanted in plans:
+                self._program(installed.policy, installed.reqid, wanted, self._policies[installed.policy.id], rollback)
+        except DataplaneError as exc:
+            raise _fail(exc, rollback) from exc.__cause__
+        self._inherited_filters.pop(child_sa_id, None)
+        if granted is None:
+            self._filters.pop(child_sa_id, None)
+        else:
+            self._filters[child_sa_id] = granted
+        self._save_journal()
+
+    def identity_filter(self, child_sa_id: str) -> tuple[TrafficSelector, ...] | None:
+        """The filter a Child SA carries (None: none)."""
+        return self._current_filter(child_sa_id)
+
+    def _read_stat(self) -> dict[str, int]:
+        try:
+            if self._stat_override is not None:
+                return self._stat_override()
+            if self._stat_reader is not None:
+                return self._stat_reader.read()
+        except OSError as exc:
+            log.debug("XFRM counters not readable: %s", exc)
+        return {}
+
+    async def identity_filter_drops(self) -> FilterDrops:
+        """What the kernel dropped in its inbound policy check since this backend started
+        (XfrmInPolBlock, XfrmInNoPols, XfrmInTmplMismatch of the namespace), in
+        `FilterDrops.unattributed`: the kernel counts per namespace, so these include drops no
+        identity filter caused, and no count is per Child SA (`xfrm_stat` docstring)."""
+        now = self._read_stat()
+        drops = FilterDrops()
+        for name in FILTER_DROP_COUNTERS:
+            if name in now:
+                drops.unattributed[name] = max(0, now[name] - self._stat_baseline.get(name, 0))
+        return drops
 
     # -- counters and replay state ------------------------------------------------------
     def counters(self) -> list[SaCounters]:

@@ -12,6 +12,11 @@ its successor reads them back:
 - one the store wants with other content is replaced;
 - one the store no longer wants is removed once the first reconcile is done.
 
+It also lists the identity filters of the Child SAs (Child SA id -> selectors, the text form;
+`KernelXfrmBackend.set_identity_filter`): a successor narrows the policies it installs during
+its first reconcile with them until the policy enforcer has set the filters again, so a restart
+never widens a governed Child SA's entries, not even for a moment (see the backend).
+
 Entries that are not listed here belong to someone else (another daemon, an admin) and are
 never touched: a collision with one stays an ALREADY_EXISTS error.
 
@@ -29,7 +34,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,7 @@ from typing import Any
 from esplanade.dataplane.kernel.xfrm_policy import XfrmPolicyKey
 from esplanade.dataplane.kernel.xfrm_sa import XfrmSaId
 from esplanade.dataplane.kernel.xfrm_selector import XfrmSelector
+from esplanade.ipsec.selectors import TrafficSelector
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,7 @@ FORMAT_VERSION = 1
 class JournalEntries:
     sas: frozenset[XfrmSaId] = field(default_factory=frozenset)
     policies: frozenset[XfrmPolicyKey] = field(default_factory=frozenset)
+    filters: dict[str, tuple[TrafficSelector, ...]] = field(default_factory=dict)
 
 
 def _policy_key_document(key: XfrmPolicyKey) -> dict[str, Any]:
@@ -90,18 +97,28 @@ class KernelStateJournal:
                 raise ValueError(f"version {document.get('version')!r}")
             sas = frozenset(XfrmSaId(str(d), int(s), int(p)) for d, s, p in document.get("sas", []))
             policies = frozenset(_policy_key_from(p) for p in document.get("policies", []))
+            filters = {
+                str(child): tuple(TrafficSelector.parse(str(text)) for text in selectors)
+                for child, selectors in dict(document.get("filters", {})).items()
+            }
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             log.warning("kernel state journal %s malformed, adopting nothing from it: %s", self.path, exc)
             return JournalEntries()
-        return JournalEntries(sas, policies)
+        return JournalEntries(sas, policies, filters)
 
-    def save(self, sas: Iterable[XfrmSaId], policies: Iterable[XfrmPolicyKey]) -> None:
+    def save(
+        self,
+        sas: Iterable[XfrmSaId],
+        policies: Iterable[XfrmPolicyKey],
+        filters: Mapping[str, tuple[TrafficSelector, ...]] | None = None,
+    ) -> None:
         """Replace the journal atomically. A failure is logged and counted, never raised:
         the kernel change it follows has been made already."""
         document = {
             "version": FORMAT_VERSION,
             "sas": sorted([sa.dst, sa.spi, sa.proto] for sa in sas),
             "policies": sorted((_policy_key_document(key) for key in policies), key=json.dumps),
+            "filters": {child: [str(s) for s in selectors] for child, selectors in sorted((filters or {}).items())},
         }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

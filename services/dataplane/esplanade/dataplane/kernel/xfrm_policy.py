@@ -17,7 +17,7 @@ answers matching traffic with XFRM_MSG_ACQUIRE.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from esplanade.dataplane.backend import InvalidArgument
@@ -38,6 +38,7 @@ from esplanade.dataplane.kernel.xfrm_selector import (
     pack_address,
     unpack_address,
 )
+from esplanade.ipsec.selectors import ANY_PROTOCOL, TrafficSelector
 from esplanade.ipsec.spd import PolicyAction, PolicyDirection, SpdPolicy
 from esplanade.ipsec.transforms import Mode
 
@@ -254,3 +255,69 @@ def _template(policy: SpdPolicy, reqid: int, inner_family: int) -> XfrmTemplate:
         mode=mode,
         reqid=reqid,
     )
+
+
+MAX_FILTER_ENTRIES = 4096  # narrowed kernel entries per SPD entry; a bigger filter is refused
+
+
+def narrowed_policies(policy: SpdPolicy, *, reqid: int, granted: tuple[TrafficSelector, ...]) -> list[XfrmPolicy]:
+    """The kernel policies of an inbound (IN or FWD) PROTECT entry whose Child SA carries an
+    identity filter: what decapsulated packets may match once the filter is applied.
+
+    - one ALLOW entry with the entry's template per kernel selector of
+      (remote_ts -> local_ts ∩ granted selector), one priority better than the entry's
+      (`priority - 1`), so that it wins over the BLOCK below;
+    - one BLOCK entry per kernel selector of the whole negotiated pair, at the entry's own
+      priority and key, where the PROTECT entry was: a decapsulated packet the filter does not
+      grant matches it and is dropped (counted as XfrmInPolBlock), in tunnel mode and in
+      transport mode alike (a transport-mode packet that matched no policy would pass).
+
+    A granted selector covers the destination (the resource) of the packets *from* the peer:
+    address, protocol and port; the peer's side stays the negotiated remote_ts. An allow that
+    coincides with a negotiated selector takes its place at the original priority. ALLOW
+    entries come first, so that applying the list in order never drops a granted flow.
+    Raises InvalidArgument when the filter cannot be expressed (OPAQUE ports, a selector
+    needing more than MAX_KERNEL_SELECTORS, more than MAX_FILTER_ENTRIES in all)."""
+    if policy.action != PolicyAction.PROTECT or policy.direction == PolicyDirection.OUT:
+        raise InvalidArgument(f"policy {policy.id!r}: only inbound PROTECT entries carry an identity filter")
+    full = xfrm_policies_from_spd(policy, reqid=reqid)
+    full_keys = {kp.key: kp for kp in full}
+    allow_priority = max(policy.priority - 1, 0)
+    block_priority = policy.priority if policy.priority > allow_priority else policy.priority + 1
+    allows: dict[XfrmPolicyKey, XfrmPolicy] = {}
+    for selector in granted:
+        local = policy.local_ts.intersect(selector)
+        if local is None:
+            continue
+        if (
+            policy.remote_ts.protocol != ANY_PROTOCOL
+            and local.protocol != ANY_PROTOCOL
+            and policy.remote_ts.protocol != local.protocol
+        ):
+            continue  # the peer's side allows one protocol, the grant another: no packet matches both
+        try:
+            selectors = kernel_selectors(policy.remote_ts, local)
+        except SelectorError as exc:
+            raise InvalidArgument(f"policy {policy.id!r}: identity filter selector {selector}: {exc}") from None
+        for sel in selectors:
+            entry = replace(full[0], selector=sel, priority=allow_priority)
+            if entry.key in full_keys:
+                entry = full_keys[entry.key]  # the negotiated entry itself: it covers its whole selector
+            allows.setdefault(entry.key, entry)
+        if len(allows) > MAX_FILTER_ENTRIES:
+            raise InvalidArgument(
+                f"policy {policy.id!r}: the identity filter needs more than {MAX_FILTER_ENTRIES} kernel policies"
+            )
+    blocks = [
+        XfrmPolicy(
+            selector=kp.selector,
+            direction=kp.direction,
+            action=XfrmPolicyAction.BLOCK,
+            priority=block_priority,
+            mark=kp.mark,
+            if_id=kp.if_id,
+        )
+        for kp in full
+        if kp.key not in allows
+    ]
+    return list(allows.values()) + blocks
