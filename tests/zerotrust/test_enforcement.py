@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from esplanade.dataplane.backend import FilterDrops
+from esplanade.dataplane.backend import FilterDrops, InvalidArgument
 from esplanade.dataplane.kernel.backend import KernelXfrmBackend
 from esplanade.dataplane.kernel.xfrm_messages import XfrmPolicyDir
 from esplanade.dataplane.policy_enforcement import PolicyEnforcer
@@ -150,6 +150,45 @@ async def test_filters_follow_the_policy_on_live_sas(store: Store) -> None:
         await async_wait_until(holds(lambda: backend.filters["a1"] is None), timeout=5, what="alice unbound")
         await enforcer.on_removed("a1")
         assert "a1" not in enforcer.applied
+    finally:
+        task.cancel()
+
+
+class RefusingBackend(FilteringBackend):
+    """Refuses every non-empty filter while `refusing` (as the kernel backend refuses one it
+    cannot express, or a worker that errs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusing = True
+
+    async def set_identity_filter(self, child_sa_id: str, selectors: list[TrafficSelector] | None) -> None:
+        if self.refusing and selectors:
+            raise InvalidArgument("the backend cannot express this filter")
+        await super().set_identity_filter(child_sa_id, selectors)
+
+
+async def test_a_refused_filter_closes_the_sa_instead_of_leaving_it_open(store: Store) -> None:
+    """Deny by default: a governed SA whose filter the backend refuses carries nothing (the empty
+    filter), not its negotiated selectors; the right filter applies on the next change."""
+    await write_policy(store, POLICY)
+    view = AccessView(store)
+    backend = RefusingBackend()
+    enforcer = PolicyEnforcer(backend, view, DecisionEvents("test"))
+    task = asyncio.create_task(view.run())
+    try:
+        await asyncio.wait_for(view.ready.wait(), 5)
+        await enforcer.on_installed(peer("a1", 0x1000, "alice@corp.test"))
+        assert backend.filters == {"a1": []}
+        assert enforcer.applied["a1"].selectors == () and enforcer.errors == 1
+
+        backend.refusing = False
+        await write_policy(store, POLICY.replace("resources: [web]}", "resources: [web, crm]}"))
+        await async_wait_until(
+            holds(lambda: backend.filters["a1"] == ["10.50.1.10/32[tcp/443]", "10.50.2.20/32[tcp/8080]"]),
+            timeout=5,
+            what="the filter applied once the backend takes it",
+        )
     finally:
         task.cancel()
 

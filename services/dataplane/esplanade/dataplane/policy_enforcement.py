@@ -173,10 +173,19 @@ class PolicyEnforcer:
                     await self.backend.set_identity_filter(child, wanted)
                 except DataplaneError as exc:
                     errors[child] = str(exc)
+        closed = await self._close_refused(changes, errors)
         for child, (record, new, _) in changes.items():
             if child in errors:
                 self.errors += 1
-                log.error("identity filter of Child SA %s not applied: %s", child, errors[child])
+                if child in closed and new is not None:
+                    self.applied[child] = AppliedFilter(new.identity, (), new.timed)
+                    log.error(
+                        "identity filter of Child SA %s not applied (%s): it carries nothing until a filter applies",
+                        child,
+                        errors[child],
+                    )
+                else:
+                    log.error("identity filter of Child SA %s not applied: %s", child, errors[child])
                 continue
             self.filter_updates += 1
             if new is None:
@@ -191,6 +200,26 @@ class PolicyEnforcer:
                     new.identity,
                     len(new.selectors),
                 )
+
+    async def _close_refused(
+        self,
+        changes: dict[str, tuple[ChildSaRecord, AppliedFilter | None, list[TrafficSelector] | None]],
+        errors: dict[str, str],
+    ) -> set[str]:
+        """Deny by default: a governed SA whose filter the backend refused (one it cannot
+        express, a worker error) gets the empty filter instead, so that it carries nothing
+        rather than everything its selectors allow (or a stale grant). Returns the SAs closed."""
+        assert self.backend is not None
+        refused = [child for child in errors if changes[child][1] is not None]
+        closed: set[str] = set()
+        for child in refused:
+            try:
+                await self.backend.set_identity_filter(child, [])
+            except DataplaneError as exc:
+                log.error("Child SA %s: not even the empty filter applies: %s", child, exc)
+                continue
+            closed.add(child)
+        return closed
 
     # -- running -------------------------------------------------------------------------
     async def run(self) -> None:
