@@ -9,7 +9,7 @@ from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.keyexchange.config import PoolConfig
 from esplanade.keyexchange.ikev2.access import AccessDecided, AccessGrant
 from esplanade.keyexchange.ikev2.constants import NotifyType
-from esplanade.keyexchange.ikev2.events import ChildSaEstablished, IkeSaEstablished, NegotiationFailed
+from esplanade.keyexchange.ikev2.events import ChildSaEstablished, ChildSaRekeyed, IkeSaEstablished, NegotiationFailed
 from esplanade.keyexchange.ikev2.ike_sa import IkeSa
 from tests.keyexchange.peers import pair
 
@@ -27,6 +27,11 @@ GRANT = AccessGrant(
 
 
 def remote_access(grants: dict[str, AccessGrant | None]):  # type: ignore[no-untyped-def]
+    _net, a, b, asked = remote_access_on(grants)
+    return a, b, asked
+
+
+def remote_access_on(grants: dict[str, AccessGrant | None]):  # type: ignore[no-untyped-def]
     asked: list[str] = []
 
     def access_for(ike: IkeSa) -> AccessGrant | None:
@@ -41,7 +46,7 @@ def remote_access(grants: dict[str, AccessGrant | None]):  # type: ignore[no-unt
     )
     a.engine.initiate("ab", net.now)
     net.run()
-    return a, b, asked
+    return net, a, b, asked
 
 
 def test_governed_peer_is_narrowed_to_its_grant_and_gets_its_routes() -> None:
@@ -71,3 +76,30 @@ def test_peer_not_bound_to_a_policy_identity_keeps_the_connection_selectors() ->
     record = a.of(ChildSaEstablished)[0].record
     assert [str(t) for t in record.outbound.remote_ts] == ["0.0.0.0/0"]
     assert not b.of(AccessDecided)
+
+
+def test_a_peer_whose_identity_stops_binding_gets_nothing_more_on_its_ike_sa() -> None:
+    """Governed at IKE_AUTH, governed for good: once the peer's identity no longer binds (the
+    policy identity deleted, its IKE id removed), a new Child SA or a rekey on that IKE SA is
+    granted nothing, not the connection's 0.0.0.0/0 (which it would be as an ungoverned peer)."""
+    grants: dict[str, AccessGrant | None] = {"a.test": GRANT}
+    net, a, b, _ = remote_access_on(grants)
+    ike = next(iter(a.engine.sas))
+    assert len(a.of(ChildSaEstablished)) == 1
+    grants.clear()  # alice's identity is deleted
+
+    a.engine.create_child(ike, "net", net.now)
+    net.run()
+    assert len(a.of(ChildSaEstablished)) == 1
+    assert a.of(NegotiationFailed)[-1].notify == NotifyType.TS_UNACCEPTABLE
+    refused = b.of(AccessDecided)[-1]
+    assert not refused.allowed and refused.identity == "alice"
+
+    a.engine.rekey_child(ike, next(iter(a.engine.sas[ike].children)), net.now)
+    net.run()
+    assert not a.of(ChildSaRekeyed)
+    assert all(
+        str(t) in ("10.2.1.5/32[tcp/443]", "10.2.1.6/32[udp/53]")
+        for event in a.of(ChildSaEstablished)
+        for t in event.record.outbound.remote_ts
+    )

@@ -10,6 +10,8 @@ The filter of an SA: the selectors of the compiled parts whose connect-time cond
 it (its peer's outer address; posture is not known here, so posture-bound parts stay closed)
 and whose time window is open now. A peer whose IKE identity binds to no policy identity is not
 governed (site-to-site); a bound identity with nothing granted gets an empty filter (drop all).
+An SA stays governed for its lifetime: when its IKE identity stops binding (the identity deleted,
+its IKE id removed) it gets the empty filter, never its negotiated selectors back.
 
 Drops: the userspace backend counts them (`identity_filter` and, for packets outside the SA's narrowed
 selectors, `policy_mismatch`); every `poll_seconds` the per-SA counts and sampled packet headers
@@ -151,8 +153,10 @@ class PolicyEnforcer:
             access = self.view.lookup(record.identity)
             current = self.applied.get(record.id)
             if access is None:
-                if current is not None:
-                    changes[record.id] = (record, None, None)
+                # Governed once, governed for good: an SA whose identity lost its binding (deleted,
+                # or its IKE id moved away) carries nothing, not its negotiated selectors.
+                if current is not None and current.selectors:
+                    changes[record.id] = (record, AppliedFilter(current.identity, (), False), [])
                 continue
             selectors, timed = filter_selectors(access, record, wall)
             applied = AppliedFilter(access.identity, tuple(str(s) for s in selectors), timed)
