@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from esplanade.dataplane.backend import FilterDrops, InvalidArgument
+from esplanade.dataplane.backend import DataplaneError, FilterDrops, InvalidArgument
 from esplanade.dataplane.kernel.backend import KernelXfrmBackend
 from esplanade.dataplane.kernel.xfrm_messages import XfrmPolicyDir
 from esplanade.dataplane.policy_enforcement import PolicyEnforcer
@@ -276,6 +276,31 @@ async def test_a_refused_filter_closes_the_sa_instead_of_leaving_it_open(store: 
             timeout=5,
             what="the filter applied once the backend takes it",
         )
+    finally:
+        task.cancel()
+
+
+class BrokenBackend(FilteringBackend):
+    """Refuses every filter, the empty one too (a worker that errs on every message)."""
+
+    async def set_identity_filter(self, child_sa_id: str, selectors: list[TrafficSelector] | None) -> None:
+        raise InvalidArgument("worker error")
+
+
+async def test_an_sa_that_takes_no_filter_at_all_is_not_acknowledged(store: Store) -> None:
+    """If neither its filter nor the empty one applies, a governed SA would carry everything its
+    selectors allow: `on_installed` raises, so the reconciler does not ack it (keyexchange never
+    answers the peer with it). An ungoverned SA is not concerned."""
+    await write_policy(store, POLICY)
+    view = AccessView(store)
+    enforcer = PolicyEnforcer(BrokenBackend(), view, DecisionEvents("test"))
+    task = asyncio.create_task(view.run())
+    try:
+        await asyncio.wait_for(view.ready.wait(), 5)
+        with pytest.raises(DataplaneError, match="no identity filter applies"):
+            await enforcer.on_installed(peer("a1", 0x1000, "alice@corp.test"))
+        assert "a1" not in enforcer.applied
+        await enforcer.on_installed(peer("s1", 0x3000, "site-b.corp.test"))
     finally:
         task.cancel()
 

@@ -117,9 +117,13 @@ class PolicyEnforcer:
 
     # -- the reconciler's hooks ----------------------------------------------------------
     async def on_installed(self, record: ChildSaRecord) -> None:
+        """Raises DataplaneError when a governed SA carries no filter at all (the backend refused
+        its filter and the empty one): the reconciler then does not ack it, so keyexchange never
+        answers the peer with an SA that would carry everything its selectors allow."""
         async with self._lock:
             self.records[record.id] = record
-            await self._apply(record)
+            if record.id in await self._apply_many([record]):
+                raise DataplaneError(f"Child SA {record.id!r}: no identity filter applies, not even the empty one")
 
     async def on_removed(self, child_sa_id: str) -> None:
         async with self._lock:
@@ -140,13 +144,11 @@ class PolicyEnforcer:
                     affected.append(record)
             await self._apply_many(affected)
 
-    async def _apply(self, record: ChildSaRecord) -> None:
-        await self._apply_many([record])
-
-    async def _apply_many(self, records: list[ChildSaRecord]) -> None:
-        """Bring the SAs' filters up to date: one batch to the backend when it takes batches."""
+    async def _apply_many(self, records: list[ChildSaRecord]) -> set[str]:
+        """Bring the SAs' filters up to date: one batch to the backend when it takes batches.
+        Returns the governed SAs left without any filter (the wanted one and the empty one refused)."""
         if self.backend is None or not records:
-            return
+            return set()
         wall = self.wall_clock()
         changes: dict[str, tuple[ChildSaRecord, AppliedFilter | None, list[TrafficSelector] | None]] = {}
         for record in records:
@@ -163,7 +165,7 @@ class PolicyEnforcer:
             if current != applied:
                 changes[record.id] = (record, applied, selectors)
         if not changes:
-            return
+            return set()
         errors: dict[str, str] = {}
         batch = getattr(self.backend, "set_identity_filters", None)
         if batch is not None:
@@ -178,6 +180,7 @@ class PolicyEnforcer:
                 except DataplaneError as exc:
                     errors[child] = str(exc)
         closed = await self._close_refused(changes, errors)
+        left_open = {child for child in errors if child not in closed and changes[child][1] is not None}
         for child, (record, new, _) in changes.items():
             if child in errors:
                 self.errors += 1
@@ -204,6 +207,7 @@ class PolicyEnforcer:
                     new.identity,
                     len(new.selectors),
                 )
+        return left_open
 
     async def _close_refused(
         self,
