@@ -131,9 +131,9 @@ def responder_select(
         if access is not None:
             tsr = narrow(tsr, list(access.selectors))
             if not tsr:
+                who = f"identity '{access.identity}'" if access.identity else "a peer bound to no identity"
                 policy_failure = (
-                    f"policy grants identity '{access.identity}' nothing within"
-                    f" {', '.join(map(str, tsr_p.selectors))} (child {cfg.name})"
+                    f"policy grants {who} nothing within {', '.join(map(str, tsr_p.selectors))} (child {cfg.name})"
                 )
                 continue
         ke = _get(msg, KePayload)
