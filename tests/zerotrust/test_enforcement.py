@@ -280,6 +280,30 @@ async def test_a_refused_filter_closes_the_sa_instead_of_leaving_it_open(store: 
         task.cancel()
 
 
+class InstallFilteringBackend(FilteringBackend):
+    """A backend that installs an SA with its filter (the userspace backend's `initial_filter`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.initial_filter: Callable[[ChildSaRecord], list[TrafficSelector] | None] | None = None
+
+
+async def test_the_enforcer_hands_the_backend_each_sas_filter_for_its_install(store: Store) -> None:
+    await write_policy(store, POLICY)
+    view = AccessView(store)
+    backend = InstallFilteringBackend()
+    enforcer = PolicyEnforcer(backend, view, DecisionEvents("test"))
+    task = asyncio.create_task(view.run())
+    try:
+        await asyncio.wait_for(view.ready.wait(), 5)
+        assert backend.initial_filter == enforcer.initial_filter
+        alice = backend.initial_filter(peer("a1", 0x1000, "alice@corp.test"))
+        assert alice is not None and [str(s) for s in alice] == ["10.50.1.10/32[tcp/443]"]
+        assert backend.initial_filter(peer("s1", 0x3000, "site-b.corp.test")) is None  # not governed
+    finally:
+        task.cancel()
+
+
 class BrokenBackend(FilteringBackend):
     """Refuses every filter, the empty one too (a worker that errs on every message)."""
 

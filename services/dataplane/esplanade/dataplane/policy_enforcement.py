@@ -112,6 +112,8 @@ class PolicyEnforcer:
         self.unattributed_drops = 0  # drops the backend reports for no Child SA (the kernel backend)
         self._lock = asyncio.Lock()
         view.listeners.append(self.on_access_changed)
+        if hasattr(backend, "initial_filter"):  # the filter travels with the install (userspace backend)
+            backend.initial_filter = self.initial_filter
         if self.backend is None:
             log.warning("this dataplane backend has no identity filters: policy is enforced by IKE narrowing only")
 
@@ -124,6 +126,15 @@ class PolicyEnforcer:
             self.records[record.id] = record
             if record.id in await self._apply_many([record]):
                 raise DataplaneError(f"Child SA {record.id!r}: no identity filter applies, not even the empty one")
+
+    def initial_filter(self, record: ChildSaRecord) -> list[TrafficSelector] | None:
+        """The filter a Child SA should carry from its first packet, for a backend that installs it
+        with the SA (None: not governed). `on_installed` then records it (and re-sends it, idempotent)."""
+        access = self.view.lookup(record.identity)
+        if access is None:
+            return None
+        selectors, _ = filter_selectors(access, record, self.wall_clock())
+        return selectors
 
     async def on_removed(self, child_sa_id: str) -> None:
         async with self._lock:
