@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from esplanade.dataplane.backend import FilterDrops, InvalidArgument
+from esplanade.dataplane.backend import DataplaneError, FilterDrops, InvalidArgument
 from esplanade.dataplane.kernel.backend import KernelXfrmBackend
 from esplanade.dataplane.kernel.xfrm_messages import XfrmPolicyDir
 from esplanade.dataplane.policy_enforcement import PolicyEnforcer
@@ -25,7 +26,7 @@ from esplanade.policy.decision_log import DecisionKind
 from esplanade.policy.decode import encode_document, object_to_document
 from esplanade.policy.policy_file import load_policy_yaml
 from esplanade.store import schema
-from esplanade.store.base import Store
+from esplanade.store.base import KeyValue, Store
 from esplanade.store.embedded import EmbeddedStore
 from tests.conditions import async_wait_until
 from tests.dataplane.kernel.child_sa_builders import TRANSFORMS_BY_LABEL, Peer, child_sa_pair, protect_policies
@@ -145,13 +146,99 @@ async def test_filters_follow_the_policy_on_live_sas(store: Store) -> None:
             timeout=5,
             what="alice's filter widened",
         )
-        # alice's binding goes: her SA is no longer governed (no filter)
+        # alice's binding goes: her live SA stays governed and carries nothing (not its selectors)
         await write_policy(store, POLICY.replace('ike_ids: ["email:alice@corp.test"], ', ""))
-        await async_wait_until(holds(lambda: backend.filters["a1"] is None), timeout=5, what="alice unbound")
+        await async_wait_until(holds(lambda: backend.filters["a1"] == []), timeout=5, what="alice unbound")
+        assert enforcer.applied["a1"].selectors == ()
         await enforcer.on_removed("a1")
         assert "a1" not in enforcer.applied
     finally:
         task.cancel()
+
+
+async def test_deleting_an_identity_cuts_its_live_sas_instead_of_lifting_their_filter(store: Store) -> None:
+    """Fail closed on revocation: a live SA of a deleted identity gets the empty filter. Lifting
+    its filter would hand it everything its negotiated selectors allow (the whole site network
+    with `access_narrowing: networks`, or 0.0.0.0/0 for a connection that does not narrow)."""
+    await write_policy(store, POLICY)
+    view = AccessView(store)
+    backend = FilteringBackend()
+    enforcer = PolicyEnforcer(backend, view, DecisionEvents("test"))
+    task = asyncio.create_task(view.run())
+    try:
+        await asyncio.wait_for(view.ready.wait(), 5)
+        await enforcer.on_installed(peer("a1", 0x1000, "alice@corp.test"))
+        assert backend.filters == {"a1": ["10.50.1.10/32[tcp/443]"]}
+        without_alice = POLICY.replace('  - {id: alice, ike_ids: ["email:alice@corp.test"], groups: [eng]}\n', "")
+        assert without_alice != POLICY
+        await write_policy(store, without_alice)
+        await async_wait_until(holds(lambda: view.lookup("alice@corp.test") is None), timeout=5, what="deleted")
+        await async_wait_until(holds(lambda: backend.filters["a1"] is not None), timeout=5, what="reapplied")
+        assert backend.filters["a1"] == []
+        # a new SA of that peer (a fresh IKE SA) is ungoverned again: by design, no filter
+        await enforcer.on_installed(peer("a2", 0x1100, "alice@corp.test"))
+        assert "a2" not in backend.filters
+    finally:
+        task.cancel()
+
+
+def identity_kv(identity: str, ike_ids: list[str], revision: int, **extra: object) -> KeyValue:
+    doc = {"id": identity, "ike_ids": ike_ids, "groups": [], **extra}
+    return KeyValue(schema.policy_object("identities", identity), json.dumps(doc).encode(), 1, revision, 1)
+
+
+@pytest.mark.parametrize("order", ["bob-first", "alice-first"])
+def test_an_ike_id_moved_between_identities_stays_bound_whatever_the_event_order(order: str) -> None:
+    """alice's IKE id moves to bob in one transaction: one watch batch of two puts, in either
+    order. After it the IKE id binds bob: left unbound, its peer would be ungoverned."""
+    table = AccessTable()
+    table.load([identity_kv("alice", ["email:x@corp.test"], 1), identity_kv("bob", [], 1)])
+    assert table.lookup("x@corp.test") is not None
+    puts = [identity_kv("alice", [], 2), identity_kv("bob", ["email:x@corp.test"], 2)]
+    changed: set[str] = set()
+    for kv in puts if order == "alice-first" else puts[::-1]:
+        changed |= table.put(kv)
+    access = table.lookup("x@corp.test")
+    assert access is not None and access.identity == "bob"
+    assert "bob" in changed
+    table.put(identity_kv("bob", [], 3))
+    assert table.lookup("x@corp.test") is None  # nobody names it any more: ungoverned
+
+
+def test_an_undecodable_identity_document_keeps_its_peer_bound_to_nothing() -> None:
+    """A document that does not decode (by hand, or a newer version's) must not make its peer
+    ungoverned: its IKE ids stay bound, to an identity that is granted nothing."""
+    table = AccessTable()
+    compiled = {"format": 1, "identity": "alice", "parts": [{"rules": ["r"], "selectors": ["10.50.1.10/32[tcp/443]"]}]}
+    table.load(
+        [
+            identity_kv("alice", ["email:alice@corp.test"], 1),
+            KeyValue(schema.compiled_policy("alice"), json.dumps(compiled).encode(), 1, 1, 1),
+        ]
+    )
+    before = table.lookup("alice@corp.test")
+    assert before is not None and not before.grants_nothing
+    assert table.put(identity_kv("alice", ["email:alice@corp.test"], 2, colour="blue")) == {"alice"}
+    after = table.lookup("alice@corp.test")
+    assert after is not None and after.identity == "alice" and after.grants_nothing
+    table.put(identity_kv("alice", ["email:alice@corp.test"], 3))  # readable again: its grant is back
+    again = table.lookup("alice@corp.test")
+    assert again is not None and not again.grants_nothing
+    # unreadable from the first sight: still bound by the IKE ids it names
+    fresh = AccessTable()
+    fresh.load(
+        [
+            KeyValue(
+                schema.policy_object("identities", "eve"),
+                b'{"id": "eve", "ike_ids": ["fqdn:eve.test"], "x": 1}',
+                1,
+                1,
+                1,
+            )
+        ]
+    )
+    eve = fresh.lookup("eve.test")
+    assert eve is not None and eve.grants_nothing
 
 
 class RefusingBackend(FilteringBackend):
@@ -189,6 +276,55 @@ async def test_a_refused_filter_closes_the_sa_instead_of_leaving_it_open(store: 
             timeout=5,
             what="the filter applied once the backend takes it",
         )
+    finally:
+        task.cancel()
+
+
+class InstallFilteringBackend(FilteringBackend):
+    """A backend that installs an SA with its filter (the userspace backend's `initial_filter`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.initial_filter: Callable[[ChildSaRecord], list[TrafficSelector] | None] | None = None
+
+
+async def test_the_enforcer_hands_the_backend_each_sas_filter_for_its_install(store: Store) -> None:
+    await write_policy(store, POLICY)
+    view = AccessView(store)
+    backend = InstallFilteringBackend()
+    enforcer = PolicyEnforcer(backend, view, DecisionEvents("test"))
+    task = asyncio.create_task(view.run())
+    try:
+        await asyncio.wait_for(view.ready.wait(), 5)
+        assert backend.initial_filter == enforcer.initial_filter
+        alice = backend.initial_filter(peer("a1", 0x1000, "alice@corp.test"))
+        assert alice is not None and [str(s) for s in alice] == ["10.50.1.10/32[tcp/443]"]
+        assert backend.initial_filter(peer("s1", 0x3000, "site-b.corp.test")) is None  # not governed
+    finally:
+        task.cancel()
+
+
+class BrokenBackend(FilteringBackend):
+    """Refuses every filter, the empty one too (a worker that errs on every message)."""
+
+    async def set_identity_filter(self, child_sa_id: str, selectors: list[TrafficSelector] | None) -> None:
+        raise InvalidArgument("worker error")
+
+
+async def test_an_sa_that_takes_no_filter_at_all_is_not_acknowledged(store: Store) -> None:
+    """If neither its filter nor the empty one applies, a governed SA would carry everything its
+    selectors allow: `on_installed` raises, so the reconciler does not ack it (keyexchange never
+    answers the peer with it). An ungoverned SA is not concerned."""
+    await write_policy(store, POLICY)
+    view = AccessView(store)
+    enforcer = PolicyEnforcer(BrokenBackend(), view, DecisionEvents("test"))
+    task = asyncio.create_task(view.run())
+    try:
+        await asyncio.wait_for(view.ready.wait(), 5)
+        with pytest.raises(DataplaneError, match="no identity filter applies"):
+            await enforcer.on_installed(peer("a1", 0x1000, "alice@corp.test"))
+        assert "a1" not in enforcer.applied
+        await enforcer.on_installed(peer("s1", 0x3000, "site-b.corp.test"))
     finally:
         task.cancel()
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
+
 from esplanade.ipsec.selectors import TrafficSelector
-from esplanade.keyexchange.config import PoolConfig
+from esplanade.keyexchange.config import ConnectionConfig, PoolConfig
 from esplanade.keyexchange.ikev2.access import AccessDecided, AccessGrant
 from esplanade.keyexchange.ikev2.constants import NotifyType
-from esplanade.keyexchange.ikev2.events import ChildSaEstablished, IkeSaEstablished, NegotiationFailed
+from esplanade.keyexchange.ikev2.errors import ConfigError
+from esplanade.keyexchange.ikev2.events import ChildSaEstablished, ChildSaRekeyed, IkeSaEstablished, NegotiationFailed
 from esplanade.keyexchange.ikev2.ike_sa import IkeSa
-from tests.keyexchange.peers import pair
+from esplanade.keyexchange.remote_access_policy import RemoteAccessPolicy
+from esplanade.policy.decision_events import DecisionEvents
+from tests.keyexchange.peers import conn, pair
 
 POOL = PoolConfig(
     "rw",
@@ -27,6 +32,11 @@ GRANT = AccessGrant(
 
 
 def remote_access(grants: dict[str, AccessGrant | None]):  # type: ignore[no-untyped-def]
+    _net, a, b, asked = remote_access_on(grants)
+    return a, b, asked
+
+
+def remote_access_on(grants: dict[str, AccessGrant | None]):  # type: ignore[no-untyped-def]
     asked: list[str] = []
 
     def access_for(ike: IkeSa) -> AccessGrant | None:
@@ -41,7 +51,7 @@ def remote_access(grants: dict[str, AccessGrant | None]):  # type: ignore[no-unt
     )
     a.engine.initiate("ab", net.now)
     net.run()
-    return a, b, asked
+    return net, a, b, asked
 
 
 def test_governed_peer_is_narrowed_to_its_grant_and_gets_its_routes() -> None:
@@ -71,3 +81,80 @@ def test_peer_not_bound_to_a_policy_identity_keeps_the_connection_selectors() ->
     record = a.of(ChildSaEstablished)[0].record
     assert [str(t) for t in record.outbound.remote_ts] == ["0.0.0.0/0"]
     assert not b.of(AccessDecided)
+
+
+def test_a_peer_whose_identity_stops_binding_gets_nothing_more_on_its_ike_sa() -> None:
+    """Governed at IKE_AUTH, governed for good: once the peer's identity no longer binds (the
+    policy identity deleted, its IKE id removed), a new Child SA or a rekey on that IKE SA is
+    granted nothing, not the connection's 0.0.0.0/0 (which it would be as an ungoverned peer)."""
+    grants: dict[str, AccessGrant | None] = {"a.test": GRANT}
+    net, a, b, _ = remote_access_on(grants)
+    ike = next(iter(a.engine.sas))
+    assert len(a.of(ChildSaEstablished)) == 1
+    grants.clear()  # alice's identity is deleted
+
+    a.engine.create_child(ike, "net", net.now)
+    net.run()
+    assert len(a.of(ChildSaEstablished)) == 1
+    assert a.of(NegotiationFailed)[-1].notify == NotifyType.TS_UNACCEPTABLE
+    refused = b.of(AccessDecided)[-1]
+    assert not refused.allowed and refused.identity == "alice"
+
+    a.engine.rekey_child(ike, next(iter(a.engine.sas[ike].children)), net.now)
+    net.run()
+    assert not a.of(ChildSaRekeyed)
+    assert all(
+        str(t) in ("10.2.1.5/32[tcp/443]", "10.2.1.6/32[udp/53]")
+        for event in a.of(ChildSaEstablished)
+        for t in event.record.outbound.remote_ts
+    )
+
+
+class EmptyView:
+    """A policy view in which no IKE identity binds to a policy identity."""
+
+    def lookup(self, peer_identity: str) -> None:
+        return None
+
+
+def unbound_peer_on(unbound_peers: str | None):  # type: ignore[no-untyped-def]
+    over = {} if unbound_peers is None else {"unbound_peers": unbound_peers}
+    policy = RemoteAccessPolicy(EmptyView(), DecisionEvents("test"))  # type: ignore[arg-type]
+    net, a, b = pair(
+        a_over={"vips": ["0.0.0.0"], "child_local_ts": "0.0.0.0/0", "child_remote_ts": "0.0.0.0/0"},
+        b_over={"pools": ["rw"], "child_local_ts": "0.0.0.0/0", "child_remote_ts": "10.99.0.0/24", **over},
+        pools={"rw": POOL},
+        access_for=policy.grant_for,
+    )
+    a.engine.initiate("ab", net.now)
+    net.run()
+    return a, b
+
+
+def test_a_remote_access_connection_grants_nothing_to_a_peer_bound_to_no_identity() -> None:
+    """Deny by default: on a connection with pools (remote access) a user missing from the policy,
+    or one with an identity no policy identity can name, reaches nothing. Before, it got the
+    connection's selectors (here 0.0.0.0/0) and the pool's routes, with no filter."""
+    a, b = unbound_peer_on(None)
+    assert a.of(IkeSaEstablished) and not a.of(ChildSaEstablished)
+    assert a.of(IkeSaEstablished)[0].split_subnets == ()
+    assert a.of(NegotiationFailed)[0].notify == NotifyType.TS_UNACCEPTABLE
+    decided = b.of(AccessDecided)
+    assert len(decided) == 1 and not decided[0].allowed and "a peer bound to no identity" in decided[0].reason
+
+
+def test_unbound_peers_negotiated_keeps_the_connection_selectors() -> None:
+    a, b = unbound_peer_on("negotiated")
+    record = a.of(ChildSaEstablished)[0].record
+    assert [str(t) for t in record.outbound.remote_ts] == ["0.0.0.0/0"]
+    assert not b.of(AccessDecided)
+
+
+def test_unbound_peers_defaults_by_connection_kind_and_is_validated() -> None:
+    pools = {"rw": POOL}
+    assert ConnectionConfig.from_dict("rw", conn("b", pools=["rw"]), pools=pools).unbound_peers == "deny"
+    assert ConnectionConfig.from_dict("s2s", conn("b")).unbound_peers == "negotiated"
+    assert ConnectionConfig.from_dict("s2s", conn("b", unbound_peers="deny")).unbound_peers == "deny"
+    with pytest.raises(ConfigError) as err:
+        ConnectionConfig.from_dict("rw", conn("b", unbound_peers="allow"))
+    assert err.value.field == "connections.rw.unbound_peers"

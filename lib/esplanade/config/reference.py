@@ -29,16 +29,24 @@ ACCESS_NARROWING_ROW = (
     " backend: XFRM policies, drops counted per namespace, not per identity). Ungoverned pe"
     "ers (site-to-site) keep their negotiated selectors either way. |"
 )
+UNBOUND_PEERS_ROW = (
+    "| `unbound_peers` | `deny`, `negotiated` | `deny` with `pools`, else `negotiated` | What the responder gr"
+    "ants an authenticated peer whose IKE identity binds to no policy identity (docs/policy.md). `deny`: "
+    "nothing (every Child SA refused with TS_UNACCEPTABLE, a CONNECT deny decision), so a remote user miss"
+    "ing from the policy, or authenticating with an identity no policy identity can name, reaches nothing"
+    ". `negotiated`: its negotiated selectors, with no filter (site-to-site peers). |"
+)
 CONNECTION_DOCUMENTS = f"""
 ## Connection documents
 
 Connections (`config/connections/<name>`, loaded through the API, the CLI or keyexchange's
 LoadConnection) are swanctl-like documents; docs/keyexchange-service.md describes them. The
-zero-trust setting among them:
+zero-trust settings among them:
 
 | key | values | default | meaning |
 |---|---|---|---|
 {ACCESS_NARROWING_ROW}
+{UNBOUND_PEERS_ROW}
 """
 
 

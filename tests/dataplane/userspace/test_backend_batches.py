@@ -11,6 +11,7 @@ from esplanade.dataplane.sa_persistence import MemorySaPersistence
 from esplanade.dataplane.userspace.backend import UserspaceBackend, UserspaceBackendSettings
 from esplanade.dataplane.userspace.datapath import DatapathSettings
 from esplanade.ipsec.sa import ChildSaRecord
+from esplanade.ipsec.selectors import TrafficSelector
 from tests.dataplane.service.test_reconciler import record
 
 
@@ -77,3 +78,16 @@ def test_deleting_frees_the_spis_for_a_successor() -> None:
     asyncio.run(b.install_child_sas([first]))
     asyncio.run(b.delete_child_sa("first"))
     assert asyncio.run(b.install_child_sas([record("second", 0x5000)])) == [None]
+
+
+def test_the_initial_filter_travels_in_the_install_message() -> None:
+    """A governed SA carries its identity filter from its first packet: the policy enforcer's
+    `initial_filter` goes into the owner's install_sa message (no window before a set_filter)."""
+    b, channels, _ = backend(1, refuse=set())
+    wanted = {"governed": [TrafficSelector.parse("10.50.1.10/32[tcp/443]")], "closed": []}
+    b.initial_filter = lambda record: wanted.get(record.id)
+    asyncio.run(b.install_child_sas([record("governed", 0x6000), record("closed", 0x6100), record("s2s", 0x6200)]))
+    installs = {m["child_sa"]: m for m in channels[0].sent if m["op"] == "install_sa"}
+    assert installs["governed"]["filter"] == ["10.50.1.10/32[tcp/443]"]
+    assert installs["closed"]["filter"] == []  # granted nothing: drops everything from the start
+    assert "filter" not in installs["s2s"]  # not governed

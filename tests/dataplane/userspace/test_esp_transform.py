@@ -229,6 +229,26 @@ def test_identity_filter_drops_what_the_identity_may_not_reach() -> None:
     assert b.handle_control("set_filter", {"child_sa": "nope", "selectors": None}, 3.0)["ok"] is False
 
 
+def test_an_sa_installed_with_its_filter_is_filtered_from_its_first_packet(hot_path: str) -> None:
+    """A live SA reinstalled (dataplane restart, takeover) while its peer is sending: the filter
+    comes in the install message, so no packet passes between the install and a later set_filter."""
+    keys = Keys()
+    a = make_transform(True, hot_path=hot_path)  # type: ignore[arg-type]
+    b = make_transform(True, hot_path=hot_path)  # type: ignore[arg-type]
+    control(a, "install_sa", 0.0, **install_message(keys, "a"))
+    refused = b.handle_control("install_sa", {**install_message(keys, "b"), "filter": ["nonsense"]}, 0.0)
+    assert refused["ok"] is False and not b.children  # a bad filter installs nothing
+    control(b, "install_sa", 0.0, filter=[f"{B_HOST}/32[tcp/5201]"], **install_message(keys, "b"))
+    for transform, side in ((a, "a"), (b, "b")):
+        for policy in policies(side):
+            control(transform, "install_policy", 0.0, policy=policy_document(policy))
+    allowed = tcp_segments(2, 500, src=A_HOST, dst=B_HOST)
+    denied = tcp_segments(1, 500, src=A_HOST, dst=B_HOST, dport=22)
+    delivered = b.inbound_batch([((A_ADDR, 4500), d[1]) for d in a.outbound_batch(denied + allowed, 1.0)], 1.0)
+    assert delivered == allowed
+    assert drops(b) == {"identity_filter": 1}
+
+
 def test_set_filters_applies_many_and_reports_each_failure() -> None:
     a, b = keyed_pair(Keys())
     reply = b.handle_control(

@@ -54,6 +54,7 @@ def ra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Site, Site]]:
                 "remote": {"auth": "psk", "id": "client.kxs.test"},
                 "psk": PSK,
                 "pools": ["clients"],
+                "unbound_peers": "negotiated",  # no access policy here: the client is ungoverned
                 "encap": True,
                 "children": {"net": {"local_ts": SPLIT, "esp_proposals": ["aes256gcm16"]}},
             },

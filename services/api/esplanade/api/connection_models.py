@@ -145,6 +145,11 @@ class ConnectionFields(Strict):
     unique: Literal["no", "never", "replace", "keep"] = "no"
     keyingtries: int = Field(1, ge=0, le=1000)
     retransmit: Retransmit | None = None
+    unbound_peers: Literal["deny", "negotiated"] | None = Field(
+        None,
+        description="What an authenticated peer whose identity binds to no policy identity gets: nothing (deny)"
+        " or its negotiated selectors (negotiated). Default: deny with pools (remote access), else negotiated.",
+    )
     children: dict[Annotated[str, StringConstraints(pattern=NAME_PATTERN)], ChildBody] = Field(
         default_factory=dict, max_length=64
     )

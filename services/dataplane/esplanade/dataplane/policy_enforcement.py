@@ -10,6 +10,8 @@ The filter of an SA: the selectors of the compiled parts whose connect-time cond
 it (its peer's outer address; posture is not known here, so posture-bound parts stay closed)
 and whose time window is open now. A peer whose IKE identity binds to no policy identity is not
 governed (site-to-site); a bound identity with nothing granted gets an empty filter (drop all).
+An SA stays governed for its lifetime: when its IKE identity stops binding (the identity deleted,
+its IKE id removed) it gets the empty filter, never its negotiated selectors back.
 
 Drops: the userspace backend counts them (`identity_filter` and, for packets outside the SA's narrowed
 selectors, `policy_mismatch`); every `poll_seconds` the per-SA counts and sampled packet headers
@@ -110,14 +112,29 @@ class PolicyEnforcer:
         self.unattributed_drops = 0  # drops the backend reports for no Child SA (the kernel backend)
         self._lock = asyncio.Lock()
         view.listeners.append(self.on_access_changed)
+        if hasattr(backend, "initial_filter"):  # the filter travels with the install (userspace backend)
+            backend.initial_filter = self.initial_filter
         if self.backend is None:
             log.warning("this dataplane backend has no identity filters: policy is enforced by IKE narrowing only")
 
     # -- the reconciler's hooks ----------------------------------------------------------
     async def on_installed(self, record: ChildSaRecord) -> None:
+        """Raises DataplaneError when a governed SA carries no filter at all (the backend refused
+        its filter and the empty one): the reconciler then does not ack it, so keyexchange never
+        answers the peer with an SA that would carry everything its selectors allow."""
         async with self._lock:
             self.records[record.id] = record
-            await self._apply(record)
+            if record.id in await self._apply_many([record]):
+                raise DataplaneError(f"Child SA {record.id!r}: no identity filter applies, not even the empty one")
+
+    def initial_filter(self, record: ChildSaRecord) -> list[TrafficSelector] | None:
+        """The filter a Child SA should carry from its first packet, for a backend that installs it
+        with the SA (None: not governed). `on_installed` then records it (and re-sends it, idempotent)."""
+        access = self.view.lookup(record.identity)
+        if access is None:
+            return None
+        selectors, _ = filter_selectors(access, record, self.wall_clock())
+        return selectors
 
     async def on_removed(self, child_sa_id: str) -> None:
         async with self._lock:
@@ -138,28 +155,28 @@ class PolicyEnforcer:
                     affected.append(record)
             await self._apply_many(affected)
 
-    async def _apply(self, record: ChildSaRecord) -> None:
-        await self._apply_many([record])
-
-    async def _apply_many(self, records: list[ChildSaRecord]) -> None:
-        """Bring the SAs' filters up to date: one batch to the backend when it takes batches."""
+    async def _apply_many(self, records: list[ChildSaRecord]) -> set[str]:
+        """Bring the SAs' filters up to date: one batch to the backend when it takes batches.
+        Returns the governed SAs left without any filter (the wanted one and the empty one refused)."""
         if self.backend is None or not records:
-            return
+            return set()
         wall = self.wall_clock()
         changes: dict[str, tuple[ChildSaRecord, AppliedFilter | None, list[TrafficSelector] | None]] = {}
         for record in records:
             access = self.view.lookup(record.identity)
             current = self.applied.get(record.id)
             if access is None:
-                if current is not None:
-                    changes[record.id] = (record, None, None)
+                # Governed once, governed for good: an SA whose identity lost its binding (deleted,
+                # or its IKE id moved away) carries nothing, not its negotiated selectors.
+                if current is not None and current.selectors:
+                    changes[record.id] = (record, AppliedFilter(current.identity, (), False), [])
                 continue
             selectors, timed = filter_selectors(access, record, wall)
             applied = AppliedFilter(access.identity, tuple(str(s) for s in selectors), timed)
             if current != applied:
                 changes[record.id] = (record, applied, selectors)
         if not changes:
-            return
+            return set()
         errors: dict[str, str] = {}
         batch = getattr(self.backend, "set_identity_filters", None)
         if batch is not None:
@@ -174,6 +191,7 @@ class PolicyEnforcer:
                 except DataplaneError as exc:
                     errors[child] = str(exc)
         closed = await self._close_refused(changes, errors)
+        left_open = {child for child in errors if child not in closed and changes[child][1] is not None}
         for child, (record, new, _) in changes.items():
             if child in errors:
                 self.errors += 1
@@ -200,6 +218,7 @@ class PolicyEnforcer:
                     new.identity,
                     len(new.selectors),
                 )
+        return left_open
 
     async def _close_refused(
         self,

@@ -152,6 +152,11 @@ class ConnectionConfig:
     # hosts/protocols/ports granted, or address-only to the site networks holding them (the
     # dataplane's per-identity filter stays exact either way). Ignored for ungoverned peers.
     access_narrowing: Literal["exact", "networks"] = "exact"
+    # What a responder grants an authenticated peer whose IKE identity binds to no policy identity:
+    # nothing ("deny": every Child SA refused) or what it negotiates within the connection's
+    # selectors ("negotiated": site-to-site). From a connection document the default is "deny"
+    # for a connection that hands out virtual IPs from pools (remote access), else "negotiated".
+    unbound_peers: Literal["deny", "negotiated"] = "negotiated"
 
     def child(self, name: str) -> ChildConfig:
         for c in self.children:
@@ -179,6 +184,7 @@ class ConnectionConfig:
             "proposals", "dpd_delay", "dpd_timeout", "rekey_time", "reauth_time", "over_time", "rand_time",
             "encap", "fragmentation", "fragment_size", "pools", "vips", "children", "send_certreq", "send_cert",
             "cacerts", "crls", "keyingtries", "unique", "mobike", "retransmit", "psk", "access_narrowing",
+            "unbound_peers",
         }  # fmt: skip
         for key in d:
             if key not in known:
@@ -239,6 +245,9 @@ class ConnectionConfig:
         access_narrowing = d.get("access_narrowing", "exact")
         if access_narrowing not in ("exact", "networks"):
             raise ConfigError(f"{f}.access_narrowing", "must be exact or networks")
+        unbound_peers = d.get("unbound_peers", "deny" if pool_objs else "negotiated")
+        if unbound_peers not in ("deny", "negotiated"):
+            raise ConfigError(f"{f}.unbound_peers", "must be deny or negotiated")
         fragment_size = int(d.get("fragment_size", 1280))
         if not 576 <= fragment_size <= 65535:
             raise ConfigError(f"{f}.fragment_size", "must be between 576 and 65535")
@@ -283,6 +292,7 @@ class ConnectionConfig:
             retransmit=retransmit,
             unique=unique,
             access_narrowing=access_narrowing,
+            unbound_peers=unbound_peers,
         )
 
 

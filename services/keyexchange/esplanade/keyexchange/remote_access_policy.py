@@ -13,6 +13,12 @@ the granted addresses, address-only (and routes to match), so that a client whic
 with port-specific or many selectors still gets one selector per site network, and what it
 sends outside its grant reaches the gateway and is dropped (and logged with its 5-tuple) by
 the dataplane's exact per-identity filter.
+
+A peer whose IKE identity binds to no policy identity is ungoverned (its negotiated selectors
+stand) only on a connection with ``unbound_peers: negotiated`` (site-to-site, the default without
+pools); on a remote-access connection (``deny``, the default with pools) it is granted nothing,
+so a user missing from the policy, or authenticating with an identity type no policy identity
+can name (a key id), reaches nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from esplanade.policy.selector_sets import routes
 
 log = logging.getLogger(__name__)
 
+UNBOUND = ""  # the policy identity of a peer that binds to none (on a connection that denies them)
+
 
 class RemoteAccessPolicy:
     def __init__(self, view: AccessView, decisions: DecisionEvents) -> None:
@@ -41,6 +49,8 @@ class RemoteAccessPolicy:
     def grant_for(self, ike: IkeSa) -> AccessGrant | None:
         access = self.view.lookup(ike.remote_identity_text())
         if access is None:
+            if ike.config.unbound_peers == "deny":
+                return AccessGrant(UNBOUND, (), (), ())  # deny by default: every Child SA refused
             return None
         try:
             source = ipaddress.ip_address(ike.remote[0])

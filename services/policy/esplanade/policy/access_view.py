@@ -15,6 +15,7 @@ with no (or an unreadable) compiled document is allowed nothing (fail closed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -76,6 +77,11 @@ class AccessTable:
     def __init__(self) -> None:
         self.identities: dict[str, Identity] = {}
         self.by_ike_id: dict[IkeId, str] = {}
+        # every identity that lists an IKE id, in the order they were put: the first one binds it.
+        # A valid model binds each IKE id once; the others are claims in flight (an IKE id moved
+        # from one identity to another in one transaction arrives as two puts, in either order).
+        self._claims: dict[IkeId, list[str]] = {}
+        self.unreadable: set[str] = set()  # identities whose document does not decode: granted nothing
         self.compiled: dict[str, CompiledPolicy] = {}
         self.sites: dict[str, Site] = {}
         self.revision = 0
@@ -88,7 +94,9 @@ class AccessTable:
         identity = self.by_ike_id.get(ike_id)
         if identity is None:
             return None
-        compiled = self.compiled.get(identity) or CompiledPolicy(identity, ())
+        compiled = self.compiled.get(identity)
+        if compiled is None or identity in self.unreadable:
+            compiled = CompiledPolicy(identity, ())
         return Access(identity, compiled, self.site_networks())
 
     def site_networks(self) -> tuple[IPNetwork, ...]:
@@ -98,8 +106,11 @@ class AccessTable:
         """Replace everything; returns the policy identities whose access may have changed."""
         before_ids = dict(self.by_ike_id)
         before_compiled = dict(self.compiled)
+        before_unreadable = set(self.unreadable)
         self.identities.clear()
         self.by_ike_id.clear()
+        self._claims.clear()
+        self.unreadable.clear()
         self.compiled.clear()
         self.sites.clear()
         for kv in kvs:
@@ -108,6 +119,7 @@ class AccessTable:
         changed = {i for i in every if before_compiled.get(i) != self.compiled.get(i)}
         changed |= {i for k, i in before_ids.items() if self.by_ike_id.get(k) != i}
         changed |= {i for k, i in self.by_ike_id.items() if before_ids.get(k) != i}
+        changed |= before_unreadable ^ self.unreadable
         return changed
 
     def put(self, kv: KeyValue) -> set[str]:
@@ -134,13 +146,38 @@ class AccessTable:
         if parts is None or parts[0] != "identities":
             return set()
         obj = decode_kv("identities", kv)
-        if not isinstance(obj, Identity):
-            return self.delete(kv.key)
+        if isinstance(obj, Identity):
+            self.unreadable.discard(obj.id)
+        else:
+            # Unreadable (by hand, or a newer version's document): it stays bound, to nothing. Left
+            # unbound, its peers would be ungoverned and keep whatever they negotiated.
+            obj = self._unreadable(parts[1], kv)
         changed = self._unbind(obj.id)
         self.identities[obj.id] = obj
         for ike_id in obj.ike_ids:
+            claims = self._claims.setdefault(ike_id, [])
+            if obj.id not in claims:
+                claims.append(obj.id)
             self.by_ike_id.setdefault(ike_id, obj.id)
         return changed | {obj.id}
+
+    def _unreadable(self, identity: str, kv: KeyValue) -> Identity:
+        """A stand-in for an identity document that does not decode: the IKE ids it still names
+        (read leniently) and those it had, bound to an identity granted nothing."""
+        self.unreadable.add(identity)
+        ike_ids: list[IkeId] = []
+        try:
+            listed = json.loads(kv.value).get("ike_ids", [])
+            for text in listed if isinstance(listed, list) else ():
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    ike_ids.append(parse_ike_id(str(text)))
+        except (ValueError, AttributeError):
+            pass
+        old = self.identities.get(identity)
+        for ike_id in old.ike_ids if old is not None else ():
+            if ike_id not in ike_ids:
+                ike_ids.append(ike_id)
+        return Identity(identity, ike_ids=tuple(ike_ids))
 
     def delete(self, key: str) -> set[str]:
         if key.startswith(COMPILED_PREFIX):
@@ -153,18 +190,30 @@ class AccessTable:
         if parts is None or parts[0] != "identities":
             return set()
         changed = self._unbind(parts[1])
+        self.unreadable.discard(parts[1])
         if self.identities.pop(parts[1], None) is not None:
             changed.add(parts[1])
         return changed
 
     def _unbind(self, identity: str) -> set[str]:
+        """Withdraw `identity`'s claims; an IKE id it bound passes to the next identity that lists
+        it (never left unbound, i.e. ungoverned, while some identity still names it)."""
         old = self.identities.get(identity)
         if old is None:
             return set()
+        changed = {identity}
         for ike_id in old.ike_ids:
+            claims = [c for c in self._claims.get(ike_id, ()) if c != identity]
+            self._claims[ike_id] = claims
+            if not claims:
+                self._claims.pop(ike_id, None)
             if self.by_ike_id.get(ike_id) == identity:
-                del self.by_ike_id[ike_id]
-        return {identity}
+                if claims:
+                    self.by_ike_id[ike_id] = claims[0]
+                    changed.add(claims[0])
+                else:
+                    del self.by_ike_id[ike_id]
+        return changed
 
 
 AccessListener = Callable[[set[str]], Awaitable[None]]

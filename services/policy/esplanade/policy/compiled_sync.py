@@ -20,7 +20,7 @@ from esplanade.policy.compiler import Change, PolicyCompiler, Removal
 from esplanade.policy.decode import encode_document
 from esplanade.policy.store_state import POLICY_PREFIX, Generation, decode_kv, model_from_kvs, object_key_parts
 from esplanade.store import schema
-from esplanade.store.base import MAX_TXN_OPS, Delete, KeyValue, Put, Resync, Store, WatchBatch
+from esplanade.store.base import MAX_TXN_OPS, Delete, KeyValue, Put, Resync, Store, StoreError, WatchBatch
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,22 @@ class CompiledSync:
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._follow())
+            tasks.create_task(self._follow_for_good())
             tasks.create_task(self._resolve_names())
+
+    async def _follow_for_good(self) -> None:
+        """A store error (connection lost, a write refused) reloads everything: the compiled
+        documents are rewritten from the whole model, so no change made meanwhile is lost
+        (a revocation above all). Not ready while the store is unreachable."""
+        delay = 0.1
+        while True:
+            try:
+                await self._follow()
+            except StoreError as exc:
+                self.ready.clear()
+                log.warning("compiled policy sync interrupted (%s); reloading", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _load(self, kvs: Sequence[KeyValue], revision: int) -> None:
         generation = next((Generation.from_kv(kv) for kv in kvs if kv.key == schema.POLICY_GENERATION), Generation())
@@ -74,14 +88,14 @@ class CompiledSync:
         async with self._lock:
             self.compiler.load(model_from_kvs(kvs))
             documents = self.compiler.documents()
-        stored = {kv.key: kv.value for kv in kvs if kv.key.startswith(COMPILED_PREFIX)}
-        writes: list[tuple[str, dict[str, Any] | None]] = []
-        for identity, doc in documents.items():
-            key = schema.compiled_policy(identity)
-            if stored.pop(key, None) != encode_document(doc):
-                writes.append((key, doc))
-        writes += [(key, None) for key in stored]
-        await self._write(writes)
+            stored = {kv.key: kv.value for kv in kvs if kv.key.startswith(COMPILED_PREFIX)}
+            writes: list[tuple[str, dict[str, Any] | None]] = []
+            for identity, doc in documents.items():
+                key = schema.compiled_policy(identity)
+                if stored.pop(key, None) != encode_document(doc):
+                    writes.append((key, doc))
+            writes += [(key, None) for key in stored]
+            await self._write(writes)
         self.revision = revision
 
     async def _follow(self) -> None:
@@ -114,9 +128,9 @@ class CompiledSync:
                 self._held.append(obj if obj is not None else Removal(*parts))
         if not self._applying and self._held:
             changes, self._held = self._held, []
-            async with self._lock:
+            async with self._lock:  # compile and write in one turn: documents land in compile order
                 result = self.compiler.apply(changes)
-            await self._write(result.writes())
+                await self._write(result.writes())
         self.revision = batch.revision
 
     async def _resolve_names(self) -> None:
@@ -131,7 +145,20 @@ class CompiledSync:
                 self.dns.addresses[name] = addresses
                 async with self._lock:
                     result = self.compiler.set_resolution(name, addresses)
-                await self._write(result.writes())
+                    await self._write_retrying(result.writes())
+
+    async def _write_retrying(self, writes: Sequence[tuple[str, dict[str, Any] | None]]) -> None:
+        """`_write` until it succeeds. Under the lock nothing newer is compiled meanwhile, so the
+        same writes stay right; given up on them, the store would keep stale documents."""
+        delay = 0.1
+        while True:
+            try:
+                await self._write(writes)
+                return
+            except StoreError as exc:
+                log.warning("compiled policy documents not written (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _write(self, writes: Sequence[tuple[str, dict[str, Any] | None]]) -> None:
         for start in range(0, len(writes), MAX_TXN_OPS):

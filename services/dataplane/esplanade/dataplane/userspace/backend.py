@@ -139,6 +139,10 @@ class UserspaceBackend:
         self.events_dropped = 0
         self.failed: str = ""  # why the datapath stopped working ("" while it runs)
         self.on_failure: Callable[[str], None] | None = None
+        # The identity filter a Child SA carries from its first packet (the policy enforcer's
+        # `initial_filter`): installed in the same worker message as the SA, so a live SA reinstalled
+        # after a restart or a takeover never passes a packet unfiltered. None: no filter at install.
+        self.initial_filter: Callable[[ChildSaRecord], list[TrafficSelector] | None] | None = None
         self.persist_failures = 0
         self.final_replay_tops: dict[str, int] = {}  # Child SA id -> last accepted number, once removed
         self.hot_path: HotPathStatus | None = None
@@ -435,6 +439,9 @@ class UserspaceBackend:
                 owner = owner_of(record, self.workers)
                 install = self._sa_document("install_sa", record, owner)
                 install.update(next_seq=next_seq, reserved_upto=reserved, replay_floor=floor)
+                wanted = self.initial_filter(record) if self.initial_filter is not None else None
+                if wanted is not None:
+                    install["filter"] = [str(s) for s in wanted]
                 groups.append(
                     [(owner, install)]
                     + [

@@ -825,10 +825,21 @@ class EspTransform:
             return {"ok": False, "error": f"worker {self.context.index} does not own Child SA {child_sa!r}"}
         if child_sa in self.children:
             return {"ok": False, "error": f"Child SA {child_sa!r} is already installed"}
+        # The identity's filter, if the SA carries one from its first packet (a reinstall of a live
+        # SA after a restart or a takeover: the peer is already sending). Parsed before anything changes.
+        texts = message.get("filter")
+        packet_filter: PacketFilter | None = None
+        if texts is not None:
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                return {"ok": False, "error": "filter: a list of traffic selector texts, or null"}
+            packet_filter = PacketFilter([TrafficSelector.parse(t) for t in texts])
         in_sa, out_sa, in_association, out_association = self._build(message, now)
         if in_sa.spi in self.table.by_spi:
             return {"ok": False, "error": f"inbound SPI {in_sa.spi:#010x} is already installed"}
         self._adopt(child_sa, in_sa, out_sa, in_association, out_association)
+        if packet_filter is not None:
+            self._filters[in_sa.spi] = packet_filter
+            self._apply_filter(in_sa, packet_filter)
         return {"ok": True}
 
     def _op_update_sa(self, message: dict[str, Any], now: float) -> dict[str, object]:

@@ -78,10 +78,17 @@ def _get(msg: Message, cls: type[Payload]) -> Payload | None:
 
 
 def current_access(ike: IkeSa) -> AccessGrant | None:
-    """The access policy's grant to an authenticated initiator, as of now (None: not governed)."""
+    """The access policy's grant to an authenticated initiator, as of now (None: not governed).
+
+    An IKE SA governed at IKE_AUTH stays governed: if its peer's identity no longer binds (the
+    policy identity deleted, its IKE id removed), later Child SAs and rekeys are granted nothing,
+    not the connection's selectors."""
     if ike.initiator or ike.peer_id is None or ike.hooks.access_for is None:
         return None
-    return ike.hooks.access_for(ike)
+    grant = ike.hooks.access_for(ike)
+    if grant is None and ike.access is not None:
+        return AccessGrant(ike.access.identity, (), (), ())
+    return grant
 
 
 def responder_select(
@@ -124,9 +131,9 @@ def responder_select(
         if access is not None:
             tsr = narrow(tsr, list(access.selectors))
             if not tsr:
+                who = f"identity '{access.identity}'" if access.identity else "a peer bound to no identity"
                 policy_failure = (
-                    f"policy grants identity '{access.identity}' nothing within"
-                    f" {', '.join(map(str, tsr_p.selectors))} (child {cfg.name})"
+                    f"policy grants {who} nothing within {', '.join(map(str, tsr_p.selectors))} (child {cfg.name})"
                 )
                 continue
         ke = _get(msg, KePayload)

@@ -1,0 +1,180 @@
+"""The compiled-policy sync fails closed on store trouble: a lost watch reloads instead of
+stopping for good, and documents land in the store in the order they were compiled (a DNS
+refresh never writes back a grant that a later rule change revoked)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from esplanade.policy.compiled_sync import CompiledSync, DnsCache
+from esplanade.policy.decode import encode_document, object_to_document
+from esplanade.policy.model import KIND_OF
+from esplanade.policy.policy_file import load_policy_yaml
+from esplanade.store import schema
+from esplanade.store.base import Compare, Delete, Put, Store, StoreError, TxnResult, WatchItem
+from esplanade.store.embedded import EmbeddedStore
+from tests.conditions import async_wait_until
+
+POLICY = """
+version: 1
+sites:
+  - {id: hq, networks: [10.50.0.0/16]}
+groups:
+  - {id: eng}
+identities:
+  - {id: alice, ike_ids: ["email:alice@corp.test"], groups: [eng]}
+resources:
+  - {id: web, destination: 10.50.1.10, protocol: tcp, ports: [443], site: hq}
+  - {id: wiki, destination: wiki.corp.test, protocol: tcp, ports: [443], site: hq}
+rules:
+  - {id: eng-web, groups: [eng], resources: [web, wiki]}
+"""
+WITHOUT_RULE = POLICY.replace("rules:\n  - {id: eng-web, groups: [eng], resources: [web, wiki]}\n", "rules: []\n")
+
+
+async def write_objects(store: Store, text: str) -> None:
+    model = load_policy_yaml(text)
+    wanted = {
+        schema.policy_object(KIND_OF[type(obj)], obj.id): encode_document(object_to_document(obj))
+        for obj in model.objects()
+    }
+    old, _ = await store.range(schema.prefix("policy"))
+    for kv in old:
+        if kv.key not in wanted and not kv.key.startswith(schema.prefix("policy", "compiled")):
+            await store.delete(kv.key)
+    for key, value in wanted.items():
+        await store.put(key, value)
+
+
+async def selectors_of(store: Store, identity: str) -> list[str] | None:
+    kv = await store.get(schema.compiled_policy(identity))
+    if kv is None:
+        return None
+    doc = json.loads(kv.value)
+    return sorted(s for part in doc["parts"] for s in part["selectors"])
+
+
+class StoreWrapper:
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class LosesItsFirstWatch(StoreWrapper):
+    """The connection to the store drops once, right after the first read."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.lost = 0
+
+    def watch(self, prefix: str, start_revision: int = 0) -> AsyncIterator[WatchItem]:
+        if self.lost == 0:
+            self.lost += 1
+            return self._broken()
+        return self.inner.watch(prefix, start_revision)
+
+    async def _broken(self) -> AsyncIterator[WatchItem]:
+        raise StoreError("connection to the store lost")
+        yield  # pragma: no cover
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with EmbeddedStore(tmp_path / "state.db") as opened:
+        yield opened
+
+
+async def test_a_lost_watch_reloads_so_later_revocations_still_reach_the_store(store: Store) -> None:
+    await write_objects(store, POLICY)
+    flaky = LosesItsFirstWatch(store)
+    sync = CompiledSync(flaky)  # type: ignore[arg-type]
+    task = asyncio.create_task(sync.run())
+    try:
+        await async_wait_until(lambda: selectors_of(store, "alice"), timeout=5, what="alice compiled")
+        await async_wait_until(_holds(lambda: flaky.lost == 1 and sync.ready.is_set()), timeout=5, what="reloaded")
+        await write_objects(store, WITHOUT_RULE)
+
+        async def revoked() -> bool:
+            return await selectors_of(store, "alice") == []
+
+        await async_wait_until(revoked, timeout=5, what="the revocation compiled after the outage")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class GatedCommits(StoreWrapper):
+    """Holds back the first commit that writes a compiled document granting `held_selector`."""
+
+    def __init__(self, inner: Store, held_selector: str) -> None:
+        super().__init__(inner)
+        self.held_selector = held_selector
+        self.gate = asyncio.Event()
+        self.holding = asyncio.Event()
+        self.held_written = asyncio.Event()
+        self.delivered = 0  # the newest revision the watch handed over
+
+    async def commit(self, conditions: Sequence[Compare], ops: Sequence[Put | Delete]) -> TxnResult:
+        if not self.holding.is_set() and any(
+            isinstance(op, Put) and self.held_selector.encode() in op.value for op in ops
+        ):
+            self.holding.set()
+            await self.gate.wait()
+            result = await self.inner.commit(conditions, ops)
+            self.held_written.set()
+            return result
+        return await self.inner.commit(conditions, ops)
+
+    async def watch(self, prefix: str, start_revision: int = 0) -> AsyncIterator[WatchItem]:
+        async for item in self.inner.watch(prefix, start_revision):
+            self.delivered = max(self.delivered, item.revision)
+            yield item
+
+
+async def test_a_dns_refresh_never_writes_back_a_grant_revoked_meanwhile(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """wiki.corp.test resolves; the write of alice's document with wiki is slow; meanwhile eng's
+    rule goes. The store must end with alice granted nothing, not with the slow document."""
+
+    async def resolve(name: str) -> list[str]:
+        return ["10.50.9.9"]
+
+    monkeypatch.setattr(DnsCache, "resolve", staticmethod(resolve))
+    await write_objects(store, POLICY)
+    gated = GatedCommits(store, "10.50.9.9/32")
+    sync = CompiledSync(gated)  # type: ignore[arg-type]
+    task = asyncio.create_task(sync.run())
+    try:
+        await asyncio.wait_for(gated.holding.wait(), 5)  # the DNS refresh's write is in flight
+        _, before = await store.range(schema.prefix("policy"))
+        await write_objects(store, WITHOUT_RULE)  # the rule's deletion first, at revision before + 1
+        _, revision = await store.range(schema.prefix("policy"))
+        await async_wait_until(_holds(lambda: gated.delivered > before), timeout=5, what="removal delivered")
+        gated.gate.set()
+        await asyncio.wait_for(gated.held_written.wait(), 5)
+
+        async def revoked() -> bool:
+            return await selectors_of(store, "alice") == []
+
+        await async_wait_until(revoked, timeout=5, what="alice granted nothing")
+        await async_wait_until(_holds(lambda: sync.revision >= revision), timeout=5, what="sync caught up")
+        assert await selectors_of(store, "alice") == []
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _holds(predicate: Any) -> Any:
+    async def check() -> bool:
+        return bool(predicate())
+
+    return check
