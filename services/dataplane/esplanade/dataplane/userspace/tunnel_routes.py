@@ -9,7 +9,9 @@ Per route:
 - the preferred source (as strongSwan's install_routes): a local address inside the
   policy's local selector, so the host's own traffic toward the remote site matches the SPD;
 - the MTU of the Child SA the policy names: the largest inner packet whose ESP packet with
-  that SA's transforms fits the outer path MTU (never above the TUN's own MTU);
+  that SA's transforms fits the outer path MTU (never above the TUN's own MTU); while that
+  Child SA is not installed (not yet, or deleted) the route keeps the MTU it has (none on a
+  new route);
 - a pinned host route to the tunnel endpoint when the remote network contains it (a "protect
   everything" policy), so ESP and IKE to the peer do not loop back into the TUN.
 
@@ -165,7 +167,14 @@ class TunnelRoutes:
             self._drop(self._open(), network, policy.id)
 
     def update_child(self, policies: list[SpdPolicy], child: ChildSaRecord | None) -> None:
-        """The Child SA these policies name changed: set their routes' MTU to its transforms."""
+        """The Child SA these policies name changed: set their routes' MTU to its transforms.
+
+        `child` None (the Child SA they name is not installed: not yet, or just deleted): the
+        routes keep the MTU they have. With nothing to send the traffic with, no MTU is right,
+        and the next Child SA (a rekey, a new setup) almost always has the same transforms;
+        dropping to the TUN's MTU and back cost two route replaces per setup for nothing."""
+        if child is None:
+            return
         mtu = self.mtu_for(child)
         for policy in policies:
             if not routed(policy):
