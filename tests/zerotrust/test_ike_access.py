@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import ipaddress
+import json
+import random
 
 import pytest
 
@@ -11,6 +13,7 @@ from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.keyexchange.config import ConnectionConfig, PoolConfig
 from esplanade.keyexchange.ikev2.access import AccessDecided, AccessGrant
 from esplanade.keyexchange.ikev2.constants import NotifyType
+from esplanade.keyexchange.ikev2.dispatcher import IkeDispatcher
 from esplanade.keyexchange.ikev2.errors import ConfigError
 from esplanade.keyexchange.ikev2.events import ChildSaEstablished, ChildSaRekeyed, IkeSaEstablished, NegotiationFailed
 from esplanade.keyexchange.ikev2.ike_sa import IkeSa
@@ -18,6 +21,7 @@ from esplanade.keyexchange.remote_access_policy import RemoteAccessPolicy
 from esplanade.policy.decision_events import DecisionEvents
 from tests.keyexchange.peers import conn, pair
 
+WALL = 1_700_000_000.0  # the wall clock of the state documents
 POOL = PoolConfig(
     "rw",
     ipaddress.ip_network("10.99.0.0/24"),
@@ -108,6 +112,45 @@ def test_a_peer_whose_identity_stops_binding_gets_nothing_more_on_its_ike_sa() -
         for event in a.of(ChildSaEstablished)
         for t in event.record.outbound.remote_ts
     )
+
+
+def test_a_successor_keeps_a_governed_ike_sa_governed() -> None:
+    """After a takeover (the responder's IKE SA moved to another keyexchange through its state
+    document), a peer governed at IKE_AUTH whose identity then stops binding still gets nothing
+    more, even on a connection that lets unbound peers negotiate: the successor knows the IKE SA
+    was governed (`governed_by`), not only the IKE SA that ran IKE_AUTH."""
+    grants: dict[str, AccessGrant | None] = {"a.test": GRANT}
+
+    def access_for(ike: IkeSa) -> AccessGrant | None:
+        return grants.get(ike.remote_identity_text())
+
+    over = {"pools": ["rw"], "child_local_ts": "0.0.0.0/0", "child_remote_ts": "10.99.0.0/24"}
+    net, a, b = pair(
+        a_over={"vips": ["0.0.0.0"], "child_local_ts": "0.0.0.0/0", "child_remote_ts": "0.0.0.0/0"},
+        b_over={**over, "unbound_peers": "negotiated"},
+        pools={"rw": POOL},
+        access_for=access_for,
+    )
+    a.engine.initiate("ab", net.now)
+    net.run()
+    assert len(a.of(ChildSaEstablished)) == 1
+
+    sa = next(iter(b.engine.sas.values()))
+    document = json.loads(json.dumps(sa.to_state(net.now, WALL, lambda f, v: v.hex())))
+    assert document["governed_by"] == "alice"
+    b.engine.release(sa.id)
+    config = ConnectionConfig.from_dict("ab", conn("b", **over, unbound_peers="negotiated"), pools={"rw": POOL})
+    successor = IkeDispatcher([config], rng=random.Random(9), now=net.now, id_prefix="next-", access_for=access_for)
+    restored = IkeSa.from_state(document, config, successor.hooks, net.now, WALL, lambda f, v: bytes.fromhex(v))
+    successor.adopt(restored, net.now)
+    b.engine = successor
+    assert restored.access is not None and restored.access.identity == "alice"
+
+    grants.clear()  # alice's identity is deleted
+    a.engine.create_child(next(iter(a.engine.sas)), "net", net.now)
+    net.run()
+    assert len(a.of(ChildSaEstablished)) == 1  # without `governed_by`: a second one, 0.0.0.0/0
+    assert a.of(NegotiationFailed)[-1].notify == NotifyType.TS_UNACCEPTABLE
 
 
 class EmptyView:

@@ -27,6 +27,7 @@ from typing import Any
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.transforms import Mode
 from esplanade.keyexchange.config import ConnectionConfig
+from esplanade.keyexchange.ikev2.access import AccessGrant
 from esplanade.keyexchange.ikev2.auth.identity import Identity
 from esplanade.keyexchange.ikev2.child_sa import ChildSa, ChildState
 from esplanade.keyexchange.ikev2.crypto.keymat import ChildKeys, IkeKeys
@@ -198,6 +199,9 @@ def state_of(sa: Any, now: float, wall: float, seal: Seal) -> dict[str, Any]:
         "peer_sig_hashes": list(sa.peer_sig_hashes),
         "peer_certreq": sa.peer_certreq,
         "peer_id": [sa.peer_id.id_type, sa.peer_id.data.hex()] if sa.peer_id is not None else None,
+        # the policy identity that governed the peer at IKE_AUTH (None: not governed), so that a
+        # successor keeps it governed: nothing more for it once that identity no longer binds
+        "governed_by": sa.access.identity if sa.access is not None else None,
         "virtual_ips": list(sa.virtual_ips),
         "assigned_ips": list(sa.assigned_ips),
         "dns": list(sa.dns),
@@ -248,6 +252,10 @@ def restore_into(sa: Any, document: dict[str, Any], now: float, wall: float, ope
     sa.peer_certreq = bool(document["peer_certreq"])
     peer = document["peer_id"]
     sa.peer_id = Identity(int(peer[0]), bytes.fromhex(peer[1])) if peer is not None else None
+    governed_by = document.get("governed_by")  # absent in documents of older versions: not known
+    # The grant itself is asked afresh for every later Child SA (`current_access`); what the
+    # successor needs is only that the peer was governed.
+    sa.access = AccessGrant(str(governed_by), (), (), ()) if governed_by is not None else None
     sa.virtual_ips = [str(a) for a in document["virtual_ips"]]
     sa.assigned_ips = [str(a) for a in document["assigned_ips"]]
     sa.dns = [str(a) for a in document["dns"]]
