@@ -329,6 +329,37 @@ async def test_an_sa_that_takes_no_filter_at_all_is_not_acknowledged(store: Stor
         task.cancel()
 
 
+async def test_a_restarted_dataplane_keeps_a_record_governed_by_an_identity_that_went(store: Store) -> None:
+    """A dataplane that never saw the SA governed (restarted, or taking over, after the identity
+    was deleted) reads `governed_by` in the record: the SA gets the empty filter, at install and
+    on the next policy change, not none (its IKE-narrowed selectors would stand)."""
+    await write_policy(store, POLICY.replace('ike_ids: ["email:alice@corp.test"], ', ""))  # alice unbound
+    view = AccessView(store)
+    backend = FilteringBackend()
+    enforcer = PolicyEnforcer(backend, view, DecisionEvents("test"))
+    task = asyncio.create_task(view.run())
+    try:
+        await asyncio.wait_for(view.ready.wait(), 5)
+        governed = dataclasses.replace(peer("a1", 0x1000, "alice@corp.test"), governed_by="alice")
+        assert enforcer.initial_filter(governed) == []
+        assert enforcer.initial_filter(peer("s1", 0x3000, "site-b.corp.test")) is None
+        await enforcer.on_installed(governed)
+        await enforcer.on_installed(peer("s1", 0x3000, "site-b.corp.test"))  # never governed: no filter
+        assert backend.filters == {"a1": []}
+        assert enforcer.applied["a1"].identity == "alice"
+    finally:
+        task.cancel()
+
+
+def test_the_record_carries_governed_by_and_reads_older_documents() -> None:
+    governed = dataclasses.replace(peer("a1", 0x1000, "alice@corp.test"), governed_by="alice")
+    document = governed.to_document(lambda field, value: value.hex())
+    assert document["governed_by"] == "alice"
+    assert ChildSaRecord.from_document(document, lambda field, value: bytes.fromhex(value)) == governed
+    del document["governed_by"]  # written before the field existed: not known to be governed
+    assert ChildSaRecord.from_document(document, lambda field, value: bytes.fromhex(value)).governed_by == ""
+
+
 async def test_drops_become_aggregated_decision_events(store: Store) -> None:
     await write_policy(store, POLICY)
     view = AccessView(store)

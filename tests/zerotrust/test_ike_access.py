@@ -68,6 +68,8 @@ def test_governed_peer_is_narrowed_to_its_grant_and_gets_its_routes() -> None:
     decided = b.of(AccessDecided)
     assert len(decided) == 1 and decided[0].allowed and decided[0].identity == "alice"
     assert decided[0].rules == ("eng-web",)
+    # the responder's record names the governing identity for the dataplane (restarts included)
+    assert b.of(ChildSaEstablished)[0].record.governed_by == "alice"
 
 
 def test_grant_of_nothing_refuses_the_child_sa_with_ts_unacceptable() -> None:
@@ -85,6 +87,7 @@ def test_peer_not_bound_to_a_policy_identity_keeps_the_connection_selectors() ->
     record = a.of(ChildSaEstablished)[0].record
     assert [str(t) for t in record.outbound.remote_ts] == ["0.0.0.0/0"]
     assert not b.of(AccessDecided)
+    assert b.of(ChildSaEstablished)[0].record.governed_by == ""
 
 
 def test_a_peer_whose_identity_stops_binding_gets_nothing_more_on_its_ike_sa() -> None:

@@ -200,7 +200,10 @@ class ChildSaRecord:
 
     `created_at` is wall-clock seconds (it must survive restarts and failover: seconds
     lifetimes count from it). `identity` is the authenticated peer identity that the
-    policy filters of the dataplane apply to.
+    policy filters of the dataplane apply to. `governed_by` is the policy identity that governed
+    the peer when the IKE SA was authenticated ("": not governed): a dataplane that finds the
+    identity no longer binding (even one that never saw the SA governed, after a restart) gives
+    the SA the empty filter instead of none.
     """
 
     id: str
@@ -213,6 +216,7 @@ class ChildSaRecord:
     created_at: float
     rekey_of: str = ""
     trace_context: dict[str, str] = field(default_factory=dict)
+    governed_by: str = ""
 
     def validate(self) -> None:
         if self.inbound.direction != Direction.IN or self.outbound.direction != Direction.OUT:
@@ -232,6 +236,7 @@ class ChildSaRecord:
             "created_at": self.created_at,
             "rekey_of": self.rekey_of,
             "trace_context": self.trace_context,
+            "governed_by": self.governed_by,
         }
 
     @classmethod
@@ -247,4 +252,5 @@ class ChildSaRecord:
             created_at=float(doc["created_at"]),
             rekey_of=doc.get("rekey_of", ""),
             trace_context=dict(doc.get("trace_context", {})),
+            governed_by=str(doc.get("governed_by", "")),
         )

@@ -132,7 +132,7 @@ class PolicyEnforcer:
         with the SA (None: not governed). `on_installed` then records it (and re-sends it, idempotent)."""
         access = self.view.lookup(record.identity)
         if access is None:
-            return None
+            return [] if record.governed_by else None  # governed at IKE_AUTH, bound no more: nothing
         selectors, _ = filter_selectors(access, record, self.wall_clock())
         return selectors
 
@@ -151,7 +151,8 @@ class PolicyEnforcer:
                 applied = self.applied.get(record.id)
                 access = self.view.lookup(record.identity)
                 now_identity = access.identity if access is not None else None
-                if now_identity in identities or (applied is not None and applied.identity in identities):
+                was_identity = applied.identity if applied is not None else record.governed_by
+                if now_identity in identities or was_identity in identities:
                     affected.append(record)
             await self._apply_many(affected)
 
@@ -168,8 +169,12 @@ class PolicyEnforcer:
             if access is None:
                 # Governed once, governed for good: an SA whose identity lost its binding (deleted,
                 # or its IKE id moved away) carries nothing, not its negotiated selectors.
+                # The record says so too (`governed_by`), for a dataplane that never saw the SA
+                # governed: one restarted, or taking over, after the identity went.
                 if current is not None and current.selectors:
                     changes[record.id] = (record, AppliedFilter(current.identity, (), False), [])
+                elif current is None and record.governed_by:
+                    changes[record.id] = (record, AppliedFilter(record.governed_by, (), False), [])
                 continue
             selectors, timed = filter_selectors(access, record, wall)
             applied = AppliedFilter(access.identity, tuple(str(s) for s in selectors), timed)

@@ -114,6 +114,7 @@ class ChildSa:
         replay_window: int = 32,
         lifetime: Lifetime = Lifetime(),
         if_ids: tuple[int, int] = (0, 0),
+        governed_by: str = "",
     ) -> ChildSaRecord:
         inbound, outbound = self.sas(local, remote, encap, replay_window, lifetime, if_ids)
         return ChildSaRecord(
@@ -126,4 +127,5 @@ class ChildSa:
             outbound=outbound,
             created_at=wall_time,
             rekey_of=self.rekey_of,
+            governed_by=governed_by,
         )

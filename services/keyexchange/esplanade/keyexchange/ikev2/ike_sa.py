@@ -768,6 +768,8 @@ class IkeSa:
             replay,
             lifetime,
             if_ids,
+            # governed at IKE_AUTH: the dataplane keeps the SA governed, even after a restart
+            governed_by=self.access.identity if self.access is not None else "",
         )
 
     def _child_limits(self, c: ChildSa) -> tuple[int, Lifetime]:
