@@ -145,6 +145,12 @@ class ConnectionFields(Strict):
     unique: Literal["no", "never", "replace", "keep"] = "no"
     keyingtries: int = Field(1, ge=0, le=1000)
     retransmit: Retransmit | None = None
+    access_narrowing: Literal["exact", "networks"] = Field(
+        "exact",
+        description="How the responder narrows the Child SAs of a peer the access policy governs: to the"
+        " granted hosts, protocols and ports (exact), or address-only to the networks of the sites holding them"
+        " (networks; the dataplane's per-identity filter stays exact).",
+    )
     unbound_peers: Literal["deny", "negotiated"] | None = Field(
         None,
         description="What an authenticated peer whose identity binds to no policy identity gets: nothing (deny)"
