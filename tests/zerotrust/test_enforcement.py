@@ -4,11 +4,13 @@ filters on install, on every policy change (live SAs), none for ungoverned peers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,18 +113,30 @@ async def write_policy(store: Store, text: str) -> None:
         await store.put(key, value)
 
 
+@contextlib.asynccontextmanager
+async def enforcing(
+    store: Store, backend: Any, decisions: DecisionEvents | None = None, policy: str = POLICY
+) -> AsyncIterator[tuple[PolicyEnforcer, AccessView]]:
+    """`policy` written to the store, an access view following it (loaded), and an enforcer on
+    `backend` over that view."""
+    await write_policy(store, policy)
+    view = AccessView(store)
+    enforcer = PolicyEnforcer(backend, view, decisions or DecisionEvents("test"))
+    task = asyncio.create_task(view.run())
+    try:
+        await asyncio.wait_for(view.ready.wait(), 5)
+        yield enforcer, view
+    finally:
+        task.cancel()
+
+
 def peer(child_id: str, spi: int, identity: str) -> ChildSaRecord:
     return dataclasses.replace(record(child_id, spi), identity=identity)
 
 
 async def test_filters_follow_the_policy_on_live_sas(store: Store) -> None:
-    await write_policy(store, POLICY)
-    view = AccessView(store)
     backend = FilteringBackend()
-    enforcer = PolicyEnforcer(backend, view, DecisionEvents("test"))
-    task = asyncio.create_task(view.run())
-    try:
-        await asyncio.wait_for(view.ready.wait(), 5)
+    async with enforcing(store, backend) as (enforcer, _):
         await enforcer.on_installed(peer("a1", 0x1000, "alice@corp.test"))
         await enforcer.on_installed(peer("a2", 0x1100, "alice@corp.test"))  # a second device or rekey
         await enforcer.on_installed(peer("b1", 0x2000, "bob.corp.test"))
@@ -152,21 +166,14 @@ async def test_filters_follow_the_policy_on_live_sas(store: Store) -> None:
         assert enforcer.applied["a1"].selectors == ()
         await enforcer.on_removed("a1")
         assert "a1" not in enforcer.applied
-    finally:
-        task.cancel()
 
 
 async def test_deleting_an_identity_cuts_its_live_sas_instead_of_lifting_their_filter(store: Store) -> None:
     """Fail closed on revocation: a live SA of a deleted identity gets the empty filter. Lifting
     its filter would hand it everything its negotiated selectors allow (the whole site network
     with `access_narrowing: networks`, or 0.0.0.0/0 for a connection that does not narrow)."""
-    await write_policy(store, POLICY)
-    view = AccessView(store)
     backend = FilteringBackend()
-    enforcer = PolicyEnforcer(backend, view, DecisionEvents("test"))
-    task = asyncio.create_task(view.run())
-    try:
-        await asyncio.wait_for(view.ready.wait(), 5)
+    async with enforcing(store, backend) as (enforcer, view):
         await enforcer.on_installed(peer("a1", 0x1000, "alice@corp.test"))
         assert backend.filters == {"a1": ["10.50.1.10/32[tcp/443]"]}
         without_alice = POLICY.replace('  - {id: alice, ike_ids: ["email:alice@corp.test"], groups: [eng]}\n', "")
@@ -178,8 +185,6 @@ async def test_deleting_an_identity_cuts_its_live_sas_instead_of_lifting_their_f
         # a new SA of that peer (a fresh IKE SA) is ungoverned again: by design, no filter
         await enforcer.on_installed(peer("a2", 0x1100, "alice@corp.test"))
         assert "a2" not in backend.filters
-    finally:
-        task.cancel()
 
 
 def identity_kv(identity: str, ike_ids: list[str], revision: int, **extra: object) -> KeyValue:
@@ -258,13 +263,8 @@ class RefusingBackend(FilteringBackend):
 async def test_a_refused_filter_closes_the_sa_instead_of_leaving_it_open(store: Store) -> None:
     """Deny by default: a governed SA whose filter the backend refuses carries nothing (the empty
     filter), not its negotiated selectors; the right filter applies on the next change."""
-    await write_policy(store, POLICY)
-    view = AccessView(store)
     backend = RefusingBackend()
-    enforcer = PolicyEnforcer(backend, view, DecisionEvents("test"))
-    task = asyncio.create_task(view.run())
-    try:
-        await asyncio.wait_for(view.ready.wait(), 5)
+    async with enforcing(store, backend) as (enforcer, _):
         await enforcer.on_installed(peer("a1", 0x1000, "alice@corp.test"))
         assert backend.filters == {"a1": []}
         assert enforcer.applied["a1"].selectors == () and enforcer.errors == 1
@@ -276,8 +276,6 @@ async def test_a_refused_filter_closes_the_sa_instead_of_leaving_it_open(store: 
             timeout=5,
             what="the filter applied once the backend takes it",
         )
-    finally:
-        task.cancel()
 
 
 class InstallFilteringBackend(FilteringBackend):
@@ -289,19 +287,12 @@ class InstallFilteringBackend(FilteringBackend):
 
 
 async def test_the_enforcer_hands_the_backend_each_sas_filter_for_its_install(store: Store) -> None:
-    await write_policy(store, POLICY)
-    view = AccessView(store)
     backend = InstallFilteringBackend()
-    enforcer = PolicyEnforcer(backend, view, DecisionEvents("test"))
-    task = asyncio.create_task(view.run())
-    try:
-        await asyncio.wait_for(view.ready.wait(), 5)
+    async with enforcing(store, backend) as (enforcer, _):
         assert backend.initial_filter == enforcer.initial_filter
         alice = backend.initial_filter(peer("a1", 0x1000, "alice@corp.test"))
         assert alice is not None and [str(s) for s in alice] == ["10.50.1.10/32[tcp/443]"]
         assert backend.initial_filter(peer("s1", 0x3000, "site-b.corp.test")) is None  # not governed
-    finally:
-        task.cancel()
 
 
 class BrokenBackend(FilteringBackend):
@@ -315,31 +306,20 @@ async def test_an_sa_that_takes_no_filter_at_all_is_not_acknowledged(store: Stor
     """If neither its filter nor the empty one applies, a governed SA would carry everything its
     selectors allow: `on_installed` raises, so the reconciler does not ack it (keyexchange never
     answers the peer with it). An ungoverned SA is not concerned."""
-    await write_policy(store, POLICY)
-    view = AccessView(store)
-    enforcer = PolicyEnforcer(BrokenBackend(), view, DecisionEvents("test"))
-    task = asyncio.create_task(view.run())
-    try:
-        await asyncio.wait_for(view.ready.wait(), 5)
+    async with enforcing(store, BrokenBackend()) as (enforcer, _):
         with pytest.raises(DataplaneError, match="no identity filter applies"):
             await enforcer.on_installed(peer("a1", 0x1000, "alice@corp.test"))
         assert "a1" not in enforcer.applied
         await enforcer.on_installed(peer("s1", 0x3000, "site-b.corp.test"))
-    finally:
-        task.cancel()
 
 
 async def test_a_restarted_dataplane_keeps_a_record_governed_by_an_identity_that_went(store: Store) -> None:
     """A dataplane that never saw the SA governed (restarted, or taking over, after the identity
     was deleted) reads `governed_by` in the record: the SA gets the empty filter, at install and
     on the next policy change, not none (its IKE-narrowed selectors would stand)."""
-    await write_policy(store, POLICY.replace('ike_ids: ["email:alice@corp.test"], ', ""))  # alice unbound
-    view = AccessView(store)
     backend = FilteringBackend()
-    enforcer = PolicyEnforcer(backend, view, DecisionEvents("test"))
-    task = asyncio.create_task(view.run())
-    try:
-        await asyncio.wait_for(view.ready.wait(), 5)
+    alice_unbound = POLICY.replace('ike_ids: ["email:alice@corp.test"], ', "")
+    async with enforcing(store, backend, policy=alice_unbound) as (enforcer, _):
         governed = dataclasses.replace(peer("a1", 0x1000, "alice@corp.test"), governed_by="alice")
         assert enforcer.initial_filter(governed) == []
         assert enforcer.initial_filter(peer("s1", 0x3000, "site-b.corp.test")) is None
@@ -347,8 +327,6 @@ async def test_a_restarted_dataplane_keeps_a_record_governed_by_an_identity_that
         await enforcer.on_installed(peer("s1", 0x3000, "site-b.corp.test"))  # never governed: no filter
         assert backend.filters == {"a1": []}
         assert enforcer.applied["a1"].identity == "alice"
-    finally:
-        task.cancel()
 
 
 def test_the_record_carries_governed_by_and_reads_older_documents() -> None:
@@ -361,14 +339,9 @@ def test_the_record_carries_governed_by_and_reads_older_documents() -> None:
 
 
 async def test_drops_become_aggregated_decision_events(store: Store) -> None:
-    await write_policy(store, POLICY)
-    view = AccessView(store)
     backend = FilteringBackend()
     decisions = DecisionEvents("test")
-    enforcer = PolicyEnforcer(backend, view, decisions)
-    task = asyncio.create_task(view.run())
-    try:
-        await asyncio.wait_for(view.ready.wait(), 5)
+    async with enforcing(store, backend, decisions=decisions) as (enforcer, _):
         await enforcer.on_installed(peer("a1", 0x1000, "alice@corp.test"))
         header = ipv4_tcp("10.99.0.1", "10.50.1.10", 40000, 22)
         backend.samples = [("a1", header)]
@@ -384,21 +357,14 @@ async def test_drops_become_aggregated_decision_events(store: Store) -> None:
         assert len(records) <= 2
         await enforcer.poll_drops()  # no growth: nothing new
         assert len(decisions.recent) == len(records)
-    finally:
-        task.cancel()
 
 
 async def test_drops_outside_the_selectors_are_logged_with_their_flow(store: Store) -> None:
     """policy_mismatch drops of a governed SA (a client sending what its narrowed selectors do not
     cover): the sampled header names the flow, the rest are counted per SA, rate-limited."""
-    await write_policy(store, POLICY)
-    view = AccessView(store)
     backend = FilteringBackend()
     decisions = DecisionEvents("test")
-    enforcer = PolicyEnforcer(backend, view, decisions)
-    task = asyncio.create_task(view.run())
-    try:
-        await asyncio.wait_for(view.ready.wait(), 5)
+    async with enforcing(store, backend, decisions=decisions) as (enforcer, _):
         await enforcer.on_installed(peer("a1", 0x1000, "alice@corp.test"))
         backend.outside_samples = [("a1", ipv4_tcp("10.99.0.1", "10.50.2.20", 40000, 8080))]
         backend.outside = {"a1": 5000}  # a spoofed flood: counted, not 5000 lines
@@ -414,8 +380,6 @@ async def test_drops_outside_the_selectors_are_logged_with_their_flow(store: Sto
         await enforcer.poll_drops()
         later = [r.to_document() for r in list(decisions.recent)[len(records) :]]
         assert any(d.get("dst") == "10.50.2.21" and d.get("dst_port") == 22 for d in later), later
-    finally:
-        task.cancel()
 
 
 def ipv4_tcp(src: str, dst: str, sport: int, dport: int) -> bytes:
