@@ -75,7 +75,9 @@ class FakeBackend:
         yield
 
 
-def record(child_id: str, spi: int, *, mode: Mode = Mode.TUNNEL, lifetime: Lifetime = Lifetime()) -> ChildSaRecord:
+def record(
+    child_id: str, spi: int, *, mode: Mode = Mode.TUNNEL, lifetime: Lifetime = Lifetime(), encap: bool = True
+) -> ChildSaRecord:
     def sa(direction: Direction, spi: int) -> SecurityAssociation:
         return SecurityAssociation(
             spi=spi,
@@ -85,7 +87,7 @@ def record(child_id: str, spi: int, *, mode: Mode = Mode.TUNNEL, lifetime: Lifet
             mode=mode,
             encr=ENCR_AES_GCM_16_128,
             encr_key=bytes(range(20)),
-            encap=UdpEncap(),
+            encap=UdpEncap() if encap else None,
             lifetime=lifetime,
             local_ts=(TrafficSelector.from_network("10.1.0.0/16"),),
             remote_ts=(TrafficSelector.from_network("10.2.0.0/16"),),

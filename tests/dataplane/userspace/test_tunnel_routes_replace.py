@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from esplanade.dataplane.userspace.tunnel_routes import TunnelRoutes
-from esplanade.ipsec.sa import ChildSaRecord, SecurityAssociation, UdpEncap
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.spd import PolicyDirection, SpdPolicy
-from esplanade.ipsec.transforms import ENCR_AES_GCM_16_128, Direction, Mode
+from tests.dataplane.service.test_reconciler import record
 
 
 class FakeLinks:
@@ -66,26 +65,6 @@ def test_rekey_keeps_the_route_and_a_selector_change_moves_it() -> None:
     assert [r["network"] for r in routes.routes()] == ["10.3.0.0/16"]
 
 
-def _child(child_id: str, *, encap: bool) -> ChildSaRecord:
-    def sa(direction: Direction, spi: int) -> SecurityAssociation:
-        return SecurityAssociation(
-            spi=spi,
-            direction=direction,
-            src="192.0.2.1",
-            dst="192.0.2.2",
-            mode=Mode.TUNNEL,
-            encr=ENCR_AES_GCM_16_128,
-            encr_key=bytes(range(20)),
-            encap=UdpEncap() if encap else None,
-            local_ts=(TrafficSelector.from_network("10.1.0.0/16"),),
-            remote_ts=(TrafficSelector.from_network("10.2.0.0/16"),),
-        )
-
-    return ChildSaRecord(
-        child_id, "conn", "net", "ike", "peer", sa(Direction.IN, 0x1000), sa(Direction.OUT, 0x1001), 1.0
-    )
-
-
 class MtuLinks(FakeLinks):
     def replace_route(self, network: str, name: str, **kw: Any) -> None:
         self.calls.append(("replace", f"{network} mtu {kw.get('mtu')}"))
@@ -94,7 +73,11 @@ class MtuLinks(FakeLinks):
 def test_the_route_keeps_its_mtu_while_the_named_child_sa_is_unknown_and_follows_a_real_change() -> None:
     calls: list[tuple[str, str]] = []
     routes = TunnelRoutes("esp0", 1500, 1500, configurator=lambda: MtuLinks(calls))  # type: ignore[arg-type,return-value]
-    first, same, smaller = _child("child-1", encap=False), _child("child-2", encap=False), _child("child-3", encap=True)
+    first, same, smaller = (
+        record("child-1", 0x1000, encap=False),
+        record("child-2", 0x1000, encap=False),
+        record("child-3", 0x1000),
+    )
     mtu, mtu_encap = routes.mtu_for(first), routes.mtu_for(smaller)
     assert 0 < mtu_encap < mtu < 1500
     policy = _policy("child-1")

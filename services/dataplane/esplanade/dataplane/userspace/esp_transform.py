@@ -830,7 +830,7 @@ class EspTransform:
         texts = message.get("filter")
         packet_filter: PacketFilter | None = None
         if texts is not None:
-            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            if not _selector_texts(texts):
                 return {"ok": False, "error": "filter: a list of traffic selector texts, or null"}
             packet_filter = PacketFilter([TrafficSelector.parse(t) for t in texts])
         in_sa, out_sa, in_association, out_association = self._build(message, now)
@@ -838,7 +838,6 @@ class EspTransform:
             return {"ok": False, "error": f"inbound SPI {in_sa.spi:#010x} is already installed"}
         self._adopt(child_sa, in_sa, out_sa, in_association, out_association)
         if packet_filter is not None:
-            self._filters[in_sa.spi] = packet_filter
             self._apply_filter(in_sa, packet_filter)
         return {"ok": True}
 
@@ -882,6 +881,12 @@ class EspTransform:
         return {"ok": True}
 
     def _apply_filter(self, in_sa: InboundSa, packet_filter: PacketFilter | None) -> None:
+        """The SA's identity filter (None: none): kept by its SPI, so that an update keeps it,
+        and handed to the lane that opens the SA's packets."""
+        if packet_filter is None:
+            self._filters.pop(in_sa.spi, None)
+        else:
+            self._filters[in_sa.spi] = packet_filter
         if self.compiled is not None:
             self.compiled.set_filter(in_sa, packet_filter)
         elif packet_filter is not None:
@@ -901,14 +906,9 @@ class EspTransform:
         texts = message.get("selectors")
         packet_filter: PacketFilter | None = None
         if texts is not None:
-            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            if not _selector_texts(texts):
                 return {"ok": False, "error": "selectors: a list of traffic selector texts, or null"}
             packet_filter = PacketFilter([TrafficSelector.parse(t) for t in texts])
-        spi = child.inbound.spi
-        if packet_filter is None:
-            self._filters.pop(spi, None)
-        else:
-            self._filters[spi] = packet_filter
         self._apply_filter(child.inbound, packet_filter)
         return {"ok": True}
 
@@ -929,7 +929,7 @@ class EspTransform:
             texts = item.get("selectors")
             packet_filter: PacketFilter | None = None
             if texts is not None:
-                if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                if not _selector_texts(texts):
                     errors[child_sa] = "selectors: a list of traffic selector texts, or null"
                     continue
                 key = tuple(texts)
@@ -940,11 +940,6 @@ class EspTransform:
                         errors[child_sa] = f"selectors: {exc}"
                         continue
                 packet_filter = built[key]
-            spi = child.inbound.spi
-            if packet_filter is None:
-                self._filters.pop(spi, None)
-            else:
-                self._filters[spi] = packet_filter
             self._apply_filter(child.inbound, packet_filter)
         return {"ok": True, "errors": errors}
 
@@ -1093,3 +1088,8 @@ def make_esp_transform(
         replay_persistence=ReplayPersistence(block=replay_block),
         hot_path=hot_path,
     )
+
+
+def _selector_texts(value: object) -> bool:
+    """Is `value` a list of traffic selector texts (what a filter message carries)?"""
+    return isinstance(value, list) and all(isinstance(t, str) for t in value)
