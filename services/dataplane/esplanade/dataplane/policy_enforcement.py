@@ -171,10 +171,9 @@ class PolicyEnforcer:
                 # or its IKE id moved away) carries nothing, not its negotiated selectors.
                 # The record says so too (`governed_by`), for a dataplane that never saw the SA
                 # governed: one restarted, or taking over, after the identity went.
-                if current is not None and current.selectors:
-                    changes[record.id] = (record, AppliedFilter(current.identity, (), False), [])
-                elif current is None and record.governed_by:
-                    changes[record.id] = (record, AppliedFilter(record.governed_by, (), False), [])
+                governing = current.identity if current is not None else record.governed_by
+                if governing and (current is None or current.selectors):
+                    changes[record.id] = (record, AppliedFilter(governing, (), False), [])
                 continue
             selectors, timed = filter_selectors(access, record, wall)
             applied = AppliedFilter(access.identity, tuple(str(s) for s in selectors), timed)
