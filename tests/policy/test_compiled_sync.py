@@ -178,3 +178,52 @@ def _holds(predicate: Any) -> Any:
         return bool(predicate())
 
     return check
+
+
+class WatchOutages(StoreWrapper):
+    """While `outage` is set, every watch breaks at once, and a live one at its next item."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.outage = True
+
+    async def watch(self, prefix: str, start_revision: int = 0) -> AsyncIterator[WatchItem]:
+        if self.outage:
+            raise StoreError("connection to the store lost")
+        async for item in self.inner.watch(prefix, start_revision):
+            if self.outage:
+                raise StoreError("connection to the store lost")
+            yield item
+
+
+async def test_a_new_outage_after_a_recovery_retries_from_the_first_delay(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("esplanade.policy.compiled_sync.LONGEST_RETRY_SECONDS", 0.4)
+    await write_objects(store, POLICY)
+    flaky = WatchOutages(store)
+    delays: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        await asyncio.sleep(0.001)
+
+    sync = CompiledSync(flaky, sleep=sleep)  # type: ignore[arg-type]
+    task = asyncio.create_task(sync.run())
+    try:
+        await async_wait_until(_holds(lambda: len(delays) >= 5), timeout=5, what="a long outage")
+        assert delays[:5] == [0.1, 0.2, 0.4, 0.4, 0.4]
+        flaky.outage = False
+        await async_wait_until(_holds(sync.ready.is_set), timeout=5, what="recovered")
+        healthy_since = asyncio.get_running_loop().time()
+        await async_wait_until(
+            _holds(lambda: asyncio.get_running_loop().time() - healthy_since > 0.5), timeout=5, what="healthy a while"
+        )
+        delays.clear()
+        flaky.outage = True
+        await write_objects(store, WITHOUT_RULE)  # the live watch's next item finds the new outage
+        await async_wait_until(_holds(lambda: len(delays) >= 2), timeout=5, what="the new outage's retries")
+        assert delays[:2] == [0.1, 0.2]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

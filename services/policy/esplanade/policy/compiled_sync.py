@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from esplanade.policy.compiler import Change, PolicyCompiler, Removal
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 COMPILED_PREFIX = schema.prefix("policy", "compiled")
 DNS_REFRESH_SECONDS = 60.0
+FIRST_RETRY_SECONDS = 0.1
+LONGEST_RETRY_SECONDS = 2.0
 
 
 class DnsCache:
@@ -52,8 +54,15 @@ class DnsCache:
 
 
 class CompiledSync:
-    def __init__(self, store: Store, compiler: PolicyCompiler | None = None, dns: DnsCache | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        compiler: PolicyCompiler | None = None,
+        dns: DnsCache | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.store = store
+        self._sleep = sleep
         self.dns = dns or DnsCache()
         self.compiler = compiler or PolicyCompiler(self.dns)
         self.ready = asyncio.Event()
@@ -70,16 +79,23 @@ class CompiledSync:
     async def _follow_for_good(self) -> None:
         """A store error (connection lost, a write refused) reloads everything: the compiled
         documents are rewritten from the whole model, so no change made meanwhile is lost
-        (a revocation above all). Not ready while the store is unreachable."""
-        delay = 0.1
+        (a revocation above all). Not ready while the store is unreachable. Retries back off
+        while the store stays away; an attempt that stayed up longer than the longest delay
+        ends a new outage, which starts over at the first delay (else one long outage would
+        slow every later recovery for good)."""
+        loop = asyncio.get_running_loop()
+        delay = FIRST_RETRY_SECONDS
         while True:
+            started = loop.time()
             try:
                 await self._follow()
             except StoreError as exc:
+                if loop.time() - started >= LONGEST_RETRY_SECONDS:
+                    delay = FIRST_RETRY_SECONDS
                 self.ready.clear()
-                log.warning("compiled policy sync interrupted (%s); reloading", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                log.warning("compiled policy sync interrupted (%s); reloading in %.1f s", exc, delay)
+                await self._sleep(delay)
+                delay = min(delay * 2, LONGEST_RETRY_SECONDS)
 
     async def _load(self, kvs: Sequence[KeyValue], revision: int) -> None:
         generation = next((Generation.from_kv(kv) for kv in kvs if kv.key == schema.POLICY_GENERATION), Generation())
@@ -150,15 +166,15 @@ class CompiledSync:
     async def _write_retrying(self, writes: Sequence[tuple[str, dict[str, Any] | None]]) -> None:
         """`_write` until it succeeds. Under the lock nothing newer is compiled meanwhile, so the
         same writes stay right; given up on them, the store would keep stale documents."""
-        delay = 0.1
+        delay = FIRST_RETRY_SECONDS
         while True:
             try:
                 await self._write(writes)
                 return
             except StoreError as exc:
                 log.warning("compiled policy documents not written (%s); retrying", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await self._sleep(delay)
+                delay = min(delay * 2, LONGEST_RETRY_SECONDS)
 
     async def _write(self, writes: Sequence[tuple[str, dict[str, Any] | None]]) -> None:
         for start in range(0, len(writes), MAX_TXN_OPS):
