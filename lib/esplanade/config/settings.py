@@ -307,7 +307,8 @@ class ApiSettings(Section):
         5.0,
         ge=0,
         description="How long a verified API token is trusted before the store is asked again"
-        " (revocation through this API instance takes effect at once).",
+        " (a token revoked or changed through any API replica leaves every replica's cache as soon"
+        " as the store's watch delivers the change; 0 turns the cache off).",
     )
 
 

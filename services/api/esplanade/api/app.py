@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -75,12 +76,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         clients = ServiceClients(settings)
+        verifier = TokenVerifier(store, settings.api.token_cache_seconds)
+        token_changes = asyncio.create_task(verifier.follow_changes(), name="api-token-changes")
         app.state.ctx = ApiContext(
             settings=settings,
             store=store,
             sealer=sealer,
             clients=clients,
-            verifier=TokenVerifier(store, settings.api.token_cache_seconds),
+            verifier=verifier,
             limiter=FailureLimiter(settings.api.auth_failures_per_minute),
             audit=audit_log,
             readiness=readiness,
@@ -88,6 +91,8 @@ def create_app(
         try:
             yield
         finally:
+            token_changes.cancel()
+            await asyncio.gather(token_changes, return_exceptions=True)
             await clients.close()
             await readiness.close()
 

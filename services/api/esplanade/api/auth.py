@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from esplanade.store import schema
-from esplanade.store.base import CasConflict, Store
+from esplanade.store.base import CasConflict, Resync, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +101,50 @@ def public_view(token_id: str, doc: dict[str, Any], revision: int) -> dict[str, 
 
 
 class TokenVerifier:
-    """Checks bearer tokens against the store, with a short cache of verified tokens."""
+    """Checks bearer tokens against the store, with a short cache of verified tokens.
+
+    A cached token is dropped the moment its record changes in the store, whichever API
+    replica revoked, rotated or re-scoped it: `follow_changes` watches ``api/tokens/``.
+    Until that watch is established (and after it ended) nothing is cached, so a replica
+    never answers from a cache that could miss a revocation. A cached token also stops at
+    its own expiry, and every entry at `cache_seconds` as before.
+    """
 
     def __init__(self, store: Store, cache_seconds: float = 5.0) -> None:
         self.store = store
         self.cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, Principal]] = {}
+        self._cache: dict[str, tuple[float, float | None, Principal]] = {}  # digest -> (cached at, expires, who)
+        self._following = False
+        self._generation = 0  # bumped by every forget: a verify that read an older record caches nothing
 
     def forget(self, token_id: str) -> None:
-        for key, (_, principal) in list(self._cache.items()):
+        self._generation += 1
+        for key, (_, _, principal) in list(self._cache.items()):
             if principal.token_id == token_id:
                 del self._cache[key]
+
+    def _forget_all(self) -> None:
+        self._generation += 1
+        self._cache.clear()
+
+    async def follow_changes(self) -> None:
+        """Forget each token whose record changes, for as long as the store is open."""
+        prefix = schema.prefix("api", "tokens")
+        try:
+            _, revision = await self.store.range(prefix, limit=1)
+            self._forget_all()  # whatever was cached before the watch's start revision
+            self._following = True
+            async for item in self.store.watch(prefix, revision + 1):
+                if isinstance(item, Resync):
+                    self._forget_all()
+                    continue
+                for event in item.events:
+                    self.forget(event.kv.key.rsplit("/", 1)[-1])
+        except StoreError as exc:
+            log.warning("API token changes not followed (%s): verified tokens are no longer cached", exc)
+        finally:
+            self._following = False
+            self._forget_all()
 
     async def verify(self, token: str) -> Principal | None:
         if not token or len(token) > 512:
@@ -119,8 +152,12 @@ class TokenVerifier:
         digest = hashlib.sha256(token.encode()).hexdigest()
         now = time.monotonic()
         cached = self._cache.get(digest)
-        if cached is not None and now - cached[0] < self.cache_seconds:
-            return cached[1]
+        if cached is not None:
+            cached_at, expires, principal = cached
+            if now - cached_at < self.cache_seconds and (expires is None or time.time() < expires):
+                return principal
+            del self._cache[digest]
+        generation = self._generation
         token_id = token_id_of(token)
         kv = await self.store.get(schema.api_token(token_id))
         if kv is None:
@@ -129,18 +166,20 @@ class TokenVerifier:
             doc = json.loads(kv.value)
             salt = bytes.fromhex(doc["salt"])
             scope = Scope(doc["scope"])
+            expires_at = doc.get("expires_at")
+            expires = None if expires_at is None else float(expires_at)
         except (ValueError, KeyError, TypeError):
             log.error("API token record %s is malformed", token_id)
             return None
         if not hmac.compare_digest(token_hash(salt, token), str(doc.get("hash", ""))):
             return None
-        expires = doc.get("expires_at")
-        if expires is not None and float(expires) <= time.time():
+        if expires is not None and expires <= time.time():
             return None
         principal = Principal(token_id, str(doc.get("name", "")), scope)
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[digest] = (now, principal)
+        if self._following and generation == self._generation and self.cache_seconds > 0:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[digest] = (now, expires, principal)
         return principal
 
 
