@@ -128,23 +128,30 @@ class TokenVerifier:
         self._cache.clear()
 
     async def follow_changes(self) -> None:
-        """Forget each token whose record changes, for as long as the store is open."""
+        """Forget each token whose record changes, for as long as the store is open. While the
+        store cannot be watched (a read refused at start) nothing is cached; it tries again."""
         prefix = schema.prefix("api", "tokens")
-        try:
-            _, revision = await self.store.range(prefix, limit=1)
-            self._forget_all()  # whatever was cached before the watch's start revision
-            self._following = True
-            async for item in self.store.watch(prefix, revision + 1):
-                if isinstance(item, Resync):
-                    self._forget_all()
-                    continue
-                for event in item.events:
-                    self.forget(event.kv.key.rsplit("/", 1)[-1])
-        except StoreError as exc:
-            log.warning("API token changes not followed (%s): verified tokens are no longer cached", exc)
-        finally:
-            self._following = False
-            self._forget_all()
+        delay = 0.1
+        while True:
+            try:
+                _, revision = await self.store.range(prefix, limit=1)
+                self._forget_all()  # whatever was cached before the watch's start revision
+                self._following = True
+                delay = 0.1
+                async for item in self.store.watch(prefix, revision + 1):
+                    if isinstance(item, Resync):
+                        self._forget_all()
+                        continue
+                    for event in item.events:
+                        self.forget(event.kv.key.rsplit("/", 1)[-1])
+                return  # the store was closed
+            except StoreError as exc:
+                log.warning("API token changes not followed (%s): verified tokens are not cached meanwhile", exc)
+            finally:
+                self._following = False
+                self._forget_all()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def verify(self, token: str) -> Principal | None:
         if not token or len(token) > 512:
