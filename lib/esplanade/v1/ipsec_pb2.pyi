@@ -283,6 +283,7 @@ class ChildSa(_message.Message):
     OUTBOUND_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     REKEY_OF_FIELD_NUMBER: _builtins.int
+    GOVERNED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     connection: _builtins.str
     child: _builtins.str
@@ -291,6 +292,10 @@ class ChildSa(_message.Message):
     created_at: _builtins.float
     """wall clock, seconds since the epoch"""
     rekey_of: _builtins.str
+    governed_by: _builtins.str
+    """The policy identity that governed the SA when it was made, even if `identity` no longer
+    binds: a governed SA whose identity went gets the empty filter, never its full selectors.
+    """
     @_builtins.property
     def inbound(self) -> Global___SecurityAssociation: ...
     @_builtins.property
@@ -307,10 +312,11 @@ class ChildSa(_message.Message):
         outbound: Global___SecurityAssociation | None = ...,
         created_at: _builtins.float = ...,
         rekey_of: _builtins.str = ...,
+        governed_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inbound", b"inbound", "outbound", b"outbound"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["child", b"child", "connection", b"connection", "created_at", b"created_at", "id", b"id", "identity", b"identity", "ike_sa", b"ike_sa", "inbound", b"inbound", "outbound", b"outbound", "rekey_of", b"rekey_of"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child", b"child", "connection", b"connection", "created_at", b"created_at", "governed_by", b"governed_by", "id", b"id", "identity", b"identity", "ike_sa", b"ike_sa", "inbound", b"inbound", "outbound", b"outbound", "rekey_of", b"rekey_of"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

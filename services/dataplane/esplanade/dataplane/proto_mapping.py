@@ -131,6 +131,7 @@ def child_sa_from_proto(message: ipsec_pb2.ChildSa, now: float | None = None) ->
         outbound=association_from_proto(message.outbound, Direction.OUT, "outbound"),
         created_at=message.created_at or (time.time() if now is None else now),
         rekey_of=message.rekey_of,
+        governed_by=message.governed_by,
     )
     try:
         record.validate()
@@ -234,6 +235,7 @@ def child_sa_to_proto(record: ChildSaRecord, *, with_keys: bool = False) -> ipse
         identity=record.identity,
         created_at=record.created_at,
         rekey_of=record.rekey_of,
+        governed_by=record.governed_by,
     )
     for name, sa in (("inbound", record.inbound), ("outbound", record.outbound)):
         part = association_to_proto(sa)
