@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import uvicorn
 
 from esplanade.api.app import create_app
 from esplanade.api.auth import Scope, new_token, token_document
-from esplanade.api.service import ApiServer
+from esplanade.api.service import ApiServer, server_config
 from esplanade.config.settings import Settings
 from esplanade.journal.audit import AuditLog
 from esplanade.policy.compiled_sync import CompiledSync
@@ -139,10 +138,7 @@ class ApiStack:
             await self.store.put(schema.api_token(token_id), json.dumps(doc).encode())
             self.tokens[scope.value] = token
         self.app = create_app(self.settings, self.store, self.sealer)
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.ports["api"], log_config=None, access_log=False, lifespan="on"
-        )
-        self.server = ApiServer(config, self.app)
+        self.server = ApiServer(server_config(self.settings, self.app), self.app)
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.server_task = asyncio.create_task(self.server.serve())
         await self.sync.ready.wait()

@@ -43,6 +43,11 @@ def _check_ip(value: str) -> str:
     return value
 
 
+def _check_network(value: str) -> str:
+    ipaddress.ip_network(value)  # an address, or a network with no host bits set
+    return value
+
+
 def _check_interface(value: str) -> str:
     """A Linux interface name as nftables' `iifname` takes it: 1-15 characters, no quoting needed."""
     if not 0 < len(value) <= 15 or not all(c.isalnum() or c in "-_.@:" for c in value) or not value.isascii():
@@ -52,6 +57,7 @@ def _check_interface(value: str) -> str:
 
 HostPort = Annotated[str, AfterValidator(_check_host_port)]
 IpAddress = Annotated[str, AfterValidator(_check_ip)]
+IpNetwork = Annotated[str, AfterValidator(_check_network)]
 InterfaceName = Annotated[str, AfterValidator(_check_interface)]
 
 
@@ -302,6 +308,14 @@ class ApiSettings(Section):
     max_page_size: int = Field(1000, ge=1, description="Largest `limit` a list endpoint accepts.")
     events_keepalive_seconds: float = Field(
         15.0, gt=0, description="Idle interval after which the event stream (SSE) sends a keep-alive comment."
+    )
+    trusted_proxies: list[IpNetwork] = Field(
+        ["127.0.0.1", "::1"],
+        description="Addresses or networks of reverse proxies (an ingress controller) whose"
+        " X-Forwarded-For and X-Forwarded-Proto are believed. The client address they give is"
+        " what failed authentications are limited by and what audit records name; from any other"
+        " peer the headers are ignored. Behind an ingress, list its pods' network, or every client"
+        " shares the ingress's address and its failure limit.",
     )
     token_cache_seconds: float = Field(
         5.0,

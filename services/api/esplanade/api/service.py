@@ -40,6 +40,23 @@ class ApiServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def server_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
+    """uvicorn's configuration for the API at `endpoints.api`. Forwarded headers are believed
+    from `api.trusted_proxies` only (uvicorn's own FORWARDED_ALLOW_IPS is not consulted)."""
+    host, _, port = settings.endpoints.api.rpartition(":")
+    return uvicorn.Config(
+        app,
+        host=host.strip("[]"),
+        port=int(port),
+        log_config=None,
+        access_log=False,
+        limit_concurrency=1024,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        proxy_headers=True,
+        forwarded_allow_ips=list(settings.api.trusted_proxies),
+    )
+
+
 async def serve(settings: Settings) -> None:
     registry = setup_telemetry("api", settings)
     sealer = open_sealer(settings.kek)
@@ -52,18 +69,8 @@ async def serve(settings: Settings) -> None:
         raise ConfigError(str(exc)) from None
     if token is not None:
         announce_bootstrap_token(token)
-    host, _, port = settings.endpoints.api.rpartition(":")
     app = create_app(settings, store, sealer, registry=registry)
-    config = uvicorn.Config(
-        app,
-        host=host.strip("[]"),
-        port=int(port),
-        log_config=None,
-        access_log=False,
-        limit_concurrency=1024,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-    )
-    server = ApiServer(config, app)
+    server = ApiServer(server_config(settings, app), app)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
