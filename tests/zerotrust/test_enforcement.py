@@ -278,6 +278,71 @@ async def test_a_refused_filter_closes_the_sa_instead_of_leaving_it_open(store: 
         )
 
 
+async def test_a_refused_filter_is_retried_until_it_applies_without_a_policy_change(store: Store) -> None:
+    """A passing fault (a worker restarting) must not leave the SA closed until the next policy
+    change: the enforcer tries the refused filter again (every `retry_seconds`)."""
+    backend = RefusingBackend()
+    async with enforcing(store, backend) as (enforcer, _):
+        await enforcer.on_installed(peer("a1", 0x1000, "alice@corp.test"))
+        await enforcer.on_installed(peer("b1", 0x2000, "bob.corp.test"))
+        assert backend.filters == {"a1": [], "b1": []} and enforcer.refused == {"a1", "b1"}
+        await enforcer.retry_refused()  # still refusing: still closed, still waiting
+        assert backend.filters == {"a1": [], "b1": []} and enforcer.refused == {"a1", "b1"}
+        await enforcer.on_removed("b1")
+        backend.refusing = False
+        await enforcer.retry_refused()
+        assert backend.filters["a1"] == ["10.50.1.10/32[tcp/443]"]
+        assert enforcer.applied["a1"].selectors == ("10.50.1.10/32[tcp/443]",)
+        assert enforcer.refused == set()
+
+
+async def test_the_retry_loop_applies_a_refused_filter(store: Store) -> None:
+    backend = RefusingBackend()
+    async with enforcing(store, backend) as (enforcer, _):
+        enforcer.retry_seconds = 0.05
+        await enforcer.on_installed(peer("a1", 0x1000, "alice@corp.test"))
+        running = asyncio.create_task(enforcer.run())
+        try:
+            backend.refusing = False
+            await async_wait_until(
+                holds(lambda: backend.filters["a1"] == ["10.50.1.10/32[tcp/443]"]), timeout=5, what="retried"
+            )
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+
+
+class BatchFailingBackend(FilteringBackend):
+    """Its batch call fails as a whole; one by one, only the SA `bad` is refused."""
+
+    def __init__(self, bad: str) -> None:
+        super().__init__()
+        self.bad = bad
+
+    async def set_identity_filters(self, filters: dict[str, list[TrafficSelector] | None]) -> dict[str, str]:
+        raise DataplaneError("the worker channel broke mid-batch")
+
+    async def set_identity_filter(self, child_sa_id: str, selectors: list[TrafficSelector] | None) -> None:
+        if child_sa_id == self.bad and selectors:
+            raise InvalidArgument("the backend cannot express this filter")
+        await super().set_identity_filter(child_sa_id, selectors)
+
+
+async def test_a_batch_that_fails_as_a_whole_closes_only_the_sa_that_is_refused(store: Store) -> None:
+    backend = BatchFailingBackend(bad="a2")
+    async with enforcing(store, backend) as (enforcer, _):
+        for child, spi in (("a1", 0x1000), ("a2", 0x1100), ("a3", 0x1200)):
+            await enforcer.on_installed(peer(child, spi, "alice@corp.test"))
+        web = ["10.50.1.10/32[tcp/443]"]
+        assert backend.filters == {"a1": web, "a2": [], "a3": web}
+        await write_policy(store, POLICY.replace("resources: [web]}", "resources: [web, crm]}"))
+        both = ["10.50.1.10/32[tcp/443]", "10.50.2.20/32[tcp/8080]"]
+        await async_wait_until(
+            holds(lambda: backend.filters["a1"] == backend.filters["a3"] == both), timeout=5, what="widened"
+        )
+        assert backend.filters["a2"] == [] and enforcer.refused == {"a2"}
+
+
 class InstallFilteringBackend(FilteringBackend):
     """A backend that installs an SA with its filter (the userspace backend's `initial_filter`)."""
 

@@ -13,6 +13,11 @@ governed (site-to-site); a bound identity with nothing granted gets an empty fil
 An SA stays governed for its lifetime: when its IKE identity stops binding (the identity deleted,
 its IKE id removed) it gets the empty filter, never its negotiated selectors back.
 
+A filter the backend refuses closes the SA (the empty filter) rather than leaving it open, and
+is tried again every `retry_seconds` until it applies: a passing fault (a worker restarting)
+must not leave a user's tunnel carrying nothing until the next policy change. When a batch
+fails as a whole, its filters are applied one by one, so one bad SA closes only itself.
+
 Drops: the userspace backend counts them (`identity_filter` and, for packets outside the SA's narrowed
 selectors, `policy_mismatch`); every `poll_seconds` the per-SA counts and sampled packet headers
 (of both kinds: the flow's 5-tuple) become `DROP` decision events (aggregated and rate-limited by
@@ -97,15 +102,18 @@ class PolicyEnforcer:
         decisions: DecisionEvents,
         *,
         poll_seconds: float = 1.0,
+        retry_seconds: float = 5.0,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend: FilteringBackend | None = backend if hasattr(backend, "set_identity_filter") else None  # type: ignore[assignment]
         self.view = view
         self.decisions = decisions
         self.poll_seconds = poll_seconds
+        self.retry_seconds = retry_seconds
         self.wall_clock = wall_clock
         self.records: dict[str, ChildSaRecord] = {}  # installed Child SAs
         self.applied: dict[str, AppliedFilter] = {}  # Child SA -> the filter it carries
+        self.refused: set[str] = set()  # Child SAs whose wanted filter the backend refused: retried
         self.filter_updates = 0
         self.errors = 0
         self._seen: dict[tuple[str, str], int] = {}  # (reason, Child SA) -> count already logged
@@ -140,6 +148,7 @@ class PolicyEnforcer:
         async with self._lock:
             self.records.pop(child_sa_id, None)
             self.applied.pop(child_sa_id, None)
+            self.refused.discard(child_sa_id)
             for reason in (DROP_REASON, OUTSIDE_REASON):
                 self._seen.pop((reason, child_sa_id), None)
 
@@ -179,36 +188,50 @@ class PolicyEnforcer:
             applied = AppliedFilter(access.identity, tuple(str(s) for s in selectors), timed)
             if current != applied:
                 changes[record.id] = (record, applied, selectors)
+        self.refused.difference_update(r.id for r in records if r.id not in changes)  # nothing left to apply
         if not changes:
             return set()
         errors: dict[str, str] = {}
         batch = getattr(self.backend, "set_identity_filters", None)
+        one_by_one = batch is None
         if batch is not None:
             try:
                 errors = await batch({child: wanted for child, (_, _, wanted) in changes.items()})
             except DataplaneError as exc:
-                errors = dict.fromkeys(changes, str(exc))
-        else:
+                log.warning(
+                    "identity filter batch of %d Child SAs refused (%s): applying one by one", len(changes), exc
+                )
+                one_by_one = True
+        if one_by_one:
             for child, (_, _, wanted) in changes.items():
                 try:
                     await self.backend.set_identity_filter(child, wanted)
                 except DataplaneError as exc:
                     errors[child] = str(exc)
+        again = self.refused & errors.keys()  # refused before: logged then, quietly retried now
+        self.refused.difference_update(child for child in changes if child not in errors)
+        self.refused.update(errors)
         closed = await self._close_refused(changes, errors)
         left_open = {child for child in errors if child not in closed and changes[child][1] is not None}
         for child, (record, new, _) in changes.items():
             if child in errors:
                 self.errors += 1
+                level = logging.DEBUG if child in again else logging.ERROR
                 if child in closed and new is not None:
                     self.applied[child] = AppliedFilter(new.identity, (), new.timed)
-                    log.error(
-                        "identity filter of Child SA %s not applied (%s): it carries nothing until a filter applies",
+                    log.log(
+                        level,
+                        "identity filter of Child SA %s not applied (%s): it carries nothing until a filter"
+                        " applies (retried every %.0f s)",
                         child,
                         errors[child],
+                        self.retry_seconds,
                     )
                 else:
-                    log.error("identity filter of Child SA %s not applied: %s", child, errors[child])
+                    log.log(level, "identity filter of Child SA %s not applied: %s", child, errors[child])
                 continue
+            if child in again:
+                log.info("identity filter of Child SA %s applied on a retry", child)
             self.filter_updates += 1
             if new is None:
                 self.applied.pop(child, None)
@@ -249,6 +272,20 @@ class PolicyEnforcer:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._time_windows())
             tasks.create_task(self._drops())
+            tasks.create_task(self._retries())
+
+    async def _retries(self) -> None:
+        while True:
+            await asyncio.sleep(self.retry_seconds)
+            await self.retry_refused()
+
+    async def retry_refused(self) -> None:
+        """Try again the filters the backend refused (their SAs carry the empty filter meanwhile)."""
+        async with self._lock:
+            waiting = [self.records[child] for child in sorted(self.refused) if child in self.records]
+            self.refused.intersection_update(self.records)
+            if waiting:
+                await self._apply_many(waiting)
 
     async def _time_windows(self) -> None:
         while True:
