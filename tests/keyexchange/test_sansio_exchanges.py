@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from esplanade.keyexchange.config import PoolConfig
+from esplanade.keyexchange.config import ConnectionConfig, PoolConfig
 from esplanade.keyexchange.ikev2.constants import ExchangeType, NotifyType
 from esplanade.keyexchange.ikev2.events import (
     ChildSaDeleted,
@@ -21,7 +21,7 @@ from esplanade.keyexchange.ikev2.events import (
 from esplanade.keyexchange.ikev2.ike_sa import IkeState
 from esplanade.keyexchange.ikev2.message import parse_header
 from tests.keyexchange.memnet import MemNet, Node
-from tests.keyexchange.peers import pair
+from tests.keyexchange.peers import conn, pair
 
 
 def established(**kw: object) -> tuple[MemNet, Node, Node, str, str]:
@@ -618,3 +618,31 @@ def test_acceptable_ke_of_the_initiator_is_taken_without_retry() -> None:
     net.run()
     assert "curve25519" in a.of(IkeSaEstablished)[0].suite
     assert a.engine.sas[ike].counters.get("invalid_ke_retries") is None
+
+
+def test_a_child_rekey_is_checked_against_the_rekeyed_childs_config_only() -> None:
+    """RFC 7296 §2.8: a rekey replaces an SA like for like. A child config listed before the
+    rekeyed one whose selectors also cover the request (here: one that only takes AES-128)
+    must not lend the new SA its proposals: the rekey keeps the rekeyed child's AES-256."""
+    both = ["aes256gcm16", "aes128gcm16"]
+    net, a, b, _ike, _child = established(a_over={"child_esp_proposals": both})
+    sa_b = next(iter(b.engine.sas.values()))
+    assert next(iter(sa_b.children.values())).suite.encr.key_bits == 256
+    wide = ConnectionConfig.from_dict(
+        "ab",
+        {
+            **conn("b"),
+            "children": {
+                "wide": {"local_ts": "10.0.0.0/8", "remote_ts": "10.0.0.0/8", "esp_proposals": ["aes128gcm16"]},
+                **conn("b")["children"],
+            },
+        },
+    )
+    sa_b.config = wide  # e.g. a connection reloaded with a new first child, then reauthenticated
+    sa_a = next(iter(a.engine.sas.values()))
+    a.engine.rekey_child(sa_a.id, next(iter(sa_a.children)), net.now)
+    net.run()
+    (rekeyed,) = b.of(ChildSaRekeyed)
+    new_child = sa_b.children[rekeyed.new_child_id]
+    assert new_child.name == "net" and new_child.suite.encr.key_bits == 256
+    assert_children_paired(a, b)

@@ -184,13 +184,16 @@ class ChildCreate(Task):
             return [NotifyPayload(NotifyType.INVALID_SYNTAX)]
         try:
             ccfg, suite, tsi, tsr, mode = cn.responder_select(
-                ike, msg, ignore_ke=False, assigned_ips=ike.assigned_ips or None, access=cn.current_access(ike)
+                ike,
+                msg,
+                ignore_ke=False,
+                assigned_ips=ike.assigned_ips or None,
+                access=cn.current_access(ike),
+                rekeying=self.rekey_of.name if self.rekey_of is not None else None,
             )
         except NegotiationError as exc:
             ike.emit(NegotiationFailed(ike.id, exc.notify, exc.reason, self.name))
             return [NotifyPayload(exc.notify)]
-        if self.rekey_of is not None and ccfg.name != self.rekey_of.name:
-            ccfg = ike.config.child(self.rekey_of.name)
         shared = None
         out_ke: list[Payload] = []
         if suite.ke:

@@ -98,11 +98,15 @@ def responder_select(
     ignore_ke: bool,
     assigned_ips: list[str] | None = None,
     access: AccessGrant | None = None,
+    rekeying: str | None = None,
 ) -> tuple[ChildConfig, Suite, tuple[TrafficSelector, ...], tuple[TrafficSelector, ...], Mode]:
     """Pick child config, ESP proposal and narrowed selectors for a request; NegotiationError if none.
 
     With an `access` grant the responder's selectors are narrowed to it too (`ikev2.access`); the
-    decision is reported as `AccessDecided`, a refusal is TS_UNACCEPTABLE."""
+    decision is reported as `AccessDecided`, a refusal is TS_UNACCEPTABLE. `rekeying`: the name
+    of the child config of the Child SA being rekeyed, the only one the request is checked
+    against while it exists (a rekey keeps its SA's proposals, selectors and mode: another child
+    whose selectors happen to cover the request must not lend it different ones)."""
     sa = _get(msg, SaPayload)
     tsi_p = _get(msg, TsiPayload)
     tsr_p = _get(msg, TsrPayload)
@@ -114,7 +118,8 @@ def responder_select(
     ts_failure = ""
     proposal_failure = ""
     policy_failure = ""
-    for cfg in ike.config.children:
+    candidates = [c for c in ike.config.children if c.name == rekeying] or list(ike.config.children)
+    for cfg in candidates:
         remote_allowed = list(cfg.remote_ts)
         if assigned_ips:
             remote_allowed = [
