@@ -61,7 +61,7 @@ async def node_main(endpoint: str, name: str) -> None:
     from esplanade.policy.access_view import AccessView
     from esplanade.policy.decision_events import DecisionEvents
     from esplanade.store.etcd import EtcdStore
-    from tests.dataplane.service.test_reconciler import record
+    from tests.dataplane.child_sa_records import record
 
     index = int(name.removeprefix("dp"))
     datapath = DatapathSettings(tun_name=f"ztb{index}", workers=1, bind_address="127.0.0.1", port=14500 + index)

@@ -40,7 +40,7 @@ from esplanade.store.embedded import EmbeddedStore
 from esplanade.store.sealing import Keyring, Sealer
 from esplanade.v1 import keyexchange_pb2_grpc
 from tests.conditions import async_wait_until
-from tests.dataplane.service.test_reconciler import FakeBackend
+from tests.dataplane.backend_doubles import FakeBackend
 from tests.keyexchange.peers import A_IP, B_IP, PSK, conn
 
 

@@ -31,10 +31,10 @@ from esplanade.store import schema
 from esplanade.store.base import KeyValue, Store
 from esplanade.store.embedded import EmbeddedStore
 from tests.conditions import async_wait_until
+from tests.dataplane.child_sa_records import record
 from tests.dataplane.kernel.child_sa_builders import TRANSFORMS_BY_LABEL, Peer, child_sa_pair, protect_policies
 from tests.dataplane.kernel.fake_kernel import FakeKernel
 from tests.dataplane.kernel.test_kernel_identity_filter import verdict
-from tests.dataplane.service.test_reconciler import record
 
 POLICY = """
 version: 1

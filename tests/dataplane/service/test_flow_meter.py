@@ -11,7 +11,7 @@ from pathlib import Path
 from esplanade.dataplane.backend import SaCounters
 from esplanade.dataplane.flow_meter import AGGREGATE, FlowMeter, FlowSample
 from esplanade.journal.flow_log import FlowLog
-from tests.dataplane.service.test_reconciler import record
+from tests.dataplane.child_sa_records import record
 
 
 def counters(spi: int, out_bytes: int, out_packets: int, in_bytes: int, in_packets: int) -> list[SaCounters]:

@@ -25,7 +25,8 @@ from esplanade.store.base import Compare, Delete, Put, Store, TxnResult
 from esplanade.store.embedded import EmbeddedStore
 from esplanade.store.sealing import Keyring, Sealer
 from tests.conditions import async_wait_until
-from tests.dataplane.service.test_reconciler import FakeBackend, put_record, record
+from tests.dataplane.backend_doubles import FakeBackend
+from tests.dataplane.child_sa_records import put_record, record
 
 TUNNELS = 12
 

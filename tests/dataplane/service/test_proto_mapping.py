@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from esplanade.dataplane.proto_mapping import child_sa_from_proto, child_sa_to_proto
-from tests.dataplane.service.test_reconciler import record
+from tests.dataplane.child_sa_records import record
 
 
 def test_a_child_sa_round_trips_with_keys_and_governed_by() -> None:

@@ -9,111 +9,29 @@ from pathlib import Path
 import pytest
 
 from esplanade.dataplane.backend import (
-    BackendStatus,
     DataplaneError,
-    DataplaneEvent,
-    NotFound,
-    SaCounters,
     Unsupported,
 )
 from esplanade.dataplane.ownership import OwnerRecord, SaOwnership
 from esplanade.dataplane.reconciler import Reconciler
 from esplanade.dataplane.sa_persistence import MemorySaPersistence
-from esplanade.ipsec.sa import ChildSaRecord, Lifetime, SecurityAssociation, UdpEncap
+from esplanade.ipsec.sa import ChildSaRecord, Lifetime
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.spd import PolicyDirection, SpdPolicy
-from esplanade.ipsec.transforms import ENCR_AES_GCM_16_128, Direction, Mode
+from esplanade.ipsec.transforms import Mode
 from esplanade.store import schema
 from esplanade.store.base import Resync, Store
 from esplanade.store.embedded import EmbeddedStore
 from esplanade.store.sealing import Keyring, Sealer, encode_document
 from tests.conditions import async_wait_until
-
-
-class FakeBackend:
-    def __init__(self) -> None:
-        self.children: dict[str, ChildSaRecord] = {}
-        self.policies: dict[str, SpdPolicy] = {}
-        self.calls: list[str] = []
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    def status(self) -> BackendStatus:
-        return BackendStatus("fake", "test")
-
-    async def install_child_sa(self, record: ChildSaRecord) -> None:
-        if record.inbound.mode == Mode.TRANSPORT:
-            raise Unsupported("no transport mode here")
-        self.calls.append(f"install {record.id}")
-        self.children[record.id] = record
-
-    async def update_child_sa(self, record: ChildSaRecord) -> None:
-        self.calls.append(f"update {record.id}")
-        self.children[record.id] = record
-
-    async def delete_child_sa(self, child_sa_id: str) -> None:
-        if child_sa_id not in self.children:
-            raise NotFound(child_sa_id)
-        self.calls.append(f"delete {child_sa_id}")
-        del self.children[child_sa_id]
-
-    async def install_policy(self, policy: SpdPolicy) -> None:
-        self.calls.append(f"policy {policy.id}")
-        self.policies[policy.id] = policy
-
-    async def delete_policy(self, policy_id: str) -> None:
-        self.calls.append(f"unpolicy {policy_id}")
-        del self.policies[policy_id]
-
-    def counters(self) -> list[SaCounters]:
-        return []
-
-    async def events(self) -> AsyncIterator[DataplaneEvent]:
-        return
-        yield
-
-
-def record(
-    child_id: str, spi: int, *, mode: Mode = Mode.TUNNEL, lifetime: Lifetime = Lifetime(), encap: bool = True
-) -> ChildSaRecord:
-    def sa(direction: Direction, spi: int) -> SecurityAssociation:
-        return SecurityAssociation(
-            spi=spi,
-            direction=direction,
-            src="192.0.2.1",
-            dst="192.0.2.2",
-            mode=mode,
-            encr=ENCR_AES_GCM_16_128,
-            encr_key=bytes(range(20)),
-            encap=UdpEncap() if encap else None,
-            lifetime=lifetime,
-            local_ts=(TrafficSelector.from_network("10.1.0.0/16"),),
-            remote_ts=(TrafficSelector.from_network("10.2.0.0/16"),),
-        )
-
-    return ChildSaRecord(child_id, "conn", "net", "ike", "peer", sa(Direction.IN, spi), sa(Direction.OUT, spi + 1), 1.0)
-
-
-def policy(policy_id: str) -> SpdPolicy:
-    return SpdPolicy(
-        policy_id,
-        PolicyDirection.OUT,
-        TrafficSelector.from_network("10.1.0.0/16"),
-        TrafficSelector.from_network("10.2.0.0/16"),
-    )
+from tests.dataplane.backend_doubles import FakeBackend
+from tests.dataplane.child_sa_records import policy, put_record, record
 
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
     async with EmbeddedStore(tmp_path / "state.db") as opened:
         yield opened
-
-
-async def put_record(store: Store, sealer: Sealer, rec: ChildSaRecord) -> int:
-    key = schema.child_sa(rec.id)
-    return await store.put(key, encode_document(rec.to_document(sealer.bind(key).seal)))
 
 
 async def test_what_the_store_holds_at_start_is_installed_then_changes_follow(store: Store) -> None:

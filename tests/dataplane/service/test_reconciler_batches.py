@@ -21,7 +21,8 @@ from esplanade.store import schema
 from esplanade.store.base import KeyValue, Put, Store
 from esplanade.store.embedded import EmbeddedStore
 from esplanade.store.sealing import Keyring, Sealer, encode_document
-from tests.dataplane.service.test_reconciler import FakeBackend, policy, record
+from tests.dataplane.backend_doubles import FakeBackend
+from tests.dataplane.child_sa_records import policy, record
 
 
 class BatchBackend(FakeBackend):

@@ -12,7 +12,7 @@ from esplanade.dataplane.userspace.backend import UserspaceBackend, UserspaceBac
 from esplanade.dataplane.userspace.datapath import DatapathSettings
 from esplanade.ipsec.sa import ChildSaRecord
 from esplanade.ipsec.selectors import TrafficSelector
-from tests.dataplane.service.test_reconciler import record
+from tests.dataplane.child_sa_records import record
 
 
 class FakeChannel:

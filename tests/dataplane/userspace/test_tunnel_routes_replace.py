@@ -7,7 +7,7 @@ from typing import Any
 from esplanade.dataplane.userspace.tunnel_routes import TunnelRoutes
 from esplanade.ipsec.selectors import TrafficSelector
 from esplanade.ipsec.spd import PolicyDirection, SpdPolicy
-from tests.dataplane.service.test_reconciler import record
+from tests.dataplane.child_sa_records import record
 
 
 class FakeLinks:
