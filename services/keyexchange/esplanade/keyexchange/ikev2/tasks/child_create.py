@@ -89,9 +89,15 @@ class ChildCreate(Task):
         bad_ke = next(
             (p for p in msg.payloads if isinstance(p, NotifyPayload) and p.type == NotifyType.INVALID_KE_PAYLOAD), None
         )
-        if bad_ke is not None and self.retries < 2 and len(bad_ke.data) >= 2:
+        wanted = struct.unpack("!H", bad_ke.data[:2])[0] if bad_ke is not None and len(bad_ke.data) >= 2 else 0
+        # §1.3 / §2.7: retry only with a group we offered; anything else fails the exchange below
+        try:
+            offered = {int(m) for p in ike.config.child(self.child).proposals for m in p.ke}
+        except KeyError:  # the child config went away meanwhile
+            offered = set()
+        if bad_ke is not None and wanted in offered and wanted != self.ke_method and self.retries < 2:
             self.retries += 1
-            self.ke_method = struct.unpack("!H", bad_ke.data[:2])[0]
+            self.ke_method = wanted
             return True
         temp = next(
             (p for p in msg.payloads if isinstance(p, NotifyPayload) and p.type == NotifyType.TEMPORARY_FAILURE), None

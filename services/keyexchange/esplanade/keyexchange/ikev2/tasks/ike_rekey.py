@@ -91,6 +91,8 @@ class IkeRekey(Task):
         self.initiated = False
 
     def can_start(self, ike: IkeSa) -> bool:
+        if self.initiated and ike.ike_rekey_task is self and ike.state == IkeState.REKEYING:
+            return True  # our own retry after INVALID_KE_PAYLOAD: the rekey is still in progress
         if ike.state != IkeState.ESTABLISHED or ike.rekeying_children:
             if ike.state == IkeState.ESTABLISHED:
                 ike.queue_task(IkeRekey())  # try again after the child exchange
@@ -126,9 +128,17 @@ class IkeRekey(Task):
     def process_response(self, ike: IkeSa, msg: Message, now: float) -> bool:
         err = ike.notify_error_in(msg)
         if err is not None:
-            if err.type == NotifyType.INVALID_KE_PAYLOAD and len(err.data) >= 2 and self.retries < 2:
+            wanted = int.from_bytes(err.data[:2], "big") if len(err.data) >= 2 else 0
+            # §1.3.2 / §2.7: retry only with a group we offered (anything else is the peer's error)
+            offered = {int(m) for s in _specs(ike) for m in s.ke}
+            if (
+                err.type == NotifyType.INVALID_KE_PAYLOAD
+                and wanted in offered
+                and wanted != self.ke_method
+                and self.retries < 2
+            ):
                 self.retries += 1
-                self.ke_method = int.from_bytes(err.data[:2], "big")
+                self.ke_method = wanted
                 return True
             self._abort(ike)
             if err.type == NotifyType.TEMPORARY_FAILURE:

@@ -1,0 +1,128 @@
+"""RFC 7296 corner cases that interop runs do not reach: two Esplanade peers in memory."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from esplanade.keyexchange.config import ConnectionConfig
+from esplanade.keyexchange.ikev2.constants import ExchangeType, NotifyType
+from esplanade.keyexchange.ikev2.events import ChildSaEstablished, ChildSaRekeyed, IkeSaRekeyed, NegotiationFailed
+from esplanade.keyexchange.ikev2.ike_sa import IkeSa, IkeState
+from esplanade.keyexchange.ikev2.message import Message, parse_header
+from esplanade.keyexchange.ikev2.payloads import NotifyPayload, Payload
+from esplanade.keyexchange.ikev2.tasks import child_create, ike_rekey
+from tests.keyexchange.memnet import MemNet, Node
+from tests.keyexchange.peers import A_IP, conn, pair
+
+
+def established(**kw: object) -> tuple[MemNet, Node, Node, str, str]:
+    net, a, b = pair(**kw)  # type: ignore[arg-type]
+    ike = a.engine.initiate("ab", net.now)
+    net.run()
+    assert a.of(ChildSaEstablished) and b.of(ChildSaEstablished), (a.events, b.events)
+    return net, a, b, ike, a.of(ChildSaEstablished)[0].child_id
+
+
+def live_children(n: Node) -> list:
+    return [c for sa in n.engine.sas.values() for c in sa.children.values()]
+
+
+def requests_from(net: MemNet, ip: str, exchange: int) -> int:
+    return sum(
+        1
+        for d in net.log
+        if d.local[0] == ip and not parse_header(d.data).is_response and parse_header(d.data).exchange == exchange
+    )
+
+
+def _answer_invalid_ke(monkeypatch: pytest.MonkeyPatch, task: type, group: int) -> None:
+    """The responder (never the IKE SA's initiator here) demands `group` with INVALID_KE_PAYLOAD."""
+    original = task.process_request
+
+    def process_request(self: object, ike: IkeSa, msg: Message, now: float) -> list[Payload] | None:
+        if ike.initiator:
+            return original(self, ike, msg, now)  # type: ignore[no-any-return]
+        return [NotifyPayload(NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", group))]
+
+    monkeypatch.setattr(task, "process_request", process_request)
+
+
+@pytest.mark.parametrize("group", [14, 0x7777])  # known but not offered; unknown to us
+def test_child_invalid_ke_for_a_group_we_did_not_offer_fails_the_child_only(
+    monkeypatch: pytest.MonkeyPatch, group: int
+) -> None:
+    """§1.3 / §2.7: the initiator retries with the group of INVALID_KE_PAYLOAD only if it offered
+    it. Before, it sent a KE of any group the responder named (one it never proposed), and an
+    unknown number raised out of the core (`dropped_internal_errors`), losing the exchange."""
+    esp = ["aes256gcm16-ecp256"]
+    net, a, _b, ike, _child = established(a_over={"child_esp_proposals": esp}, b_over={"child_esp_proposals": esp})
+    _answer_invalid_ke(monkeypatch, child_create.ChildCreate, group)
+    before = requests_from(net, A_IP, ExchangeType.CREATE_CHILD_SA)
+    a.engine.create_child(ike, "net", net.now)
+    net.advance(5)
+    assert a.engine.counters.get("dropped_internal_errors") is None
+    assert requests_from(net, A_IP, ExchangeType.CREATE_CHILD_SA) == before + 1
+    failed = [e for e in a.of(NegotiationFailed) if e.exchange == "child_create"]
+    assert failed and failed[0].notify == NotifyType.INVALID_KE_PAYLOAD
+    assert a.engine.sas[ike].state == IkeState.ESTABLISHED and len(live_children(a)) == 1
+
+
+@pytest.mark.parametrize("group", [14, 0x7777])
+def test_ike_rekey_invalid_ke_for_a_group_we_did_not_offer_aborts_the_rekey(
+    monkeypatch: pytest.MonkeyPatch, group: int
+) -> None:
+    """The same for an IKE SA rekey: no retry with a group we did not propose, no exception;
+    the rekey is abandoned and the IKE SA stays established."""
+    net, a, _b, ike, _child = established()
+    _answer_invalid_ke(monkeypatch, ike_rekey.IkeRekey, group)
+    before = requests_from(net, A_IP, ExchangeType.CREATE_CHILD_SA)
+    a.engine.rekey_ike(ike, net.now)
+    net.advance(5)
+    assert a.engine.counters.get("dropped_internal_errors") is None
+    assert requests_from(net, A_IP, ExchangeType.CREATE_CHILD_SA) == before + 1
+    failed = [e for e in a.of(NegotiationFailed) if e.exchange == "ike_rekey"]
+    assert failed and failed[0].notify == NotifyType.INVALID_KE_PAYLOAD
+    assert a.engine.sas[ike].state == IkeState.ESTABLISHED
+
+
+def test_child_rekey_retries_with_the_group_of_invalid_ke() -> None:
+    """§1.3.3 / §2.7: a Child SA rekey answered INVALID_KE_PAYLOAD (for a group we offered) is
+    retried with that group. Before, the retry found its own Child SA in REKEYING, `can_start`
+    refused it and it was dropped: the Child SA stayed in REKEYING for good (never rekeyed again,
+    and an IKE rekey waiting for `rekeying_children` to empty re-queued itself endlessly)."""
+    net, a, b, ike, child = established(
+        a_over={"child_esp_proposals": ["aes256gcm16-x25519-ecp256"]},
+        b_over={"child_esp_proposals": ["aes256gcm16-ecp256"]},
+    )
+    a.engine.rekey_child(ike, child, net.now)
+    net.advance(5)
+    assert requests_from(net, A_IP, ExchangeType.CREATE_CHILD_SA) == 2  # the first one got INVALID_KE
+    assert a.of(ChildSaRekeyed) and b.of(ChildSaRekeyed)
+    assert not a.engine.sas[ike].rekeying_children
+    ca, cb = live_children(a), live_children(b)
+    assert len(ca) == 1 and len(cb) == 1 and ca[0].spi_in == cb[0].spi_out and ca[0].id != child
+    a.engine.rekey_ike(ike, net.now)  # would spin forever while a rekey of a child hung
+    net.advance(15)
+    assert len(live_children(a)) == 1 and a.of(IkeSaRekeyed)
+
+
+def test_ike_rekey_retries_with_the_group_of_invalid_ke() -> None:
+    """§1.3.2 / §2.7: the same for an IKE SA rekey. Before, the retry found the IKE SA in
+    REKEYING and was dropped: the IKE SA stayed in REKEYING (every later CREATE_CHILD_SA of the
+    peer refused with TEMPORARY_FAILURE, no Child SA rekeyed) until its hard lifetime."""
+    net, a, b, ike, _child = established(
+        a_over={"proposals": ["aes256gcm16-prfsha256-x25519-ecp256"]},
+        b_over={"proposals": ["aes256gcm16-prfsha256-x25519-ecp256"]},
+    )
+    sa_b = next(iter(b.engine.sas.values()))
+    sa_b.config = ConnectionConfig.from_dict("ab", conn("b", proposals=["aes256gcm16-prfsha256-ecp256"]))
+    a.engine.rekey_ike(ike, net.now)
+    net.advance(15)
+    assert requests_from(net, A_IP, ExchangeType.CREATE_CHILD_SA) == 2  # the first one got INVALID_KE
+    assert a.of(IkeSaRekeyed) and b.of(IkeSaRekeyed)
+    assert len(a.engine.sas) == 1 and len(b.engine.sas) == 1
+    new_a = next(iter(a.engine.sas.values()))
+    assert new_a.state == IkeState.ESTABLISHED and "ecp" in new_a.suite.describe().lower()
+    assert len(live_children(a)) == 1 and len(live_children(b)) == 1
