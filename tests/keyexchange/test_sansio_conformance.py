@@ -37,6 +37,41 @@ def requests_from(net: MemNet, ip: str, exchange: int) -> int:
     )
 
 
+def test_ike_rekey_while_creating_a_child_gets_temporary_failure_and_both_complete() -> None:
+    """§2.25.1: a request to rekey the IKE SA while we are creating a Child SA is answered
+    TEMPORARY_FAILURE. Before, b answered it, the children moved to the new IKE SA, and b's own
+    CREATE_CHILD_SA (refused by a with TEMPORARY_FAILURE, §2.25.2) was queued on the old, rekeyed
+    IKE SA where it never ran: the requested Child SA was silently lost."""
+    net, a, b, ike, _child = established()
+    sa_b = next(iter(b.engine.sas.values()))
+    a.engine.rekey_ike(ike, net.now)
+    net.collect(a)
+    b.engine.create_child(sa_b.id, "net", net.now)
+    net.collect(b)
+    net.advance(30)
+    assert a.of(IkeSaRekeyed) and b.of(IkeSaRekeyed)
+    assert len(a.engine.sas) == 1 and len(b.engine.sas) == 1
+    ca, cb = live_children(a), live_children(b)
+    assert len(ca) == 2 and len(cb) == 2, (ca, cb)
+    assert {(c.spi_in, c.spi_out) for c in ca} == {(c.spi_out, c.spi_in) for c in cb}
+
+
+def test_ike_rekey_while_deleting_a_child_gets_temporary_failure() -> None:
+    """§2.25.1: the same while we are closing a Child SA. Before, the children moved to the new
+    IKE SA first, so the DELETE's response (on the old IKE SA) found no Child SA to remove and
+    b kept one in DELETING that a had already deleted."""
+    net, a, b, ike, _child = established()
+    sa_b = next(iter(b.engine.sas.values()))
+    a.engine.rekey_ike(ike, net.now)
+    net.collect(a)
+    b.engine.delete_child(sa_b.id, next(iter(sa_b.children)), net.now)
+    net.collect(b)
+    net.advance(30)
+    assert len(a.engine.sas) == 1 and len(b.engine.sas) == 1
+    assert not live_children(a) and not live_children(b), (live_children(a), live_children(b))
+    assert a.of(IkeSaRekeyed) and b.of(IkeSaRekeyed)
+
+
 def _answer_invalid_ke(monkeypatch: pytest.MonkeyPatch, task: type, group: int) -> None:
     """The responder (never the IKE SA's initiator here) demands `group` with INVALID_KE_PAYLOAD."""
     original = task.process_request

@@ -40,6 +40,21 @@ def _specs(ike: IkeSa) -> list[ProposalSpec]:
     return list(ike.config.proposals)
 
 
+def _child_exchange_in_flight(ike: IkeSa) -> bool:
+    """Our request creating, rekeying or deleting a Child SA awaits its response (or its
+    IKE_FOLLOWUP_KE exchanges run). §2.25.1: a request to rekey the IKE SA then gets
+    TEMPORARY_FAILURE; answered, the Child SAs would move to the new IKE SA while our exchange
+    finishes on the old one (a new Child SA lost, a deleted one kept)."""
+    from esplanade.keyexchange.ikev2.tasks.child_create import ChildCreate
+    from esplanade.keyexchange.ikev2.tasks.child_delete import ChildDelete
+    from esplanade.keyexchange.ikev2.tasks.ike_followup_ke import FollowupKe
+
+    task = ike.outstanding.task if ike.outstanding is not None else None
+    if isinstance(task, FollowupKe):
+        return isinstance(task.owner, ChildCreate)
+    return isinstance(task, ChildCreate | ChildDelete)
+
+
 def _new_sa(
     old: IkeSa,
     initiator: bool,
@@ -231,7 +246,11 @@ class IkeRekey(Task):
 
     # -- responder ----------------------------------------------------------------------------
     def process_request(self, ike: IkeSa, msg: Message, now: float) -> list[Payload] | None:
-        if ike.rekeying_children or ike.state not in (IkeState.ESTABLISHED, IkeState.REKEYING):
+        if (
+            ike.rekeying_children
+            or _child_exchange_in_flight(ike)
+            or ike.state not in (IkeState.ESTABLISHED, IkeState.REKEYING)
+        ):
             return [NotifyPayload(NotifyType.TEMPORARY_FAILURE)]
         sa = next((p for p in msg.payloads if isinstance(p, SaPayload)), None)
         ke = next((p for p in msg.payloads if isinstance(p, KePayload)), None)
