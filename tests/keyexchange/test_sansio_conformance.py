@@ -10,11 +10,12 @@ from esplanade.keyexchange.config import ConnectionConfig
 from esplanade.keyexchange.ikev2.constants import ExchangeType, NotifyType
 from esplanade.keyexchange.ikev2.events import ChildSaEstablished, ChildSaRekeyed, IkeSaRekeyed, NegotiationFailed
 from esplanade.keyexchange.ikev2.ike_sa import IkeSa, IkeState
-from esplanade.keyexchange.ikev2.message import Message, parse_header
-from esplanade.keyexchange.ikev2.payloads import NotifyPayload, Payload
+from esplanade.keyexchange.ikev2.message import Message, decode_message, encode_plain, parse_header
+from esplanade.keyexchange.ikev2.payloads import NotifyPayload, Payload, UnknownPayload
 from esplanade.keyexchange.ikev2.tasks import child_create, ike_rekey
+from esplanade.keyexchange.ikev2.tasks.ike_dpd import IkeDpd
 from tests.keyexchange.memnet import MemNet, Node
-from tests.keyexchange.peers import A_IP, conn, pair
+from tests.keyexchange.peers import A_IP, B_IP, conn, pair
 
 
 def established(**kw: object) -> tuple[MemNet, Node, Node, str, str]:
@@ -161,3 +162,102 @@ def test_ike_rekey_retries_with_the_group_of_invalid_ke() -> None:
     new_a = next(iter(a.engine.sas.values()))
     assert new_a.state == IkeState.ESTABLISHED and "ecp" in new_a.suite.describe().lower()
     assert len(live_children(a)) == 1 and len(live_children(b)) == 1
+
+
+class CriticalUnknownPayload(UnknownPayload):
+    """A payload type nobody knows, sent with the critical bit (§2.5)."""
+
+    critical = True
+
+
+class RecordingDpd(IkeDpd):
+    """An INFORMATIONAL request of our choosing that keeps the response's payloads."""
+
+    def __init__(self, payloads: list[Payload]) -> None:
+        super().__init__()
+        self.payloads = payloads
+        self.response: list[Payload] = []
+
+    def build_request(self, ike: IkeSa) -> list[Payload] | None:
+        return self.payloads
+
+    def process_response(self, ike: IkeSa, msg: Message, now: float) -> bool:
+        self.response = list(msg.payloads)
+        return False
+
+
+def test_unsupported_critical_payload_in_a_request_is_named_in_the_notify() -> None:
+    """§2.5 / §3.10.1: the response to a request with an unknown critical payload carries
+    UNSUPPORTED_CRITICAL_PAYLOAD whose Notification Data is the one-octet payload type.
+    Before, the notify went out without data."""
+    net, a, b, ike, _child = established()
+    sa_a = a.engine.sas[ike]
+    task = RecordingDpd([CriticalUnknownPayload(200, b"what")])
+    sa_a.queue_task(task)
+    a.engine._run(sa_a, net.now)
+    net.run()
+    assert task.response == [NotifyPayload(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD, bytes((200,)))]
+    sa_b = next(iter(b.engine.sas.values()))
+    assert sa_b.state == IkeState.ESTABLISHED and sa_b.counters.get("invalid_syntax") == 1
+    # the window moved on: the next request is answered as usual
+    task = RecordingDpd([UnknownPayload(201, b"skipped")])  # not critical: ignored (§2.5)
+    sa_a.queue_task(task)
+    a.engine._run(sa_a, net.now)
+    net.run()
+    assert task.response == [] and sa_a.outstanding is None
+
+
+def _first_init_request(net: MemNet, a: Node) -> bytes:
+    a.engine.initiate("ab", net.now)
+    net.collect(a)
+    (datagram, _sender), *_ = net.in_flight
+    net.in_flight.clear()
+    assert parse_header(datagram.data).exchange == ExchangeType.IKE_SA_INIT
+    return datagram.data
+
+
+def test_unsupported_critical_payload_in_ike_sa_init_is_answered_without_state() -> None:
+    """§2.5: an IKE_SA_INIT request with an unknown critical payload MUST be rejected and the
+    response MUST carry UNSUPPORTED_CRITICAL_PAYLOAD (the payload type as data); the responder
+    keeps no state for it. Before, the request was dropped unanswered."""
+    net, a, b = pair()
+    request = decode_message(_first_init_request(net, a))
+    request.payloads.append(CriticalUnknownPayload(200, b"what"))
+    b.engine.receive_datagram(encode_plain(request), (B_IP, 500), (A_IP, 500), net.now)
+    (reply,) = b.engine.datagrams_to_send()
+    answer = decode_message(reply.data)
+    assert answer.response and not answer.from_initiator and answer.exchange == ExchangeType.IKE_SA_INIT
+    assert (answer.spi_i, answer.spi_r, answer.message_id) == (request.spi_i, bytes(8), 0)
+    assert answer.payloads == [NotifyPayload(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD, bytes((200,)))]
+    assert not b.engine.sas and b.engine.half_open_count() == 0
+    # the initiator takes it as a refusal
+    net.in_flight.append((reply, B_IP))
+    net.run()
+    failed = a.of(NegotiationFailed)
+    assert failed and failed[0].notify == NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD
+
+
+def test_ike_sa_init_of_a_higher_major_version_gets_invalid_major_version() -> None:
+    """§2.5 / §1.5: a request of a higher major version is dropped and SHOULD be answered with an
+    unprotected INVALID_MAJOR_VERSION, a response with the request's SPIs, Message ID and
+    exchange type and our version (2.0) in the header. Before, it was dropped unanswered."""
+    net, a, b = pair()
+    v2 = _first_init_request(net, a)
+    v3 = v2[:17] + b"\x30" + v2[18:]
+    b.engine.receive_datagram(v3, (B_IP, 500), (A_IP, 500), net.now)
+    (reply,) = b.engine.datagrams_to_send()
+    hdr = parse_header(reply.data)
+    assert hdr.version == 0x20 and hdr.is_response and not hdr.from_initiator
+    assert (hdr.spi_i, hdr.spi_r, hdr.message_id, hdr.exchange) == (v2[:8], bytes(8), 0, ExchangeType.IKE_SA_INIT)
+    assert decode_message(reply.data).payloads == [NotifyPayload(NotifyType.INVALID_MAJOR_VERSION)]
+    assert not b.engine.sas
+    # never answered: a response of a higher version (no loops), an IKEv1 message (major 1)
+    response_v3 = v3[:19] + bytes((v3[19] | 0x20,)) + v3[20:]
+    v1 = v2[:17] + b"\x10" + v2[18:]
+    for data in (response_v3, v1):
+        b.engine.receive_datagram(data, (B_IP, 500), (A_IP, 500), net.now)
+        assert b.engine.datagrams_to_send() == []
+    # a side that only initiates answers nothing
+    net2, a2, _b2 = pair(responder=False)
+    a2.engine.receive_datagram(v3, (A_IP, 500), (B_IP, 500), net2.now)
+    assert a2.engine.datagrams_to_send() == []

@@ -35,7 +35,7 @@ from esplanade.keyexchange.ikev2.constants import NATT_PORT, ExchangeType, Notif
 from esplanade.keyexchange.ikev2.crypto.keymat import IkeKeys, derive_ike_keys, sk_ciphers
 from esplanade.keyexchange.ikev2.crypto.prf import PRFS, Prf
 from esplanade.keyexchange.ikev2.crypto.sk import SkCipher
-from esplanade.keyexchange.ikev2.errors import IkeError, IntegrityCheckFailed, ParseError
+from esplanade.keyexchange.ikev2.errors import IkeError, IntegrityCheckFailed, ParseError, UnsupportedCriticalPayload
 from esplanade.keyexchange.ikev2.events import (
     Address,
     ChildSaDeleted,
@@ -621,7 +621,7 @@ class IkeSa:
         authenticated = msg.encrypted and bool(msg.inner_plain)
         if not msg.response and authenticated and exc.notify is not None and msg.message_id == self.next_peer_id:
             self.next_peer_id += 1
-            self.send_response(msg.message_id, msg.exchange, [NotifyPayload(exc.notify)])
+            self.send_response(msg.message_id, msg.exchange, [NotifyPayload(exc.notify, notify_data_of(exc))])
 
     def _decrypt(self, msg: Message, now: float) -> bool:
         """Open the SK/SKF payload; False while fragments are missing. Raises on ICV failure."""
@@ -889,6 +889,14 @@ class IkeSa:
             if isinstance(p, NotifyPayload) and p.type < 16384:
                 return p
         return None
+
+
+def notify_data_of(exc: ParseError) -> bytes:
+    """The Notification Data of the error notify answering `exc`: §3.10.1 wants the one-octet
+    payload type in UNSUPPORTED_CRITICAL_PAYLOAD, nothing in the others we send."""
+    if isinstance(exc, UnsupportedCriticalPayload):
+        return bytes((exc.payload_type,))
+    return b""
 
 
 def _digest(raw: bytes) -> bytes:
