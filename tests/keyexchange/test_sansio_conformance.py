@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 
 from esplanade.keyexchange.config import ConnectionConfig
+from esplanade.keyexchange.ikev2.child_sa import ChildState
 from esplanade.keyexchange.ikev2.constants import ExchangeType, NotifyType
+from esplanade.keyexchange.ikev2.errors import NegotiationError
 from esplanade.keyexchange.ikev2.events import ChildSaEstablished, ChildSaRekeyed, IkeSaRekeyed, NegotiationFailed
 from esplanade.keyexchange.ikev2.ike_sa import IkeSa, IkeState
 from esplanade.keyexchange.ikev2.message import Message, decode_message, encode_plain, parse_header
 from esplanade.keyexchange.ikev2.payloads import NotifyPayload, Payload, UnknownPayload
-from esplanade.keyexchange.ikev2.tasks import child_create, ike_rekey
+from esplanade.keyexchange.ikev2.tasks import child_create, child_negotiation, ike_rekey
 from esplanade.keyexchange.ikev2.tasks.ike_dpd import IkeDpd
 from tests.keyexchange.memnet import MemNet, Node
 from tests.keyexchange.peers import A_IP, B_IP, conn, pair
@@ -261,3 +264,62 @@ def test_ike_sa_init_of_a_higher_major_version_gets_invalid_major_version() -> N
     net2, a2, _b2 = pair(responder=False)
     a2.engine.receive_datagram(v3, (A_IP, 500), (B_IP, 500), net2.now)
     assert a2.engine.datagrams_to_send() == []
+
+
+def _reject_next_child_response(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The initiator finds the next Child SA the responder chose unacceptable (as if it picked
+    a proposal we never offered); the responder has created and installed it by then."""
+    original = child_negotiation.initiator_verify
+    rejected: list[int] = []
+
+    def initiator_verify(*args: Any, **kw: Any) -> Any:
+        if not rejected:
+            rejected.append(1)
+            raise NegotiationError(NotifyType.NO_PROPOSAL_CHOSEN, "responder chose a proposal we did not offer")
+        return original(*args, **kw)
+
+    monkeypatch.setattr(child_negotiation, "initiator_verify", initiator_verify)
+    return rejected
+
+
+def test_a_child_rekey_response_we_reject_deletes_the_sa_the_responder_created(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CREATE_CHILD_SA response the initiator rejects still created (and installed) a Child SA
+    at the responder: the initiator deletes it (as strongSwan's child_create does), and the
+    responder's rekeyed Child SA, no longer replaced, is back in service. Before, the responder
+    kept the new SA (its traffic went to an SA the initiator does not have) and its old one in
+    REKEYED, so every later rekey of the initiator got TEMPORARY_FAILURE, retried every few
+    seconds until the hard lifetime."""
+    net, a, b, ike, child = established()
+    rejected = _reject_next_child_response(monkeypatch)
+    a.engine.rekey_child(ike, child, net.now)
+    net.advance(5)
+    assert rejected
+    assert [(c.id, c.state) for c in live_children(a)] == [(child, ChildState.INSTALLED)]
+    (only,) = live_children(b)
+    assert only.spi_out == live_children(a)[0].spi_in and only.state == ChildState.INSTALLED
+    net.advance(60)  # the initiator's retry (30 s after the failure) goes through
+    assert requests_from(net, A_IP, ExchangeType.CREATE_CHILD_SA) <= 3
+    assert a.of(ChildSaRekeyed) and b.of(ChildSaRekeyed)
+    ca, cb = live_children(a), live_children(b)
+    assert len(ca) == 1 and len(cb) == 1 and ca[0].spi_in == cb[0].spi_out and ca[0].id != child
+
+
+def test_a_new_child_response_we_reject_deletes_the_sa_the_responder_created(monkeypatch: pytest.MonkeyPatch) -> None:
+    net, a, b, ike, _child = established()
+    _reject_next_child_response(monkeypatch)
+    a.engine.create_child(ike, "net", net.now)
+    net.advance(5)
+    assert len(live_children(a)) == 1 and len(live_children(b)) == 1
+    assert live_children(a)[0].spi_in == live_children(b)[0].spi_out
+
+
+def test_an_ike_auth_child_we_reject_is_deleted_at_the_responder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for the Child SA of IKE_AUTH: the IKE SA stays up (§2.21.2 semantics), the
+    Child SA the responder created is deleted."""
+    net, a, b = pair()
+    _reject_next_child_response(monkeypatch)
+    ike = a.engine.initiate("ab", net.now)
+    net.advance(5)
+    assert a.engine.sas[ike].state == IkeState.ESTABLISHED
+    assert next(iter(b.engine.sas.values())).state == IkeState.ESTABLISHED
+    assert not live_children(a) and not live_children(b), live_children(b)

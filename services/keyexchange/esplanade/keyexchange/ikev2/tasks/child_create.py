@@ -124,6 +124,7 @@ class ChildCreate(Task):
             if suite.additional_ke and (link is None or not shared):
                 raise NegotiationError(NotifyType.INVALID_SYNTAX, "additional key exchanges without KE or link")
         except NegotiationError as exc:
+            cn.delete_refused_child(ike, msg, self.spi_in, self.offered)
             self.on_failure(ike, exc, now)
             return False
         self.peer_nonce = nonce.data
