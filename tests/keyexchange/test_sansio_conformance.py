@@ -323,3 +323,35 @@ def test_an_ike_auth_child_we_reject_is_deleted_at_the_responder(monkeypatch: py
     assert a.engine.sas[ike].state == IkeState.ESTABLISHED
     assert next(iter(b.engine.sas.values())).state == IkeState.ESTABLISHED
     assert not live_children(a) and not live_children(b), live_children(b)
+
+
+@pytest.mark.timeout(20)
+def test_a_child_whose_config_is_gone_is_not_rekeyed_and_the_ike_sa_still_rekeys() -> None:
+    """A Child SA whose child config is gone (state restored under a newer connection config) has
+    nothing to build a rekey from. Before, ChildRekey marked it REKEYING, then build_request
+    raised KeyError out of the core; the Child SA stayed in REKEYING, and the next IKE rekey,
+    waiting for `rekeying_children` to empty, re-queued itself in run_queue forever (a hang)."""
+    net, a, _b, ike, child = established()
+    sa_a = a.engine.sas[ike]
+    sa_a.config = ConnectionConfig.from_dict("ab", {**conn("a"), "children": {"other": conn("a")["children"]["net"]}})
+    a.engine.rekey_child(ike, child, net.now)
+    assert sa_a.children[child].state == ChildState.INSTALLED and not sa_a.rekeying_children
+    assert sa_a.counters.get("rekeys_without_child_config") == 1
+    a.engine.rekey_ike(ike, net.now)
+    net.advance(15)
+    assert a.of(IkeSaRekeyed) and len(live_children(a)) == 1
+
+
+@pytest.mark.timeout(20)
+def test_a_task_that_cannot_start_does_not_spin_the_queue() -> None:
+    """An IKE rekey waits for a Child SA rekey to finish by queueing itself again; should that
+    wait never end (here a stale entry), run_queue must return, not spin forever."""
+    net, a, _b, ike, _child = established()
+    sa_a = a.engine.sas[ike]
+    sa_a.rekeying_children["stale"] = ike_rekey.IkeRekey()
+    a.engine.rekey_ike(ike, net.now)  # returns: the rekey waits
+    assert sa_a.state == IkeState.ESTABLISHED and sa_a.outstanding is None
+    del sa_a.rekeying_children["stale"]
+    a.engine.dpd(ike, net.now)  # the next run of the queue starts the waiting rekey first
+    net.advance(15)
+    assert a.of(IkeSaRekeyed)

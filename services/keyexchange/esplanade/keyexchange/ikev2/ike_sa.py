@@ -480,7 +480,12 @@ class IkeSa:
 
     def run_queue(self, now: float) -> None:
         """Start the next queued exchange if none is outstanding (window size 1)."""
-        while self.outstanding is None and self.queue and self.state != IkeState.DELETED:
+        # Each queued task is tried once per call: one that cannot start may queue a successor
+        # (an IKE rekey waiting for a Child SA rekey), which waits for the next call instead of
+        # spinning here forever should its condition not clear.
+        tries = len(self.queue)
+        while self.outstanding is None and self.queue and self.state != IkeState.DELETED and tries > 0:
+            tries -= 1
             task = self.queue.popleft()
             if not task.can_start(self):
                 continue

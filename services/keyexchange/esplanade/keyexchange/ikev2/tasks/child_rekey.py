@@ -46,6 +46,11 @@ class ChildRekey(ChildCreate):
             return True  # our own retry after INVALID_KE_PAYLOAD: the Child SA is still ours to rekey
         if old.state != ChildState.INSTALLED:
             return False
+        if not any(c.name == old.name for c in ike.config.children):
+            # its child config is gone (state restored under a newer connection config): nothing to
+            # build the request from; the Child SA runs to its hard lifetime instead
+            ike.count("rekeys_without_child_config")
+            return False
         self.rekey_of = old
         self.child = old.name
         old.state = ChildState.REKEYING
