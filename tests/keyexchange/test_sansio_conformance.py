@@ -11,7 +11,13 @@ from esplanade.keyexchange.config import ConnectionConfig
 from esplanade.keyexchange.ikev2.child_sa import ChildState
 from esplanade.keyexchange.ikev2.constants import ExchangeType, NotifyType
 from esplanade.keyexchange.ikev2.errors import NegotiationError
-from esplanade.keyexchange.ikev2.events import ChildSaEstablished, ChildSaRekeyed, IkeSaRekeyed, NegotiationFailed
+from esplanade.keyexchange.ikev2.events import (
+    ChildSaDeleted,
+    ChildSaEstablished,
+    ChildSaRekeyed,
+    IkeSaRekeyed,
+    NegotiationFailed,
+)
 from esplanade.keyexchange.ikev2.ike_sa import IkeSa, IkeState
 from esplanade.keyexchange.ikev2.message import Message, decode_message, encode_plain, parse_header
 from esplanade.keyexchange.ikev2.payloads import NotifyPayload, Payload, UnknownPayload
@@ -355,3 +361,35 @@ def test_a_task_that_cannot_start_does_not_spin_the_queue() -> None:
     a.engine.dpd(ike, net.now)  # the next run of the queue starts the waiting rekey first
     net.advance(15)
     assert a.of(IkeSaRekeyed)
+
+
+def test_a_child_rekey_due_during_our_ike_rekey_runs_on_the_new_ike_sa() -> None:
+    """A Child SA rekey that falls due while our IKE rekey is in flight waits in the queue; the
+    Child SAs then move to the new IKE SA (§2.18) and so must the queued exchanges about them.
+    Before, the task stayed on the old, rekeyed IKE SA where it could never start, and as its
+    Child SA's rekey timer had been consumed, the Child SA was never rekeyed: it ran into its
+    hard lifetime and was deleted with no replacement."""
+    net, a, b, ike, child = established(
+        a_over={"child_rekey_time": "100s", "child_life_time": "130s", "rekey_time": "1000s"},
+        b_over={"child_rekey_time": "1000s", "child_life_time": "1300s", "rekey_time": "10000s"},
+    )
+    sa_a = a.engine.sas[ike]
+    sa_a.children[child].rekey_at = net.now + 2  # falls due while the IKE rekey is retransmitted
+    lost: list[int] = []
+
+    def lose_first_ike_rekey(d: Any) -> bool:
+        h = parse_header(d.data)
+        if h.exchange == ExchangeType.CREATE_CHILD_SA and not h.is_response and not lost:
+            lost.append(1)
+            return True
+        return False
+
+    net.drop = lose_first_ike_rekey
+    a.engine.rekey_ike(ike, net.now)
+    net.advance(10)
+    assert lost and sa_a.counters.get("retransmits") == 1
+    assert a.of(IkeSaRekeyed) and a.of(ChildSaRekeyed) and b.of(ChildSaRekeyed)
+    net.advance(200)  # well past the old Child SA's hard lifetime
+    ca, cb = live_children(a), live_children(b)
+    assert len(ca) == 1 and len(cb) == 1 and ca[0].spi_in == cb[0].spi_out
+    assert not [e for e in a.events if isinstance(e, ChildSaDeleted) and "hard lifetime" in e.reason]

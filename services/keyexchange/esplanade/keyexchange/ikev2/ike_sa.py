@@ -876,10 +876,20 @@ class IkeSa:
         self.emit(IkeSaDeleted(self.id, reason))
 
     def adopt_children(self, old: IkeSa) -> None:
-        """After an IKE rekey the Child SAs move to the new IKE SA (§2.18)."""
+        """After an IKE rekey the Child SAs move to the new IKE SA (§2.18), and with them the
+        queued exchanges about them (creating, rekeying, deleting): on the old IKE SA they
+        could never start, and a Child SA whose rekey was lost that way ran into its hard
+        lifetime. Exchanges of the old IKE SA itself (its delete, DPD, follow-ups) stay."""
+        from esplanade.keyexchange.ikev2.tasks.child_create import ChildCreate
+        from esplanade.keyexchange.ikev2.tasks.child_delete import ChildDelete
+
         for cid, c in list(old.children.items()):
             self.children[cid] = c
         old.children.clear()
+        moving = [t for t in old.queue if isinstance(t, ChildCreate | ChildDelete)]
+        if moving:
+            old.queue = deque(t for t in old.queue if not isinstance(t, ChildCreate | ChildDelete))
+            self.queue.extend(moving)
         self.peer_id = old.peer_id
         self.peer_certs = old.peer_certs
         self.peer_fragmentation = old.peer_fragmentation
