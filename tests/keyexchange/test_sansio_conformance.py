@@ -15,6 +15,7 @@ from esplanade.keyexchange.ikev2.events import (
     ChildSaDeleted,
     ChildSaEstablished,
     ChildSaRekeyed,
+    IkeSaDeleted,
     IkeSaRekeyed,
     NegotiationFailed,
 )
@@ -393,3 +394,20 @@ def test_a_child_rekey_due_during_our_ike_rekey_runs_on_the_new_ike_sa() -> None
     ca, cb = live_children(a), live_children(b)
     assert len(ca) == 1 and len(cb) == 1 and ca[0].spi_in == cb[0].spi_out
     assert not [e for e in a.events if isinstance(e, ChildSaDeleted) and "hard lifetime" in e.reason]
+
+
+def test_an_ike_sa_at_its_hard_lifetime_tells_the_peer() -> None:
+    """An IKE SA that reaches its hard lifetime (its rekeys failed) is deleted with a DELETE to
+    the peer (§1.4.1; strongSwan does the same), without waiting for the answer: the lifetime is
+    hard. Before, it vanished silently and the peer kept the IKE SA and its Child SAs, sending
+    into SAs we no longer had, until its DPD or its own lifetime noticed."""
+    net, a, b, _ike, _child = established(a_over={"rekey_time": "100s", "over_time": "20s", "rand_time": "10s"})
+    sa_b = next(iter(b.engine.sas.values()))
+    sa_b.config = ConnectionConfig.from_dict("ab", conn("b", proposals=["aes128gcm16-prfsha256-modp2048"]))
+    net.advance(130)  # the IKE rekeys are refused (NO_PROPOSAL_CHOSEN); the hard lifetime is 120 s
+    failed = [e for e in a.of(NegotiationFailed) if e.exchange == "ike_rekey"]
+    assert failed and failed[0].notify == NotifyType.NO_PROPOSAL_CHOSEN
+    assert [e.reason for e in a.of(IkeSaDeleted)] == ["IKE SA hard lifetime expired"]
+    assert not a.engine.sas
+    assert [e.reason for e in b.of(IkeSaDeleted)] == ["deleted by peer"]
+    assert not b.engine.sas and not live_children(b)

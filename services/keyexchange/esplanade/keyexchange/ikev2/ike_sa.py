@@ -56,7 +56,7 @@ from esplanade.keyexchange.ikev2.message import (
     open_fragment,
     open_message,
 )
-from esplanade.keyexchange.ikev2.payloads import NotifyPayload, Payload, SkfPayload
+from esplanade.keyexchange.ikev2.payloads import DeletePayload, NotifyPayload, Payload, SkfPayload
 from esplanade.keyexchange.ikev2.proposals import Suite
 
 if TYPE_CHECKING:
@@ -438,6 +438,9 @@ class IkeSa:
         from esplanade.keyexchange.ikev2.tasks import child_rekey, ike_dpd, ike_reauth, ike_rekey
 
         if self.expire_at is not None and now >= self.expire_at:
+            # §1.4.1: the peer learns of it (as from strongSwan), but the lifetime is hard: the
+            # DELETE goes once and we do not wait for its answer
+            self.send_oneshot([DeletePayload(ProtocolId.IKE)], now)
             self.destroy("IKE SA hard lifetime expired")
             return
         if self.reauth_at is not None and now >= self.reauth_at:
