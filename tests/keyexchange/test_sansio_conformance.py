@@ -22,7 +22,7 @@ from esplanade.keyexchange.ikev2.events import (
 from esplanade.keyexchange.ikev2.ike_sa import IkeSa, IkeState
 from esplanade.keyexchange.ikev2.message import Message, decode_message, encode_plain, parse_header
 from esplanade.keyexchange.ikev2.payloads import NotifyPayload, Payload, UnknownPayload
-from esplanade.keyexchange.ikev2.tasks import child_create, child_negotiation, ike_rekey
+from esplanade.keyexchange.ikev2.tasks import child_create, child_negotiation, child_rekey, ike_rekey
 from esplanade.keyexchange.ikev2.tasks.ike_dpd import IkeDpd
 from tests.keyexchange.memnet import MemNet, Node
 from tests.keyexchange.peers import A_IP, B_IP, conn, pair
@@ -411,3 +411,29 @@ def test_an_ike_sa_at_its_hard_lifetime_tells_the_peer() -> None:
     assert not a.engine.sas
     assert [e.reason for e in b.of(IkeSaDeleted)] == ["deleted by peer"]
     assert not b.engine.sas and not live_children(b)
+
+
+def test_a_new_child_refused_with_temporary_failure_is_retried_later_not_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """§2.25: after TEMPORARY_FAILURE the initiator retries later. Before, a new Child SA was
+    re-queued at once: against a peer that keeps refusing for a while (closing or rekeying its
+    IKE SA) the two ping-ponged requests at network speed (here the network never settled)."""
+    net, a, _b, ike, _child = established()
+    original = child_create.ChildCreate.process_request
+    refusing = [True]
+
+    def process_request(self: Any, sa: IkeSa, msg: Message, now: float) -> list[Payload] | None:
+        if refusing[0] and not sa.initiator and not isinstance(self, child_rekey.ChildRekey):
+            return [NotifyPayload(NotifyType.TEMPORARY_FAILURE)]
+        return original(self, sa, msg, now)
+
+    monkeypatch.setattr(child_create.ChildCreate, "process_request", process_request)
+    before = requests_from(net, A_IP, ExchangeType.CREATE_CHILD_SA)
+    a.engine.create_child(ike, "net", net.now)
+    net.advance(20)
+    tries = requests_from(net, A_IP, ExchangeType.CREATE_CHILD_SA) - before
+    assert 2 <= tries <= 21, tries  # one every 1-5 s
+    refusing[0] = False
+    net.advance(6)
+    assert len(live_children(a)) == 2

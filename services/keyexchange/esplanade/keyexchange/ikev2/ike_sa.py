@@ -237,6 +237,7 @@ class IkeSa:
         self.next_peer_id = 0
         self.outstanding: Outstanding | None = None
         self.queue: deque[Task] = deque()
+        self.deferred: list[tuple[float, Task]] = []  # (when, task): queued then (retries, §2.25)
         self.cached_response: tuple[int, list[Datagram]] | None = None
         self.last_request_digest = b""
         self._first_fragment_digest = b""
@@ -385,6 +386,7 @@ class IkeSa:
                 self.created_at + HALF_OPEN_TIMEOUT if self.state == IkeState.INIT_DONE else None,
                 self.held.deadline if self.held is not None else None,
                 min((d for _, d in self.deletes_after_install.values()), default=None),
+                min((when for when, _ in self.deferred), default=None),
                 min((r.started for r in self.reassembly.values()), default=-FRAGMENT_TIMEOUT) + FRAGMENT_TIMEOUT
                 if self.reassembly
                 else None,
@@ -433,6 +435,10 @@ class IkeSa:
             self.count("retransmits")
             for d in o.datagrams:
                 self._datagrams.append(self._with_endpoints(d))
+        if self.deferred:
+            due = [task for when, task in self.deferred if now >= when]
+            self.deferred = [(when, task) for when, task in self.deferred if now < when]
+            self.queue.extend(due)
         if not self.established:
             return
         from esplanade.keyexchange.ikev2.tasks import child_rekey, ike_dpd, ike_reauth, ike_rekey
@@ -480,6 +486,11 @@ class IkeSa:
     # -- commands ---------------------------------------------------------------------------
     def queue_task(self, task: Task) -> None:
         self.queue.append(task)
+
+    def defer_task(self, task: Task, when: float) -> None:
+        """Queue `task` at `when`, e.g. a retry after TEMPORARY_FAILURE (§2.25: retry later,
+        not at once, or the two peers ping-pong for as long as the refusal lasts)."""
+        self.deferred.append((when, task))
 
     def run_queue(self, now: float) -> None:
         """Start the next queued exchange if none is outstanding (window size 1)."""
@@ -875,6 +886,7 @@ class IkeSa:
         self.state = IkeState.DELETED
         self.outstanding = None
         self.queue.clear()
+        self.deferred.clear()
         self.held = None
         self.emit(IkeSaDeleted(self.id, reason))
 
@@ -893,6 +905,8 @@ class IkeSa:
         if moving:
             old.queue = deque(t for t in old.queue if not isinstance(t, ChildCreate | ChildDelete))
             self.queue.extend(moving)
+        self.deferred += [(when, t) for when, t in old.deferred if isinstance(t, ChildCreate | ChildDelete)]
+        old.deferred = [(when, t) for when, t in old.deferred if not isinstance(t, ChildCreate | ChildDelete)]
         self.peer_id = old.peer_id
         self.peer_certs = old.peer_certs
         self.peer_fragmentation = old.peer_fragmentation

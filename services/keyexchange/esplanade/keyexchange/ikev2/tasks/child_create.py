@@ -179,8 +179,9 @@ class ChildCreate(Task):
         ike.emit(NegotiationFailed(ike.id, exc.notify, exc.reason, self.name, self.child))
 
     def on_temporary_failure(self, ike: IkeSa, now: float) -> None:
-        # §2.25: retry later
-        ike.queue_task(type(self)(self.child) if self.rekey_of is None else self)
+        # §2.25: retry later, after a short random delay (as a Child SA rekey does)
+        retry = type(self)(self.child) if self.rekey_of is None else self
+        ike.defer_task(retry, now + ike.hooks.rng.uniform(1.0, 5.0))
 
     # -- responder ----------------------------------------------------------------------------
     def process_request(self, ike: IkeSa, msg: Message, now: float) -> list[Payload] | None:
