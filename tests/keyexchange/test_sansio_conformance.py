@@ -413,6 +413,27 @@ def test_an_ike_sa_at_its_hard_lifetime_tells_the_peer() -> None:
     assert not b.engine.sas and not live_children(b)
 
 
+def test_a_create_child_sa_while_we_delete_the_ike_sa_gets_temporary_failure() -> None:
+    """§2.25.2: a request to create or rekey a Child SA (or the IKE SA) that arrives while we
+    are closing the IKE SA SHOULD get TEMPORARY_FAILURE. The dispatch meant to (Refuse in
+    DELETING) but the state table let no CREATE_CHILD_SA through in DELETING: the request was
+    dropped unanswered (`requests_in_wrong_state`) and the peer's message ID window stalled."""
+    net, a, b, ike, _child = established()
+    sa_a = a.engine.sas[ike]
+    sa_b = next(iter(b.engine.sas.values()))
+    a.engine.delete_ike(ike, net.now)
+    assert sa_a.state == IkeState.DELETING
+    net.collect(a)
+    net.in_flight.clear()  # a's DELETE is lost: a stays in DELETING for the moment
+    b.engine.create_child(sa_b.id, "net", net.now)
+    net.run()
+    assert sa_a.counters.get("refused_temporary_failure") == 1
+    assert sa_a.counters.get("requests_in_wrong_state") is None
+    assert sa_a.next_peer_id == sa_b.next_request_id
+    net.advance(60)  # a's retransmitted DELETE closes both
+    assert not a.engine.sas and not b.engine.sas
+
+
 def test_a_new_child_refused_with_temporary_failure_is_retried_later_not_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -90,7 +90,8 @@ ALLOWED_REQUESTS: dict[IkeState, frozenset[int]] = {
         {ExchangeType.CREATE_CHILD_SA, ExchangeType.INFORMATIONAL, ExchangeType.IKE_FOLLOWUP_KE}
     ),
     IkeState.REKEYED: frozenset({ExchangeType.INFORMATIONAL, ExchangeType.CREATE_CHILD_SA}),
-    IkeState.DELETING: frozenset({ExchangeType.INFORMATIONAL}),
+    # CREATE_CHILD_SA: answered TEMPORARY_FAILURE while we close the IKE SA (§2.25.2, tasks/dispatch.py)
+    IkeState.DELETING: frozenset({ExchangeType.INFORMATIONAL, ExchangeType.CREATE_CHILD_SA}),
     IkeState.DELETED: frozenset(),
 }
 TRANSITIONS: dict[IkeState, frozenset[IkeState]] = {
