@@ -458,3 +458,29 @@ def test_a_new_child_refused_with_temporary_failure_is_retried_later_not_at_once
     refusing[0] = False
     net.advance(6)
     assert len(live_children(a)) == 2
+
+
+@pytest.mark.parametrize("rekeyed_by", ["us", "peer"])
+def test_an_ike_rekey_waits_for_the_delete_of_a_rekeyed_child_held_for_its_install_ack(rekeyed_by: str) -> None:
+    """With ack_initiator_installs the DELETE of a rekeyed Child SA waits for the dataplane's
+    ack of the new one: the Child SA rekey is not over until then (§2.25.1: no IKE rekey
+    meanwhile, ours waits, the peer's gets TEMPORARY_FAILURE). Before, the IKE rekey ran, the
+    Child SAs moved to the new IKE SA and the pending DELETE stayed with the old one, which was
+    gone when the ack (or its timeout) came: the old Child SA, keys and all, stayed installed on
+    both sides until its hard lifetime."""
+    net, a, b, ike, child = established(ack_initiator_installs=True)
+    a.engine.rekey_child(ike, child, net.now)
+    net.run()
+    sa_a = a.engine.sas[ike]
+    ((new_child, _),) = sa_a.deletes_after_install.items()
+    if rekeyed_by == "us":
+        a.engine.rekey_ike(ike, net.now)
+    else:
+        b.engine.rekey_ike(next(iter(b.engine.sas)), net.now)
+    net.run()
+    assert not a.of(IkeSaRekeyed)
+    a.engine.inbound_sa_installed(ike, new_child, net.now)
+    net.advance(15)
+    assert a.of(IkeSaRekeyed) and b.of(IkeSaRekeyed)
+    ca, cb = live_children(a), live_children(b)
+    assert [c.id for c in ca] == [new_child] and len(cb) == 1 and ca[0].spi_in == cb[0].spi_out

@@ -108,7 +108,8 @@ class IkeRekey(Task):
     def can_start(self, ike: IkeSa) -> bool:
         if self.initiated and ike.ike_rekey_task is self and ike.state == IkeState.REKEYING:
             return True  # our own retry after INVALID_KE_PAYLOAD: the rekey is still in progress
-        if ike.state != IkeState.ESTABLISHED or ike.rekeying_children:
+        # a Child SA rekey is over once the old SA is deleted, which may wait for an install ack
+        if ike.state != IkeState.ESTABLISHED or ike.rekeying_children or ike.deletes_after_install:
             if ike.state == IkeState.ESTABLISHED:
                 ike.queue_task(IkeRekey())  # try again after the child exchange
             return False
@@ -248,6 +249,7 @@ class IkeRekey(Task):
     def process_request(self, ike: IkeSa, msg: Message, now: float) -> list[Payload] | None:
         if (
             ike.rekeying_children
+            or ike.deletes_after_install  # our Child SA rekey still has its old SA to delete
             or _child_exchange_in_flight(ike)
             or ike.state not in (IkeState.ESTABLISHED, IkeState.REKEYING)
         ):
