@@ -13,6 +13,7 @@ import heapq
 import ipaddress
 import os
 import random
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -20,15 +21,18 @@ from collections.abc import Callable, Iterable
 from esplanade.ipsec.selectors import IPAddress
 from esplanade.keyexchange.config import ConnectionConfig, PoolConfig
 from esplanade.keyexchange.ikev2.access import AccessGrant
-from esplanade.keyexchange.ikev2.constants import IKE_HEADER_LEN, NATT_PORT, ExchangeType, NotifyType
+from esplanade.keyexchange.ikev2.constants import IKE_HEADER_LEN, NATT_PORT, ExchangeType, HeaderFlag, NotifyType
 from esplanade.keyexchange.ikev2.cookies import CookieJar
-from esplanade.keyexchange.ikev2.errors import IkeError, ParseError
+from esplanade.keyexchange.ikev2.errors import IkeError, InvalidMajorVersion, ParseError, UnsupportedCriticalPayload
 from esplanade.keyexchange.ikev2.events import Address, Datagram, Event, IkeSaDeleted, IkeSaEstablished
-from esplanade.keyexchange.ikev2.ike_sa import EngineHooks, IkeSa, IkeState
+from esplanade.keyexchange.ikev2.ike_sa import EngineHooks, IkeSa, IkeState, notify_data_of
 from esplanade.keyexchange.ikev2.message import Message, decode_message, encode_plain, parse_header
 from esplanade.keyexchange.ikev2.payloads import NoncePayload, NotifyPayload, notify_of
 
 MAX_DATAGRAM = 65535
+# the fields every IKE major version keeps in place (RFC 7296 §3.1): SPIs, next payload,
+# version, exchange type, flags, Message ID
+_V_ANY_HEADER = struct.Struct("!8s8sBBBBI")
 
 
 class IkeDispatcher:
@@ -237,6 +241,10 @@ class IkeDispatcher:
             return
         try:
             hdr = parse_header(data)
+        except InvalidMajorVersion:
+            self.count("dropped_bad_header")
+            self._answer_higher_major_version(data, local, remote)
+            return
         except ParseError:
             self.count("dropped_bad_header")
             return
@@ -266,6 +274,15 @@ class IkeDispatcher:
             return
         try:
             msg = decode_message(data)
+        except UnsupportedCriticalPayload as exc:
+            # §2.5: rejected, and the response MUST say so; stateless, like a COOKIE
+            self.count("dropped_parse_errors")
+            hdr = parse_header(data)
+            if hdr.spi_r == bytes(8) and hdr.message_id == 0:
+                self.count("unsupported_critical_sent")
+                notify = NotifyPayload(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD, notify_data_of(exc))
+                self._answer_unprotected(hdr.spi_i, hdr.spi_r, hdr.exchange, hdr.message_id, notify, local, remote)
+            return
         except ParseError:
             self.count("dropped_parse_errors")
             return
@@ -315,6 +332,36 @@ class IkeDispatcher:
         self._half_open_add(key, sa)
         sa.receive_message(msg, local, remote, now)
         self._collect(sa, now)
+
+    def _answer_higher_major_version(self, data: bytes, local: Address, remote: Address) -> None:
+        """§2.5, §1.5: an IKE_SA_INIT request of a higher major version SHOULD get an unprotected
+        INVALID_MAJOR_VERSION (our version in the header). Never for a response (no loops) nor
+        for a lower major version (IKEv1 is not ours to answer)."""
+        spi_i, spi_r, _next, version, exchange, flags, message_id = _V_ANY_HEADER.unpack_from(data)
+        if (
+            not self.responder
+            or version >> 4 <= 2
+            or exchange != ExchangeType.IKE_SA_INIT
+            or flags & HeaderFlag.RESPONSE
+        ):
+            return
+        self.count("invalid_major_version_sent")
+        notify = NotifyPayload(NotifyType.INVALID_MAJOR_VERSION)
+        self._answer_unprotected(spi_i, spi_r, exchange, message_id, notify, local, remote)
+
+    def _answer_unprotected(
+        self,
+        spi_i: bytes,
+        spi_r: bytes,
+        exchange: int,
+        message_id: int,
+        notify: NotifyPayload,
+        local: Address,
+        remote: Address,
+    ) -> None:
+        """A response outside any IKE SA (§1.5): the request's SPIs, exchange and Message ID."""
+        reply = Message(spi_i, spi_r, exchange, message_id, from_initiator=False, response=True, payloads=[notify])
+        self._datagrams.append(Datagram(encode_plain(reply), local, remote, local[1] == NATT_PORT))
 
     def _cookie_required(self, ip: str) -> bool:
         if self.cookie_threshold and self.half_open_count() >= self.cookie_threshold:

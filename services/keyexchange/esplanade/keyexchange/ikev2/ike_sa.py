@@ -35,7 +35,7 @@ from esplanade.keyexchange.ikev2.constants import NATT_PORT, ExchangeType, Notif
 from esplanade.keyexchange.ikev2.crypto.keymat import IkeKeys, derive_ike_keys, sk_ciphers
 from esplanade.keyexchange.ikev2.crypto.prf import PRFS, Prf
 from esplanade.keyexchange.ikev2.crypto.sk import SkCipher
-from esplanade.keyexchange.ikev2.errors import IkeError, IntegrityCheckFailed, ParseError
+from esplanade.keyexchange.ikev2.errors import IkeError, IntegrityCheckFailed, ParseError, UnsupportedCriticalPayload
 from esplanade.keyexchange.ikev2.events import (
     Address,
     ChildSaDeleted,
@@ -56,7 +56,7 @@ from esplanade.keyexchange.ikev2.message import (
     open_fragment,
     open_message,
 )
-from esplanade.keyexchange.ikev2.payloads import NotifyPayload, Payload, SkfPayload
+from esplanade.keyexchange.ikev2.payloads import DeletePayload, NotifyPayload, Payload, SkfPayload
 from esplanade.keyexchange.ikev2.proposals import Suite
 
 if TYPE_CHECKING:
@@ -90,7 +90,8 @@ ALLOWED_REQUESTS: dict[IkeState, frozenset[int]] = {
         {ExchangeType.CREATE_CHILD_SA, ExchangeType.INFORMATIONAL, ExchangeType.IKE_FOLLOWUP_KE}
     ),
     IkeState.REKEYED: frozenset({ExchangeType.INFORMATIONAL, ExchangeType.CREATE_CHILD_SA}),
-    IkeState.DELETING: frozenset({ExchangeType.INFORMATIONAL}),
+    # CREATE_CHILD_SA: answered TEMPORARY_FAILURE while we close the IKE SA (§2.25.2, tasks/dispatch.py)
+    IkeState.DELETING: frozenset({ExchangeType.INFORMATIONAL, ExchangeType.CREATE_CHILD_SA}),
     IkeState.DELETED: frozenset(),
 }
 TRANSITIONS: dict[IkeState, frozenset[IkeState]] = {
@@ -237,6 +238,7 @@ class IkeSa:
         self.next_peer_id = 0
         self.outstanding: Outstanding | None = None
         self.queue: deque[Task] = deque()
+        self.deferred: list[tuple[float, Task]] = []  # (when, task): queued then (retries, §2.25)
         self.cached_response: tuple[int, list[Datagram]] | None = None
         self.last_request_digest = b""
         self._first_fragment_digest = b""
@@ -385,6 +387,7 @@ class IkeSa:
                 self.created_at + HALF_OPEN_TIMEOUT if self.state == IkeState.INIT_DONE else None,
                 self.held.deadline if self.held is not None else None,
                 min((d for _, d in self.deletes_after_install.values()), default=None),
+                min((when for when, _ in self.deferred), default=None),
                 min((r.started for r in self.reassembly.values()), default=-FRAGMENT_TIMEOUT) + FRAGMENT_TIMEOUT
                 if self.reassembly
                 else None,
@@ -433,11 +436,18 @@ class IkeSa:
             self.count("retransmits")
             for d in o.datagrams:
                 self._datagrams.append(self._with_endpoints(d))
+        if self.deferred:
+            due = [task for when, task in self.deferred if now >= when]
+            self.deferred = [(when, task) for when, task in self.deferred if now < when]
+            self.queue.extend(due)
         if not self.established:
             return
         from esplanade.keyexchange.ikev2.tasks import child_rekey, ike_dpd, ike_reauth, ike_rekey
 
         if self.expire_at is not None and now >= self.expire_at:
+            # §1.4.1: the peer learns of it (as from strongSwan), but the lifetime is hard: the
+            # DELETE goes once and we do not wait for its answer
+            self.send_oneshot([DeletePayload(ProtocolId.IKE)], now)
             self.destroy("IKE SA hard lifetime expired")
             return
         if self.reauth_at is not None and now >= self.reauth_at:
@@ -478,9 +488,19 @@ class IkeSa:
     def queue_task(self, task: Task) -> None:
         self.queue.append(task)
 
+    def defer_task(self, task: Task, when: float) -> None:
+        """Queue `task` at `when`, e.g. a retry after TEMPORARY_FAILURE (§2.25: retry later,
+        not at once, or the two peers ping-pong for as long as the refusal lasts)."""
+        self.deferred.append((when, task))
+
     def run_queue(self, now: float) -> None:
         """Start the next queued exchange if none is outstanding (window size 1)."""
-        while self.outstanding is None and self.queue and self.state != IkeState.DELETED:
+        # Each queued task is tried once per call: one that cannot start may queue a successor
+        # (an IKE rekey waiting for a Child SA rekey), which waits for the next call instead of
+        # spinning here forever should its condition not clear.
+        tries = len(self.queue)
+        while self.outstanding is None and self.queue and self.state != IkeState.DELETED and tries > 0:
+            tries -= 1
             task = self.queue.popleft()
             if not task.can_start(self):
                 continue
@@ -621,7 +641,7 @@ class IkeSa:
         authenticated = msg.encrypted and bool(msg.inner_plain)
         if not msg.response and authenticated and exc.notify is not None and msg.message_id == self.next_peer_id:
             self.next_peer_id += 1
-            self.send_response(msg.message_id, msg.exchange, [NotifyPayload(exc.notify)])
+            self.send_response(msg.message_id, msg.exchange, [NotifyPayload(exc.notify, notify_data_of(exc))])
 
     def _decrypt(self, msg: Message, now: float) -> bool:
         """Open the SK/SKF payload; False while fragments are missing. Raises on ICV failure."""
@@ -867,14 +887,27 @@ class IkeSa:
         self.state = IkeState.DELETED
         self.outstanding = None
         self.queue.clear()
+        self.deferred.clear()
         self.held = None
         self.emit(IkeSaDeleted(self.id, reason))
 
     def adopt_children(self, old: IkeSa) -> None:
-        """After an IKE rekey the Child SAs move to the new IKE SA (§2.18)."""
+        """After an IKE rekey the Child SAs move to the new IKE SA (§2.18), and with them the
+        queued exchanges about them (creating, rekeying, deleting): on the old IKE SA they
+        could never start, and a Child SA whose rekey was lost that way ran into its hard
+        lifetime. Exchanges of the old IKE SA itself (its delete, DPD, follow-ups) stay."""
+        from esplanade.keyexchange.ikev2.tasks.child_create import ChildCreate
+        from esplanade.keyexchange.ikev2.tasks.child_delete import ChildDelete
+
         for cid, c in list(old.children.items()):
             self.children[cid] = c
         old.children.clear()
+        moving = [t for t in old.queue if isinstance(t, ChildCreate | ChildDelete)]
+        if moving:
+            old.queue = deque(t for t in old.queue if not isinstance(t, ChildCreate | ChildDelete))
+            self.queue.extend(moving)
+        self.deferred += [(when, t) for when, t in old.deferred if isinstance(t, ChildCreate | ChildDelete)]
+        old.deferred = [(when, t) for when, t in old.deferred if not isinstance(t, ChildCreate | ChildDelete)]
         self.peer_id = old.peer_id
         self.peer_certs = old.peer_certs
         self.peer_fragmentation = old.peer_fragmentation
@@ -889,6 +922,14 @@ class IkeSa:
             if isinstance(p, NotifyPayload) and p.type < 16384:
                 return p
         return None
+
+
+def notify_data_of(exc: ParseError) -> bytes:
+    """The Notification Data of the error notify answering `exc`: §3.10.1 wants the one-octet
+    payload type in UNSUPPORTED_CRITICAL_PAYLOAD, nothing in the others we send."""
+    if isinstance(exc, UnsupportedCriticalPayload):
+        return bytes((exc.payload_type,))
+    return b""
 
 
 def _digest(raw: bytes) -> bytes:

@@ -154,6 +154,7 @@ def quiescent(sa: Any) -> bool:
     return (
         sa.outstanding is None
         and not sa.queue
+        and not sa.deferred
         and sa.held is None
         and not sa.active_responder_tasks
         and not sa.rekeying_children

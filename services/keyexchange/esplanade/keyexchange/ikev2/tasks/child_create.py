@@ -89,9 +89,15 @@ class ChildCreate(Task):
         bad_ke = next(
             (p for p in msg.payloads if isinstance(p, NotifyPayload) and p.type == NotifyType.INVALID_KE_PAYLOAD), None
         )
-        if bad_ke is not None and self.retries < 2 and len(bad_ke.data) >= 2:
+        wanted = struct.unpack("!H", bad_ke.data[:2])[0] if bad_ke is not None and len(bad_ke.data) >= 2 else 0
+        # §1.3 / §2.7: retry only with a group we offered; anything else fails the exchange below
+        try:
+            offered = {int(m) for p in ike.config.child(self.child).proposals for m in p.ke}
+        except KeyError:  # the child config went away meanwhile
+            offered = set()
+        if bad_ke is not None and wanted in offered and wanted != self.ke_method and self.retries < 2:
             self.retries += 1
-            self.ke_method = struct.unpack("!H", bad_ke.data[:2])[0]
+            self.ke_method = wanted
             return True
         temp = next(
             (p for p in msg.payloads if isinstance(p, NotifyPayload) and p.type == NotifyType.TEMPORARY_FAILURE), None
@@ -118,6 +124,7 @@ class ChildCreate(Task):
             if suite.additional_ke and (link is None or not shared):
                 raise NegotiationError(NotifyType.INVALID_SYNTAX, "additional key exchanges without KE or link")
         except NegotiationError as exc:
+            cn.delete_refused_child(ike, msg, self.spi_in, self.offered)
             self.on_failure(ike, exc, now)
             return False
         self.peer_nonce = nonce.data
@@ -172,8 +179,9 @@ class ChildCreate(Task):
         ike.emit(NegotiationFailed(ike.id, exc.notify, exc.reason, self.name, self.child))
 
     def on_temporary_failure(self, ike: IkeSa, now: float) -> None:
-        # §2.25: retry later
-        ike.queue_task(type(self)(self.child) if self.rekey_of is None else self)
+        # §2.25: retry later, after a short random delay (as a Child SA rekey does)
+        retry = type(self)(self.child) if self.rekey_of is None else self
+        ike.defer_task(retry, now + ike.hooks.rng.uniform(1.0, 5.0))
 
     # -- responder ----------------------------------------------------------------------------
     def process_request(self, ike: IkeSa, msg: Message, now: float) -> list[Payload] | None:

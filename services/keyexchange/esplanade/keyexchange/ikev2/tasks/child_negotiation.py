@@ -236,6 +236,27 @@ def initiator_verify(
     return suite, spi_out, tuple(tsi_p.selectors), tuple(tsr_p.selectors), mode
 
 
+def responder_created_child(msg: Message) -> bool:
+    """The response chose a Child SA (no error notify, one proposal with its SPI): the responder
+    created and installed it, whether or not we accept its choice."""
+    if any(isinstance(p, NotifyPayload) and p.type < 16384 for p in msg.payloads):
+        return False
+    sa = _get(msg, SaPayload)
+    return isinstance(sa, SaPayload) and len(sa.proposals) == 1 and len(sa.proposals[0].spi) == 4
+
+
+def delete_refused_child(ike: IkeSa, msg: Message, spi_in: int, offered: list[Proposal]) -> None:
+    """Initiator: we refuse the Child SA the responder chose. If it created one, delete it next
+    (as strongSwan's child_create does): otherwise it sends into an SA we do not have, and the
+    Child SA it replaced, waiting for our DELETE, is never rekeyed again."""
+    if not responder_created_child(msg) or not offered:
+        return
+    from esplanade.keyexchange.ikev2.tasks.child_delete import ChildDelete
+
+    protocol = ProtocolId(offered[0].protocol)
+    ike.queue.appendleft(ChildDelete([spi_in], quiet=True, reason="refused at creation", protocol=protocol))
+
+
 def make_child(
     ike: IkeSa,
     cfg_name: str,

@@ -40,7 +40,16 @@ class ChildRekey(ChildCreate):
 
     def can_start(self, ike: IkeSa) -> bool:
         old = ike.children.get(self.old_child_id)
-        if ike.state != IkeState.ESTABLISHED or old is None or old.state != ChildState.INSTALLED:
+        if ike.state != IkeState.ESTABLISHED or old is None:
+            return False
+        if old.state == ChildState.REKEYING and ike.rekeying_children.get(old.id) is self:
+            return True  # our own retry after INVALID_KE_PAYLOAD: the Child SA is still ours to rekey
+        if old.state != ChildState.INSTALLED:
+            return False
+        if not any(c.name == old.name for c in ike.config.children):
+            # its child config is gone (state restored under a newer connection config): nothing to
+            # build the request from; the Child SA runs to its hard lifetime instead
+            ike.count("rekeys_without_child_config")
             return False
         self.rekey_of = old
         self.child = old.name

@@ -207,6 +207,7 @@ class IkeAuth(Task):
                 tsi = cn.initiator_ts(ike, ike.config.child(self.child))[0] + tsi
             suite, spi_out, got_tsi, got_tsr, mode = cn.initiator_verify(msg, self.offered, tsi, tsr, ignore_ke=True)
         except NegotiationError as exc:
+            cn.delete_refused_child(ike, msg, self.spi_in, self.offered)
             ike.emit(NegotiationFailed(ike.id, exc.notify, exc.reason, self.name, self.child))
             return
         child = cn.make_child(

@@ -40,6 +40,21 @@ def _specs(ike: IkeSa) -> list[ProposalSpec]:
     return list(ike.config.proposals)
 
 
+def _child_exchange_in_flight(ike: IkeSa) -> bool:
+    """Our request creating, rekeying or deleting a Child SA awaits its response (or its
+    IKE_FOLLOWUP_KE exchanges run). §2.25.1: a request to rekey the IKE SA then gets
+    TEMPORARY_FAILURE; answered, the Child SAs would move to the new IKE SA while our exchange
+    finishes on the old one (a new Child SA lost, a deleted one kept)."""
+    from esplanade.keyexchange.ikev2.tasks.child_create import ChildCreate
+    from esplanade.keyexchange.ikev2.tasks.child_delete import ChildDelete
+    from esplanade.keyexchange.ikev2.tasks.ike_followup_ke import FollowupKe
+
+    task = ike.outstanding.task if ike.outstanding is not None else None
+    if isinstance(task, FollowupKe):
+        return isinstance(task.owner, ChildCreate)
+    return isinstance(task, ChildCreate | ChildDelete)
+
+
 def _new_sa(
     old: IkeSa,
     initiator: bool,
@@ -91,7 +106,10 @@ class IkeRekey(Task):
         self.initiated = False
 
     def can_start(self, ike: IkeSa) -> bool:
-        if ike.state != IkeState.ESTABLISHED or ike.rekeying_children:
+        if self.initiated and ike.ike_rekey_task is self and ike.state == IkeState.REKEYING:
+            return True  # our own retry after INVALID_KE_PAYLOAD: the rekey is still in progress
+        # a Child SA rekey is over once the old SA is deleted, which may wait for an install ack
+        if ike.state != IkeState.ESTABLISHED or ike.rekeying_children or ike.deletes_after_install:
             if ike.state == IkeState.ESTABLISHED:
                 ike.queue_task(IkeRekey())  # try again after the child exchange
             return False
@@ -126,9 +144,17 @@ class IkeRekey(Task):
     def process_response(self, ike: IkeSa, msg: Message, now: float) -> bool:
         err = ike.notify_error_in(msg)
         if err is not None:
-            if err.type == NotifyType.INVALID_KE_PAYLOAD and len(err.data) >= 2 and self.retries < 2:
+            wanted = int.from_bytes(err.data[:2], "big") if len(err.data) >= 2 else 0
+            # §1.3.2 / §2.7: retry only with a group we offered (anything else is the peer's error)
+            offered = {int(m) for s in _specs(ike) for m in s.ke}
+            if (
+                err.type == NotifyType.INVALID_KE_PAYLOAD
+                and wanted in offered
+                and wanted != self.ke_method
+                and self.retries < 2
+            ):
                 self.retries += 1
-                self.ke_method = int.from_bytes(err.data[:2], "big")
+                self.ke_method = wanted
                 return True
             self._abort(ike)
             if err.type == NotifyType.TEMPORARY_FAILURE:
@@ -221,7 +247,12 @@ class IkeRekey(Task):
 
     # -- responder ----------------------------------------------------------------------------
     def process_request(self, ike: IkeSa, msg: Message, now: float) -> list[Payload] | None:
-        if ike.rekeying_children or ike.state not in (IkeState.ESTABLISHED, IkeState.REKEYING):
+        if (
+            ike.rekeying_children
+            or ike.deletes_after_install  # our Child SA rekey still has its old SA to delete
+            or _child_exchange_in_flight(ike)
+            or ike.state not in (IkeState.ESTABLISHED, IkeState.REKEYING)
+        ):
             return [NotifyPayload(NotifyType.TEMPORARY_FAILURE)]
         sa = next((p for p in msg.payloads if isinstance(p, SaPayload)), None)
         ke = next((p for p in msg.payloads if isinstance(p, KePayload)), None)
