@@ -484,3 +484,27 @@ def test_an_ike_rekey_waits_for_the_delete_of_a_rekeyed_child_held_for_its_insta
     assert a.of(IkeSaRekeyed) and b.of(IkeSaRekeyed)
     ca, cb = live_children(a), live_children(b)
     assert [c.id for c in ca] == [new_child] and len(cb) == 1 and ca[0].spi_in == cb[0].spi_out
+
+
+def test_an_internal_error_in_one_sas_timer_drops_that_sa_only() -> None:
+    """A bug in one IKE SA's timer must not stop the timers of every other SA (the UDP shell
+    re-arms from the dispatcher's next deadline): the SA goes, counted, and the rest run on."""
+    net, a, _b = pair()
+    first = a.engine.initiate("ab", net.now)
+    net.run()
+    second = a.engine.initiate("ab", net.now)
+    net.run()
+    broken, healthy = a.engine.sas[first], a.engine.sas[second]
+
+    def fails(now: float) -> None:
+        raise RuntimeError("a bug")
+
+    broken.handle_timer = fails  # type: ignore[method-assign]
+    a.engine.rekey_ike(second, net.now)  # gives the healthy SA work its timers must carry
+    net.advance(3600)
+    net.run()
+    assert a.engine.counters.get("timer_internal_errors") == 1
+    assert first not in a.engine.sas
+    assert any(isinstance(e, IkeSaDeleted) and e.ike_sa == first for e in a.events)
+    assert healthy.state in (IkeState.ESTABLISHED, IkeState.REKEYED, IkeState.DELETED)
+    assert any(sa.state == IkeState.ESTABLISHED for sa in a.engine.sas.values())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import heapq
 import ipaddress
+import logging
 import os
 import random
 import struct
@@ -30,6 +31,7 @@ from esplanade.keyexchange.ikev2.message import Message, decode_message, encode_
 from esplanade.keyexchange.ikev2.payloads import NoncePayload, NotifyPayload, notify_of
 
 MAX_DATAGRAM = 65535
+log = logging.getLogger(__name__)
 # the fields every IKE major version keeps in place (RFC 7296 §3.1): SPIs, next payload,
 # version, exchange type, flags, Message ID
 _V_ANY_HEADER = struct.Struct("!8s8sBBBBI")
@@ -200,7 +202,12 @@ class IkeDispatcher:
                 del self._deadlines[sa_id]
                 due.append(self.sas[sa_id])
         for sa in due:
-            sa.handle_timer(now)
+            try:
+                sa.handle_timer(now)
+            except Exception:  # a bug: this SA's state is not to be trusted, the others' timers go on
+                self.count("timer_internal_errors")
+                log.exception("IKE SA %s: internal error in its timer; the SA is dropped", sa.id)
+                sa.destroy("internal error in its timer")
             self._collect(sa, now)
 
     def _schedule(self, sa: IkeSa) -> None:
