@@ -25,19 +25,7 @@ from esplanade.keyexchange.ikev2.payloads import NotifyPayload, Payload, Unknown
 from esplanade.keyexchange.ikev2.tasks import child_create, child_negotiation, child_rekey, ike_rekey
 from esplanade.keyexchange.ikev2.tasks.ike_dpd import IkeDpd
 from tests.keyexchange.memnet import MemNet, Node
-from tests.keyexchange.peers import A_IP, B_IP, conn, pair
-
-
-def established(**kw: object) -> tuple[MemNet, Node, Node, str, str]:
-    net, a, b = pair(**kw)  # type: ignore[arg-type]
-    ike = a.engine.initiate("ab", net.now)
-    net.run()
-    assert a.of(ChildSaEstablished) and b.of(ChildSaEstablished), (a.events, b.events)
-    return net, a, b, ike, a.of(ChildSaEstablished)[0].child_id
-
-
-def live_children(n: Node) -> list:
-    return [c for sa in n.engine.sas.values() for c in sa.children.values()]
+from tests.keyexchange.peers import A_IP, B_IP, assert_children_paired, conn, established, live_children, pair
 
 
 def requests_from(net: MemNet, ip: str, exchange: int) -> int:
@@ -508,3 +496,26 @@ def test_an_internal_error_in_one_sas_timer_drops_that_sa_only() -> None:
     assert any(isinstance(e, IkeSaDeleted) and e.ike_sa == first for e in a.events)
     assert healthy.state in (IkeState.ESTABLISHED, IkeState.REKEYED, IkeState.DELETED)
     assert any(sa.state == IkeState.ESTABLISHED for sa in a.engine.sas.values())
+
+
+def test_our_ike_rekey_waits_while_we_hold_a_response_for_its_install_ack() -> None:
+    """A response held for the dataplane's ack belongs to this IKE SA's window: rekeying the
+    IKE SA meanwhile would move the Child SAs to the new IKE SA and leave the response (and the
+    peer's retransmissions) to the old one. Our IKE rekey waits until the response is sent,
+    without relying on the peer to refuse it (§2.25.1 only says it SHOULD)."""
+    net, a, b, ike, _child = established()
+    b.auto_ack = False
+    a.engine.create_child(ike, "net", net.now)
+    net.run()
+    (held,) = b.held_installs
+    sa_b = b.engine.sas[held.ike_sa]
+    assert sa_b.held is not None
+    b.engine.rekey_ike(held.ike_sa, net.now)
+    net.run()
+    assert requests_from(net, B_IP, ExchangeType.CREATE_CHILD_SA) == 0  # not even asked
+    assert not b.of(IkeSaRekeyed) and sa_b.state == IkeState.ESTABLISHED
+    b.engine.inbound_sa_installed(held.ike_sa, held.child_id, net.now)
+    net.advance(15)
+    assert len(a.of(ChildSaEstablished)) == 2 and len(b.of(ChildSaEstablished)) == 2
+    assert a.of(IkeSaRekeyed) and b.of(IkeSaRekeyed)
+    assert_children_paired(a, b, 2)

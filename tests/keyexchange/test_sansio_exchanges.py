@@ -20,29 +20,8 @@ from esplanade.keyexchange.ikev2.events import (
 )
 from esplanade.keyexchange.ikev2.ike_sa import IkeState
 from esplanade.keyexchange.ikev2.message import parse_header
-from tests.keyexchange.memnet import MemNet, Node
-from tests.keyexchange.peers import conn, pair
-
-
-def established(**kw: object) -> tuple[MemNet, Node, Node, str, str]:
-    net, a, b = pair(**kw)  # type: ignore[arg-type]
-    ike = a.engine.initiate("ab", net.now)
-    net.run()
-    assert a.of(ChildSaEstablished) and b.of(ChildSaEstablished), (a.events, b.events)
-    return net, a, b, ike, a.of(ChildSaEstablished)[0].child_id
-
-
-def live_children(n: Node) -> list:
-    return [c for sa in n.engine.sas.values() for c in sa.children.values()]
-
-
-def assert_children_paired(a: Node, b: Node, count: int = 1) -> None:
-    ca, cb = live_children(a), live_children(b)
-    assert len(ca) == count and len(cb) == count, (ca, cb)
-    assert {(c.spi_in, c.spi_out) for c in ca} == {(c.spi_out, c.spi_in) for c in cb}
-    for c in ca:
-        peer = next(x for x in cb if x.spi_in == c.spi_out)
-        assert c.keys.encr_i == peer.keys.encr_i and c.keys.encr_r == peer.keys.encr_r
+from tests.keyexchange.memnet import MemNet
+from tests.keyexchange.peers import assert_children_paired, conn, established, live_children, pair
 
 
 def test_establish_and_keys_agree() -> None:

@@ -14,8 +14,7 @@ from esplanade.keyexchange.ikev2.events import (
     NegotiationFailed,
 )
 from tests.keyexchange import pki
-from tests.keyexchange.peers import pair
-from tests.keyexchange.test_sansio_exchanges import assert_children_paired, established, live_children
+from tests.keyexchange.peers import assert_children_paired, established, live_children, pair
 
 
 def test_records_validate_and_carry_limits() -> None:

@@ -15,8 +15,7 @@ from esplanade.keyexchange.ikev2.ike_sa import IkeSa, IkeState
 from esplanade.keyexchange.ikev2.ike_sa_state import IV_COUNTER_SKIP, NotQuiescent, StateError
 from esplanade.store.sealing import Keyring, Sealer
 from tests.keyexchange.memnet import MemNet, Node
-from tests.keyexchange.peers import conn
-from tests.keyexchange.test_sansio_exchanges import assert_children_paired, established
+from tests.keyexchange.peers import assert_children_paired, conn, established
 
 WALL = 1_700_000_000.0
 

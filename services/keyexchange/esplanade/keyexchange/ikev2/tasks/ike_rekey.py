@@ -108,8 +108,15 @@ class IkeRekey(Task):
     def can_start(self, ike: IkeSa) -> bool:
         if self.initiated and ike.ike_rekey_task is self and ike.state == IkeState.REKEYING:
             return True  # our own retry after INVALID_KE_PAYLOAD: the rekey is still in progress
-        # a Child SA rekey is over once the old SA is deleted, which may wait for an install ack
-        if ike.state != IkeState.ESTABLISHED or ike.rekeying_children or ike.deletes_after_install:
+        # a Child SA rekey is over once the old SA is deleted, which may wait for an install ack;
+        # a response we hold for an install ack belongs to this IKE SA's window (and its peer's
+        # retransmissions to this IKE SA): both finish before the IKE SA is replaced
+        if (
+            ike.state != IkeState.ESTABLISHED
+            or ike.rekeying_children
+            or ike.deletes_after_install
+            or ike.held is not None
+        ):
             if ike.state == IkeState.ESTABLISHED:
                 ike.queue_task(IkeRekey())  # try again after the child exchange
             return False
