@@ -287,3 +287,42 @@ def test_check_association_refuses_exactly_what_building_the_sa_refuses(suite: s
         assert _builds(lambda sa=sa, direction=direction: check_association(sa, direction)) == expected, (sa, direction)
         refused += bool(expected)
     assert refused >= 6
+
+
+def _fragments() -> list[bytes]:
+    from scapy.layers.inet import IP, UDP, fragment
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
+
+    from tests.dataplane.esp.suites import ADDRESSES
+
+    v4 = fragment(IP(src=ADDRESSES[4][0], dst=ADDRESSES[4][1]) / UDP(sport=1, dport=2) / (b"x" * 100), fragsize=48)
+    v6 = IPv6(src=ADDRESSES[6][0], dst=ADDRESSES[6][1])
+    return [
+        bytes(v4[0]),  # first fragment (MF)
+        bytes(v4[-1]),  # last fragment (offset)
+        bytes(v6 / IPv6ExtHdrFragment(m=1, id=7) / UDP(sport=1, dport=2) / (b"x" * 16)),
+        bytes(v6 / IPv6ExtHdrFragment(offset=3, id=7) / (b"x" * 16)),
+    ]
+
+
+@pytest.mark.parametrize("suite", ["aes128gcm16", "ah-sha256"])
+@pytest.mark.parametrize("index", range(4))
+def test_transport_mode_refuses_fragments(suite: str, index: int) -> None:
+    """RFC 4303 §3.3.4 / RFC 4302 §3.3.4: transport mode is applied only to whole datagrams
+    (fragmentation happens after IPsec; a fragment is for tunnel mode)."""
+    from esplanade.dataplane.esp import protect
+    from esplanade.ipsec.transforms import Mode
+
+    packet = _fragments()[index]
+    s = SUITES[suite]
+    out, _ = sa_pair(
+        s,
+        encr_key=bytes(s.encr_key_bytes),
+        integ_key=bytes(s.integ_key_bytes),
+        mode=Mode.TRANSPORT,
+        version=packet[0] >> 4,
+    )
+    sender = OutboundSa(out, 0.0, reserved_upto=10)
+    assert protect(sender, packet, 0.0) is None
+    assert sender.counters.drops[DropReason.MALFORMED] == 1
+    assert sender.next_seq == 1

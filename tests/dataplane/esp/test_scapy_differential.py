@@ -224,3 +224,21 @@ def test_scapy_ah_routing_header_bug() -> None:
     ours = protect(OutboundSa(out_sa, 0.0, reserved_upto=10), packet, 0.0)
     assert ours is not None
     assert bytes(scapy_sa.decrypt(IPv6(ours))) == packet
+
+
+@pytest.mark.parametrize("suite", AH_SUITES, ids=[s.name for s in AH_SUITES])
+def test_ah_icv_padding_chosen_by_the_sender_is_in_the_icv(suite: Suite) -> None:
+    """RFC 4302 §3.3.3.2.1: the padding after the ICV is "arbitrarily selected by the sender"
+    and included in the ICV calculation as sent; only the ICV itself is zeroed. Over IPv6
+    every SHA-2 ICV needs 4 bytes of padding: scapy signs a packet with non-zero padding."""
+    key = bytes(range(suite.integ_key_bytes))
+    packet = bytes(IPv6(src=ADDRESSES[6][0], dst=ADDRESSES[6][1]) / UDP(sport=1, dport=2) / Raw(b"x" * 20))
+    scapy_sa = _scapy_sa(suite, b"", key, Mode.TRANSPORT, 6, False, False, 1)
+    signed = scapy_sa.encrypt(IPv6(packet))
+    assert len(signed[AH].padding) == 4
+    signed[AH].padding = b"\xa5\x5a\xa5\x5a"
+    resigned = IPv6(bytes(scapy_sa.auth_algo.sign(signed, key)))
+    scapy_sa.decrypt(resigned.copy())  # scapy accepts its own packet
+    _, in_sa = sa_pair(suite, encr_key=b"", integ_key=key, mode=Mode.TRANSPORT, version=6)
+    receiver = InboundSa(in_sa, 0.0)
+    assert unprotect(receiver, bytes(resigned), 0.0) == packet, receiver.counters.nonzero_drops()

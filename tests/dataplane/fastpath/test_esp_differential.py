@@ -297,7 +297,8 @@ def test_decrypt_demultiplexes_mixed_sas(data: st.DataObject) -> None:
     for _ in range(data.draw(st.integers(0, 30), "count")):
         k = data.draw(st.integers(0, len(specs) - 1))
         seq = data.draw(st.integers(1, 70))
-        payloads.append(seal_at(senders[k], seq, data.draw(inner_packets(valid_only=True))))
+        transport = specs[k][3] == Mode.TRANSPORT
+        payloads.append(seal_at(senders[k], seq, data.draw(inner_packets(valid_only=True, whole_datagrams=transport))))
     as_batch = data.draw(st.booleans(), "as_batch")
     removed = data.draw(st.sampled_from([None, 0x2001, 0x2003]), "removed")
     results = []

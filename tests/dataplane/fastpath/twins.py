@@ -88,14 +88,19 @@ def _l4(proto: int, sport: int, dport: int, payload: bytes) -> bytes:
 
 
 @st.composite
-def inner_packets(draw: st.DrawFn, version: int | None = None, valid_only: bool = False) -> bytes:
+def inner_packets(
+    draw: st.DrawFn, version: int | None = None, valid_only: bool = False, whole_datagrams: bool = False
+) -> bytes:
+    """IP packets; `whole_datagrams`: no fragments (what transport mode protects, RFC 4303 §3.3.4)."""
     v = version or draw(st.sampled_from([4, 6]))
     proto = draw(st.sampled_from(PROTOCOLS))
     sport, dport = draw(st.sampled_from(PORTS)), draw(st.sampled_from([*PORTS, 2048, 32768, 0]))
     payload = draw(st.binary(max_size=48))
     body = _l4(proto, sport, dport, payload)
     if v == 4:
-        frag = draw(st.sampled_from([0, 0, 0, 0x4000, 0x2000, 0x0001, 0x0064]))
+        frag = draw(
+            st.sampled_from([0, 0, 0, 0x4000] if whole_datagrams else [0, 0, 0, 0x4000, 0x2000, 0x0001, 0x0064])
+        )
         src, dst = draw(st.sampled_from(V4)), draw(st.sampled_from(V4))
         header = struct.pack(
             "!BBHHHBBH4s4s", 0x45, draw(st.integers(0, 255)), 20 + len(body), 7, frag, 64, proto, 0, src, dst
@@ -103,7 +108,7 @@ def inner_packets(draw: st.DrawFn, version: int | None = None, valid_only: bool 
         packet = header + body
     else:
         src, dst = draw(st.sampled_from(V6)), draw(st.sampled_from(V6))
-        ext = draw(st.sampled_from([b"", b"", b"hop", b"frag0", b"frag9"]))
+        ext = draw(st.sampled_from([b"", b"", b"hop", b"frag0"] + ([] if whole_datagrams else [b"frag9"])))
         nh = proto
         prefix = b""
         if ext == b"hop":

@@ -111,11 +111,15 @@ def _routing_as_received(buf: bytearray, start: int) -> bool:
 
 
 def icv_input(
-    packet: bytes | bytearray | memoryview, ah_offset: int, icv_field: int, sending: bool
+    packet: bytes | bytearray | memoryview, ah_offset: int, icv_bytes: int, sending: bool
 ) -> bytearray | None:
-    """A copy of `packet` with mutable fields and the ICV field zeroed, or None if malformed."""
+    """A copy of `packet` with mutable fields and the ICV zeroed, or None if malformed.
+
+    Only the `icv_bytes` of the ICV itself are zeroed: the alignment padding after it is
+    chosen by the sender and covered by the ICV as sent (RFC 4302 §3.3.3.2.1).
+    """
     buf = bytearray(packet)
-    buf[ah_offset + AH_FIXED_BYTES : ah_offset + AH_FIXED_BYTES + icv_field] = bytes(icv_field)
+    buf[ah_offset + AH_FIXED_BYTES : ah_offset + AH_FIXED_BYTES + icv_bytes] = bytes(icv_bytes)
     if buf[0] >> 4 == 4:
         ihl = (buf[0] & 0x0F) * 4
         buf[1] = 0
@@ -182,7 +186,7 @@ def protect_ah(sa: OutboundSa, packet: bytes, now: float) -> bytes | None:
     out = rebuild_transport_packet(header, nh_offset, PROTO_AH, ah + bytes(payload))
     assert out is not None
     ah_offset = len(header)
-    zeroed = icv_input(out, ah_offset, ah_len - AH_FIXED_BYTES, sending=True)
+    zeroed = icv_input(out, ah_offset, integrity.icv_bytes, sending=True)
     if zeroed is None:
         c.drop(DropReason.MALFORMED)  # a routing header we cannot predict; the number is skipped
         return None
@@ -228,7 +232,7 @@ def unprotect_ah(sa: InboundSa, packet: bytes, now: float) -> bytes | None:
     if seq < 0:
         c.drop(DropReason.REPLAY)
         return None
-    zeroed = icv_input(memoryview(packet)[: pos.end], ah_offset, expected - AH_FIXED_BYTES, sending=False)
+    zeroed = icv_input(memoryview(packet)[: pos.end], ah_offset, integrity.icv_bytes, sending=False)
     if zeroed is None:
         c.drop(DropReason.MALFORMED)
         return None

@@ -24,6 +24,7 @@ from esplanade.dataplane.esp.packet import (
 
 DEFAULT_TTL = 64
 MAX_IP_LENGTH = 0xFFFF
+_FRAGMENT_OFFSET_AND_MORE = 0xFFF9  # IPv6 fragment header: offset (13 bits), reserved (2), M (1)
 
 
 def ipv4_header(
@@ -126,7 +127,8 @@ class IpsecPosition(NamedTuple):
 
 
 def transport_insertion_point(packet: bytes | bytearray | memoryview) -> IpsecPosition | None:
-    """Where ESP/AH is inserted into `packet` (transport mode), or None if it is malformed."""
+    """Where ESP/AH is inserted into `packet` (transport mode), or None if it is malformed or a
+    fragment (transport mode protects whole datagrams, RFC 4303 §3.3.4, RFC 4302 §3.3.4)."""
     n = len(packet)
     if n == 0:
         return None
@@ -138,6 +140,8 @@ def transport_insertion_point(packet: bytes | bytearray | memoryview) -> IpsecPo
         total = packet[2] << 8 | packet[3]
         if total < ihl or total > n:
             return None
+        if (packet[6] << 8 | packet[7]) & 0x3FFF:
+            return None  # a fragment: transport mode protects whole datagrams only (RFC 4303 §3.3.4)
         return IpsecPosition(ihl, 9, packet[9], total)
     if version != 6 or n < IPV6_HEADER:
         return None
@@ -155,6 +159,8 @@ def transport_insertion_point(packet: bytes | bytearray | memoryview) -> IpsecPo
         length = ipv6_extension_length(packet, offset, nh)
         if length < 0 or offset + length > end:
             return None
+        if nh == PROTO_FRAGMENT and (packet[offset + 2] << 8 | packet[offset + 3]) & _FRAGMENT_OFFSET_AND_MORE:
+            return None  # a fragment (an atomic fragment is a whole datagram): RFC 4303 §3.3.4
         nh_offset, nh = offset, packet[offset]
         offset += length
     return IpsecPosition(offset, nh_offset, nh, end)
