@@ -16,6 +16,7 @@ from esplanade.policy.compiled_sync import CompiledSync, DnsCache
 from esplanade.policy.decode import encode_document, object_to_document
 from esplanade.policy.model import KIND_OF
 from esplanade.policy.policy_file import load_policy_yaml
+from esplanade.policy.store_state import Generation
 from esplanade.store import schema
 from esplanade.store.base import Compare, Delete, Put, Store, StoreError, TxnResult, WatchItem
 from esplanade.store.embedded import EmbeddedStore
@@ -224,6 +225,62 @@ async def test_a_new_outage_after_a_recovery_retries_from_the_first_delay(
         await write_objects(store, WITHOUT_RULE)  # the live watch's next item finds the new outage
         await async_wait_until(_holds(lambda: len(delays) >= 2), timeout=5, what="the new outage's retries")
         assert delays[:2] == [0.1, 0.2]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class RecordsCommits(StoreWrapper):
+    """Keeps every value the sync writes."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.written: list[bytes] = []
+
+    async def commit(self, conditions: Sequence[Compare], ops: Sequence[Put | Delete]) -> TxnResult:
+        self.written += [op.value for op in ops if isinstance(op, Put)]
+        return await self.inner.commit(conditions, ops)
+
+
+MID_APPLY = """
+version: 1
+sites:
+  - {id: hq, networks: [10.50.0.0/16]}
+groups:
+  - {id: eng}
+  - {id: admins}
+identities:
+  - {id: alice, ike_ids: ["email:alice@corp.test"], groups: [admins]}
+resources:
+  - {id: web, destination: 10.50.1.10, protocol: tcp, ports: [443], site: hq}
+  - {id: db, destination: 10.50.2.20, protocol: tcp, ports: [5432], site: hq}
+rules:
+  - {id: admins-all, groups: [admins], resources: [web, db]}
+"""
+
+
+async def test_a_sync_that_starts_during_a_chunked_apply_compiles_its_end_state_only(store: Store) -> None:
+    """A chunked apply moves alice from eng to admins (identities chunk) and narrows admins to
+    web (rules chunk). The sync (re)loads between the chunks: alice in admins with admins still
+    granted db is neither policy, and no compiled document may ever say so."""
+    await write_objects(store, MID_APPLY)
+    lock = {"id": "0123456789abcdef", "actor": "test", "deadline": 4e9, "generation": 7}
+    await store.put(schema.POLICY_GENERATION, Generation(0, 6).next_document(lock))
+    recording = RecordsCommits(store)
+    sync = CompiledSync(recording)  # type: ignore[arg-type]
+    task = asyncio.create_task(sync.run())
+    try:
+        await async_wait_until(_holds(sync.ready.is_set), timeout=5, what="sync loaded")
+        narrowed_rule = load_policy_yaml(MID_APPLY.replace("[web, db]", "[web]")).rules["admins-all"]
+        rule_document = encode_document(object_to_document(narrowed_rule))
+        await store.put(schema.policy_object("rules", "admins-all"), rule_document)  # the rules chunk
+        await store.put(schema.POLICY_GENERATION, Generation(0, 7).next_document())  # the lock released
+
+        async def narrowed() -> bool:
+            return await selectors_of(store, "alice") == ["10.50.1.10/32[tcp/443]"]
+
+        await async_wait_until(narrowed, timeout=5, what="alice compiled from the applied policy")
+        assert not [value for value in recording.written if b"10.50.2.20" in value]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
