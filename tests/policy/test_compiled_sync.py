@@ -284,3 +284,41 @@ async def test_a_sync_that_starts_during_a_chunked_apply_compiles_its_end_state_
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_new_names_arriving_often_do_not_hold_back_the_periodic_re_resolution(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """wiki.corp.test moves to another address; meanwhile resources with new names keep coming
+    (each one resolved at once). The periodic refresh must still re-resolve wiki, or its old
+    address stays granted for as long as new names keep coming."""
+    monkeypatch.setattr("esplanade.policy.compiled_sync.DNS_REFRESH_SECONDS", 0.3)
+    moved = asyncio.Event()
+
+    async def resolve(name: str) -> list[str]:
+        return ["10.50.9.10" if moved.is_set() else "10.50.9.9"] if name == "wiki.corp.test" else []
+
+    monkeypatch.setattr(DnsCache, "resolve", staticmethod(resolve))
+    await write_objects(store, POLICY)
+    sync = CompiledSync(store)
+    task = asyncio.create_task(sync.run())
+
+    async def new_names() -> None:
+        for i in range(1000):
+            sync.dns(f"new{i}.corp.test")  # what the compiler does when it meets a new name
+            await asyncio.sleep(0.05)
+
+    trickle = asyncio.create_task(new_names())
+    try:
+
+        async def granted(address: str) -> bool:
+            return f"{address}/32[tcp/443]" in (await selectors_of(store, "alice") or [])
+
+        await async_wait_until(lambda: granted("10.50.9.9"), timeout=5, what="wiki resolved")
+        moved.set()
+        await async_wait_until(lambda: granted("10.50.9.10"), timeout=5, what="wiki re-resolved")
+        assert not await granted("10.50.9.9")
+    finally:
+        trickle.cancel()
+        task.cancel()
+        await asyncio.gather(task, trickle, return_exceptions=True)

@@ -176,12 +176,17 @@ class CompiledSync:
         self.revision = batch.revision
 
     async def _resolve_names(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Due by the clock, not by a quiet queue: new names arriving more often than the
+        # refresh period would otherwise keep every known name at its first answer for good.
+        refresh_at = loop.time() + DNS_REFRESH_SECONDS
         while True:
             try:
-                name = await asyncio.wait_for(self.dns.pending.get(), timeout=DNS_REFRESH_SECONDS)
+                name = await asyncio.wait_for(self.dns.pending.get(), timeout=max(refresh_at - loop.time(), 0))
                 names = [name]
             except TimeoutError:
                 names = sorted(self.compiler.dns_names())
+                refresh_at = loop.time() + DNS_REFRESH_SECONDS
             for name in names:
                 addresses = await self.dns.resolve(name)
                 self.dns.addresses[name] = addresses
