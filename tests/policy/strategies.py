@@ -35,7 +35,10 @@ ZONES = ("UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata", "Australia/
 PORTS = (0, 1, 22, 53, 80, 443, 8080, 65534, 65535)
 GROUPS = ("g1", "g2", "g3", "g4")
 IDENTITIES = ("i1", "i2", "i3", "i4", "i5")
-SOURCES = [ipaddress.ip_address(f"192.0.2.{i}") for i in range(8)] + [ipaddress.ip_address("2001:db8::1")]
+SOURCES = [ipaddress.ip_address(f"192.0.2.{i}") for i in range(8)] + [
+    ipaddress.ip_address("2001:db8::1"),
+    ipaddress.ip_address("::ffff:192.0.2.1"),  # an IPv4 client through a dual-stack socket
+]
 POSTURE = ("managed", "patched")
 # 2024-2025, plus the instants around DST changes where local time jumps
 DST_EDGES = [
