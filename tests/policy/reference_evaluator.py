@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from ipaddress import IPv6Address
 from zoneinfo import ZoneInfo
 
 from esplanade.policy.evaluator import Action, CheckContext, Decision, FiveTuple
@@ -39,8 +40,11 @@ def failure(conditions: Conditions, context: CheckContext, ignore_time: bool) ->
     if conditions.source_networks:
         if context.source is None:
             return "the client's source address is unknown"
-        if not any(context.source in net for net in conditions.source_networks):
-            return f"source address {context.source} is outside its source networks"
+        source = context.source
+        if isinstance(source, IPv6Address) and source.ipv4_mapped is not None:
+            source = source.ipv4_mapped
+        if not any(source in net for net in conditions.source_networks):
+            return f"source address {source} is outside its source networks"
     for tag in conditions.posture:
         if tag not in context.posture:
             return f"posture tag '{tag}' is missing"

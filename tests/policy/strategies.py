@@ -35,7 +35,10 @@ ZONES = ("UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata", "Australia/
 PORTS = (0, 1, 22, 53, 80, 443, 8080, 65534, 65535)
 GROUPS = ("g1", "g2", "g3", "g4")
 IDENTITIES = ("i1", "i2", "i3", "i4", "i5")
-SOURCES = [ipaddress.ip_address(f"192.0.2.{i}") for i in range(8)] + [ipaddress.ip_address("2001:db8::1")]
+SOURCES = [ipaddress.ip_address(f"192.0.2.{i}") for i in range(8)] + [
+    ipaddress.ip_address("2001:db8::1"),
+    ipaddress.ip_address("::ffff:192.0.2.1"),  # an IPv4 client through a dual-stack socket
+]
 POSTURE = ("managed", "patched")
 # 2024-2025, plus the instants around DST changes where local time jumps
 DST_EDGES = [
@@ -49,6 +52,8 @@ DST_EDGES = [
 
 @st.composite
 def networks(draw: st.DrawFn) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if draw(st.integers(0, 11)) == 0:  # the whole address space: it covers the flows outside the tiny space too
+        return draw(st.sampled_from([ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv6Network("::/0")]))
     if draw(st.booleans()):
         prefix = draw(st.integers(28, 32))
         offset = draw(st.integers(0, 15)) >> (32 - prefix) << (32 - prefix)

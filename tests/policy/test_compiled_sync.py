@@ -16,6 +16,7 @@ from esplanade.policy.compiled_sync import CompiledSync, DnsCache
 from esplanade.policy.decode import encode_document, object_to_document
 from esplanade.policy.model import KIND_OF
 from esplanade.policy.policy_file import load_policy_yaml
+from esplanade.policy.store_state import Generation
 from esplanade.store import schema
 from esplanade.store.base import Compare, Delete, Put, Store, StoreError, TxnResult, WatchItem
 from esplanade.store.embedded import EmbeddedStore
@@ -227,3 +228,97 @@ async def test_a_new_outage_after_a_recovery_retries_from_the_first_delay(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class RecordsCommits(StoreWrapper):
+    """Keeps every value the sync writes."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.written: list[bytes] = []
+
+    async def commit(self, conditions: Sequence[Compare], ops: Sequence[Put | Delete]) -> TxnResult:
+        self.written += [op.value for op in ops if isinstance(op, Put)]
+        return await self.inner.commit(conditions, ops)
+
+
+MID_APPLY = """
+version: 1
+sites:
+  - {id: hq, networks: [10.50.0.0/16]}
+groups:
+  - {id: eng}
+  - {id: admins}
+identities:
+  - {id: alice, ike_ids: ["email:alice@corp.test"], groups: [admins]}
+resources:
+  - {id: web, destination: 10.50.1.10, protocol: tcp, ports: [443], site: hq}
+  - {id: db, destination: 10.50.2.20, protocol: tcp, ports: [5432], site: hq}
+rules:
+  - {id: admins-all, groups: [admins], resources: [web, db]}
+"""
+
+
+async def test_a_sync_that_starts_during_a_chunked_apply_compiles_its_end_state_only(store: Store) -> None:
+    """A chunked apply moves alice from eng to admins (identities chunk) and narrows admins to
+    web (rules chunk). The sync (re)loads between the chunks: alice in admins with admins still
+    granted db is neither policy, and no compiled document may ever say so."""
+    await write_objects(store, MID_APPLY)
+    lock = {"id": "0123456789abcdef", "actor": "test", "deadline": 4e9, "generation": 7}
+    await store.put(schema.POLICY_GENERATION, Generation(0, 6).next_document(lock))
+    recording = RecordsCommits(store)
+    sync = CompiledSync(recording)  # type: ignore[arg-type]
+    task = asyncio.create_task(sync.run())
+    try:
+        await async_wait_until(_holds(sync.ready.is_set), timeout=5, what="sync loaded")
+        narrowed_rule = load_policy_yaml(MID_APPLY.replace("[web, db]", "[web]")).rules["admins-all"]
+        rule_document = encode_document(object_to_document(narrowed_rule))
+        await store.put(schema.policy_object("rules", "admins-all"), rule_document)  # the rules chunk
+        await store.put(schema.POLICY_GENERATION, Generation(0, 7).next_document())  # the lock released
+
+        async def narrowed() -> bool:
+            return await selectors_of(store, "alice") == ["10.50.1.10/32[tcp/443]"]
+
+        await async_wait_until(narrowed, timeout=5, what="alice compiled from the applied policy")
+        assert not [value for value in recording.written if b"10.50.2.20" in value]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_new_names_arriving_often_do_not_hold_back_the_periodic_re_resolution(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """wiki.corp.test moves to another address; meanwhile resources with new names keep coming
+    (each one resolved at once). The periodic refresh must still re-resolve wiki, or its old
+    address stays granted for as long as new names keep coming."""
+    monkeypatch.setattr("esplanade.policy.compiled_sync.DNS_REFRESH_SECONDS", 0.3)
+    moved = asyncio.Event()
+
+    async def resolve(name: str) -> list[str]:
+        return ["10.50.9.10" if moved.is_set() else "10.50.9.9"] if name == "wiki.corp.test" else []
+
+    monkeypatch.setattr(DnsCache, "resolve", staticmethod(resolve))
+    await write_objects(store, POLICY)
+    sync = CompiledSync(store)
+    task = asyncio.create_task(sync.run())
+
+    async def new_names() -> None:
+        for i in range(1000):
+            sync.dns(f"new{i}.corp.test")  # what the compiler does when it meets a new name
+            await asyncio.sleep(0.05)
+
+    trickle = asyncio.create_task(new_names())
+    try:
+
+        async def granted(address: str) -> bool:
+            return f"{address}/32[tcp/443]" in (await selectors_of(store, "alice") or [])
+
+        await async_wait_until(lambda: granted("10.50.9.9"), timeout=5, what="wiki resolved")
+        moved.set()
+        await async_wait_until(lambda: granted("10.50.9.10"), timeout=5, what="wiki re-resolved")
+        assert not await granted("10.50.9.9")
+    finally:
+        trickle.cancel()
+        task.cancel()
+        await asyncio.gather(task, trickle, return_exceptions=True)

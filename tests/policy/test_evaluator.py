@@ -158,3 +158,17 @@ def test_five_tuple_text() -> None:
     icmp = FiveTuple.icmp(ipaddress.ip_address("10.8.0.2"), ipaddress.ip_address("10.0.0.1"), 3, 4)
     assert str(icmp) == "icmp 10.8.0.2 -> 10.0.0.1 type 3 code 4"
     assert str(FiveTuple.parse("10.8.0.2", "10.0.0.1", 47)) == "47 10.8.0.2 -> 10.0.0.1"
+
+
+def test_an_ipv4_client_seen_through_a_dual_stack_socket_is_judged_by_its_ipv4_address() -> None:
+    """A keyexchange socket bound to "::" reports IPv4 peers as ::ffff:a.b.c.d: the source
+    network condition is about the client's IPv4 address, in IKE's grant and in checks alike."""
+    lab = FiveTuple.parse("100.64.0.2", "10.0.9.9", 6, 1, 3389)
+    mapped = ipaddress.ip_address("::ffff:198.51.100.7")
+    assert check("bob", lab, CheckContext(MONDAY_NOON, mapped, OFFICE.posture)).rule == "c-lab-office"
+    outside = CheckContext(MONDAY_NOON, ipaddress.ip_address("::ffff:203.0.113.5"), OFFICE.posture)
+    assert check("bob", lab, outside).reason.endswith("source address 203.0.113.5 is outside its source networks")
+    compiled = EVALUATOR.compiler.compiled("bob")
+    assert compiled is not None
+    facts = CheckContext(MONDAY_NOON, mapped, OFFICE.posture).facts
+    assert [p.rules for p in compiled.connect_parts(facts)] == [("b-ping",), ("c-lab-office",)]

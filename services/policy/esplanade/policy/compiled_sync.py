@@ -3,9 +3,12 @@
 One watch on ``policy/`` (from the revision of a full read) feeds object puts and deletes to
 the compiler and writes ``policy/compiled/<identity>`` for exactly the identities whose
 document changed. While a chunked apply holds the lock (`apply.py`) changes are held back
-and compiled together when it is released. A `Resync` (the watch fell behind a compaction)
-reloads the whole model. At start, compiled documents in the store that differ from the
-compiler's (stale, or of identities that no longer exist) are rewritten or deleted.
+and compiled together when it is released; a full read that finds the lock held (a start, a
+reload after a store error, a `Resync`) is not compiled either: its objects are half of the
+plan, so they are kept, followed by the watch, and compiled once the lock is released. A
+`Resync` (the watch fell behind a compaction) reloads the whole model. At start, compiled
+documents in the store that differ from the compiler's (stale, or of identities that no
+longer exist) are rewritten or deleted.
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ class CompiledSync:
         self.revision = 0  # newest store revision the compiler reflects
         self._held: list[Change] = []
         self._applying = False
+        # A full read taken while a chunked apply held the lock (key -> key-value), kept up to
+        # date by the watch until the lock is released; None when the compiler is current.
+        self._deferred_load: dict[str, KeyValue] | None = None
         self._lock = asyncio.Lock()
 
     async def run(self) -> None:
@@ -101,6 +107,13 @@ class CompiledSync:
         generation = next((Generation.from_kv(kv) for kv in kvs if kv.key == schema.POLICY_GENERATION), Generation())
         self._applying = bool(generation.applying)
         self._held.clear()
+        if self._applying:
+            # Half-applied: compiling it could grant what neither the old nor the new policy
+            # grants (an identity already in its new group, the group's rule not yet narrowed).
+            self._deferred_load = {kv.key: kv for kv in kvs}
+            self.revision = revision
+            return
+        self._deferred_load = None
         async with self._lock:
             self.compiler.load(model_from_kvs(kvs))
             documents = self.compiler.documents()
@@ -125,8 +138,14 @@ class CompiledSync:
             await self._batch(item)
 
     async def _batch(self, batch: WatchBatch) -> None:
+        deferred = self._deferred_load
         for event in batch.events:
             key = event.kv.key
+            if deferred is not None:
+                if event.type.value == "put":
+                    deferred[key] = event.kv
+                else:
+                    deferred.pop(key, None)
             if key == schema.POLICY_GENERATION:
                 applying = event.type.value == "put" and bool(Generation.from_kv(event.kv).applying)
                 if self._applying and not applying:
@@ -142,6 +161,13 @@ class CompiledSync:
             else:
                 obj = decode_kv(parts[0], event.kv)
                 self._held.append(obj if obj is not None else Removal(*parts))
+        if deferred is not None:
+            if not self._applying:
+                await self._load(list(deferred.values()), batch.revision)
+            else:
+                self._held.clear()  # in the deferred full read already
+                self.revision = batch.revision
+            return
         if not self._applying and self._held:
             changes, self._held = self._held, []
             async with self._lock:  # compile and write in one turn: documents land in compile order
@@ -150,12 +176,17 @@ class CompiledSync:
         self.revision = batch.revision
 
     async def _resolve_names(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Due by the clock, not by a quiet queue: new names arriving more often than the
+        # refresh period would otherwise keep every known name at its first answer for good.
+        refresh_at = loop.time() + DNS_REFRESH_SECONDS
         while True:
             try:
-                name = await asyncio.wait_for(self.dns.pending.get(), timeout=DNS_REFRESH_SECONDS)
+                name = await asyncio.wait_for(self.dns.pending.get(), timeout=max(refresh_at - loop.time(), 0))
                 names = [name]
             except TimeoutError:
                 names = sorted(self.compiler.dns_names())
+                refresh_at = loop.time() + DNS_REFRESH_SECONDS
             for name in names:
                 addresses = await self.dns.resolve(name)
                 self.dns.addresses[name] = addresses

@@ -27,6 +27,8 @@ def connect_failure(conditions: Conditions, facts: ConnectFacts) -> str | None:
         source = facts.source
         if source is None:
             return "the client's source address is unknown"
+        if source.version == 6 and source.ipv4_mapped is not None:
+            source = source.ipv4_mapped  # an IPv4 client as a dual-stack ("::") socket reports it
         if not any(source in net for net in conditions.source_networks):
             return f"source address {source} is outside its source networks"
     for tag in conditions.posture:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_YAML_BYTES = 4 << 20
+# The latest instant a Check may ask about (as the REST API's bound): time windows read the
+# local wall clock, which cannot show instants beyond year 9999, NaN or infinities.
+MAX_CHECK_TIME = 1e11
 
 
 def to_struct(document: dict[str, Any]) -> struct_pb2.Struct:
@@ -155,6 +159,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
                 errors.append(FieldProblem("source_address", "not an IP address"))
         if flow.protocol > 255 or flow.src_port > 65535 or flow.dst_port > 65535:
             errors.append(FieldProblem("flow", "protocol is 0-255 and ports 0-65535"))
+        if not (math.isfinite(request.time) and 0 <= request.time <= MAX_CHECK_TIME):
+            errors.append(FieldProblem("time", f"POSIX seconds from 0 to {MAX_CHECK_TIME:.0f}; 0: now"))
         if errors:
             await abort(context, InvalidObject("invalid check request", errors))
         await self.sync.ready.wait()
