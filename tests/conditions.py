@@ -45,3 +45,12 @@ async def async_wait_until(
         if time.monotonic() >= deadline:
             raise ConditionTimeout(f"timed out after {timeout}s waiting for {what or predicate}: {last_exc!r}")
         await asyncio.sleep(interval)
+
+
+def holds(predicate: Callable[[], object]) -> Callable[[], Awaitable[bool]]:
+    """A plain predicate in the form `async_wait_until` polls (state on the test's own loop)."""
+
+    async def check() -> bool:
+        return bool(predicate())
+
+    return check

@@ -16,7 +16,7 @@ from esplanade.api.auth import Scope, TokenVerifier, new_token, token_document
 from esplanade.store import schema
 from esplanade.store.base import KeyValue, Store
 from esplanade.store.embedded import EmbeddedStore
-from tests.conditions import async_wait_until
+from tests.conditions import async_wait_until, holds
 
 
 class CountedGets:
@@ -81,7 +81,7 @@ async def test_a_verification_that_read_before_a_change_caches_nothing(store: St
         await counted.reading.wait()  # it holds the record as it was
         seen = verifier._generation
         await store.delete(schema.api_token(token_id))  # revoked meanwhile
-        await async_wait_until(_holds(lambda: verifier._generation > seen), timeout=5, what="the watch saw it")
+        await async_wait_until(holds(lambda: verifier._generation > seen), timeout=5, what="the watch saw it")
         counted.gate.set()
         assert await in_flight is not None  # it answered from what it read...
         counted.gate = None
@@ -99,10 +99,3 @@ def _following(verifier: TokenVerifier, token: str, counted: CountedGets) -> Any
         return counted.gets == before + 1
 
     return cached
-
-
-def _holds(predicate: Any) -> Any:
-    async def check() -> bool:
-        return bool(predicate())
-
-    return check

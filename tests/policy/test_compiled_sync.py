@@ -20,7 +20,7 @@ from esplanade.policy.store_state import Generation
 from esplanade.store import schema
 from esplanade.store.base import Compare, Delete, Put, Store, StoreError, TxnResult, WatchItem
 from esplanade.store.embedded import EmbeddedStore
-from tests.conditions import async_wait_until
+from tests.conditions import async_wait_until, holds
 
 POLICY = """
 version: 1
@@ -100,7 +100,7 @@ async def test_a_lost_watch_reloads_so_later_revocations_still_reach_the_store(s
     task = asyncio.create_task(sync.run())
     try:
         await async_wait_until(lambda: selectors_of(store, "alice"), timeout=5, what="alice compiled")
-        await async_wait_until(_holds(lambda: flaky.lost == 1 and sync.ready.is_set()), timeout=5, what="reloaded")
+        await async_wait_until(holds(lambda: flaky.lost == 1 and sync.ready.is_set()), timeout=5, what="reloaded")
         await write_objects(store, WITHOUT_RULE)
 
         async def revoked() -> bool:
@@ -159,7 +159,7 @@ async def test_a_dns_refresh_never_writes_back_a_grant_revoked_meanwhile(
         _, before = await store.range(schema.prefix("policy"))
         await write_objects(store, WITHOUT_RULE)  # the rule's deletion first, at revision before + 1
         _, revision = await store.range(schema.prefix("policy"))
-        await async_wait_until(_holds(lambda: gated.delivered > before), timeout=5, what="removal delivered")
+        await async_wait_until(holds(lambda: gated.delivered > before), timeout=5, what="removal delivered")
         gated.gate.set()
         await asyncio.wait_for(gated.held_written.wait(), 5)
 
@@ -167,18 +167,11 @@ async def test_a_dns_refresh_never_writes_back_a_grant_revoked_meanwhile(
             return await selectors_of(store, "alice") == []
 
         await async_wait_until(revoked, timeout=5, what="alice granted nothing")
-        await async_wait_until(_holds(lambda: sync.revision >= revision), timeout=5, what="sync caught up")
+        await async_wait_until(holds(lambda: sync.revision >= revision), timeout=5, what="sync caught up")
         assert await selectors_of(store, "alice") == []
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-
-
-def _holds(predicate: Any) -> Any:
-    async def check() -> bool:
-        return bool(predicate())
-
-    return check
 
 
 class WatchOutages(StoreWrapper):
@@ -212,18 +205,18 @@ async def test_a_new_outage_after_a_recovery_retries_from_the_first_delay(
     sync = CompiledSync(flaky, sleep=sleep)  # type: ignore[arg-type]
     task = asyncio.create_task(sync.run())
     try:
-        await async_wait_until(_holds(lambda: len(delays) >= 5), timeout=5, what="a long outage")
+        await async_wait_until(holds(lambda: len(delays) >= 5), timeout=5, what="a long outage")
         assert delays[:5] == [0.1, 0.2, 0.4, 0.4, 0.4]
         flaky.outage = False
-        await async_wait_until(_holds(sync.ready.is_set), timeout=5, what="recovered")
+        await async_wait_until(holds(sync.ready.is_set), timeout=5, what="recovered")
         healthy_since = asyncio.get_running_loop().time()
         await async_wait_until(
-            _holds(lambda: asyncio.get_running_loop().time() - healthy_since > 0.5), timeout=5, what="healthy a while"
+            holds(lambda: asyncio.get_running_loop().time() - healthy_since > 0.5), timeout=5, what="healthy a while"
         )
         delays.clear()
         flaky.outage = True
         await write_objects(store, WITHOUT_RULE)  # the live watch's next item finds the new outage
-        await async_wait_until(_holds(lambda: len(delays) >= 2), timeout=5, what="the new outage's retries")
+        await async_wait_until(holds(lambda: len(delays) >= 2), timeout=5, what="the new outage's retries")
         assert delays[:2] == [0.1, 0.2]
     finally:
         task.cancel()
@@ -270,7 +263,7 @@ async def test_a_sync_that_starts_during_a_chunked_apply_compiles_its_end_state_
     sync = CompiledSync(recording)  # type: ignore[arg-type]
     task = asyncio.create_task(sync.run())
     try:
-        await async_wait_until(_holds(sync.ready.is_set), timeout=5, what="sync loaded")
+        await async_wait_until(holds(sync.ready.is_set), timeout=5, what="sync loaded")
         narrowed_rule = load_policy_yaml(MID_APPLY.replace("[web, db]", "[web]")).rules["admins-all"]
         rule_document = encode_document(object_to_document(narrowed_rule))
         await store.put(schema.policy_object("rules", "admins-all"), rule_document)  # the rules chunk

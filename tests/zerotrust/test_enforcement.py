@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from esplanade.policy.policy_file import load_policy_yaml
 from esplanade.store import schema
 from esplanade.store.base import KeyValue, Store
 from esplanade.store.embedded import EmbeddedStore
-from tests.conditions import async_wait_until
+from tests.conditions import async_wait_until, holds
 from tests.dataplane.child_sa_records import record
 from tests.dataplane.kernel.child_sa_builders import TRANSFORMS_BY_LABEL, Peer, child_sa_pair, protect_policies
 from tests.dataplane.kernel.fake_kernel import FakeKernel
@@ -53,13 +53,6 @@ rules:
   - {id: eng-web, groups: [eng], resources: [web]}
   - {id: sales-crm, groups: [sales], resources: [crm]}
 """
-
-
-def holds(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return predicate()
-
-    return check
 
 
 class FilteringBackend:
