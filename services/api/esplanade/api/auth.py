@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from esplanade.store import schema
+from esplanade.store.backoff import Backoff
 from esplanade.store.base import CasConflict, Resync, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -131,13 +132,13 @@ class TokenVerifier:
         """Forget each token whose record changes, for as long as the store is open. While the
         store cannot be watched (a read refused at start) nothing is cached; it tries again."""
         prefix = schema.prefix("api", "tokens")
-        delay = 0.1
+        backoff = Backoff(base=0.1, cap=2.0)
         while True:
             try:
                 _, revision = await self.store.range(prefix, limit=1)
                 self._forget_all()  # whatever was cached before the watch's start revision
                 self._following = True
-                delay = 0.1
+                backoff.reset()
                 async for item in self.store.watch(prefix, revision + 1):
                     if isinstance(item, Resync):
                         self._forget_all()
@@ -150,8 +151,7 @@ class TokenVerifier:
             finally:
                 self._following = False
                 self._forget_all()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            await asyncio.sleep(backoff.next_delay())
 
     async def verify(self, token: str) -> Principal | None:
         if not token or len(token) > 512:
