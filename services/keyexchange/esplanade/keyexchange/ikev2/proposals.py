@@ -7,7 +7,7 @@ type); `Suite` is what negotiation picked (one algorithm per type).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from esplanade.ipsec.transforms import (
@@ -455,3 +455,13 @@ def spec_of_proposal(p: Proposal) -> ProposalSpec | None:
     except ValueError:
         return None
     return ProposalSpec(protocol, encr, tuple(dict.fromkeys(integ)), tuple(prf), tuple(ke), tuple(add), esn)
+
+
+def ke_retry_method(notify_data: bytes, offered: Iterable[ProposalSpec], current: int) -> int:
+    """The key exchange method an INVALID_KE_PAYLOAD asks for (its first two octets), if a retry
+    may use it: one `offered` names, and not the one just refused (RFC 7296 §1.2, §1.3, §2.7;
+    anything else is the peer's error). 0: no retry."""
+    wanted = int.from_bytes(notify_data[:2], "big") if len(notify_data) >= 2 else 0
+    if wanted == current or wanted not in {int(m) for spec in offered for m in spec.ke}:
+        return 0
+    return wanted

@@ -25,6 +25,7 @@ from esplanade.keyexchange.ikev2.payloads import (
     TsrPayload,
     notify_of,
 )
+from esplanade.keyexchange.ikev2.proposals import ke_retry_method
 from esplanade.keyexchange.ikev2.tasks import child_negotiation as cn
 from esplanade.keyexchange.ikev2.tasks.base import Task
 from esplanade.keyexchange.ikev2.tasks.ike_followup_ke import new_link, queue_followups
@@ -89,16 +90,16 @@ class ChildCreate(Task):
         bad_ke = next(
             (p for p in msg.payloads if isinstance(p, NotifyPayload) and p.type == NotifyType.INVALID_KE_PAYLOAD), None
         )
-        wanted = struct.unpack("!H", bad_ke.data[:2])[0] if bad_ke is not None and len(bad_ke.data) >= 2 else 0
-        # §1.3 / §2.7: retry only with a group we offered; anything else fails the exchange below
-        try:
-            offered = {int(m) for p in ike.config.child(self.child).proposals for m in p.ke}
-        except KeyError:  # the child config went away meanwhile
-            offered = set()
-        if bad_ke is not None and wanted in offered and wanted != self.ke_method and self.retries < 2:
-            self.retries += 1
-            self.ke_method = wanted
-            return True
+        if bad_ke is not None and self.retries < 2:  # a group we did not offer fails the exchange below
+            try:
+                offered = ike.config.child(self.child).proposals
+            except KeyError:  # the child config went away meanwhile
+                offered = ()
+            wanted = ke_retry_method(bad_ke.data, offered, self.ke_method)
+            if wanted:
+                self.retries += 1
+                self.ke_method = wanted
+                return True
         temp = next(
             (p for p in msg.payloads if isinstance(p, NotifyPayload) and p.type == NotifyType.TEMPORARY_FAILURE), None
         )

@@ -25,7 +25,7 @@ from esplanade.keyexchange.ikev2.payloads import (
     SaPayload,
     notify_of,
 )
-from esplanade.keyexchange.ikev2.proposals import select, verify_chosen
+from esplanade.keyexchange.ikev2.proposals import ke_retry_method, select, verify_chosen
 from esplanade.keyexchange.ikev2.tasks.base import Task
 
 if TYPE_CHECKING:
@@ -142,12 +142,12 @@ class IkeInit(Task):
             return True
         bad_ke = notify_of(msg.payloads, NotifyType.INVALID_KE_PAYLOAD)
         if bad_ke is not None:
-            wanted = struct.unpack("!H", bad_ke.data[:2])[0] if len(bad_ke.data) >= 2 else 0
-            ours = {int(m) for p in ike.config.proposals for m in p.ke}
-            if wanted not in ours or wanted == self.ke_method or self.ke_retries >= MAX_KE_RETRIES:
+            wanted = ke_retry_method(bad_ke.data, ike.config.proposals, self.ke_method)
+            if not wanted or self.ke_retries >= MAX_KE_RETRIES:
+                asked = int.from_bytes(bad_ke.data[:2], "big") if len(bad_ke.data) >= 2 else 0
                 ike.fail(
                     NotifyType.INVALID_KE_PAYLOAD,
-                    f"responder wants key exchange method {wanted}, not offered",
+                    f"responder wants key exchange method {asked}, not offered",
                     self.name,
                 )
                 return False

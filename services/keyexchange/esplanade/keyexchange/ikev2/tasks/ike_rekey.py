@@ -27,7 +27,7 @@ from esplanade.keyexchange.ikev2.payloads import (
     SaPayload,
     notify_of,
 )
-from esplanade.keyexchange.ikev2.proposals import ProposalSpec, Suite, select, verify_chosen
+from esplanade.keyexchange.ikev2.proposals import ProposalSpec, Suite, ke_retry_method, select, verify_chosen
 from esplanade.keyexchange.ikev2.tasks.base import Task
 from esplanade.keyexchange.ikev2.tasks.ike_delete import IkeDelete
 from esplanade.keyexchange.ikev2.tasks.ike_followup_ke import new_link, queue_followups
@@ -151,15 +151,12 @@ class IkeRekey(Task):
     def process_response(self, ike: IkeSa, msg: Message, now: float) -> bool:
         err = ike.notify_error_in(msg)
         if err is not None:
-            wanted = int.from_bytes(err.data[:2], "big") if len(err.data) >= 2 else 0
-            # §1.3.2 / §2.7: retry only with a group we offered (anything else is the peer's error)
-            offered = {int(m) for s in _specs(ike) for m in s.ke}
-            if (
-                err.type == NotifyType.INVALID_KE_PAYLOAD
-                and wanted in offered
-                and wanted != self.ke_method
-                and self.retries < 2
-            ):
+            wanted = (
+                ke_retry_method(err.data, _specs(ike), self.ke_method)
+                if err.type == NotifyType.INVALID_KE_PAYLOAD and self.retries < 2
+                else 0
+            )
+            if wanted:
                 self.retries += 1
                 self.ke_method = wanted
                 return True
